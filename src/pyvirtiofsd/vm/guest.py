@@ -1,0 +1,458 @@
+"""Boot a throwaway Linux guest under QEMU (TCG), run a shell script in it, return its output.
+
+The guest boots the cached busybox initramfs; the script travels in a second cpio archive
+appended to it. init prints markers around the script's output on the serial console, which is
+QEMU's stdout here, then powers the guest off. Every process started here (QEMU, the rootfs
+daemon) is killed on the way out, whatever happens, and dies with this process if it is killed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import secrets
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pyvirtiofsd.vm import assets
+
+# The kernel command line that boots fastest under TCG (see the machine facts): no hardware
+# probing that is slow to emulate, no self-tests, no security modules.
+KERNEL_ARGS = (
+    "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off tsc=reliable no_timer_check "
+    "audit=0 apparmor=0 security=none 8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp "
+    "random.trust_cpu=on cryptomgr.notests rdinit=/init"
+)
+ROOTFS_TAG = "pyvirtiofsd-rootfs"
+VIRTIO_ID_FS = 26
+# struct virtio_fs_config: char tag[36]; le32 num_request_queues.
+VIRTIO_FS_CONFIG_SIZE = 40
+CONSOLE_TAIL = 3000
+# How long a guest may take from printing its status to powering off (sync, unmount, dmesg).
+SHUTDOWN_GRACE = 60.0
+
+
+class GuestError(RuntimeError):
+    """The guest did not run the script to completion; carries what QEMU and the guest printed."""
+
+    def __init__(self, message: str, console: str = "", qemu_stderr: str = "") -> None:
+        self.console = console
+        self.qemu_stderr = qemu_stderr
+        details = [message]
+        if qemu_stderr.strip():
+            details.append("--- QEMU stderr ---\n" + qemu_stderr.strip()[-CONSOLE_TAIL:])
+        if console.strip():
+            details.append("--- console (tail) ---\n" + console[-CONSOLE_TAIL:])
+        super().__init__("\n".join(details))
+
+
+class GuestTimeout(GuestError):
+    """The guest ran past its timeout and was killed."""
+
+
+@dataclass
+class FsDevice:
+    """One virtio-fs device for the guest, served by a daemon that is already listening."""
+
+    socket: str
+    tag: str
+    num_request_queues: int = 1
+    # QEMU 11.1's generic vhost-user-test-device-pci instead of vhost-user-fs-pci: the only
+    # QEMU device that gives the back-end VIRTIO shared memory (the DAX window). The tag then
+    # comes from the back-end's config space; `tag` here is what the script mounts.
+    generic: bool = False
+    queue_size: int = 1024
+
+    def qemu_args(self, chardev_id: str) -> list[str]:
+        args = ["-chardev", f"socket,id={chardev_id},path={self.socket}"]
+        if self.generic:
+            device = (
+                f"vhost-user-test-device-pci,chardev={chardev_id},virtio-id={VIRTIO_ID_FS},"
+                f"num_vqs={1 + self.num_request_queues},config_size={VIRTIO_FS_CONFIG_SIZE},"
+                f"vq_size={self.queue_size}"
+            )
+        else:
+            device = (
+                f"vhost-user-fs-pci,chardev={chardev_id},tag={self.tag},"
+                f"queue-size={self.queue_size},num-request-queues={self.num_request_queues}"
+            )
+        return [*args, "-device", device]
+
+    def mount_command(self, mountpoint: str, options: str = "") -> str:
+        """A shell line for the guest script that mounts this device."""
+        opts = f"-o {shlex.quote(options)} " if options else ""
+        return (
+            f"mkdir -p {shlex.quote(mountpoint)} && "
+            f"mount -t virtiofs {opts}{shlex.quote(self.tag)} {shlex.quote(mountpoint)}"
+        )
+
+
+@dataclass
+class GuestResult:
+    output: str  # what the script wrote to stdout and stderr, exactly (LF line ends)
+    status: int  # the script's exit status
+    console: str  # the whole serial console: boot, markers, output and the guest kernel log
+    kernel_log: str  # the guest's dmesg, taken after the script
+    qemu_stderr: str
+    boot_seconds: float  # QEMU start until the script started
+    script_seconds: float  # the script alone
+    powered_off: bool  # False when the guest hung after the script and QEMU had to be killed
+    command: list[str] = field(default_factory=list)  # the QEMU command line, for reproducing
+
+    def check(self) -> GuestResult:
+        """Raise GuestError unless the script exited with status 0."""
+        if self.status != 0:
+            raise GuestError(
+                f"guest script exited with status {self.status}:\n{self.output}",
+                self.console,
+                self.qemu_stderr,
+            )
+        return self
+
+
+def qemu_args(
+    devices: Sequence[FsDevice],
+    *,
+    kernel: Path,
+    initrd: Path,
+    memory_mb: int,
+    smp: int,
+    kernel_args: str = KERNEL_ARGS,
+) -> list[str]:
+    """QEMU's arguments (without the program) for a TCG guest with these devices."""
+    args = [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        # MTTCG: one host thread per vCPU. /dev/kvm here is PVM, where no stock kernel boots.
+        "-accel",
+        "tcg,thread=multi",
+        # vhost-user back-ends map guest RAM, so it must be a shareable memfd.
+        "-machine",
+        "q35,memory-backend=mem",
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        "-m",
+        f"{memory_mb}M",
+        "-smp",
+        str(smp),
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        kernel_args,
+        # The console comes back on QEMU's stdout; signal=off leaves Ctrl-C to the harness.
+        "-chardev",
+        "stdio,id=console,signal=off",
+        "-serial",
+        "chardev:console",
+    ]
+    for i, device in enumerate(devices):
+        if device.generic and device.num_request_queues < 1:
+            raise ValueError("a virtio-fs device needs at least one request queue")
+        args += device.qemu_args(f"fs{i}")
+    return args
+
+
+def _pdeathsig_prefix() -> list[str]:
+    """A wrapper that makes a child die with this process, even if this process is SIGKILLed."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "SIGKILL", "--"] if setpriv else []
+
+
+def _spawn(argv: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[bytes]:
+    # A session of its own: Ctrl-C in a terminal reaches only the harness, which then stops the
+    # child in order instead of racing it.
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [*_pdeathsig_prefix(), *argv], env=env, start_new_session=True, **kwargs
+    )
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    """Wait until a daemon listens on the unix socket `path` (and has not died meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise GuestError(
+                f"daemon exited with status {proc.returncode} before listening on {path}"
+            )
+        # A successful connect would be taken by the daemon as its one front-end and end it, so
+        # only check that the socket exists.
+        try:
+            if Path(path).is_socket():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise GuestError(f"no daemon listening on {path} after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+class _Console:
+    """Collects QEMU's stdout and finds the init script's markers in it as it arrives."""
+
+    def __init__(self, nonce: str, on_output: Callable[[str], None] | None) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending_cr = False
+        self.text = ""
+        self._prefix = f"<<<pyvirtiofsd:{nonce}:"
+        self._on_output = on_output
+        self._streamed = 0  # offset in text up to which script output was passed on
+        self.begin: int | None = None  # offset where the script's output starts
+        self.begin_time: float | None = None
+        self.status_time: float | None = None
+
+    def marker(self, name: str) -> str:
+        return f"{self._prefix}{name}>>>\n"
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        text = self._decoder.decode(data, final)
+        # The kernel writes CR LF; normalise, minding a CR at the end of one chunk.
+        if self._pending_cr:
+            text = "\r" + text
+        self._pending_cr = text.endswith("\r") and not final
+        if self._pending_cr:
+            text = text[:-1]
+        self.text += text.replace("\r\n", "\n")
+        if self.begin is None:
+            found = self.text.find(self.marker("begin"))
+            if found >= 0:
+                self.begin = self._streamed = found + len(self.marker("begin"))
+                self.begin_time = time.monotonic()
+        if self.begin is not None and self.status_time is None and self.status() is not None:
+            self.status_time = time.monotonic()
+        self._stream()
+
+    def _stream(self) -> None:
+        if self._on_output is None or self.begin is None:
+            return
+        end = self.text.find("\n" + self._prefix, self.begin - 1)
+        if end < 0:
+            # Hold back what could be the start of the final marker.
+            end = max(self._streamed, len(self.text) - len(self._prefix) - 1)
+        if end > self._streamed:
+            self._on_output(self.text[self._streamed : end])
+            self._streamed = end
+
+    def status(self) -> int | None:
+        found = self.text.find(self._prefix + "status=")
+        if found < 0:
+            return None
+        rest = self.text[found + len(self._prefix) + len("status=") :]
+        digits, sep, _ = rest.partition(">>>")
+        return int(digits) if sep and digits.isdigit() else None
+
+    def output(self) -> str:
+        assert self.begin is not None
+        end = self.text.find(self._prefix + "status=", self.begin)
+        # init prints a newline before the status marker so that it starts a line; drop it.
+        return self.text[self.begin : end - 1]
+
+    def section(self, start: str, end: str) -> str:
+        a = self.text.find(self.marker(start))
+        b = self.text.find(self.marker(end))
+        if a < 0:
+            return ""
+        return self.text[a + len(self.marker(start)) : b if b >= 0 else len(self.text)]
+
+    def finished(self) -> bool:
+        return self.marker("end") in self.text
+
+    def setup_failed(self) -> bool:
+        return self.marker("setup-failed") in self.text
+
+
+def run_guest(
+    script: str,
+    devices: Sequence[FsDevice] = (),
+    *,
+    qemu: str = "sid",
+    memory_mb: int = 2048,
+    smp: int = 2,
+    timeout: float = 600.0,
+    rootfs: str | None = None,
+    kernel_args: str = KERNEL_ARGS,
+    extra_qemu_args: Sequence[str] = (),
+    on_output: Callable[[str], None] | None = None,
+) -> GuestResult:
+    """Boot a guest, run `script` (a shell script) in it, return its output and exit status.
+
+    The script runs as root under busybox sh with /proc, /sys, /dev and /tmp mounted; it mounts
+    the devices itself (`mount -t virtiofs TAG /mnt/x`, see FsDevice.mount_command).
+    `rootfs='sid'` (or a directory path) runs it instead chrooted into that directory, served
+    read-only over an extra virtio-fs device, under its /bin/sh, with tmpfs on /tmp, /run,
+    /var/tmp, /mnt and /root. `on_output` receives the script's output as it arrives.
+
+    Raises GuestTimeout after `timeout` seconds and GuestError if the guest dies or cannot
+    start; QEMU and any daemon started here are gone when this returns or raises.
+    """
+    nonce = secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-vm-") as workdir:
+        work = Path(workdir)
+        all_devices = list(devices)
+        rootfs_daemon: subprocess.Popen[bytes] | None = None
+        qemu_proc: subprocess.Popen[bytes] | None = None
+        try:
+            if rootfs is not None:
+                rootfs_daemon, rootfs_device = _start_rootfs_daemon(rootfs, work)
+                all_devices.append(rootfs_device)
+
+            env_file = f"HARNESS_NONCE={nonce}\nHARNESS_ROOTFS={ROOTFS_TAG if rootfs else ''}\n"
+            initrd = work / "initrd.cpio"
+            with initrd.open("wb") as out, assets.base_initramfs().open("rb") as base:
+                shutil.copyfileobj(base, out)
+                out.write(
+                    assets.run_archive(
+                        [
+                            ("harness/env", env_file.encode(), 0o644),
+                            ("harness/script", script.encode(), 0o755),
+                        ]
+                    )
+                )
+
+            command = assets.qemu_command(qemu)
+            argv = [
+                *command.argv,
+                *qemu_args(
+                    all_devices,
+                    kernel=assets.kernel(),
+                    initrd=initrd,
+                    memory_mb=memory_mb,
+                    smp=smp,
+                    kernel_args=kernel_args,
+                ),
+                *extra_qemu_args,
+            ]
+            console = _Console(nonce, on_output)
+            start = time.monotonic()
+            with (work / "qemu.stderr").open("w+b") as stderr:
+                qemu_proc = _spawn(
+                    argv,
+                    command.environ(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                )
+                powered_off = _pump(qemu_proc, console, start + timeout, stderr)
+                stderr.seek(0)
+                qemu_stderr = stderr.read().decode(errors="replace")
+        finally:
+            _kill(qemu_proc)
+            _kill(rootfs_daemon)
+
+    status = console.status()
+    if console.setup_failed() or status is None or console.begin_time is None:
+        what = "guest setup failed" if console.setup_failed() else "guest stopped"
+        raise GuestError(
+            f"{what} before the script finished (QEMU exit status {qemu_proc.returncode})",
+            console.text,
+            qemu_stderr,
+        )
+    assert console.status_time is not None
+    return GuestResult(
+        output=console.output(),
+        status=status,
+        console=console.text,
+        kernel_log=console.section("kernel-log", "end"),
+        qemu_stderr=qemu_stderr,
+        boot_seconds=console.begin_time - start,
+        script_seconds=console.status_time - console.begin_time,
+        powered_off=powered_off,
+        command=argv,
+    )
+
+
+def _pump(
+    proc: subprocess.Popen[bytes], console: _Console, deadline: float, stderr: IO[bytes]
+) -> bool:
+    """Feed QEMU's console output to `console` until QEMU exits; True if the guest powered off.
+
+    Raises GuestTimeout at `deadline`. A guest that printed its status but then hangs (an
+    unmount waiting on a broken daemon, say) is given SHUTDOWN_GRACE and then killed.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            limit = deadline
+            if console.status_time is not None:
+                limit = min(deadline, console.status_time + SHUTDOWN_GRACE)
+            if now >= limit:
+                if console.status_time is not None:
+                    return False
+                stderr.seek(0)
+                raise GuestTimeout(
+                    "guest did not finish within its timeout; QEMU killed",
+                    console.text,
+                    stderr.read().decode(errors="replace"),
+                )
+            if not sel.select(limit - now):
+                continue
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                console.feed(b"", final=True)
+                proc.wait()
+                return console.finished()
+            console.feed(data)
+
+
+def _start_rootfs_daemon(rootfs: str, work: Path) -> tuple[subprocess.Popen[bytes], FsDevice]:
+    """Serve a root filesystem read-only with the Rust virtiofsd for a `rootfs` guest."""
+    root = assets.sid_root() if rootfs == "sid" else Path(rootfs)
+    if not (root / "bin" / "sh").exists():
+        raise assets.AssetsMissing(f"rootfs {root} has no /bin/sh: {assets.INSTALL_HINT}")
+    sock = str(work / "rootfs.sock")
+    command = assets.rust_virtiofsd_command()
+    argv = [
+        *command.argv,
+        "--shared-dir",
+        str(root),
+        "--socket-path",
+        sock,
+        # As root here the namespace sandbox buys nothing for a throwaway guest; the tree is
+        # static, so the guest may cache everything.
+        "--sandbox",
+        "none",
+        "--readonly",
+        "--cache",
+        "always",
+        "--log-level",
+        "error",
+    ]
+    log = (work / "rootfs-virtiofsd.log").open("wb")
+    daemon = _spawn(argv, command.environ(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    log.close()
+    try:
+        wait_for_socket(sock, daemon)
+    except BaseException:
+        _kill(daemon)
+        raise
+    return daemon, FsDevice(socket=sock, tag=ROOTFS_TAG)
