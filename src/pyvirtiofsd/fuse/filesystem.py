@@ -1,0 +1,607 @@
+"""The file-system interface the FUSE server calls: subclass :class:`Filesystem`.
+
+It is inode based, like libfuse's low-level API. Every method gets a :class:`Context` (who asks)
+and inode numbers chosen by the file system; it returns plain values or raises ``OSError`` with
+the errno the caller should see. Every method not overridden answers ``ENOSYS``, which tells the
+kernel the operation is not supported (for some, such as FLUSH or FSYNCDIR, the kernel then
+stops sending it).
+
+The lookup count contract
+-------------------------
+The kernel keeps a reference count on every inode number it has been given. Each successful
+``lookup``, ``mknod``, ``mkdir``, ``symlink``, ``link``, ``create`` and ``tmpfile``, and every
+entry of ``readdirplus`` with a non-zero inode number except "." and "..", adds one to the count
+of the inode it returns. ``forget(ino, n)`` (also delivered as a batch) subtracts ``n``. The file
+system must keep an inode number valid, and never reuse it for another object, until its count
+drops to zero; only then may it free its state. Unlink and rmdir do not end an inode: an unlinked
+file that is still open or still known to the kernel stays reachable by inode number. The root
+inode (:data:`ROOT`) is never forgotten. When the connection ends, no forgets arrive for what is
+left; ``destroy`` is called instead.
+
+File handles returned by ``open``/``opendir``/``create`` are opaque 64-bit numbers that come back
+in later calls on the same open file until ``release``/``releasedir``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+from . import abi
+
+if TYPE_CHECKING:
+    from .buffers import ReplyWriter, WriteData
+
+ROOT = abi.ROOT_ID
+
+
+def _enosys() -> OSError:
+    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+
+@dataclass(slots=True)
+class Context:
+    """Who sent a request: the caller's ids in the guest (or on the host for /dev/fuse)."""
+
+    uid: int
+    gid: int
+    pid: int
+    unique: int = 0
+    #: Supplementary groups sent with create-like requests (FUSE_CREATE_SUPP_GROUP).
+    groups: tuple[int, ...] = ()
+    #: Set when the kernel interrupts this request (the caller got a signal).
+    interrupted: bool = False
+
+
+class Attr:
+    """The attributes of an inode, as the kernel caches them."""
+
+    __slots__ = (
+        "atime",
+        "atimensec",
+        "blksize",
+        "blocks",
+        "ctime",
+        "ctimensec",
+        "flags",
+        "gid",
+        "ino",
+        "mode",
+        "mtime",
+        "mtimensec",
+        "nlink",
+        "rdev",
+        "size",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        ino: int = 0,
+        size: int = 0,
+        blocks: int = 0,
+        atime: int = 0,
+        mtime: int = 0,
+        ctime: int = 0,
+        atimensec: int = 0,
+        mtimensec: int = 0,
+        ctimensec: int = 0,
+        mode: int = 0,
+        nlink: int = 1,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        blksize: int = 4096,
+        flags: int = 0,
+    ) -> None:
+        self.ino = ino
+        self.size = size
+        self.blocks = blocks
+        self.atime = atime
+        self.mtime = mtime
+        self.ctime = ctime
+        self.atimensec = atimensec
+        self.mtimensec = mtimensec
+        self.ctimensec = ctimensec
+        self.mode = mode
+        self.nlink = nlink
+        self.uid = uid
+        self.gid = gid
+        self.rdev = rdev
+        self.blksize = blksize
+        self.flags = flags
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result, ino: int | None = None, flags: int = 0) -> Attr:
+        a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return cls(
+            st.st_ino if ino is None else ino,
+            st.st_size,
+            st.st_blocks,
+            a // 1_000_000_000,
+            m // 1_000_000_000,
+            c // 1_000_000_000,
+            a % 1_000_000_000,
+            m % 1_000_000_000,
+            c % 1_000_000_000,
+            st.st_mode,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev & 0xFFFFFFFF,
+            st.st_blksize,
+            flags,
+        )
+
+    def values(self) -> tuple[int, ...]:
+        """The fields in fuse_attr order, for packing."""
+        return (
+            self.ino,
+            self.size,
+            self.blocks,
+            self.atime,
+            self.mtime,
+            self.ctime,
+            self.atimensec,
+            self.mtimensec,
+            self.ctimensec,
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            self.rdev,
+            self.blksize,
+            self.flags,
+        )
+
+    def __repr__(self) -> str:
+        return f"Attr(ino={self.ino}, mode={self.mode:o}, size={self.size})"
+
+
+class Entry:
+    """A name resolved to an inode: what lookup and the create family return."""
+
+    __slots__ = ("attr", "attr_timeout", "entry_timeout", "generation", "ino")
+
+    def __init__(
+        self,
+        ino: int,
+        attr: Attr,
+        entry_timeout: float = 1.0,
+        attr_timeout: float = 1.0,
+        generation: int = 0,
+    ) -> None:
+        self.ino = ino
+        self.attr = attr
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.generation = generation
+
+    @classmethod
+    def negative(cls, timeout: float) -> Entry:
+        """A cacheable "no such name" (inode 0), answered instead of ENOENT."""
+        return cls(0, Attr(), timeout, 0.0)
+
+
+class Opened(NamedTuple):
+    """What open, opendir and create return besides the entry."""
+
+    fh: int
+    #: FOPEN_* flags (direct I/O, keep cache, passthrough, ...).
+    flags: int = 0
+    #: Backing id registered with :attr:`ConnectionInfo.backing_open` (FUSE_PASSTHROUGH).
+    backing_id: int = 0
+
+
+class StatVfs(NamedTuple):
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int
+    namelen: int
+    frsize: int
+
+    @classmethod
+    def from_os(cls, st: os.statvfs_result) -> StatVfs:
+        return cls(
+            st.f_blocks,
+            st.f_bfree,
+            st.f_bavail,
+            st.f_files,
+            st.f_ffree,
+            st.f_bsize,
+            st.f_namemax,
+            st.f_frsize,
+        )
+
+
+class Lock(NamedTuple):
+    """A POSIX record lock range; ``end`` is inclusive (OFFSET_MAX for "to the end")."""
+
+    start: int
+    end: int
+    type: int
+    pid: int
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """What a SETATTR asks to change; ``None`` leaves a field alone."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    #: Nanoseconds since the epoch, or :data:`NOW` for the current time.
+    atime: int | None = None
+    mtime: int | None = None
+    ctime: int | None = None
+    #: The open file the change comes through (ftruncate, fchmod, ...).
+    fh: int | None = None
+    lock_owner: int | None = None
+    #: Drop set-user-ID and set-group-ID bits (HANDLE_KILLPRIV_V2).
+    kill_suidgid: bool = False
+
+    NOW = -1
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    """What the kernel offered at INIT, and what the transport can do beyond FUSE itself."""
+
+    major: int = abi.KERNEL_VERSION
+    minor: int = abi.KERNEL_MINOR_VERSION
+    #: INIT flags the kernel offered (flags | flags2 << 32).
+    capable: int = 0
+    #: INIT flags that will be in force once init returns (the file system may add or remove).
+    want: int = 0
+    max_readahead: int = 0
+    max_write: int = 1 << 20
+    #: log2 of the alignment asked of DAX mappings (when the transport has a DAX window).
+    map_alignment: int = 0
+    #: Register an fd as a FUSE_PASSTHROUGH backing file; returns the backing id. /dev/fuse only.
+    backing_open: Callable[[int], int] | None = None
+    backing_close: Callable[[int], None] | None = None
+    #: The DAX window of the virtio-fs device, if it has one.
+    dax_window: object | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class DirBuffer:
+    """Collects READDIR/READDIRPLUS entries into the reply, up to the size the kernel asked."""
+
+    __slots__ = ("_out", "_plus", "_size", "_start")
+
+    def __init__(self, out: ReplyWriter, size: int, plus: bool) -> None:
+        self._out = out
+        self._start = out.length
+        self._size = min(size, out.space())
+        self._plus = plus
+
+    @property
+    def plus(self) -> bool:
+        return self._plus
+
+    def fits(self, name: bytes) -> bool:
+        need = (abi.direntplus_size if self._plus else abi.dirent_size)(len(name))
+        return self._out.length - self._start + need <= self._size
+
+    def add(self, ino: int, offset: int, dtype: int, name: bytes) -> bool:
+        """Add one READDIR entry; ``offset`` is where the next READDIR continues after it.
+        Returns False (adding nothing) when it does not fit."""
+        if not self.fits(name):
+            return False
+        out = self._out
+        out.pack(abi.DIRENT.struct, ino, offset, len(name), dtype)
+        out.write(name)
+        pad = -len(name) & 7
+        if pad:
+            out.write(b"\0" * pad)
+        return True
+
+    def add_plus(self, entry: Entry | None, offset: int, dtype: int, name: bytes) -> bool:
+        """Add one READDIRPLUS entry. ``entry`` None means "no lookup" (as for "." and ".."),
+        and the kernel then takes no reference; otherwise the entry counts as a lookup, so
+        call :meth:`fits` first and only look the name up when it will fit."""
+        if not self.fits(name):
+            return False
+        out = self._out
+        if entry is None:
+            out.pack(abi.DIRENTPLUS.struct, *((0,) * 22), 0, offset, len(name), dtype)
+        else:
+            ev, evn = _split_timeout(entry.entry_timeout)
+            av, avn = _split_timeout(entry.attr_timeout)
+            out.pack(
+                abi.DIRENTPLUS.struct,
+                entry.ino,
+                entry.generation,
+                ev,
+                av,
+                evn,
+                avn,
+                *entry.attr.values(),
+                entry.attr.ino,
+                offset,
+                len(name),
+                dtype,
+            )
+        out.write(name)
+        pad = -len(name) & 7
+        if pad:
+            out.write(b"\0" * pad)
+        return True
+
+
+def _split_timeout(seconds: float) -> tuple[int, int]:
+    if seconds <= 0:
+        return 0, 0
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1e9)
+
+
+def dtype_of_mode(mode: int) -> int:
+    """The DT_* value readdir reports for a file mode."""
+    return stat.S_IFMT(mode) >> 12
+
+
+class Filesystem:
+    """Base class of file systems served over FUSE; every operation defaults to ENOSYS.
+
+    Methods may be called from several threads at once; implementations do their own locking.
+    """
+
+    # --- connection ----------------------------------------------------------------------
+
+    def init(self, conn: ConnectionInfo) -> None:
+        """Called once at INIT; may adjust ``conn.want`` (only within ``conn.capable``)."""
+
+    def destroy(self) -> None:
+        """The connection ended (DESTROY, unmount, or the front-end went away)."""
+
+    # --- names and inodes ----------------------------------------------------------------
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise _enosys()
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """Drop ``nlookup`` references (see the lookup count contract). Never fails."""
+
+    def batch_forget(self, items: Iterable[tuple[int, int]]) -> None:
+        for ino, nlookup in items:
+            self.forget(ino, nlookup)
+
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
+        """The attributes and how long the kernel may cache them (seconds)."""
+        raise _enosys()
+
+    def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
+        raise _enosys()
+
+    def readlink(self, ctx: Context, ino: int) -> bytes:
+        raise _enosys()
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        raise _enosys()
+
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+    ) -> Entry:
+        raise _enosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        raise _enosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rename(
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int,
+    ) -> None:
+        """``flags`` are renameat2's RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+        raise _enosys()
+
+    def link(self, ctx: Context, ino: int, new_parent: int, new_name: bytes) -> Entry:
+        raise _enosys()
+
+    # --- files ---------------------------------------------------------------------------
+
+    def open(self, ctx: Context, ino: int, flags: int, kill_suidgid: bool) -> Opened:
+        raise _enosys()
+
+    def create(
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        umask: int,
+        kill_suidgid: bool,
+    ) -> tuple[Entry, Opened]:
+        raise _enosys()
+
+    def tmpfile(
+        self, ctx: Context, parent: int, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        raise _enosys()
+
+    def read(
+        self, ctx: Context, ino: int, fh: int, offset: int, size: int, out: ReplyWriter
+    ) -> None:
+        """Put up to ``size`` bytes from ``offset`` into ``out``: ``out.read_from_fd(fd, offset,
+        size)`` fills it straight from a file descriptor, ``out.write(data)`` copies bytes."""
+        raise _enosys()
+
+    def write(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        offset: int,
+        data: WriteData,
+        flags: int,
+    ) -> int:
+        """Write ``data`` (``data.to_fd(fd, offset)`` or ``data.tobytes()``); returns bytes
+        written. ``flags`` are the WRITE_* flags (WRITE_KILL_SUIDGID, ...)."""
+        raise _enosys()
+
+    def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
+        raise _enosys()
+
+    def release(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        flags: int,
+        lock_owner: int,
+        flush: bool,
+        flock_release: bool,
+    ) -> None:
+        pass
+
+    def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def fallocate(
+        self, ctx: Context, ino: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        raise _enosys()
+
+    def lseek(self, ctx: Context, ino: int, fh: int, offset: int, whence: int) -> int:
+        raise _enosys()
+
+    def copy_file_range(
+        self,
+        ctx: Context,
+        ino_in: int,
+        fh_in: int,
+        off_in: int,
+        ino_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        raise _enosys()
+
+    # --- directories ---------------------------------------------------------------------
+
+    def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
+        raise _enosys()
+
+    def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
+        """Add entries from ``offset`` until ``out.add``/``out.add_plus`` returns False or the
+        directory ends. ``out.plus`` tells READDIRPLUS, where each entry counts as a lookup."""
+        raise _enosys()
+
+    def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
+        pass
+
+    def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    # --- file system ---------------------------------------------------------------------
+
+    def statfs(self, ctx: Context, ino: int) -> StatVfs:
+        return StatVfs(0, 0, 0, 0, 0, 512, 255, 0)
+
+    def syncfs(self, ctx: Context, ino: int) -> None:
+        raise _enosys()
+
+    def access(self, ctx: Context, ino: int, mask: int) -> None:
+        raise _enosys()
+
+    # --- extended attributes -------------------------------------------------------------
+
+    def setxattr(
+        self, ctx: Context, ino: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+    ) -> None:
+        raise _enosys()
+
+    def getxattr(self, ctx: Context, ino: int, name: bytes) -> bytes:
+        """The whole value; the server answers size queries and ERANGE itself."""
+        raise _enosys()
+
+    def listxattr(self, ctx: Context, ino: int) -> list[bytes]:
+        raise _enosys()
+
+    def removexattr(self, ctx: Context, ino: int, name: bytes) -> None:
+        raise _enosys()
+
+    # --- locks ---------------------------------------------------------------------------
+
+    def getlk(self, ctx: Context, ino: int, fh: int, owner: int, lock: Lock) -> Lock:
+        raise _enosys()
+
+    def setlk(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        owner: int,
+        lock: Lock,
+        sleep: bool,
+        flock: bool,
+    ) -> None:
+        """Take or release a lock. With ``sleep`` it waits for a conflicting lock to go and
+        must give up with EINTR once ``ctx.interrupted`` is set."""
+        raise _enosys()
+
+    # --- DAX window ----------------------------------------------------------------------
+
+    def setupmapping(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        foffset: int,
+        length: int,
+        flags: int,
+        moffset: int,
+    ) -> None:
+        raise _enosys()
+
+    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
+        raise _enosys()
+
+    # --- everything else -----------------------------------------------------------------
+
+    def ioctl(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        flags: int,
+        cmd: int,
+        arg: int,
+        data: bytes,
+        out_size: int,
+    ) -> tuple[int, bytes]:
+        raise _enosys()
+
+    def bmap(self, ctx: Context, ino: int, blocksize: int, block: int) -> int:
+        raise _enosys()
+
+    def poll(self, ctx: Context, ino: int, fh: int, kh: int, flags: int, events: int) -> int:
+        raise _enosys()
+
+    def statx(
+        self, ctx: Context, ino: int, fh: int | None, flags: int, mask: int
+    ) -> tuple[dict[str, int], float]:
+        raise _enosys()

@@ -1,0 +1,819 @@
+"""The FUSE server: one request in, one reply out, whatever carried them.
+
+:meth:`Server.handle` decodes a request from readable buffers, calls the :class:`Filesystem`, and
+encodes the reply into writable buffers. The same code serves /dev/fuse (one buffer each way)
+and virtqueue descriptor chains (several); file data moves between the buffers and file
+descriptors without being copied in Python. Nothing here does I/O of its own.
+
+A malformed request (short header, lengths that disagree, a missing NUL, an unknown opcode) gets
+an error reply and is logged; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import abi
+from .buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
+from .filesystem import (
+    ConnectionInfo,
+    Context,
+    DirBuffer,
+    Entry,
+    Filesystem,
+    Lock,
+    Opened,
+    SetAttr,
+)
+
+log = logging.getLogger(__name__)
+
+#: Returned by handlers of requests that get no reply (FORGET, BATCH_FORGET, INTERRUPT).
+NO_REPLY = -1
+#: Returned by :meth:`Server.handle` when the reply will come later through the deferrer.
+DEFERRED = -2
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // abi.PAGE_SIZE
+#: Cap on the count of a BATCH_FORGET or REMOVEMAPPING, far above what the kernel sends.
+MAX_BATCH = 1 << 16
+
+_IN_HEADER = abi.IN_HEADER.struct
+_OUT_HEADER = abi.OUT_HEADER.struct
+_ENTRY_OUT = abi.ENTRY_OUT.struct
+_ATTR_OUT = abi.ATTR_OUT.struct
+_OPEN_OUT = abi.OPEN_OUT.struct
+_U32 = abi.GETXATTR_OUT.struct
+
+#: Flags the server offers whenever the kernel does; file systems add or remove in init().
+DEFAULT_FLAGS = (
+    abi.InitFlag.ASYNC_READ
+    | abi.InitFlag.POSIX_LOCKS
+    | abi.InitFlag.ATOMIC_O_TRUNC
+    | abi.InitFlag.BIG_WRITES
+    | abi.InitFlag.FLOCK_LOCKS
+    | abi.InitFlag.AUTO_INVAL_DATA
+    | abi.InitFlag.DO_READDIRPLUS
+    | abi.InitFlag.READDIRPLUS_AUTO
+    | abi.InitFlag.ASYNC_DIO
+    | abi.InitFlag.PARALLEL_DIROPS
+    | abi.InitFlag.MAX_PAGES
+    | abi.InitFlag.SUBMOUNTS
+    | abi.InitFlag.INIT_EXT
+    | abi.InitFlag.CREATE_SUPP_GROUP
+)
+
+#: Requests that may carry a FUSE_EXT_GROUPS extension.
+_CREATING = frozenset(
+    {
+        abi.Opcode.MKNOD,
+        abi.Opcode.MKDIR,
+        abi.Opcode.SYMLINK,
+        abi.Opcode.CREATE,
+        abi.Opcode.TMPFILE,
+    }
+)
+
+
+class MalformedRequest(Exception):
+    """The request's bytes contradict themselves; it gets EINVAL."""
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    if seconds <= 0:
+        return 0, 0
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1_000_000_000)
+
+
+def _name(body: Any, offset: int) -> tuple[bytes, int]:
+    """A NUL-terminated name at ``offset`` and the offset after its NUL."""
+    raw = bytes(body[offset:])
+    end = raw.find(b"\0")
+    if end < 0:
+        raise MalformedRequest("name without NUL")
+    return raw[:end], offset + end + 1
+
+
+def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
+    ev, evn = _timeout(entry.entry_timeout)
+    av, avn = _timeout(entry.attr_timeout)
+    out.pack(_ENTRY_OUT, entry.ino, entry.generation, ev, av, evn, avn, *entry.attr.values())
+
+
+def _pack_open(out: ReplyWriter, opened: Opened) -> None:
+    out.pack(_OPEN_OUT, opened.fh, opened.flags, opened.backing_id)
+
+
+class Server:
+    """Serves one FUSE connection for one :class:`Filesystem`.
+
+    Thread-safe: transports call :meth:`handle` from as many threads as they like.
+    """
+
+    def __init__(
+        self,
+        fs: Filesystem,
+        *,
+        max_write: int = MAX_WRITE,
+        map_alignment: int | None = None,
+        backing_open: Callable[[int], int] | None = None,
+        backing_close: Callable[[int], None] | None = None,
+        dax_window: object | None = None,
+    ) -> None:
+        self.fs = fs
+        self.max_write = max_write
+        #: log2 alignment of DAX mappings, offered when the transport has a DAX window.
+        self.map_alignment = map_alignment
+        self._backing_open = backing_open
+        self._backing_close = backing_close
+        self._dax_window = dax_window
+        self.initialized = False
+        self.proto_minor = 0
+        self.flags = 0
+        #: Requests being served, by unique, so that INTERRUPT can reach them.
+        self._inflight: dict[int, Context] = {}
+        #: Per-opcode request counts (observability).
+        self.counts = [0] * 64
+        #: Requests that waited (blocking locks) run through this instead of blocking the
+        #: caller's thread: ``deferrer(job, token)`` runs ``job()`` somewhere and delivers
+        #: the reply bytes it returns for ``token``. Without one, they block in place.
+        self.deferrer: Callable[[Callable[[], bytes], Any], None] | None = None
+        self._init_lock = threading.Lock()
+        self._ops: list[Callable[..., int] | None] = [None] * 64
+        for op in abi.Opcode:
+            fn = getattr(self, "_op_" + op.name.lower(), None)
+            if fn is not None and op < 64:
+                self._ops[op] = fn
+
+    # --- entry point -----------------------------------------------------------------------
+
+    def handle(
+        self,
+        readable: Sequence[memoryview],
+        writable: Sequence[memoryview],
+        token: Any = None,
+    ) -> int:
+        """Serve one request; returns the reply length written into ``writable`` (0 for none)
+        or :data:`DEFERRED` when the reply will be delivered later through :attr:`deferrer`."""
+        out = ReplyWriter(writable) if writable else None
+        reader = RequestReader(readable)
+        try:
+            header = reader.read(abi.IN_HEADER.size)
+        except ShortBuffer:
+            log.warning("request shorter than the FUSE header (%d bytes)", reader.remaining)
+            return self._error(out, errno.EINVAL, 0)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(header)
+        args_len = length - abi.IN_HEADER.size - extlen * 8
+        if length > abi.IN_HEADER.size + reader.remaining or args_len < 0:
+            log.warning(
+                "request %d (opcode %d): header says %d bytes, %d arrived",
+                unique,
+                opcode,
+                length,
+                abi.IN_HEADER.size + reader.remaining,
+            )
+            return self._error(out, errno.EINVAL, unique)
+        reader.remaining = length - abi.IN_HEADER.size
+        handler = self._ops[opcode] if opcode < 64 else None
+        if opcode < 64:
+            self.counts[opcode] += 1
+        if handler is None:
+            log.debug("unsupported opcode %d", opcode)
+            return self._error(out, errno.ENOSYS, unique)
+        if not self.initialized and opcode != abi.Opcode.INIT:
+            log.warning("opcode %d before INIT", opcode)
+            return self._error(out, errno.EIO, unique)
+        if out is None and opcode not in (
+            abi.Opcode.FORGET,
+            abi.Opcode.BATCH_FORGET,
+            abi.Opcode.INTERRUPT,
+        ):
+            log.warning("request %d (opcode %d) has no room for a reply", unique, opcode)
+            return 0
+
+        ctx = Context(uid, gid, pid, unique)
+        inflight = self._inflight
+        inflight[unique] = ctx
+        try:
+            if opcode == abi.Opcode.WRITE:
+                body: Any = reader.read(min(args_len, abi.WRITE_IN.size))
+            else:
+                body = reader.read(args_len)
+            if extlen and opcode in _CREATING:
+                ctx.groups = self._groups(reader.read(extlen * 8))
+            result = handler(ctx, nodeid, body, reader, out, token)
+        except OSError as e:
+            inflight.pop(unique, None)
+            return self._error(out, e.errno or errno.EIO, unique)
+        except (MalformedRequest, ShortBuffer, ValueError, OverflowError) as e:
+            inflight.pop(unique, None)
+            log.warning("malformed request %d (opcode %d): %s", unique, opcode, e)
+            return self._error(out, errno.EINVAL, unique)
+        except Exception:
+            inflight.pop(unique, None)
+            log.exception("request %d (opcode %d) failed", unique, opcode)
+            return self._error(out, errno.EIO, unique)
+        if result == DEFERRED:
+            # The waiter removes the request from _inflight when it is done.
+            return DEFERRED
+        inflight.pop(unique, None)
+        if result == NO_REPLY:
+            return 0
+        assert out is not None
+        return out.finish(_OUT_HEADER, 0, unique)
+
+    def _error(self, out: ReplyWriter | None, err: int, unique: int) -> int:
+        if out is None or out.capacity < ReplyWriter.HEADER:
+            return 0
+        out.reset()
+        return out.finish(_OUT_HEADER, -err, unique)
+
+    @staticmethod
+    def _groups(ext: Any) -> tuple[int, ...]:
+        """Supplementary groups from the request's extension headers."""
+        pos = 0
+        while pos + abi.EXT_HEADER.size <= len(ext):
+            size, kind = abi.EXT_HEADER.struct.unpack_from(ext, pos)
+            if size < abi.EXT_HEADER.size or pos + size > len(ext):
+                raise MalformedRequest("bad extension header")
+            if kind == abi.EXT_GROUPS:
+                (count,) = abi.SUPP_GROUPS.struct.unpack_from(ext, pos + 8)
+                if 12 + 4 * count > size:
+                    raise MalformedRequest("supplementary groups overrun their extension")
+                return tuple(
+                    int.from_bytes(ext[pos + 12 + 4 * i : pos + 16 + 4 * i], "little")
+                    for i in range(count)
+                )
+            pos += size
+        return ()
+
+    def reply_bytes(self, unique: int, error: int = 0, payload: bytes = b"") -> bytes:
+        """A whole reply as bytes, for deferred requests."""
+        return _OUT_HEADER.pack(16 + len(payload), -error, unique) + payload
+
+    # --- session ---------------------------------------------------------------------------
+
+    def _op_init(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
+        raw = bytes(body[: abi.INIT_IN.size]).ljust(abi.INIT_IN.size, b"\0")
+        major, minor, max_readahead, flags, flags2 = abi.INIT_IN.struct.unpack_from(raw)[:5]
+        if not flags & abi.InitFlag.INIT_EXT or len(body) < 20:
+            flags2 = 0
+        if major < abi.KERNEL_VERSION:
+            log.error("kernel speaks FUSE %d.%d, too old", major, minor)
+            raise OSError(errno.EPROTO, "FUSE major version too old")
+        if major > abi.KERNEL_VERSION:
+            # Tell the kernel our major; it sends a new INIT if it can speak it.
+            out.write(abi.INIT_OUT.pack(major=abi.KERNEL_VERSION, minor=abi.KERNEL_MINOR_VERSION))
+            return 0
+        if minor < abi.MIN_KERNEL_MINOR_VERSION:
+            log.error(
+                "kernel speaks FUSE 7.%d; 7.%d or newer needed", minor, abi.MIN_KERNEL_MINOR_VERSION
+            )
+            raise OSError(errno.EPROTO, "FUSE minor version too old")
+        capable = flags | (flags2 << 32)
+        conn = ConnectionInfo(
+            major=major,
+            minor=min(minor, abi.KERNEL_MINOR_VERSION),
+            capable=capable,
+            want=capable & DEFAULT_FLAGS,
+            max_readahead=max_readahead,
+            max_write=self.max_write,
+            map_alignment=self.map_alignment or 0,
+            backing_open=self._backing_open,
+            backing_close=self._backing_close,
+            dax_window=self._dax_window,
+        )
+        if self.map_alignment is not None:
+            conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT
+        with self._init_lock:
+            self.fs.init(conn)
+            want = conn.want & capable
+            if not flags & abi.InitFlag.INIT_EXT:
+                want &= 0xFFFFFFFF
+            self.flags = want
+            self.proto_minor = conn.minor
+            self.initialized = True
+        max_stack_depth = 1 if want & abi.InitFlag.PASSTHROUGH else 0
+        reply = abi.INIT_OUT.pack(
+            abi.KERNEL_VERSION,
+            abi.KERNEL_MINOR_VERSION,
+            max_readahead,
+            want & 0xFFFFFFFF,
+            0xFFFF,  # max_background
+            0xBFFD,  # congestion_threshold: 3/4 of max_background
+            self.max_write,
+            1,  # time_gran: nanoseconds
+            self.max_write // abi.PAGE_SIZE,
+            conn.map_alignment if want & abi.InitFlag.MAP_ALIGNMENT else 0,
+            want >> 32,
+            max_stack_depth,
+            0,
+            (0,) * 11,
+        )
+        if minor < 5:
+            reply = reply[: abi.COMPAT_INIT_OUT_SIZE]
+        elif minor < 23:
+            reply = reply[: abi.COMPAT_22_INIT_OUT_SIZE]
+        out.write(reply)
+        log.info("FUSE session 7.%d, flags %#x, max_write %d", conn.minor, want, self.max_write)
+        return 0
+
+    def _op_destroy(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        self.fs.destroy()
+        self.initialized = False
+        return 0
+
+    def _op_interrupt(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        (target,) = abi.INTERRUPT_IN.struct.unpack_from(body)
+        victim = self._inflight.get(target)
+        if victim is not None:
+            victim.interrupted = True
+            return NO_REPLY
+        # Not seen yet (or already answered): EAGAIN makes the kernel send it again.
+        if out is None:
+            return NO_REPLY
+        raise OSError(errno.EAGAIN, "interrupted request not found")
+
+    def _op_forget(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        (nlookup,) = abi.FORGET_IN.struct.unpack_from(body)
+        self.fs.forget(nodeid, nlookup)
+        return NO_REPLY
+
+    def _op_batch_forget(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        count, _ = abi.BATCH_FORGET_IN.struct.unpack_from(body)
+        size = abi.FORGET_ONE.size
+        count = min(count, (len(body) - abi.BATCH_FORGET_IN.size) // size)
+        unpack = abi.FORGET_ONE.struct.unpack_from
+        base = abi.BATCH_FORGET_IN.size
+        self.fs.batch_forget([unpack(body, base + i * size) for i in range(count)])
+        return NO_REPLY
+
+    # --- inodes ----------------------------------------------------------------------------
+
+    def _op_lookup(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        name, _ = _name(body, 0)
+        _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
+        return 0
+
+    def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Any, float]) -> None:
+        attr, timeout = attr_and_timeout
+        av, avn = _timeout(timeout)
+        out.pack(_ATTR_OUT, av, avn, 0, *attr.values())
+
+    def _op_getattr(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        flags, _, fh = abi.GETATTR_IN.struct.unpack_from(body)
+        self._pack_attr(out, self.fs.getattr(ctx, nodeid, fh if flags & abi.GETATTR_FH else None))
+        return 0
+
+    def _op_setattr(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        s = abi.SETATTR_IN.unpack(body)
+        valid = s.valid
+        changes = SetAttr(
+            mode=s.mode if valid & abi.FATTR_MODE else None,
+            uid=s.uid if valid & abi.FATTR_UID else None,
+            gid=s.gid if valid & abi.FATTR_GID else None,
+            size=s.size if valid & abi.FATTR_SIZE else None,
+            fh=s.fh if valid & abi.FATTR_FH else None,
+            lock_owner=s.lock_owner if valid & abi.FATTR_LOCKOWNER else None,
+            kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
+        )
+        if valid & abi.FATTR_ATIME_NOW:
+            changes.atime = SetAttr.NOW
+        elif valid & abi.FATTR_ATIME:
+            changes.atime = s.atime * 1_000_000_000 + s.atimensec
+        if valid & abi.FATTR_MTIME_NOW:
+            changes.mtime = SetAttr.NOW
+        elif valid & abi.FATTR_MTIME:
+            changes.mtime = s.mtime * 1_000_000_000 + s.mtimensec
+        if valid & abi.FATTR_CTIME:
+            changes.ctime = s.ctime * 1_000_000_000 + s.ctimensec
+        self._pack_attr(out, self.fs.setattr(ctx, nodeid, changes))
+        return 0
+
+    def _op_statx(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        getattr_flags, _, fh, sx_flags, sx_mask = abi.STATX_IN.struct.unpack_from(body)
+        fields, timeout = self.fs.statx(
+            ctx, nodeid, fh if getattr_flags & abi.GETATTR_FH else None, sx_flags, sx_mask
+        )
+        av, avn = _timeout(timeout)
+        out.write(abi.STATX_OUT.pack(attr_valid=av, attr_valid_nsec=avn, **fields))
+        return 0
+
+    def _op_readlink(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        out.write(self.fs.readlink(ctx, nodeid))
+        return 0
+
+    def _op_symlink(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        name, pos = _name(body, 0)
+        target, _ = _name(body, pos)
+        _pack_entry(out, self.fs.symlink(ctx, nodeid, name, target))
+        return 0
+
+    def _op_mknod(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        mode, rdev, umask, _ = abi.MKNOD_IN.struct.unpack_from(body)
+        name, _ = _name(body, abi.MKNOD_IN.size)
+        _pack_entry(out, self.fs.mknod(ctx, nodeid, name, mode, rdev, umask))
+        return 0
+
+    def _op_mkdir(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        mode, umask = abi.MKDIR_IN.struct.unpack_from(body)
+        name, _ = _name(body, abi.MKDIR_IN.size)
+        _pack_entry(out, self.fs.mkdir(ctx, nodeid, name, mode, umask))
+        return 0
+
+    def _op_unlink(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        self.fs.unlink(ctx, nodeid, _name(body, 0)[0])
+        return 0
+
+    def _op_rmdir(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        self.fs.rmdir(ctx, nodeid, _name(body, 0)[0])
+        return 0
+
+    def _op_rename(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        (newdir,) = abi.RENAME_IN.struct.unpack_from(body)
+        old, pos = _name(body, abi.RENAME_IN.size)
+        new, _ = _name(body, pos)
+        self.fs.rename(ctx, nodeid, old, newdir, new, 0)
+        return 0
+
+    def _op_rename2(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        newdir, flags, _ = abi.RENAME2_IN.struct.unpack_from(body)
+        old, pos = _name(body, abi.RENAME2_IN.size)
+        new, _ = _name(body, pos)
+        self.fs.rename(ctx, nodeid, old, newdir, new, flags)
+        return 0
+
+    def _op_link(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
+        (oldnodeid,) = abi.LINK_IN.struct.unpack_from(body)
+        name, _ = _name(body, abi.LINK_IN.size)
+        _pack_entry(out, self.fs.link(ctx, oldnodeid, nodeid, name))
+        return 0
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _op_open(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
+        flags, open_flags = abi.OPEN_IN.struct.unpack_from(body)
+        opened = self.fs.open(ctx, nodeid, flags, bool(open_flags & abi.OPEN_KILL_SUIDGID))
+        _pack_open(out, opened)
+        return 0
+
+    def _op_create(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        flags, mode, umask, open_flags = abi.CREATE_IN.struct.unpack_from(body)
+        name, _ = _name(body, abi.CREATE_IN.size)
+        entry, opened = self.fs.create(
+            ctx, nodeid, name, mode, flags, umask, bool(open_flags & abi.OPEN_KILL_SUIDGID)
+        )
+        _pack_entry(out, entry)
+        _pack_open(out, opened)
+        return 0
+
+    def _op_tmpfile(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        flags, mode, umask, _ = abi.CREATE_IN.struct.unpack_from(body)
+        entry, opened = self.fs.tmpfile(ctx, nodeid, mode, flags, umask)
+        _pack_entry(out, entry)
+        _pack_open(out, opened)
+        return 0
+
+    def _op_read(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
+        fh, offset, size = abi.READ_IN.struct.unpack_from(body)[:3]
+        self.fs.read(ctx, nodeid, fh, offset, min(size, self.max_write, out.space()), out)
+        return 0
+
+    def _op_write(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        if len(body) < abi.WRITE_IN.size:
+            # Kernels before 7.9 sent a 24-byte write_in; pad the missing fields with zeros.
+            body = bytes(body).ljust(abi.WRITE_IN.size, b"\0")
+        fh, offset, size, write_flags = abi.WRITE_IN.struct.unpack_from(body)[:4]
+        if size > reader.remaining:
+            raise MalformedRequest(f"WRITE of {size} bytes carries {reader.remaining}")
+        if size > self.max_write:
+            raise OSError(errno.EINVAL, "write larger than max_write")
+        data = WriteData(reader.views(size), size)
+        written = self.fs.write(ctx, nodeid, fh, offset, data, write_flags)
+        out.pack(abi.WRITE_OUT.struct, written, 0)
+        return 0
+
+    def _op_flush(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, _, _, lock_owner = abi.FLUSH_IN.struct.unpack_from(body)
+        self.fs.flush(ctx, nodeid, fh, lock_owner)
+        return 0
+
+    def _op_release(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, flags, release_flags, lock_owner = abi.RELEASE_IN.struct.unpack_from(body)
+        self.fs.release(
+            ctx,
+            nodeid,
+            fh,
+            flags,
+            lock_owner,
+            bool(release_flags & abi.RELEASE_FLUSH),
+            bool(release_flags & abi.RELEASE_FLOCK_UNLOCK),
+        )
+        return 0
+
+    def _op_fsync(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, fsync_flags, _ = abi.FSYNC_IN.struct.unpack_from(body)
+        self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & abi.FSYNC_FDATASYNC))
+        return 0
+
+    def _op_fallocate(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, offset, length, mode, _ = abi.FALLOCATE_IN.struct.unpack_from(body)
+        self.fs.fallocate(ctx, nodeid, fh, mode, offset, length)
+        return 0
+
+    def _op_lseek(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, offset, whence, _ = abi.LSEEK_IN.struct.unpack_from(body)
+        out.pack(abi.LSEEK_OUT.struct, self.fs.lseek(ctx, nodeid, fh, offset, whence))
+        return 0
+
+    def _copy_file_range(self, nodeid: int, ctx: Context, body: Any) -> int:
+        fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = (
+            abi.COPY_FILE_RANGE_IN.struct.unpack_from(body)
+        )
+        return self.fs.copy_file_range(
+            ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags
+        )
+
+    def _op_copy_file_range(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        # The 32-bit reply can't say more than 4 GiB - 1: the kernel loops for the rest.
+        copied = self._copy_file_range(nodeid, ctx, body)
+        out.pack(abi.WRITE_OUT.struct, min(copied, 0xFFFFFFFF), 0)
+        return 0
+
+    def _op_copy_file_range_64(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        out.pack(abi.COPY_FILE_RANGE_OUT.struct, self._copy_file_range(nodeid, ctx, body))
+        return 0
+
+    # --- directories -----------------------------------------------------------------------
+
+    def _op_opendir(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        flags, _ = abi.OPEN_IN.struct.unpack_from(body)
+        _pack_open(out, self.fs.opendir(ctx, nodeid, flags))
+        return 0
+
+    def _readdir(self, ctx: Context, nodeid: int, body: Any, out: Any, plus: bool) -> int:
+        fh, offset, size = abi.READ_IN.struct.unpack_from(body)[:3]
+        self.fs.readdir(ctx, nodeid, fh, offset, DirBuffer(out, size, plus))
+        return 0
+
+    def _op_readdir(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        return self._readdir(ctx, nodeid, body, out, False)
+
+    def _op_readdirplus(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        return self._readdir(ctx, nodeid, body, out, True)
+
+    def _op_releasedir(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, flags, _, _ = abi.RELEASE_IN.struct.unpack_from(body)
+        self.fs.releasedir(ctx, nodeid, fh, flags)
+        return 0
+
+    def _op_fsyncdir(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, fsync_flags, _ = abi.FSYNC_IN.struct.unpack_from(body)
+        self.fs.fsyncdir(ctx, nodeid, fh, bool(fsync_flags & abi.FSYNC_FDATASYNC))
+        return 0
+
+    # --- file system -----------------------------------------------------------------------
+
+    def _op_statfs(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        st = self.fs.statfs(ctx, nodeid)
+        out.write(
+            abi.KSTATFS.pack(
+                st.blocks,
+                st.bfree,
+                st.bavail,
+                st.files,
+                st.ffree,
+                st.bsize,
+                st.namelen,
+                st.frsize,
+                0,
+                (0,) * 6,
+            )
+        )
+        return 0
+
+    def _op_syncfs(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        self.fs.syncfs(ctx, nodeid)
+        return 0
+
+    def _op_access(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        mask, _ = abi.ACCESS_IN.struct.unpack_from(body)
+        self.fs.access(ctx, nodeid, mask)
+        return 0
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    def _op_setxattr(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        if self.flags & abi.InitFlag.SETXATTR_EXT:
+            size, flags, setxattr_flags, _ = abi.SETXATTR_IN.struct.unpack_from(body)
+            pos = abi.SETXATTR_IN.size
+        else:
+            size, flags = abi.GETXATTR_IN.struct.unpack_from(body)
+            setxattr_flags, pos = 0, abi.COMPAT_SETXATTR_IN_SIZE
+        name, pos = _name(body, pos)
+        value = bytes(body[pos : pos + size])
+        if len(value) != size:
+            raise MalformedRequest("xattr value shorter than its size")
+        self.fs.setxattr(ctx, nodeid, name, value, flags, setxattr_flags)
+        return 0
+
+    def _sized_reply(self, out: ReplyWriter, size: int, value: bytes) -> None:
+        """The getxattr/listxattr convention: size 0 asks for the length only."""
+        if size == 0:
+            out.pack(_U32, len(value), 0)
+        elif len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        else:
+            out.write(value)
+
+    def _op_getxattr(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        size, _ = abi.GETXATTR_IN.struct.unpack_from(body)
+        name, _ = _name(body, abi.GETXATTR_IN.size)
+        self._sized_reply(out, size, self.fs.getxattr(ctx, nodeid, name))
+        return 0
+
+    def _op_listxattr(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        size, _ = abi.GETXATTR_IN.struct.unpack_from(body)
+        names = self.fs.listxattr(ctx, nodeid)
+        self._sized_reply(out, size, b"".join(n + b"\0" for n in names))
+        return 0
+
+    def _op_removexattr(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        self.fs.removexattr(ctx, nodeid, _name(body, 0)[0])
+        return 0
+
+    # --- locks -----------------------------------------------------------------------------
+
+    def _op_getlk(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, owner, start, end, ltype, pid, _, _ = abi.LK_IN.struct.unpack_from(body)
+        lock = self.fs.getlk(ctx, nodeid, fh, owner, Lock(start, end, ltype, pid))
+        out.pack(abi.LK_OUT.struct, lock.start, lock.end, lock.type, lock.pid)
+        return 0
+
+    def _setlk(self, ctx: Context, nodeid: int, body: Any, token: Any, sleep: bool) -> int:
+        fh, owner, start, end, ltype, pid, lk_flags, _ = abi.LK_IN.struct.unpack_from(body)
+        lock = Lock(start, end, ltype, pid)
+        flock = bool(lk_flags & abi.LK_FLOCK)
+        if not sleep or self.deferrer is None:
+            self.fs.setlk(ctx, nodeid, fh, owner, lock, sleep, flock)
+            return 0
+        try:
+            self.fs.setlk(ctx, nodeid, fh, owner, lock, False, flock)
+            return 0
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        # The lock is held elsewhere: wait for it off this thread, so that the request that
+        # will release it can still be served.
+        unique = ctx.unique
+
+        def wait() -> bytes:
+            try:
+                self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
+                return self.reply_bytes(unique)
+            except OSError as e:
+                return self.reply_bytes(unique, e.errno or errno.EIO)
+            except Exception:
+                log.exception("blocking lock request %d failed", unique)
+                return self.reply_bytes(unique, errno.EIO)
+            finally:
+                self._inflight.pop(unique, None)
+
+        self.deferrer(wait, token)
+        return DEFERRED
+
+    def _op_setlk(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, token: Any
+    ) -> int:
+        return self._setlk(ctx, nodeid, body, token, False)
+
+    def _op_setlkw(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, token: Any
+    ) -> int:
+        return self._setlk(ctx, nodeid, body, token, True)
+
+    # --- DAX window ------------------------------------------------------------------------
+
+    def _op_setupmapping(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, foffset, length, flags, moffset = abi.SETUPMAPPING_IN.struct.unpack_from(body)
+        self.fs.setupmapping(ctx, nodeid, fh, foffset, length, flags, moffset)
+        return 0
+
+    def _op_removemapping(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        (count,) = abi.REMOVEMAPPING_IN.struct.unpack_from(body)
+        size = abi.REMOVEMAPPING_ONE.size
+        base = abi.REMOVEMAPPING_IN.size
+        if count > MAX_BATCH or base + count * size > len(body):
+            raise MalformedRequest(f"REMOVEMAPPING of {count} ranges in {len(body)} bytes")
+        unpack = abi.REMOVEMAPPING_ONE.struct.unpack_from
+        self.fs.removemapping(ctx, [unpack(body, base + i * size) for i in range(count)])
+        return 0
+
+    # --- the rest --------------------------------------------------------------------------
+
+    def _op_bmap(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
+        block, blocksize, _ = abi.BMAP_IN.struct.unpack_from(body)
+        out.pack(abi.BMAP_OUT.struct, self.fs.bmap(ctx, nodeid, blocksize, block))
+        return 0
+
+    def _op_poll(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
+        fh, kh, flags, events = abi.POLL_IN.struct.unpack_from(body)
+        out.pack(abi.POLL_OUT.struct, self.fs.poll(ctx, nodeid, fh, kh, flags, events), 0)
+        return 0
+
+    def _op_ioctl(
+        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    ) -> int:
+        fh, flags, cmd, arg, in_size, out_size = abi.IOCTL_IN.struct.unpack_from(body)
+        data = bytes(body[abi.IOCTL_IN.size : abi.IOCTL_IN.size + in_size])
+        result, reply = self.fs.ioctl(ctx, nodeid, fh, flags, cmd, arg, data, out_size)
+        out.pack(abi.IOCTL_OUT.struct, result, 0, 0, 0)
+        out.write(reply[:out_size])
+        return 0
