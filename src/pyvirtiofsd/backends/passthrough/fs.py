@@ -1,0 +1,646 @@
+"""Passthrough: serve a host directory, confined to it.
+
+Confinement rests on three rules. Names from the guest are single path components (no "/", not
+empty, "." and ".." only where lookup gives them their meaning). Every call works relative to an
+O_PATH fd of an inode the daemon already holds (``*at()`` calls) and never follows a symlink:
+``O_NOFOLLOW`` and ``AT_SYMLINK_NOFOLLOW`` on names, and ``/proc/self/fd/N`` magic links, which
+resolve to the inode itself even when it is a symlink. And nothing ever walks a path given by the
+guest. A symlink in the share pointing to /etc is therefore only ever a symlink to the daemon; the
+guest's kernel may follow it, within the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+
+from ... import linux
+from ...fuse import abi
+from ...fuse.buffers import ReplyWriter, WriteData
+from ...fuse.filesystem import (
+    Attr,
+    ConnectionInfo,
+    Context,
+    DirBuffer,
+    Entry,
+    Filesystem,
+    Lock,
+    Opened,
+    SetAttr,
+    StatVfs,
+)
+from . import locks
+from .config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy, PassthroughConfig
+from .credentials import Credentials, can_switch
+from .inodes import Inode, InodeStore
+
+log = logging.getLogger(__name__)
+
+_DIRENT_HEAD = struct.Struct("=QqHB")
+_GETDENTS_BUFSIZE = 64 * 1024
+_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+_NO_ID = 0xFFFFFFFF
+_WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, what or os.strerror(code))
+
+
+def _check_name(name: bytes) -> None:
+    if not name or b"/" in name or name in (b".", b".."):
+        raise _err(errno.EINVAL, "invalid name")
+
+
+class _Handle:
+    __slots__ = ("backing_id", "fd", "flags", "inode", "lock")
+
+    def __init__(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.flags = flags
+        self.backing_id = backing_id
+        self.lock = threading.Lock()
+
+
+class PassthroughFs(Filesystem):
+    def __init__(self, config: PassthroughConfig) -> None:
+        self.cfg = config
+        self.inodes = InodeStore(config.shared_dir, config.inode_file_handles)
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._fh_lock = threading.Lock()
+        self._timeout = config.timeout
+        self._switch = config.switch_credentials and can_switch()
+        self._stopping = False
+        self._conn = ConnectionInfo()
+        self._passthrough = False
+        # Modes arrive already masked by the guest's umask (unless POSIX ACLs hand that job to
+        # us); ours must not mask them a second time.
+        os.umask(0)
+
+    # --- connection ------------------------------------------------------------------------
+
+    def init(self, conn: ConnectionInfo) -> None:
+        cfg = self.cfg
+        self._conn = conn
+        want = conn.want
+        if cfg.writeback:
+            want |= abi.InitFlag.WRITEBACK_CACHE
+        if not cfg.readdirplus or cfg.cache is CachePolicy.NEVER:
+            want &= ~(abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO)
+        if not cfg.announce_submounts:
+            want &= ~abi.InitFlag.SUBMOUNTS
+        if cfg.killpriv_v2:
+            want |= abi.InitFlag.HANDLE_KILLPRIV_V2
+        if cfg.xattr:
+            want |= abi.InitFlag.SETXATTR_EXT
+        if cfg.posix_acl:
+            want |= abi.InitFlag.POSIX_ACL | abi.InitFlag.DONT_MASK
+        if cfg.allow_mmap:
+            want |= abi.InitFlag.DIRECT_IO_ALLOW_MMAP
+        if cfg.dax_file_size is not None:
+            want |= abi.InitFlag.HAS_INODE_DAX
+        if cfg.readonly:
+            want &= ~abi.InitFlag.WRITEBACK_CACHE
+        self._passthrough = False
+        if cfg.fuse_passthrough:
+            if conn.backing_open is None or not conn.capable & abi.InitFlag.PASSTHROUGH:
+                log.warning("FUSE passthrough is not available here; serving data ourselves")
+            elif want & abi.InitFlag.WRITEBACK_CACHE:
+                log.warning("FUSE passthrough does not combine with writeback; not using it")
+            else:
+                want |= abi.InitFlag.PASSTHROUGH
+                self._passthrough = True
+        conn.want = want & conn.capable
+
+    def destroy(self) -> None:
+        self._stopping = True
+        with self._fh_lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for h in handles:
+            self._close_handle(h)
+
+    def shutdown(self) -> None:
+        """Release every fd (the daemon is exiting)."""
+        self.destroy()
+        self.inodes.close_all()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _rofs(self) -> None:
+        if self.cfg.readonly:
+            raise _err(errno.EROFS)
+
+    def _attr_flags(self, inode: Inode, st: os.stat_result, parent_dev: int | None) -> int:
+        flags = 0
+        if (
+            parent_dev is not None
+            and inode.mode == stat.S_IFDIR
+            and st.st_dev != parent_dev
+            and self.cfg.announce_submounts
+        ):
+            flags |= abi.ATTR_SUBMOUNT
+        size = self.cfg.dax_file_size
+        if size is not None and inode.mode == stat.S_IFREG and st.st_size >= size:
+            flags |= abi.ATTR_DAX
+        return flags
+
+    def _entry(self, parent: Inode, fd: int) -> Entry:
+        """The entry of the inode behind ``fd``, an O_PATH fd this call consumes."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self.inodes.add(fd, st)
+        attr = Attr.from_stat(st, flags=self._attr_flags(inode, st, parent.dev))
+        return Entry(inode.nodeid, attr, self._timeout, self._timeout)
+
+    def _lookup(self, parent: Inode, name: bytes) -> Entry:
+        with self.inodes.path(parent) as pfd:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        return self._entry(parent, fd)
+
+    def _handle(self, fh: int) -> _Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise _err(errno.EBADF, f"unknown file handle {fh}") from None
+
+    def _new_handle(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> int:
+        with self._fh_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = _Handle(fd, inode, flags, backing_id)
+        return fh
+
+    def _close_handle(self, h: _Handle) -> None:
+        if h.backing_id and self._conn.backing_close is not None:
+            try:
+                self._conn.backing_close(h.backing_id)
+            except OSError as e:
+                log.debug("closing backing id %d: %s", h.backing_id, e)
+        os.close(h.fd)
+
+    def _proc(self, fd: int) -> str:
+        return f"/proc/self/fd/{fd}"
+
+    def _opener(self, inode: Inode):  # type: ignore[no-untyped-def]
+        return lambda flags: self.inodes.open(inode, flags)
+
+    def _kill_suidgid(self, fd: int, path: bool) -> None:
+        """Drop set-user-ID, and set-group-ID where group execution makes it meaningful."""
+        st = os.stat(self._proc(fd)) if path else os.fstat(fd)
+        mode = st.st_mode
+        drop = stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            drop |= stat.S_ISGID
+        if mode & drop and stat.S_ISREG(mode):
+            new = stat.S_IMODE(mode) & ~drop
+            if path:
+                os.chmod(self._proc(fd), new)
+            else:
+                os.fchmod(fd, new)
+
+    # --- names and inodes ------------------------------------------------------------------
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        pinode = self.inodes.get(parent)
+        if name == b"." or (name == b".." and pinode is self.inodes.root):
+            self.inodes.ref(pinode)
+            with self.inodes.path(pinode) as pfd:
+                st = os.fstat(pfd)
+            return Entry(pinode.nodeid, Attr.from_stat(st), self._timeout, self._timeout)
+        if name != b"..":
+            _check_name(name)
+        return self._lookup(pinode, name)
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        self.inodes.forget(ino, nlookup)
+
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
+        inode = self.inodes.get(ino)
+        if fh is not None and fh in self._handles:
+            st = os.fstat(self._handles[fh].fd)
+        else:
+            with self.inodes.path(inode) as fd:
+                st = os.fstat(fd)
+        return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
+
+    def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
+        self._rofs()
+        inode = self.inodes.get(ino)
+        handle = self._handles.get(changes.fh) if changes.fh is not None else None
+        with self.inodes.path(inode) as pfd:
+            proc = self._proc(pfd)
+            if changes.mode is not None:
+                if handle is not None:
+                    os.fchmod(handle.fd, changes.mode)
+                elif inode.is_symlink():
+                    raise _err(errno.EOPNOTSUPP)
+                else:
+                    os.chmod(proc, changes.mode)
+            if changes.uid is not None or changes.gid is not None:
+                uid = _NO_ID if changes.uid is None else changes.uid
+                gid = _NO_ID if changes.gid is None else changes.gid
+                linux.fchownat(pfd, b"", uid, gid, linux.AT_EMPTY_PATH | linux.AT_SYMLINK_NOFOLLOW)
+            if changes.size is not None:
+                if handle is not None:
+                    os.ftruncate(handle.fd, changes.size)
+                elif inode.mode != stat.S_IFREG:
+                    raise _err(errno.EINVAL if inode.is_dir() is False else errno.EISDIR)
+                else:
+                    os.truncate(proc, changes.size)
+            if changes.atime is not None or changes.mtime is not None:
+                linux.utimensat(
+                    linux.AT_FDCWD,
+                    proc.encode(),
+                    None if changes.atime == SetAttr.NOW else changes.atime,
+                    None if changes.mtime == SetAttr.NOW else changes.mtime,
+                    atime_now=changes.atime == SetAttr.NOW,
+                    mtime_now=changes.mtime == SetAttr.NOW,
+                )
+            if changes.kill_suidgid and changes.mode is None:
+                self._kill_suidgid(pfd, True)
+            st = os.fstat(pfd) if handle is None else os.fstat(handle.fd)
+        return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
+
+    def readlink(self, ctx: Context, ino: int) -> bytes:
+        inode = self.inodes.get(ino)
+        if not inode.is_symlink():
+            raise _err(errno.EINVAL)
+        with self.inodes.path(inode) as fd:
+            # readlinkat() with an empty name reads the symlink an O_PATH fd refers to.
+            return os.readlink(b"", dir_fd=fd)
+
+    def _create_entry(self, ctx: Context, parent: int, name: bytes, umask: int, make) -> Entry:  # type: ignore[no-untyped-def]
+        self._rofs()
+        _check_name(name)
+        pinode = self.inodes.get(parent)
+        with self.inodes.path(pinode) as pfd:
+            with Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None):
+                make(pfd)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        return self._entry(pinode, fd)
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        return self._create_entry(
+            ctx, parent, name, 0, lambda pfd: os.symlink(target, name, dir_fd=pfd)
+        )
+
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+    ) -> Entry:
+        return self._create_entry(
+            ctx, parent, name, umask, lambda pfd: os.mknod(name, mode, rdev, dir_fd=pfd)
+        )
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        return self._create_entry(
+            ctx, parent, name, umask, lambda pfd: os.mkdir(name, mode, dir_fd=pfd)
+        )
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._rofs()
+        _check_name(name)
+        with self.inodes.path(self.inodes.get(parent)) as pfd:
+            os.unlink(name, dir_fd=pfd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._rofs()
+        _check_name(name)
+        with self.inodes.path(self.inodes.get(parent)) as pfd:
+            os.rmdir(name, dir_fd=pfd)
+
+    def rename(
+        self, ctx: Context, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        self._rofs()
+        _check_name(name)
+        _check_name(new_name)
+        src = self.inodes.get(parent)
+        dst = self.inodes.get(new_parent)
+        with self.inodes.path(src) as sfd, self.inodes.path(dst) as dfd:
+            if flags:
+                linux.renameat2(sfd, name, dfd, new_name, flags)
+            else:
+                os.rename(name, new_name, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+    def link(self, ctx: Context, ino: int, new_parent: int, new_name: bytes) -> Entry:
+        self._rofs()
+        _check_name(new_name)
+        inode = self.inodes.get(ino)
+        pinode = self.inodes.get(new_parent)
+        with self.inodes.path(inode) as fd, self.inodes.path(pinode) as pfd:
+            os.link(self._proc(fd), new_name, dst_dir_fd=pfd, follow_symlinks=True)
+        return self._lookup(pinode, new_name)
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+        if self._conn.want & abi.InitFlag.WRITEBACK_CACHE:
+            # The guest's page cache may read back pages of a write-only file, and it does
+            # O_APPEND itself, at the offsets it sends.
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        if not self.cfg.allow_direct_io:
+            flags &= ~os.O_DIRECT
+        return flags | os.O_CLOEXEC
+
+    def _file_open_flags(self, guest_flags: int) -> int:
+        flags = FILE_OPEN_FLAGS[self.cfg.cache]
+        if guest_flags & os.O_DIRECT and self.cfg.allow_direct_io:
+            flags |= abi.FOPEN_DIRECT_IO
+        return flags
+
+    def _opened(self, fd: int, inode: Inode, guest_flags: int) -> Opened:
+        flags = self._file_open_flags(guest_flags)
+        backing_id = 0
+        if self._passthrough and self._conn.backing_open is not None:
+            try:
+                backing_id = self._conn.backing_open(fd)
+                flags = (flags & ~abi.FOPEN_DIRECT_IO) | abi.FOPEN_PASSTHROUGH
+            except OSError as e:
+                log.debug("no passthrough for inode %d: %s", inode.nodeid, e)
+        return Opened(self._new_handle(fd, inode, guest_flags, backing_id), flags, backing_id)
+
+    def open(self, ctx: Context, ino: int, flags: int, kill_suidgid: bool) -> Opened:
+        inode = self.inodes.get(ino)
+        if self.cfg.readonly and (flags & _WRITE_ACCESS or flags & os.O_TRUNC):
+            raise _err(errno.EROFS)
+        if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
+            raise _err(errno.ELOOP if inode.is_symlink() else errno.ENXIO)
+        fd = self.inodes.open(inode, self._open_flags(flags))
+        if kill_suidgid and flags & os.O_TRUNC:
+            self._kill_suidgid(fd, False)
+        return self._opened(fd, inode, flags)
+
+    def create(
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        umask: int,
+        kill_suidgid: bool,
+    ) -> tuple[Entry, Opened]:
+        self._rofs()
+        _check_name(name)
+        pinode = self.inodes.get(parent)
+        oflags = self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW
+        creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
+        with self.inodes.path(pinode) as pfd, creds:
+            fd = os.open(name, oflags, mode, dir_fd=pfd)
+        try:
+            if kill_suidgid and flags & os.O_TRUNC:
+                self._kill_suidgid(fd, False)
+            entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._opened(fd, self.inodes.get(entry.ino), flags)
+
+    def tmpfile(
+        self, ctx: Context, parent: int, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        self._rofs()
+        pinode = self.inodes.get(parent)
+        oflags = (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE
+        if oflags & os.O_ACCMODE == os.O_RDONLY:
+            oflags |= os.O_RDWR
+        creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
+        with self.inodes.path(pinode) as pfd, creds:
+            fd = os.open(self._proc(pfd), oflags, mode)
+        try:
+            entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._opened(fd, self.inodes.get(entry.ino), flags)
+
+    def read(
+        self, ctx: Context, ino: int, fh: int, offset: int, size: int, out: ReplyWriter
+    ) -> None:
+        out.read_from_fd(self._handle(fh).fd, offset, size)
+
+    def write(
+        self, ctx: Context, ino: int, fh: int, offset: int, data: WriteData, flags: int
+    ) -> int:
+        self._rofs()
+        h = self._handle(fh)
+        written = data.to_fd(h.fd, offset)
+        if flags & abi.WRITE_KILL_SUIDGID:
+            self._kill_suidgid(h.fd, False)
+        return written
+
+    def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
+        h = self._handle(fh)
+        locks.release_owner(h.inode, lock_owner)
+        # Closing a duplicate is what close() in the guest means to the host: it flushes
+        # what network file systems buffer, and ends POSIX locks held through this file.
+        os.close(os.dup(h.fd))
+
+    def release(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        flags: int,
+        lock_owner: int,
+        flush: bool,
+        flock_release: bool,
+    ) -> None:
+        with self._fh_lock:
+            h = self._handles.pop(fh, None)
+        if h is None:
+            raise _err(errno.EBADF)
+        if flush:
+            locks.release_owner(h.inode, lock_owner)
+        self._close_handle(h)
+
+    def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def fallocate(
+        self, ctx: Context, ino: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        self._rofs()
+        linux.fallocate(self._handle(fh).fd, mode, offset, length)
+
+    def lseek(self, ctx: Context, ino: int, fh: int, offset: int, whence: int) -> int:
+        h = self._handle(fh)
+        with h.lock:
+            return os.lseek(h.fd, offset, whence)
+
+    def copy_file_range(
+        self,
+        ctx: Context,
+        ino_in: int,
+        fh_in: int,
+        off_in: int,
+        ino_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        self._rofs()
+        src = self._handle(fh_in)
+        dst = self._handle(fh_out)
+        return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+
+    # --- directories -----------------------------------------------------------------------
+
+    def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
+        inode = self.inodes.get(ino)
+        if not inode.is_dir():
+            raise _err(errno.ENOTDIR)
+        fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
+        return Opened(self._new_handle(fd, inode, flags), DIR_OPEN_FLAGS[self.cfg.cache])
+
+    def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
+        h = self._handle(fh)
+        buf = ctypes.create_string_buffer(_GETDENTS_BUFSIZE)
+        plus = out.plus
+        with h.lock:
+            os.lseek(h.fd, offset, os.SEEK_SET)
+            while True:
+                n = linux.getdents64(h.fd, buf)
+                if n == 0:
+                    return
+                raw = buf.raw[:n]
+                pos = 0
+                while pos < n:
+                    d_ino, d_off, reclen, dtype = _DIRENT_HEAD.unpack_from(raw, pos)
+                    name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
+                    pos += reclen
+                    if not plus:
+                        if not out.add(d_ino, d_off, dtype, name):
+                            return
+                        continue
+                    if name in (b".", b".."):
+                        if not out.add_plus(None, d_off, dtype, name):
+                            return
+                        continue
+                    if not out.fits(name):
+                        return
+                    try:
+                        entry = self._lookup(h.inode, name)
+                    except OSError as e:
+                        # Gone since getdents saw it: leave it out, like a later readdir would.
+                        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                            continue
+                        raise
+                    out.add_plus(entry, d_off, dtype, name)
+
+    def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
+        with self._fh_lock:
+            h = self._handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+
+    def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    # --- file system -----------------------------------------------------------------------
+
+    def statfs(self, ctx: Context, ino: int) -> StatVfs:
+        with self.inodes.path(self.inodes.get(ino)) as fd:
+            return StatVfs.from_os(os.statvfs(self._proc(fd)))
+
+    def syncfs(self, ctx: Context, ino: int) -> None:
+        inode = self.inodes.get(ino)
+        fd = self.inodes.open(inode, os.O_RDONLY | (os.O_DIRECTORY if inode.is_dir() else 0))
+        try:
+            linux.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def access(self, ctx: Context, ino: int, mask: int) -> None:
+        inode = self.inodes.get(ino)
+        with self.inodes.path(inode) as fd, Credentials(ctx, self._switch):
+            if not os.access(self._proc(fd), mask, effective_ids=True):
+                raise _err(errno.EACCES)
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    def _xattr_allowed(self, name: bytes | None) -> None:
+        if not self.cfg.xattr:
+            raise _err(errno.ENOSYS)
+        if name is not None and name in _ACL_XATTRS and not self.cfg.posix_acl:
+            raise _err(errno.EOPNOTSUPP)
+
+    def setxattr(
+        self, ctx: Context, ino: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+    ) -> None:
+        self._xattr_allowed(name)
+        self._rofs()
+        inode = self.inodes.get(ino)
+        with self.inodes.path(inode) as fd:
+            os.setxattr(self._proc(fd), name, value, flags)
+            if setxattr_flags & abi.SETXATTR_ACL_KILL_SGID and inode.mode != stat.S_IFLNK:
+                mode = os.stat(self._proc(fd)).st_mode
+                if mode & stat.S_ISGID:
+                    os.chmod(self._proc(fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
+
+    def getxattr(self, ctx: Context, ino: int, name: bytes) -> bytes:
+        self._xattr_allowed(name)
+        with self.inodes.path(self.inodes.get(ino)) as fd:
+            return os.getxattr(self._proc(fd), name)
+
+    def listxattr(self, ctx: Context, ino: int) -> list[bytes]:
+        self._xattr_allowed(None)
+        with self.inodes.path(self.inodes.get(ino)) as fd:
+            names = [os.fsencode(n) for n in os.listxattr(self._proc(fd))]
+        if not self.cfg.posix_acl:
+            names = [n for n in names if n not in _ACL_XATTRS]
+        return names
+
+    def removexattr(self, ctx: Context, ino: int, name: bytes) -> None:
+        self._xattr_allowed(name)
+        self._rofs()
+        with self.inodes.path(self.inodes.get(ino)) as fd:
+            os.removexattr(self._proc(fd), name)
+
+    # --- locks -----------------------------------------------------------------------------
+
+    def getlk(self, ctx: Context, ino: int, fh: int, owner: int, lock: Lock) -> Lock:
+        inode = self.inodes.get(ino)
+        return locks.getlk(inode, owner, lock, self._opener(inode))
+
+    def setlk(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        owner: int,
+        lock: Lock,
+        sleep: bool,
+        flock: bool,
+    ) -> None:
+        inode = self.inodes.get(ino)
+        if flock:
+            locks.flock(ctx, self._handle(fh).fd, lock, sleep, self._is_stopping)
+        else:
+            locks.setlk(ctx, inode, owner, lock, sleep, self._opener(inode), self._is_stopping)
+
+    def _is_stopping(self) -> bool:
+        return self._stopping

@@ -1,0 +1,202 @@
+"""Serve a FUSE server on the host through /dev/fuse: mount, worker threads, unmount.
+
+The mount is made with mount(2) directly, so libfuse is not needed (root only). Each worker
+thread reads one request at a time into its own buffer and writes the reply from its own buffer;
+the kernel hands requests to whichever thread is reading.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .. import linux
+from ..fuse import abi
+from ..fuse.server import DEFERRED, Server
+
+log = logging.getLogger(__name__)
+
+#: Errors of write() on /dev/fuse that only mean the request is no longer wanted.
+_STALE_REPLY = (errno.ENOENT, errno.EINTR)
+
+
+def _mount_device(mountpoint: str) -> int | None:
+    """The device number of the newest mount on ``mountpoint`` (without stat(), which would
+    wait for our own not yet running workers)."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == mountpoint:
+                major, minor = fields[2].split(":")
+                dev = os.makedev(int(major), int(minor))
+    return dev
+
+
+class FuseMount:
+    """A /dev/fuse mount of ``server`` on ``mountpoint``.
+
+    ``start()`` mounts and starts the workers; ``wait()`` returns once the file system is
+    unmounted (by ``stop()``, by ``umount``, or by the kernel aborting the connection).
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        mountpoint: str,
+        *,
+        threads: int = 4,
+        fsname: str = "pyvirtiofsd",
+        subtype: str = "pyvirtiofsd",
+        readonly: bool = False,
+    ) -> None:
+        self.server = server
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.threads = max(1, threads)
+        self.fsname = fsname
+        self.subtype = subtype
+        self.readonly = readonly
+        self.fd = -1
+        self._workers: list[threading.Thread] = []
+        self._mounted = False
+        self._conn_dev: int | None = None
+        self._lock = threading.Lock()
+        self.bufsize = server.max_write + abi.PAGE_SIZE
+        server.deferrer = self._defer
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        st = os.stat(self.mountpoint)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "mount point is not a directory", self.mountpoint)
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = (
+            f"fd={self.fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,"
+            "default_permissions,allow_other"
+        )
+        flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if self.readonly else 0)
+        try:
+            linux.mount(self.fsname, self.mountpoint, f"fuse.{self.subtype}", flags, options)
+        except OSError:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+        self._mounted = True
+        self._conn_dev = _mount_device(self.mountpoint)
+        self._install_passthrough()
+        for i in range(self.threads):
+            t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        log.info("mounted on %s with %d worker threads", self.mountpoint, self.threads)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the workers to end; True once they all have."""
+        for t in self._workers:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self._workers)
+
+    def stop(self) -> None:
+        """Unmount (lazily if busy); the workers then see the connection end."""
+        with self._lock:
+            if not self._mounted:
+                return
+            self._mounted = False
+        try:
+            linux.umount2(self.mountpoint, 0)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                linux.umount2(self.mountpoint, linux.MNT_DETACH)
+                self._abort()
+            elif e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+
+    def _abort(self) -> None:
+        # A lazy unmount leaves the connection alive while files are open: abort it through
+        # the fusectl file system, when mounted, so that the workers return.
+        if self._conn_dev is None:
+            return
+        conns = "/sys/fs/fuse/connections"
+        path = f"{conns}/{os.minor(self._conn_dev)}/abort"
+        try:
+            if not os.path.exists(path):
+                linux.mount("fusectl", conns, "fusectl", 0, "")
+            with open(path, "w") as f:
+                f.write("1")
+        except OSError as e:
+            log.debug("aborting the FUSE connection: %s", e)
+
+    def close(self) -> None:
+        self.stop()
+        self.wait(5)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FuseMount:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- FUSE_PASSTHROUGH ------------------------------------------------------------------
+
+    def _install_passthrough(self) -> None:
+        self.server._backing_open = self.backing_open
+        self.server._backing_close = self.backing_close
+
+    def backing_open(self, fd: int) -> int:
+        buf = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
+        return linux.ioctl_buffer(self.fd, abi.DEV_IOC_BACKING_OPEN, buf)
+
+    def backing_close(self, backing_id: int) -> None:
+        linux.ioctl_int(self.fd, abi.DEV_IOC_BACKING_CLOSE, backing_id)
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        fd = self.fd
+        inbuf = bytearray(self.bufsize)
+        outbuf = bytearray(self.bufsize)
+        inview = memoryview(inbuf)
+        outview = memoryview(outbuf)
+        handle = self.server.handle
+        while True:
+            try:
+                n = os.readv(fd, [inbuf])
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    break
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue
+                log.error("reading /dev/fuse: %s", e)
+                break
+            if n == 0:
+                break
+            reply = handle([inview[:n]], [outview])
+            if reply > 0:
+                self._send(outview[:reply])
+            elif reply == DEFERRED:
+                # The reply will come from the deferred job; this buffer is free again.
+                pass
+        log.debug("worker %s ends", threading.current_thread().name)
+
+    def _send(self, reply: Any) -> None:
+        try:
+            os.write(self.fd, reply)
+        except OSError as e:
+            if e.errno not in _STALE_REPLY and e.errno != errno.ENODEV:
+                log.warning("writing a reply to /dev/fuse: %s", e)
+
+    def _defer(self, job: Callable[[], bytes], token: Any) -> None:
+        def run() -> None:
+            self._send(job())
+
+        threading.Thread(target=run, name="fuse-wait", daemon=True).start()
