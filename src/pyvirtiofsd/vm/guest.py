@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pyvirtiofsd.vm import assets
 
@@ -172,17 +172,30 @@ def _pdeathsig_prefix() -> list[str]:
     return [setpriv, "--pdeathsig", "SIGKILL", "--"] if setpriv else []
 
 
-def _spawn(argv: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[bytes]:
-    # A session of its own: Ctrl-C in a terminal reaches only the harness, which then stops the
-    # child in order instead of racing it.
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+def spawn_child(
+    argv: Sequence[str], env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    """Start a helper process (QEMU, a daemon) that cannot outlive this process.
+
+    It gets a session of its own, so Ctrl-C in a terminal reaches only the harness, which then
+    stops the child in order; and it is SIGKILLed if this process dies without cleaning up.
+    """
+    return subprocess.Popen(
         [*_pdeathsig_prefix(), *argv], env=env, start_new_session=True, **kwargs
     )
 
 
-def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+def kill_child(proc: subprocess.Popen[bytes] | None, grace: float = 0.0) -> None:
+    """Stop a child from spawn_child: SIGTERM and up to `grace` seconds first, then SIGKILL."""
     if proc is None or proc.poll() is not None:
         return
+    if grace > 0:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -348,7 +361,7 @@ def run_guest(
             console = _Console(nonce, on_output)
             start = time.monotonic()
             with (work / "qemu.stderr").open("w+b") as stderr:
-                qemu_proc = _spawn(
+                qemu_proc = spawn_child(
                     argv,
                     command.environ(),
                     stdin=subprocess.DEVNULL,
@@ -359,8 +372,8 @@ def run_guest(
                 stderr.seek(0)
                 qemu_stderr = stderr.read().decode(errors="replace")
         finally:
-            _kill(qemu_proc)
-            _kill(rootfs_daemon)
+            kill_child(qemu_proc)
+            kill_child(rootfs_daemon)
 
     status = console.status()
     if console.setup_failed() or status is None or console.begin_time is None:
@@ -431,28 +444,22 @@ def _start_rootfs_daemon(rootfs: str, work: Path) -> tuple[subprocess.Popen[byte
         raise assets.AssetsMissing(f"rootfs {root} has no /bin/sh: {assets.INSTALL_HINT}")
     sock = str(work / "rootfs.sock")
     command = assets.rust_virtiofsd_command()
-    argv = [
-        *command.argv,
-        "--shared-dir",
-        str(root),
-        "--socket-path",
-        sock,
-        # As root here the namespace sandbox buys nothing for a throwaway guest; the tree is
-        # static, so the guest may cache everything.
-        "--sandbox",
-        "none",
-        "--readonly",
-        "--cache",
-        "always",
-        "--log-level",
-        "error",
-    ]
-    log = (work / "rootfs-virtiofsd.log").open("wb")
-    daemon = _spawn(argv, command.environ(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    log.close()
+    # As root here the namespace sandbox buys nothing for a throwaway guest; the tree is static,
+    # so the guest may cache everything.
+    options = ["--sandbox", "none", "--readonly", "--cache", "always", "--log-level", "error"]
+    argv = [*command.argv, "--shared-dir", str(root), "--socket-path", sock, *options]
+    log_path = work / "rootfs-virtiofsd.log"
+    with log_path.open("wb") as log:
+        daemon = spawn_child(
+            argv, command.environ(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
     try:
         wait_for_socket(sock, daemon)
+    except GuestError as exc:
+        kill_child(daemon)
+        log_text = log_path.read_text(errors="replace")
+        raise GuestError(f"rootfs daemon failed: {exc}\n{log_text}") from exc
     except BaseException:
-        _kill(daemon)
+        kill_child(daemon)
         raise
     return daemon, FsDevice(socket=sock, tag=ROOTFS_TAG)
