@@ -1,0 +1,282 @@
+"""The device side of a split virtqueue (virtio 1.x, section 2.7).
+
+Layout in guest memory, ``N`` = queue size (a power of two, at most 32768):
+
+* descriptor table: ``N`` x 16 bytes (see :mod:`pyvirtiofsd.virtio.chain`);
+* available ring (driver -> device): ``u16 flags | u16 idx | u16 ring[N] | u16 used_event``;
+* used ring (device -> driver): ``u16 flags | u16 idx | {u32 id, u32 len}[N] | u16
+  avail_event``.
+
+:class:`SplitQueue` pops chains from the available ring and pushes used entries. It does
+no I/O and knows nothing of vhost-user or FUSE; the caller waits for kicks and signals
+interrupts when :meth:`SplitQueue.needs_notification` says so.
+
+Shared fields are read and written as single 16/32-bit loads and stores through
+``memoryview.cast`` (never ``struct.pack_into``, which can store byte-wise and let the
+other side see a torn index). The used ring entry is written before ``used->idx``; x86
+keeps stores in order, so no barrier is needed there. Where a store must be visible
+before a following load (publishing ``avail_event`` then re-reading ``avail->idx``, or
+``used->idx`` then ``used_event``), :func:`full_fence` provides one. The code assumes a
+little-endian host, like the rest of the daemon.
+
+A queue is not thread-safe: pop from one thread; serialise :meth:`push_used` and
+:meth:`needs_notification` (the device runner holds a per-queue lock).
+
+Packed virtqueues (VIRTIO_F_RING_PACKED, section 2.8) are a later step: they would get
+their own class with the same pop/push_used/needs_notification surface, and the
+vhost-user layer would choose between the two at ring start.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pyvirtiofsd.virtio.chain import DESC_SIZE, Chain, read_chain
+from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError
+
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "VIRTIO_F_ACCESS_PLATFORM",
+    "VIRTIO_F_RING_EVENT_IDX",
+    "VIRTIO_F_RING_INDIRECT_DESC",
+    "VIRTIO_F_RING_PACKED",
+    "VIRTIO_F_VERSION_1",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_USED_F_NO_NOTIFY",
+    "QueueBroken",
+    "SplitQueue",
+    "full_fence",
+]
+
+# Virtio feature bits that concern the transport and rings (virtio 1.x, section 6).
+VIRTIO_F_RING_INDIRECT_DESC = 28
+VIRTIO_F_RING_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+
+VRING_USED_F_NO_NOTIFY = 1
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+MAX_QUEUE_SIZE = 32768
+
+if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+    raise ImportError("pyvirtiofsd's virtqueue code needs a little-endian host")
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier: taking a lock is an atomic read-modify-write on x86."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class QueueBroken(Exception):
+    """The driver broke the ring itself; the queue can't go on until it is reset."""
+
+
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, available ring and used ring (with event fields)."""
+    return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+
+
+class SplitQueue:
+    """Device side of one split virtqueue over views of guest memory."""
+
+    __slots__ = (
+        "_avail",
+        "_avail_event_i",
+        "_avail_mv",
+        "_desc",
+        "_mask",
+        "_signalled_used",
+        "_used",
+        "_used32",
+        "_used_event_i",
+        "_used_mv",
+        "event_idx",
+        "indirect",
+        "memory",
+        "next_avail",
+        "next_used",
+        "size",
+    )
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        next_avail: int = 0,
+    ) -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise ValueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        desc_len, avail_len, used_len = ring_sizes(size)
+        if len(desc) != desc_len or len(avail) != avail_len or len(used) != used_len:
+            raise ValueError("ring views do not match the queue size")
+        self.memory = memory
+        self.size = size
+        self._mask = size - 1
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._desc = desc
+        self._avail_mv = avail
+        self._used_mv = used
+        self._avail = avail.cast("H")
+        self._used = used.cast("H")
+        self._used32 = used[: 4 + 8 * size].cast("I")
+        self._used_event_i = 2 + size
+        self._avail_event_i = 2 + 4 * size
+        self.next_avail = next_avail & 0xFFFF
+        # The used index lives in guest memory; after a restart it is what the driver has
+        # seen, so it is the place to continue from.
+        self.next_used = self._used[1]
+        self._signalled_used = self.next_used
+
+    @classmethod
+    def from_guest(
+        cls,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        **kwargs: Any,
+    ) -> SplitQueue:
+        """A queue whose rings are given as guest-physical addresses."""
+        return cls._locate(
+            memory, memory.translate, size, desc_addr, avail_addr, used_addr, **kwargs
+        )
+
+    @classmethod
+    def from_user(
+        cls,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        **kwargs: Any,
+    ) -> SplitQueue:
+        """A queue whose rings are given as front-end addresses (vhost-user's convention)."""
+        return cls._locate(
+            memory, memory.translate_user, size, desc_addr, avail_addr, used_addr, **kwargs
+        )
+
+    @classmethod
+    def _locate(
+        cls,
+        memory: GuestMemory,
+        translate: Callable[[int, int], memoryview],
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        **kwargs: Any,
+    ) -> SplitQueue:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise ValueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise ValueError(
+                f"misaligned ring: desc {desc_addr:#x}, avail {avail_addr:#x}, used {used_addr:#x}"
+            )
+        desc_len, avail_len, used_len = ring_sizes(size)
+        try:
+            desc = translate(desc_addr, desc_len)
+            avail = translate(avail_addr, avail_len)
+            used = translate(used_addr, used_len)
+        except GuestMemoryError as e:
+            raise ValueError(f"ring outside shared memory: {e}") from None
+        return cls(memory, size, desc, avail, used, **kwargs)
+
+    # -- driver -> device ------------------------------------------------------------------
+
+    def available(self) -> int:
+        """How many chains the driver has made available and we haven't popped."""
+        return (self._avail[1] - self.next_avail) & 0xFFFF
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None.
+
+        Raises :class:`~pyvirtiofsd.virtio.chain.InvalidChain` for a chain that must be
+        returned with used length 0, and :class:`QueueBroken` when the ring itself is
+        corrupt (then nothing can be returned safely).
+        """
+        avail = self._avail
+        next_avail = self.next_avail
+        pending = (avail[1] - next_avail) & 0xFFFF
+        if not pending:
+            return None
+        if pending > self.size:
+            raise QueueBroken(
+                f"available index moved {pending} entries ahead in a queue of {self.size}"
+            )
+        head = avail[2 + (next_avail & self._mask)]
+        self.next_avail = (next_avail + 1) & 0xFFFF
+        if head >= self.size:
+            raise QueueBroken(f"available ring names head {head} in a queue of {self.size}")
+        return read_chain(self.memory, self._desc, self.size, head, indirect=self.indirect)
+
+    # -- device -> driver ------------------------------------------------------------------
+
+    def push_used(self, head: int, length: int) -> None:
+        """Return chain ``head`` with ``length`` bytes written."""
+        idx = self.next_used
+        slot = 1 + 2 * (idx & self._mask)
+        used32 = self._used32
+        used32[slot] = head
+        used32[slot + 1] = length
+        idx = (idx + 1) & 0xFFFF
+        self.next_used = idx
+        self._used[1] = idx
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call."""
+        new = self.next_used
+        old = self._signalled_used
+        self._signalled_used = new
+        if new == old:
+            return False
+        if not self.event_idx:
+            return not self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT
+        full_fence()
+        used_event = self._avail[self._used_event_i]
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick while we are draining the ring anyway."""
+        if not self.event_idx:
+            self._used[0] = VRING_USED_F_NO_NOTIFY
+
+    def enable_notification(self) -> bool:
+        """Ask for a kick on the next available chain; True if one is already there.
+
+        Call it when the ring looks empty; if it returns True, keep popping, since the
+        driver may have added a chain before it could see the request.
+        """
+        if self.event_idx:
+            self._used[self._avail_event_i] = self.next_avail
+        else:
+            self._used[0] = 0
+        full_fence()
+        return self._avail[1] != self.next_avail
+
+    def release(self) -> None:
+        """Release the ring views so the memory under them can be unmapped."""
+        for v in (self._used32, self._used, self._avail, self._desc, self._avail_mv, self._used_mv):
+            v.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitQueue(size={self.size}, next_avail={self.next_avail}, "
+            f"next_used={self.next_used}, event_idx={self.event_idx})"
+        )
