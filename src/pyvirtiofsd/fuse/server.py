@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -210,7 +211,7 @@ class Server:
         except OSError as e:
             inflight.pop(unique, None)
             return self._error(out, e.errno or errno.EIO, unique)
-        except (MalformedRequest, ShortBuffer, ValueError, OverflowError) as e:
+        except (MalformedRequest, ShortBuffer, struct.error, ValueError, OverflowError) as e:
             inflight.pop(unique, None)
             log.warning("malformed request %d (opcode %d): %s", unique, opcode, e)
             return self._error(out, errno.EINVAL, unique)

@@ -74,7 +74,9 @@ class FuseMount:
     def start(self) -> None:
         st = os.stat(self.mountpoint)
         if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "mount point is not a directory", self.mountpoint)
+            raise NotADirectoryError(
+                errno.ENOTDIR, "mount point is not a directory", self.mountpoint
+            )
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         options = (
             f"fd={self.fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,"

@@ -105,8 +105,8 @@ class InodeStore:
         fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         handle, mount_id = self._handle_of(fd)
-        if handle is not None:
-            self._mount_fds[mount_id] = os.dup(fd)
+        if handle is not None and not self._remember_mount(fd, st, mount_id):
+            handle = None
         root = Inode(1, self._key(st, handle, mount_id), fd, handle, mount_id, st)
         root.refcount = _PINNED
         self._by_id[1] = root
@@ -126,6 +126,22 @@ class InodeStore:
             log.debug("no file handle (%s); keeping an fd", e)
             return None, 0
 
+    def _remember_mount(self, fd: int, st: os.stat_result, mount_id: int) -> bool:
+        """Keep an fd on a newly seen mount, which open_by_handle_at needs (a real fd: it
+        refuses O_PATH ones). False when this inode can't give one."""
+        if mount_id in self._mount_fds:
+            return True
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            return False
+        try:
+            self._mount_fds[mount_id] = os.open(
+                f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError as e:
+            log.debug("no fd on mount %d: %s", mount_id, e)
+            return False
+        return True
+
     @staticmethod
     def _key(st: os.stat_result, handle: bytes | None, mount_id: int) -> object:
         # A handle carries the inode generation, so a recycled inode number gets a new key.
@@ -144,15 +160,15 @@ class InodeStore:
     def add(self, fd: int, st: os.stat_result) -> Inode:
         """Take one reference on the inode behind ``fd`` (an O_PATH fd this call consumes)."""
         handle, mount_id = self._handle_of(fd)
-        key = self._key(st, handle, mount_id)
         with self._lock:
+            if handle is not None and not self._remember_mount(fd, st, mount_id):
+                handle = None
+            key = self._key(st, handle, mount_id)
             inode = self._by_key.get(key)
             if inode is not None:
                 inode.refcount += 1
             else:
                 keep_fd = handle is None
-                if not keep_fd and mount_id not in self._mount_fds:
-                    self._mount_fds[mount_id] = os.dup(fd)
                 inode = Inode(self._next_id, key, fd if keep_fd else -1, handle, mount_id, st)
                 self._next_id += 1
                 self._by_id[inode.nodeid] = inode

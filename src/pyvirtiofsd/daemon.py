@@ -1,0 +1,183 @@
+"""Run the daemon from parsed options: build the file system, serve it, exit cleanly.
+
+This is where the layers meet: a backend behind the FUSE server, the server behind a
+transport (/dev/fuse or the virtio-fs device over vhost-user).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import resource
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from .cli import Options
+from .fuse import abi
+from .fuse.filesystem import Filesystem
+from .fuse.server import Server
+
+log = logging.getLogger("pyvirtiofsd")
+
+_LEVELS = {
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": logging.DEBUG,
+    "off": logging.CRITICAL + 10,
+}
+
+
+def setup_logging(level: str, use_syslog: bool) -> None:
+    handler: logging.Handler
+    if use_syslog:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+
+
+def raise_fd_limit(wanted: int | None) -> None:
+    """Raise RLIMIT_NOFILE as virtiofsd does: to min(1M, fs.nr_open) unless told otherwise."""
+    if wanted == 0:
+        return
+    if wanted is None:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                nr_open = int(f.read())
+        except OSError:
+            nr_open = 1 << 20
+        wanted = min(1 << 20, nr_open)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open file limit: %s", e)
+
+
+def build_filesystem(opts: Options) -> Filesystem:
+    if opts.opendal is not None:
+        from .backends.opendal import OpendalConfig, OpendalFs
+
+        return OpendalFs(
+            OpendalConfig(
+                scheme=opts.opendal,
+                options=opts.opendal_opts,
+                cache=opts.cache,
+                cache_dir=opts.opendal_cache_dir,
+                cache_size=opts.opendal_cache_size,
+                readonly=opts.readonly,
+            )
+        )
+    from .backends.passthrough import PassthroughConfig, PassthroughFs
+
+    assert opts.shared_dir is not None
+    return PassthroughFs(
+        PassthroughConfig(
+            shared_dir=opts.shared_dir,
+            cache=opts.cache,
+            writeback=opts.writeback,
+            readonly=opts.readonly,
+            xattr=opts.xattr,
+            posix_acl=opts.posix_acl,
+            readdirplus=opts.readdirplus,
+            announce_submounts=opts.announce_submounts,
+            killpriv_v2=opts.killpriv_v2,
+            allow_direct_io=opts.allow_direct_io,
+            allow_mmap=opts.allow_mmap,
+            inode_file_handles=opts.inode_file_handles,
+            fuse_passthrough=opts.fuse_passthrough,
+            dax_file_size=opts.dax_file_size,
+        )
+    )
+
+
+def log_counters(server: Server) -> None:
+    """Requests served per opcode: sent to the log on SIGUSR1 and at exit."""
+    counts = {
+        abi.Opcode(op).name: n
+        for op, n in enumerate(server.counts)
+        if n and op in abi.Opcode._value2member_map_
+    }
+    log.info("requests served: %s", " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+def run(opts: Options) -> int:
+    setup_logging(opts.log_level, opts.syslog)
+    for item in opts.ignored:
+        log.info("ignoring option %s", item)
+    raise_fd_limit(opts.rlimit_nofile)
+    try:
+        fs = build_filesystem(opts)
+    except OSError as e:
+        log.error("cannot serve %s: %s", opts.shared_dir or opts.opendal, e)
+        return 1
+    server = Server(fs)
+    stop = threading.Event()
+    stoppers: list[Callable[[], None]] = []
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+        for fn in stoppers:
+            fn()
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        log_counters(server)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        if opts.mount is not None:
+            return _run_fusedev(opts, server, stop, stoppers)
+        from .transport.virtiofs import run_vhost_user
+
+        return run_vhost_user(opts, server, stop, stoppers)
+    finally:
+        log_counters(server)
+        shutdown = getattr(fs, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _run_fusedev(
+    opts: Options, server: Server, stop: threading.Event, stoppers: list[Callable[[], None]]
+) -> int:
+    from .transport.fusedev import FuseMount
+
+    assert opts.mount is not None
+    mount = FuseMount(
+        server,
+        opts.mount,
+        threads=max(opts.thread_pool_size, 4),
+        readonly=opts.readonly,
+    )
+    try:
+        mount.start()
+    except OSError as e:
+        log.error("cannot mount on %s: %s", opts.mount, e)
+        return 1
+    stoppers.append(mount.stop)
+    # Wake up now and then so that signals are handled promptly; a signal that came while
+    # mounting found no stopper yet, hence the check of the flag.
+    while not mount.wait(0.5):
+        if stop.is_set():
+            mount.stop()
+    mount.close()
+    log.info("unmounted %s", opts.mount)
+    return 0

@@ -1,0 +1,123 @@
+"""Shared fixtures: the daemon run as a real process, mounted through the real kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def can_mount_fuse() -> str | None:
+    """Why /dev/fuse mounts can't run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "mounting FUSE needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@dataclass
+class Share:
+    """A directory served by the daemon and mounted through /dev/fuse."""
+
+    src: Path
+    mnt: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def mounted_share(src: Path, mnt: Path, *args: str, log: Path | None = None) -> Iterator[Share]:
+    src.mkdir(parents=True, exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
+    log = log or mnt.parent / f"{mnt.name}.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyvirtiofsd",
+                "--shared-dir",
+                str(src),
+                "--mount",
+                str(mnt),
+                "--log-level",
+                "debug",
+                *args,
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+    share = Share(src, mnt, proc, log)
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not mount:\n{share.log_text()}")
+            time.sleep(0.05)
+        yield share
+    finally:
+        rc = share.stop()
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        assert rc == 0, f"daemon exited with {rc}:\n{share.log_text()[-3000:]}"
+        assert "Traceback" not in share.log_text(), share.log_text()[-5000:]
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary directory every user can traverse (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="pyvirtiofsd-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def share(open_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Share]:
+    """A mounted share; ``@pytest.mark.daemon_args(...)`` adds daemon options."""
+    reason = can_mount_fuse()
+    if reason:
+        pytest.skip(reason)
+    marker = request.node.get_closest_marker("daemon_args")
+    args = marker.args if marker else ()
+    src = open_tmp / "src"
+    src.mkdir()
+    src.chmod(0o777)
+    with mounted_share(src, open_tmp / "mnt", *args) as s:
+        yield s
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "daemon_args(*args): extra options for the share fixture")

@@ -1,0 +1,254 @@
+"""The FUSE server against an in-memory file system, with well-formed and malformed requests."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pytest
+
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.client import FuseClient, decode_reply, direct, encode_request
+from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock
+from pyvirtiofsd.fuse.server import DEFERRED, Server
+
+from .memfs import MemFs
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server(MemFs())
+
+
+@pytest.fixture
+def client(server: Server) -> FuseClient:
+    c = FuseClient(direct(server))
+    c.init()
+    return c
+
+
+def raw(server: Server, request: bytes, reply_size: int = 4096) -> tuple[int, int, bytes]:
+    out = bytearray(reply_size)
+    n = server.handle([memoryview(request)], [memoryview(out)])
+    return decode_reply(bytes(out[:n])) if n else (None, None, b"")  # type: ignore[return-value]
+
+
+def test_requests_before_init_get_eio(server: Server) -> None:
+    c = FuseClient(direct(server))
+    with pytest.raises(OSError) as e:
+        c.getattr(ROOT)
+    assert e.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("major,minor", [(6, 45), (7, 26), (7, 0)])
+def test_init_rejects_old_protocols(server: Server, major: int, minor: int) -> None:
+    payload = abi.INIT_IN.pack(major, minor, 0, 0, 0, (0,) * 11)
+    err, _, _ = raw(server, encode_request(abi.Opcode.INIT, 0, payload))
+    assert err == errno.EPROTO
+    assert not server.initialized
+
+
+def test_init_negotiates(server: Server) -> None:
+    c = FuseClient(direct(server))
+    offered = abi.InitFlag.ASYNC_READ | abi.InitFlag.WRITEBACK_CACHE | abi.InitFlag.MAX_PAGES
+    offered |= abi.InitFlag.SUBMOUNTS | abi.InitFlag.CREATE_SUPP_GROUP
+    out = c.init(offered)
+    assert (out.major, out.minor) == (7, abi.KERNEL_MINOR_VERSION)
+    flags = out.flags | (out.flags2 << 32)
+    assert flags & abi.InitFlag.ASYNC_READ
+    assert flags & abi.InitFlag.CREATE_SUPP_GROUP
+    assert not flags & abi.InitFlag.WRITEBACK_CACHE  # the file system did not ask for it
+    assert not flags & abi.InitFlag.POSIX_LOCKS  # not offered by the kernel
+    assert out.max_write == 1 << 20 and out.max_pages == 256
+    assert server.proto_minor == abi.KERNEL_MINOR_VERSION
+
+
+def test_init_with_older_minor_keeps_its_minor(server: Server) -> None:
+    FuseClient(direct(server)).init(minor=31)
+    assert server.proto_minor == 31
+
+
+def test_file_round_trip(client: FuseClient) -> None:
+    d = client.mkdir(ROOT, b"dir", 0o755)
+    assert stat.S_ISDIR(d.mode)
+    entry, opened = client.create(d.nodeid, b"f", 0o644)
+    assert client.write(entry.nodeid, opened.fh, 0, b"hello world") == 11
+    assert client.read(entry.nodeid, opened.fh, 6, 100) == b"world"
+    assert client.getattr(entry.nodeid).size == 11
+    assert client.lookup(d.nodeid, b"f").nodeid == entry.nodeid
+    with pytest.raises(FileNotFoundError):
+        client.lookup(d.nodeid, b"nope")
+
+
+def test_readdir_and_readdirplus(client: FuseClient) -> None:
+    for i in range(50):
+        client.mkdir(ROOT, b"entry-%03d" % i)
+    fh = client.opendir(ROOT).fh
+    names: list[bytes] = []
+    offset = 0
+    while True:
+        batch = client.readdir(ROOT, fh, offset, size=256)
+        if not batch:
+            break
+        names += [name for _, _, _, name in batch]
+        offset = batch[-1][1]
+    assert names == [b"entry-%03d" % i for i in range(50)]
+    plus = client.readdirplus(ROOT, fh, 0, size=4096)
+    assert plus and all(e.nodeid == e.d_ino for e, _ in plus)
+    assert len(plus) == 4096 // abi.direntplus_size(9)
+
+
+def test_xattr_size_protocol(client: FuseClient) -> None:
+    assert abi.GETXATTR_OUT.unpack(client.getxattr(ROOT, b"user.big", size=0)).size == 100
+    assert client.getxattr(ROOT, b"user.big", size=100) == b"x" * 100
+    with pytest.raises(OSError) as e:
+        client.getxattr(ROOT, b"user.big", size=99)
+    assert e.value.errno == errno.ERANGE
+    with pytest.raises(OSError) as e:
+        client.getxattr(ROOT, b"user.none")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_defaults_answer_enosys(client: FuseClient) -> None:
+    with pytest.raises(OSError) as e:
+        client.readlink(ROOT)
+    assert e.value.errno == errno.ENOSYS
+
+
+def test_forget_gets_no_reply(server: Server, client: FuseClient) -> None:
+    client.forget(5, 3)
+    client.batch_forget([(6, 1), (7, 2)])
+    assert server.fs.forgotten == [(5, 3), (6, 1), (7, 2)]  # type: ignore[attr-defined]
+
+
+# --- malformed requests: an error reply, a log line, and the server keeps serving --------
+
+
+def _still_serves(client: FuseClient) -> None:
+    assert client.getattr(ROOT).mode & stat.S_IFDIR
+
+
+@pytest.mark.parametrize("opcode", [7, 19, 54, 63, 64, 4096, 0xFFFFFFFF])
+def test_unknown_opcodes(server: Server, client: FuseClient, opcode: int) -> None:
+    err, unique, _ = raw(server, encode_request(opcode, ROOT, b"", unique=77))
+    assert (err, unique) == (errno.ENOSYS, 77)
+    _still_serves(client)
+
+
+def test_short_header(server: Server, client: FuseClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        err, unique, _ = raw(server, b"\x01\x02\x03")
+    assert err == errno.EINVAL and unique == 0
+    assert "shorter than the FUSE header" in caplog.text
+    _still_serves(client)
+
+
+@pytest.mark.parametrize("delta", [1, 1000, 1 << 31])
+def test_length_mismatch(server: Server, client: FuseClient, delta: int) -> None:
+    req = bytearray(encode_request(abi.Opcode.LOOKUP, ROOT, b"name\0", unique=9))
+    abi.IN_HEADER.struct.pack_into(
+        req, 0, (len(req) + delta) & 0xFFFFFFFF, *abi.IN_HEADER.unpack(req)[1:]
+    )
+    err, unique, _ = raw(server, bytes(req))
+    assert (err, unique) == (errno.EINVAL, 9)
+    _still_serves(client)
+
+
+def test_length_below_header(server: Server, client: FuseClient) -> None:
+    req = bytearray(encode_request(abi.Opcode.GETATTR, ROOT, bytes(16), unique=3))
+    abi.IN_HEADER.struct.pack_into(req, 0, 10, *abi.IN_HEADER.unpack(req)[1:])
+    assert raw(server, bytes(req))[0] == errno.EINVAL
+    _still_serves(client)
+
+
+def test_extension_longer_than_request(server: Server, client: FuseClient) -> None:
+    req = bytearray(encode_request(abi.Opcode.MKDIR, ROOT, abi.MKDIR_IN.pack(0o755, 0) + b"d\0"))
+    fields = list(abi.IN_HEADER.unpack(req))
+    fields[7] = 100  # total_extlen in 8-byte units
+    abi.IN_HEADER.struct.pack_into(req, 0, *fields)
+    assert raw(server, bytes(req))[0] == errno.EINVAL
+    _still_serves(client)
+
+
+def test_name_without_nul(server: Server, client: FuseClient) -> None:
+    err, _, _ = raw(server, encode_request(abi.Opcode.LOOKUP, ROOT, b"no-terminator"))
+    assert err == errno.EINVAL
+    _still_serves(client)
+
+
+def test_truncated_arguments(server: Server, client: FuseClient) -> None:
+    err, _, _ = raw(server, encode_request(abi.Opcode.READ, ROOT, b"\0" * 8))
+    assert err == errno.EINVAL
+    _still_serves(client)
+
+
+def test_write_longer_than_its_data(server: Server, client: FuseClient) -> None:
+    entry, opened = client.create(ROOT, b"w")
+    payload = abi.WRITE_IN.pack(opened.fh, 0, 1 << 20, 0, 0, 0, 0) + b"short"
+    assert raw(server, encode_request(abi.Opcode.WRITE, entry.nodeid, payload))[0] == errno.EINVAL
+    _still_serves(client)
+
+
+def test_removemapping_count_overflow(server: Server, client: FuseClient) -> None:
+    payload = abi.REMOVEMAPPING_IN.pack(0xFFFFFFFF) + bytes(16)
+    assert raw(server, encode_request(abi.Opcode.REMOVEMAPPING, ROOT, payload))[0] == errno.EINVAL
+    _still_serves(client)
+
+
+def test_batch_forget_count_is_capped(server: Server, client: FuseClient) -> None:
+    payload = abi.BATCH_FORGET_IN.pack(1 << 30, 0) + abi.FORGET_ONE.pack(9, 1)
+    assert raw(server, encode_request(abi.Opcode.BATCH_FORGET, 0, payload))[0] is None
+    assert server.fs.forgotten == [(9, 1)]  # type: ignore[attr-defined]
+    _still_serves(client)
+
+
+def test_reply_buffer_too_small(server: Server, client: FuseClient) -> None:
+    req = encode_request(abi.Opcode.GETATTR, ROOT, abi.GETATTR_IN.pack(0, 0, 0), unique=5)
+    err, unique, _ = raw(server, req, reply_size=40)
+    assert (err, unique) == (errno.EINVAL, 5)
+    assert raw(server, req, reply_size=8) == (None, None, b"")
+    _still_serves(client)
+
+
+def test_filesystem_bug_gives_eio(client: FuseClient, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(MemFs):
+        def getattr(self, ctx, ino, fh):  # type: ignore[no-untyped-def]
+            raise RuntimeError("oops")
+
+    c = FuseClient(direct(Server(Broken())))
+    c.init()
+    with caplog.at_level(logging.ERROR), pytest.raises(OSError) as e:
+        c.getattr(ROOT)
+    assert e.value.errno == errno.EIO
+    assert "oops" in caplog.text
+
+
+def test_interrupt_of_unknown_request_asks_for_retry(server: Server, client: FuseClient) -> None:
+    req = encode_request(abi.Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(12345))
+    assert raw(server, req)[0] == errno.EAGAIN
+
+
+def test_blocking_lock_is_deferred() -> None:
+    class LockFs(Filesystem):
+        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
+            if not sleep:
+                raise OSError(errno.EAGAIN, "held")
+            assert not ctx.interrupted
+
+    server = Server(LockFs())
+    FuseClient(direct(server)).init()
+    jobs = []
+    server.deferrer = lambda job, token: jobs.append((job, token))
+    payload = abi.LK_IN.pack(1, 2, 0, 10, 1, os.getpid(), 0, 0)
+    out = bytearray(64)
+    n = server.handle(
+        [memoryview(encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=44))],
+        [memoryview(out)],
+        token="chain",
+    )
+    assert n == DEFERRED
+    ((job, token),) = jobs
+    assert token == "chain"
+    assert decode_reply(job()) == (0, 44, b"")
