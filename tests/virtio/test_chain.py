@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import pytest
+
+from pyvirtiofsd.virtio.chain import (
+    DESC,
+    MAX_INDIRECT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    Chain,
+    InvalidChain,
+    read_chain,
+)
+from pyvirtiofsd.virtio.memory import GuestMemory, MappedRegion
+
+MiB = 1 << 20
+NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+TABLE = 0x0
+DATA = 0x10000
+SIZE = 8
+
+
+class Guest:
+    """Two adjacent 1 MiB regions of plain bytes with a descriptor table at 0."""
+
+    def __init__(self) -> None:
+        self.lo = bytearray(MiB)
+        self.hi = bytearray(MiB)
+        self.memory = GuestMemory(
+            [
+                MappedRegion.from_buffer(0, self.lo, name="lo"),
+                MappedRegion.from_buffer(MiB, self.hi, name="hi"),
+            ]
+        )
+        self.table = self.memory.translate(TABLE, 16 * SIZE)
+
+    def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
+        DESC.pack_into(self.lo, TABLE + 16 * i, addr, length, flags, nxt)
+
+    def indirect(self, at: int, entries: list[tuple[int, int, int, int]]) -> None:
+        for i, entry in enumerate(entries):
+            DESC.pack_into(self.lo, at + 16 * i, *entry)
+
+    def read(self, head: int = 0, *, indirect: bool = True, size: int = SIZE) -> Chain:
+        return read_chain(self.memory, self.table, size, head, indirect=indirect)
+
+
+@pytest.fixture
+def g() -> Guest:
+    return Guest()
+
+
+def test_readable_then_writable(g: Guest) -> None:
+    g.lo[DATA : DATA + 5] = b"hello"
+    g.desc(0, DATA, 5, NEXT, 3)
+    g.desc(3, DATA + 5, 0, NEXT, 1)  # zero-length descriptors carry nothing
+    g.desc(1, DATA + 100, 7, NEXT | WRITE, 2)
+    g.desc(2, DATA + 200, 9, WRITE)
+    chain = g.read()
+    assert chain.head == 0
+    assert [bytes(v) for v in chain.readable] == [b"hello"]
+    assert [len(v) for v in chain.writable] == [7, 9]
+    assert chain.writable_len == 16 and chain.readable_len == 5
+    chain.writable[0][:] = b"written"
+    assert g.lo[DATA + 100 : DATA + 107] == b"written"
+    chain.release()
+    assert chain.readable == [] and chain.writable == []
+
+
+def test_buffer_spanning_regions_gives_two_views(g: Guest) -> None:
+    g.desc(0, MiB - 2, 4, WRITE)
+    chain = g.read()
+    assert [len(v) for v in chain.writable] == [2, 2]
+
+
+def test_readable_after_writable_is_refused(g: Guest) -> None:
+    g.desc(0, DATA, 4, NEXT | WRITE, 1)
+    g.desc(1, DATA, 4)
+    with pytest.raises(InvalidChain, match="after a writable") as e:
+        g.read()
+    assert e.value.head == 0
+
+
+def test_loop_is_caught(g: Guest) -> None:
+    g.desc(2, DATA, 4, NEXT, 5)
+    g.desc(5, DATA, 4, NEXT, 2)
+    with pytest.raises(InvalidChain, match="loop") as e:
+        g.read(2)
+    assert e.value.head == 2
+
+
+def test_self_loop_is_caught(g: Guest) -> None:
+    g.desc(0, DATA, 4, NEXT, 0)
+    with pytest.raises(InvalidChain, match="loop"):
+        g.read()
+
+
+def test_chain_as_long_as_the_table_is_fine(g: Guest) -> None:
+    for i in range(SIZE):
+        g.desc(i, DATA + i, 1, NEXT if i + 1 < SIZE else 0, i + 1)
+    assert len(g.read().readable) == SIZE
+
+
+def test_next_outside_table(g: Guest) -> None:
+    g.desc(0, DATA, 4, NEXT, SIZE)
+    with pytest.raises(InvalidChain, match="outside"):
+        g.read()
+
+
+@pytest.mark.parametrize(
+    ("addr", "length"),
+    [(2 * MiB, 4), (2 * MiB - 2, 4), (2**64 - 8, 16), (DATA, 2**32 - 1), (3 * MiB, 0xFFFF_FFFF)],
+)
+def test_buffer_outside_memory(g: Guest, addr: int, length: int) -> None:
+    g.desc(0, DATA, 4, NEXT, 1)
+    g.desc(1, addr, length, WRITE)
+    with pytest.raises(InvalidChain, match=r"not in guest memory|runs off"):
+        g.read()
+
+
+def test_indirect(g: Guest) -> None:
+    table = 0x8000
+    g.lo[DATA : DATA + 3] = b"req"
+    g.indirect(
+        table, [(DATA, 3, NEXT, 1), (DATA + 64, 32, WRITE | NEXT, 2), (MiB + 8, 8, WRITE, 0)]
+    )
+    g.desc(4, table, 48, INDIRECT)
+    chain = g.read(4)
+    assert chain.head == 4
+    assert [bytes(v) for v in chain.readable] == [b"req"]
+    assert [len(v) for v in chain.writable] == [32, 8]
+
+
+def test_indirect_needs_the_feature(g: Guest) -> None:
+    g.indirect(0x8000, [(DATA, 3, 0, 0)])
+    g.desc(0, 0x8000, 16, INDIRECT)
+    with pytest.raises(InvalidChain, match="INDIRECT_DESC"):
+        g.read(indirect=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "length", "match"),
+    [
+        (INDIRECT | NEXT, 16, "chained"),
+        (INDIRECT, 0, "multiple of 16"),
+        (INDIRECT, 24, "multiple of 16"),
+        (INDIRECT, 16 * (MAX_INDIRECT + 1), "entries"),
+    ],
+)
+def test_bad_indirect_descriptors(g: Guest, flags: int, length: int, match: str) -> None:
+    g.indirect(0x8000, [(DATA, 3, 0, 0)])
+    g.desc(0, 0x8000, length, flags, 1)
+    with pytest.raises(InvalidChain, match=match):
+        g.read()
+
+
+@pytest.mark.parametrize("addr", [2 * MiB, 2 * MiB - 16, 2**64 - 16, MiB - 8])
+def test_indirect_table_outside_memory(g: Guest, addr: int) -> None:
+    # MiB - 8: the table spans two regions; a table must be contiguous in one.
+    g.desc(0, addr, 32, INDIRECT)
+    with pytest.raises(InvalidChain, match="indirect table"):
+        g.read()
+
+
+def test_nested_indirect_is_refused(g: Guest) -> None:
+    g.indirect(0x8000, [(0x9000, 16, INDIRECT, 0)])
+    g.desc(0, 0x8000, 16, INDIRECT)
+    with pytest.raises(InvalidChain, match="inside an indirect"):
+        g.read()
+    g.indirect(0x8000, [(DATA, 4, NEXT, 1), (0x9000, 16, INDIRECT, 0)])
+    g.desc(0, 0x8000, 32, INDIRECT)
+    with pytest.raises(InvalidChain, match="not the head"):
+        g.read()
+
+
+def test_indirect_flag_in_the_middle_of_a_direct_chain(g: Guest) -> None:
+    g.desc(0, DATA, 4, NEXT, 1)
+    g.desc(1, 0x8000, 16, INDIRECT)
+    with pytest.raises(InvalidChain, match="not the head"):
+        g.read()
+
+
+def test_loop_inside_indirect_table(g: Guest) -> None:
+    g.indirect(0x8000, [(DATA, 4, NEXT, 1), (DATA, 4, NEXT, 0)])
+    g.desc(0, 0x8000, 32, INDIRECT)
+    with pytest.raises(InvalidChain, match="loop"):
+        g.read()
+
+
+def test_indirect_next_outside_its_table(g: Guest) -> None:
+    g.indirect(0x8000, [(DATA, 4, NEXT, 2), (DATA, 4, 0, 0), (DATA, 4, 0, 0)])
+    g.desc(0, 0x8000, 32, INDIRECT)  # two entries: index 2 is past the end
+    with pytest.raises(InvalidChain, match="outside"):
+        g.read()

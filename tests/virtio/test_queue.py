@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import pytest
+
+from pyvirtiofsd.vhost_user.frontend import DriverQueue, GuestRam
+from pyvirtiofsd.virtio.chain import VRING_DESC_F_NEXT, InvalidChain
+from pyvirtiofsd.virtio.memory import GuestMemory
+from pyvirtiofsd.virtio.queue import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+    QueueBroken,
+    SplitQueue,
+)
+
+from .conftest import MakeDriver
+
+
+def device_queue(
+    memory: GuestMemory, ram: GuestRam, dq: DriverQueue, *, next_avail: int = 0
+) -> SplitQueue:
+    return SplitQueue.from_user(
+        memory,
+        dq.size,
+        ram.user_addr(dq.desc_addr),
+        ram.user_addr(dq.avail_addr),
+        ram.user_addr(dq.used_addr),
+        event_idx=dq.event_idx,
+        indirect=True,
+        next_avail=next_avail,
+    )
+
+
+def serve_all(q: SplitQueue) -> int:
+    """Uppercase every available chain; return how many were served."""
+    n = 0
+    while (chain := q.pop()) is not None:
+        data = b"".join(chain.readable).upper()
+        chain.writable[0][: len(data)] = data
+        q.push_used(chain.head, len(data))
+        n += 1
+    return n
+
+
+def test_pop_push_round_trip(ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver) -> None:
+    dq = make_driver(ram)
+    q = device_queue(memory, ram, dq)
+    assert q.pop() is None
+    heads = [dq.submit([b"abc"], [16]), dq.submit([b"de", b"f"], [8], indirect=True)]
+    assert q.available() == 2
+    assert serve_all(q) == 2
+    assert dq.reap() == 2
+    assert [dq.result(h) for h in heads] == [(3, b"ABC"), (3, b"DEF")]
+
+
+def test_from_guest_addresses(ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver) -> None:
+    dq = make_driver(ram)
+    q = SplitQueue.from_guest(memory, dq.size, dq.desc_addr, dq.avail_addr, dq.used_addr)
+    head = dq.submit([b"x"], [1])
+    assert serve_all(q) == 1
+    dq.reap()
+    assert dq.result(head) == (1, b"X")
+
+
+def test_indices_wrap_around(ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver) -> None:
+    dq = make_driver(ram, 8)
+    dq.restart_at(65533)
+    q = device_queue(memory, ram, dq, next_avail=65533)
+    for round_ in range(5):
+        heads = [dq.submit([bytes([97 + round_])], [1]) for _ in range(3)]
+        assert serve_all(q) == 3
+        dq.reap()
+        assert [dq.result(h)[1] for h in heads] == [bytes([65 + round_])] * 3
+    assert q.next_avail == dq.avail_idx == (65533 + 15) & 0xFFFF
+
+
+def test_notifications_without_event_idx(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram, event_idx=False)
+    q = device_queue(memory, ram, dq)
+    q.disable_notification()
+    assert dq._used[0] == VRING_USED_F_NO_NOTIFY
+    head = dq.submit([b"a"], [1])
+    assert dq.kick() is False  # the device said it is polling
+    assert q.enable_notification() is True  # the chain arrived meanwhile
+    assert dq._used[0] == 0
+    serve_all(q)
+    assert q.needs_notification() is True
+    assert q.needs_notification() is False  # nothing new since
+    dq._avail[0] = VRING_AVAIL_F_NO_INTERRUPT
+    dq.submit([b"b"], [1])
+    serve_all(q)
+    assert q.needs_notification() is False
+    dq.reap()
+    dq.result(head)
+
+
+def test_event_idx(ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver) -> None:
+    dq = make_driver(ram, event_idx=True)
+    q = device_queue(memory, ram, dq)
+    assert q.enable_notification() is False
+    assert dq._used[2 + 4 * dq.size] == 0  # avail_event: kick me at the next chain
+    dq.submit([b"a"], [1])
+    assert dq.kick() is True
+    dq.submit([b"b"], [1])
+    assert dq.kick() is False  # avail_event still 0: the device has not caught up yet
+    assert serve_all(q) == 2
+    # used_event is still 0 (the driver has reaped nothing): it asked for an interrupt
+    # when entry 0 was used, which happened in this batch.
+    assert q.needs_notification() is True
+    dq.reap()  # the driver now asks to hear about used entry 2
+    dq.submit([b"c"], [1])
+    serve_all(q)
+    assert q.needs_notification() is True
+    dq.submit([b"d"], [1])
+    serve_all(q)
+    assert q.needs_notification() is False  # the driver has not reaped entry 2 yet
+    assert q.enable_notification() is False
+    assert dq._used[2 + 4 * dq.size] == 4
+
+
+def test_invalid_chain_is_consumed(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram)
+    q = device_queue(memory, ram, dq)
+    a, b = dq.reserve_descs(2)
+    dq.write_desc(a, 0x1000, 4, VRING_DESC_F_NEXT, b)
+    dq.write_desc(b, 0x1000, 4, VRING_DESC_F_NEXT, a)
+    dq.publish_raw(a, [a, b])
+    good = dq.submit([b"ok"], [2])
+    with pytest.raises(InvalidChain) as e:
+        q.pop()
+    assert e.value.head == a
+    q.push_used(a, 0)
+    assert serve_all(q) == 1
+    dq.reap()
+    assert dq.result(a) == (0, b"")
+    assert dq.result(good) == (2, b"OK")
+
+
+def test_head_out_of_range_breaks_the_queue(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram)
+    q = device_queue(memory, ram, dq)
+    dq.publish(dq.size + 3, track=False)
+    with pytest.raises(QueueBroken, match="head"):
+        q.pop()
+
+
+def test_avail_index_jump_breaks_the_queue(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram)
+    q = device_queue(memory, ram, dq)
+    dq.set_avail_idx(dq.size + 1)
+    with pytest.raises(QueueBroken, match="ahead"):
+        q.pop()
+
+
+@pytest.mark.parametrize("size", [0, 3, 65536])
+def test_bad_sizes(ram: GuestRam, memory: GuestMemory, size: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        SplitQueue.from_guest(memory, size, 0, 0x1000, 0x2000)
+
+
+@pytest.mark.parametrize(
+    ("desc", "avail", "used", "match"),
+    [
+        (8, 0x1000, 0x2000, "misaligned"),
+        (0, 0x1001, 0x2000, "misaligned"),
+        (0, 0x1000, 0x2002, "misaligned"),
+        (8 << 20, 0x1000, 0x2000, "outside"),
+        (0, 0x1000, (8 << 20) - 16, "outside"),
+        (2**64 - 256, 0x1000, 0x2000, "outside"),
+    ],
+)
+def test_rings_outside_memory(
+    memory: GuestMemory, desc: int, avail: int, used: int, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        SplitQueue.from_guest(memory, 16, desc, avail, used)
+
+
+def test_release_lets_memory_be_unmapped(ram: GuestRam, make_driver: MakeDriver) -> None:
+    from .conftest import map_ram
+
+    memory = map_ram(ram)
+    dq = make_driver(ram)
+    q = device_queue(memory, ram, dq)
+    head = dq.submit([b"x"], [1])
+    chain = q.pop()
+    assert chain is not None
+    chain.release()
+    q.push_used(head, 0)
+    q.release()
+    assert all(region.close() for region in memory.regions)
