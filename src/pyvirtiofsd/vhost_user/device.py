@@ -1,0 +1,322 @@
+"""Serve a virtio device over vhost-user: queue workers and the top-level loop.
+
+:class:`DeviceRunner` implements the :class:`~.backend.QueueRunner` interface. Each started
+ring gets one worker thread that sleeps in ``poll()`` on the ring's kick eventfd and on its
+own wake eventfd, then drains the ring:
+
+* pop a chain; an invalid chain is logged and returned with used length 0; a corrupt ring
+  stops the worker (logged, err fd signalled) until the front-end restarts it;
+* call the device's handler for the queue with the chain's buffers, either inline on the
+  worker (``thread_pool_size=0``, the default, like virtiofsd) or on a shared pool;
+* push the used entry and signal the call eventfd when the ring's notification state
+  (EVENT_IDX or the NO_INTERRUPT flag) asks for it.
+
+Stopping a ring (GET_VRING_BASE, memory table changes, reset) wakes the worker, joins it and
+waits for every request of that ring still running on the pool, so that when
+:meth:`DeviceRunner.stop_queue` returns nothing holds a view into guest memory.
+
+:func:`serve` glues the pieces: one connection, one :class:`~.backend.VhostUserBackend`,
+one runner; it returns when the front-end disconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as _queue
+import select
+import socket
+import threading
+from collections.abc import Callable, Sequence
+
+from pyvirtiofsd.vhost_user.backend import VhostUserBackend
+from pyvirtiofsd.vhost_user.backend_channel import BackendChannel
+from pyvirtiofsd.vhost_user.connection import Connection, accept_frontend, listen_unix
+from pyvirtiofsd.vhost_user.vring import Vring
+from pyvirtiofsd.virtio.chain import Chain, InvalidChain
+from pyvirtiofsd.virtio.device import RequestHandler, VirtioDevice
+from pyvirtiofsd.virtio.queue import QueueBroken, SplitQueue
+
+__all__ = ["DeviceRunner", "serve"]
+
+log = logging.getLogger(__name__)
+
+_POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class _Pool:
+    """A fixed set of threads taking ``(function, argument)`` items from one queue.
+
+    Leaner than ``concurrent.futures.ThreadPoolExecutor``: no Future per item and one C
+    queue operation per hand-over, which matters at a few microseconds per request.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._items: _queue.SimpleQueue[tuple[Callable[[Chain], None], Chain] | None] = (
+            _queue.SimpleQueue()
+        )
+        self._threads = [
+            threading.Thread(target=self._run, name=f"vq-pool-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[[Chain], None], chain: Chain) -> None:
+        self._items.put((fn, chain))
+
+    def _run(self) -> None:
+        get = self._items.get
+        while (item := get()) is not None:
+            fn, chain = item
+            del item
+            fn(chain)
+            del chain
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._items.put(None)
+        for t in self._threads:
+            t.join()
+
+
+class _QueueWorker:
+    """The thread serving one started ring."""
+
+    def __init__(
+        self,
+        runner: DeviceRunner,
+        vring: Vring,
+        queue: SplitQueue,
+        handler: RequestHandler,
+        pool: _Pool | None,
+    ) -> None:
+        self.runner = runner
+        self.vring = vring
+        self.queue = queue
+        self.handler = handler
+        self.pool = pool
+        self.served = runner.served
+        self.stopping = False
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.kick_fd = vring.kick_fd
+        self._inflight = 0
+        self._idle = threading.Condition(threading.Lock())
+        self.thread = threading.Thread(target=self._run, name=f"vq{vring.index}", daemon=True)
+
+    # -- control side ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        os.eventfd_write(self.wake_fd, 1)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake()
+        self.thread.join()
+        with self._idle:
+            while self._inflight:
+                self._idle.wait()
+        os.close(self.wake_fd)
+
+    # -- worker thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.wake_fd, select.POLLIN)
+        kick_fd = self.kick_fd
+        if kick_fd is not None:
+            poller.register(kick_fd, select.POLLIN)
+        wake_fd = self.wake_fd
+        try:
+            # A front-end may have queued requests before the ring started and need not
+            # kick again, so look once before sleeping.
+            self._drain()
+            while True:
+                for fd, events in poller.poll():
+                    if events & _POLL_ERR:
+                        log.error(
+                            "vring %d: kick fd %d failed (poll events %#x)",
+                            self.vring.index,
+                            fd,
+                            events,
+                        )
+                        poller.unregister(fd)
+                        continue
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
+                    if fd == wake_fd and self.stopping:
+                        return
+                if self.stopping:
+                    return
+                self._drain()
+        except Exception:
+            log.exception("vring %d: worker died", self.vring.index)
+            self.vring.broken = True
+            self.vring.signal_err()
+
+    def _drain(self) -> None:
+        """Serve everything available, then re-arm notifications."""
+        vring = self.vring
+        queue = self.queue
+        while vring.enabled and not vring.broken and not self.stopping:
+            queue.disable_notification()
+            while True:
+                try:
+                    chain = queue.pop()
+                except InvalidChain as e:
+                    log.warning("vring %d: %s; returned unused", vring.index, e)
+                    self._complete(e.head, 0)
+                    continue
+                except QueueBroken as e:
+                    log.error("vring %d: ring is corrupt, stopping it: %s", vring.index, e)
+                    vring.broken = True
+                    vring.signal_err()
+                    return
+                if chain is None:
+                    break
+                # A lone request is served inline: handing it to a pool thread costs
+                # more than it saves. Requests that arrive together go to the pool.
+                if self.pool is None or (not self._inflight and not queue.available()):
+                    self._serve(chain)
+                else:
+                    with self._idle:
+                        self._inflight += 1
+                    self.pool.submit(self._serve_pooled, chain)
+                if self.stopping or not vring.enabled:
+                    return
+            if not queue.enable_notification():
+                return
+
+    def _serve(self, chain: Chain) -> None:
+        writable = chain.writable
+        try:
+            used = self.handler(chain.readable, writable)
+        except Exception:
+            log.exception("vring %d: handler failed on chain %d", self.vring.index, chain.head)
+            used = 0
+        else:
+            if used and not 0 < used <= sum(len(v) for v in writable):
+                log.error(
+                    "vring %d: handler returned used length %r for %d writable bytes",
+                    self.vring.index,
+                    used,
+                    sum(len(v) for v in writable),
+                )
+                used = 0
+        # Drop the views now, not when the chain object happens to be collected: once
+        # the entry is used the driver may reuse the buffers and the memory may go away.
+        try:
+            chain.release()
+        except BufferError:
+            log.error("vring %d: a handler kept an export of a guest buffer", self.vring.index)
+        self._complete(chain.head, used)
+
+    def _serve_pooled(self, chain: Chain) -> None:
+        try:
+            self._serve(chain)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    def _complete(self, head: int, used: int) -> None:
+        vring = self.vring
+        queue = self.queue
+        with vring.lock:
+            queue.push_used(head, used)
+            self.served[vring.index] += 1
+            if queue.needs_notification():
+                vring.signal_call_locked()
+
+
+class DeviceRunner:
+    """Runs the queues of one device: a worker per started ring, an optional pool.
+
+    ``served[i]`` counts the chains returned on queue ``i`` (invalid ones included).
+    """
+
+    def __init__(self, device: VirtioDevice, *, thread_pool_size: int = 0) -> None:
+        if thread_pool_size < 0:
+            raise ValueError("thread_pool_size must be >= 0")
+        self.device = device
+        self.thread_pool_size = thread_pool_size
+        self.served = [0] * device.num_queues
+        self._pool: _Pool | None = None
+        self._workers: dict[int, _QueueWorker] = {}
+
+    def _get_pool(self) -> _Pool | None:
+        if self.thread_pool_size and self._pool is None:
+            self._pool = _Pool(self.thread_pool_size)
+        return self._pool
+
+    def start_queue(self, vring: Vring) -> None:
+        if vring.index in self._workers:
+            raise RuntimeError(f"ring {vring.index} already has a worker")
+        assert vring.queue is not None
+        worker = _QueueWorker(
+            self, vring, vring.queue, self.device.handler(vring.index), self._get_pool()
+        )
+        self._workers[vring.index] = worker
+        worker.thread.start()
+
+    def stop_queue(self, vring: Vring) -> None:
+        worker = self._workers.pop(vring.index, None)
+        if worker is not None:
+            worker.stop()
+
+    def wake_queue(self, vring: Vring) -> None:
+        worker = self._workers.get(vring.index)
+        if worker is not None:
+            worker.wake()
+
+    def close(self) -> None:
+        for index in list(self._workers):
+            self._workers.pop(index).stop()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def serve(
+    device: VirtioDevice,
+    *,
+    socket_path: str | None = None,
+    listen_fd: int | None = None,
+    listener: socket.socket | None = None,
+    thread_pool_size: int = 0,
+    ready: threading.Event | None = None,
+) -> Sequence[int]:
+    """Serve ``device`` to one front-end; return the per-queue request counts at the end.
+
+    Exactly one of ``socket_path`` (we create and later remove the socket), ``listen_fd``
+    (an inherited listening socket, as libvirt passes with ``--fd``) or ``listener`` (a
+    socket object already listening) says where the front-end connects. ``ready`` is set
+    once the socket accepts connections.
+    """
+    if sum(x is not None for x in (socket_path, listen_fd, listener)) != 1:
+        raise ValueError("give exactly one of socket_path, listen_fd, listener")
+    if listener is None:
+        listener = listen_unix(socket_path) if socket_path else socket.socket(fileno=listen_fd)
+    try:
+        if ready is not None:
+            ready.set()
+        sock = accept_frontend(listener)
+    finally:
+        listener.close()
+        if socket_path:
+            try:
+                os.unlink(socket_path)
+            except OSError:
+                pass
+    runner = DeviceRunner(device, thread_pool_size=thread_pool_size)
+    backend = VhostUserBackend(device, runner, channel_factory=BackendChannel.from_fd)
+    try:
+        Connection(sock, backend).run()
+    finally:
+        backend.close()
+        runner.close()
+        sock.close()
+    return list(runner.served)

@@ -1,0 +1,74 @@
+"""A daemon serving the test device on a real Unix socket, in a thread of the test."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.vhost_user.device import serve
+from pyvirtiofsd.vhost_user.frontend import Frontend
+from pyvirtiofsd.virtio.testdevice import UppercaseDevice
+
+
+class Daemon:
+    def __init__(self, path: Path, device: UppercaseDevice, thread_pool_size: int) -> None:
+        self.path = str(path)
+        self.device = device
+        self.served: Sequence[int] | None = None
+        self.error: BaseException | None = None
+        ready = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, args=(thread_pool_size, ready), name="daemon", daemon=True
+        )
+        self.thread.start()
+        assert ready.wait(5)
+        self.frontends: list[Frontend] = []
+
+    def _run(self, thread_pool_size: int, ready: threading.Event) -> None:
+        try:
+            self.served = serve(
+                self.device, socket_path=self.path, thread_pool_size=thread_pool_size, ready=ready
+            )
+        except BaseException as e:  # surfaced by the fixture
+            self.error = e
+            ready.set()
+
+    def connect(self) -> Frontend:
+        fe = Frontend.connect(self.path, timeout=10)
+        self.frontends.append(fe)
+        return fe
+
+    def wait_exit(self, timeout: float = 10) -> Sequence[int]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the daemon did not exit after the disconnect"
+        if self.error is not None:
+            raise self.error
+        assert self.served is not None
+        return self.served
+
+
+DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
+    started: list[Daemon] = []
+
+    def start(device: UppercaseDevice | None = None, *, thread_pool_size: int = 0) -> Daemon:
+        d = Daemon(
+            tmp_path / f"vhost-{len(started)}.sock",
+            device or UppercaseDevice(num_queues=4),
+            thread_pool_size,
+        )
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        for fe in d.frontends:
+            fe.close()
+        d.thread.join(10)
+        assert not d.thread.is_alive(), "a daemon thread outlived its front-end"

@@ -1,0 +1,501 @@
+"""The Python front-end against the real daemon runner over a real Unix socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.vhost_user.device import serve
+from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.vhost_user.messages import (
+    HEADER,
+    FrontendReq,
+    MemoryRegionDesc,
+    Message,
+    MMapRequest,
+    VringState,
+    encode_mem_table,
+    encode_u64,
+)
+from pyvirtiofsd.virtio.chain import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+)
+from pyvirtiofsd.virtio.testdevice import UppercaseDevice
+
+from .conftest import DaemonFactory
+
+MiB = 1 << 20
+NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+
+
+def check_serves(q: DriverQueue, text: bytes = b"still alive") -> None:
+    assert q.request([text], [64]) == text.upper()
+
+
+# -- normal operation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_requests(daemon: DaemonFactory, event_idx: bool, indirect: bool) -> None:
+    d = daemon()
+    fe = d.connect()
+    q = fe.setup(queues=(0, 1), queue_size=64, event_idx=event_idx)[1]
+    assert q.request([b"hello, ", b"world"], [5, 100], indirect=indirect) == b"HELLO, WORLD"
+    assert q.request([b"!forget"], [16], indirect=indirect) == b""  # used length 0
+    for i in range(200):  # more than the queue size: indices and descriptors recycle
+        payload = f"request {i}".encode()
+        assert q.request([payload], [len(payload)], indirect=indirect) == payload.upper()
+    fe.close()
+    assert d.wait_exit() == [0, 202, 0, 0]
+
+
+def test_many_requests_in_flight(daemon: DaemonFactory) -> None:
+    d = daemon()
+    q = d.connect().setup(queues=(1,), queue_size=256)[1]
+    for _round in range(5):
+        heads = {q.submit([f"n{i}".encode()], [8]): i for i in range(100)}
+        q.kick()
+        for head, i in heads.items():
+            q.wait(head)
+            assert q.result(head) == (len(f"n{i}"), f"N{i}".encode())
+    assert not q.stray_used
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+def test_queues_in_parallel(daemon: DaemonFactory, event_idx: bool) -> None:
+    d = daemon()
+    fe = d.connect()
+    queues = fe.setup(queues=(0, 1, 2, 3), queue_size=64, event_idx=event_idx)
+    errors: list[BaseException] = []
+
+    def drive(q: DriverQueue) -> None:
+        try:
+            for i in range(300):
+                payload = f"q{q.index} r{i}".encode()
+                batch = [q.submit([payload], [32], indirect=bool(i % 2)) for _ in range(3)]
+                q.kick()
+                for head in batch:
+                    q.wait(head)
+                    assert q.result(head) == (len(payload), payload.upper())
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=drive, args=(q,)) for q in queues.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    fe.close()
+    assert d.wait_exit() == [900, 900, 900, 900]
+
+
+def test_thread_pool_serves_in_parallel(daemon: DaemonFactory) -> None:
+    device = UppercaseDevice(num_queues=2, delay=0.1)
+    d = daemon(device, thread_pool_size=4)
+    q = d.connect().setup(queues=(1,), queue_size=64)[1]
+    start = time.monotonic()
+    heads = [q.submit([f"slow {i}".encode()], [16]) for i in range(8)]
+    q.kick()
+    for i, head in enumerate(heads):
+        q.wait(head, timeout=10)
+        assert q.result(head)[1] == f"SLOW {i}".encode()
+    elapsed = time.monotonic() - start
+    assert elapsed < 0.8 * 8 * 0.1, f"8 x 100 ms requests took {elapsed:.2f} s"
+    assert len(device.threads_seen) >= 3
+    check_serves(q)  # a lone request is served inline
+
+
+def test_regions_added_one_by_one_and_buffers_across_them(daemon: DaemonFactory) -> None:
+    d = daemon()
+    fe = d.connect()
+    q = fe.setup(queues=(1,), regions=2, mem_slots=True, ram_size=8 * MiB, arena_size=MiB)[1]
+    ram = fe.ram
+    assert ram is not None
+    boundary = ram.regions[1].guest_addr
+    ram.write(boundary - 3, b"abc")
+    ram.write(boundary, b"def")
+    out = ram.carve(16)
+    a, b = q.reserve_descs(2)
+    q.write_desc(a, boundary - 3, 6, NEXT, b)
+    q.write_desc(b, out, 16, WRITE, 0)
+    q.publish_raw(a, [a, b])
+    q.kick()
+    assert q.wait(a) == 6
+    assert ram.read(out, 6) == b"ABCDEF"
+    q.result(a)
+    check_serves(q)
+
+
+def test_ring_stop_and_restart(daemon: DaemonFactory) -> None:
+    d = daemon()
+    fe = d.connect()
+    q = fe.setup(queues=(1,), queue_size=16)[1]
+    for _ in range(5):
+        check_serves(q)
+    assert fe.stop_queue(1) == 5
+    head = q.submit([b"queued while stopped"], [32])
+    q.kick(force=True)
+    with pytest.raises(FrontendError):
+        q.wait(head, timeout=0.2)
+    fe.set_vring_base(1, 5)
+    fe.set_vring_kick(1, q.kick_fd)  # no kick afterwards: the daemon must look anyway
+    q.wait(head)
+    assert q.result(head)[1] == b"QUEUED WHILE STOPPED"
+    check_serves(q)
+
+
+def test_disabled_ring_waits_for_enable(daemon: DaemonFactory) -> None:
+    d = daemon()
+    fe = d.connect()
+    q = fe.setup(queues=(1,), queue_size=16)[1]
+    fe.set_vring_enable(1, False)
+    head = q.submit([b"later"], [8])
+    q.kick(force=True)
+    with pytest.raises(FrontendError):
+        q.wait(head, timeout=0.2)
+    fe.set_vring_enable(1, True)
+    q.wait(head)
+    assert q.result(head)[1] == b"LATER"
+
+
+def test_call_fd_replaced_while_running(daemon: DaemonFactory) -> None:
+    d = daemon()
+    fe = d.connect()
+    q = fe.setup(queues=(1,), queue_size=16)[1]
+    check_serves(q)
+    new_call = os.eventfd(0, os.EFD_NONBLOCK)
+    old_call, q.call_fd = q.call_fd, new_call
+    fe.set_vring_call(1, new_call)
+    os.close(old_call)
+    check_serves(q)
+
+
+def test_config_and_status_over_the_socket(daemon: DaemonFactory) -> None:
+    tag = b"myfs".ljust(36, b"\0") + (1).to_bytes(4, "little")
+    d = daemon(UppercaseDevice(config=tag))
+    fe = d.connect()
+    fe.negotiate()
+    assert fe.get_config(0, 40) == tag
+    assert fe.get_config(36, 4) == (1).to_bytes(4, "little")
+    assert fe.get_queue_num() == 2
+    fe.set_status(0xF)
+    assert fe.get_status() == 0xF
+
+
+def test_backend_channel_shmem_requests(daemon: DaemonFactory) -> None:
+    device = UppercaseDevice(shmem_sizes=[2 * MiB])
+    d = daemon(device)
+    fe = d.connect()
+    fe.negotiate()
+    assert fe.get_shmem_config() == [2 * MiB]
+    seen: list[tuple[int, MMapRequest, int]] = []
+
+    def hook(msg: Message) -> int:
+        fds = msg.take_fds()
+        seen.append((msg.request, MMapRequest.decode(msg.payload), len(fds)))
+        for fd in fds:
+            os.close(fd)
+        return 0 if msg.request == 9 else 7
+
+    fe.open_backend_channel(hook)
+    deadline = time.monotonic() + 5
+    while device.channel is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    channel = device.channel
+    assert channel is not None
+    memfd = os.memfd_create("file")
+    try:
+        assert channel.shmem_map(0, memfd, 4096, 2 * MiB - 8192, 8192, True) == 0
+        assert channel.shmem_unmap(0, 2 * MiB - 8192, 8192) == 7
+    finally:
+        os.close(memfd)
+    assert seen == [
+        (9, MMapRequest(0, 4096, 2 * MiB - 8192, 8192, 1), 1),
+        (10, MMapRequest(0, 0, 2 * MiB - 8192, 8192, 0), 0),
+    ]
+
+
+def test_inherited_listening_fd(tmp_path: Path) -> None:
+    path = str(tmp_path / "inherited.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fd = listener.detach()
+    result: list[Sequence[int]] = []
+    t = threading.Thread(
+        target=lambda: result.append(serve(UppercaseDevice(), listen_fd=fd)), daemon=True
+    )
+    t.start()
+    with Frontend.connect(path) as fe:
+        check_serves(fe.setup(queues=(1,))[1])
+    t.join(10)
+    assert result == [[0, 1]]
+
+
+def test_serve_refuses_a_non_listening_fd() -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="not listening"):
+            serve(UppercaseDevice(), listen_fd=a.detach())
+    finally:
+        b.close()
+
+
+# -- hostile front-ends and drivers ----------------------------------------------------------
+
+
+@pytest.fixture
+def running(daemon: DaemonFactory) -> tuple[Frontend, DriverQueue, DriverQueue]:
+    d = daemon()
+    fe = d.connect()
+    queues = fe.setup(queues=(1, 2), queue_size=16)
+    return fe, queues[1], queues[2]
+
+
+def test_memory_table_with_a_missing_fd(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, _ = running
+    assert fe.ram is not None
+    with caplog.at_level(logging.WARNING):
+        status = fe.status_of(
+            FrontendReq.SET_MEM_TABLE, encode_mem_table(fe.ram.descs() * 2), [fe.ram.fd]
+        )
+    assert status != 0
+    assert "2 regions but 1 fds" in caplog.text
+    check_serves(q)
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [
+        [
+            MemoryRegionDesc(0, 2 * MiB, 0x10_0000_0000, 0),
+            MemoryRegionDesc(MiB, 2 * MiB, 0x20_0000_0000, 0),
+        ],
+        [MemoryRegionDesc(2**64 - MiB, 2 * MiB, 0x10_0000_0000, 0)],
+        [MemoryRegionDesc(0, 2**40, 0x10_0000_0000, 0)],
+    ],
+    ids=["overlapping", "overflowing", "beyond-the-file"],
+)
+def test_bad_memory_tables(
+    running: tuple[Frontend, DriverQueue, DriverQueue],
+    caplog: pytest.LogCaptureFixture,
+    regions: list[MemoryRegionDesc],
+) -> None:
+    fe, q, _ = running
+    assert fe.ram is not None
+    with caplog.at_level(logging.WARNING):
+        status = fe.status_of(
+            FrontendReq.SET_MEM_TABLE, encode_mem_table(regions), [fe.ram.fd] * len(regions)
+        )
+    assert status != 0
+    assert "SET_MEM_TABLE refused" in caplog.text
+    check_serves(q)
+
+
+def test_ring_outside_memory(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, _ = running
+    assert fe.ram is not None
+    ram = fe.ram
+    spare = DriverQueue(ram, 3, 16, event_idx=True, arena_size=64 * 1024)
+    try:
+        fe.set_vring_num(3, 16)
+        fe.set_vring_addr(3, 0xDEAD_0000, 0xBEEF_0000, 0xF00D_0000)
+        with caplog.at_level(logging.WARNING), pytest.raises(FrontendError):
+            fe.set_vring_kick(3, spare.kick_fd)
+        assert "ring outside shared memory" in caplog.text
+        check_serves(q)
+        # the same ring with sane addresses starts fine
+        ua = ram.user_addr
+        fe.set_vring_addr(3, ua(spare.desc_addr), ua(spare.avail_addr), ua(spare.used_addr))
+        fe.set_vring_call(3, spare.call_fd)
+        fe.set_vring_kick(3, spare.kick_fd)
+        fe.set_vring_enable(3, True)
+        check_serves(spare)
+    finally:
+        fe.stop_queue(3)
+        spare.close()
+
+
+def _raw_chain(q: DriverQueue, descs: Sequence[tuple[int, int, int, int | None]]) -> int:
+    """Write descriptors (addr, len, flags, next-as-position-or-None) and publish them."""
+    ids = q.reserve_descs(len(descs))
+    for slot, (addr, length, flags, nxt) in zip(ids, descs, strict=True):
+        q.write_desc(slot, addr, length, flags, 0 if nxt is None else ids[nxt])
+    q.publish_raw(ids[0], ids)
+    q.kick()
+    return ids[0]
+
+
+BAD_CHAINS = {
+    "loop": [(0x1000, 8, NEXT, 1), (0x1000, 8, NEXT, 0)],
+    "outside-memory": [(0x1000, 8, NEXT, 1), (1 << 45, 64, WRITE, None)],
+    "huge-length": [(0x1000, 0xFFFF_FFFF, 0, None)],
+    "end-of-memory": [(64 * MiB - 4, 8, WRITE, None)],
+    "indirect-out-of-range": [(1 << 45, 64, INDIRECT, None)],
+    "indirect-bad-length": [(0x1000, 20, INDIRECT, None)],
+    "write-then-read": [(0x1000, 8, WRITE | NEXT, 1), (0x2000, 8, 0, None)],
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHAINS))
+def test_bad_chains_are_returned_unused(
+    running: tuple[Frontend, DriverQueue, DriverQueue],
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    _, q, _ = running
+    with caplog.at_level(logging.WARNING):
+        head = _raw_chain(q, BAD_CHAINS[kind])
+        assert q.wait(head) == 0
+    assert f"descriptor chain at head {head}" in caplog.text
+    assert "returned unused" in caplog.text
+    q.result(head)
+    check_serves(q)
+
+
+def test_loop_inside_an_indirect_table(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, _ = running
+    assert fe.ram is not None
+    table = fe.ram.carve(32, 16)
+    from pyvirtiofsd.virtio.chain import DESC
+
+    view = fe.ram.view(table, 32)
+    DESC.pack_into(view, 0, 0x1000, 8, NEXT, 1)
+    DESC.pack_into(view, 16, 0x1000, 8, NEXT, 0)
+    with caplog.at_level(logging.WARNING):
+        head = _raw_chain(q, [(table, 32, INDIRECT, None)])
+        assert q.wait(head) == 0
+    assert "loop" in caplog.text
+    q.result(head)
+    check_serves(q)
+
+
+def test_corrupt_ring_stops_only_that_ring(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, other = running
+    err = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        fe.set_vring_err(1, err)
+        with caplog.at_level(logging.ERROR):
+            q.publish(4000, track=False)  # a head beyond the queue size
+            q.kick()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "ring is corrupt" not in caplog.text:
+                time.sleep(0.01)
+        assert "ring is corrupt" in caplog.text
+        assert os.eventfd_read(err) == 1
+        check_serves(other)
+        # the front-end resets the ring and it works again
+        base = fe.stop_queue(1)
+        assert base == 1
+        fresh = fe.start_queue(1, 16)
+        check_serves(fresh)
+    finally:
+        os.close(err)
+
+
+def test_handler_exception_is_contained(
+    daemon: DaemonFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Grumpy(UppercaseDevice):
+        def handler(self, queue_index: int):  # type: ignore[no-untyped-def]
+            inner = super().handler(queue_index)
+
+            def handle(readable, writable):  # type: ignore[no-untyped-def]
+                if bytes(readable[0][:4]) == b"boom":
+                    raise RuntimeError("handler bug")
+                return 10**9 if bytes(readable[0][:4]) == b"huge" else inner(readable, writable)
+
+            return handle
+
+    d = daemon(Grumpy())
+    q = d.connect().setup(queues=(1,))[1]
+    with caplog.at_level(logging.ERROR):
+        assert q.request([b"boom"], [8]) == b""
+        assert q.request([b"huge"], [8]) == b""
+    assert "handler failed" in caplog.text and "used length" in caplog.text
+    check_serves(q)
+
+
+def test_unknown_request_id(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, _ = running
+    with caplog.at_level(logging.WARNING):
+        assert fe.status_of(250, b"whatever") != 0
+        fe.send(251)  # without NEED_REPLY: no answer, only a log line
+        assert fe.get_queue_num() == 4  # a round trip: 251 has been handled by now
+    assert "request 250 refused" in caplog.text
+    assert "request 251 refused" in caplog.text
+    check_serves(q)
+
+
+def test_truncated_message(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, _ = running
+    with caplog.at_level(logging.WARNING):
+        assert fe.status_of(FrontendReq.SET_VRING_NUM, b"\1\0\0\0") != 0
+        assert fe.status_of(FrontendReq.SET_VRING_ADDR, VringState(1, 1).encode()) != 0
+    assert "payload of 4 bytes" in caplog.text
+    check_serves(q)
+
+
+def test_oversized_message_is_skipped(
+    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    fe, q, _ = running
+    with caplog.at_level(logging.WARNING):
+        fe.send_raw(HEADER.pack(FrontendReq.SET_CONFIG, 1 | 8, 1 << 20) + bytes(1 << 20))
+        check_serves(q)
+    assert "dropping request 25" in caplog.text
+    assert fe.get_queue_num() == 4
+
+
+def test_garbage_then_disconnect(daemon: DaemonFactory) -> None:
+    d = daemon()
+    fe = d.connect()
+    fe.send_raw(b"\xff" * 7)  # half a header
+    fe.close()
+    assert d.wait_exit() == [0, 0, 0, 0]
+
+
+def test_get_vring_base_waits_for_in_flight_requests(daemon: DaemonFactory) -> None:
+    device = UppercaseDevice(num_queues=2, delay=0.2)
+    d = daemon(device, thread_pool_size=2)
+    fe = d.connect()
+    q = fe.setup(queues=(1,))[1]
+    heads = [q.submit([b"in flight"], [16]) for _ in range(2)]
+    q.kick()
+    time.sleep(0.05)
+    assert fe.stop_queue(1) == 2  # returns only once both are done
+    assert q.reap() == 2
+    for head in heads:
+        assert q.result(head)[1] == b"IN FLIGHT"
+
+
+def test_set_features_refusal_over_the_socket(daemon: DaemonFactory) -> None:
+    d = daemon()
+    fe = d.connect()
+    fe.negotiate()
+    with pytest.raises(FrontendError):
+        fe.set_features(1 << 50)
+    assert fe.status_of(FrontendReq.SET_FEATURES, encode_u64(fe.features)) == 0
