@@ -1,3 +1,24 @@
-"""pyvirtiofsd: a virtio-fs device back-end and FUSE server in Python."""
+"""pyvirtiofsd: a virtio-fs device back-end (vhost-user) and FUSE server in Python.
+
+To serve a file system of your own, subclass :class:`pyvirtiofsd.fuse.filesystem.Filesystem` and
+hand it to :func:`serve_filesystem`, which takes the daemon's command line (``--mount DIR`` for
+the host, ``--socket-path PATH`` for a VM).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .fuse.filesystem import Filesystem
+
+
+def serve_filesystem(fs: Filesystem, argv: list[str] | None = None) -> int:
+    from .daemon import serve_filesystem as _serve
+
+    return _serve(fs, argv)
+
+
+__all__ = ["__version__", "serve_filesystem"]

@@ -277,8 +277,9 @@ def _apply_compat(p: argparse.ArgumentParser, ns: argparse.Namespace, opts: Opti
                 p.error(f"unknown -o option {key!r}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Options | None:
-    """The options, or None when the command was fully answered (--print-capabilities)."""
+def parse_args(argv: Sequence[str] | None = None, *, own_fs: bool = False) -> Options | None:
+    """The options, or None when the command was fully answered (--print-capabilities).
+    ``own_fs``: the caller brings its own file system, so no directory or service is named."""
     p = build_parser()
     ns = p.parse_args(argv)
     if ns.print_capabilities:
@@ -329,12 +330,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options | None:
         if not sep or not key:
             p.error(f"--opendal-opt wants KEY=VALUE, got {item!r}")
         opts.opendal_opts[key] = value
-    _validate(p, opts)
+    _validate(p, opts, own_fs)
     return opts
 
 
-def _validate(p: argparse.ArgumentParser, o: Options) -> None:
-    if o.opendal is None:
+def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
+    if own_fs:
+        if o.shared_dir is not None or o.opendal is not None:
+            p.error("this program serves its own file system: no --shared-dir or --opendal")
+    elif o.opendal is None:
         if o.shared_dir is None:
             p.error("--shared-dir (or -o source=DIR, or --opendal) is required")
         if not os.path.isdir(o.shared_dir):

@@ -125,6 +125,12 @@ def run(opts: Options) -> int:
     except OSError as e:
         log.error("cannot serve %s: %s", opts.shared_dir or opts.opendal, e)
         return 1
+    return serve(fs, opts)
+
+
+def serve(fs: Filesystem, opts: Options) -> int:
+    """Serve ``fs`` as the options say (/dev/fuse or vhost-user) until the end; the exit
+    status."""
     server = Server(fs)
     stop = threading.Event()
     stoppers: list[Callable[[], None]] = []
@@ -153,6 +159,18 @@ def run(opts: Options) -> int:
         shutdown = getattr(fs, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+
+def serve_filesystem(fs: Filesystem, argv: list[str] | None = None) -> int:
+    """Serve a file system of your own with the daemon's command line (``--mount DIR``, or
+    ``--socket-path PATH`` for a VM, and the rest); returns the exit status."""
+    from .cli import parse_args
+
+    opts = parse_args(argv, own_fs=True)
+    if opts is None:
+        return 0
+    setup_logging(opts.log_level, opts.syslog)
+    return serve(fs, opts)
 
 
 def _run_fusedev(

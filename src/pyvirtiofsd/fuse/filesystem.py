@@ -293,8 +293,11 @@ class DirBuffer:
         return self._out.length - self._start + need <= self._size
 
     def add(self, ino: int, offset: int, dtype: int, name: bytes) -> bool:
-        """Add one READDIR entry; ``offset`` is where the next READDIR continues after it.
-        Returns False (adding nothing) when it does not fit."""
+        """Add one entry; ``offset`` is where the next READDIR continues after it. Returns
+        False (adding nothing) when it does not fit. In a READDIRPLUS it is an entry without a
+        lookup, which the kernel then looks up itself."""
+        if self._plus:
+            return self.add_plus(None, offset, dtype, name, ino)
         if not self.fits(name):
             return False
         out = self._out
@@ -305,7 +308,9 @@ class DirBuffer:
             out.write(b"\0" * pad)
         return True
 
-    def add_plus(self, entry: Entry | None, offset: int, dtype: int, name: bytes) -> bool:
+    def add_plus(
+        self, entry: Entry | None, offset: int, dtype: int, name: bytes, ino: int = 0
+    ) -> bool:
         """Add one READDIRPLUS entry. ``entry`` None means "no lookup" (as for "." and ".."),
         and the kernel then takes no reference; otherwise the entry counts as a lookup, so
         call :meth:`fits` first and only look the name up when it will fit."""
@@ -313,7 +318,7 @@ class DirBuffer:
             return False
         out = self._out
         if entry is None:
-            out.pack(abi.DIRENTPLUS.struct, *((0,) * 22), 0, offset, len(name), dtype)
+            out.pack(abi.DIRENTPLUS.struct, *((0,) * 22), ino, offset, len(name), dtype)
         else:
             ev, evn = _split_timeout(entry.entry_timeout)
             av, avn = _split_timeout(entry.attr_timeout)

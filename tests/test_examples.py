@@ -1,0 +1,45 @@
+"""The example file system in examples/ runs, mounted through /dev/fuse."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import can_mount_fuse, is_mounted
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_hellofs(tmp_path: Path) -> None:
+    reason = can_mount_fuse()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "hellofs.py"), "--mount", str(mnt)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert sorted(os.listdir(mnt)) == ["hello", "time"]
+        assert (mnt / "hello").read_text() == "Hello from a Python file system!\n"
+        assert (mnt / "time").read_text().count(":") == 2
+        with pytest.raises(OSError):
+            (mnt / "hello").write_text("no")
+        with pytest.raises(FileNotFoundError):
+            (mnt / "nope").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert not is_mounted(mnt)
