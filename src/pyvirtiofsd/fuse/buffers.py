@@ -90,7 +90,7 @@ class ReplyWriter:
 
     def __init__(self, views: Sequence[memoryview]) -> None:
         self._views = views
-        self.capacity = sum(len(v) for v in views)
+        self.capacity = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
         #: Bytes of reply written so far, header included once finished.
         self.length = self.HEADER
 

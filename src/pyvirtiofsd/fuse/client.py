@@ -127,9 +127,7 @@ class FuseClient:
         return self.call(abi.Opcode.READLINK, nodeid)
 
     def symlink(self, parent: int, name: bytes, target: bytes) -> Any:
-        return abi.ENTRY_OUT.unpack(
-            self.call(abi.Opcode.SYMLINK, parent, _z(name) + _z(target))
-        )
+        return abi.ENTRY_OUT.unpack(self.call(abi.Opcode.SYMLINK, parent, _z(name) + _z(target)))
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, umask: int = 0) -> Any:
         payload = abi.MKNOD_IN.pack(mode, rdev, umask, 0) + _z(name)
@@ -159,7 +157,12 @@ class FuseClient:
         return abi.OPEN_OUT.unpack(self.call(abi.Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags, 0)))
 
     def create(
-        self, parent: int, name: bytes, mode: int = 0o644, flags: int = os.O_RDWR, umask: int = 0,
+        self,
+        parent: int,
+        name: bytes,
+        mode: int = 0o644,
+        flags: int = os.O_RDWR,
+        umask: int = 0,
         **kw: Any,
     ) -> tuple[Any, Any]:
         payload = abi.CREATE_IN.pack(flags | os.O_CREAT, mode, umask, 0) + _z(name)

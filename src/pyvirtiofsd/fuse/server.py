@@ -44,6 +44,9 @@ MAX_PAGES = MAX_WRITE // abi.PAGE_SIZE
 MAX_BATCH = 1 << 16
 
 _IN_HEADER = abi.IN_HEADER.struct
+_IN_SIZE = abi.IN_HEADER.size
+_WRITE = abi.Opcode.WRITE
+_WRITE_IN_SIZE = abi.WRITE_IN.size
 _OUT_HEADER = abi.OUT_HEADER.struct
 _ENTRY_OUT = abi.ENTRY_OUT.struct
 _ATTR_OUT = abi.ATTR_OUT.struct
@@ -162,24 +165,34 @@ class Server:
         """Serve one request; returns the reply length written into ``writable`` (0 for none)
         or :data:`DEFERRED` when the reply will be delivered later through :attr:`deferrer`."""
         out = ReplyWriter(writable) if writable else None
-        reader = RequestReader(readable)
-        try:
-            header = reader.read(abi.IN_HEADER.size)
-        except ShortBuffer:
-            log.warning("request shorter than the FUSE header (%d bytes)", reader.remaining)
-            return self._error(out, errno.EINVAL, 0)
+        reader: RequestReader | None = None
+        if len(readable) == 1:
+            # /dev/fuse, and front-ends that put a request in one buffer: slice, don't copy.
+            buf = readable[0]
+            total = len(buf)
+            if total < _IN_SIZE:
+                log.warning("request shorter than the FUSE header (%d bytes)", total)
+                return self._error(out, errno.EINVAL, 0)
+            header: Any = buf
+        else:
+            reader = RequestReader(readable)
+            total = reader.remaining
+            try:
+                header = reader.read(_IN_SIZE)
+            except ShortBuffer:
+                log.warning("request shorter than the FUSE header (%d bytes)", total)
+                return self._error(out, errno.EINVAL, 0)
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(header)
-        args_len = length - abi.IN_HEADER.size - extlen * 8
-        if length > abi.IN_HEADER.size + reader.remaining or args_len < 0:
+        args_len = length - _IN_SIZE - extlen * 8
+        if length > total or args_len < 0:
             log.warning(
                 "request %d (opcode %d): header says %d bytes, %d arrived",
                 unique,
                 opcode,
                 length,
-                abi.IN_HEADER.size + reader.remaining,
+                total,
             )
             return self._error(out, errno.EINVAL, unique)
-        reader.remaining = length - abi.IN_HEADER.size
         handler = self._ops[opcode] if opcode < 64 else None
         if opcode < 64:
             self.counts[opcode] += 1
@@ -201,12 +214,20 @@ class Server:
         inflight = self._inflight
         inflight[unique] = ctx
         try:
-            if opcode == abi.Opcode.WRITE:
-                body: Any = reader.read(min(args_len, abi.WRITE_IN.size))
+            body_len = min(args_len, _WRITE_IN_SIZE) if opcode == _WRITE else args_len
+            if reader is None:
+                body: Any = buf[_IN_SIZE : _IN_SIZE + body_len]
+                if opcode == _WRITE:
+                    reader = RequestReader([buf[_IN_SIZE + body_len : length]])
             else:
-                body = reader.read(args_len)
+                reader.remaining = length - _IN_SIZE
+                body = reader.read(body_len)
             if extlen and opcode in _CREATING:
-                ctx.groups = self._groups(reader.read(extlen * 8))
+                if len(readable) == 1:
+                    ext: Any = buf[length - extlen * 8 : length]
+                else:
+                    ext = reader.read(extlen * 8)
+                ctx.groups = self._groups(ext)
             result = handler(ctx, nodeid, body, reader, out, token)
         except OSError as e:
             inflight.pop(unique, None)
