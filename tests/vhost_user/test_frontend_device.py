@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.vhost_user.device import serve
+from pyvirtiofsd.vhost_user.device import VhostUserDaemon, serve
 from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
@@ -245,11 +246,67 @@ def test_inherited_listening_fd(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_non_listening_fd() -> None:
     a, b = socket.socketpair()
+    fd = a.detach()
     try:
         with pytest.raises(ValueError, match="not listening"):
-            serve(UppercaseDevice(), listen_fd=a.detach())
+            serve(UppercaseDevice(), listen_fd=fd)
+        os.fstat(fd)  # still the caller's
     finally:
+        os.close(fd)
         b.close()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="not a socket"):
+            serve(UppercaseDevice(), listen_fd=r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_stop_before_a_front_end_connects(tmp_path: Path) -> None:
+    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=str(tmp_path / "s"))
+    t = threading.Thread(target=daemon.run, daemon=True)
+    t.start()
+    time.sleep(0.05)
+    daemon.stop()
+    t.join(5)
+    assert not t.is_alive()
+    assert not (tmp_path / "s").exists()
+
+
+def test_stop_while_serving(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=path)
+    result: list[list[int]] = []
+    t = threading.Thread(target=lambda: result.append(daemon.run()), daemon=True)
+    t.start()
+    with Frontend.connect(path) as fe:
+        q = fe.setup(queues=(1,))[1]
+        check_serves(q)
+        daemon.stop()
+        t.join(5)
+        assert result == [[0, 1]]
+        with pytest.raises(FrontendError):
+            fe.get_queue_num()
+
+
+@pytest.mark.parametrize("connected", [False, True], ids=["accepting", "connected"])
+def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool) -> None:
+    path = str(tmp_path / "s")
+    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=path)
+    frontends: list[Frontend] = []
+    if connected:
+        threading.Thread(target=lambda: frontends.append(Frontend.connect(path))).start()
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: daemon.stop())
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        assert daemon.run() == [0, 0]  # blocks in accept() or recvmsg() on this thread
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for fe in frontends:
+            fe.close()
+    assert len(frontends) == int(connected)
 
 
 # -- hostile front-ends and drivers ----------------------------------------------------------

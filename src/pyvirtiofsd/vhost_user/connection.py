@@ -19,7 +19,14 @@ from typing import Protocol
 
 from pyvirtiofsd.vhost_user.messages import MAX_FDS, Message, MessageParser
 
-__all__ = ["Connection", "MessageHandler", "accept_frontend", "listen_unix", "recv_with_fds"]
+__all__ = [
+    "Connection",
+    "MessageHandler",
+    "accept_frontend",
+    "check_listener",
+    "listen_unix",
+    "recv_with_fds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +57,22 @@ def listen_unix(path: str, backlog: int = 1) -> socket.socket:
     return sock
 
 
+def check_listener(listener: socket.socket) -> None:
+    """Refuse anything but a listening Unix stream socket (an inherited fd may be anything)."""
+    try:
+        family, kind = listener.family, listener.type
+        listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        raise ValueError(f"the vhost-user fd is not a socket: {e}") from None
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ValueError("the vhost-user socket must be a Unix stream socket")
+    if not listening:
+        raise ValueError("the vhost-user socket is not listening")
+
+
 def accept_frontend(listener: socket.socket) -> socket.socket:
     """Wait for the front-end on a listening socket (ours, or inherited with ``--fd``)."""
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        raise ValueError("the vhost-user socket must be a Unix stream socket")
-    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise ValueError("the vhost-user socket is not listening")
+    check_listener(listener)
     sock, _ = listener.accept()
     sock.setblocking(True)
     return sock

@@ -15,8 +15,9 @@ Stopping a ring (GET_VRING_BASE, memory table changes, reset) wakes the worker, 
 waits for every request of that ring still running on the pool, so that when
 :meth:`DeviceRunner.stop_queue` returns nothing holds a view into guest memory.
 
-:func:`serve` glues the pieces: one connection, one :class:`~.backend.VhostUserBackend`,
-one runner; it returns when the front-end disconnects.
+:class:`VhostUserDaemon` (and its shorthand :func:`serve`) glues the pieces: one listening
+socket, one connection, one :class:`~.backend.VhostUserBackend`, one runner; it returns when
+the front-end disconnects or when :meth:`VhostUserDaemon.stop` is called.
 """
 
 from __future__ import annotations
@@ -27,17 +28,22 @@ import queue as _queue
 import select
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from pyvirtiofsd.vhost_user.backend import VhostUserBackend
 from pyvirtiofsd.vhost_user.backend_channel import BackendChannel
-from pyvirtiofsd.vhost_user.connection import Connection, accept_frontend, listen_unix
+from pyvirtiofsd.vhost_user.connection import (
+    Connection,
+    accept_frontend,
+    check_listener,
+    listen_unix,
+)
 from pyvirtiofsd.vhost_user.vring import Vring
 from pyvirtiofsd.virtio.chain import Chain, InvalidChain
 from pyvirtiofsd.virtio.device import RequestHandler, VirtioDevice
 from pyvirtiofsd.virtio.queue import QueueBroken, SplitQueue
 
-__all__ = ["DeviceRunner", "serve"]
+__all__ = ["DeviceRunner", "VhostUserDaemon", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +286,102 @@ class DeviceRunner:
             self._pool = None
 
 
+class VhostUserDaemon:
+    """One device served to one front-end: listen, accept, run until the front-end leaves.
+
+    The socket is created (or the inherited one checked) in the constructor, so a bad path
+    fails before anything else starts. :meth:`run` blocks; :meth:`stop` makes it return
+    and may be called from another thread or a signal handler.
+
+    Exactly one of ``socket_path`` (we create the socket and remove it once a front-end has
+    connected), ``listen_fd`` (an inherited listening socket, as libvirt passes with
+    ``--fd``) or ``listener`` (a socket object already listening) says where to listen.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        socket_path: str | None = None,
+        listen_fd: int | None = None,
+        listener: socket.socket | None = None,
+        thread_pool_size: int = 0,
+    ) -> None:
+        if sum(x is not None for x in (socket_path, listen_fd, listener)) != 1:
+            raise ValueError("give exactly one of socket_path, listen_fd, listener")
+        self.device = device
+        self.socket_path = socket_path
+        if listener is None and socket_path:
+            listener = listen_unix(socket_path)
+        elif listener is None:
+            try:
+                listener = socket.socket(fileno=listen_fd)
+            except OSError as e:
+                raise ValueError(f"the vhost-user fd {listen_fd} is not a socket: {e}") from None
+        try:
+            check_listener(listener)
+        except ValueError:
+            if listen_fd is not None:
+                listener.detach()  # not ours to close
+            raise
+        self._listener: socket.socket | None = listener
+        self.runner = DeviceRunner(device, thread_pool_size=thread_pool_size)
+        self.connection: Connection | None = None
+        self._stopped = False
+
+    @property
+    def served(self) -> list[int]:
+        """Chains returned so far, per queue."""
+        return list(self.runner.served)
+
+    def run(self) -> list[int]:
+        """Serve one front-end; return the per-queue request counts when it is gone."""
+        listener = self._listener
+        if listener is None:
+            raise RuntimeError("run() can only be called once")
+        try:
+            if self._stopped:
+                return self.served
+            try:
+                sock = accept_frontend(listener)
+            except OSError:
+                if self._stopped:  # stop() shut the listener down
+                    return self.served
+                raise
+        finally:
+            self._listener = None
+            listener.close()
+            if self.socket_path:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
+        backend = VhostUserBackend(self.device, self.runner, channel_factory=BackendChannel.from_fd)
+        self.connection = Connection(sock, backend)
+        try:
+            if not self._stopped:
+                self.connection.run()
+        finally:
+            backend.close()
+            self.runner.close()
+            sock.close()
+        return self.served
+
+    def stop(self) -> None:
+        """Make :meth:`run` return: stop accepting, or end the connection."""
+        self._stopped = True
+        listener = self._listener
+        if listener is not None:
+            # shutdown() wakes a thread blocked in accept() (it fails with EINVAL).
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        connection = self.connection
+        if connection is not None:
+            connection.shutdown()
+
+
 def serve(
     device: VirtioDevice,
     *,
@@ -288,35 +390,18 @@ def serve(
     listener: socket.socket | None = None,
     thread_pool_size: int = 0,
     ready: threading.Event | None = None,
-) -> Sequence[int]:
+) -> list[int]:
     """Serve ``device`` to one front-end; return the per-queue request counts at the end.
 
-    Exactly one of ``socket_path`` (we create and later remove the socket), ``listen_fd``
-    (an inherited listening socket, as libvirt passes with ``--fd``) or ``listener`` (a
-    socket object already listening) says where the front-end connects. ``ready`` is set
-    once the socket accepts connections.
+    A shorthand for :class:`VhostUserDaemon`; ``ready`` is set once the socket listens.
     """
-    if sum(x is not None for x in (socket_path, listen_fd, listener)) != 1:
-        raise ValueError("give exactly one of socket_path, listen_fd, listener")
-    if listener is None:
-        listener = listen_unix(socket_path) if socket_path else socket.socket(fileno=listen_fd)
-    try:
-        if ready is not None:
-            ready.set()
-        sock = accept_frontend(listener)
-    finally:
-        listener.close()
-        if socket_path:
-            try:
-                os.unlink(socket_path)
-            except OSError:
-                pass
-    runner = DeviceRunner(device, thread_pool_size=thread_pool_size)
-    backend = VhostUserBackend(device, runner, channel_factory=BackendChannel.from_fd)
-    try:
-        Connection(sock, backend).run()
-    finally:
-        backend.close()
-        runner.close()
-        sock.close()
-    return list(runner.served)
+    daemon = VhostUserDaemon(
+        device,
+        socket_path=socket_path,
+        listen_fd=listen_fd,
+        listener=listener,
+        thread_pool_size=thread_pool_size,
+    )
+    if ready is not None:
+        ready.set()
+    return daemon.run()

@@ -545,13 +545,16 @@ class Frontend:
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         with self._lock:
-            if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                sent = self.sock.sendmsg([data], anc)
-                if sent < len(data):
-                    self.sock.sendall(data[sent:])
-            else:
-                self.sock.sendall(data)
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                    sent = self.sock.sendmsg([data], anc)
+                    if sent < len(data):
+                        self.sock.sendall(data[sent:])
+                else:
+                    self.sock.sendall(data)
+            except OSError as e:
+                raise FrontendError(f"sending to the daemon failed: {e}") from None
 
     def send(
         self,
