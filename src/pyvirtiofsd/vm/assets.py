@@ -17,6 +17,7 @@ import os
 import stat
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,46 @@ def _require(path: Path, what: str) -> Path:
 
 
 def kernel() -> Path:
+    """The guest kernel: the uncompressed PVH-bootable vmlinux if there, else the vmlinuz.
+
+    QEMU enters a vmlinux with a PVH note directly in the kernel, skipping the real-mode setup
+    and the decompressor, which saves about a second per boot under TCG.
+    """
+    vmlinux = cache_dir() / "vmlinux"
+    if vmlinux.exists() and _has_pvh_note(vmlinux):
+        return vmlinux
     return _require(cache_dir() / "vmlinuz", "guest kernel")
+
+
+_XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _has_pvh_note(path: Path) -> bool:
+    """Whether an ELF kernel has the PVH entry point note that QEMU needs to boot it."""
+    with path.open("rb") as f:
+        header = f.read(64)
+        if header[:5] != b"\x7fELF\x02":
+            return False
+        (phoff,) = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        f.seek(phoff)
+        phdrs = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
+                "<IIQQQQ", phdrs, i * phentsize
+            )
+            if p_type != 4:  # PT_NOTE
+                continue
+            f.seek(p_offset)
+            notes = f.read(p_filesz)
+            pos = 0
+            while pos + 12 <= len(notes):
+                namesz, descsz, n_type = struct.unpack_from("<III", notes, pos)
+                name = notes[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+                if name == b"Xen" and n_type == _XEN_ELFNOTE_PHYS32_ENTRY:
+                    return True
+                pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
 
 
 def busybox() -> Path:
@@ -322,9 +362,11 @@ def base_initramfs() -> Path:
             cpio.symlink(link, "/bin/busybox")
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
 
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(cpio.finish())
-    tmp.replace(target)
+    # Written aside and renamed: guests booting in parallel must never see half an archive.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as out:
+        out.write(cpio.finish())
+    os.replace(tmp, target)
     return target
 
 
