@@ -405,3 +405,44 @@ def serve(
     if ready is not None:
         ready.set()
     return daemon.run()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Serve the test device: ``python -m pyvirtiofsd.vhost_user.device SOCKET``.
+
+    For benchmarks and front-end experiments without FUSE; prints the per-queue request
+    counts and the process's CPU time when the front-end leaves.
+    """
+    import argparse
+    import resource
+
+    from pyvirtiofsd.virtio.testdevice import UppercaseDevice
+
+    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.vhost_user.device")
+    p.add_argument("socket_path")
+    p.add_argument("--queues", type=int, default=2, help="queues, hiprio included")
+    p.add_argument("--thread-pool-size", type=int, default=0)
+    p.add_argument("--tag", help="expose a virtio-fs config space with this tag")
+    p.add_argument("--dax-window", type=int, default=0, help="shared memory region 0 size")
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(threadName)s %(message)s")
+    config = b""
+    if args.tag:
+        config = args.tag.encode()[:36].ljust(36, b"\0") + (args.queues - 1).to_bytes(4, "little")
+    device = UppercaseDevice(
+        num_queues=args.queues,
+        config=config,
+        shmem_sizes=[args.dax_window] if args.dax_window else [],
+    )
+    daemon = VhostUserDaemon(
+        device, socket_path=args.socket_path, thread_pool_size=args.thread_pool_size
+    )
+    served = daemon.run()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"served {served} cpu {usage.ru_utime + usage.ru_stime:.3f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
