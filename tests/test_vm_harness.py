@@ -132,7 +132,7 @@ def test_console_markers_split_across_chunks() -> None:
     for i in range(0, len(raw), 3):  # splits CR LF, UTF-8 and markers
         console.feed(raw[i : i + 3])
     console.feed(b"", final=True)
-    assert console.status() == 42
+    assert console.status == 42
     assert console.output() == "line one\nno newline é"
     assert "".join(streamed) == console.output()
     assert console.section("kernel-log", "end") == "[ 0.0] hi\n"

@@ -9,7 +9,9 @@ daemon) is killed on the way out, whatever happens, and dies with this process i
 from __future__ import annotations
 
 import codecs
+import io
 import os
+import re
 import secrets
 import selectors
 import shlex
@@ -224,18 +226,33 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: fl
 
 
 class _Console:
-    """Collects QEMU's stdout and finds the init script's markers in it as it arrives."""
+    """Collects QEMU's stdout and picks the script's output and status out of it as it arrives.
+
+    Work per read is bounded (no rescanning of everything seen so far), so a script may print
+    megabytes.
+    """
+
+    # Longer than any marker line: a marker split across two reads is still found.
+    _KEEP = 128
 
     def __init__(self, nonce: str, on_output: Callable[[str], None] | None) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending_cr = False
-        self.text = ""
+        self._buf = io.StringIO()
+        self._size = 0
+        self._tail = ""  # the last _KEEP characters of the console
         self._prefix = f"<<<pyvirtiofsd:{nonce}:"
+        self._status_re = re.compile("\n" + re.escape(self._prefix) + r"status=(\d+)>>>")
         self._on_output = on_output
-        self._streamed = 0  # offset in text up to which script output was passed on
-        self.begin: int | None = None  # offset where the script's output starts
+        self._held = ""  # script output not yet passed on: it could be the start of a marker
+        self._output: list[str] = []
         self.begin_time: float | None = None
+        self.status: int | None = None
         self.status_time: float | None = None
+
+    @property
+    def text(self) -> str:
+        return self._buf.getvalue()
 
     def marker(self, name: str) -> str:
         return f"{self._prefix}{name}>>>\n"
@@ -248,40 +265,42 @@ class _Console:
         self._pending_cr = text.endswith("\r") and not final
         if self._pending_cr:
             text = text[:-1]
-        self.text += text.replace("\r\n", "\n")
-        if self.begin is None:
-            found = self.text.find(self.marker("begin"))
-            if found >= 0:
-                self.begin = self._streamed = found + len(self.marker("begin"))
-                self.begin_time = time.monotonic()
-        if self.begin is not None and self.status_time is None and self.status() is not None:
-            self.status_time = time.monotonic()
-        self._stream()
+        text = text.replace("\r\n", "\n")
+        window = self._tail + text
+        self._buf.write(text)
+        self._size += len(text)
+        self._tail = window[-self._KEEP :]
 
-    def _stream(self) -> None:
-        if self._on_output is None or self.begin is None:
+        if self.begin_time is None:
+            found = window.find(self.marker("begin"))
+            if found < 0:
+                return
+            self.begin_time = time.monotonic()
+            text = window[found + len(self.marker("begin")) :]
+        if self.status is not None:
             return
-        end = self.text.find("\n" + self._prefix, self.begin - 1)
-        if end < 0:
-            # Hold back what could be the start of the final marker.
-            end = max(self._streamed, len(self.text) - len(self._prefix) - 1)
-        if end > self._streamed:
-            self._on_output(self.text[self._streamed : end])
-            self._streamed = end
+        self._held += text
+        match = self._status_re.search(self._held)
+        if match:
+            # init prints a newline before the status marker so that it starts a line; that
+            # newline is not the script's.
+            self._emit(self._held[: match.start()])
+            self._held = ""
+            self.status = int(match.group(1))
+            self.status_time = time.monotonic()
+        else:
+            cut = max(0, len(self._held) - self._KEEP)
+            self._emit(self._held[:cut])
+            self._held = self._held[cut:]
 
-    def status(self) -> int | None:
-        found = self.text.find(self._prefix + "status=")
-        if found < 0:
-            return None
-        rest = self.text[found + len(self._prefix) + len("status=") :]
-        digits, sep, _ = rest.partition(">>>")
-        return int(digits) if sep and digits.isdigit() else None
+    def _emit(self, text: str) -> None:
+        if text:
+            self._output.append(text)
+            if self._on_output is not None:
+                self._on_output(text)
 
     def output(self) -> str:
-        assert self.begin is not None
-        end = self.text.find(self._prefix + "status=", self.begin)
-        # init prints a newline before the status marker so that it starts a line; drop it.
-        return self.text[self.begin : end - 1]
+        return "".join(self._output)
 
     def section(self, start: str, end: str) -> str:
         a = self.text.find(self.marker(start))
@@ -375,7 +394,7 @@ def run_guest(
             kill_child(qemu_proc)
             kill_child(rootfs_daemon)
 
-    status = console.status()
+    status = console.status
     if console.setup_failed() or status is None or console.begin_time is None:
         what = "guest setup failed" if console.setup_failed() else "guest stopped"
         raise GuestError(
