@@ -176,7 +176,7 @@ def test_call_fd_replaced_while_running(daemon: DaemonFactory) -> None:
     q = fe.setup(queues=(1,), queue_size=16)[1]
     check_serves(q)
     new_call = os.eventfd(0, os.EFD_NONBLOCK)
-    old_call, q.call_fd = q.call_fd, new_call
+    old_call = q.replace_call_fd(new_call)
     fe.set_vring_call(1, new_call)
     os.close(old_call)
     check_serves(q)

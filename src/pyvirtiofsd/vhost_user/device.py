@@ -76,7 +76,11 @@ class _Pool:
         while (item := get()) is not None:
             fn, chain = item
             del item
-            fn(chain)
+            try:
+                fn(chain)
+            except Exception:
+                # A lost pool thread would shrink the pool for good; keep serving.
+                log.exception("pool thread: unexpected failure")
             del chain
 
     def shutdown(self) -> None:

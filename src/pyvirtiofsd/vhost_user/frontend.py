@@ -293,6 +293,8 @@ class DriverQueue:
         self.arena = _Arena(ram.carve(arena_size, 4096), arena_size)
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._call_poll = select.poll()
+        self._call_poll.register(self.call_fd, select.POLLIN)
         self._free_desc = list(range(size - 1, -1, -1))
         self.avail_idx = 0
         self.last_used = 0
@@ -410,6 +412,13 @@ class DriverQueue:
         self.kicks += 1
         return True
 
+    def replace_call_fd(self, fd: int) -> int:
+        """Wait on ``fd`` for interrupts from now on; return the old call fd (caller's)."""
+        self._call_poll.unregister(self.call_fd)
+        old, self.call_fd = self.call_fd, fd
+        self._call_poll.register(fd, select.POLLIN)
+        return old
+
     def reap(self) -> int:
         """Collect used entries into :attr:`completed`; return how many."""
         count = 0
@@ -442,8 +451,7 @@ class DriverQueue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FrontendError(f"queue {self.index}: no used entry for head {head}")
-            r, _, _ = select.select([self.call_fd], [], [], remaining)
-            if r:
+            if self._call_poll.poll(remaining * 1000):
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.call_fd)
         return self.completed[head]
