@@ -366,6 +366,7 @@ def base_initramfs() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     with os.fdopen(fd, "wb") as out:
         out.write(cpio.finish())
+        os.fchmod(out.fileno(), 0o644)
     os.replace(tmp, target)
     return target
 

@@ -100,7 +100,7 @@ class FsDevice:
 
 @dataclass
 class GuestResult:
-    output: str  # what the script wrote to stdout and stderr, exactly (LF line ends)
+    output: str  # what the script wrote to stdout and stderr, exactly (CR LF read as LF)
     status: int  # the script's exit status
     console: str  # the whole serial console: boot, markers, output and the guest kernel log
     kernel_log: str  # the guest's dmesg, taken after the script
@@ -162,7 +162,7 @@ def qemu_args(
         "chardev:console",
     ]
     for i, device in enumerate(devices):
-        if device.generic and device.num_request_queues < 1:
+        if device.num_request_queues < 1:
             raise ValueError("a virtio-fs device needs at least one request queue")
         args += device.qemu_args(f"fs{i}")
     return args
