@@ -181,6 +181,8 @@ def spawn_child(
 
     It gets a session of its own, so Ctrl-C in a terminal reaches only the harness, which then
     stops the child in order; and it is SIGKILLed if this process dies without cleaning up.
+    The kernel ties that signal to the calling *thread*: start long-lived children from a
+    thread that outlives them (the main thread, typically).
     """
     return subprocess.Popen(
         [*_pdeathsig_prefix(), *argv], env=env, start_new_session=True, **kwargs
