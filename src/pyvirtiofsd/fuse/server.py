@@ -141,6 +141,8 @@ class Server:
         self.flags = 0
         #: Requests being served, by unique, so that INTERRUPT can reach them.
         self._inflight: dict[int, Context] = {}
+        #: Deferred requests waiting (blocking locks), which a reset or shutdown interrupts.
+        self._waiting: dict[int, Context] = {}
         #: Per-opcode request counts (observability).
         self.counts = [0] * 64
         #: Requests that waited (blocking locks) run through this instead of blocking the
@@ -248,6 +250,19 @@ class Server:
             return 0
         assert out is not None
         return out.finish(_OUT_HEADER, 0, unique)
+
+    def interrupt_waiting(self) -> None:
+        """End every deferred wait (they answer EINTR): the queue or connection is going."""
+        for ctx in list(self._waiting.values()):
+            ctx.interrupted = True
+
+    def reset(self) -> None:
+        """The session ended without DESTROY (the guest's driver reset the device): forget
+        it, and expect a new INIT."""
+        self.interrupt_waiting()
+        if self.initialized:
+            self.initialized = False
+            self.fs.destroy()
 
     def _error(self, out: ReplyWriter | None, err: int, unique: int) -> int:
         if out is None or out.capacity < ReplyWriter.HEADER:
@@ -771,6 +786,7 @@ class Server:
         # The lock is held elsewhere: wait for it off this thread, so that the request that
         # will release it can still be served.
         unique = ctx.unique
+        self._waiting[unique] = ctx
 
         def wait() -> bytes:
             try:
@@ -783,6 +799,7 @@ class Server:
                 return self.reply_bytes(unique, errno.EIO)
             finally:
                 self._inflight.pop(unique, None)
+                self._waiting.pop(unique, None)
 
         self.deferrer(wait, token)
         return DEFERRED

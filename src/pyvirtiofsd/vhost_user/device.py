@@ -40,7 +40,7 @@ from pyvirtiofsd.vhost_user.connection import (
 )
 from pyvirtiofsd.vhost_user.vring import Vring
 from pyvirtiofsd.virtio.chain import Chain, InvalidChain
-from pyvirtiofsd.virtio.device import RequestHandler, VirtioDevice
+from pyvirtiofsd.virtio.device import DEFERRED, RequestHandler, VirtioDevice, current
 from pyvirtiofsd.virtio.queue import QueueBroken, SplitQueue
 
 __all__ = ["DeviceRunner", "VhostUserDaemon", "serve"]
@@ -123,6 +123,9 @@ class _QueueWorker:
         self.stopping = True
         self.wake()
         self.thread.join()
+        cancel = getattr(self.runner.device, "cancel_deferred", None)
+        if cancel is not None:
+            cancel(self.vring.index)
         with self._idle:
             while self._inflight:
                 self._idle.wait()
@@ -201,20 +204,34 @@ class _QueueWorker:
 
     def _serve(self, chain: Chain) -> None:
         writable = chain.writable
+        current.chain = chain
+        current.defer = self._defer_current
+        current.deferred = False
         try:
             used = self.handler(chain.readable, writable)
         except Exception:
             log.exception("vring %d: handler failed on chain %d", self.vring.index, chain.head)
             used = 0
-        else:
-            if used and not 0 < used <= sum(len(v) for v in writable):
-                log.error(
-                    "vring %d: handler returned used length %r for %d writable bytes",
-                    self.vring.index,
-                    used,
-                    sum(len(v) for v in writable),
-                )
-                used = 0
+        finally:
+            current.chain = None
+            current.defer = None
+        if used == DEFERRED:
+            if current.deferred:
+                return  # the device completes the chain later, through _complete_deferred
+            log.error("vring %d: handler deferred without calling defer()", self.vring.index)
+            used = 0
+        self._finish(chain, used)
+
+    def _finish(self, chain: Chain, used: int) -> None:
+        writable = chain.writable
+        if used and not 0 < used <= sum(len(v) for v in writable):
+            log.error(
+                "vring %d: handler returned used length %r for %d writable bytes",
+                self.vring.index,
+                used,
+                sum(len(v) for v in writable),
+            )
+            used = 0
         # Drop the views now, not when the chain object happens to be collected: once
         # the entry is used the driver may reuse the buffers and the memory may go away.
         try:
@@ -222,6 +239,25 @@ class _QueueWorker:
         except BufferError:
             log.error("vring %d: a handler kept an export of a guest buffer", self.vring.index)
         self._complete(chain.head, used)
+
+    def _defer_current(self) -> Callable[[int], None]:
+        chain = current.chain
+        if chain is None or current.deferred:
+            raise RuntimeError("defer() called twice, or outside a handler")
+        current.deferred = True
+        with self._idle:
+            self._inflight += 1
+
+        def complete(used: int) -> None:
+            try:
+                self._finish(chain, used)
+            finally:
+                with self._idle:
+                    self._inflight -= 1
+                    if not self._inflight:
+                        self._idle.notify_all()
+
+        return complete
 
     def _serve_pooled(self, chain: Chain) -> None:
         try:

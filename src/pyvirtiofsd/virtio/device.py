@@ -14,12 +14,42 @@ because the memory can be unmapped once the request is complete.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["VIRTIO_ID_FS", "RequestHandler", "SharedMemoryMapper", "VirtioDevice"]
+__all__ = [
+    "DEFERRED",
+    "VIRTIO_ID_FS",
+    "RequestHandler",
+    "SharedMemoryMapper",
+    "VirtioDevice",
+    "defer",
+]
 
 VIRTIO_ID_FS = 26
+
+#: A handler's return value meaning "this chain is answered later": the handler called
+#: :func:`defer` and will call the function it got with the used length.
+DEFERRED = -2
+
+#: The transport's hook for :func:`defer`, set per thread around each handler call.
+current = threading.local()
+
+
+def defer() -> Callable[[int], None]:
+    """From inside a handler: keep this chain in flight after the handler returns.
+
+    Returns ``complete(used_len)``, which any thread may call once the reply is in the
+    chain's writable buffers (the buffers stay valid until then); the handler then returns
+    :data:`DEFERRED`. Used for requests that wait (a blocking lock) without holding up the
+    queue. A transport stopping the queue first calls the device's ``cancel_deferred``, if it
+    has one, so that such waits end.
+    """
+    hook = getattr(current, "defer", None)
+    if hook is None:
+        raise RuntimeError("defer() called outside a request handler")
+    return hook()
 
 RequestHandler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
 """``handler(readable, writable) -> used_len``.

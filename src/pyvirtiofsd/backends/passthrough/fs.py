@@ -120,15 +120,17 @@ class PassthroughFs(Filesystem):
         conn.want = want & conn.capable
 
     def destroy(self) -> None:
-        self._stopping = True
+        """The session ended: its open files and inode references are gone with it."""
         with self._fh_lock:
             handles = list(self._handles.values())
             self._handles.clear()
         for h in handles:
             self._close_handle(h)
+        self.inodes.forget_all()
 
     def shutdown(self) -> None:
         """Release every fd (the daemon is exiting)."""
+        self._stopping = True
         self.destroy()
         self.inodes.close_all()
 

@@ -208,6 +208,13 @@ class InodeStore:
         for fd in (lock_fds or {}).values():
             os.close(fd)
 
+    def forget_all(self) -> None:
+        """Drop every inode but the root (the kernel that held them is gone)."""
+        with self._lock:
+            nodeids = [n for n in self._by_id if n != self.root.nodeid]
+        for nodeid in nodeids:
+            self.forget(nodeid, _PINNED)
+
     def count(self) -> int:
         return len(self._by_id)
 

@@ -1,0 +1,150 @@
+"""The virtio-fs device: the FUSE server behind virtqueues, served over vhost-user.
+
+Queue 0 is the high-priority queue (FORGET, BATCH_FORGET, INTERRUPT); queues 1..N carry
+requests, each with its own worker, so several are served at once. Every queue hands its
+descriptor chains straight to :meth:`Server.handle`: the request is read from, and the reply
+written to, guest memory in place.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..fuse.server import Server
+from ..vhost_user.device import VhostUserDaemon
+from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, defer
+
+if TYPE_CHECKING:
+    from ..cli import Options
+
+log = logging.getLogger(__name__)
+
+TAG_SIZE = 36
+#: Largest ring the device accepts (virtiofsd's figure; the guest picks the actual size).
+MAX_QUEUE_SIZE = 32768
+#: Queues offered beyond what --num-request-queues asks, so that a front-end configured with
+#: a few more request queues than the daemon still starts.
+MIN_OFFERED_REQUEST_QUEUES = 8
+
+
+class VirtioFsDevice:
+    """virtio-fs (device id 26) for :class:`~pyvirtiofsd.vhost_user.device.VhostUserDaemon`."""
+
+    device_id = VIRTIO_ID_FS
+    features = 0
+
+    def __init__(
+        self,
+        server: Server,
+        *,
+        tag: str | None = None,
+        num_request_queues: int = 1,
+        dax_window: int = 0,
+    ) -> None:
+        if tag is not None and not 0 < len(tag.encode()) <= TAG_SIZE:
+            raise ValueError(f"a tag is 1 to {TAG_SIZE} bytes")
+        self.server = server
+        self.tag = tag
+        self.num_request_queues = num_request_queues
+        self.num_queues = 1 + max(num_request_queues, MIN_OFFERED_REQUEST_QUEUES)
+        self.max_queue_size = MAX_QUEUE_SIZE
+        self.dax_window = dax_window
+        self.channel: SharedMemoryMapper | None = None
+        server.deferrer = self._defer
+
+    def config(self) -> bytes:
+        """virtio_fs_config; offered only with a tag (QEMU 7.1 to 8.0 crash on CONFIG, and
+        vhost-user-fs-pci has its own tag)."""
+        if self.tag is None:
+            return b""
+        tag = self.tag.encode().ljust(TAG_SIZE, b"\0")
+        return tag + self.num_request_queues.to_bytes(4, "little")
+
+    def shmem_sizes(self) -> list[int]:
+        return [self.dax_window] if self.dax_window else []
+
+    def handler(self, queue_index: int) -> RequestHandler:
+        handle = self.server.handle
+
+        def serve(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+            # The writable views are the token a deferred reply is written into.
+            return handle(readable, writable, writable)
+
+        return serve
+
+    def _defer(self, job: Callable[[], bytes], writable: Sequence[memoryview]) -> None:
+        complete = defer()
+
+        def run() -> None:
+            reply = job()
+            done = 0
+            for view in writable:
+                n = min(len(view), len(reply) - done)
+                if n <= 0:
+                    break
+                view[:n] = reply[done : done + n]
+                done += n
+            complete(done)
+
+        threading.Thread(target=run, name="fuse-wait", daemon=True).start()
+
+    def cancel_deferred(self, queue_index: int) -> None:
+        """The queue stops: end the waits of deferred requests (they answer EINTR)."""
+        self.server.interrupt_waiting()
+
+    def set_backend_channel(self, channel: SharedMemoryMapper | None) -> None:
+        self.channel = channel
+
+    def reset(self) -> None:
+        """The driver reset the device (guest reboot, driver unload): a new FUSE session will
+        start with INIT, knowing none of the old inodes or handles."""
+        self.server.reset()
+
+
+def _socket_group(path: str, group: str | None) -> None:
+    if group is None:
+        return
+    gid = grp.getgrnam(group).gr_gid
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o660)
+
+
+def run_vhost_user(
+    opts: Options, server: Server, stop: threading.Event, stoppers: list[Callable[[], None]]
+) -> int:
+    """Serve one front-end over vhost-user until it disconnects or a signal stops us."""
+    device = VirtioFsDevice(
+        server,
+        tag=opts.tag,
+        num_request_queues=opts.num_request_queues,
+        dax_window=opts.dax_window,
+    )
+    try:
+        daemon = VhostUserDaemon(
+            device,
+            socket_path=opts.socket_path,
+            listen_fd=opts.fd,
+            thread_pool_size=opts.thread_pool_size,
+        )
+    except (OSError, ValueError) as e:
+        log.error("cannot listen: %s", e)
+        return 1
+    if opts.socket_path is not None:
+        _socket_group(opts.socket_path, opts.socket_group)
+    stoppers.append(daemon.stop)
+    if stop.is_set():
+        return 0
+    where = opts.socket_path or f"fd {opts.fd}"
+    log.info(
+        "waiting for a vhost-user front-end on %s (%d request queue(s))",
+        where,
+        opts.num_request_queues,
+    )
+    served = daemon.run()
+    log.info("front-end gone; requests per queue: %s", served)
+    return 0
