@@ -81,34 +81,46 @@ def kernel() -> Path:
     return _require(cache_dir() / "vmlinuz", "guest kernel")
 
 
+_PT_INTERP = 3
+_PT_NOTE = 4
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
-def _has_pvh_note(path: Path) -> bool:
-    """Whether an ELF kernel has the PVH entry point note that QEMU needs to boot it."""
+def _elf_segments(path: Path, p_type: int) -> list[bytes]:
+    """The contents of the segments of one type in a 64-bit little-endian ELF file."""
     with path.open("rb") as f:
         header = f.read(64)
         if header[:5] != b"\x7fELF\x02":
-            return False
+            raise AssetsMissing(f"{path} is not a 64-bit ELF file")
         (phoff,) = struct.unpack_from("<Q", header, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
         f.seek(phoff)
         phdrs = f.read(phentsize * phnum)
+        segments = []
         for i in range(phnum):
-            p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
+            kind, _flags, offset, _vaddr, _paddr, size = struct.unpack_from(
                 "<IIQQQQ", phdrs, i * phentsize
             )
-            if p_type != 4:  # PT_NOTE
-                continue
-            f.seek(p_offset)
-            notes = f.read(p_filesz)
-            pos = 0
-            while pos + 12 <= len(notes):
-                namesz, descsz, n_type = struct.unpack_from("<III", notes, pos)
-                name = notes[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-                if name == b"Xen" and n_type == _XEN_ELFNOTE_PHYS32_ENTRY:
-                    return True
-                pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+            if kind == p_type:
+                f.seek(offset)
+                segments.append(f.read(size))
+        return segments
+
+
+def _has_pvh_note(path: Path) -> bool:
+    """Whether an ELF kernel has the PVH entry point note that QEMU needs to boot it."""
+    try:
+        notes_segments = _elf_segments(path, _PT_NOTE)
+    except AssetsMissing:
+        return False
+    for notes in notes_segments:
+        pos = 0
+        while pos + 12 <= len(notes):
+            namesz, descsz, n_type = struct.unpack_from("<III", notes, pos)
+            name = notes[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and n_type == _XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
     return False
 
 
@@ -116,24 +128,9 @@ def busybox() -> Path:
     # busybox-static installs here; the dynamic busybox package would not run inside an
     # initramfs that has no libc, hence the check.
     path = _require(Path("/bin/busybox"), "static busybox (package busybox-static)")
-    if _elf_interpreter(path.read_bytes()) is not None:
+    if _elf_segments(path, _PT_INTERP):
         raise AssetsMissing(f"{path} is dynamically linked: install busybox-static")
     return path
-
-
-def _elf_interpreter(image: bytes) -> bytes | None:
-    """The PT_INTERP of a 64-bit little-endian ELF image, None for a static binary."""
-    if image[:4] != b"\x7fELF" or image[4] != 2:
-        raise AssetsMissing("busybox is not a 64-bit ELF binary")
-    (phoff,) = struct.unpack_from("<Q", image, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", image, 0x36)
-    for i in range(phnum):
-        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", image, phoff + i * phentsize
-        )
-        if p_type == 3:  # PT_INTERP
-            return image[p_offset : p_offset + p_filesz].rstrip(b"\0")
-    return None
 
 
 def sid_program(relpath: str, *, env: dict[str, str] | None = None) -> Command:
