@@ -76,6 +76,12 @@ def test_coreutils(share: Share) -> None:
     assert lines[3:-1] == host_find
 
 
+def test_dot_entries_are_listed(share: Share) -> None:
+    os.mkdir(share.mnt / "d")
+    assert sh("ls -a", cwd=share.mnt).split() == [".", "..", "d"]
+    assert sh("ls -a d", cwd=share.mnt).split() == [".", ".."]
+
+
 def test_tar_round_trip(share: Share, tmp_path: Path) -> None:
     m = share.mnt
     origin = tmp_path / "origin"

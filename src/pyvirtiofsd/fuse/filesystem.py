@@ -312,8 +312,9 @@ class DirBuffer:
         self, entry: Entry | None, offset: int, dtype: int, name: bytes, ino: int = 0
     ) -> bool:
         """Add one READDIRPLUS entry. ``entry`` None means "no lookup" (as for "." and ".."),
-        and the kernel then takes no reference; otherwise the entry counts as a lookup, so
-        call :meth:`fits` first and only look the name up when it will fit."""
+        and the kernel then takes no reference; ``ino`` is then the inode number readdir
+        shows (0 would hide the entry: C libraries skip those). Otherwise the entry counts as
+        a lookup, so call :meth:`fits` first and only look the name up when it will fit."""
         if not self.fits(name):
             return False
         out = self._out

@@ -535,7 +535,7 @@ class PassthroughFs(Filesystem):
                             return
                         continue
                     if name in (b".", b".."):
-                        if not out.add_plus(None, d_off, dtype, name):
+                        if not out.add_plus(None, d_off, dtype, name, d_ino):
                             return
                         continue
                     if not out.fits(name):
