@@ -29,7 +29,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from . import abi
 
@@ -251,6 +251,23 @@ class SetAttr:
     NOW = -1
 
 
+class DaxWindow(Protocol):
+    """The DAX window a transport offers (virtio-fs shared memory region 0).
+
+    ``setup`` maps ``length`` bytes of ``fd`` (borrowed: the window keeps its own copy)
+    from ``foffset`` at ``moffset`` in the window; ``owner`` names the file (an inode) for
+    bookkeeping. ``remove`` unmaps (moffset, length) ranges. Both raise ``OSError``.
+    """
+
+    size: int
+
+    def setup(
+        self, fd: int, foffset: int, moffset: int, length: int, writable: bool, owner: object
+    ) -> None: ...
+
+    def remove(self, ranges: Iterable[tuple[int, int]]) -> None: ...
+
+
 @dataclass(slots=True)
 class ConnectionInfo:
     """What the kernel offered at INIT, and what the transport can do beyond FUSE itself."""
@@ -269,7 +286,7 @@ class ConnectionInfo:
     backing_open: Callable[[int], int] | None = None
     backing_close: Callable[[int], None] | None = None
     #: The DAX window of the virtio-fs device, if it has one.
-    dax_window: object | None = None
+    dax_window: DaxWindow | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 

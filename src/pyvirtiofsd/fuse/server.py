@@ -23,6 +23,7 @@ from .buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
 from .filesystem import (
     ConnectionInfo,
     Context,
+    DaxWindow,
     DirBuffer,
     Entry,
     Filesystem,
@@ -127,7 +128,7 @@ class Server:
         map_alignment: int | None = None,
         backing_open: Callable[[int], int] | None = None,
         backing_close: Callable[[int], None] | None = None,
-        dax_window: object | None = None,
+        dax_window: DaxWindow | None = None,
     ) -> None:
         self.fs = fs
         self.max_write = max_write
@@ -135,7 +136,8 @@ class Server:
         self.map_alignment = map_alignment
         self._backing_open = backing_open
         self._backing_close = backing_close
-        self._dax_window = dax_window
+        #: The transport's DAX window, handed to the file system at INIT.
+        self.dax_window = dax_window
         self.initialized = False
         self.proto_minor = 0
         self.flags = 0
@@ -251,6 +253,19 @@ class Server:
         assert out is not None
         return out.finish(_OUT_HEADER, 0, unique)
 
+    def fail(self, readable: Sequence[memoryview], writable: Sequence[memoryview], err: int) -> int:
+        """Answer a request that can't be served (some of its buffers are out of reach)
+        with ``err``, when its header and room for a reply header are there."""
+        try:
+            header = RequestReader(readable).read(_IN_SIZE)
+        except ShortBuffer:
+            return 0
+        _, opcode, unique = _IN_HEADER.unpack_from(header)[:3]
+        if opcode in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT):
+            return 0
+        log.warning("request %d (opcode %d) answered %s", unique, opcode, errno.errorcode[err])
+        return self._error(ReplyWriter(writable) if writable else None, err, unique)
+
     def interrupt_waiting(self) -> None:
         """End every deferred wait (they answer EINTR): the queue or connection is going."""
         for ctx in list(self._waiting.values()):
@@ -323,7 +338,7 @@ class Server:
             map_alignment=self.map_alignment or 0,
             backing_open=self._backing_open,
             backing_close=self._backing_close,
-            dax_window=self._dax_window,
+            dax_window=self.dax_window,
         )
         if self.map_alignment is not None:
             conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT

@@ -8,6 +8,7 @@ written to, guest memory in place.
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..fuse.server import Server
 from ..vhost_user.device import VhostUserDaemon
 from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, defer
+from .dax import MAP_ALIGNMENT, DaxWindow
 
 if TYPE_CHECKING:
     from ..cli import Options
@@ -53,9 +55,12 @@ class VirtioFsDevice:
         self.num_request_queues = num_request_queues
         self.num_queues = 1 + max(num_request_queues, MIN_OFFERED_REQUEST_QUEUES)
         self.max_queue_size = MAX_QUEUE_SIZE
-        self.dax_window = dax_window
+        self.window = DaxWindow(dax_window) if dax_window else None
         self.channel: SharedMemoryMapper | None = None
         server.deferrer = self._defer
+        if self.window is not None:
+            server.dax_window = self.window
+            server.map_alignment = MAP_ALIGNMENT
 
     def config(self) -> bytes:
         """virtio_fs_config; offered only with a tag (QEMU 7.1 to 8.0 crash on CONFIG, and
@@ -66,7 +71,7 @@ class VirtioFsDevice:
         return tag + self.num_request_queues.to_bytes(4, "little")
 
     def shmem_sizes(self) -> list[int]:
-        return [self.dax_window] if self.dax_window else []
+        return [self.window.size] if self.window is not None else []
 
     def handler(self, queue_index: int) -> RequestHandler:
         handle = self.server.handle
@@ -93,17 +98,29 @@ class VirtioFsDevice:
 
         threading.Thread(target=run, name="fuse-wait", daemon=True).start()
 
+    def fault(
+        self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+    ) -> int:
+        """A request with buffers outside guest RAM as we see it (a guest buffer inside a
+        DAX window, whose guest-physical address we are never told): EFAULT."""
+        return self.server.fail(readable, writable, errno.EFAULT)
+
     def cancel_deferred(self, queue_index: int) -> None:
         """The queue stops: end the waits of deferred requests (they answer EINTR)."""
         self.server.interrupt_waiting()
 
     def set_backend_channel(self, channel: SharedMemoryMapper | None) -> None:
         self.channel = channel
+        if self.window is not None:
+            self.window.mapper = channel
 
     def reset(self) -> None:
         """The driver reset the device (guest reboot, driver unload): a new FUSE session will
-        start with INIT, knowing none of the old inodes or handles."""
+        start with INIT, knowing none of the old inodes or handles, and the front-end has
+        dropped every DAX mapping."""
         self.server.reset()
+        if self.window is not None:
+            self.window.reset()
 
 
 def _socket_group(path: str, group: str | None) -> None:
@@ -147,4 +164,9 @@ def run_vhost_user(
     )
     served = daemon.run()
     log.info("front-end gone; requests per queue: %s", served)
+    if device.window is not None:
+        log.info(
+            "DAX window: %s",
+            " ".join(f"{k}={v}" for k, v in device.window.stats.items()),
+        )
     return 0

@@ -179,8 +179,7 @@ class _QueueWorker:
                 try:
                     chain = queue.pop()
                 except InvalidChain as e:
-                    log.warning("vring %d: %s; returned unused", vring.index, e)
-                    self._complete(e.head, 0)
+                    self._invalid(e)
                     continue
                 except QueueBroken as e:
                     log.error("vring %d: ring is corrupt, stopping it: %s", vring.index, e)
@@ -239,6 +238,32 @@ class _QueueWorker:
         except BufferError:
             log.error("vring %d: a handler kept an export of a guest buffer", self.vring.index)
         self._complete(chain.head, used)
+
+    def _invalid(self, e: InvalidChain) -> None:
+        """Return an unservable chain; when parts of it were reachable the device may
+        still answer through them (``device.fault``), e.g. with an error reply."""
+        used = 0
+        partial = e.partial
+        fault = getattr(self.runner.device, "fault", None)
+        if partial is not None and fault is not None:
+            try:
+                used = fault(self.vring.index, partial.readable, partial.writable)
+            except Exception:
+                log.exception("vring %d: fault handler failed", self.vring.index)
+            if not 0 <= used <= sum(len(v) for v in partial.writable):
+                used = 0
+        if partial is not None:
+            try:
+                partial.release()
+            except BufferError:
+                log.error("vring %d: a fault handler kept a guest buffer", self.vring.index)
+        log.warning(
+            "vring %d: %s; %s",
+            self.vring.index,
+            e,
+            f"answered with a {used}-byte reply" if used else "returned unused",
+        )
+        self._complete(e.head, used)
 
     def _defer_current(self) -> Callable[[int], None]:
         chain = current.chain

@@ -51,12 +51,18 @@ MAX_INDIRECT = 1024
 
 
 class InvalidChain(Exception):
-    """A chain that can't be served; ``head`` is the descriptor to return unused."""
+    """A chain that can't be served; ``head`` is the descriptor to return unused.
 
-    def __init__(self, head: int, reason: str) -> None:
+    When the chain is well formed but some buffers lie outside guest memory (a guest
+    buffer inside a DAX window, say), ``partial`` holds the buffers that could be reached,
+    each list cut at its first unreachable buffer: enough, often, to answer with an error.
+    """
+
+    def __init__(self, head: int, reason: str, partial: Chain | None = None) -> None:
         super().__init__(f"descriptor chain at head {head}: {reason}")
         self.head = head
         self.reason = reason
+        self.partial = partial
 
 
 class Chain:
@@ -130,23 +136,35 @@ def read_chain(
         if flags & VRING_DESC_F_INDIRECT:
             raise InvalidChain(head, "indirect descriptor inside an indirect table")
     count = 1
-    try:
-        while True:
-            if flags & VRING_DESC_F_WRITE:
-                memory.translate_into(addr, length, writable)
-            elif writable:
-                raise InvalidChain(head, "device-readable descriptor after a writable one")
-            else:
+    # Buffers outside guest memory don't stop the walk (the rest of the chain is still
+    # checked); each list just stops growing at its first one.
+    fault: str | None = None
+    rfault = wfault = False
+    while True:
+        if flags & VRING_DESC_F_WRITE:
+            if not wfault:
+                try:
+                    memory.translate_into(addr, length, writable)
+                except GuestMemoryError as e:
+                    fault = fault or str(e)
+                    wfault = True
+        elif writable or wfault:
+            raise InvalidChain(head, "device-readable descriptor after a writable one")
+        elif not rfault:
+            try:
                 memory.translate_into(addr, length, readable)
-            if not flags & VRING_DESC_F_NEXT:
-                return Chain(head, readable, writable)
-            if nxt >= limit:
-                raise InvalidChain(head, f"next index {nxt} outside a table of {limit}")
-            count += 1
-            if count > limit:
-                raise InvalidChain(head, f"chain longer than its table ({limit}): a loop")
-            addr, length, flags, nxt = _unpack_desc(table, nxt * 16)
-            if flags & VRING_DESC_F_INDIRECT:
-                raise InvalidChain(head, "indirect flag on a descriptor that is not the head")
-    except GuestMemoryError as e:
-        raise InvalidChain(head, str(e)) from None
+            except GuestMemoryError as e:
+                fault = fault or str(e)
+                rfault = True
+        if not flags & VRING_DESC_F_NEXT:
+            if fault is not None:
+                raise InvalidChain(head, fault, Chain(head, readable, writable))
+            return Chain(head, readable, writable)
+        if nxt >= limit:
+            raise InvalidChain(head, f"next index {nxt} outside a table of {limit}")
+        count += 1
+        if count > limit:
+            raise InvalidChain(head, f"chain longer than its table ({limit}): a loop")
+        addr, length, flags, nxt = _unpack_desc(table, nxt * 16)
+        if flags & VRING_DESC_F_INDIRECT:
+            raise InvalidChain(head, "indirect flag on a descriptor that is not the head")

@@ -646,3 +646,38 @@ class PassthroughFs(Filesystem):
 
     def _is_stopping(self) -> bool:
         return self._stopping
+
+    # --- DAX window ------------------------------------------------------------------------
+
+    def setupmapping(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        foffset: int,
+        length: int,
+        flags: int,
+        moffset: int,
+    ) -> None:
+        window = self._conn.dax_window
+        if window is None:
+            raise _err(errno.ENOSYS)
+        inode = self.inodes.get(ino)
+        if inode.mode != stat.S_IFREG:
+            raise _err(errno.EINVAL, "only regular files are mapped")
+        writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
+        if writable:
+            self._rofs()
+        # By inode, not by fh: the guest maps on page faults, also after the file's release
+        # (it then sends fh = FUSE_INVALID_FH), and the access mode is the mapping's own.
+        fd = self.inodes.open(inode, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            window.setup(fd, foffset, moffset, length, writable, inode.nodeid)
+        finally:
+            os.close(fd)
+
+    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
+        window = self._conn.dax_window
+        if window is None:
+            raise _err(errno.ENOSYS)
+        window.remove(ranges)

@@ -1,0 +1,284 @@
+"""The DAX window: file ranges mapped into the device's shared memory region 0.
+
+The guest asks for mappings with FUSE_SETUPMAPPING and drops them with FUSE_REMOVEMAPPING; the
+front-end (the VMM) does the actual mmap() when we send it VHOST_USER_BACKEND_SHMEM_MAP /
+SHMEM_UNMAP. The two sides disagree on what a request may do:
+
+* FUSE (the virtio-fs spec): a mapping that exactly covers an old one replaces it; one that
+  partly overlaps old mappings splits them, keeping what lies outside; a REMOVEMAPPING of part
+  of a mapping splits it too;
+* vhost-user (QEMU): SHMEM_MAP must land on unmapped space, and SHMEM_UNMAP must name a whole
+  mapping made earlier.
+
+:class:`MappingTable` keeps the window's mappings and turns each FUSE request into the
+vhost-user steps that satisfy both: unmap every mapping touched, then map again the pieces that
+survive and the new range. It does no I/O, so every rule is tested on its own.
+:class:`DaxWindow` runs those steps through the back-end channel, one request at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+#: log2 of the alignment asked of the guest (the kernel accepts up to 21, its 2 MiB ranges).
+MAP_ALIGNMENT = 12
+#: Granule the window size is a multiple of; Linux maps the window in 2 MiB ranges.
+WINDOW_GRANULE = 2 << 20
+#: Mappings beyond one per 2 MiB range, allowed for splits before requests are refused.
+SPARE_MAPPINGS = 1024
+
+
+class MappedFile:
+    """An fd of a mapped file, shared by the pieces of a split mapping; closed with the last."""
+
+    __slots__ = ("fd", "owner", "refs")
+
+    def __init__(self, fd: int, owner: object) -> None:
+        self.fd = fd
+        self.owner = owner
+        self.refs = 0
+
+
+@dataclass(slots=True)
+class Mapping:
+    moffset: int
+    length: int
+    foffset: int
+    writable: bool
+    file: MappedFile = field(compare=False)
+
+    @property
+    def end(self) -> int:
+        return self.moffset + self.length
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one request does to the front-end's map: unmap these, then map those."""
+
+    unmap: list[Mapping]
+    map: list[Mapping]
+
+
+class MappingTable:
+    """The mappings of one window, sorted by offset, never overlapping."""
+
+    def __init__(self, size: int, max_mappings: int | None = None) -> None:
+        if size <= 0 or size % PAGE:
+            raise ValueError("window size must be a positive multiple of the page size")
+        self.size = size
+        self.max_mappings = (
+            max_mappings if max_mappings is not None else size // WINDOW_GRANULE + SPARE_MAPPINGS
+        )
+        self._starts: list[int] = []
+        self._maps: list[Mapping] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._maps))
+
+    def check_range(self, moffset: int, length: int) -> None:
+        if length <= 0:
+            raise OSError(errno.EINVAL, "empty DAX range")
+        if moffset % PAGE or length % PAGE:
+            raise OSError(errno.EINVAL, "DAX range not page aligned")
+        if moffset < 0 or moffset + length > self.size:
+            raise OSError(errno.EINVAL, "DAX range beyond the end of the window")
+
+    def overlapping(self, moffset: int, length: int) -> list[Mapping]:
+        end = moffset + length
+        i = bisect.bisect_right(self._starts, moffset) - 1
+        if i < 0 or self._maps[i].end <= moffset:
+            i += 1
+        out = []
+        while i < len(self._maps) and self._maps[i].moffset < end:
+            out.append(self._maps[i])
+            i += 1
+        return out
+
+    def _cut(self, old: Mapping, moffset: int, length: int) -> list[Mapping]:
+        """The parts of ``old`` outside [moffset, moffset + length)."""
+        pieces = []
+        if old.moffset < moffset:
+            pieces.append(
+                Mapping(old.moffset, moffset - old.moffset, old.foffset, old.writable, old.file)
+            )
+        end = moffset + length
+        if old.end > end:
+            pieces.append(
+                Mapping(
+                    end, old.end - end, old.foffset + (end - old.moffset), old.writable, old.file
+                )
+            )
+        return pieces
+
+    def plan_setup(self, new: Mapping) -> Plan:
+        self.check_range(new.moffset, new.length)
+        if new.foffset < 0 or new.foffset % PAGE:
+            raise OSError(errno.EINVAL, "file offset not page aligned")
+        old = self.overlapping(new.moffset, new.length)
+        keep = [piece for m in old for piece in self._cut(m, new.moffset, new.length)]
+        if len(self._maps) - len(old) + len(keep) + 1 > self.max_mappings:
+            raise OSError(errno.ENOSPC, "DAX window has no mapping slots left")
+        return Plan(old, [*keep, new])
+
+    def plan_remove(self, moffset: int, length: int) -> Plan:
+        self.check_range(moffset, length)
+        old = self.overlapping(moffset, length)
+        keep = [piece for m in old for piece in self._cut(m, moffset, length)]
+        # A split of one mapping into two takes a slot; refusing would leave the guest
+        # unable to free anything, so removals may go past the limit.
+        return Plan(old, keep)
+
+    def remove(self, mapping: Mapping) -> None:
+        i = bisect.bisect_left(self._starts, mapping.moffset)
+        if i < len(self._maps) and self._maps[i] is mapping:
+            del self._starts[i]
+            del self._maps[i]
+            mapping.file.refs -= 1
+            return
+        raise KeyError(mapping.moffset)
+
+    def add(self, mapping: Mapping) -> None:
+        i = bisect.bisect_left(self._starts, mapping.moffset)
+        if (i > 0 and self._maps[i - 1].end > mapping.moffset) or (
+            i < len(self._maps) and self._maps[i].moffset < mapping.end
+        ):
+            raise ValueError(f"mapping at {mapping.moffset:#x} overlaps another")
+        self._starts.insert(i, mapping.moffset)
+        self._maps.insert(i, mapping)
+        mapping.file.refs += 1
+
+    def clear(self) -> list[Mapping]:
+        maps = self._maps
+        for m in maps:
+            m.file.refs -= 1
+        self._maps = []
+        self._starts = []
+        return maps
+
+    def mappings_of(self, owner: object) -> list[Mapping]:
+        return [m for m in self._maps if m.file.owner == owner]
+
+
+class ShmemMapper(Protocol):
+    """The front-end's side: :class:`~pyvirtiofsd.vhost_user.backend_channel.BackendChannel`."""
+
+    def shmem_map(
+        self, shmid: int, fd: int, fd_offset: int, shm_offset: int, length: int, writable: bool
+    ) -> int: ...
+
+    def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> int: ...
+
+
+class DaxWindow:
+    """Shared memory region 0 of a virtio-fs device, as the FUSE file system sees it.
+
+    ``setup`` and ``remove`` are what a file system's setupmapping/removemapping call; they
+    raise ``OSError`` with the errno the guest should see.
+    """
+
+    shmid = 0
+
+    def __init__(self, size: int, max_mappings: int | None = None) -> None:
+        self.table = MappingTable(size, max_mappings)
+        self.size = size
+        self.mapper: ShmemMapper | None = None
+        self._lock = threading.Lock()
+        self.stats = {"setup": 0, "remove": 0, "shmem_map": 0, "shmem_unmap": 0, "failed": 0}
+
+    def _mapper(self) -> ShmemMapper:
+        mapper = self.mapper
+        if mapper is None:
+            raise OSError(errno.ENODEV, "the front-end gave no back-end channel")
+        return mapper
+
+    def _run(self, plan: Plan) -> None:
+        """Carry ``plan`` out, keeping the table equal to what the front-end has mapped."""
+        mapper = self._mapper()
+        # The pieces to map again share the fd of the mapping they are cut from: hold it
+        # while that mapping is unmapped.
+        touched = {id(m.file): m.file for m in (*plan.unmap, *plan.map)}
+        for m in plan.map:
+            m.file.refs += 1
+        try:
+            for m in plan.unmap:
+                status = mapper.shmem_unmap(self.shmid, m.moffset, m.length)
+                self.stats["shmem_unmap"] += 1
+                if status:
+                    self.stats["failed"] += 1
+                    log.error(
+                        "front-end refused to unmap DAX range %#x+%#x (status %d)",
+                        m.moffset,
+                        m.length,
+                        status,
+                    )
+                    raise OSError(errno.EIO, "front-end refused SHMEM_UNMAP")
+                self.table.remove(m)
+            for m in plan.map:
+                status = mapper.shmem_map(
+                    self.shmid, m.file.fd, m.foffset, m.moffset, m.length, m.writable
+                )
+                self.stats["shmem_map"] += 1
+                if status:
+                    self.stats["failed"] += 1
+                    log.error(
+                        "front-end refused to map DAX range %#x+%#x (status %d)",
+                        m.moffset,
+                        m.length,
+                        status,
+                    )
+                    raise OSError(errno.EIO, "front-end refused SHMEM_MAP")
+                self.table.add(m)
+        finally:
+            for m in plan.map:
+                m.file.refs -= 1
+            for file in touched.values():
+                if file.refs == 0 and file.fd >= 0:
+                    os.close(file.fd)
+                    file.fd = -1
+
+    def setup(
+        self, fd: int, foffset: int, moffset: int, length: int, writable: bool, owner: object
+    ) -> None:
+        """Map ``length`` bytes of ``fd`` (borrowed; the window keeps its own copy) from
+        ``foffset`` at ``moffset`` in the window."""
+        with self._lock:
+            file = MappedFile(os.dup(fd), owner)
+            try:
+                plan = self.table.plan_setup(Mapping(moffset, length, foffset, writable, file))
+            except OSError:
+                os.close(file.fd)
+                raise
+            self.stats["setup"] += 1
+            self._run(plan)
+
+    def remove(self, ranges: Iterable[tuple[int, int]]) -> None:
+        with self._lock:
+            for moffset, length in ranges:
+                self.stats["remove"] += 1
+                self._run(self.table.plan_remove(moffset, length))
+
+    def reset(self) -> None:
+        """The front-end dropped every mapping (device reset): forget ours, send nothing."""
+        with self._lock:
+            for m in self.table.clear():
+                if m.file.refs == 0 and m.file.fd >= 0:
+                    os.close(m.file.fd)
+                    m.file.fd = -1
+
+    def mapped(self, owner: object) -> bool:
+        with self._lock:
+            return bool(self.table.mappings_of(owner))
