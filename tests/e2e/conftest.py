@@ -1,0 +1,172 @@
+"""The daemon as a real process (``python -m pyvirtiofsd``) for end-to-end tests.
+
+Every test that starts one checks, when it is done, that the daemon exited with status 0 once
+its front-end left, and that nothing in its log is a Python traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.vm import missing_assets
+from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
+
+# The daemon's closing lines (see transport/virtiofs.py and daemon.py).
+_PER_QUEUE = re.compile(r"requests per queue: (\[[0-9, ]*\])")
+_SERVED = re.compile(r"requests served: ?(.*)$", re.MULTILINE)
+
+
+def require_assets(qemu: str = "sid", rootfs: str | None = None) -> None:
+    reasons = missing_assets(qemu=qemu, rootfs=rootfs)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+@dataclass
+class DaemonProcess:
+    """One ``python -m pyvirtiofsd`` serving ``shared_dir`` on ``socket``."""
+
+    proc: subprocess.Popen[bytes]
+    socket: str
+    shared_dir: Path
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it contains ``text``; the daemon writes it from another process, so a
+        line may land a moment after the reply that follows it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_text()
+            if text in log or time.monotonic() > deadline:
+                assert text in log, f"{text!r} never appeared in the daemon log:\n{log[-3000:]}"
+                return log
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 60.0) -> str:
+        """Wait for the exit that follows the front-end's departure; check it was clean."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_child(self.proc)
+            pytest.fail(f"daemon still running after its front-end left:\n{self.log_text()}")
+        log = self.log_text()
+        assert rc == 0, f"daemon exited with status {rc}:\n{log[-4000:]}"
+        assert "Traceback" not in log, log[-6000:]
+        return log
+
+    def requests_per_queue(self) -> list[int]:
+        """From the exit log: requests served by queue 0 (hiprio), 1, 2, ..."""
+        found = _PER_QUEUE.findall(self.log_text())
+        assert found, self.log_text()[-3000:]
+        return list(ast.literal_eval(found[-1]))
+
+    def served(self) -> list[dict[str, int]]:
+        """Every "requests served" line of the log (SIGUSR1 and exit), as opcode counts."""
+        return [
+            {k: int(v) for k, v in (item.split("=") for item in line.split())}
+            for line in _SERVED.findall(self.log_text())
+        ]
+
+
+DaemonFactory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A scratch directory removed afterwards (pytest keeps old tmp_paths: too big here), that
+    every user can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="pyvirtiofsd-e2e-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_daemon(workdir: Path) -> Iterator[DaemonFactory]:
+    """``start_daemon(shared_dir, *options)`` runs the daemon and waits for its socket."""
+    started: list[DaemonProcess] = []
+
+    def start(shared_dir: Path, *options: str) -> DaemonProcess:
+        n = len(started)
+        sock = str(workdir / f"daemon-{n}.sock")
+        log_path = workdir / f"daemon-{n}.log"
+        argv = [
+            sys.executable, "-m", "pyvirtiofsd",
+            "--socket-path", sock, "--shared-dir", str(shared_dir), *options,
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            proc = spawn_child(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        daemon = DaemonProcess(proc, sock, shared_dir, log_path)
+        started.append(daemon)
+        try:
+            wait_for_socket(sock, proc)
+        except Exception:
+            raise AssertionError(f"daemon did not start:\n{daemon.log_text()}") from None
+        return daemon
+
+    yield start
+    # Only reached for daemons a failing test left behind; passing tests call finish().
+    for daemon in started:
+        kill_child(daemon.proc, grace=5.0)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_random(path: Path, size: int, seed: int) -> None:
+    """Incompressible bytes, reproducible from ``seed``, written in 1 MiB pieces."""
+    import random
+
+    rng = random.Random(seed)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+def parse_report(output: str) -> dict[str, str]:
+    """``KEY value`` lines a guest script printed (the first word upper-case), as a dict."""
+    report = {}
+    for line in output.splitlines():
+        key, _, value = line.partition(" ")
+        if key.isupper() and key.replace("_", "").isalnum():
+            report[key] = value.strip()
+    return report
+
+
+__all__ = [
+    "DaemonFactory",
+    "DaemonProcess",
+    "parse_report",
+    "require_assets",
+    "sha256_file",
+    "write_random",
+]
