@@ -1,0 +1,419 @@
+"""The command line, run as a real process (``python -m pyvirtiofsd``): what libvirt and QEMU
+read from it, what it refuses, libvirt's way of starting it, and how it stops.
+
+No VM: where a front-end is needed, the project's Python front-end plays it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.client import FuseClient
+from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
+
+REPO = Path(__file__).resolve().parent.parent
+DESCRIPTOR = REPO / "share" / "qemu" / "vhost-user" / "50-pyvirtiofsd.json"
+DAEMON = [sys.executable, "-m", "pyvirtiofsd"]
+#: Exit status of a daemon that answered a signal must come well before this; it only keeps a
+#: broken daemon from hanging the test run.
+EXIT_GUARD = 30.0
+
+
+def run_cli(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DAEMON, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pyvirtiofsd-cli-"))
+    try:
+        yield path
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(work: Path) -> Path:
+    d = work / "share"
+    d.mkdir()
+    (d / "hello.txt").write_bytes(b"hello, libvirt\n")
+    return d
+
+
+def fuse_over(q: DriverQueue) -> FuseClient:
+    return FuseClient(lambda req, size: q.request([req], [size] if size else []))
+
+
+def wait_exit(proc: subprocess.Popen[bytes], log: Path) -> int:
+    try:
+        return proc.wait(EXIT_GUARD)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"daemon did not exit:\n{log.read_text(errors='replace')}")
+
+
+def check_clean_log(log: Path) -> str:
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text
+    return text
+
+
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + EXIT_GUARD
+    while not path.is_socket():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"daemon never listened on {path}:\n{log.read_text(errors='replace')}")
+        time.sleep(0.02)
+
+
+# -- what libvirt and QEMU read ---------------------------------------------------------------
+
+
+def capabilities() -> dict[str, object]:
+    result = run_cli("--print-capabilities")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    caps = json.loads(result.stdout)
+    assert isinstance(caps, dict)
+    return caps
+
+
+def test_print_capabilities() -> None:
+    caps = capabilities()
+    assert caps["type"] == "fs"
+    features = caps["features"]
+    assert isinstance(features, list)
+    assert all(isinstance(f, str) and f for f in features)
+    assert len(set(features)) == len(features)
+    # The one feature libvirt acts upon for a daemon it starts with <binary path>.
+    assert "separate-options" in features
+
+
+def test_print_capabilities_needs_no_other_option(work: Path) -> None:
+    # libvirt runs the binary with this option alone, from any directory.
+    result = subprocess.run(
+        [*DAEMON, "--print-capabilities"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["type"] == "fs"
+    assert list(work.iterdir()) == []
+
+
+def test_vhost_user_descriptor_matches_the_daemon() -> None:
+    descriptor = json.loads(DESCRIPTOR.read_text())
+    assert set(descriptor) <= {"description", "type", "binary", "features", "tags"}
+    assert descriptor["type"] == "fs"
+    assert isinstance(descriptor["description"], str) and descriptor["description"]
+    assert os.path.isabs(descriptor["binary"])
+    assert descriptor["features"] == capabilities()["features"]
+
+
+def test_version_and_help() -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("pyvirtiofsd ")
+    helptext = run_cli("--help")
+    assert helptext.returncode == 0
+    for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--print-capabilities"):
+        assert option in helptext.stdout
+
+
+# -- refused command lines --------------------------------------------------------------------
+
+LONG_TAG = "t" * 37
+
+# (arguments, what the message says); {sock} and {dir} are filled in. Each case is otherwise
+# a command line that would start serving, so the refusal is for the stated reason alone.
+INVALID = {
+    "missing-shared-dir": (["--socket-path", "{sock}", "--shared-dir", "{dir}/nope"],
+                           "does not exist or is not a directory"),
+    "shared-dir-is-a-file": (["--socket-path", "{sock}", "--shared-dir", "{dir}/hello.txt"],
+                             "does not exist or is not a directory"),
+    "o-source-missing": (["--socket-path", "{sock}", "-o", "source={dir}/nope"],
+                         "does not exist or is not a directory"),
+    "no-shared-dir": (["--socket-path", "{sock}"], "--shared-dir (or -o source=DIR"),
+    "bad-cache": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--cache", "sometimes"],
+                  "argument --cache: invalid choice: 'sometimes'"),
+    "bad-o-cache": (["--socket-path", "{sock}", "-o", "source={dir},cache=sometimes"],
+                    "-o cache: invalid value 'sometimes'"),
+    "tag-too-long": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--tag", LONG_TAG],
+                     "--tag must be 1 to 36 bytes long"),
+    "empty-tag": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--tag="],
+                  "--tag must be 1 to 36 bytes long"),
+    "unknown-o-option": (["--socket-path", "{sock}", "-o", "source={dir},frobnicate"],
+                         "unknown -o option 'frobnicate'"),
+    "unsupported-o-option": (["--socket-path", "{sock}", "-o", "source={dir},xattrmap=:x:"],
+                             "-o xattrmap is not supported"),
+    "unsupported-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--uid-map",
+                            ":0:0:1:"], "--uid-map is not supported"),
+    "unknown-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--frobnicate"],
+                       "unrecognized arguments: --frobnicate"),
+    "socket-and-fd": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--fd", "0"],
+                      "--socket-path, --fd and --mount exclude each other"),
+    "socket-and-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--mount", "{dir}"],
+                         "--socket-path, --fd and --mount exclude each other"),
+    "no-transport": (["--shared-dir", "{dir}"],
+                     "one of --socket-path, --fd or --mount is required"),
+    "shared-dir-and-opendal": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                "--opendal", "memory"], "--opendal and --shared-dir exclude"),
+    "passthrough-without-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                   "--fuse-passthrough"], "--fuse-passthrough only works with"),
+    "zero-queues": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                     "--num-request-queues", "0"], "--num-request-queues must be between"),
+    "queue-size": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--queue-size", "1000"],
+                   "--queue-size must be a power of two"),
+    "dax-window-unaligned": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                              "--dax-window", "3M"], "--dax-window must be a multiple of 2M"),
+    "bad-sandbox": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--sandbox", "jail"],
+                    "argument --sandbox: invalid choice"),
+    "negative-thread-pool": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                              "--thread-pool-size", "-1"], "must not be negative"),
+    "unknown-socket-group": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                              "--socket-group", "no-such-group-here"],
+                             "no group named 'no-such-group-here'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_command_lines(case: str, work: Path, shared: Path) -> None:
+    template, message = INVALID[case]
+    sock = work / "vhost.sock"
+    args = [a.format(sock=sock, dir=shared) for a in template]
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert result.stderr.startswith("pyvirtiofsd: ") or "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not sock.exists(), "the socket was created for a refused command line"
+    assert sorted(p.name for p in work.iterdir()) == ["share"]
+
+
+def _non_listening_unix() -> socket.socket:
+    a, b = socket.socketpair()
+    b.close()
+    return a
+
+
+def _tcp_listener() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+def _udp_unix(work: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(work / "dgram.sock"))
+    return s
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("pipe", "--fd {fd}: "),
+        ("regular-file", "--fd {fd}: "),
+        ("closed", "--fd {fd}: Bad file descriptor"),
+        ("connected-unix", "--fd {fd} is not a listening socket"),
+        ("tcp-listener", "--fd {fd} is not a Unix stream socket"),
+        ("unix-datagram", "--fd {fd} is not a Unix stream socket"),
+    ],
+)
+def test_fd_that_is_no_listening_unix_socket(
+    kind: str, message: str, work: Path, shared: Path
+) -> None:
+    keep: list[object] = []
+    if kind == "pipe":
+        r, w = os.pipe()
+        keep += [r, w]
+        fd = r
+    elif kind == "regular-file":
+        fd = os.open(shared / "hello.txt", os.O_RDONLY)
+        keep.append(fd)
+    elif kind == "closed":
+        fd = 987
+    else:
+        s = {"connected-unix": _non_listening_unix, "tcp-listener": _tcp_listener}.get(
+            kind, lambda: _udp_unix(work)
+        )()
+        keep.append(s)
+        fd = s.fileno()
+    try:
+        before = sorted(p.name for p in work.iterdir())
+        passed = () if kind == "closed" else (fd,)
+        result = run_cli(f"--fd={fd}", "-o", f"source={shared}", pass_fds=passed)
+    finally:
+        for item in keep:
+            if isinstance(item, int):
+                os.close(item)
+            else:
+                item.close()  # type: ignore[attr-defined]
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message.format(fd=fd) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
+# -- libvirt's shape: --fd=N with a socket the caller listens on -------------------------------
+
+
+def libvirt_daemon(
+    work: Path, shared: Path, options: str, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """Start the daemon as libvirt 9.0 does: it creates and listens on the socket, passes it
+    as an inherited fd, and names the directory with ``-o source=``."""
+    path = work / "libvirt-fs.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    fd = listener.fileno()
+    log = work / "daemon.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*DAEMON, f"--fd={fd}", "-o", f"source={shared}{options}", *extra],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    # libvirt keeps no use for its copy once the daemon has it.
+    listener.close()
+    return proc, path, log
+
+
+def test_libvirt_command_line_serves(work: Path, shared: Path) -> None:
+    proc, path, log = libvirt_daemon(work, shared, ",cache=none,xattr,flock,posix_lock")
+    try:
+        with Frontend.connect(str(path)) as fe:
+            q = fe.setup(queues=(0, 1), queue_size=64)[1]
+            fuse = fuse_over(q)
+            # As the kernel does; FuseClient.setxattr sends the extended fuse_setxattr_in.
+            fuse.init(abi.InitFlag.SETXATTR_EXT)
+            entry = fuse.lookup(abi.ROOT_ID, b"hello.txt")
+            opened = fuse.open(entry.nodeid)
+            # cache=none is virtiofsd's old name for "never": no page cache in the guest.
+            assert opened.open_flags & abi.FOPEN_DIRECT_IO
+            assert fuse.read(entry.nodeid, opened.fh, 0, 100) == b"hello, libvirt\n"
+            fuse.release(entry.nodeid, opened.fh)
+            # xattr was asked for, so user xattrs reach the host file.
+            fuse.setxattr(entry.nodeid, b"user.libvirt", b"yes")
+            assert fuse.getxattr(entry.nodeid, b"user.libvirt") == b"yes"
+        rc = wait_exit(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = check_clean_log(log)
+    assert rc == 0, text
+    assert os.getxattr(shared / "hello.txt", "user.libvirt") == b"yes"
+
+
+def test_libvirt_command_line_without_xattr_refuses_xattrs(work: Path, shared: Path) -> None:
+    # The same shape with libvirt's other knobs; no "xattr", so xattrs stay off.
+    proc, path, log = libvirt_daemon(
+        work, shared, ",cache=auto,sandbox=chroot,posix_lock,flock", "--thread-pool-size=4"
+    )
+    try:
+        with Frontend.connect(str(path)) as fe:
+            fuse = fuse_over(fe.setup(queues=(0, 1), queue_size=64)[1])
+            fuse.init(abi.InitFlag.SETXATTR_EXT)
+            entry = fuse.lookup(abi.ROOT_ID, b"hello.txt")
+            assert not fuse.open(entry.nodeid).open_flags & abi.FOPEN_DIRECT_IO
+            with pytest.raises(OSError) as info:
+                fuse.setxattr(entry.nodeid, b"user.libvirt", b"no")
+            assert info.value.errno in (errno.ENOSYS, errno.EOPNOTSUPP)
+        rc = wait_exit(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, check_clean_log(log)
+    check_clean_log(log)
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+def socket_daemon(work: Path, shared: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    path = work / "vhost.sock"
+    log = work / "daemon.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*DAEMON, "--socket-path", str(path), "--shared-dir", str(shared)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    wait_for_path(path, proc, log)
+    return proc, path, log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_stops_a_waiting_daemon(signum: int, work: Path, shared: Path) -> None:
+    proc, path, log = socket_daemon(work, shared)
+    proc.send_signal(signum)
+    rc = wait_exit(proc, log)
+    text = check_clean_log(log)
+    assert rc == 0, text
+    assert not path.exists(), "the socket outlived the daemon"
+    assert f"signal {signum}" in text
+
+
+def test_sigterm_stops_a_serving_daemon(work: Path, shared: Path) -> None:
+    proc, path, log = socket_daemon(work, shared)
+    with Frontend.connect(str(path)) as fe:
+        fuse = fuse_over(fe.setup(queues=(0, 1), queue_size=64)[1])
+        fuse.init()
+        fuse.getattr(abi.ROOT_ID)
+        proc.send_signal(signal.SIGTERM)
+        rc = wait_exit(proc, log)
+        with pytest.raises(FrontendError):
+            fe.get_queue_num()  # the daemon hung up
+    text = check_clean_log(log)
+    assert rc == 0, text
+    assert not path.exists()
+
+
+def test_sigusr1_logs_counters_and_keeps_serving(work: Path, shared: Path) -> None:
+    proc, path, log = socket_daemon(work, shared)
+    with Frontend.connect(str(path)) as fe:
+        fuse = fuse_over(fe.setup(queues=(0, 1), queue_size=64)[1])
+        fuse.init()
+        for _ in range(3):
+            fuse.getattr(abi.ROOT_ID)
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + EXIT_GUARD
+        while "GETATTR=3" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "requests served: GETATTR=3 INIT=1" in log.read_text()
+        fuse.getattr(abi.ROOT_ID)
+    rc = wait_exit(proc, log)
+    text = check_clean_log(log)
+    assert rc == 0, text
+    assert "requests served: GETATTR=4 INIT=1" in text
