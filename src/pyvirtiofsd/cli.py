@@ -345,8 +345,10 @@ def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
             p.error(f"shared directory {o.shared_dir!r} does not exist or is not a directory")
     elif o.shared_dir is not None:
         p.error("--opendal and --shared-dir exclude each other")
-    elif o.opendal_opts and not o.opendal:
-        p.error("--opendal-opt needs --opendal")
+    if o.opendal is None and (
+        o.opendal_opts or o.opendal_cache_dir is not None or o.opendal_cache_size is not None
+    ):
+        p.error("--opendal-opt, --opendal-cache-dir and --opendal-cache-size need --opendal")
     transports = sum(x is not None for x in (o.socket_path, o.fd, o.mount))
     if transports == 0:
         p.error("one of --socket-path, --fd or --mount is required")
@@ -375,6 +377,27 @@ def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
             grp.getgrnam(o.socket_group)
         except KeyError:
             p.error(f"--socket-group: no group named {o.socket_group!r}")
+    if o.opendal is not None and not own_fs:
+        # Last, as it may ask the store over the network.
+        _check_opendal(p, o)
+
+
+def _check_opendal(p: argparse.ArgumentParser, o: Options) -> None:
+    """The scheme, its options and the store itself, checked before anything listens."""
+    if o.opendal_cache_dir is not None:
+        d = o.opendal_cache_dir
+        if os.path.exists(d) and not os.path.isdir(d):
+            p.error(f"--opendal-cache-dir {d!r} is not a directory")
+        parent = d if os.path.isdir(d) else os.path.dirname(os.path.abspath(d))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            p.error(f"--opendal-cache-dir {d!r} is not writable")
+    try:
+        from .backends.opendal.config import check_service
+    except ImportError:
+        p.error("--opendal needs the opendal package: pip install 'pyvirtiofsd[opendal]'")
+    problem = check_service(o.opendal or "", o.opendal_opts)
+    if problem is not None:
+        p.error(f"--opendal {o.opendal}: {problem}")
 
 
 def _check_listening_fd(p: argparse.ArgumentParser, fd: int) -> None:

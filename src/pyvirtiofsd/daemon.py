@@ -80,6 +80,8 @@ def build_filesystem(opts: Options) -> Filesystem:
                 cache_dir=opts.opendal_cache_dir,
                 cache_size=opts.opendal_cache_size,
                 readonly=opts.readonly,
+                readdirplus=opts.readdirplus,
+                writeback=opts.writeback,
             )
         )
     from .backends.passthrough import PassthroughConfig, PassthroughFs
