@@ -231,7 +231,7 @@ class OpendalFs(Filesystem):
     def _local_state(blob: Blob | None) -> bool:
         """The blob, not the store, knows this file: written here and not yet committed, or
         open for writing."""
-        return blob is not None and (blob.dirty or not blob.stored or blob.writers > 0)
+        return blob is not None and (blob.dirty or not blob.stored or blob.writers > 0 or blob.dax)
 
     def _new_fh(self, h: _FileHandle | _DirHandle) -> int:
         with self._fh_lock:
@@ -349,47 +349,55 @@ class OpendalFs(Filesystem):
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()
         node = self.inodes.get(ino)
-        h = self._handles.get(changes.fh) if changes.fh is not None else None
-        blob = h.blob if isinstance(h, _FileHandle) else None
-        meta = self._meta(node, blob)
-        new = _apply(meta, changes)
-        attrs_changed = new != meta
         if node.is_dir:
             if changes.size is not None:
                 raise _err(errno.EISDIR)
-            if attrs_changed:
+            meta = self._meta(node)
+            new = _apply(meta, changes)
+            if new != meta:
                 self.local.set(node.path, overrides_of(new))
                 node.meta = new
             return self._attr(node, new), self._timeout
         if changes.size is not None and node.kind != stat.S_IFREG:
             raise _err(errno.EINVAL)
-        if changes.size is None and not (attrs_changed and self.store.user_metadata):
-            # Nothing to upload: attributes live in LocalAttrs for this service.
-            if attrs_changed:
-                if not is_unlinked(node):
-                    self.local.set(node.path, overrides_of(new))
-                if blob is not None:
-                    blob.set_meta(new, dirty=False)
-                node.meta = new
-            return self._attr(node, new), self._timeout
-        own = blob is None
-        if own:
-            blob = self._open_blob(node, write=True)
+        h = self._handles.get(changes.fh) if changes.fh is not None else None
+        blob = h.blob if isinstance(h, _FileHandle) and h.node is node else None
+        # References we take here and drop at the end: an open one, and a writer one.
+        held = writer = False
+        if blob is None and not is_unlinked(node) and self._local_state(self.cache.peek(node.path)):
+            # Being written through another open file (the kernel sends no fh for fchmod or
+            # futimens): the change joins what that file will commit.
+            blob = self.cache.acquire(node.path)
+            held = blob is not None
         try:
+            meta = self._meta(node, blob)
+            new = _apply(meta, changes)
+            attrs_changed = new != meta
+            if attrs_changed and not self.store.user_metadata and not is_unlinked(node):
+                self.local.set(node.path, overrides_of(new))
+            if changes.size is None and not (attrs_changed and self.store.user_metadata):
+                # Nothing for the store: the attributes live in LocalAttrs for this service.
+                if attrs_changed:
+                    if blob is not None:
+                        blob.set_meta(new, dirty=False)
+                    node.meta = new
+                return self._attr(node, new), self._timeout
+            if blob is None:
+                blob = self._open_blob(node, write=True)
+                held = writer = True
             if changes.size is not None:
                 blob.truncate(changes.size)
+                self._resized(node, changes.size)
             if attrs_changed:
                 blob.set_meta(new, dirty=self.store.user_metadata)
-                if not self.store.user_metadata and not is_unlinked(node):
-                    self.local.set(node.path, overrides_of(new))
-            # Through an open file the change goes up with the next flush; on a path (truncate,
-            # chmod, utimes) now, as the call's effect is otherwise invisible to the store.
-            if blob.writers <= (1 if own else 0):
+            # A file open for writing takes the change up with its next flush; otherwise
+            # (truncate, chmod, utimes on a path) it goes up now, or nobody would.
+            if blob.writers <= (1 if writer else 0):
                 self._commit(blob)
             result = blob.current_meta()
         finally:
-            if own:
-                self._close_blob(blob, True)
+            if held and blob is not None:
+                self._close_blob(blob, writer)
         node.meta = result
         return self._attr(node, result), self._timeout
 
@@ -581,7 +589,9 @@ class OpendalFs(Filesystem):
             raise _err(errno.ENOENT)
         path = node.path
         blob = self.cache.acquire(path)
-        if blob is not None and not self._local_state(blob) and not node.fresh(now()):
+        if blob is not None and not self._local_state(blob):
+            # Attributes within their timeout are trusted (a lookup may just have fetched
+            # them); either way the blob must hold the version they describe.
             try:
                 meta = self._meta(node)
             except BaseException:
@@ -634,6 +644,7 @@ class OpendalFs(Filesystem):
         try:
             if flags & os.O_TRUNC and blob.size:
                 blob.truncate(0)
+                self._resized(node, 0)
         except BaseException:
             self._close_blob(blob, writable)
             raise
@@ -708,7 +719,11 @@ class OpendalFs(Filesystem):
         h = self._file_handle(fh)
         if not h.writable:
             raise _err(errno.EBADF)
-        return h.blob.write(data, offset, h.append)
+        before = h.blob.size
+        n = h.blob.write(data, offset, h.append)
+        if h.blob.size != before:
+            self._resized(h.node, h.blob.size)
+        return n
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
         h = self._file_handle(fh)
@@ -745,15 +760,59 @@ class OpendalFs(Filesystem):
         if h.blob.needs_commit():
             self._commit(h.blob)
 
-    def dax_fd(self, ino: int, fh: int, offset: int, length: int, writable: bool) -> int:
+    # --- DAX -------------------------------------------------------------------------------
+
+    def dax_fd(self, ino: int, fh: int | None, offset: int, length: int, writable: bool) -> int:
         """A file descriptor of the local copy of ``ino`` for a DAX mapping of
-        [offset, offset+length), with that range filled from the store first. The caller owns
-        (and closes) the fd. A writable mapping makes every later flush, fsync and release
-        upload the file, since writes through the mapping are invisible to us."""
-        h = self._file_handle(fh)
-        if writable and (self.cfg.readonly or not h.writable):
-            raise _err(errno.EACCES)
-        return h.blob.dax_fd(self.store, offset, length, writable)
+        [offset, offset+length), with that range filled from the store first; the caller owns
+        (and closes) it. ``fh`` may be None or stale: the guest also maps after it released
+        the file. A writable mapping makes every later flush, fsync and release upload the
+        file, since writes through the mapping are invisible to us."""
+        node = self.inodes.get(ino)
+        if node.kind != stat.S_IFREG:
+            raise _err(errno.EINVAL, "only regular files are mapped")
+        if writable:
+            self._rofs()
+        h = self._handles.get(fh) if fh is not None else None
+        if isinstance(h, _FileHandle) and h.node is node:
+            return h.blob.dax_fd(self.store, offset, length, writable)
+        blob = self._open_blob(node, write=False)
+        try:
+            return blob.dax_fd(self.store, offset, length, writable)
+        finally:
+            self._close_blob(blob, False)
+
+    def setupmapping(
+        self,
+        ctx: Context,
+        ino: int,
+        fh: int,
+        foffset: int,
+        length: int,
+        flags: int,
+        moffset: int,
+    ) -> None:
+        window = self._conn.dax_window
+        if window is None:
+            raise _err(errno.ENOSYS)
+        writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
+        fd = self.dax_fd(ino, fh, foffset, length, writable)
+        try:
+            window.setup(fd, foffset, moffset, length, writable, ino)  # type: ignore[attr-defined]
+        finally:
+            os.close(fd)
+
+    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
+        window = self._conn.dax_window
+        if window is None:
+            raise _err(errno.ENOSYS)
+        window.remove(ranges)  # type: ignore[attr-defined]
+
+    def _resized(self, node: Node, size: int) -> None:
+        """Tell the DAX window, if it maps this file, that its size changed."""
+        window = self._conn.dax_window
+        if window is not None and window.holds(node.ino):  # type: ignore[attr-defined]
+            window.resized(node.ino, size)  # type: ignore[attr-defined]
 
     # --- directories -----------------------------------------------------------------------
 

@@ -291,7 +291,9 @@ class Blob:
     def dax_fd(self, store: Store, offset: int, length: int, writable: bool) -> int:
         """A new fd of the local file with [offset, offset+length) filled (clamped to the
         file's size); the caller maps it and closes it. A writable mapping changes the file
-        where we can't see it, so until the last handle is released every commit uploads."""
+        where we can't see it, so from then on every commit of this blob uploads. A blob DAX
+        has seen is never evicted nor replaced: the guest's mappings would go on showing the
+        old file."""
         self.ensure(store, offset, offset + length)
         with self.lock:
             self.dax = True
@@ -380,8 +382,6 @@ class BlobCache:
         with self._lock:
             blob.opens -= 1
             gone = blob.opens <= 0 and self._by_path.get(blob.path or "") is not blob
-            if blob.opens <= 0:
-                blob.dax_writable = False
         if gone:
             self._destroy(blob)
         self.evict()
@@ -484,7 +484,8 @@ class BlobCache:
             for path, blob in list(self._by_path.items()):
                 if excess <= 0:
                     break
-                if blob.opens > 0 or blob.dirty or blob.inflight or blob.dax_writable:
+                if blob.opens > 0 or blob.dirty or blob.inflight or blob.dax:
+                    # DAX may still map this very file: a new copy would split the data.
                     continue
                 del self._by_path[path]
                 victims.append(blob)
