@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -102,23 +103,48 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def start_daemon(workdir: Path) -> Iterator[DaemonFactory]:
-    """``start_daemon(shared_dir, *options)`` runs the daemon and waits for its socket."""
+    """``start_daemon(shared_dir, *options)`` runs the daemon and waits for its socket.
+
+    With ``inherit_socket=True`` it is started the way libvirt starts it: the test creates and
+    listens on the socket, and the daemon gets ``--fd=N -o source=DIR`` (then pass further
+    ``-o`` options in ``options``).
+    """
     started: list[DaemonProcess] = []
 
-    def start(shared_dir: Path, *options: str) -> DaemonProcess:
+    def start(shared_dir: Path, *options: str, inherit_socket: bool = False) -> DaemonProcess:
         n = len(started)
         sock = str(workdir / f"daemon-{n}.sock")
         log_path = workdir / f"daemon-{n}.log"
-        argv = [
-            sys.executable, "-m", "pyvirtiofsd",
-            "--socket-path", sock, "--shared-dir", str(shared_dir), *options,
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            proc = spawn_child(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        command = [sys.executable, "-m", "pyvirtiofsd"]
+        listener = None
+        if inherit_socket:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(sock)
+            listener.listen(1)
+            argv = [*command, f"--fd={listener.fileno()}", "-o", f"source={shared_dir}"]
+            pass_fds: tuple[int, ...] = (listener.fileno(),)
+        else:
+            argv = [*command, "--socket-path", sock, "--shared-dir", str(shared_dir)]
+            pass_fds = ()
+        try:
+            with log_path.open("wb") as log:
+                proc = spawn_child(
+                    [*argv, *options],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=pass_fds,
+                )
+        finally:
+            if listener is not None:
+                listener.close()  # the daemon has its own copy
         daemon = DaemonProcess(proc, sock, shared_dir, log_path)
         started.append(daemon)
         try:
-            wait_for_socket(sock, proc)
+            if inherit_socket:
+                daemon.wait_for_log("waiting for a vhost-user front-end", timeout=30)
+            else:
+                wait_for_socket(sock, proc)
         except Exception:
             raise AssertionError(f"daemon did not start:\n{daemon.log_text()}") from None
         return daemon
