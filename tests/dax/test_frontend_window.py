@@ -329,3 +329,70 @@ def test_dax_per_inode_by_size(tmp_path: Path) -> None:
         assert s.fuse.lookup(ROOT, b"big").flags & abi.ATTR_DAX
     finally:
         finish(s)
+
+
+def test_mapping_past_the_end_of_the_file_is_clipped(dax: Setup) -> None:
+    """The guest maps whole ranges past a file's end; the front-end maps the whole pages the
+    file backs, plus a shadow of its partial last page, and maps again as the file grows or
+    shrinks (before the request that changed it is answered)."""
+    (dax.src / "a").write_bytes(b"x" * (2 * K + 100))
+    ino = dax.lookup("a")
+    setup(dax, "a", 0, 8, 0)
+    assert dax.window.mappings == {0: (2 * K, False), 2 * K: (K, False)}
+    assert dax.window.read(0, 3 * K) == b"x" * (2 * K + 100) + b"\0" * (K - 100)
+    opened = dax.fuse.open(ino, os.O_RDWR)
+    dax.fuse.write(ino, opened.fh, 5 * K, b"grown")
+    assert dax.window.mappings == {0: (5 * K, False), 5 * K: (K, False)}
+    assert dax.window.read(5 * K, 6) == b"grown\0"
+    dax.fuse.setattr(ino, valid=abi.FATTR_SIZE, size=K)
+    assert dax.window.mappings == {0: (K, False)}
+    dax.fuse.setattr(ino, valid=abi.FATTR_SIZE, size=0)
+    assert dax.window.mappings == {}
+    dax.fuse.write(ino, opened.fh, 0, b"back")
+    assert dax.window.read(0, 5) == b"back\0"
+    dax.fuse.removemapping([(0, 8 * K)])
+    assert dax.window.mappings == {}
+
+
+def test_guest_writes_to_a_shadowed_last_page_reach_the_file(dax: Setup) -> None:
+    (dax.src / "a").write_bytes(b"y" * (K + 10))
+    ino = dax.lookup("a")
+    opened = dax.fuse.open(ino, os.O_RDWR)
+    dax.fuse.setupmapping(ino, opened.fh, 0, 4 * K, W, 0)
+    dax.window.write(K + 2, b"ZZ")
+    dax.window.write(K + 50, b"past the end: dropped, as a page cache would")
+    assert (dax.src / "a").read_bytes()[K:] == b"y" * 10  # not yet: the guest has not synced
+    dax.fuse.fsync(ino, opened.fh)
+    assert (dax.src / "a").read_bytes() == b"y" * (K + 2) + b"ZZ" + b"y" * 6
+    # host-side change of the last page shows at the next getattr
+    with open(dax.src / "a", "r+b") as f:
+        f.seek(K + 8)
+        f.write(b"HH")
+    dax.fuse.getattr(ino)
+    assert dax.window.read(K, 10) == b"yyZZyyyyHH"
+    dax.window.write(K, b"Q")
+    dax.fuse.release(ino, opened.fh)
+    assert (dax.src / "a").read_bytes()[K : K + 10] == b"QyZZyyyyHH"
+
+
+def test_host_side_growth_is_seen_at_getattr(dax: Setup) -> None:
+    (dax.src / "a").write_bytes(b"x" * K)
+    ino = dax.lookup("a")
+    setup(dax, "a", 0, 4, 0)
+    with open(dax.src / "a", "ab") as f:
+        f.write(b"y" * K)
+    assert dax.fuse.getattr(ino).size == 2 * K
+    assert dax.window.read(K, K) == b"y" * K
+
+
+def test_split_pieces_are_clipped_too(dax: Setup) -> None:
+    (dax.src / "a").write_bytes(b"a" * (3 * K))
+    write_pages(dax.src / "b", b"B", 4)
+    setup(dax, "a", 0, 8, 0)
+    setup(dax, "b", 0, 1, 1)
+    assert sorted(dax.window.mappings.items()) == [
+        (0, (K, False)),
+        (K, (K, False)),
+        (2 * K, (K, False)),
+    ]
+    assert window_pages(dax, 1, 1) == tags(b"B", 0)

@@ -374,7 +374,7 @@ def test_mem_table_with_bad_fd_type(h: Harness) -> None:
 def test_add_and_remove_regions(h: Harness) -> None:
     h.negotiate()
     first, second = h.ram.descs()
-    assert h.u64(R.GET_MAX_MEM_SLOTS) == 32
+    assert h.u64(R.GET_MAX_MEM_SLOTS) == 512
     assert h.ack(R.ADD_MEM_REG, encode_single_region(first), h.ram_fds(1)) == 0
     assert h.ack(R.ADD_MEM_REG, encode_single_region(second), h.ram_fds(1)) == 0
     assert len(h.backend.memory) == 2
@@ -532,9 +532,12 @@ def test_memory_change_restarts_running_rings(h: Harness) -> None:
         assert h.runner.calls == []
         queue = h.backend.vrings[0].queue
         assert queue is not None and queue.memory is h.backend.memory
-        # Removing one restarts the ring.
+        # Removing one that holds no ring leaves the ring running too (the front-end may be
+        # waiting on a request in flight, e.g. a DAX mapping, while it removes the region).
         assert h.ack(R.REM_MEM_REG, encode_single_region(desc)) == 0
-        assert h.runner.calls == [("stop", 0), ("start", 0)]
+        assert h.runner.calls == []
+        queue = h.backend.vrings[0].queue
+        assert queue is not None and queue.memory is h.backend.memory
     finally:
         extra.close()
 

@@ -256,7 +256,9 @@ class DaxWindow(Protocol):
 
     ``setup`` maps ``length`` bytes of ``fd`` (borrowed: the window keeps its own copy)
     from ``foffset`` at ``moffset`` in the window; ``owner`` names the file (an inode) for
-    bookkeeping. ``remove`` unmaps (moffset, length) ranges. Both raise ``OSError``.
+    bookkeeping. ``remove`` unmaps (moffset, length) ranges. Both raise ``OSError``. A file
+    system tells the window when a mapped file changes size (``resized``), before it answers
+    the request that changed it.
     """
 
     size: int
@@ -266,6 +268,20 @@ class DaxWindow(Protocol):
     ) -> None: ...
 
     def remove(self, ranges: Iterable[tuple[int, int]]) -> None: ...
+
+    def holds(self, owner: object) -> bool:
+        """Whether ``owner`` has mappings: worth calling :meth:`resized` when its size
+        changes."""
+        ...
+
+    def resized(self, owner: object, size: int) -> None:
+        """``owner``'s file is now ``size`` bytes long, or its contents changed."""
+        ...
+
+    def flush(self, owner: object) -> None:
+        """Put into ``owner``'s file whatever the guest wrote through the window that is not
+        there yet (before the file is synced, closed, or read or written another way)."""
+        ...
 
 
 @dataclass(slots=True)

@@ -14,6 +14,16 @@ SHMEM_UNMAP. The two sides disagree on what a request may do:
 vhost-user steps that satisfy both: unmap every mapping touched, then map again the pieces that
 survive and the new range. It does no I/O, so every rule is tested on its own.
 :class:`DaxWindow` runs those steps through the back-end channel, one request at a time.
+
+One more difference: the guest maps whole 2 MiB ranges, also past the end of a file, as mmap()
+allows; QEMU maps a file only as far as the file reaches, in whole pages. So the front-end gets
+the whole pages of a mapping that the file backs; the rest of the range stays a hole, which the
+guest never touches, as it reads no further than the file's size. The last page of a file whose
+size is not a multiple of the page size is the exception: QEMU refuses it, and the guest reads
+it. It is shadowed by a one-page memfd holding the same bytes, copied back to the file when the
+guest syncs, flushes or closes (or the daemon is about to touch the file), and refreshed from
+the file when the file changes. A file that grows or shrinks has its mappings mapped again
+(:meth:`DaxWindow.resized`) before the request that changed its size is answered.
 """
 
 from __future__ import annotations
@@ -49,6 +59,19 @@ class MappedFile:
         self.refs = 0
 
 
+class TailPage:
+    """A one-page memfd standing in for a file's partial last page in the window."""
+
+    __slots__ = ("fd", "foffset", "snapshot")
+
+    def __init__(self, fd: int, foffset: int, snapshot: bytes) -> None:
+        self.fd = fd
+        #: Offset of the page in the file.
+        self.foffset = foffset
+        #: The file's bytes in that page when last copied either way.
+        self.snapshot = snapshot
+
+
 @dataclass(slots=True)
 class Mapping:
     moffset: int
@@ -56,6 +79,10 @@ class Mapping:
     foffset: int
     writable: bool
     file: MappedFile = field(compare=False)
+    #: Bytes of the file the front-end has mapped from ``moffset`` (whole pages).
+    mapped: int = 0
+    #: The shadow of the file's partial last page, when it lies in this range.
+    tail: TailPage | None = None
 
     @property
     def end(self) -> int:
@@ -82,6 +109,7 @@ class MappingTable:
         )
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
+        self._owners: dict[object, int] = {}
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -148,6 +176,10 @@ class MappingTable:
             del self._starts[i]
             del self._maps[i]
             mapping.file.refs -= 1
+            owner = mapping.file.owner
+            self._owners[owner] -= 1
+            if not self._owners[owner]:
+                del self._owners[owner]
             return
         raise KeyError(mapping.moffset)
 
@@ -160,6 +192,8 @@ class MappingTable:
         self._starts.insert(i, mapping.moffset)
         self._maps.insert(i, mapping)
         mapping.file.refs += 1
+        owner = mapping.file.owner
+        self._owners[owner] = self._owners.get(owner, 0) + 1
 
     def clear(self) -> list[Mapping]:
         maps = self._maps
@@ -167,9 +201,15 @@ class MappingTable:
             m.file.refs -= 1
         self._maps = []
         self._starts = []
+        self._owners.clear()
         return maps
 
+    def holds(self, owner: object) -> bool:
+        return owner in self._owners
+
     def mappings_of(self, owner: object) -> list[Mapping]:
+        if owner not in self._owners:
+            return []
         return [m for m in self._maps if m.file.owner == owner]
 
 
@@ -205,9 +245,90 @@ class DaxWindow:
             raise OSError(errno.ENODEV, "the front-end gave no back-end channel")
         return mapper
 
+    def _request(self, kind: str, m: Mapping, status: int, moffset: int, length: int) -> None:
+        self.stats["shmem_" + kind] += 1
+        if status:
+            self.stats["failed"] += 1
+            log.error(
+                "front-end refused to %s DAX range %#x+%#x (status %d)",
+                kind,
+                moffset,
+                length,
+                status,
+            )
+            raise OSError(errno.EIO, f"front-end refused SHMEM_{kind.upper()}")
+
+    def _send_unmap(self, m: Mapping) -> None:
+        mapper = self._mapper()
+        if m.mapped:
+            status = mapper.shmem_unmap(self.shmid, m.moffset, m.mapped)
+            self._request("unmap", m, status, m.moffset, m.mapped)
+            m.mapped = 0
+        tail = m.tail
+        if tail is not None:
+            self._sync_tail(m)
+            at = m.moffset + tail.foffset - m.foffset
+            status = mapper.shmem_unmap(self.shmid, at, PAGE)
+            self._request("unmap", m, status, at, PAGE)
+            os.close(tail.fd)
+            m.tail = None
+
+    def _send_map(self, m: Mapping, size: int | None = None) -> None:
+        if size is None:
+            size = os.fstat(m.file.fd).st_size
+        full, tail_at = _layout(m, size)
+        mapper = self._mapper()
+        if full:
+            status = mapper.shmem_map(self.shmid, m.file.fd, m.foffset, m.moffset, full, m.writable)
+            self._request("map", m, status, m.moffset, full)
+            m.mapped = full
+        if tail_at is not None:
+            data = os.pread(m.file.fd, size - tail_at, tail_at)
+            fd = os.memfd_create("pyvirtiofsd-dax-tail", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, PAGE)
+                os.pwrite(fd, data, 0)
+                at = m.moffset + tail_at - m.foffset
+                status = mapper.shmem_map(self.shmid, fd, 0, at, PAGE, m.writable)
+                self._request("map", m, status, at, PAGE)
+            except BaseException:
+                os.close(fd)
+                raise
+            m.tail = TailPage(fd, tail_at, data)
+
+    def _sync_tail(self, m: Mapping) -> None:
+        """Copy what the guest wrote into a shadowed last page back to the file."""
+        tail = m.tail
+        if tail is None:
+            return
+        now = os.pread(tail.fd, len(tail.snapshot), 0)
+        if now == tail.snapshot:
+            return
+        first = next(i for i, (a, b) in enumerate(zip(now, tail.snapshot, strict=True)) if a != b)
+        last = len(now) - next(
+            i
+            for i, (a, b) in enumerate(zip(reversed(now), reversed(tail.snapshot), strict=True))
+            if a != b
+        )
+        # Never past the file's end: the guest can't grow a file through its mapping.
+        end = min(last, os.fstat(m.file.fd).st_size - tail.foffset)
+        if end > first:
+            os.pwrite(m.file.fd, now[first:end], tail.foffset + first)
+        tail.snapshot = now
+
+    def _refresh_tail(self, m: Mapping, size: int) -> None:
+        """Copy the file's last page into its shadow (the file changed)."""
+        tail = m.tail
+        assert tail is not None
+        data = os.pread(m.file.fd, size - tail.foffset, tail.foffset)
+        if data != tail.snapshot:
+            # Zeros past the end, as a page of the file itself would show.
+            os.pwrite(tail.fd, data.ljust(PAGE, b"\0"), 0)
+            tail.snapshot = data
+
     def _run(self, plan: Plan) -> None:
         """Carry ``plan`` out, keeping the table equal to what the front-end has mapped."""
-        mapper = self._mapper()
+        self._mapper()
         # The pieces to map again share the fd of the mapping they are cut from: hold it
         # while that mapping is unmapped.
         touched = {id(m.file): m.file for m in (*plan.unmap, *plan.map)}
@@ -215,32 +336,10 @@ class DaxWindow:
             m.file.refs += 1
         try:
             for m in plan.unmap:
-                status = mapper.shmem_unmap(self.shmid, m.moffset, m.length)
-                self.stats["shmem_unmap"] += 1
-                if status:
-                    self.stats["failed"] += 1
-                    log.error(
-                        "front-end refused to unmap DAX range %#x+%#x (status %d)",
-                        m.moffset,
-                        m.length,
-                        status,
-                    )
-                    raise OSError(errno.EIO, "front-end refused SHMEM_UNMAP")
+                self._send_unmap(m)
                 self.table.remove(m)
             for m in plan.map:
-                status = mapper.shmem_map(
-                    self.shmid, m.file.fd, m.foffset, m.moffset, m.length, m.writable
-                )
-                self.stats["shmem_map"] += 1
-                if status:
-                    self.stats["failed"] += 1
-                    log.error(
-                        "front-end refused to map DAX range %#x+%#x (status %d)",
-                        m.moffset,
-                        m.length,
-                        status,
-                    )
-                    raise OSError(errno.EIO, "front-end refused SHMEM_MAP")
+                self._send_map(m)
                 self.table.add(m)
         finally:
             for m in plan.map:
@@ -275,10 +374,48 @@ class DaxWindow:
         """The front-end dropped every mapping (device reset): forget ours, send nothing."""
         with self._lock:
             for m in self.table.clear():
+                if m.tail is not None:
+                    self._sync_tail(m)
+                    os.close(m.tail.fd)
+                    m.tail = None
                 if m.file.refs == 0 and m.file.fd >= 0:
                     os.close(m.file.fd)
                     m.file.fd = -1
 
-    def mapped(self, owner: object) -> bool:
+    def holds(self, owner: object) -> bool:
+        """Whether ``owner`` has mappings (cheap; no lock needed for a hint)."""
+        return self.table.holds(owner)
+
+    def flush(self, owner: object) -> None:
+        """Make what the guest wrote through the window visible in ``owner``'s file (the
+        shadowed last pages): before a sync, a close, or the daemon's own access to it."""
         with self._lock:
-            return bool(self.table.mappings_of(owner))
+            for m in self.table.mappings_of(owner):
+                if m.tail is not None:
+                    self._sync_tail(m)
+
+    def resized(self, owner: object, size: int) -> None:
+        """``owner``'s file is now ``size`` bytes, or changed: map again what its mappings
+        should show (more of a file that grew; less of one that shrank, whose pages past
+        the end would fault in the front-end), and refresh shadowed last pages."""
+        with self._lock:
+            for m in self.table.mappings_of(owner):
+                full, tail_at = _layout(m, size)
+                if full != m.mapped or tail_at != (m.tail.foffset if m.tail else None):
+                    self._send_unmap(m)
+                    self._send_map(m, size)
+                elif m.tail is not None:
+                    self._sync_tail(m)
+                    self._refresh_tail(m, size)
+
+
+def _layout(m: Mapping, size: int) -> tuple[int, int | None]:
+    """What a file of ``size`` bytes backs of ``m``: the whole pages to map from ``moffset``,
+    and the file offset of a partial last page in the range (to shadow), if any."""
+    available = size - m.foffset
+    if available <= 0:
+        return 0, None
+    full = min(m.length, available & ~(PAGE - 1))
+    if full < m.length and available % PAGE:
+        return full, m.foffset + full
+    return full, None

@@ -64,7 +64,9 @@ __all__ = ["ChannelFactory", "QueueRunner", "RequestError", "VhostUserBackend"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MEM_SLOTS = 32
+#: QEMU's own limit for vhost-user (VHOST_USER_MAX_RAM_SLOTS). It also sends us every region
+#: mapped into a device's shared memory (each DAX mapping), so a small limit would refuse those.
+DEFAULT_MAX_MEM_SLOTS = 512
 
 
 class QueueRunner(Protocol):
@@ -347,6 +349,19 @@ class VhostUserBackend:
                 assert vring.queue is not None
                 vring.queue.memory = memory
             return
+        if not any(_ring_in(vring, region) for vring in running for region in retired):
+            # No ring lives in what goes away (a DAX mapping leaving the window, say): swap
+            # snapshots as for an addition. A request still holding a view into a retired
+            # region keeps its mapping alive until the view is released. Stopping the rings
+            # instead would wait for every request in flight, and a request can be waiting
+            # for the front-end, which is itself waiting for this reply.
+            self.memory = memory
+            for vring in running:
+                assert vring.queue is not None
+                vring.queue.memory = memory
+            for region in retired:
+                region.close(quiet=True)
+            return
         for vring in running:
             self._detach(vring)
         self.memory = memory
@@ -605,3 +620,11 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _ring_in(vring: Vring, region: MappedRegion) -> bool:
+    """Whether any of the ring's three areas starts inside ``region`` (front-end addresses)."""
+    addr = vring.addr
+    if addr is None:
+        return False
+    return any(region.user_addr <= a < region.user_end for a in (addr.desc, addr.avail, addr.used))

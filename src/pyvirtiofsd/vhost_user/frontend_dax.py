@@ -99,6 +99,10 @@ class FrontendDaxWindow:
         self._check(req)
         if len(fds) != 1:
             raise OSError(errno.EBADF, f"SHMEM_MAP with {len(fds)} fds")
+        size = os.fstat(fds[0]).st_size
+        if 0 < size < req.fd_offset + req.length:
+            # QEMU maps a file only as far as it reaches.
+            raise OSError(errno.EFAULT, "mapping longer than the file")
         with self._lock:
             end = req.shm_offset + req.length
             for off, (length, _) in self.mappings.items():

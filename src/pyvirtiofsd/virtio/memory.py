@@ -168,11 +168,12 @@ class MappedRegion:
             raise GuestMemoryError(f"device region {name}: bad range {guest_addr:#x}+{spec.size}")
         return cls(spec, view, None, device_owned=True, name=name)
 
-    def close(self) -> bool:
+    def close(self, quiet: bool = False) -> bool:
         """Release our view and unmap. Returns False if views are still exported.
 
         A still-exported view keeps the mapping alive until it is garbage collected; the
         region is then unmapped by the mmap object's finalizer, never while in use.
+        ``quiet`` when that is expected (a region retired while requests run).
         """
         self.view.release()
         if self._mmap is None:
@@ -180,7 +181,9 @@ class MappedRegion:
         try:
             self._mmap.close()
         except BufferError:
-            log.warning("region %s: memoryviews still alive, unmapping deferred", self.name)
+            (log.debug if quiet else log.warning)(
+                "region %s: memoryviews still alive, unmapping deferred", self.name
+            )
             self._mmap = None
             return False
         self._mmap = None

@@ -191,6 +191,18 @@ class PassthroughFs(Filesystem):
                 log.debug("closing backing id %d: %s", h.backing_id, e)
         os.close(h.fd)
 
+    def _dax_flush(self, nodeid: int) -> None:
+        """What the guest wrote through the DAX window goes to the file first."""
+        window = self._conn.dax_window
+        if window is not None and window.holds(nodeid):
+            window.flush(nodeid)
+
+    def _sized(self, nodeid: int, size: int | None = None, fd: int = -1) -> None:
+        """A file's size may have changed: keep its DAX mappings within it."""
+        window = self._conn.dax_window
+        if window is not None and window.holds(nodeid):
+            window.resized(nodeid, os.fstat(fd).st_size if size is None else size)
+
     def _proc(self, fd: int) -> str:
         return f"/proc/self/fd/{fd}"
 
@@ -234,6 +246,7 @@ class PassthroughFs(Filesystem):
         else:
             with self.inodes.path(inode) as fd:
                 st = os.fstat(fd)
+        self._sized(ino, st.st_size)
         return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
 
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
@@ -254,6 +267,7 @@ class PassthroughFs(Filesystem):
                 gid = _NO_ID if changes.gid is None else changes.gid
                 linux.fchownat(pfd, b"", uid, gid, linux.AT_EMPTY_PATH | linux.AT_SYMLINK_NOFOLLOW)
             if changes.size is not None:
+                self._dax_flush(ino)
                 if handle is not None:
                     os.ftruncate(handle.fd, changes.size)
                 elif inode.mode != stat.S_IFREG:
@@ -272,6 +286,8 @@ class PassthroughFs(Filesystem):
             if changes.kill_suidgid and changes.mode is None:
                 self._kill_suidgid(pfd, True)
             st = os.fstat(pfd) if handle is None else os.fstat(handle.fd)
+        if changes.size is not None:
+            self._sized(ino, st.st_size)
         return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
@@ -382,8 +398,10 @@ class PassthroughFs(Filesystem):
         if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
             raise _err(errno.ELOOP if inode.is_symlink() else errno.ENXIO)
         fd = self.inodes.open(inode, self._open_flags(flags))
-        if kill_suidgid and flags & os.O_TRUNC:
-            self._kill_suidgid(fd, False)
+        if flags & os.O_TRUNC:
+            if kill_suidgid:
+                self._kill_suidgid(fd, False)
+            self._sized(ino, 0)
         return self._opened(fd, inode, flags)
 
     def create(
@@ -433,6 +451,7 @@ class PassthroughFs(Filesystem):
     def read(
         self, ctx: Context, ino: int, fh: int, offset: int, size: int, out: ReplyWriter
     ) -> None:
+        self._dax_flush(ino)
         out.read_from_fd(self._handle(fh).fd, offset, size)
 
     def write(
@@ -440,13 +459,16 @@ class PassthroughFs(Filesystem):
     ) -> int:
         self._rofs()
         h = self._handle(fh)
+        self._dax_flush(ino)
         written = data.to_fd(h.fd, offset)
         if flags & abi.WRITE_KILL_SUIDGID:
             self._kill_suidgid(h.fd, False)
+        self._sized(ino, fd=h.fd)
         return written
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
         h = self._handle(fh)
+        self._dax_flush(ino)
         locks.release_owner(h.inode, lock_owner)
         # Closing a duplicate is what close() in the guest means to the host: it flushes
         # what network file systems buffer, and ends POSIX locks held through this file.
@@ -466,12 +488,14 @@ class PassthroughFs(Filesystem):
             h = self._handles.pop(fh, None)
         if h is None:
             raise _err(errno.EBADF)
+        self._dax_flush(ino)
         if flush:
             locks.release_owner(h.inode, lock_owner)
         self._close_handle(h)
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         fd = self._handle(fh).fd
+        self._dax_flush(ino)
         if datasync:
             os.fdatasync(fd)
         else:
@@ -481,7 +505,9 @@ class PassthroughFs(Filesystem):
         self, ctx: Context, ino: int, fh: int, mode: int, offset: int, length: int
     ) -> None:
         self._rofs()
-        linux.fallocate(self._handle(fh).fd, mode, offset, length)
+        fd = self._handle(fh).fd
+        linux.fallocate(fd, mode, offset, length)
+        self._sized(ino, fd=fd)
 
     def lseek(self, ctx: Context, ino: int, fh: int, offset: int, whence: int) -> int:
         h = self._handle(fh)
@@ -503,7 +529,11 @@ class PassthroughFs(Filesystem):
         self._rofs()
         src = self._handle(fh_in)
         dst = self._handle(fh_out)
-        return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+        self._dax_flush(ino_in)
+        self._dax_flush(ino_out)
+        copied = os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+        self._sized(ino_out, fd=dst.fd)
+        return copied
 
     # --- directories -----------------------------------------------------------------------
 
@@ -669,8 +699,15 @@ class PassthroughFs(Filesystem):
         if writable:
             self._rofs()
         # By inode, not by fh: the guest maps on page faults, also after the file's release
-        # (it then sends fh = FUSE_INVALID_FH), and the access mode is the mapping's own.
-        fd = self.inodes.open(inode, os.O_RDWR if writable else os.O_RDONLY)
+        # (it then sends fh = FUSE_INVALID_FH). Read and write even for a read-only mapping
+        # when we can: QEMU maps every fd shared and writable, and marks the region read-only
+        # itself.
+        try:
+            fd = self.inodes.open(inode, os.O_RDWR)
+        except OSError as e:
+            if writable or e.errno not in (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM):
+                raise
+            fd = self.inodes.open(inode, os.O_RDONLY)
         try:
             window.setup(fd, foffset, moffset, length, writable, inode.nodeid)
         finally:
