@@ -19,6 +19,7 @@ import pytest
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.client import FuseClient
 from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.transport.dax import MAX_REGIONS, SPARE_MAPPINGS
 from pyvirtiofsd.vhost_user.frontend import Frontend
 from pyvirtiofsd.vhost_user.frontend_dax import FrontendDaxWindow
 from pyvirtiofsd.vhost_user.messages import ProtocolFeature
@@ -217,7 +218,7 @@ def test_directories_are_not_mapped(dax: Setup) -> None:
 def test_runs_out_of_slots_until_something_is_removed(dax: Setup) -> None:
     write_pages(dax.src / "a", b"A", 1)
     ino = dax.lookup("a")
-    slots = WINDOW // (2 << 20) + 1024
+    slots = min(MAX_REGIONS, WINDOW // (2 << 20) + SPARE_MAPPINGS)
     for i in range(slots):
         dax.fuse.setupmapping(ino, abi.INVALID_FH, 0, K, R, 2 * i * K)
     err = errno_of(dax.fuse.setupmapping, ino, abi.INVALID_FH, 0, K, R, 2 * slots * K)

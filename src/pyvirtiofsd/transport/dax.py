@@ -46,6 +46,10 @@ MAP_ALIGNMENT = 12
 WINDOW_GRANULE = 2 << 20
 #: Mappings beyond one per 2 MiB range, allowed for splits before requests are refused.
 SPARE_MAPPINGS = 1024
+#: Front-end regions the window may use at once. QEMU makes each of our mappings a memory
+#: region it also sends us (ADD_MEM_REG), counted against its 512 vhost-user memory slots
+#: with guest RAM; it aborts past 512. What is left after RAM is the window's.
+MAX_REGIONS = 480
 
 
 class MappedFile:
@@ -232,10 +236,16 @@ class DaxWindow:
 
     shmid = 0
 
-    def __init__(self, size: int, max_mappings: int | None = None) -> None:
+    def __init__(
+        self, size: int, max_mappings: int | None = None, max_regions: int = MAX_REGIONS
+    ) -> None:
         self.table = MappingTable(size, max_mappings)
         self.size = size
         self.mapper: ShmemMapper | None = None
+        self.max_regions = max_regions
+        #: Regions mapped at the front-end now (a mapping takes one, two with a shadowed
+        #: last page).
+        self.regions = 0
         self._lock = threading.Lock()
         self.stats = {"setup": 0, "remove": 0, "shmem_map": 0, "shmem_unmap": 0, "failed": 0}
 
@@ -245,9 +255,11 @@ class DaxWindow:
             raise OSError(errno.ENODEV, "the front-end gave no back-end channel")
         return mapper
 
-    def _request(self, kind: str, m: Mapping, status: int, moffset: int, length: int) -> None:
+    def _request(self, kind: str, status: int, moffset: int, length: int) -> None:
         self.stats["shmem_" + kind] += 1
-        if status:
+        if not status:
+            self.regions += 1 if kind == "map" else -1
+        else:
             self.stats["failed"] += 1
             log.error(
                 "front-end refused to %s DAX range %#x+%#x (status %d)",
@@ -262,14 +274,14 @@ class DaxWindow:
         mapper = self._mapper()
         if m.mapped:
             status = mapper.shmem_unmap(self.shmid, m.moffset, m.mapped)
-            self._request("unmap", m, status, m.moffset, m.mapped)
+            self._request("unmap", status, m.moffset, m.mapped)
             m.mapped = 0
         tail = m.tail
         if tail is not None:
             self._sync_tail(m)
             at = m.moffset + tail.foffset - m.foffset
             status = mapper.shmem_unmap(self.shmid, at, PAGE)
-            self._request("unmap", m, status, at, PAGE)
+            self._request("unmap", status, at, PAGE)
             os.close(tail.fd)
             m.tail = None
 
@@ -278,9 +290,11 @@ class DaxWindow:
             size = os.fstat(m.file.fd).st_size
         full, tail_at = _layout(m, size)
         mapper = self._mapper()
+        if self.regions + bool(full) + (tail_at is not None) > self.max_regions:
+            raise OSError(errno.ENOSPC, "the front-end's memory slots are all in use")
         if full:
             status = mapper.shmem_map(self.shmid, m.file.fd, m.foffset, m.moffset, full, m.writable)
-            self._request("map", m, status, m.moffset, full)
+            self._request("map", status, m.moffset, full)
             m.mapped = full
         if tail_at is not None:
             data = os.pread(m.file.fd, size - tail_at, tail_at)
@@ -290,7 +304,7 @@ class DaxWindow:
                 os.pwrite(fd, data, 0)
                 at = m.moffset + tail_at - m.foffset
                 status = mapper.shmem_map(self.shmid, fd, 0, at, PAGE, m.writable)
-                self._request("map", m, status, at, PAGE)
+                self._request("map", status, at, PAGE)
             except BaseException:
                 os.close(fd)
                 raise
@@ -331,6 +345,13 @@ class DaxWindow:
         self._mapper()
         # The pieces to map again share the fd of the mapping they are cut from: hold it
         # while that mapping is unmapped.
+        freed = sum(bool(m.mapped) + (m.tail is not None) for m in plan.unmap)
+        needed = 0
+        for m in plan.map:
+            full, tail_at = _layout(m, os.fstat(m.file.fd).st_size)
+            needed += bool(full) + (tail_at is not None)
+        if self.regions - freed + needed > self.max_regions:
+            raise OSError(errno.ENOSPC, "the front-end's memory slots are all in use")
         touched = {id(m.file): m.file for m in (*plan.unmap, *plan.map)}
         for m in plan.map:
             m.file.refs += 1
@@ -373,6 +394,7 @@ class DaxWindow:
     def reset(self) -> None:
         """The front-end dropped every mapping (device reset): forget ours, send nothing."""
         with self._lock:
+            self.regions = 0
             for m in self.table.clear():
                 if m.tail is not None:
                     self._sync_tail(m)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..fuse.server import Server
 from ..vhost_user.device import VhostUserDaemon
 from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, defer
-from .dax import MAP_ALIGNMENT, DaxWindow
+from .dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
 
 if TYPE_CHECKING:
     from ..cli import Options
@@ -156,6 +156,13 @@ def run_vhost_user(
     stoppers.append(daemon.stop)
     if stop.is_set():
         return 0
+    if device.window is not None and device.window.size > MAX_REGIONS * WINDOW_GRANULE:
+        log.warning(
+            "a DAX window of %d MiB has more 2 MiB ranges than the %d memory regions QEMU "
+            "lets a vhost-user device map; mappings past that are refused (ENOSPC)",
+            device.window.size >> 20,
+            MAX_REGIONS,
+        )
     where = opts.socket_path or f"fd {opts.fd}"
     log.info(
         "waiting for a vhost-user front-end on %s (%d request queue(s))",
