@@ -368,6 +368,8 @@ def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
         p.error("--dax-window must be a multiple of 2M")
     if o.dax_window and o.mount is not None:
         p.error("--dax-window needs a virtio-fs front-end, not --mount")
+    if o.sandbox != "none" and (o.shared_dir is None or o.mount is not None):
+        p.error("--sandbox confines a --shared-dir served over vhost-user; use --sandbox none")
     if o.fuse_passthrough and o.mount is None:
         p.error("--fuse-passthrough only works with --mount")
     if o.socket_group is not None:

@@ -14,11 +14,15 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from .cli import Options
 from .fuse import abi
 from .fuse.filesystem import Filesystem
 from .fuse.server import Server
+
+if TYPE_CHECKING:
+    from .transport.virtiofs import Listener
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -122,15 +126,38 @@ def run(opts: Options) -> int:
     for item in opts.ignored:
         log.info("ignoring option %s", item)
     raise_fd_limit(opts.rlimit_nofile)
+    listener = None
+    if opts.socket_path is not None:
+        from .transport.virtiofs import Listener
+
+        try:
+            listener = Listener(opts.socket_path, opts.socket_group)
+        except OSError as e:
+            log.error("cannot listen on %s: %s", opts.socket_path, e)
+            return 1
+    if opts.sandbox != "none":
+        assert opts.shared_dir is not None
+        from . import sandbox
+
+        try:
+            opts.shared_dir = sandbox.enter(opts.shared_dir)
+        except OSError as e:
+            log.error("cannot set up the %s sandbox: %s", opts.sandbox, e)
+            if listener is not None:
+                listener.remove()
+            return 1
+        log.info("sandboxed: the share is %s of a private root", opts.shared_dir)
     try:
         fs = build_filesystem(opts)
     except OSError as e:
         log.error("cannot serve %s: %s", opts.shared_dir or opts.opendal, e)
+        if listener is not None:
+            listener.remove()
         return 1
-    return serve(fs, opts)
+    return serve(fs, opts, listener)
 
 
-def serve(fs: Filesystem, opts: Options) -> int:
+def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> int:
     """Serve ``fs`` as the options say (/dev/fuse or vhost-user) until the end; the exit
     status."""
     server = Server(fs)
@@ -155,7 +182,7 @@ def serve(fs: Filesystem, opts: Options) -> int:
             return _run_fusedev(opts, server, stop, stoppers)
         from .transport.virtiofs import run_vhost_user
 
-        return run_vhost_user(opts, server, stop, stoppers)
+        return run_vhost_user(opts, server, stop, stoppers, listener)
     finally:
         log_counters(server)
         shutdown = getattr(fs, "shutdown", None)

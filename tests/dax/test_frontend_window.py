@@ -7,41 +7,20 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.transport.dax import MAX_REGIONS, SPARE_MAPPINGS
-from pyvirtiofsd.vhost_user.frontend import Frontend
-from pyvirtiofsd.vhost_user.frontend_dax import FrontendDaxWindow
-from pyvirtiofsd.vhost_user.messages import ProtocolFeature
+
+from ..frontend_daemon import WINDOW, Setup, finish, start
 
 K = 4096
-WINDOW = 64 << 20
 R = abi.SETUPMAPPING_FLAG_READ
 W = abi.SETUPMAPPING_FLAG_WRITE | abi.SETUPMAPPING_FLAG_READ
-
-
-@dataclass
-class Setup:
-    src: Path
-    proc: subprocess.Popen[bytes]
-    frontend: Frontend
-    window: FrontendDaxWindow
-    fuse: FuseClient
-    init: object
-    log: Path
-
-    def lookup(self, name: str) -> int:
-        return int(self.fuse.lookup(ROOT, name.encode()).nodeid)
 
 
 def page(tag: bytes, n: int) -> bytes:
@@ -53,65 +32,11 @@ def write_pages(path: Path, tag: bytes, count: int) -> None:
     path.write_bytes(b"".join(page(tag, i) for i in range(count)))
 
 
-def start(tmp_path: Path, *args: str) -> Setup:
-    src = tmp_path / "share"
-    src.mkdir()
-    sock = tmp_path / "fs.sock"
-    log = tmp_path / "daemon.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pyvirtiofsd",
-                "--socket-path",
-                str(sock),
-                "--shared-dir",
-                str(src),
-                "--log-level",
-                "debug",
-                *args,
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.02)
-    frontend = Frontend.connect(str(sock))
-    queues = frontend.setup(queues=(0, 1), arena_size=8 << 20, ram_size=64 << 20)
-    has_window = frontend.has_protocol(ProtocolFeature.SHMEM)
-    window = FrontendDaxWindow(frontend.get_shmem_config()[0] if has_window else WINDOW)
-    frontend.open_backend_channel(window.hook)
-    q = queues[1]
-
-    def transact(request: bytes, reply_size: int) -> bytes:
-        return q.request([request], [reply_size] if reply_size else [], timeout=20)
-
-    fuse = FuseClient(transact)
-    init = fuse.init(abi.InitFlag.MAP_ALIGNMENT | abi.InitFlag.HAS_INODE_DAX)
-    return Setup(src, proc, frontend, window, fuse, init, log)
-
-
 @pytest.fixture
 def dax(tmp_path: Path) -> Iterator[Setup]:
     s = start(tmp_path, "--dax-window", "64M")
     yield s
     finish(s)
-
-
-def finish(s: Setup) -> str:
-    s.frontend.close()
-    try:
-        assert s.proc.wait(20) == 0
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-        s.window.close()
-    text = s.log.read_text()
-    assert "Traceback" not in text, text
-    return text
 
 
 def setup(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..fuse.server import Server
+from ..vhost_user.connection import listen_unix
 from ..vhost_user.device import VhostUserDaemon
 from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, defer
 from .dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
@@ -123,16 +124,38 @@ class VirtioFsDevice:
             self.window.reset()
 
 
-def _socket_group(path: str, group: str | None) -> None:
-    if group is None:
-        return
-    gid = grp.getgrnam(group).gr_gid
-    os.chown(path, -1, gid)
-    os.chmod(path, 0o660)
+class Listener:
+    """The vhost-user socket we create for ``--socket-path``: made before the sandbox (the
+    path may be outside it), and removed at the end through a descriptor of its directory,
+    which stays valid inside the sandbox too."""
+
+    def __init__(self, path: str, group: str | None) -> None:
+        self.sock = listen_unix(path)
+        self.path = path
+        self._dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_CLOEXEC)
+        self._name = os.path.basename(path)
+        if group is not None:
+            gid = grp.getgrnam(group).gr_gid
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+
+    def remove(self) -> None:
+        if self._dir_fd < 0:
+            return
+        try:
+            os.unlink(self._name, dir_fd=self._dir_fd)
+        except OSError:
+            pass
+        os.close(self._dir_fd)
+        self._dir_fd = -1
 
 
 def run_vhost_user(
-    opts: Options, server: Server, stop: threading.Event, stoppers: list[Callable[[], None]]
+    opts: Options,
+    server: Server,
+    stop: threading.Event,
+    stoppers: list[Callable[[], None]],
+    listener: Listener | None = None,
 ) -> int:
     """Serve one front-end over vhost-user until it disconnects or a signal stops us."""
     device = VirtioFsDevice(
@@ -142,34 +165,38 @@ def run_vhost_user(
         dax_window=opts.dax_window,
     )
     try:
+        if listener is None and opts.socket_path is not None:
+            listener = Listener(opts.socket_path, opts.socket_group)
         daemon = VhostUserDaemon(
             device,
-            socket_path=opts.socket_path,
-            listen_fd=opts.fd,
+            listener=listener.sock if listener is not None else None,
+            listen_fd=opts.fd if listener is None else None,
             thread_pool_size=opts.thread_pool_size,
         )
     except (OSError, ValueError) as e:
         log.error("cannot listen: %s", e)
         return 1
-    if opts.socket_path is not None:
-        _socket_group(opts.socket_path, opts.socket_group)
-    stoppers.append(daemon.stop)
-    if stop.is_set():
-        return 0
-    if device.window is not None and device.window.size > MAX_REGIONS * WINDOW_GRANULE:
-        log.warning(
-            "a DAX window of %d MiB has more 2 MiB ranges than the %d memory regions QEMU "
-            "lets a vhost-user device map; mappings past that are refused (ENOSPC)",
-            device.window.size >> 20,
-            MAX_REGIONS,
+    try:
+        stoppers.append(daemon.stop)
+        if stop.is_set():
+            return 0
+        if device.window is not None and device.window.size > MAX_REGIONS * WINDOW_GRANULE:
+            log.warning(
+                "a DAX window of %d MiB has more 2 MiB ranges than the %d memory regions QEMU "
+                "lets a vhost-user device map; mappings past that are refused (ENOSPC)",
+                device.window.size >> 20,
+                MAX_REGIONS,
+            )
+        where = opts.socket_path or f"fd {opts.fd}"
+        log.info(
+            "waiting for a vhost-user front-end on %s (%d request queue(s))",
+            where,
+            opts.num_request_queues,
         )
-    where = opts.socket_path or f"fd {opts.fd}"
-    log.info(
-        "waiting for a vhost-user front-end on %s (%d request queue(s))",
-        where,
-        opts.num_request_queues,
-    )
-    served = daemon.run()
+        served = daemon.run()
+    finally:
+        if listener is not None:
+            listener.remove()
     log.info("front-end gone; requests per queue: %s", served)
     if device.window is not None:
         log.info(
