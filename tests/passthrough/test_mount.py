@@ -9,6 +9,8 @@ import fcntl
 import hashlib
 import mmap
 import os
+import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -522,3 +524,57 @@ def test_one_gib_file(share: Share, tmp_path: Path) -> None:
     assert sha256(share.src / "big") == expected
     sh("echo 3 > /proc/sys/vm/drop_caches || true")
     assert sha256(share.mnt / "big") == expected
+
+
+@pytest.mark.daemon_args("--fuse-passthrough")
+def test_fuse_passthrough_serves_data_in_the_kernel(share: Share) -> None:
+    data = os.urandom(3 << 20)
+    (share.mnt / "p").write_bytes(data)
+    assert (share.mnt / "p").read_bytes() == data
+    with open(share.mnt / "p", "r+b") as f:
+        f.seek(1000)
+        f.write(b"patched")
+    assert (share.src / "p").read_bytes()[1000:1007] == b"patched"
+    os.kill(share.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "requests served" not in share.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counters = dict(
+        kv.split("=")
+        for kv in share.log_text().split("requests served: ")[-1].split()[:40]
+        if "=" in kv
+    )
+    # the file's data never went through the daemon
+    assert "READ" not in counters and "WRITE" not in counters, counters
+
+
+@pytest.mark.daemon_args("--posix-acl")
+def test_posix_acls(share: Share) -> None:
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl not installed")
+    d = share.mnt / "d"
+    d.mkdir()
+    sh(f"setfacl -m u:65534:rwx {d} && setfacl -d -m u:65534:r-x {d}")
+    assert "user:65534:rwx" in sh(f"getfacl -pn {share.src}/d")
+    (d / "f").write_text("x")
+    assert "user:65534:r-x" in sh(f"getfacl -pn {share.src}/d/f")  # inherited default ACL
+    sh(f"echo more >> {d}/added", user="65534")  # the ACL, not the mode, lets 65534 in
+    assert (share.src / "d" / "added").stat().st_uid == 65534
+
+
+def test_tmpfile_copy_file_range_fallocate(share: Share) -> None:
+    fd = os.open(share.mnt, os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.write(fd, b"anonymous")
+    # linkat(fd, "", ..., AT_EMPTY_PATH): the kernel refuses a /proc/self/fd path here
+    assert _libc.linkat(fd, b"", -100, bytes(share.mnt / "named"), 0x1000) == 0
+    os.close(fd)
+    assert (share.src / "named").read_bytes() == b"anonymous"
+    src = os.open(share.mnt / "named", os.O_RDONLY)
+    dst = os.open(share.mnt / "copy", os.O_CREAT | os.O_WRONLY, 0o644)
+    assert os.copy_file_range(src, dst, 9, 0, 100) == 9
+    os.close(src)
+    os.posix_fallocate(dst, 0, 1 << 20)
+    os.close(dst)
+    data = (share.src / "copy").read_bytes()
+    assert len(data) == 1 << 20 and data[100:109] == b"anonymous"
+    assert os.stat(share.src / "copy").st_blocks * 512 >= 1 << 20
