@@ -121,3 +121,14 @@ def share(open_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Share]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "daemon_args(*args): extra options for the share fixture")
+
+
+@pytest.fixture(scope="session")
+def guest_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guestprobe.c built static, for guests to run from a share."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the guest probe")
+    out = tmp_path_factory.mktemp("probe") / "guestprobe"
+    source = Path(__file__).with_name("guestprobe.c")
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(source)], check=True)
+    return out

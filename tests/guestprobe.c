@@ -1,8 +1,12 @@
-/* A guest-side probe for the DAX tests, built static on the host and run from the share.
+/* Guest-side probes for the guest tests (the guest's busybox has no mmap, statx or lock
+ * tools), built static on the host and run from the share.
  *
- *   daxprobe write FILE OFFSET TEXT   write TEXT at OFFSET through a shared mapping, msync, fsync
- *   daxprobe attr FILE                print "dax" or "nodax" (statx STATX_ATTR_DAX)
- *   daxprobe sum FILE                 print a checksum of FILE read through a shared mapping
+ *   guestprobe write FILE OFFSET TEXT   write TEXT at OFFSET through a shared mapping, msync, fsync
+ *   guestprobe attr FILE                print "dax" or "nodax" (statx STATX_ATTR_DAX)
+ *   guestprobe sum FILE                 print a checksum of FILE read through a shared mapping
+ *   guestprobe lock flock|posix wait|try FILE SECONDS
+ *                                       take an exclusive lock (waiting, or failing at once),
+ *                                       print "locked", hold it SECONDS, print "unlocked"
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -10,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -69,6 +74,28 @@ int main(int argc, char **argv) {
         printf("%016llx\n", (unsigned long long)h);
         return 0;
     }
-    fprintf(stderr, "usage: daxprobe write FILE OFFSET TEXT | attr FILE | sum FILE\n");
+    if (argc == 6 && strcmp(argv[1], "lock") == 0) {
+        int wait = strcmp(argv[3], "wait") == 0;
+        int fd = open(argv[4], O_RDWR);
+        if (fd < 0) return fail("open");
+        int r;
+        if (strcmp(argv[2], "flock") == 0) {
+            r = flock(fd, LOCK_EX | (wait ? 0 : LOCK_NB));
+        } else {
+            struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+            r = fcntl(fd, wait ? F_SETLKW : F_SETLK, &fl);
+        }
+        if (r) {
+            printf("refused\n");
+            return 1;
+        }
+        printf("locked\n");
+        fflush(stdout);
+        sleep(atoi(argv[5]));
+        printf("unlocked\n");
+        return 0;
+    }
+    fprintf(stderr, "usage: guestprobe write FILE OFFSET TEXT | attr FILE | sum FILE"
+                    " | lock flock|posix wait|try FILE SECONDS\n");
     return 2;
 }

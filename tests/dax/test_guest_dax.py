@@ -21,19 +21,13 @@ from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 
 pytestmark = pytest.mark.vm
 
-PROBE_SOURCE = Path(__file__).with_name("daxprobe.c")
-
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def probe(guest_probe: Path) -> Path:
     missing = missing_assets(qemu="sid")
     if missing:
         pytest.skip("; ".join(missing))
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the guest probe")
-    out = tmp_path_factory.mktemp("probe") / "daxprobe"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(PROBE_SOURCE)], check=True)
-    return out
+    return guest_probe
 
 
 def host_sum(probe: Path, path: Path) -> str:
@@ -100,7 +94,7 @@ class Daemon:
 def share(tmp_path: Path, probe: Path) -> Iterator[Path]:
     share = tmp_path / "share"
     share.mkdir()
-    shutil.copy(probe, share / "daxprobe")
+    shutil.copy(probe, share / "probe")
     yield share
 
 
@@ -127,9 +121,9 @@ def test_read_and_write_through_the_window(share: Path, tmp_path: Path, probe: P
         share,
         tmp_path,
         "sha256sum /mnt/big\n"
-        "/mnt/daxprobe sum /mnt/big\n"
-        "/mnt/daxprobe write /mnt/big 1234567 written-through-the-dax-window\n"
-        "/mnt/daxprobe attr /mnt/big\n",
+        "/mnt/probe sum /mnt/big\n"
+        "/mnt/probe write /mnt/big 1234567 written-through-the-dax-window\n"
+        "/mnt/probe attr /mnt/big\n",
         "--dax-window",
         "512M",
         mount="dax=always",
@@ -171,7 +165,7 @@ def test_dax_per_inode(share: Path, tmp_path: Path) -> None:
     out, counts = boot(
         share,
         tmp_path,
-        "/mnt/daxprobe attr /mnt/small\n/mnt/daxprobe attr /mnt/large\n"
+        "/mnt/probe attr /mnt/small\n/mnt/probe attr /mnt/large\n"
         "cat /mnt/small | wc -c\nsha256sum /mnt/large\n",
         "--dax-window",
         "256M",

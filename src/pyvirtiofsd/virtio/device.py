@@ -51,6 +51,7 @@ def defer() -> Callable[[int], None]:
         raise RuntimeError("defer() called outside a request handler")
     return hook()
 
+
 RequestHandler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
 """``handler(readable, writable) -> used_len``.
 
