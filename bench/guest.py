@@ -270,10 +270,10 @@ def print_table(runs: list[DaemonRun], args: argparse.Namespace) -> None:
         (META[0], f"{META[1]} {args.files}", META[2])
     ]
     width = 32
-    col = 42
+    col = 52
     print()
     print(f"{'':<{width}}" + "".join(f"{r.name:>{col}}" for r in runs))
-    heading = f"{'result':>10}{'guest ops':>10}{'requests':>10}{'CPU us/req':>12}"
+    heading = f"{'result':>10}{'guest ops':>10}{'requests':>10}{'CPU us/op':>11}{'CPU us/req':>11}"
     print(f"{'workload':<{width}}" + heading * len(runs))
     for name, label, unit in rows:
         cells = []
@@ -281,8 +281,11 @@ def print_table(runs: list[DaemonRun], args: argparse.Namespace) -> None:
             p = r.phases[name]
             req = p.requests if p.requests is not None else p.guest_ops
             shown = f"{req}" if p.requests is not None else f"{req}*"
-            per = 1e6 * p.cpu / req if req else float("nan")
-            cells.append(f"{p.value:>10.1f}{p.guest_ops:>10}{shown:>10}{per:>12.1f}")
+            per_op = 1e6 * p.cpu / p.guest_ops if p.guest_ops else float("nan")
+            per_req = 1e6 * p.cpu / req if req else float("nan")
+            cells.append(
+                f"{p.value:>10.1f}{p.guest_ops:>10}{shown:>10}{per_op:>11.1f}{per_req:>11.1f}"
+            )
         print(f"{label + ' (' + unit + ')':<{width}}" + "".join(cells))
     print()
     print(f"{'all workloads':<{width}}" + "".join(f"{r.name:>{col}}" for r in runs))
@@ -290,21 +293,27 @@ def print_table(runs: list[DaemonRun], args: argparse.Namespace) -> None:
     for r in runs:
         cpu = sum(p.cpu for p in r.phases.values())
         req = sum(p.requests if p.requests is not None else p.guest_ops for p in r.phases.values())
-        totals.append((cpu, req))
+        ops = sum(p.guest_ops for p in r.phases.values())
+        totals.append((cpu, req, ops))
 
     def row(label: str, cells: list[str]) -> None:
         print(f"{label:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
 
-    row("daemon CPU seconds", [f"{c:.2f}" for c, _ in totals])
-    row("requests", [str(q) for _, q in totals])
-    row("CPU seconds per request", [f"{c / q:.2e}" if q else "-" for c, q in totals])
-    row("CPU us per request", [f"{1e6 * c / q:.1f}" if q else "-" for c, q in totals])
+    row("daemon CPU seconds", [f"{c:.2f}" for c, _, _ in totals])
+    row("guest ops", [str(o) for _, _, o in totals])
+    row("requests", [str(q) for _, q, _ in totals])
+    row("CPU seconds per request", [f"{c / q:.2e}" if q else "-" for c, q, _ in totals])
+    row("CPU us per request", [f"{1e6 * c / q:.1f}" if q else "-" for c, q, _ in totals])
+    row("CPU us per guest op", [f"{1e6 * c / o:.1f}" if o else "-" for c, _, o in totals])
     row(
         "guest boot / script seconds",
         [f"{r.boot_seconds:.1f} / {r.script_seconds:.0f}" for r in runs],
     )
     print()
-    print("* requests = the guest's operation count: virtiofsd prints no request counts.")
+    print(
+        "* virtiofsd prints no request counts: its requests are the guest's operations. "
+        "Compare the daemons by CPU us/op; us/req is pyvirtiofsd's exact cost per request."
+    )
     print(
         f"fio: O_DIRECT, {args.size_mib} MiB file, {args.runtime} s per job; "
         f"best of {args.rounds} round(s); "
