@@ -122,7 +122,7 @@ class StoreView:
     #: The view sees the store itself (False for memory: only the daemon holds that data).
     independent = True
 
-    def keys(self) -> set[str]:
+    def names(self) -> set[str]:
         raise NotImplementedError
 
     def get(self, key: str) -> bytes:
@@ -136,7 +136,7 @@ class StoreView:
 
     def files(self) -> set[str]:
         """Keys of objects (not directory markers)."""
-        return {k for k in self.keys() if not k.endswith("/")}
+        return {k for k in self.names() if not k.endswith("/")}
 
 
 class S3View(StoreView):
@@ -144,7 +144,7 @@ class S3View(StoreView):
         self.client = client
         self.bucket = bucket
 
-    def keys(self) -> set[str]:
+    def names(self) -> set[str]:
         out: set[str] = set()
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             out.update(o["Key"] for o in page.get("Contents", []))
@@ -164,7 +164,7 @@ class DirView(StoreView):
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def keys(self) -> set[str]:
+    def names(self) -> set[str]:
         out: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(self.root):
             rel = os.path.relpath(dirpath, self.root)

@@ -918,6 +918,11 @@ class OpendalFs(Filesystem):
 
     # --- file system -----------------------------------------------------------------------
 
+    def syncfs(self, ctx: Context, ino: int) -> None:
+        """sync(1) and syncfs(2): everything written here goes up now."""
+        if self.commit_all():
+            raise _err(errno.EIO)
+
     def statfs(self, ctx: Context, ino: int) -> StatVfs:
         root = self.cfg.options.get("root")
         if self.cfg.scheme == "fs" and root:
