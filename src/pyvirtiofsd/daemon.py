@@ -72,9 +72,19 @@ def raise_fd_limit(wanted: int | None) -> None:
             log.warning("could not raise the open file limit: %s", e)
 
 
+#: Request threads of an object-storage daemon when --thread-pool-size does not say.
+OPENDAL_THREADS = 8
+
+
 def build_filesystem(opts: Options) -> Filesystem:
     if opts.opendal is not None:
         from .backends.opendal import OpendalConfig, OpendalFs
+
+        if opts.thread_pool_size == 0:
+            # Served inline, one slow store call would hold up every request behind it, even
+            # those the local cache answers at once.
+            opts.thread_pool_size = OPENDAL_THREADS
+            log.info("--opendal: serving requests on %d threads", OPENDAL_THREADS)
 
         return OpendalFs(
             OpendalConfig(
