@@ -215,7 +215,7 @@ def test_unknown_vhost_user_request(session: Session) -> None:
 # -- virtqueue descriptors --------------------------------------------------------------------
 
 
-BAD_CHAINS = {
+BAD_CHAINS: dict[str, list[tuple[int, int, int, int | None]]] = {
     "loop": [(0x1000, 8, NEXT, 1), (0x1000, 8, NEXT, 0)],
     "outside-memory": [(0x1000, 64, NEXT, 1), (1 << 45, 4096, WRITE, None)],
     "huge-length": [(0x1000, 0xFFFF_FFFF, NEXT, 1), (0x2000, 4096, WRITE, None)],
