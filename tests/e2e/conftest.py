@@ -26,6 +26,7 @@ from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 # The daemon's closing lines (see transport/virtiofs.py and daemon.py).
 _PER_QUEUE = re.compile(r"requests per queue: (\[[0-9, ]*\])")
 _SERVED = re.compile(r"requests served: ?(.*)$", re.MULTILINE)
+_COMPLAINT = re.compile(r"^\[[^\]]* (WARNING|ERROR|CRITICAL) ")
 
 
 def require_assets(qemu: str = "sid", rootfs: str | None = None) -> None:
@@ -60,8 +61,11 @@ class DaemonProcess:
                 return log
             time.sleep(0.02)
 
-    def finish(self, timeout: float = 60.0) -> str:
-        """Wait for the exit that follows the front-end's departure; check it was clean."""
+    def finish(self, timeout: float = 60.0, *, allow_warnings: bool = False) -> str:
+        """Wait for the exit that follows the front-end's departure; check it was clean.
+
+        A real QEMU and guest send nothing the daemon should refuse or complain about, so
+        unless a test provokes them, warnings and errors in the log fail it too."""
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -70,6 +74,9 @@ class DaemonProcess:
         log = self.log_text()
         assert rc == 0, f"daemon exited with status {rc}:\n{log[-4000:]}"
         assert "Traceback" not in log, log[-6000:]
+        if not allow_warnings:
+            complaints = [line for line in log.splitlines() if _COMPLAINT.search(line)]
+            assert not complaints, "\n".join(complaints[:20])
         return log
 
     def requests_per_queue(self) -> list[int]:
