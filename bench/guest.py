@@ -1,7 +1,7 @@
 """Guest benchmark: one fio workload in a real guest (QEMU 11.1, TCG) against pyvirtiofsd and the
 Rust virtiofsd 1.14, in one run, side by side, with each daemon's own CPU time per request.
 
-    .venv/bin/python bench/guest.py [--runtime 20] [--size-mib 256] [--files 5000]
+    .venv/bin/python bench/guest.py [--runtime 20] [--size-mib 256] [--files 5000] [--rounds 1]
 
 Needs the VM assets (`.ci/install-vm-assets`): the guest runs in the sid rootfs, where fio and
 python3 live. For each daemon a fresh directory is shared with default options (cache=auto) and

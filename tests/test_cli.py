@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,8 +50,6 @@ def work() -> Iterator[Path]:
     try:
         yield path
     finally:
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)
 
 
