@@ -68,6 +68,8 @@ class FuseClient:
         self.uid = uid
         self.gid = gid
         self.max_write = 1 << 20
+        #: INIT flags in force (flags | flags2 << 32), once init() has run.
+        self.flags = 0
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class FuseClient:
         )
         out = abi.INIT_OUT.unpack(self.call(abi.Opcode.INIT, 0, payload))
         self.max_write = out.max_write
+        self.flags = out.flags | out.flags2 << 32
         return out
 
     def lookup(self, parent: int, name: bytes) -> Any:
@@ -228,7 +231,12 @@ class FuseClient:
         return self.call(abi.Opcode.GETXATTR, nodeid, payload)
 
     def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        payload = abi.SETXATTR_IN.pack(len(value), flags, 0, 0) + _z(name) + value
+        # The layout depends on INIT: the long form only once SETXATTR_EXT was agreed.
+        if self.flags & abi.InitFlag.SETXATTR_EXT:
+            head = abi.SETXATTR_IN.pack(len(value), flags, 0, 0)
+        else:
+            head = abi.GETXATTR_IN.pack(len(value), flags)
+        payload = head + _z(name) + value
         self.call(abi.Opcode.SETXATTR, nodeid, payload)
 
     def setupmapping(
