@@ -316,3 +316,22 @@ def test_ranges_against_a_model() -> None:
             for x, y in r.missing(s, e):
                 got |= set(range(x, y))
             assert got == set(range(s, e)) - model
+
+
+def test_cache_keeps_a_bounded_number_of_files(tmp_path: Path) -> None:
+    op = opendal.Operator("memory")
+    for i in range(40):
+        op.write(f"s{i}", b"small")
+    fs = make_fs(tmp_path, op)
+    fs.cache.max_files = 8
+    for i in range(40):
+        e = fs.lookup(CTX, ROOT, f"s{i}".encode())
+        o = fs.open(CTX, e.ino, os.O_RDONLY, False)
+        assert read(fs, e.ino, o.fh, 0, 100) == b"small"
+        fs.release(CTX, e.ino, o.fh, 0, 0, True, False)
+        fs.forget(e.ino, 1)
+    assert len(fs.cache.all()) <= 8
+    assert len(os.listdir(fs.cache.dir)) <= 8
+    assert len(fs.inodes) == 1
+    fs.shutdown()
+    assert not os.path.exists(fs.cache.dir)

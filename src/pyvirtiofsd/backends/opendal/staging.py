@@ -52,6 +52,9 @@ GRANULE = 1 << 20
 MAX_FETCH = 8 << 20
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 _DIR_PREFIX = "run-"
+#: Most blobs kept at once: each holds a file descriptor and a few hundred bytes, so a walk over
+#: many small files must not keep all of them however small they are.
+MAX_FILES = 8192
 
 
 class Blob:
@@ -324,13 +327,14 @@ class Blob:
 class BlobCache:
     """The blobs by object path, least recently used first, within a byte budget."""
 
-    def __init__(self, parent_dir: str, limit: int) -> None:
+    def __init__(self, parent_dir: str, limit: int, max_files: int = MAX_FILES) -> None:
         os.makedirs(parent_dir, exist_ok=True)
         _remove_stale_runs(parent_dir)
         self.dir = os.path.join(parent_dir, f"{_DIR_PREFIX}{os.getpid()}")
         shutil.rmtree(self.dir, ignore_errors=True)
         os.mkdir(self.dir, 0o700)
         self.limit = limit
+        self.max_files = max_files
         self._lock = threading.Lock()
         self._by_path: OrderedDict[str, Blob] = OrderedDict()
         #: Files created here and not yet in the store, by parent directory path, so that
@@ -476,13 +480,14 @@ class BlobCache:
         """Bring the cache under its bound: first drop the least recently used clean blobs
         nobody has open, then, if one open file alone is larger than the bound, drop what lies
         behind the reader in it (never in a blob DAX has mapped: the guest would see holes)."""
-        if self.total <= self.limit:
+        if self.total <= self.limit and len(self._by_path) <= self.max_files:
             return
         victims: list[Blob] = []
         with self._lock:
             excess = self.total - self.limit
+            extra = len(self._by_path) - self.max_files
             for path, blob in list(self._by_path.items()):
-                if excess <= 0:
+                if excess <= 0 and extra <= 0:
                     break
                 if blob.opens > 0 or blob.dirty or blob.inflight or blob.dax:
                     # DAX may still map this very file: a new copy would split the data.
@@ -490,6 +495,7 @@ class BlobCache:
                 del self._by_path[path]
                 victims.append(blob)
                 excess -= blob.present.total()
+                extra -= 1
         for blob in victims:
             with blob.lock:
                 blob.path = None
