@@ -291,7 +291,14 @@ class _Console:
             self.status = int(match.group(1))
             self.status_time = time.monotonic()
         else:
-            cut = max(0, len(self._held) - self._KEEP)
+            # Hold back only what could be the start of the status marker (from the last
+            # newline on), so that a guest that prints a line and waits for the host is
+            # heard at once.
+            lead = "\n" + self._prefix + "status="
+            last = self._held.rfind("\n")
+            tail = self._held[last:] if last >= 0 else ""
+            keep = len(tail) if lead.startswith(tail) or tail.startswith(lead) else 0
+            cut = len(self._held) - keep
             self._emit(self._held[:cut])
             self._held = self._held[cut:]
 
