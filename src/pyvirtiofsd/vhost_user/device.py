@@ -222,13 +222,12 @@ class _QueueWorker:
         self._finish(chain, used)
 
     def _finish(self, chain: Chain, used: int) -> None:
-        writable = chain.writable
-        if used and not 0 < used <= sum(len(v) for v in writable):
+        if used and not 0 < used <= chain.writable_len:
             log.error(
                 "vring %d: handler returned used length %r for %d writable bytes",
                 self.vring.index,
                 used,
-                sum(len(v) for v in writable),
+                chain.writable_len,
             )
             used = 0
         # Drop the views now, not when the chain object happens to be collected: once
@@ -250,7 +249,7 @@ class _QueueWorker:
                 used = fault(self.vring.index, partial.readable, partial.writable)
             except Exception:
                 log.exception("vring %d: fault handler failed", self.vring.index)
-            if not 0 <= used <= sum(len(v) for v in partial.writable):
+            if not 0 <= used <= partial.writable_len:
                 used = 0
         if partial is not None:
             try:

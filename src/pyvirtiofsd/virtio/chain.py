@@ -68,16 +68,20 @@ class InvalidChain(Exception):
 class Chain:
     """One request: its head index and the buffers it carries."""
 
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "writable", "writable_len")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        writable_len: int | None = None,
+    ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
+        #: Bytes the writable buffers hold (counted during the walk, not summed again).
+        self.writable_len = sum(len(v) for v in writable) if writable_len is None else writable_len
 
     @property
     def readable_len(self) -> int:
@@ -140,11 +144,13 @@ def read_chain(
     # checked); each list just stops growing at its first one.
     fault: str | None = None
     rfault = wfault = False
+    wlen = 0
     while True:
         if flags & VRING_DESC_F_WRITE:
             if not wfault:
                 try:
                     memory.translate_into(addr, length, writable)
+                    wlen += length
                 except GuestMemoryError as e:
                     fault = fault or str(e)
                     wfault = True
@@ -158,8 +164,8 @@ def read_chain(
                 rfault = True
         if not flags & VRING_DESC_F_NEXT:
             if fault is not None:
-                raise InvalidChain(head, fault, Chain(head, readable, writable))
-            return Chain(head, readable, writable)
+                raise InvalidChain(head, fault, Chain(head, readable, writable, wlen))
+            return Chain(head, readable, writable, wlen)
         if nxt >= limit:
             raise InvalidChain(head, f"next index {nxt} outside a table of {limit}")
         count += 1
