@@ -709,6 +709,7 @@ class OpendalFs(Filesystem):
         end = min(offset + size, blob.size)
         if end <= offset:
             return
+        self._dax_flush(ino)
         blob.ensure(self.store, offset, end)
         out.read_from_fd(blob.fd, offset, end - offset)
 
@@ -720,6 +721,7 @@ class OpendalFs(Filesystem):
         if not h.writable:
             raise _err(errno.EBADF)
         before = h.blob.size
+        self._dax_flush(ino)
         n = h.blob.write(data, offset, h.append)
         if h.blob.size != before:
             self._resized(h.node, h.blob.size)
@@ -727,6 +729,7 @@ class OpendalFs(Filesystem):
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
         h = self._file_handle(fh)
+        self._dax_flush(ino)
         if h.blob.needs_commit():
             self._commit(h.blob)
 
@@ -745,6 +748,7 @@ class OpendalFs(Filesystem):
         if not isinstance(h, _FileHandle):
             raise _err(errno.EBADF)
         try:
+            self._dax_flush(ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
         except OSError as e:
@@ -757,6 +761,7 @@ class OpendalFs(Filesystem):
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         h = self._file_handle(fh)
+        self._dax_flush(ino)
         if h.blob.needs_commit():
             self._commit(h.blob)
 
@@ -798,7 +803,7 @@ class OpendalFs(Filesystem):
         writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
         fd = self.dax_fd(ino, fh, foffset, length, writable)
         try:
-            window.setup(fd, foffset, moffset, length, writable, ino)  # type: ignore[attr-defined]
+            window.setup(fd, foffset, moffset, length, writable, ino)
         finally:
             os.close(fd)
 
@@ -806,13 +811,20 @@ class OpendalFs(Filesystem):
         window = self._conn.dax_window
         if window is None:
             raise _err(errno.ENOSYS)
-        window.remove(ranges)  # type: ignore[attr-defined]
+        window.remove(ranges)
 
     def _resized(self, node: Node, size: int) -> None:
         """Tell the DAX window, if it maps this file, that its size changed."""
         window = self._conn.dax_window
-        if window is not None and window.holds(node.ino):  # type: ignore[attr-defined]
-            window.resized(node.ino, size)  # type: ignore[attr-defined]
+        if window is not None and window.holds(node.ino):
+            window.resized(node.ino, size)
+
+    def _dax_flush(self, ino: int) -> None:
+        """What the guest wrote through the DAX window goes to the local copy first (before
+        an upload, or a READ or WRITE of the same bytes)."""
+        window = self._conn.dax_window
+        if window is not None and window.holds(ino):
+            window.flush(ino)
 
     # --- directories -----------------------------------------------------------------------
 
