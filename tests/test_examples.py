@@ -43,3 +43,32 @@ def test_hellofs(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     assert not is_mounted(mnt)
+
+
+@pytest.mark.vm
+def test_hellofs_in_a_guest(tmp_path: Path) -> None:
+    from pyvirtiofsd.vm import FsDevice, missing_assets, run_guest
+    from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
+
+    missing = missing_assets(qemu="sid")
+    if missing:
+        pytest.skip("; ".join(missing))
+    sock = str(tmp_path / "hello.sock")
+    proc = spawn_child(
+        [sys.executable, str(EXAMPLES / "hellofs.py"), "--socket-path", sock],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock, proc)
+        dev = FsDevice(sock, "hello")
+        result = run_guest(
+            f"{dev.mount_command('/mnt')}\nls -1 /mnt\ncat /mnt/hello\n",
+            [dev],
+            qemu="sid",
+            timeout=120,
+        )
+        assert proc.wait(30) == 0
+    finally:
+        kill_child(proc)
+    assert result.status == 0, result.output
+    assert result.output.split("\n")[:3] == ["hello", "time", "Hello from a Python file system!"]
