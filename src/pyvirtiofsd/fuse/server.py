@@ -134,8 +134,9 @@ class Server:
         self.max_write = max_write
         #: log2 alignment of DAX mappings, offered when the transport has a DAX window.
         self.map_alignment = map_alignment
-        self._backing_open = backing_open
-        self._backing_close = backing_close
+        #: The transport's FUSE_PASSTHROUGH hooks (/dev/fuse), handed to the file system at INIT.
+        self.backing_open = backing_open
+        self.backing_close = backing_close
         #: The transport's DAX window, handed to the file system at INIT.
         self.dax_window = dax_window
         self.initialized = False
@@ -336,8 +337,8 @@ class Server:
             max_readahead=max_readahead,
             max_write=self.max_write,
             map_alignment=self.map_alignment or 0,
-            backing_open=self._backing_open,
-            backing_close=self._backing_close,
+            backing_open=self.backing_open,
+            backing_close=self.backing_close,
             dax_window=self.dax_window,
         )
         if self.map_alignment is not None:

@@ -91,7 +91,8 @@ class FuseMount:
             raise
         self._mounted = True
         self._conn_dev = _mount_device(self.mountpoint)
-        self._install_passthrough()
+        self.server.backing_open = self.backing_open
+        self.server.backing_close = self.backing_close
         for i in range(self.threads):
             t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
             t.start()
@@ -149,10 +150,6 @@ class FuseMount:
         self.close()
 
     # --- FUSE_PASSTHROUGH ------------------------------------------------------------------
-
-    def _install_passthrough(self) -> None:
-        self.server._backing_open = self.backing_open
-        self.server._backing_close = self.backing_close
 
     def backing_open(self, fd: int) -> int:
         buf = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
