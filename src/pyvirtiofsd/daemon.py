@@ -6,6 +6,7 @@ transport (/dev/fuse or the virtio-fs device over vhost-user).
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import resource
@@ -183,6 +184,11 @@ def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> in
     def on_usr1(signum: int, frame: FrameType | None) -> None:
         log_counters(server)
 
+    # Requests allocate many small, short-lived, acyclic objects; the cyclic collector's
+    # default of a pass every 700 allocations costs several microseconds per request.
+    # Startup objects never die: take them out of its sight altogether.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_term)
