@@ -416,3 +416,14 @@ def test_sigusr1_logs_counters_and_keeps_serving(work: Path, shared: Path) -> No
     text = check_clean_log(log)
     assert rc == 0, text
     assert "requests served: GETATTR=4 INIT=1" in text
+
+
+def test_lock_options_of_the_old_form(shared: Path, work: Path) -> None:
+    from pyvirtiofsd.cli import parse_args
+
+    sock = str(work / "s.sock")
+    opts = parse_args(["--socket-path", sock, "-o", f"source={shared},no_posix_lock,no_flock"])
+    assert opts is not None and not opts.posix_locks and not opts.flock_locks
+    opts = parse_args(["--socket-path", sock, "-o", f"source={shared},posix_lock,flock"])
+    assert opts is not None and opts.posix_locks and opts.flock_locks
+    assert not (work / "s.sock").exists()

@@ -58,6 +58,9 @@ class Options:
     readonly: bool = False
     announce_submounts: bool = True
     killpriv_v2: bool = False
+    #: Serve POSIX record locks and flock() in the daemon (else the guest locks locally).
+    posix_locks: bool = True
+    flock_locks: bool = True
     inode_file_handles: FileHandles = FileHandles.NEVER
     sandbox: str = "none"
     log_level: str = "info"
@@ -268,8 +271,11 @@ def _apply_compat(p: argparse.ArgumentParser, ns: argparse.Namespace, opts: Opti
                 if value not in LOG_LEVELS:
                     p.error(f"-o loglevel: invalid value {value!r}")
                 opts.log_level = value
-            elif key in ("flock", "no_flock", "posix_lock", "no_posix_lock", "modcaps", "timeout"):
-                # Locks are always served; the rest tunes what does not exist here.
+            elif key in ("flock", "no_flock"):
+                opts.flock_locks = key == "flock"
+            elif key in ("posix_lock", "no_posix_lock"):
+                opts.posix_locks = key == "posix_lock"
+            elif key in ("modcaps", "timeout"):
                 opts.ignored.append(item)
             elif key in ("xattrmap", "security_label"):
                 p.error(f"-o {key} is not supported")

@@ -171,7 +171,12 @@ def run(opts: Options) -> int:
 def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> int:
     """Serve ``fs`` as the options say (/dev/fuse or vhost-user) until the end; the exit
     status."""
-    server = Server(fs)
+    disabled = 0
+    if not opts.posix_locks:
+        disabled |= abi.InitFlag.POSIX_LOCKS
+    if not opts.flock_locks:
+        disabled |= abi.InitFlag.FLOCK_LOCKS
+    server = Server(fs, disabled_flags=disabled)
     stop = threading.Event()
     stoppers: list[Callable[[], None]] = []
 

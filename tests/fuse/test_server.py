@@ -252,3 +252,11 @@ def test_blocking_lock_is_deferred() -> None:
     ((job, token),) = jobs
     assert token == "chain"
     assert decode_reply(job()) == (0, 44, b"")
+
+
+def test_disabled_flags_are_never_agreed() -> None:
+    server = Server(MemFs(), disabled_flags=abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
+    out = FuseClient(direct(server)).init(abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
+    assert not out.flags & (abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
+    out = FuseClient(direct(Server(MemFs()))).init(abi.InitFlag.POSIX_LOCKS)
+    assert out.flags & abi.InitFlag.POSIX_LOCKS

@@ -129,6 +129,7 @@ class Server:
         backing_open: Callable[[int], int] | None = None,
         backing_close: Callable[[int], None] | None = None,
         dax_window: DaxWindow | None = None,
+        disabled_flags: int = 0,
     ) -> None:
         self.fs = fs
         self.max_write = max_write
@@ -139,6 +140,9 @@ class Server:
         self.backing_close = backing_close
         #: The transport's DAX window, handed to the file system at INIT.
         self.dax_window = dax_window
+        #: INIT flags never to agree to, whatever the file system wants (e.g. POSIX_LOCKS
+        #: when the user asked for local locks).
+        self.disabled_flags = disabled_flags
         self.initialized = False
         self.proto_minor = 0
         self.flags = 0
@@ -345,7 +349,7 @@ class Server:
             conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT
         with self._init_lock:
             self.fs.init(conn)
-            want = conn.want & capable
+            want = conn.want & capable & ~self.disabled_flags
             if not flags & abi.InitFlag.INIT_EXT:
                 want &= 0xFFFFFFFF
             self.flags = want
