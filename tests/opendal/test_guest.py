@@ -17,7 +17,7 @@ import pytest
 from pyvirtiofsd.vm import FsDevice, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 
-from .conftest import Service
+from .conftest import Service, make_service
 
 pytestmark = pytest.mark.vm
 
@@ -43,6 +43,7 @@ cp data.bin cut.bin
 truncate -s 123456 cut.bin
 truncate -s 200000 cut.bin
 echo "CUT $(sha256sum cut.bin | cut -d' ' -f1)"
+__FROM_HOST_SETUP__
 echo "FROM_HOST $(cat from-host.txt)"
 
 # --- a directory of __ENTRIES__ entries ---------------------------------------------------------
@@ -71,6 +72,16 @@ if rmdir moved 2>/dev/null; then echo "RMDIR_NONEMPTY allowed"
 else echo "RMDIR_NONEMPTY refused"; fi
 echo "LISTING $(ls | tr '\n' ' ')"
 
+echo "ENTRIES_NOW $(ls many | wc -l)"
+echo "MOVED $(cat moved/uno moved/sub/two | tr '\n' ' ')"
+__DURABILITY__
+echo "DONE yes"
+"""
+
+
+# The store can only be checked from outside on services another client can reach; on
+# memory the guest's own report stands, and there is no store to survive a SIGKILL.
+DURABILITY = r"""
 # --- fsync, then the daemon dies ----------------------------------------------------------------
 # A background process holds the file open for good: closing it would send a FLUSH, which
 # uploads too, and would wait forever once the daemon is gone.
@@ -86,7 +97,6 @@ echo "LISTING $(ls | tr '\n' ' ')"
 cd /
 while [ ! -e /tmp/fsynced ]; do sleep 0.1; done
 sleep 2
-echo "DONE yes"
 """
 
 
@@ -100,11 +110,17 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("scheme", ["s3", "fs"])
+@pytest.mark.parametrize("scheme", ["s3", "fs", "memory"])
 def test_guest_on_object_storage(scheme: str, request: pytest.FixtureRequest, work: Path) -> None:
     require_vm()
-    service: Service = request.getfixturevalue("s3_service" if scheme == "s3" else "fs_service")
-    service.view.put("from-host.txt", b"written by another client\n")
+    outside = scheme != "memory"  # another client can reach the store
+    service: Service = (
+        request.getfixturevalue(f"{scheme}_service")
+        if outside
+        else make_service("memory", work, lambda: request.getfixturevalue("moto_server"))
+    )
+    if outside:
+        service.view.put("from-host.txt", b"written by another client\n")
     sock = str(work / "vfs.sock")
     log = work / "daemon.log"
     with open(log, "wb") as f:
@@ -145,20 +161,36 @@ def test_guest_on_object_storage(scheme: str, request: pytest.FixtureRequest, wo
             SCRIPT.replace("__MOUNT__", dev.mount_command("/mnt/o"))
             .replace("__ENTRIES__", str(ENTRIES))
             .replace("__LAST__", str(ENTRIES - 1))
+            .replace("__DURABILITY__", DURABILITY if outside else "")
             .replace("__FSYNCED__", FSYNCED)
+            .replace(
+                "__FROM_HOST_SETUP__",
+                "" if outside else "echo 'written by another client' > from-host.txt",
+            )
         )
         result = run_guest(script, [dev], qemu="sid", timeout=1200, on_output=on_output)
     finally:
         kill_child(proc)
     text = log.read_text(errors="replace")
     assert "Traceback" not in text, text[-5000:]
-    assert killed, result.output
+    assert killed or not outside, result.output
     report = {}
     for line in result.output.splitlines():
         key, _, value = line.partition(" ")
         if key.isupper():
             report[key] = value.strip()
 
+    assert report["COUNT"] == report["LONG_COUNT"] == report["ENTRIES_NOW"] == str(ENTRIES)
+    assert report["MOVED"] == "one two"
+    assert report["RMDIR_NONEMPTY"] == "refused"
+    assert report["SIZE"] == str(40 * 65536 + len("appended"))
+    assert report["APPENDED"] == report["REREAD"]
+    assert report["DONE"] == "yes"
+    if not outside:
+        assert report["LISTING"].split() == sorted(
+            ["cut.bin", "data.bin", "from-host.txt", "many", "moved"]
+        )
+        return
     view = service.view
     data = view.get("data.bin")
     assert len(data) == 40 * 65536 + len("appended") == int(report["SIZE"])
