@@ -33,10 +33,9 @@ def is_mounted(path: Path) -> bool:
 
 
 @dataclass
-class Share:
-    """A directory served by the daemon and mounted through /dev/fuse."""
+class Mounted:
+    """The daemon as a process serving a /dev/fuse mount, and its log."""
 
-    src: Path
     mnt: Path
     proc: subprocess.Popen[bytes]
     log: Path
@@ -45,14 +44,24 @@ class Share:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
+        """SIGTERM (SIGKILL if it does not end), then make sure the mount is gone."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if is_mounted(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
         return self.proc.returncode
+
+
+@dataclass
+class Share(Mounted):
+    """A directory served by the daemon and mounted through /dev/fuse."""
+
+    src: Path
 
 
 @contextlib.contextmanager
@@ -77,7 +86,7 @@ def mounted_share(src: Path, mnt: Path, *args: str, log: Path | None = None) -> 
             stdout=logf,
             stderr=subprocess.STDOUT,
         )
-    share = Share(src, mnt, proc, log)
+    share = Share(mnt, proc, log, src)
     try:
         deadline = time.monotonic() + 20
         while not is_mounted(mnt):
@@ -87,8 +96,6 @@ def mounted_share(src: Path, mnt: Path, *args: str, log: Path | None = None) -> 
         yield share
     finally:
         rc = share.stop()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
         assert rc == 0, f"daemon exited with {rc}:\n{share.log_text()[-3000:]}"
         assert "Traceback" not in share.log_text(), share.log_text()[-5000:]
 

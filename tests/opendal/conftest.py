@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import can_mount_fuse, is_mounted
+from ..conftest import Mounted, can_mount_fuse, is_mounted
 
 pytest.importorskip("opendal")
 
@@ -254,27 +254,9 @@ def s3_service(request: pytest.FixtureRequest, work: Path) -> Service:
 
 
 @dataclass
-class StoreMount:
+class StoreMount(Mounted):
     service: Service
-    mnt: Path
     cache_dir: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if is_mounted(self.mnt):
-            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
-        return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no last upload."""
@@ -320,7 +302,7 @@ def mount_store(work: Path) -> MountStore:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        m = StoreMount(service, mnt, cache_dir, proc, log)
+        m = StoreMount(mnt, proc, log, service, cache_dir)
         killed = False
         try:
             deadline = time.monotonic() + 30

@@ -284,6 +284,46 @@ class DaxWindow(Protocol):
         ...
 
 
+def dax_map(
+    window: DaxWindow | None,
+    ino: int,
+    foffset: int,
+    length: int,
+    flags: int,
+    moffset: int,
+    open_fd: Callable[[bool], int],
+) -> None:
+    """SETUPMAPPING for a file system whose files have descriptors: ``open_fd(writable)``
+    opens one for the mapping (the window keeps its own copy; this closes it)."""
+    if window is None:
+        raise _enosys()
+    writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
+    fd = open_fd(writable)
+    try:
+        window.setup(fd, foffset, moffset, length, writable, ino)
+    finally:
+        os.close(fd)
+
+
+def dax_unmap(window: DaxWindow | None, ranges: Iterable[tuple[int, int]]) -> None:
+    if window is None:
+        raise _enosys()
+    window.remove(ranges)
+
+
+def dax_flush(window: DaxWindow | None, ino: int) -> None:
+    """What the guest wrote through the window goes to the file first (before the file is
+    synced, closed, uploaded, or read or written another way)."""
+    if window is not None and window.holds(ino):
+        window.flush(ino)
+
+
+def dax_resized(window: DaxWindow | None, ino: int, size: int) -> None:
+    """A file's size (or contents) changed: keep its mappings within it."""
+    if window is not None and window.holds(ino):
+        window.resized(ino, size)
+
+
 @dataclass(slots=True)
 class ConnectionInfo:
     """What the kernel offered at INIT, and what the transport can do beyond FUSE itself."""

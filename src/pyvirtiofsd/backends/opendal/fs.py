@@ -40,6 +40,10 @@ from ...fuse.filesystem import (
     Opened,
     SetAttr,
     StatVfs,
+    dax_flush,
+    dax_map,
+    dax_resized,
+    dax_unmap,
 )
 from ...linux import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 from ..passthrough.config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy
@@ -797,34 +801,19 @@ class OpendalFs(Filesystem):
         flags: int,
         moffset: int,
     ) -> None:
-        window = self._conn.dax_window
-        if window is None:
-            raise _err(errno.ENOSYS)
-        writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
-        fd = self.dax_fd(ino, fh, foffset, length, writable)
-        try:
-            window.setup(fd, foffset, moffset, length, writable, ino)
-        finally:
-            os.close(fd)
+        dax_map(
+            self._conn.dax_window, ino, foffset, length, flags, moffset,
+            lambda writable: self.dax_fd(ino, fh, foffset, length, writable),
+        )  # fmt: skip
 
     def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
-        window = self._conn.dax_window
-        if window is None:
-            raise _err(errno.ENOSYS)
-        window.remove(ranges)
+        dax_unmap(self._conn.dax_window, ranges)
 
     def _resized(self, node: Node, size: int) -> None:
-        """Tell the DAX window, if it maps this file, that its size changed."""
-        window = self._conn.dax_window
-        if window is not None and window.holds(node.ino):
-            window.resized(node.ino, size)
+        dax_resized(self._conn.dax_window, node.ino, size)
 
     def _dax_flush(self, ino: int) -> None:
-        """What the guest wrote through the DAX window goes to the local copy first (before
-        an upload, or a READ or WRITE of the same bytes)."""
-        window = self._conn.dax_window
-        if window is not None and window.holds(ino):
-            window.flush(ino)
+        dax_flush(self._conn.dax_window, ino)
 
     # --- directories -----------------------------------------------------------------------
 
