@@ -10,13 +10,12 @@ import os
 import random
 import stat
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+from ..workloads import many_processes
 from .conftest import MountStore, Service
 
 
@@ -359,28 +358,8 @@ def test_changes_by_other_clients(service: Service, mount_store: MountStore) -> 
 
 
 def test_many_processes_at_once(service: Service, mount_store: MountStore) -> None:
-    code = textwrap.dedent(
-        """
-        import os, sys, hashlib
-        root, n = sys.argv[1], int(sys.argv[2])
-        d = os.path.join(root, f"p{n}")
-        os.mkdir(d)
-        for i in range(25):
-            data = hashlib.sha256(f"{n}-{i}".encode()).digest() * (i + 1) * 40
-            with open(os.path.join(d, str(i)), "wb") as f:
-                f.write(data)
-            with open(os.path.join(d, str(i)), "rb") as f:
-                assert f.read() == data
-            os.listdir(root)
-            if i % 5 == 0:
-                os.rename(os.path.join(d, str(i)), os.path.join(d, f"r{i}"))
-        """
-    )
     with mount_store(service) as m:
-        procs = [
-            subprocess.Popen([sys.executable, "-c", code, str(m.mnt), str(n)]) for n in range(6)
-        ]
-        assert [p.wait(300) for p in procs] == [0] * 6
+        many_processes(m.mnt, processes=6, files=25, scale=40)
         for n in range(6):
             assert len(os.listdir(m.mnt / f"p{n}")) == 25
         if service.view.independent:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import Share
+from ..workloads import many_processes
 
 
 def sh(script: str, cwd: Path | None = None, user: str | None = None) -> str:
@@ -157,27 +158,7 @@ def test_python_os_module(share: Share) -> None:
 
 
 def test_many_processes_at_once(share: Share) -> None:
-    code = textwrap.dedent(
-        """
-        import os, sys, hashlib
-        root, n = sys.argv[1], int(sys.argv[2])
-        d = os.path.join(root, f"p{n}")
-        os.mkdir(d)
-        for i in range(40):
-            data = hashlib.sha256(f"{n}-{i}".encode()).digest() * (i + 1) * 50
-            with open(os.path.join(d, str(i)), "wb") as f:
-                f.write(data)
-            with open(os.path.join(d, str(i)), "rb") as f:
-                assert f.read() == data
-            os.listdir(root)
-            if i % 5 == 0:
-                os.rename(os.path.join(d, str(i)), os.path.join(d, f"r{i}"))
-        """
-    )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(share.mnt), str(n)]) for n in range(8)
-    ]
-    assert [p.wait(300) for p in procs] == [0] * 8
+    many_processes(share.mnt, processes=8, files=40, scale=50)
     for n in range(8):
         assert len(os.listdir(share.src / f"p{n}")) == 40
 
