@@ -22,26 +22,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common import BLOCK, cpu_seconds, drop_caches, seq_write
+
 CACHE = Path(os.environ.get("PYVIRTIOFSD_CACHE", "/var/cache/pyvirtiofsd"))
 EXAMPLE = Path("/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c")
-BLOCK = 1 << 20
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
-
-
-def seq_write(root: Path, size_mib: int) -> float:
-    data = os.urandom(BLOCK)
-    t = time.perf_counter()
-    fd = os.open(root / "seq", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    for _ in range(size_mib):
-        os.write(fd, data)
-    os.fsync(fd)
-    os.close(fd)
-    return size_mib / (time.perf_counter() - t)
 
 
 def seq_read(root: Path, size_mib: int) -> float:
@@ -52,7 +36,7 @@ def seq_read(root: Path, size_mib: int) -> float:
     while os.readv(fd, [buf]):
         pass
     os.close(fd)
-    return size_mib / (time.perf_counter() - t)
+    return size_mib * BLOCK / 1e6 / (time.perf_counter() - t)
 
 
 def rand_read_4k(root: Path, size_mib: int) -> float:
@@ -119,12 +103,6 @@ def passthrough_ll() -> Path:
         ).stdout.split()
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(EXAMPLE), *flags], check=True)
     return binary
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import cpu_seconds
+
 from pyvirtiofsd.vm import FsDevice, GuestError, assets, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 
@@ -124,12 +126,6 @@ class DaemonRun:
     phases: dict[str, Phase] = field(default_factory=dict)
     boot_seconds: float = 0.0
     script_seconds: float = 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def served_totals(log: Path) -> list[int]:

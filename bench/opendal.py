@@ -28,25 +28,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-BLOCK = 1 << 20
+from common import BLOCK, cpu_seconds, drop_caches, seq_write
+
 SMALL = 4096
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
-
-
-def seq_write(root: Path, size_mib: int) -> float:
-    data = os.urandom(BLOCK)
-    t = time.perf_counter()
-    fd = os.open(root / "seq", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    for _ in range(size_mib):
-        os.write(fd, data)
-    os.fsync(fd)
-    os.close(fd)
-    return size_mib * BLOCK / 1e6 / (time.perf_counter() - t)
 
 
 def seq_read(root: Path) -> float:
@@ -141,12 +125,6 @@ def s3_args(endpoint: str) -> list[str]:
     for k, v in opts.items():
         out += ["--opendal-opt", f"{k}={v}"]
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
