@@ -147,10 +147,13 @@ def test_guest_on_object_storage(scheme: str, request: pytest.FixtureRequest, wo
     def on_output(text: str) -> None:
         # SIGKILL the moment the guest reports that fsync returned: no flush, no release, no
         # clean exit can add anything to the store after that.
-        tail[0] = (tail[0] + text)[-200:]
+        # Look before trimming: one chunk may carry the marker and plenty after it. Keep just
+        # enough of the past to find a marker that arrives split across two chunks.
+        window = tail[0] + text
+        tail[0] = window[-len(FSYNCED) :]
         if os.environ.get("ODAL_GUEST_ECHO"):
             sys.stderr.write(text)
-        if not killed and FSYNCED in tail[0]:
+        if not killed and FSYNCED in window:
             proc.send_signal(signal.SIGKILL)
             killed.append(True)
 
