@@ -31,6 +31,7 @@ class UppercaseDevice:
         config: bytes = b"",
         shmem_sizes: Sequence[int] = (),
         delay: float = 0.0,
+        barrier: threading.Barrier | None = None,
     ) -> None:
         self.device_id = device_id
         self.num_queues = num_queues
@@ -39,6 +40,8 @@ class UppercaseDevice:
         self._config = bytes(config)
         self._shmem_sizes = list(shmem_sizes)
         self._delay = delay
+        # Requests meet here: they get past it only if enough of them run at the same time.
+        self.barrier = barrier
         self.channel: SharedMemoryMapper | None = None
         self.resets = 0
         self.threads_seen: set[str] = set()
@@ -56,6 +59,10 @@ class UppercaseDevice:
         def handle(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
             if delay:
                 threading.Event().wait(delay)
+            barrier = self.barrier
+            if barrier is not None:
+                barrier.wait(timeout=30)
+            if delay or barrier is not None:
                 with self._lock:
                     self.threads_seen.add(threading.current_thread().name)
             data = b"".join(readable).upper()
