@@ -7,9 +7,11 @@
  *   guestprobe lock flock|posix wait|try FILE SECONDS
  *                                       take an exclusive lock (waiting, or failing at once),
  *                                       print "locked", hold it SECONDS, print "unlocked"
+ *   guestprobe as UID GID PROG [ARG...]  run PROG as UID:GID, without supplementary groups
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <grp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,7 +97,14 @@ int main(int argc, char **argv) {
         printf("unlocked\n");
         return 0;
     }
+    if (argc >= 5 && strcmp(argv[1], "as") == 0) {
+        if (setgroups(0, NULL)) return fail("setgroups");
+        if (setgid((gid_t)atol(argv[3]))) return fail("setgid");
+        if (setuid((uid_t)atol(argv[2]))) return fail("setuid");
+        execvp(argv[4], argv + 4);
+        return fail("exec");
+    }
     fprintf(stderr, "usage: guestprobe write FILE OFFSET TEXT | attr FILE | sum FILE"
-                    " | lock flock|posix wait|try FILE SECONDS\n");
+                    " | lock flock|posix wait|try FILE SECONDS | as UID GID PROG [ARG...]\n");
     return 2;
 }

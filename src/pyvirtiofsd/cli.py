@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .backends.passthrough import CachePolicy, FileHandles
+from .userns import IdRange, check_map, parse_range
 
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 #: What libvirt reads from --print-capabilities. "separate-options" makes libvirt pass
@@ -28,8 +29,6 @@ _IGNORED_FLAGS = ("--preserve-noatime", "-f")
 _UNSUPPORTED = (
     "--xattrmap",
     "--security-label",
-    "--uid-map",
-    "--gid-map",
     "--translate-uid",
     "--translate-gid",
     "--migration-mode",
@@ -63,6 +62,9 @@ class Options:
     flock_locks: bool = True
     inode_file_handles: FileHandles = FileHandles.NEVER
     sandbox: str = "none"
+    #: Run as root of a user namespace with these maps (empty: stay in the host's).
+    uid_map: list[IdRange] = field(default_factory=list)
+    gid_map: list[IdRange] = field(default_factory=list)
     log_level: str = "info"
     syslog: bool = False
     # Beyond virtiofsd:
@@ -199,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--thread-pool-size", type=_nonneg, default=0, metavar="N")
     run.add_argument("--rlimit-nofile", type=_nonneg, metavar="N")
     run.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none")
+    for kind in ("uid", "gid"):
+        run.add_argument(
+            f"--{kind}-map",
+            action="append",
+            default=[],
+            type=_id_range,
+            metavar=":INSIDE:OUTSIDE:COUNT:",
+            help=f"run in a user namespace where COUNT {kind}s from INSIDE are the host's from "
+            "OUTSIDE (repeatable; needs newuidmap/newgidmap for ranges that are not your own)",
+        )
     run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     run.add_argument("--syslog", action="store_true")
     run.add_argument("--print-capabilities", action="store_true")
@@ -316,6 +328,8 @@ def parse_args(argv: Sequence[str] | None = None, *, own_fs: bool = False) -> Op
             "prefer" if ns.inode_file_handles == "fallback" else ns.inode_file_handles
         ),
         sandbox=ns.sandbox,
+        uid_map=ns.uid_map,
+        gid_map=ns.gid_map,
         log_level="debug" if ns.debug else ns.log_level,
         syslog=ns.syslog,
         mount=ns.mount,
@@ -376,6 +390,16 @@ def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
         p.error("--dax-window needs a virtio-fs front-end, not --mount")
     if o.sandbox != "none" and (o.shared_dir is None or o.mount is not None):
         p.error("--sandbox confines a --shared-dir served over vhost-user; use --sandbox none")
+    if o.uid_map or o.gid_map:
+        if not (o.uid_map and o.gid_map):
+            p.error("--uid-map and --gid-map go together")
+        if o.mount is not None:
+            p.error("--uid-map/--gid-map need a vhost-user front-end, not --mount")
+        for kind, ranges in (("uid", o.uid_map), ("gid", o.gid_map)):
+            try:
+                check_map(kind, ranges)
+            except ValueError as e:
+                p.error(str(e))
     if o.fuse_passthrough and o.mount is None:
         p.error("--fuse-passthrough only works with --mount")
     if o.socket_group is not None:
@@ -406,6 +430,13 @@ def _check_opendal(p: argparse.ArgumentParser, o: Options) -> None:
     problem = check_service(o.opendal or "", o.opendal_opts)
     if problem is not None:
         p.error(f"--opendal {o.opendal}: {problem}")
+
+
+def _id_range(text: str) -> IdRange:
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _check_listening_fd(p: argparse.ArgumentParser, fd: int) -> None:

@@ -24,6 +24,7 @@ from .fuse.server import Server
 
 if TYPE_CHECKING:
     from .transport.virtiofs import Listener
+    from .userns import IdRange
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -146,6 +147,17 @@ def run(opts: Options) -> int:
         except OSError as e:
             log.error("cannot listen on %s: %s", opts.socket_path, e)
             return 1
+    if opts.uid_map:
+        from . import userns
+
+        try:
+            userns.enter(opts.uid_map, opts.gid_map)
+        except OSError as e:
+            log.error("cannot enter a user namespace with these id maps: %s", e)
+            if listener is not None:
+                listener.remove()
+            return 1
+        log.info("running as root of a user namespace (uid map %s)", _show(opts.uid_map))
     if opts.sandbox != "none":
         assert opts.shared_dir is not None
         from . import sandbox
@@ -166,6 +178,10 @@ def run(opts: Options) -> int:
             listener.remove()
         return 1
     return serve(fs, opts, listener)
+
+
+def _show(ranges: list[IdRange]) -> str:
+    return " ".join(f":{r.inside}:{r.outside}:{r.count}:" for r in ranges)
 
 
 def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> int:

@@ -8,6 +8,7 @@ and every permission check are the host kernel's, as for a local process.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -24,8 +25,40 @@ def _thread_fs_unshared() -> None:
         _local.fs_unshared = True
 
 
+class _Process:
+    """What the switch depends on, read at the first request, once the daemon has settled (a
+    user namespace changes its groups and which ids exist at all)."""
+
+    def __init__(self) -> None:
+        self.groups = tuple(os.getgroups())
+        # In a user namespace that maps only some ids, setfsuid/setfsgid to an unmapped id
+        # silently change nothing: the switch must be checked, or the caller would act as root.
+        self.partial = _read("/proc/self/uid_map").split() != ["0", "0", "4294967295"]
+        # An unprivileged namespace may have given up setgroups for good.
+        self.groups_fixed = _read("/proc/self/setgroups").strip() == "deny"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+_process: list[_Process] = []
+
+
+def _settled() -> _Process:
+    if not _process:
+        _process.append(_Process())
+    return _process[0]
+
+
 class Credentials:
-    """``with Credentials(ctx, enabled, umask):`` switches and restores the thread's ids."""
+    """``with Credentials(ctx, enabled, umask):`` switches and restores the thread's ids.
+
+    A caller whose ids the daemon can't take (unmapped in its user namespace) gets EPERM."""
 
     __slots__ = ("_ctx", "_switch", "_umask")
 
@@ -40,20 +73,37 @@ class Credentials:
             os.umask(self._umask)
         if self._switch:
             ctx = self._ctx
-            linux.setfsgid(ctx.gid)
-            linux.thread_setgroups(ctx.groups)
-            linux.setfsuid(ctx.uid)
+            proc = _settled()
+            try:
+                linux.setfsgid(ctx.gid)
+                if not proc.groups_fixed:
+                    linux.thread_setgroups(ctx.groups)
+                linux.setfsuid(ctx.uid)
+                # Asking again returns the id in force: the one asked for if the switch took.
+                if proc.partial and (
+                    linux.setfsuid(ctx.uid) != ctx.uid or linux.setfsgid(ctx.gid) != ctx.gid
+                ):
+                    raise PermissionError(errno.EPERM, "caller's ids are not mapped here")
+            except OSError as e:
+                self._restore(proc)
+                if self._umask is not None:
+                    os.umask(0)
+                if proc.partial:
+                    raise PermissionError(errno.EPERM, os.strerror(errno.EPERM)) from e
+                raise
 
     def __exit__(self, *exc: object) -> None:
         if self._switch:
-            linux.setfsuid(0)
-            linux.setfsgid(0)
-            linux.thread_setgroups(_ROOT_GROUPS)
+            self._restore(_settled())
         if self._umask is not None:
             os.umask(0)
 
-
-_ROOT_GROUPS: tuple[int, ...] = tuple(os.getgroups())
+    @staticmethod
+    def _restore(proc: _Process) -> None:
+        linux.setfsuid(0)
+        linux.setfsgid(0)
+        if not proc.groups_fixed:
+            linux.thread_setgroups(proc.groups)
 
 
 def can_switch() -> bool:
