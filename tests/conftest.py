@@ -126,6 +126,16 @@ def share(open_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Share]:
         yield s
 
 
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """A PassthroughFs built in this process sets the umask to 0, as the daemon needs; later
+    tests must still start from the umask the run began with."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "daemon_args(*args): extra options for the share fixture")
 
