@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from . import linux
 
-CLONE_NEWUSER = 0x10000000
 _ID_MAX = 1 << 32
 
 
@@ -124,7 +123,7 @@ def enter(uid_map: Sequence[IdRange], gid_map: Sequence[IdRange]) -> None:
     os.close(err_w)
     try:
         try:
-            linux.unshare(CLONE_NEWUSER)
+            linux.unshare(linux.CLONE_NEWUSER)
         except OSError:
             os.write(go_w, b"x")
             raise

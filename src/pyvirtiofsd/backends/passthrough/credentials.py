@@ -9,6 +9,7 @@ and every permission check are the host kernel's, as for a local process.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 
@@ -46,13 +47,9 @@ def _read(path: str) -> str:
         return ""
 
 
-_process: list[_Process] = []
-
-
+@functools.cache
 def _settled() -> _Process:
-    if not _process:
-        _process.append(_Process())
-    return _process[0]
+    return _Process()
 
 
 class Credentials:
