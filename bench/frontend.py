@@ -1,0 +1,358 @@
+"""Daemon-alone benchmark: the project's own vhost-user front-end drives pyvirtiofsd and the Rust
+virtiofsd 1.14 on one share, with requests shaped as a Linux guest sends them, and reports each
+daemon's CPU time per request and its request rate, side by side.
+
+    .venv/bin/python bench/frontend.py                      # every workload, 5 rounds
+    .venv/bin/python bench/frontend.py --rounds 3 --seconds 1 --workload read4k
+    .venv/bin/python bench/frontend.py --json results.json
+
+Needs the VM assets for virtiofsd 1.14 (`.ci/install-vm-assets`; `--daemon pyvirtiofsd` runs
+without them). There is no guest kernel: the front-end is a Python process with its own guest
+RAM (a memfd) and split virtqueues, so what is measured is the daemon's own work per request.
+
+Request shapes follow the Linux virtio-fs driver. It puts every argument of a FUSE request in a
+scatter-gather element of its own and, once VIRTIO_F_INDIRECT_DESC is negotiated, sends any
+chain of more than one element as one indirect table. So a GETATTR is a table of four
+descriptors (in header, getattr_in | out header, attr_out); a 1 MiB READ is in header and
+read_in, then the out header and 256 page-sized buffers (259 descriptors); a 1 MiB WRITE is in
+header, write_in and 256 pages, then out header and write_out (260). The pages of a big request
+are scattered through guest RAM, one page apart, as a guest's page cache hands them out, so
+nothing can be gained by merging neighbours.
+
+Each workload runs at queue depth 1 (one request in flight: submit, kick, wait) and 16 (16
+chains kept in flight; every completed chain is resubmitted at once). Daemons take turns within
+each round (the order alternates between rounds), each for ``--seconds``; the figures are the
+medians over ``--rounds``. CPU is the daemon's utime+stime from /proc over the same span.
+Nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import cpu_seconds
+
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.client import FuseClient
+from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend
+from pyvirtiofsd.virtio.chain import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
+from pyvirtiofsd.virtio.chain import VRING_DESC_F_WRITE as WRITE_FLAG
+from pyvirtiofsd.vm import assets
+
+PAGE = 4096
+FILE_SIZE = 64 << 20
+DEPTHS = (1, 16)
+QUEUE_SIZE = 1024
+
+#: name -> label; the order of the table.
+WORKLOADS = {
+    "getattr": "GETATTR",
+    "lookup": "LOOKUP",
+    "read4k": "4 KiB READ",
+    "write4k": "4 KiB WRITE",
+    "read1m": "1 MiB READ (259 desc)",
+    "write1m": "1 MiB WRITE (260 desc)",
+}
+DAEMONS = {"pyvirtiofsd": "pyvirtiofsd", "virtiofsd": "virtiofsd 1.14"}
+
+
+# --- chains shaped as the guest sends them ------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    """One request as the guest lays it out: readable parts (bytes), writable part sizes."""
+
+    readable: list[bytes]
+    writable: list[int]
+
+
+@dataclass
+class Files:
+    """What the workloads need from the share, found once through a FUSE session."""
+
+    file_ino: int
+    fh: int
+    name: bytes
+
+
+def shape(workload: str, files: Files, slot: int, unique: int) -> Shape:
+    """The request of ``workload`` for chain ``slot`` (each slot reads its own offsets)."""
+
+    def header(opcode: int, nodeid: int, body_len: int) -> bytes:
+        return abi.IN_HEADER.pack(
+            abi.IN_HEADER.size + body_len, opcode, unique, nodeid, 0, 0, 1, 0, 0
+        )
+
+    pages_1m = (1 << 20) // PAGE
+    offset_4k = (slot * 7919 * PAGE) % FILE_SIZE
+    offset_1m = (slot << 20) % FILE_SIZE
+    if workload == "getattr":
+        body = abi.GETATTR_IN.struct.pack(0, 0, 0)
+        return Shape([header(abi.Opcode.GETATTR, files.file_ino, len(body)), body], [16, 104])
+    if workload == "lookup":
+        body = files.name + b"\0"
+        return Shape([header(abi.Opcode.LOOKUP, ROOT, len(body)), body], [16, 128])
+    if workload in ("read4k", "read1m"):
+        size = PAGE if workload == "read4k" else 1 << 20
+        offset = offset_4k if workload == "read4k" else offset_1m
+        body = abi.READ_IN.struct.pack(files.fh, offset, size, 0, 0, 0, 0)
+        count = 1 if workload == "read4k" else pages_1m
+        return Shape(
+            [header(abi.Opcode.READ, files.file_ino, len(body)), body], [16] + [PAGE] * count
+        )
+    if workload in ("write4k", "write1m"):
+        size = PAGE if workload == "write4k" else 1 << 20
+        offset = offset_4k if workload == "write4k" else offset_1m
+        body = abi.WRITE_IN.struct.pack(files.fh, offset, size, 0, 0, 0, 0)
+        count = size // PAGE
+        page = bytes([slot & 0xFF]) * PAGE
+        head = header(abi.Opcode.WRITE, files.file_ino, len(body) + size)
+        return Shape([head, body] + [page] * count, [16, 8])
+    raise ValueError(workload)
+
+
+class ChainSet:
+    """Chains built once in guest RAM, each an indirect table, published again and again.
+
+    Buffers are laid out one page apart (every other page left unused), so no two buffers of a
+    chain are adjacent in guest memory."""
+
+    def __init__(self, q: DriverQueue, shapes: list[Shape]) -> None:
+        self.q = q
+        self.heads: list[int] = []
+        self.blocks: list[int] = []
+        ram = q.ram
+        for s in shapes:
+            parts = [(data, len(data), False) for data in s.readable]
+            parts += [(None, n, True) for n in s.writable]
+            table_gpa = self._alloc(16 * len(parts))
+            table = ram.view(table_gpa, 16 * len(parts))
+            for i, (data, n, writable) in enumerate(parts):
+                gpa = self._alloc(2 * PAGE)
+                if data is not None:
+                    ram.write(gpa, data)
+                more = i + 1 < len(parts)
+                flags = (WRITE_FLAG if writable else 0) | (VRING_DESC_F_NEXT if more else 0)
+                DESC.pack_into(table, 16 * i, gpa, n, flags, i + 1 if more else 0)
+            table.release()
+            head = q.reserve_descs(1)[0]
+            q.write_desc(head, table_gpa, 16 * len(parts), VRING_DESC_F_INDIRECT, 0)
+            self.heads.append(head)
+
+    def _alloc(self, size: int) -> int:
+        addr = self.q.arena.alloc(size, PAGE)
+        self.blocks.append(addr)
+        return addr
+
+    def run(self, seconds: float) -> int:
+        """Keep every chain in flight for ``seconds``; the requests completed."""
+        q = self.q
+        poll = select.poll()
+        poll.register(q.call_fd, select.POLLIN)
+        for head in self.heads:
+            q.publish(head, track=False)
+        q.kick(force=True)
+        done = 0
+        deadline = time.perf_counter() + seconds
+        outstanding = len(self.heads)
+        draining = False
+        while outstanding:
+            heads = self._reap()
+            if not heads:
+                if poll.poll(1000):
+                    try:
+                        os.eventfd_read(q.call_fd)
+                    except BlockingIOError:
+                        pass
+                continue
+            done += len(heads)
+            if not draining and time.perf_counter() >= deadline:
+                draining = True
+            if draining:
+                outstanding -= len(heads)
+                continue
+            for head in heads:
+                q.publish(head, track=False)
+            q.kick()
+        return done
+
+    def _reap(self) -> list[int]:
+        q = self.q
+        before = q.last_used
+        q.reap()
+        heads = list(q.stray_used)
+        q.stray_used.clear()
+        assert len(heads) == (q.last_used - before) & 0xFFFF
+        return [h for h, _ in heads]
+
+
+# --- daemons ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    name: str
+    proc: subprocess.Popen[bytes]
+    frontend: Frontend
+    queue: DriverQueue
+    files: Files
+    chains: dict[tuple[str, int], ChainSet] = field(default_factory=dict)
+    results: dict[tuple[str, int], list[tuple[float, float]]] = field(default_factory=dict)
+
+
+def start_daemon(name: str, share: Path, work: Path) -> Daemon:
+    sock = str(work / f"{name}.sock")
+    env = None
+    if name == "pyvirtiofsd":
+        argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
+    else:
+        command = assets.rust_virtiofsd_command()
+        argv = [*command.argv, "--sandbox", "none", "--log-level", "error"]
+        env = command.environ()
+    argv += ["--socket-path", sock, "--shared-dir", str(share)]
+    log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start: {(work / f'{name}.log').read_text()}")
+        time.sleep(0.02)
+    frontend = Frontend.connect(sock)
+    queues = frontend.setup(
+        queues=(0, 1), queue_size=QUEUE_SIZE, ram_size=512 << 20, arena_size=160 << 20
+    )
+    q = queues[1]
+    client = FuseClient(lambda req, size: q.request([req], [size] if size else [], timeout=20))
+    client.init()
+    entry = client.lookup(ROOT, b"data")
+    opened = client.open(entry.nodeid, os.O_RDWR)
+    files = Files(entry.nodeid, opened.fh, b"data")
+    return Daemon(name, proc, frontend, q, files)
+
+
+def stop_daemon(d: Daemon) -> None:
+    d.frontend.close()
+    try:
+        d.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(10)
+
+
+def measure(d: Daemon, workload: str, depth: int, seconds: float) -> tuple[float, float]:
+    """(µs of daemon CPU per request, requests per second) for one span."""
+    chains = d.chains.get((workload, depth))
+    if chains is None:
+        # Built once and kept: every round publishes the same chains again.
+        shapes = [shape(workload, d.files, slot, 1000 + slot) for slot in range(depth)]
+        chains = d.chains[(workload, depth)] = ChainSet(d.queue, shapes)
+    cpu0 = cpu_seconds(d.proc.pid)
+    t0 = time.perf_counter()
+    count = chains.run(seconds)
+    wall = time.perf_counter() - t0
+    cpu = cpu_seconds(d.proc.pid) - cpu0
+    return cpu / count * 1e6, count / wall
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def print_table(daemons: list[Daemon], workloads: list[str], rounds: int, seconds: float) -> dict:
+    names = [d.name for d in daemons]
+    report: dict = {"rounds": rounds, "seconds": seconds, "results": []}
+    head = f"{'request':<24}{'depth':>6}"
+    for n in names:
+        head += f"{DAEMONS[n] + ' µs':>18}{'req/s':>10}"
+    if len(names) == 2:
+        head += f"{'CPU ratio':>11}{'rate ratio':>11}"
+    print()
+    print(head)
+    print("-" * len(head))
+    for w in workloads:
+        for depth in DEPTHS:
+            line = f"{WORKLOADS[w]:<24}{depth:>6}"
+            row: dict = {"workload": w, "depth": depth}
+            for d in daemons:
+                samples = d.results[(w, depth)]
+                us = statistics.median(s[0] for s in samples)
+                rate = statistics.median(s[1] for s in samples)
+                row[d.name] = {"cpu_us_per_request": us, "requests_per_second": rate}
+                line += f"{us:>18.1f}{rate:>10,.0f}"
+            if len(names) == 2:
+                a, b = (row[n] for n in names)
+                cpu_ratio = a["cpu_us_per_request"] / b["cpu_us_per_request"]
+                rate_ratio = a["requests_per_second"] / b["requests_per_second"]
+                row["cpu_ratio"], row["rate_ratio"] = cpu_ratio, rate_ratio
+                line += f"{cpu_ratio:>10.2f}x{rate_ratio:>10.2f}x"
+            report["results"].append(row)
+            print(line)
+    print(
+        f"\nmedians of {rounds} rounds of {seconds:g} s; CPU ratio = pyvirtiofsd / virtiofsd "
+        "(lower is better), rate ratio = pyvirtiofsd / virtiofsd (higher is better)"
+    )
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--workload", action="append", choices=list(WORKLOADS))
+    p.add_argument("--daemon", action="append", choices=list(DAEMONS))
+    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = p.parse_args()
+    workloads = args.workload or list(WORKLOADS)
+    names = args.daemon or list(DAEMONS)
+    with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-frontend-bench-") as tmp:
+        work = Path(tmp)
+        share = work / "share"
+        share.mkdir()
+        with open(share / "data", "wb") as f:
+            f.truncate(FILE_SIZE)
+            f.write(os.urandom(1 << 20) * (FILE_SIZE >> 20))
+        daemons = [start_daemon(n, share, work) for n in names]
+        try:
+            steps = args.rounds * len(workloads) * len(DEPTHS) * len(daemons)
+            step = 0
+            started = time.monotonic()
+            for r in range(args.rounds):
+                for w in workloads:
+                    for depth in DEPTHS:
+                        order = daemons if r % 2 == 0 else daemons[::-1]
+                        for d in order:
+                            step += 1
+                            left = (time.monotonic() - started) / step * (steps - step)
+                            print(
+                                f"\r[{step}/{steps}] round {r + 1}: {DAEMONS[d.name]}, "
+                                f"{WORKLOADS[w]}, depth {depth}; ~{left:.0f} s left   ",
+                                end="",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                            result = measure(d, w, depth, args.seconds)
+                            d.results.setdefault((w, depth), []).append(result)
+            print(file=sys.stderr)
+        finally:
+            for d in daemons:
+                stop_daemon(d)
+        report = print_table(daemons, workloads, args.rounds, args.seconds)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
