@@ -410,6 +410,17 @@ class Pause:
         self.released.set()
 
 
+def pause_setlk(monkeypatch: pytest.MonkeyPatch) -> Pause:
+    """Stop the next F_OFD_SETLK of the lock code, the fd it got in hand."""
+    pause = Pause(lambda fd, cmd, arg=None: cmd == fcntl.F_OFD_SETLK)
+    module = type("fcntl", (), {})()
+    for name in dir(fcntl):
+        setattr(module, name, getattr(fcntl, name))
+    module.fcntl = pause.wrap(fcntl.fcntl)  # type: ignore[attr-defined]
+    monkeypatch.setattr(locks, "fcntl", module)
+    return pause
+
+
 def _is_open(fd: int) -> bool:
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)
@@ -446,13 +457,7 @@ def test_forget_while_setlk_uses_its_lock_fd_never_reaches_another_file(
     lk(c, abi.Opcode.SETLK, ino, 1, fcntl.F_RDLCK)  # the owner's lock file now exists
     victim = tmp_path / "victim"
     victim.write_bytes(b"v")
-    real = fcntl.fcntl
-    pause = Pause(lambda fd, cmd, arg=None: cmd == fcntl.F_OFD_SETLK)
-    fake = type("fcntl", (), {})()
-    for name in dir(fcntl):
-        setattr(fake, name, getattr(fcntl, name))
-    fake.fcntl = pause.wrap(real)  # type: ignore[attr-defined]
-    monkeypatch.setattr(locks, "fcntl", fake)
+    pause = pause_setlk(monkeypatch)
     t, result = in_thread(lambda: lk(c, abi.Opcode.SETLK, ino, 1, fcntl.F_WRLCK))
     pause.wait()
     lock_fd = pause.args[0]
@@ -471,7 +476,8 @@ def test_forget_while_setlk_uses_its_lock_fd_never_reaches_another_file(
     assert not t.is_alive()
     try:
         probe = os.open(victim, os.O_RDWR)
-        held = real(probe, fcntl.F_OFD_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        whole = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+        held = fcntl.fcntl(probe, fcntl.F_OFD_GETLK, whole)
         os.close(probe)
         assert struct.unpack("hhqqi4x", held)[0] == fcntl.F_UNLCK, "the victim got locked"
         assert planted < 0, "the lock fd was closed while SETLK was using it"
@@ -481,6 +487,31 @@ def test_forget_while_setlk_uses_its_lock_fd_never_reaches_another_file(
             os.close(planted)
     assert daemon.fs.inodes.count() == 1
     assert fd_count() == base
+
+
+def test_close_of_an_owner_while_its_setlk_runs_leaves_no_lock_and_no_fd(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUSH (the guest's close()) of a lock owner on one queue while a SETLK of the same owner
+    runs on another: the lock file is closed after the SETLK, not under it, and its locks go."""
+    c = daemon.c
+    ino = daemon.ino("file")
+    fh = c.open(ino).fh
+    lk(c, abi.Opcode.SETLK, ino, 1, fcntl.F_RDLCK)
+    base = fd_count()
+    pause = pause_setlk(monkeypatch)
+    t, result = in_thread(lambda: lk(c, abi.Opcode.SETLK, ino, 1, fcntl.F_WRLCK))
+    pause.wait()
+    c.flush(ino, fh, lock_owner=1)
+    assert _is_open(pause.args[0])
+    pause.go()
+    t.join(GUARD)
+    assert not t.is_alive()
+    assert "error" not in result, result.get("error")
+    assert fd_count() == base - 1  # the owner's lock file, gone with the SETLK
+    lk(c, abi.Opcode.SETLK, ino, 2, fcntl.F_WRLCK)  # and no lock of owner 1 is left
+    c.release(ino, fh)
+    c.forget(ino, 1)
 
 
 def test_release_while_read_uses_the_fd_never_reads_another_file(
