@@ -529,6 +529,9 @@ class PassthroughFs(Filesystem):
             except FileNotFoundError:
                 continue
             try:
+                if inode.is_dir():
+                    # as open(2) has it for O_CREAT, whatever the access mode
+                    raise _err(errno.EISDIR)
                 return entry, self._open_inode(inode, flags, kill_suidgid)
             except BaseException:
                 self.inodes.forget(inode.nodeid, 1)
