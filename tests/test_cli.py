@@ -440,3 +440,47 @@ def test_lock_options_of_the_old_form(shared: Path, work: Path) -> None:
     opts = parse_args(["--socket-path", sock, "-o", f"source={shared},posix_lock,flock"])
     assert opts is not None and opts.posix_locks and opts.flock_locks
     assert not (work / "s.sock").exists()
+
+
+# -- --allow-devices ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_allow_devices_decides_whether_mknod_makes_devices(
+    allow: bool, work: Path, shared: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making device nodes needs root")
+    path = work / "vhost.sock"
+    log = work / "daemon.log"
+    args = ["--socket-path", str(path), "--shared-dir", str(shared)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*DAEMON, *args, *(["--allow-devices"] if allow else [])],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        wait_for_path(path, proc, log)
+        with Frontend.connect(str(path)) as fe:
+            fuse = fuse_over(fe.setup(queues=(0, 1), queue_size=64)[1])
+            fuse.init()
+            rdev = os.stat("/dev/null").st_rdev
+            if allow:
+                fuse.mknod(abi.ROOT_ID, b"null", 0o020600, rdev)
+                assert os.lstat(shared / "null").st_rdev == rdev
+            else:
+                with pytest.raises(OSError) as info:
+                    fuse.mknod(abi.ROOT_ID, b"null", 0o020600, rdev)
+                assert info.value.errno == errno.EPERM
+                assert not os.path.lexists(shared / "null")
+            # FIFOs are no devices: made either way
+            fuse.mknod(abi.ROOT_ID, b"fifo", 0o010600)
+        rc = wait_exit(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, check_clean_log(log)
+    assert "--allow-devices" in run_cli("--help").stdout

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,3 +35,92 @@ def test_sandboxed_daemon_sees_only_the_share(tmp_path: Path, mode: str) -> None
         text = finish(s)
     assert "sandboxed" in text
     assert not (tmp_path / "fs.sock").exists()  # removed on the way out, from inside
+
+
+def _mount_options(pid: int) -> dict[str, set[str]]:
+    """Mount point -> per-mount options, as process ``pid`` sees its mounts."""
+    out = {}
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            out[fields[4]] = set(fields[5].split(","))
+    return out
+
+
+def test_the_share_and_its_submounts_are_nodev_and_nosuid(tmp_path: Path) -> None:
+    """Device nodes and set-id bits in the share are nothing to the sandboxed daemon, even on a
+    mount inside the share that allows them on the host; the guest sees the nodes unchanged."""
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox needs root")
+    share = tmp_path / "share"
+    sub = share / "sub"
+    sub.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(sub)], check=True)
+    log = tmp_path / "daemon.log"
+    proc = None
+    try:
+        os.mknod(sub / "null", 0o666 | stat.S_IFCHR, os.stat("/dev/null").st_rdev)
+        host = _mount_options(os.getpid())[str(sub)]
+        assert not host & {"nodev", "nosuid"}
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pyvirtiofsd",
+                    "--socket-path",
+                    str(tmp_path / "fs.sock"),
+                    "--shared-dir",
+                    str(share),
+                    "--sandbox",
+                    "namespace",
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while "sandboxed" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        mounts = _mount_options(proc.pid)
+        for point in ("/share", "/share/sub"):
+            assert {"nodev", "nosuid"} <= mounts[point], (point, mounts[point])
+        assert "ro" not in mounts["/share"] and "ro" not in mounts["/share/sub"]
+        root = Path(f"/proc/{proc.pid}/root")
+        # the node is still there, as it was: only using it through the daemon is stopped
+        assert os.lstat(root / "share/sub/null").st_rdev == os.stat("/dev/null").st_rdev
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["umount", "-l", str(sub)], check=False)
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_remount_of_old_kernels_adds_flags_and_keeps_the_others(tmp_path: Path) -> None:
+    """Without mount_setattr (Linux < 5.12) the sandbox remounts: nodev and nosuid are added,
+    and what the mount had (here noexec) stays."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    script = f"""
+import os
+from pyvirtiofsd import linux, sandbox
+linux.unshare(linux.CLONE_NEWNS)
+sandbox._mount(None, "/", None, sandbox._MS_REC | sandbox._MS_PRIVATE)
+src, dst = "{tmp_path}/src", "{tmp_path}/dst"
+os.mkdir(src)
+os.mkdir(dst)
+sandbox._mount("tmpfs", src, "tmpfs", sandbox._MS_NOEXEC)
+sandbox._mount(src, dst, None, sandbox._MS_BIND)
+sandbox._remount(dst, True)
+print(os.statvfs(dst).f_flag, os.statvfs(src).f_flag)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    dst, src = int(out[0]), int(out[1])
+    for flag in (os.ST_NODEV, os.ST_NOSUID, os.ST_NOEXEC, os.ST_RDONLY):
+        assert dst & flag, flag
+    assert src & os.ST_NOEXEC and not src & (os.ST_NODEV | os.ST_RDONLY)

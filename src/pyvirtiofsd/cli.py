@@ -70,6 +70,7 @@ class Options:
     # Beyond virtiofsd:
     mount: str | None = None
     fuse_passthrough: bool = False
+    allow_devices: bool = False
     num_request_queues: int = 1
     queue_size: int = 1024
     dax_window: int = 0
@@ -160,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("never", "prefer", "mandatory", "fallback"),
         default="never",
         help="reference inodes by file handle instead of one open fd each",
+    )
+    fs.add_argument(
+        "--allow-devices",
+        action="store_true",
+        help="let the guest make character and block device nodes (MKNOD; EPERM otherwise). "
+        "virtiofsd has no such switch, and makes them: but a device node the daemon makes as "
+        "root in the share is a host device that any host user who can reach the share could "
+        "open, so here it takes asking",
     )
     fs.add_argument(
         "--fuse-passthrough",
@@ -334,6 +343,7 @@ def parse_args(argv: Sequence[str] | None = None, *, own_fs: bool = False) -> Op
         syslog=ns.syslog,
         mount=ns.mount,
         fuse_passthrough=ns.fuse_passthrough,
+        allow_devices=ns.allow_devices,
         num_request_queues=ns.num_request_queues,
         queue_size=ns.queue_size,
         dax_window=ns.dax_window,

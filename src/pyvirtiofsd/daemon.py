@@ -119,6 +119,7 @@ def build_filesystem(opts: Options) -> Filesystem:
             inode_file_handles=opts.inode_file_handles,
             fuse_passthrough=opts.fuse_passthrough,
             dax_file_size=opts.dax_file_size,
+            allow_devices=opts.allow_devices,
         )
     )
 

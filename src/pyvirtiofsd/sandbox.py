@@ -11,11 +11,18 @@ a bare chroot into the share would not give it) builds a new root on a private t
 then pivots into it and detaches the old root. Every other file of the host is out of reach,
 whatever a bug in the daemon might try. Sockets and descriptors opened before stay usable. Run
 it early, while the process has one thread: unshare(CLONE_NEWNS) refuses threaded processes.
+
+Every mount of the new root, the share and the mounts below it included, is nodev and nosuid
+(flags the mounts already have are kept). The daemon never opens a device node; a bug that made
+it try (say, on a node a guest made with --allow-devices) would get EACCES, not a host device.
+The guest still sees st_mode unchanged: these flags only stop the host side, through the
+daemon, from using device nodes or set-id bits.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import sys
@@ -27,6 +34,26 @@ _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
 _MS_REMOUNT = 0x20
+_MS_NOEXEC = 8
+_MS_NOATIME = 1 << 10
+_MS_NODIRATIME = 1 << 11
+_MS_RELATIME = 1 << 21
+#: statvfs f_flag bits -> the MS_* flags a remount must repeat not to clear them.
+_KEEP = {
+    os.ST_RDONLY: linux.MS_RDONLY,
+    os.ST_NOSUID: linux.MS_NOSUID,
+    os.ST_NODEV: linux.MS_NODEV,
+    os.ST_NOEXEC: _MS_NOEXEC,
+    os.ST_NOATIME: _MS_NOATIME,
+    os.ST_NODIRATIME: _MS_NODIRATIME,
+    os.ST_RELATIME: _MS_RELATIME,
+}
+_SYS_MOUNT_SETATTR = 442  # the same number on every architecture
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
 #: Where the new root is assembled, in our namespace only (the host's /tmp is untouched).
 _STAGE = "/tmp"
@@ -47,6 +74,46 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
         raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _restrict(target: str, readonly: bool) -> None:
+    """Make the mount at ``target`` and every mount below it nodev, nosuid (and read-only if
+    asked), keeping the flags they have."""
+    attr = _MountAttr(
+        _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_RDONLY if readonly else 0)
+    )
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR),
+        ctypes.c_int(_AT_FDCWD),
+        os.fsencode(target),
+        ctypes.c_uint(_AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if result == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.ENOSYS:
+        raise OSError(err, f"mount_setattr {target}: {os.strerror(err)}")
+    _remount(target, readonly)
+
+
+def _remount(target: str, readonly: bool) -> None:
+    """:func:`_restrict` before Linux 5.12, for the top mount only: a remount clears the flags
+    it does not name (and a user namespace refuses that for locked ones), hence the repeat."""
+    current = os.statvfs(target).f_flag
+    keep = sum(ms for st, ms in _KEEP.items() if current & st)
+    flags = keep | linux.MS_NODEV | linux.MS_NOSUID | (linux.MS_RDONLY if readonly else 0)
+    _mount(None, target, None, _MS_BIND | _MS_REMOUNT | flags)
+
+
 def _bind(fd: int, target: str, readonly: bool) -> None:
     """Bind what ``fd`` (an O_PATH fd) refers to on ``target`` in the new root. Going through
     the fd, sources stay reachable after the tmpfs hides the directory they are in."""
@@ -56,8 +123,7 @@ def _bind(fd: int, target: str, readonly: bool) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         open(target, "a").close()
     _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
-    if readonly:
-        _mount(None, target, None, _MS_BIND | _MS_REMOUNT | linux.MS_RDONLY | _MS_REC)
+    _restrict(target, readonly)
 
 
 def _runtime_paths() -> list[str]:

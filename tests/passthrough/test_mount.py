@@ -136,10 +136,9 @@ def test_python_os_module(share: Share) -> None:
     os.unlink(m / "h")
     os.mkfifo(m / "fifo")
     assert stat.S_ISFIFO(os.stat(src / "fifo").st_mode)
-    os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    assert os.stat(src / "null").st_rdev == os.makedev(1, 3)
-    with pytest.raises(PermissionError):  # the host mount is nodev, as FUSE mounts are
-        open(m / "null", "wb")  # noqa: SIM115
+    with pytest.raises(PermissionError):  # devices need --allow-devices
+        os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert not os.path.lexists(src / "null")
     with pytest.raises(OSError) as e:
         os.rmdir(m / "d2")
     assert e.value.errno == errno.ENOENT
@@ -155,6 +154,16 @@ def test_python_os_module(share: Share) -> None:
     os.unlink(m / "d" / "x")
     assert os.read(fd, 10) == b"x"
     os.close(fd)
+
+
+@pytest.mark.daemon_args("--allow-devices")
+def test_allow_devices_makes_devices_the_nodev_mount_refuses(share: Share) -> None:
+    m, src = share.mnt, share.src
+    os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert os.stat(src / "null").st_rdev == os.makedev(1, 3)
+    with pytest.raises(PermissionError):  # the host mount is nodev, as FUSE mounts are
+        open(m / "null", "wb")  # noqa: SIM115
+    os.unlink(m / "null")
 
 
 def test_many_processes_at_once(share: Share) -> None:

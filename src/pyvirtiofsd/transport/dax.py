@@ -313,7 +313,9 @@ class DaxWindow:
     def _sync_tail(self, m: Mapping) -> None:
         """Copy what the guest wrote into a shadowed last page back to the file."""
         tail = m.tail
-        if tail is None:
+        # Nothing goes back through a read-only mapping: its file may be open read-only, and
+        # only a misbehaving guest writes there (QEMU maps the shadow writable all the same).
+        if tail is None or not m.writable:
             return
         now = os.pread(tail.fd, len(tail.snapshot), 0)
         if now == tail.snapshot:

@@ -71,6 +71,10 @@ class PassthroughConfig:
     switch_credentials: bool = True
     #: ``dax=inode``: files at least this large get FUSE_ATTR_DAX (None: no per-inode DAX).
     dax_file_size: int | None = None
+    #: Let MKNOD make character and block devices. Off, it answers EPERM: made as root in the
+    #: share, a device node is a host device that any host user who can reach the share
+    #: could open. (The daemon itself never opens one either way.)
+    allow_devices: bool = False
 
     def __post_init__(self) -> None:
         if self.posix_acl:

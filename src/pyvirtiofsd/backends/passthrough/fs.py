@@ -7,6 +7,24 @@ O_PATH fd of an inode the daemon already holds (``*at()`` calls) and never follo
 resolve to the inode itself even when it is a symlink. And nothing ever walks a path given by the
 guest. A symlink in the share pointing to /etc is therefore only ever a symlink to the daemon; the
 guest's kernel may follow it, within the guest.
+
+What the daemon opens is the other half. Other than with O_PATH, it opens only regular files
+and directories: an existing inode only through :meth:`InodeStore.open`, which reopens an inode
+it holds (never a name, which could be swapped) after checking the inode's type; and a name
+only to make a new file (O_CREAT|O_EXCL, or O_TMPFILE in a directory it holds). A FIFO, socket
+or device node in the share, whoever made it, is never opened: OPEN answers ENXIO (a symlink
+ELOOP), GETLK/SETLK/SETLKW ENOLCK, and SYNCFS syncs its file system through another inode.
+CREATE makes the file with O_EXCL as the caller; if the name is taken it is EEXIST when the
+guest asked for O_EXCL, and otherwise the name is looked up and opened exactly as OPEN would.
+OPEN with O_TMPFILE is EINVAL: unnamed files come only through FUSE_TMPFILE, as the caller.
+MKNOD makes no character or block device unless ``allow_devices`` (made as root in the share,
+a device node is one any host user who can reach the share could open). Lock files are read-only
+for directories and on a read-only share, and so is the fd of a read-only DAX mapping wherever
+a writable one would be refused.
+
+Descriptors live as long as their users. File handles are reference-counted: RELEASE takes a
+handle out of the table, and the last request using it (a READ, WRITE, READDIR, FSYNC, ... on
+another queue) closes its fd. Inodes pin their descriptors the same way (:mod:`.inodes`).
 """
 
 from __future__ import annotations
@@ -52,13 +70,26 @@ def _err(code: int, what: str = "") -> OSError:
     return OSError(code, what or os.strerror(code))
 
 
+#: O_TMPFILE without the O_DIRECTORY it is spelled with (the kernel's __O_TMPFILE).
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
+#: Guest open flags the daemon never passes on: it adds what it needs itself.
+_DROPPED_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_PATH
+#: Times CREATE tries again when a name it found taken is gone before it could look it up.
+_CREATE_TRIES = 3
+#: Why opening a file for writing fails for root where opening it for reading may not.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM)
+
+
 def _check_name(name: bytes) -> None:
     if not name or b"/" in name or name in (b".", b".."):
         raise _err(errno.EINVAL, "invalid name")
 
 
 class _Handle:
-    __slots__ = ("backing_id", "fd", "flags", "inode", "lock")
+    """An open file of the guest's. ``users`` counts the table's reference (until RELEASE)
+    and each request using ``fd`` now; the last one closes it."""
+
+    __slots__ = ("backing_id", "fd", "flags", "inode", "lock", "users")
 
     def __init__(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> None:
         self.fd = fd
@@ -66,6 +97,7 @@ class _Handle:
         self.flags = flags
         self.backing_id = backing_id
         self.lock = threading.Lock()
+        self.users = 1
 
 
 class PassthroughFs(Filesystem):
@@ -125,7 +157,7 @@ class PassthroughFs(Filesystem):
             handles = list(self._handles.values())
             self._handles.clear()
         for h in handles:
-            self._close_handle(h)
+            self._done(h)
         self.inodes.forget_all()
 
     def shutdown(self) -> None:
@@ -154,8 +186,9 @@ class PassthroughFs(Filesystem):
             flags |= abi.ATTR_DAX
         return flags
 
-    def _entry(self, parent: Inode, fd: int) -> Entry:
-        """The entry of the inode behind ``fd``, an O_PATH fd this call consumes."""
+    def _entry(self, parent: Inode, fd: int) -> tuple[Inode, Entry]:
+        """The inode behind ``fd`` (an O_PATH fd this call consumes), with one more lookup,
+        and its entry."""
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -163,18 +196,54 @@ class PassthroughFs(Filesystem):
             raise
         inode = self.inodes.add(fd, st)
         attr = Attr.from_stat(st, flags=self._attr_flags(inode, st, parent.dev))
-        return Entry(inode.nodeid, attr, self._timeout, self._timeout)
+        return inode, Entry(inode.nodeid, attr, self._timeout, self._timeout)
 
-    def _lookup(self, parent: Inode, name: bytes) -> Entry:
+    def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
         with self.inodes.path(parent) as pfd:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         return self._entry(parent, fd)
 
-    def _handle(self, fh: int) -> _Handle:
+    def _lookup(self, parent: Inode, name: bytes) -> Entry:
+        return self._lookup_inode(parent, name)[1]
+
+    # File handles: every use of a handle's fd is bracketed by _use()/_done(), so that a
+    # RELEASE on another queue never closes the fd under it. (acquire/release rather than
+    # "with": on Python 3.11 the context-manager protocol costs more than the lock itself,
+    # and READ/WRITE pay this on every request.)
+
+    def _use(self, fh: int) -> _Handle:
+        lock = self._fh_lock
+        lock.acquire()
+        h = self._handles.get(fh)
+        if h is not None:
+            h.users += 1
+        lock.release()
+        if h is None:
+            raise _err(errno.EBADF, f"unknown file handle {fh}")
+        return h
+
+    def _use_if(self, fh: int | None) -> _Handle | None:
+        """The handle ``fh`` in use, or None when there is none by that number."""
+        if fh is None:
+            return None
         try:
-            return self._handles[fh]
-        except KeyError:
-            raise _err(errno.EBADF, f"unknown file handle {fh}") from None
+            return self._use(fh)
+        except OSError:
+            return None
+
+    def _done(self, h: _Handle) -> None:
+        lock = self._fh_lock
+        lock.acquire()
+        h.users -= 1
+        last = not h.users
+        lock.release()
+        if last:
+            self._close_handle(h)
+
+    def _unlisted(self, fh: int) -> _Handle | None:
+        """Take handle ``fh`` out of the table (RELEASE): the caller ends with _done()."""
+        with self._fh_lock:
+            return self._handles.pop(fh, None)
 
     def _new_handle(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> int:
         with self._fh_lock:
@@ -205,9 +274,6 @@ class PassthroughFs(Filesystem):
 
     def _proc(self, fd: int) -> str:
         return f"/proc/self/fd/{fd}"
-
-    def _opener(self, inode: Inode):  # type: ignore[no-untyped-def]
-        return lambda flags: self.inodes.open(inode, flags)
 
     def _kill_suidgid(self, fd: int, path: bool) -> None:
         """Drop set-user-ID, and set-group-ID where group execution makes it meaningful."""
@@ -241,8 +307,12 @@ class PassthroughFs(Filesystem):
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
-        if fh is not None and fh in self._handles:
-            st = os.fstat(self._handles[fh].fd)
+        h = self._use_if(fh)
+        if h is not None:
+            try:
+                st = os.fstat(h.fd)
+            finally:
+                self._done(h)
         else:
             with self.inodes.path(inode) as fd:
                 st = os.fstat(fd)
@@ -252,7 +322,16 @@ class PassthroughFs(Filesystem):
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()
         inode = self.inodes.get(ino)
-        handle = self._handles.get(changes.fh) if changes.fh is not None else None
+        handle = self._use_if(changes.fh)
+        try:
+            return self._setattr(ino, inode, handle, changes)
+        finally:
+            if handle is not None:
+                self._done(handle)
+
+    def _setattr(
+        self, ino: int, inode: Inode, handle: _Handle | None, changes: SetAttr
+    ) -> tuple[Attr, float]:
         with self.inodes.path(inode) as pfd:
             proc = self._proc(pfd)
             if changes.mode is not None:
@@ -306,7 +385,7 @@ class PassthroughFs(Filesystem):
             with Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None):
                 make(pfd)
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        return self._entry(pinode, fd)
+        return self._entry(pinode, fd)[1]
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         return self._create_entry(
@@ -316,6 +395,12 @@ class PassthroughFs(Filesystem):
     def mknod(
         self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
     ) -> Entry:
+        self._rofs()
+        kind = stat.S_IFMT(mode)
+        # A whiteout (character device 0/0, which overlayfs makes) is no device to open.
+        whiteout = kind == stat.S_IFCHR and rdev == 0
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and not whiteout and not self.cfg.allow_devices:
+            raise _err(errno.EPERM, "device nodes need --allow-devices")
         return self._create_entry(
             ctx, parent, name, umask, lambda pfd: os.mknod(name, mode, rdev, dir_fd=pfd)
         )
@@ -363,7 +448,11 @@ class PassthroughFs(Filesystem):
     # --- files -----------------------------------------------------------------------------
 
     def _open_flags(self, flags: int) -> int:
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+        """What to open a file with for the guest's ``flags`` (EINVAL for O_TMPFILE, which
+        only FUSE_TMPFILE may ask for)."""
+        if flags & _O_TMPFILE_BIT:
+            raise _err(errno.EINVAL, "O_TMPFILE only through FUSE_TMPFILE")
+        flags &= ~_DROPPED_FLAGS
         if self._conn.want & abi.InitFlag.WRITEBACK_CACHE:
             # The guest's page cache may read back pages of a write-only file, and it does
             # O_APPEND itself, at the offsets it sends.
@@ -392,17 +481,22 @@ class PassthroughFs(Filesystem):
         return Opened(self._new_handle(fd, inode, guest_flags, backing_id), flags, backing_id)
 
     def open(self, ctx: Context, ino: int, flags: int, kill_suidgid: bool) -> Opened:
-        inode = self.inodes.get(ino)
+        return self._open_inode(self.inodes.get(ino), flags, kill_suidgid)
+
+    def _open_inode(self, inode: Inode, flags: int, kill_suidgid: bool) -> Opened:
+        oflags = self._open_flags(flags)
         if self.cfg.readonly and (flags & _WRITE_ACCESS or flags & os.O_TRUNC):
             raise _err(errno.EROFS)
-        if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
-            raise _err(errno.ELOOP if inode.is_symlink() else errno.ENXIO)
-        fd = self.inodes.open(inode, self._open_flags(flags))
-        if flags & os.O_TRUNC:
-            if kill_suidgid:
-                self._kill_suidgid(fd, False)
-            self._sized(ino, 0)
-        return self._opened(fd, inode, flags)
+        fd = self.inodes.open(inode, oflags)
+        try:
+            if flags & os.O_TRUNC:
+                if kill_suidgid:
+                    self._kill_suidgid(fd, False)
+                self._sized(inode.nodeid, 0)
+            return self._opened(fd, inode, flags)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def create(
         self,
@@ -416,63 +510,128 @@ class PassthroughFs(Filesystem):
     ) -> tuple[Entry, Opened]:
         self._rofs()
         _check_name(name)
+        oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         pinode = self.inodes.get(parent)
-        oflags = self._open_flags(flags) | os.O_CREAT | os.O_NOFOLLOW
         creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
-        with self.inodes.path(pinode) as pfd, creds:
-            fd = os.open(name, oflags, mode, dir_fd=pfd)
+        for _ in range(_CREATE_TRIES):
+            try:
+                with self.inodes.path(pinode) as pfd, creds:
+                    fd = os.open(name, oflags, mode, dir_fd=pfd)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+            else:
+                return self._created(pinode, fd, flags, kill_suidgid)
+            # The name is taken: open what it names as OPEN would (never by the name, which
+            # may be a FIFO or a device node, or be swapped for one).
+            try:
+                inode, entry = self._lookup_inode(pinode, name)
+            except FileNotFoundError:
+                continue
+            try:
+                if inode.is_dir():
+                    # as open(2) has it for O_CREAT, whatever the access mode
+                    raise _err(errno.EISDIR)
+                return entry, self._open_inode(inode, flags, kill_suidgid)
+            except BaseException:
+                self.inodes.forget(inode.nodeid, 1)
+                raise
+        raise _err(errno.ENOENT, "the name keeps coming and going")
+
+    def _created(
+        self, pinode: Inode, fd: int, flags: int, kill_suidgid: bool
+    ) -> tuple[Entry, Opened]:
         try:
             if kill_suidgid and flags & os.O_TRUNC:
                 self._kill_suidgid(fd, False)
-            entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
+            inode, entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
-        return entry, self._opened(fd, self.inodes.get(entry.ino), flags)
+        return entry, self._opened(fd, inode, flags)
 
     def tmpfile(
         self, ctx: Context, parent: int, mode: int, flags: int, umask: int
     ) -> tuple[Entry, Opened]:
         self._rofs()
         pinode = self.inodes.get(parent)
-        oflags = (self._open_flags(flags) & ~os.O_CREAT) | os.O_TMPFILE
+        if not pinode.is_dir():
+            raise _err(errno.ENOTDIR)
+        oflags = self._open_flags(flags & ~os.O_TMPFILE) | os.O_TMPFILE
         if oflags & os.O_ACCMODE == os.O_RDONLY:
             oflags |= os.O_RDWR
         creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
         with self.inodes.path(pinode) as pfd, creds:
+            # O_TMPFILE opens the directory only to make a new regular file in it.
             fd = os.open(self._proc(pfd), oflags, mode)
         try:
-            entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
+            inode, entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
-        return entry, self._opened(fd, self.inodes.get(entry.ino), flags)
+        return entry, self._opened(fd, inode, flags)
 
     def read(
         self, ctx: Context, ino: int, fh: int, offset: int, size: int, out: ReplyWriter
     ) -> None:
         self._dax_flush(ino)
-        out.read_from_fd(self._handle(fh).fd, offset, size)
+        # _use() and _done(), written out: this is the hot path.
+        lock = self._fh_lock
+        lock.acquire()
+        h = self._handles.get(fh)
+        if h is not None:
+            h.users += 1
+        lock.release()
+        if h is None:
+            raise _err(errno.EBADF, f"unknown file handle {fh}")
+        try:
+            out.read_from_fd(h.fd, offset, size)
+        finally:
+            lock.acquire()
+            h.users -= 1
+            last = not h.users
+            lock.release()
+            if last:
+                self._close_handle(h)
 
     def write(
         self, ctx: Context, ino: int, fh: int, offset: int, data: WriteData, flags: int
     ) -> int:
         self._rofs()
-        h = self._handle(fh)
-        self._dax_flush(ino)
-        written = data.to_fd(h.fd, offset)
-        if flags & abi.WRITE_KILL_SUIDGID:
-            self._kill_suidgid(h.fd, False)
-        self._sized(ino, fd=h.fd)
+        # _use() and _done(), written out: this is the hot path.
+        lock = self._fh_lock
+        lock.acquire()
+        h = self._handles.get(fh)
+        if h is not None:
+            h.users += 1
+        lock.release()
+        if h is None:
+            raise _err(errno.EBADF, f"unknown file handle {fh}")
+        try:
+            self._dax_flush(ino)
+            written = data.to_fd(h.fd, offset)
+            if flags & abi.WRITE_KILL_SUIDGID:
+                self._kill_suidgid(h.fd, False)
+            self._sized(ino, fd=h.fd)
+        finally:
+            lock.acquire()
+            h.users -= 1
+            last = not h.users
+            lock.release()
+            if last:
+                self._close_handle(h)
         return written
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
-        h = self._handle(fh)
-        self._dax_flush(ino)
-        locks.release_owner(h.inode, lock_owner)
-        # Closing a duplicate is what close() in the guest means to the host: it flushes
-        # what network file systems buffer, and ends POSIX locks held through this file.
-        os.close(os.dup(h.fd))
+        h = self._use(fh)
+        try:
+            self._dax_flush(ino)
+            locks.release_owner(self.inodes, h.inode, lock_owner)
+            # Closing a duplicate is what close() in the guest means to the host: it flushes
+            # what network file systems buffer, and ends POSIX locks held through this file.
+            os.close(os.dup(h.fd))
+        finally:
+            self._done(h)
 
     def release(
         self,
@@ -484,35 +643,45 @@ class PassthroughFs(Filesystem):
         flush: bool,
         flock_release: bool,
     ) -> None:
-        with self._fh_lock:
-            h = self._handles.pop(fh, None)
+        h = self._unlisted(fh)
         if h is None:
             raise _err(errno.EBADF)
-        self._dax_flush(ino)
-        if flush:
-            locks.release_owner(h.inode, lock_owner)
-        self._close_handle(h)
+        try:
+            self._dax_flush(ino)
+            if flush:
+                locks.release_owner(self.inodes, h.inode, lock_owner)
+        finally:
+            self._done(h)
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        fd = self._handle(fh).fd
-        self._dax_flush(ino)
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        h = self._use(fh)
+        try:
+            self._dax_flush(ino)
+            if datasync:
+                os.fdatasync(h.fd)
+            else:
+                os.fsync(h.fd)
+        finally:
+            self._done(h)
 
     def fallocate(
         self, ctx: Context, ino: int, fh: int, mode: int, offset: int, length: int
     ) -> None:
         self._rofs()
-        fd = self._handle(fh).fd
-        linux.fallocate(fd, mode, offset, length)
-        self._sized(ino, fd=fd)
+        h = self._use(fh)
+        try:
+            linux.fallocate(h.fd, mode, offset, length)
+            self._sized(ino, fd=h.fd)
+        finally:
+            self._done(h)
 
     def lseek(self, ctx: Context, ino: int, fh: int, offset: int, whence: int) -> int:
-        h = self._handle(fh)
-        with h.lock:
-            return os.lseek(h.fd, offset, whence)
+        h = self._use(fh)
+        try:
+            with h.lock:
+                return os.lseek(h.fd, offset, whence)
+        finally:
+            self._done(h)
 
     def copy_file_range(
         self,
@@ -527,12 +696,18 @@ class PassthroughFs(Filesystem):
         flags: int,
     ) -> int:
         self._rofs()
-        src = self._handle(fh_in)
-        dst = self._handle(fh_out)
-        self._dax_flush(ino_in)
-        self._dax_flush(ino_out)
-        copied = os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
-        self._sized(ino_out, fd=dst.fd)
+        src = self._use(fh_in)
+        try:
+            dst = self._use(fh_out)
+            try:
+                self._dax_flush(ino_in)
+                self._dax_flush(ino_out)
+                copied = os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+                self._sized(ino_out, fd=dst.fd)
+            finally:
+                self._done(dst)
+        finally:
+            self._done(src)
         return copied
 
     # --- directories -----------------------------------------------------------------------
@@ -545,7 +720,13 @@ class PassthroughFs(Filesystem):
         return Opened(self._new_handle(fd, inode, flags), DIR_OPEN_FLAGS[self.cfg.cache])
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
-        h = self._handle(fh)
+        h = self._use(fh)
+        try:
+            self._readdir(h, offset, out)
+        finally:
+            self._done(h)
+
+    def _readdir(self, h: _Handle, offset: int, out: DirBuffer) -> None:
         buf = ctypes.create_string_buffer(_GETDENTS_BUFSIZE)
         plus = out.plus
         with h.lock:
@@ -580,17 +761,19 @@ class PassthroughFs(Filesystem):
                     out.add_plus(entry, d_off, dtype, name)
 
     def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
-        with self._fh_lock:
-            h = self._handles.pop(fh, None)
+        h = self._unlisted(fh)
         if h is not None:
-            os.close(h.fd)
+            self._done(h)
 
     def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        fd = self._handle(fh).fd
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        h = self._use(fh)
+        try:
+            if datasync:
+                os.fdatasync(h.fd)
+            else:
+                os.fsync(h.fd)
+        finally:
+            self._done(h)
 
     # --- file system -----------------------------------------------------------------------
 
@@ -599,8 +782,16 @@ class PassthroughFs(Filesystem):
             return StatVfs.from_os(os.statvfs(self._proc(fd)))
 
     def syncfs(self, ctx: Context, ino: int) -> None:
-        inode = self.inodes.get(ino)
-        fd = self.inodes.open(inode, os.O_RDONLY | (os.O_DIRECTORY if inode.is_dir() else 0))
+        # Through a regular file or directory on the same file system: a FIFO, socket or
+        # device node is never opened (and the open of a FIFO would block).
+        inode = self.inodes.syncable(self.inodes.get(ino))
+        try:
+            fd = self.inodes.open(inode, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.EBADF or inode is self.inodes.root:
+                raise
+            # forgotten meanwhile
+            fd = self.inodes.open(self.inodes.root, os.O_RDONLY | os.O_NONBLOCK)
         try:
             linux.syncfs(fd)
         finally:
@@ -654,9 +845,32 @@ class PassthroughFs(Filesystem):
 
     # --- locks -----------------------------------------------------------------------------
 
-    def getlk(self, ctx: Context, ino: int, fh: int, owner: int, lock: Lock) -> Lock:
+    def _lock_inode(self, ino: int) -> Inode:
         inode = self.inodes.get(ino)
-        return locks.getlk(inode, owner, lock, self._opener(inode))
+        if not inode.openable():
+            # A FIFO, socket, device or symlink: nothing to open for its locks.
+            raise _err(errno.ENOLCK)
+        return inode
+
+    def _lock_opener(self, inode: Inode):  # type: ignore[no-untyped-def]
+        """How to open ``inode``'s lock files: read-only for directories and on a read-only
+        share (where a write lock then fails with EBADF, as POSIX has it)."""
+
+        def open_lock_file() -> int:
+            if self.cfg.readonly or inode.is_dir():
+                return self.inodes.open(inode, os.O_RDONLY)
+            try:
+                return self.inodes.open(inode, os.O_RDWR)
+            except OSError as e:
+                if e.errno not in _NOT_WRITABLE:
+                    raise
+                return self.inodes.open(inode, os.O_RDONLY)
+
+        return open_lock_file
+
+    def getlk(self, ctx: Context, ino: int, fh: int, owner: int, lock: Lock) -> Lock:
+        inode = self._lock_inode(ino)
+        return locks.getlk(self.inodes, inode, owner, lock, self._lock_opener(inode))
 
     def setlk(
         self,
@@ -668,11 +882,16 @@ class PassthroughFs(Filesystem):
         sleep: bool,
         flock: bool,
     ) -> None:
-        inode = self.inodes.get(ino)
+        inode = self._lock_inode(ino)
         if flock:
-            locks.flock(ctx, self._handle(fh).fd, lock, sleep, self._is_stopping)
+            h = self._use(fh)
+            try:
+                locks.flock(ctx, h.fd, lock, sleep, self._is_stopping)
+            finally:
+                self._done(h)
         else:
-            locks.setlk(ctx, inode, owner, lock, sleep, self._opener(inode), self._is_stopping)
+            opener = self._lock_opener(inode)
+            locks.setlk(ctx, self.inodes, inode, owner, lock, sleep, opener, self._is_stopping)
 
     def _is_stopping(self) -> bool:
         return self._stopping
@@ -699,15 +918,26 @@ class PassthroughFs(Filesystem):
         if writable:
             self._rofs()
         # By inode, not by fh: the guest maps on page faults, also after the file's release
-        # (it then sends fh = FUSE_INVALID_FH). Read and write even for a read-only mapping
-        # when we can: QEMU maps every fd shared and writable, and marks the region read-only
-        # itself.
-        try:
+        # (it then sends fh = FUSE_INVALID_FH).
+        #
+        # A read-only mapping gets a read-only fd whenever a writable mapping of the file would
+        # be refused (a --readonly share, a file root can't open for writing): whatever the
+        # front-end does with the fd, the guest can't write through it. Otherwise it gets a
+        # read-write one, as QEMU 11.1 needs: for a SHMEM_MAP without the RW flag it still
+        # mmaps the fd PROT_READ|PROT_WRITE and MAP_SHARED (RAM_READONLY_FD without
+        # RAM_READONLY), which a read-only fd refuses. That grants the guest nothing it could
+        # not have asked for with the WRITE flag.
+        if writable:
             fd = self.inodes.open(inode, os.O_RDWR)
-        except OSError as e:
-            if writable or e.errno not in (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM):
-                raise
+        elif self.cfg.readonly:
             fd = self.inodes.open(inode, os.O_RDONLY)
+        else:
+            try:
+                fd = self.inodes.open(inode, os.O_RDWR)
+            except OSError as e:
+                if e.errno not in _NOT_WRITABLE:
+                    raise
+                fd = self.inodes.open(inode, os.O_RDONLY)
         try:
             window.setup(fd, foffset, moffset, length, writable, inode.nodeid)
         finally:

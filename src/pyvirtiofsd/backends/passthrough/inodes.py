@@ -6,6 +6,21 @@ file descriptor it keeps open, or through a file handle (``name_to_handle_at``) 
 again for each use. Handles keep the descriptor count flat however many inodes the guest holds,
 which is what large trees need; they need CAP_DAC_READ_SEARCH and a file system that supports
 them.
+
+Rules:
+
+* Opening. :meth:`InodeStore.open` is the one way the passthrough opens an inode (other than
+  O_PATH), and it opens only regular files and directories: a symlink gets ELOOP, a FIFO,
+  socket or device ENXIO. It reopens the inode itself (through ``/proc/self/fd/N`` or
+  ``open_by_handle_at``), never a name, and an inode's type is fixed for its lifetime while the
+  O_PATH fd or handle pins it, so the check can't be raced.
+* Lifetime. One lock (the store's) governs an inode's lookup count, its O_PATH fd and the open
+  files holding its POSIX locks. A request that uses any of those descriptors *pins* the inode
+  for the span of the use (:meth:`InodeStore.path`, :meth:`InodeStore.open`,
+  :meth:`InodeStore.pin`); FORGET only takes the inode out of the tables, and its descriptors
+  are closed, under the lock, when the last pin goes. No descriptor is ever closed while a
+  request may still use its number, and none outlives its last user: once the guest has
+  forgotten everything, the daemon is back to the descriptors it started with.
 """
 
 from __future__ import annotations
@@ -15,8 +30,7 @@ import logging
 import os
 import stat
 import threading
-import time
-from collections import deque
+from collections.abc import Callable
 
 from ... import linux
 from .config import FileHandles
@@ -25,13 +39,29 @@ log = logging.getLogger(__name__)
 
 #: The root's lookup count: the kernel never forgets the root.
 _PINNED = 1 << 62
-#: Seconds an O_PATH fd of a forgotten inode stays open, so that a request racing with the
-#: forget (only a misbehaving guest sends one) finds a closed-late fd rather than a reused one.
-_CLOSE_DELAY = 2.0
+#: The only inode types the daemon opens (other than with O_PATH).
+_OPENABLE = (stat.S_IFREG, stat.S_IFDIR)
+
+
+def check_openable(mode: int) -> None:
+    """Raise what OPEN answers for an inode of type ``mode`` that the daemon never opens."""
+    if mode not in _OPENABLE:
+        code = errno.ELOOP if mode == stat.S_IFLNK else errno.ENXIO
+        raise OSError(code, os.strerror(code))
+
+
+def _reopen(fd: int, mode: int, flags: int) -> int:
+    """A new open file of what the O_PATH ``fd`` (of an inode of type ``mode``) refers to."""
+    if not flags & os.O_PATH:
+        check_openable(mode)
+    # The magic link resolves to the inode itself, even for a symlink, and so can never lead
+    # out of the shared directory.
+    return os.open(f"/proc/self/fd/{fd}", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
 
 
 class Inode:
     __slots__ = (
+        "dead",
         "dev",
         "fd",
         "handle",
@@ -42,7 +72,9 @@ class Inode:
         "mode",
         "mount_id",
         "nodeid",
+        "pins",
         "refcount",
+        "retired",
     )
 
     def __init__(
@@ -63,10 +95,17 @@ class Inode:
         self.dev = st.st_dev
         self.ino = st.st_ino
         self.mode = stat.S_IFMT(st.st_mode)
+        #: Lookups the guest holds.
         self.refcount = 1
+        #: Requests using the inode's descriptors now.
+        self.pins = 0
+        #: Forgotten: out of the tables, its descriptors closed with the last pin.
+        self.dead = False
         #: POSIX lock owner -> the open file description holding that owner's locks.
         self.lock_fds: dict[int, int] | None = None
         self.lock_pids: dict[int, int] | None = None
+        #: Lock files of owners that are gone, closed with the last pin.
+        self.retired: list[int] | None = None
 
     def is_dir(self) -> bool:
         return self.mode == stat.S_IFDIR
@@ -74,22 +113,39 @@ class Inode:
     def is_symlink(self) -> bool:
         return self.mode == stat.S_IFLNK
 
+    def openable(self) -> bool:
+        return self.mode in _OPENABLE
+
 
 class PathFd:
-    """An O_PATH fd of an inode for the span of a ``with`` block."""
+    """An O_PATH fd of an inode, pinned for the span of a ``with`` block."""
 
-    __slots__ = ("fd", "owned")
+    __slots__ = ("fd", "inode", "owned", "store")
 
-    def __init__(self, fd: int, owned: bool) -> None:
-        self.fd = fd
-        self.owned = owned
+    def __init__(self, store: InodeStore, inode: Inode) -> None:
+        self.store = store
+        self.inode = inode
+        self.fd = -1
+        self.owned = False
 
     def __enter__(self) -> int:
+        store, inode = self.store, self.inode
+        store.pin(inode)
+        if inode.fd >= 0:
+            self.fd = inode.fd
+            return self.fd
+        try:
+            self.fd = store.open_handle(inode, os.O_PATH | os.O_NOFOLLOW)
+        except BaseException:
+            store.unpin(inode)
+            raise
+        self.owned = True
         return self.fd
 
     def __exit__(self, *exc: object) -> None:
         if self.owned:
             os.close(self.fd)
+        self.store.unpin(self.inode)
 
 
 class InodeStore:
@@ -101,7 +157,11 @@ class InodeStore:
         self._next_id = 2
         #: mount id -> an fd on that mount, which open_by_handle_at needs.
         self._mount_fds: dict[int, int] = {}
-        self._graveyard: deque[tuple[float, int]] = deque()
+        #: Pins of all inodes: the mount fds are closed (at shutdown) once none is left.
+        self._pins = 0
+        self._closed = False
+        #: st_dev -> a regular file or directory the guest holds there, for SYNCFS.
+        self._on_dev: dict[int, Inode] = {}
         fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         handle, mount_id = self._handle_of(fd)
@@ -131,11 +191,11 @@ class InodeStore:
         refuses O_PATH ones). False when this inode can't give one."""
         if mount_id in self._mount_fds:
             return True
-        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        if stat.S_IFMT(st.st_mode) not in _OPENABLE:
             return False
         try:
-            self._mount_fds[mount_id] = os.open(
-                f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            self._mount_fds[mount_id] = _reopen(
+                fd, stat.S_IFMT(st.st_mode), os.O_RDONLY | os.O_NONBLOCK
             )
         except OSError as e:
             log.debug("no fd on mount %d: %s", mount_id, e)
@@ -173,6 +233,8 @@ class InodeStore:
                 self._next_id += 1
                 self._by_id[inode.nodeid] = inode
                 self._by_key[key] = inode
+                if inode.openable():
+                    self._on_dev.setdefault(inode.dev, inode)
                 if keep_fd:
                     return inode
         os.close(fd)
@@ -180,6 +242,8 @@ class InodeStore:
 
     def ref(self, inode: Inode) -> None:
         with self._lock:
+            if inode.dead:
+                raise OSError(errno.EBADF, f"inode {inode.nodeid} was forgotten")
             inode.refcount += 1
 
     def forget(self, nodeid: int, count: int) -> None:
@@ -190,42 +254,74 @@ class InodeStore:
             inode.refcount -= min(count, inode.refcount)
             if inode.refcount:
                 return
-            del self._by_id[nodeid]
-            if self._by_key.get(inode.key) is inode:
-                del self._by_key[inode.key]
-            now = time.monotonic()
-            if inode.fd >= 0:
-                self._graveyard.append((now, inode.fd))
-                inode.fd = -1
-            lock_fds = inode.lock_fds
-            inode.lock_fds = None
-            graveyard = self._graveyard
-            expired = []
-            while graveyard and now - graveyard[0][0] > _CLOSE_DELAY:
-                expired.append(graveyard.popleft()[1])
-        for fd in expired:
-            os.close(fd)
-        for fd in (lock_fds or {}).values():
+            self._bury(inode)
+
+    def _bury(self, inode: Inode) -> None:
+        """Take ``inode`` out of the tables; its descriptors go with its last pin (lock held)."""
+        if self._by_id.get(inode.nodeid) is inode:
+            del self._by_id[inode.nodeid]
+        if self._by_key.get(inode.key) is inode:
+            del self._by_key[inode.key]
+        if self._on_dev.get(inode.dev) is inode:
+            del self._on_dev[inode.dev]
+        inode.dead = True
+        if inode.pins == 0:
+            self._close_fds(inode)
+
+    def _close_fds(self, inode: Inode) -> None:
+        """Close what a dead, unpinned inode holds (lock held)."""
+        fds = list((inode.lock_fds or {}).values())
+        fds += inode.retired or ()
+        inode.lock_fds = inode.lock_pids = inode.retired = None
+        if inode.fd >= 0:
+            fds.append(inode.fd)
+            inode.fd = -1
+        for fd in fds:
             os.close(fd)
 
     def forget_all(self) -> None:
         """Drop every inode but the root (the kernel that held them is gone)."""
         with self._lock:
-            nodeids = [n for n in self._by_id if n != self.root.nodeid]
-        for nodeid in nodeids:
-            self.forget(nodeid, _PINNED)
+            for inode in [i for i in self._by_id.values() if i is not self.root]:
+                self._bury(inode)
 
     def count(self) -> int:
         return len(self._by_id)
 
-    # --- reaching the file -----------------------------------------------------------------
+    def syncable(self, inode: Inode) -> Inode:
+        """A regular file or directory on the file system that holds ``inode``: itself, one
+        the guest holds there, or else the root."""
+        if inode.openable():
+            return inode
+        return self._on_dev.get(inode.dev, self.root)
+
+    # --- using the descriptors -------------------------------------------------------------
+
+    def pin(self, inode: Inode) -> None:
+        """Keep ``inode``'s descriptors open until :meth:`unpin` (EBADF once forgotten)."""
+        with self._lock:
+            if inode.dead:
+                raise OSError(errno.EBADF, f"inode {inode.nodeid} was forgotten")
+            inode.pins += 1
+            self._pins += 1
+
+    def unpin(self, inode: Inode) -> None:
+        with self._lock:
+            inode.pins -= 1
+            self._pins -= 1
+            if inode.pins == 0:
+                if inode.dead:
+                    self._close_fds(inode)
+                elif inode.retired:
+                    for fd in inode.retired:
+                        os.close(fd)
+                    inode.retired = None
+            if self._closed and self._pins == 0:
+                self._close_mount_fds()
 
     def path(self, inode: Inode) -> PathFd:
         """An O_PATH fd of ``inode`` for a ``with`` block."""
-        fd = inode.fd
-        if fd >= 0:
-            return PathFd(fd, False)
-        return PathFd(self.open_handle(inode, os.O_PATH | os.O_NOFOLLOW), True)
+        return PathFd(self, inode)
 
     def open_handle(self, inode: Inode, flags: int) -> int:
         if inode.handle is None:
@@ -237,29 +333,76 @@ class InodeStore:
         return linux.open_by_handle_at(mount_fd, inode.handle, flags)
 
     def open(self, inode: Inode, flags: int) -> int:
-        """A new fd of ``inode`` with ``flags`` (never follows: the inode is the file itself)."""
-        flags |= os.O_CLOEXEC
-        if inode.fd >= 0:
-            # The magic link resolves to the inode itself, even for a symlink, and so can
-            # never lead out of the shared directory.
-            return os.open(f"/proc/self/fd/{inode.fd}", flags & ~os.O_NOFOLLOW)
-        return self.open_handle(inode, flags & ~os.O_NOFOLLOW)
+        """A new fd of ``inode`` with ``flags``: only a regular file or a directory, unless
+        ``flags`` has O_PATH (never follows: the inode is the file itself)."""
+        if not flags & os.O_PATH:
+            check_openable(inode.mode)
+        self.pin(inode)
+        try:
+            if inode.fd >= 0:
+                return _reopen(inode.fd, inode.mode, flags)
+            return self.open_handle(inode, (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+        finally:
+            self.unpin(inode)
+
+    # --- POSIX lock files ------------------------------------------------------------------
+
+    def owner_fd(self, inode: Inode, owner: int, opener: Callable[[], int] | None) -> int | None:
+        """The open file holding ``owner``'s locks on ``inode``, which the caller has pinned;
+        made with ``opener`` if there is none yet (None when there is none and no opener)."""
+        with self._lock:
+            fds = inode.lock_fds
+            if fds is not None and owner in fds:
+                return fds[owner]
+        if opener is None:
+            return None
+        fd = opener()
+        with self._lock:
+            if inode.lock_fds is None:
+                inode.lock_fds = {}
+                inode.lock_pids = {}
+            existing = inode.lock_fds.setdefault(owner, fd)
+            if existing != fd:
+                # Another request of the same owner made one first.
+                os.close(fd)
+            return existing
+
+    def lock_owners(self, inode: Inode) -> tuple[dict[int, int], dict[int, int]]:
+        """Each owner's lock file and pid (the caller has pinned ``inode``)."""
+        with self._lock:
+            return dict(inode.lock_fds or {}), dict(inode.lock_pids or {})
+
+    def set_lock_pid(self, inode: Inode, owner: int, pid: int) -> None:
+        with self._lock:
+            if inode.lock_pids is not None and inode.lock_fds and owner in inode.lock_fds:
+                inode.lock_pids[owner] = pid
+
+    def retire_owner(self, inode: Inode, owner: int) -> int | None:
+        """Detach ``owner``'s lock file (the caller has pinned ``inode``): it is closed with the
+        last pin, as another request may be using it. Returns it, still open, or None."""
+        with self._lock:
+            fd = inode.lock_fds.pop(owner, None) if inode.lock_fds else None
+            if inode.lock_pids:
+                inode.lock_pids.pop(owner, None)
+            if fd is not None:
+                if inode.retired is None:
+                    inode.retired = []
+                inode.retired.append(fd)
+            return fd
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def _close_mount_fds(self) -> None:
+        for fd in self._mount_fds.values():
+            os.close(fd)
+        self._mount_fds.clear()
 
     def close_all(self) -> None:
+        """The daemon is exiting: every inode goes, the root too; what requests still use is
+        closed when they are done."""
         with self._lock:
-            fds = [i.fd for i in self._by_id.values() if i.fd >= 0]
-            for inode in self._by_id.values():
-                fds.extend((inode.lock_fds or {}).values())
-                inode.lock_fds = None
-                inode.fd = -1
-            fds.extend(fd for _, fd in self._graveyard)
-            fds.extend(self._mount_fds.values())
-            self._graveyard.clear()
-            self._mount_fds.clear()
-            self._by_id.clear()
-            self._by_key.clear()
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            for inode in list(self._by_id.values()):
+                self._bury(inode)
+            self._closed = True
+            if self._pins == 0:
+                self._close_mount_fds()

@@ -7,9 +7,14 @@ the inode, and the host kernel then sees the same conflicts, merges and splits t
 and host processes see the guest's locks. Closing that open file drops the owner's locks, which is
 what POSIX asks of close().
 
+Those open files belong to the inode and live by its rules (:mod:`.inodes`): each attempt pins
+the inode, so FORGET or the owner's close() on another queue never closes a lock file while
+fcntl runs on its number, and a lock file made while the guest forgets the inode is closed with
+it. The caller opens them (only regular files and directories ever are).
+
 Waiting for a lock polls with a growing sleep rather than blocking in the kernel, so that an
 INTERRUPT from the guest (a signal to the waiting process) or the end of the connection can stop
-the wait.
+the wait. The inode is pinned for each attempt, not across the sleeps.
 """
 
 from __future__ import annotations
@@ -18,19 +23,17 @@ import errno
 import fcntl
 import os
 import struct
-import threading
 import time
 from collections.abc import Callable
 
 from ...fuse.filesystem import Context, Lock
-from .inodes import Inode
+from .inodes import Inode, InodeStore
 
 #: struct flock on 64-bit Linux: short type, short whence, off_t start, off_t len, pid_t pid.
 _FLOCK = struct.Struct("=hh4xqqi4x")
 OFFSET_MAX = 0x7FFF_FFFF_FFFF_FFFF
 _POLL_MAX = 0.05
-
-_lock = threading.Lock()
+_UNLOCK_ALL = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
 
 
 def _flock_bytes(lock: Lock, ltype: int | None = None) -> bytes:
@@ -38,47 +41,29 @@ def _flock_bytes(lock: Lock, ltype: int | None = None) -> bytes:
     return _FLOCK.pack(lock.type if ltype is None else ltype, os.SEEK_SET, lock.start, length, 0)
 
 
-def _owner_fd(inode: Inode, owner: int, opener: Callable[[int], int], create: bool) -> int | None:
-    with _lock:
-        fds = inode.lock_fds
-        if fds is not None and owner in fds:
-            return fds[owner]
-        if not create:
-            return None
+def getlk(
+    store: InodeStore, inode: Inode, owner: int, lock: Lock, opener: Callable[[], int]
+) -> Lock:
+    store.pin(inode)
     try:
-        fd = opener(os.O_RDWR)
-    except OSError:
-        fd = opener(os.O_RDONLY)
-    with _lock:
-        if inode.lock_fds is None:
-            inode.lock_fds = {}
-            inode.lock_pids = {}
-        existing = inode.lock_fds.get(owner)
-        if existing is not None:
-            os.close(fd)
-            return existing
-        inode.lock_fds[owner] = fd
-        return fd
+        fd = store.owner_fd(inode, owner, opener)
+        assert fd is not None
+        ltype, _, start, length, _ = _FLOCK.unpack(
+            fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_bytes(lock))
+        )
+        if ltype == fcntl.F_UNLCK:
+            return Lock(lock.start, lock.end, fcntl.F_UNLCK, 0)
+        end = OFFSET_MAX if length == 0 else start + length - 1
+        held = Lock(start, end, ltype, 0)
+        return Lock(start, end, ltype, _holder_pid(store, inode, owner, held))
+    finally:
+        store.unpin(inode)
 
 
-def getlk(inode: Inode, owner: int, lock: Lock, opener: Callable[[int], int]) -> Lock:
-    fd = _owner_fd(inode, owner, opener, True)
-    assert fd is not None
-    ltype, _, start, length, _ = _FLOCK.unpack(
-        fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_bytes(lock))
-    )
-    if ltype == fcntl.F_UNLCK:
-        return Lock(lock.start, lock.end, fcntl.F_UNLCK, 0)
-    end = OFFSET_MAX if length == 0 else start + length - 1
-    return Lock(start, end, ltype, _holder_pid(inode, owner, Lock(start, end, ltype, 0)))
-
-
-def _holder_pid(inode: Inode, asking: int, held: Lock) -> int:
+def _holder_pid(store: InodeStore, inode: Inode, asking: int, held: Lock) -> int:
     """The pid of the guest owner holding ``held``: an owner whose own open file sees no
     conflict there is the one holding it. 0 when it is held outside the guest."""
-    with _lock:
-        owners = dict(inode.lock_fds or {})
-        pids = dict(inode.lock_pids or {})
+    owners, pids = store.lock_owners(inode)
     for owner, fd in owners.items():
         if owner == asking:
             continue
@@ -90,28 +75,34 @@ def _holder_pid(inode: Inode, asking: int, held: Lock) -> int:
 
 def setlk(
     ctx: Context,
+    store: InodeStore,
     inode: Inode,
     owner: int,
     lock: Lock,
     sleep: bool,
-    opener: Callable[[int], int],
+    opener: Callable[[], int],
     stopping: Callable[[], bool],
 ) -> None:
-    if lock.type == fcntl.F_UNLCK:
-        fd = _owner_fd(inode, owner, opener, False)
-        if fd is not None:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_bytes(lock))
-        return
-    fd = _owner_fd(inode, owner, opener, True)
-    assert fd is not None
     arg = _flock_bytes(lock)
-    _retry(lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg), ctx, sleep, stopping)
-    with _lock:
-        if inode.lock_pids is not None:
-            inode.lock_pids[owner] = lock.pid
+    unlock = lock.type == fcntl.F_UNLCK
+
+    def attempt() -> None:
+        store.pin(inode)
+        try:
+            fd = store.owner_fd(inode, owner, None if unlock else opener)
+            if fd is None:
+                return  # nothing of this owner's to unlock
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+            if not unlock:
+                store.set_lock_pid(inode, owner, lock.pid)
+        finally:
+            store.unpin(inode)
+
+    _retry(attempt, ctx, sleep and not unlock, stopping)
 
 
 def flock(ctx: Context, fd: int, lock: Lock, sleep: bool, stopping: Callable[[], bool]) -> None:
+    """flock() on ``fd``, an open file the caller keeps open for the span of the call."""
     if lock.type == fcntl.F_UNLCK:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return
@@ -137,12 +128,16 @@ def _retry(
         delay = min(delay * 2, _POLL_MAX)
 
 
-def release_owner(inode: Inode, owner: int) -> None:
+def release_owner(store: InodeStore, inode: Inode, owner: int) -> None:
     """Drop every POSIX lock ``owner`` holds on ``inode`` (a close() in the guest)."""
-    with _lock:
-        fds = inode.lock_fds
-        fd = fds.pop(owner, None) if fds else None
-        if inode.lock_pids:
-            inode.lock_pids.pop(owner, None)
-    if fd is not None:
-        os.close(fd)
+    try:
+        store.pin(inode)
+    except OSError:
+        return  # forgotten: its lock files are closed, or will be with its last user
+    try:
+        fd = store.retire_owner(inode, owner)
+        if fd is not None:
+            # The locks go now; the open file itself when no request uses it any more.
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _UNLOCK_ALL)
+    finally:
+        store.unpin(inode)
