@@ -10,7 +10,9 @@
    FLUSH, SETLK, GETLK and flock on a few shared nodeids and handles, in-process from several
    threads and through the real daemon over several request queues. Any errno a hostile but
    well-formed guest can cause (EBADF for a handle or inode already gone, EAGAIN for a lock
-   held) is fine; EIO (an unexpected exception) is not.
+   held) is fine; EIO (an unexpected exception) is not. Each file holds its own letter and
+   is written through its handles with its own capital, so a READ or WRITE that reached
+   another file (an fd closed under a running request and its number reused) shows.
 
 After each run the guest releases every handle and forgets every lookup, and the descriptors
 that refer to the share must be exactly those from before the run (the contract has no
@@ -557,9 +559,19 @@ TestPassthroughVsHost = PassthroughVsHost.TestCase
 # -- 2. races ---------------------------------------------------------------------------------
 
 FILES = [b"f0", b"f1", b"f2"]
+#: Every file holds its own letter, and writes through a handle of file i write its capital:
+#: a read or write that lands on another file (an fd number closed and reused under a
+#: request) shows as a foreign letter.
+SIZE = 1000
+
+
+def letters(i: int) -> bytes:
+    return bytes([ord("a") + i, ord("A") + i])
+
+
 ALLOWED = {0, errno.EBADF, errno.EAGAIN, errno.ENOENT}
 THREADS = 4
-STEPS = 400
+STEPS = 1000
 
 
 class Shared:
@@ -568,8 +580,9 @@ class Shared:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.nodeids: list[int] = []
-        self.handles: list[tuple[int, int]] = []
-        self.all_handles: list[tuple[int, int]] = []
+        self.handles: list[tuple[int, int, int]] = []  # nodeid, fh, file index
+        self.all_handles: list[tuple[int, int, int]] = []
+        self.file_of: dict[int, int] = {}
         self.errors: Counter[str] = Counter()
         self.unexpected: list[str] = []
         self.requests = 0
@@ -592,7 +605,7 @@ def racer(g: Guest, me: int, seed: int, shared: Shared, barrier: threading.Barri
         with shared.lock:
             return rng.choice(shared.nodeids) if shared.nodeids else ROOT
 
-    def pick_handle() -> tuple[int, int] | None:
+    def pick_handle() -> tuple[int, int, int] | None:
         with shared.lock:
             return rng.choice(shared.handles) if shared.handles else None
 
@@ -600,13 +613,15 @@ def racer(g: Guest, me: int, seed: int, shared: Shared, barrier: threading.Barri
     for _ in range(STEPS):
         action = rng.randrange(10)
         if action == 0 or not shared.nodeids:
-            r = g.lookup(ROOT, rng.choice(FILES))
+            index = rng.randrange(len(FILES))
+            r = g.lookup(ROOT, FILES[index])
             note("LOOKUP", r)
             if r.ok:
                 nodeid = entry_of(r).nodeid
                 mine[nodeid] += 1
                 with shared.lock:
                     shared.nodeids.append(nodeid)
+                    shared.file_of[nodeid] = index
         elif action == 1 and mine:
             # FORGET all of one inode's lookups this thread holds: with the others doing
             # the same, inodes die while requests naming them are in flight.
@@ -619,8 +634,9 @@ def racer(g: Guest, me: int, seed: int, shared: Shared, barrier: threading.Barri
             if r.ok:
                 fh = open_of(r).fh
                 with shared.lock:
-                    shared.handles.append((nodeid, fh))
-                    shared.all_handles.append((nodeid, fh))
+                    h = (nodeid, fh, shared.file_of[nodeid])
+                    shared.handles.append(h)
+                    shared.all_handles.append(h)
         elif action == 3:
             h = pick_handle()
             if h:
@@ -631,11 +647,19 @@ def racer(g: Guest, me: int, seed: int, shared: Shared, barrier: threading.Barri
         elif action == 4:
             h = pick_handle()
             if h:
-                note("READ", g.read(pick_node(), h[1], rng.randrange(100), 64))
+                r = g.read(pick_node(), h[1], rng.randrange(100), 64)
+                note("READ", r)
+                foreign = set(r.payload) - set(letters(h[2]))
+                if foreign:
+                    with shared.lock:
+                        shared.unexpected.append(
+                            f"READ through a handle of {FILES[h[2]]!r} gave {bytes(foreign)!r}"
+                        )
         elif action == 5:
             h = pick_handle()
             if h:
-                note("WRITE", g.write(pick_node(), h[1], rng.randrange(100), b"race"))
+                data = letters(h[2])[1:] * 4
+                note("WRITE", g.write(pick_node(), h[1], rng.randrange(SIZE - 4), data))
         elif action in (6, 7):
             nodeid = pick_node()
             h = pick_handle()
@@ -676,7 +700,7 @@ def race(guests: list[Guest], seed: int, share: Path) -> Shared:
     if failures:
         raise failures[0]
     g = guests[0]
-    for nodeid, fh in shared.all_handles:
+    for nodeid, fh, _ in shared.all_handles:
         g.release(nodeid, fh)  # EBADF for those released already
     totals: Counter[int] = Counter()
     for c in held:
@@ -696,8 +720,8 @@ def race_share() -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="pva-race-"))
     share = tmp / "share"
     share.mkdir()
-    for name in FILES:
-        (share / name.decode()).write_bytes(b"race data " * 100)
+    for i, name in enumerate(FILES):
+        (share / name.decode()).write_bytes(letters(i)[:1] * SIZE)
     try:
         yield share
     finally:
@@ -705,15 +729,25 @@ def race_share() -> Iterator[Path]:
 
 
 def _check(shared: Shared, left: list[str], baseline: list[str], share: Path) -> None:
-    assert not shared.unexpected, Counter(shared.unexpected).most_common(5)
-    assert left == baseline, (
-        "descriptors of the share still open after every handle was released and every "
-        f"lookup forgotten: {dict(Counter(left) - Counter(baseline))}"
-    )
-    assert held_locks(share) == []
+    problems = [f"{n} x {what}" for what, n in Counter(shared.unexpected).most_common(5)]
+    if left != baseline:
+        problems.append(
+            "descriptors of the share still open after every handle was released and every "
+            f"lookup forgotten: {dict(Counter(left) - Counter(baseline))}"
+        )
+    problems += [f"a lock is still held on {p}" for p in held_locks(share)]
+    for i, name in enumerate(FILES):
+        content = (share / name.decode()).read_bytes()
+        foreign = set(content) - set(letters(i))
+        if foreign or len(content) != SIZE:
+            problems.append(
+                f"{name!r} ({len(content)} bytes) got bytes written through another file's "
+                f"handle: {bytes(foreign)!r}"
+            )
+    assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(5))
 def test_race_in_process(race_share: Path, seed: int) -> None:
     fs = PassthroughFs(PassthroughConfig(str(race_share)))
     server = Server(fs)
@@ -751,7 +785,7 @@ def race_daemon(race_share: Path) -> Iterator[AttackDaemon]:
             d.window.close()
 
 
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed", range(3))
 def test_race_daemon(race_daemon: AttackDaemon, seed: int) -> None:
     d = race_daemon
     # Queue 1 is each run's first racer and the one that cleans up; queues 2.. race too.
