@@ -67,7 +67,7 @@ class FuseMount:
         self._conn_dev: int | None = None
         self._lock = threading.Lock()
         self.bufsize = server.max_write + abi.PAGE_SIZE
-        server.deferrer = self._defer
+        server.deferred_reply = self._deferred_reply
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -194,8 +194,6 @@ class FuseMount:
             if e.errno not in _STALE_REPLY and e.errno != errno.ENODEV:
                 log.warning("writing a reply to /dev/fuse: %s", e)
 
-    def _defer(self, job: Callable[[], bytes], token: Any) -> None:
-        def run() -> None:
-            self._send(job())
-
-        threading.Thread(target=run, name="fuse-wait", daemon=True).start()
+    def _deferred_reply(self, token: Any) -> Callable[[bytes], None]:
+        # A reply written to /dev/fuse names its request by unique: nothing to keep.
+        return self._send
