@@ -937,9 +937,7 @@ class Server:
         unique = ctx.unique
         waiters = self.lock_waiters
         if not waiters.reserve():
-            log.warning(
-                "request %d: %d lock waits already; ENOLCK", unique, self.lock_waiters.size
-            )
+            log.warning("request %d: %d lock waits already; ENOLCK", unique, self.lock_waiters.size)
             raise OSError(errno.ENOLCK, "too many lock waits")
         try:
             deliver = self.deferred_reply(token)
