@@ -400,6 +400,11 @@ class Server:
         log.warning("request %d (opcode %d) answered %s", unique, opcode, errno.errorcode[err])
         return self._error(ReplyWriter(writable) if writable else None, err, unique)
 
+    def in_flight(self) -> int:
+        """Requests being served now: after the transport has stopped, those still running in
+        the backend (stuck there, or waiting for a lock)."""
+        return len(self._inflight)
+
     def interrupt_waiting(self) -> None:
         """End every deferred wait (they answer EINTR): the queue or connection is going."""
         for ctx in list(self._waiting.values()):

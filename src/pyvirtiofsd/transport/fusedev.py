@@ -135,9 +135,16 @@ class FuseMount:
         except OSError as e:
             log.debug("aborting the FUSE connection: %s", e)
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
+        """Unmount and wait up to ``grace`` seconds for the workers. Workers still running
+        then are stuck in the backend: they are left behind (daemon threads), and so is the
+        device fd, which they would otherwise write their replies to once reused."""
         self.stop()
-        self.wait(5)
+        self.server.interrupt_waiting()  # lock waits end with EINTR; nobody is left to tell
+        if not self.wait(grace):
+            stuck = sum(t.is_alive() for t in self._workers)
+            log.error("%d worker(s) still running in the backend; leaving them behind", stuck)
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

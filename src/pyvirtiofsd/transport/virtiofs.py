@@ -133,6 +133,7 @@ class Listener:
     def __init__(self, path: str, group: str | None) -> None:
         self.sock = listen_unix(path)
         self.path = path
+        self._lock = threading.Lock()  # remove() may race the exit deadline's
         self._dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_CLOEXEC)
         self._name = os.path.basename(path)
         if group is not None:
@@ -141,14 +142,15 @@ class Listener:
             os.chmod(path, 0o660)
 
     def remove(self) -> None:
-        if self._dir_fd < 0:
-            return
-        try:
-            os.unlink(self._name, dir_fd=self._dir_fd)
-        except OSError:
-            pass
-        os.close(self._dir_fd)
-        self._dir_fd = -1
+        with self._lock:
+            if self._dir_fd < 0:
+                return
+            try:
+                os.unlink(self._name, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 def run_vhost_user(
