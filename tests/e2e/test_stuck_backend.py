@@ -186,6 +186,51 @@ def test_ring_stop_waiting_for_a_stuck_request(workdir: Path, end: str) -> None:
     assert "still running in the backend" in log
 
 
+def test_sigterm_with_a_request_stuck_on_a_host_mount(workdir: Path) -> None:
+    # The same through /dev/fuse: a stat of the hung mount through the daemon's host mount
+    # leaves one of its workers stuck in the backend.
+    share = workdir / "share"
+    (share / "hung").mkdir(parents=True)
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    log_path = workdir / "daemon.log"
+    argv = [sys.executable, "-c", PRELUDE, str(share / "hung")]
+    argv += ["-m", "pyvirtiofsd", "--mount", str(mnt), "--shared-dir", str(share)]
+    with log_path.open("wb") as log:
+        proc = spawn_child(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    daemon = DaemonProcess(proc, str(workdir / "no.sock"), share, log_path)
+    stat: subprocess.Popen[bytes] | None = None
+    connection: Path | None = None
+    try:
+        daemon.wait_for_log("mounted on", timeout=EXIT_BOUND)
+        connection = _connection_of(proc.pid, share / "hung")
+        before = int((connection / "waiting").read_text())
+        # A process in the daemon's mount namespace looks at the hung mount through it.
+        ns = f"--mount=/proc/{proc.pid}/ns/mnt"
+        stat = spawn_child(["nsenter", ns, "stat", str(mnt / "hung")], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + EXIT_BOUND
+        while int((connection / "waiting").read_text()) <= before:
+            assert daemon.alive(), daemon.log_text()[-3000:]
+            assert time.monotonic() < deadline, "the stat never reached the hung mount"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(EXIT_BOUND)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the daemon hangs:\n{daemon.log_text()[-4000:]}")
+        log_text = daemon.log_text()
+        assert rc == 0, log_text[-4000:]
+        assert "Traceback" not in log_text, log_text[-6000:]
+        assert "still running in the backend" in log_text
+    finally:
+        if proc.poll() is None and connection is not None:
+            with contextlib.suppress(OSError):
+                (connection / "abort").write_text("1")
+        kill_child(proc, grace=5.0)
+        # With the daemon gone its mounts are aborted: the stat ends (with an error).
+        kill_child(stat, grace=10.0)
+
+
 def test_the_daemon_never_changes_the_hung_mount(workdir: Path) -> None:
     # A sanity check of the setup itself: the hung mount exists only for the daemon.
     with stuck_daemon(workdir) as s:
