@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: Returned by handlers of requests that get no reply (FORGET, BATCH_FORGET, INTERRUPT).
 NO_REPLY = -1
-#: Returned by :meth:`Server.handle` when the reply will come later through the deferrer.
+#: Returned by :meth:`Server.handle` when the reply will come later (:attr:`Server.deferred_reply`).
 DEFERRED = -2
 
 MAX_WRITE = 1 << 20
@@ -297,7 +297,7 @@ class Server:
         token: Any = None,
     ) -> int:
         """Serve one request; returns the reply length written into ``writable`` (0 for none)
-        or :data:`DEFERRED` when the reply will be delivered later through :attr:`deferrer`."""
+        or :data:`DEFERRED` when the reply will be delivered later through :attr:`deferred_reply`."""
         out = ReplyWriter(writable) if writable else None
         reader: RequestReader | None = None
         if len(readable) == 1:
