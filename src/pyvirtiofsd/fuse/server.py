@@ -297,7 +297,7 @@ class Server:
         token: Any = None,
     ) -> int:
         """Serve one request; returns the reply length written into ``writable`` (0 for none)
-        or :data:`DEFERRED` when the reply will be delivered later through :attr:`deferred_reply`."""
+        or :data:`DEFERRED` when the reply will be delivered later (:attr:`deferred_reply`)."""
         out = ReplyWriter(writable) if writable else None
         reader: RequestReader | None = None
         if len(readable) == 1:
