@@ -2,6 +2,14 @@
 
 This is where the layers meet: a backend behind the FUSE server, the server behind a
 transport (/dev/fuse or the virtio-fs device over vhost-user).
+
+SIGTERM (SIGINT, SIGHUP) always ends the daemon within seconds. The transports wait a short
+grace for requests still running, then leave behind those stuck in the backend (a stat on a
+hung mount never returns): their threads are daemon threads. The file system's shutdown then
+runs without a limit, unless requests were left behind (it gets :data:`SHUTDOWN_GRACE`, as
+what they hold may be what it waits for). Should the transport itself not end within
+:data:`EXIT_DEADLINE` of the signal, which no known path does, the daemon removes its socket
+and exits at once, with status 1.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import logging.handlers
+import os
 import resource
 import signal
 import sys
@@ -76,6 +85,14 @@ def raise_fd_limit(wanted: int | None) -> None:
 
 #: Request threads of an object-storage daemon when --thread-pool-size does not say.
 OPENDAL_THREADS = 8
+#: Seconds the file system's shutdown may take when requests were left running in the backend.
+SHUTDOWN_GRACE = 5.0
+#: Seconds after a stop signal by which the transport must have ended (it needs about the
+#: transports' grace, 2 s, when requests are stuck); past it the daemon exits at once.
+EXIT_DEADLINE = 15.0
+#: Seconds a /dev/fuse mount waits for its workers once unmounted, before leaving behind those
+#: stuck in the backend.
+FUSEDEV_GRACE = 2.0
 
 
 def build_filesystem(opts: Options) -> Filesystem:
@@ -196,12 +213,21 @@ def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> in
     server = Server(fs, disabled_flags=disabled)
     stop = threading.Event()
     stoppers: list[Callable[[], None]] = []
+    transport_ended = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
+        first = not stop.is_set()
         stop.set()
         for fn in stoppers:
             fn()
+        if first:
+            threading.Thread(
+                target=_exit_deadline,
+                args=(transport_ended, listener),
+                name="exit-deadline",
+                daemon=True,
+            ).start()
 
     def on_usr1(signum: int, frame: FrameType | None) -> None:
         log_counters(server)
@@ -222,10 +248,44 @@ def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> in
 
         return run_vhost_user(opts, server, stop, stoppers, listener)
     finally:
+        transport_ended.set()
         log_counters(server)
         shutdown = getattr(fs, "shutdown", None)
         if shutdown is not None:
-            shutdown()
+            stuck = server.in_flight()
+            if stuck:
+                log.error(
+                    "%d request(s) still running in the backend; shutting the file system "
+                    "down without them",
+                    stuck,
+                )
+                _run_for(shutdown, SHUTDOWN_GRACE)
+            else:
+                shutdown()
+
+
+def _run_for(fn: Callable[[], object], seconds: float) -> None:
+    """Run ``fn`` on a daemon thread for up to ``seconds``, and go on without it after that."""
+    thread = threading.Thread(target=fn, name="shutdown", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        log.error("the file system did not shut down in %g seconds; exiting without it", seconds)
+
+
+def _exit_deadline(ended: threading.Event, listener: Listener | None) -> None:
+    """After a stop signal: exit at once if the transport has not ended by the deadline."""
+    if ended.wait(EXIT_DEADLINE):
+        return
+    log.error("not stopped %g seconds after the signal; exiting now", EXIT_DEADLINE)
+    if listener is not None:
+        listener.remove()
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    os._exit(1)
 
 
 def serve_filesystem(fs: Filesystem, argv: list[str] | None = None) -> int:
@@ -262,7 +322,8 @@ def _run_fusedev(
     # mounting found no stopper yet, hence the check of the flag.
     while not mount.wait(0.5):
         if stop.is_set():
-            mount.stop()
-    mount.close()
+            break
+    # Workers stuck in the backend never see the unmount: they get a moment only.
+    mount.close(FUSEDEV_GRACE)
     log.info("unmounted %s", opts.mount)
     return 0

@@ -10,7 +10,9 @@ with status 0 when the front-end left and never logged a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -25,9 +27,12 @@ from pyvirtiofsd.fuse.client import FuseClient, decode_reply, encode_request
 from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
+    MAX_PAYLOAD,
     FrontendReq,
     MemoryRegionDesc,
+    VringState,
     encode_mem_table,
+    encode_u64,
 )
 from pyvirtiofsd.virtio.chain import (
     DESC,
@@ -198,12 +203,61 @@ def test_ring_outside_memory(session: Session) -> None:
         spare.close()
 
 
-def test_oversized_vhost_user_message(session: Session) -> None:
-    # A header announcing 1 MiB of SET_CONFIG payload: skipped without buffering.
-    session.fe.send_raw(HEADER.pack(FrontendReq.SET_CONFIG, 1, MiB) + bytes(MiB))
-    session.daemon.wait_for_log("dropping request 25")
-    assert session.fe.get_queue_num() >= 2  # the stream is still in step
-    session.check_serves()
+def _fd_count(daemon: DaemonProcess) -> int:
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+@pytest.mark.parametrize(
+    "size,sent",
+    [(MAX_PAYLOAD + 1, 0), (MiB, MiB), (0xFFFF_FFFF, 64 * 1024)],
+    ids=["just-too-big", "1m-sent", "4g-announced"],
+)
+def test_oversized_vhost_user_message(
+    start_daemon: DaemonFactory, shared: Path, size: int, sent: int
+) -> None:
+    # No vhost-user message is that large: the header alone says the stream is garbage. The
+    # daemon refuses it without allocating the announced size, closes the fds that came with
+    # it, and ends the connection, exiting as it does when the front-end leaves.
+    s = connect(start_daemon(shared))
+    s.check_serves()
+    fds = [os.eventfd(0) for _ in range(3)]
+    try:
+        header = HEADER.pack(FrontendReq.SET_CONFIG, 1, size)
+        with contextlib.suppress(FrontendError):  # the daemon may hang up mid-payload
+            s.fe.send_raw(header, fds)
+            for _ in range(0, sent, 64 * 1024):
+                s.fe.send_raw(bytes(64 * 1024))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    log = s.daemon.finish(allow_warnings=True)
+    assert f"announces a {size}-byte payload" in log
+    s.fe.close()
+
+
+def test_fds_on_messages_that_take_none_are_closed(session: Session) -> None:
+    fe = session.fe
+    baseline = _fd_count(session.daemon)
+    fds = [os.eventfd(0) for _ in range(4)]
+    try:
+        for _ in range(3):
+            assert fe.get_features()  # the reply comes; the fds are still attached
+            fe.call(FrontendReq.GET_FEATURES, b"", fds)
+            fe.call(FrontendReq.GET_QUEUE_NUM, b"", fds)
+            assert fe.status_of(FrontendReq.SET_VRING_ENABLE, VringState(1, 1).encode(), fds) == 0
+            assert fe.status_of(FrontendReq.SET_STATUS, encode_u64(0xF), fds) == 0
+            assert fe.status_of(250, b"garbage", fds) != 0
+            # One fd is taken, the others are not: all are closed.
+            assert fe.status_of(FrontendReq.SET_VRING_KICK, encode_u64(5), fds) != 0
+            # The fds come with the payload rather than the header.
+            fe.send_raw(HEADER.pack(FrontendReq.SET_STATUS, 1 | 8, 8))
+            fe.send_raw(encode_u64(0xF), fds)
+            assert fe.recv().payload == encode_u64(0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert fe.get_queue_num() >= 2  # a round trip: everything before it has been handled
+    assert _fd_count(session.daemon) == baseline
 
 
 def test_unknown_vhost_user_request(session: Session) -> None:
@@ -281,6 +335,28 @@ def test_corrupt_ring_stops_only_that_ring(session: Session) -> None:
     finally:
         os.close(err)
         fe.stop_queue(2)
+
+
+def test_notifier_fds_keep_their_flags(session: Session) -> None:
+    # The kick, call and err eventfds are open file descriptions shared with the front-end: the
+    # daemon waits on them and signals them without touching their flags (O_NONBLOCK set on
+    # them would make the front-end's own blocking reads fail with EAGAIN).
+    fe, q = session.fe, session.q
+    kick, call, err = (os.eventfd(0, os.EFD_CLOEXEC) for _ in range(3))
+    try:
+        fe.set_vring_err(1, err)
+        fe.set_vring_call(1, call)
+        fe.set_vring_kick(1, kick)  # the ring restarts, waiting on the new kick fd
+        os.close(q.kick_fd)
+        q.kick_fd = kick
+        os.close(q.replace_call_fd(call))
+        for fd in (kick, call, err):
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+        session.check_serves()
+        for fd in (kick, call, err):
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(err)
 
 
 # -- FUSE requests ----------------------------------------------------------------------------
@@ -379,7 +455,7 @@ def test_reply_buffer_too_small(session: Session) -> None:
     # Room for the reply header but not for fuse_attr_out: the error goes in the header.
     reply = session.raw([_getattr_request(78)], [abi.OUT_HEADER.size + 8])
     assert _error_of(reply) == (errno.EINVAL, 78)
-    session.daemon.wait_for_log("malformed request 78")
+    session.daemon.wait_for_log("request 78 (opcode 3) has no room for a reply")
     # Not even room for the header: nothing is written, the chain comes back empty.
     assert session.raw([_getattr_request(79)], [8]) == b""
     session.check_serves()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.client import FuseClient, decode_reply, direct, encode_request
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock
-from pyvirtiofsd.fuse.server import DEFERRED, Server
+from pyvirtiofsd.fuse.server import DEFERRED, LockWaiters, Server
 
 from .memfs import MemFs
 
@@ -239,8 +243,14 @@ def test_blocking_lock_is_deferred() -> None:
 
     server = Server(LockFs())
     FuseClient(direct(server)).init()
-    jobs = []
-    server.deferrer = lambda job, token: jobs.append((job, token))
+    tokens: list[str] = []
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+
+    def deferred_reply(token: str) -> Callable[[bytes], None]:
+        tokens.append(token)
+        return replies.put
+
+    server.deferred_reply = deferred_reply
     payload = abi.LK_IN.pack(1, 2, 0, 10, 1, os.getpid(), 0, 0)
     out = bytearray(64)
     n = server.handle(
@@ -249,9 +259,8 @@ def test_blocking_lock_is_deferred() -> None:
         token="chain",
     )
     assert n == DEFERRED
-    ((job, token),) = jobs
-    assert token == "chain"
-    assert decode_reply(job()) == (0, 44, b"")
+    assert tokens == ["chain"]
+    assert decode_reply(replies.get(timeout=10)) == (0, 44, b"")
 
 
 def test_disabled_flags_are_never_agreed() -> None:
@@ -260,3 +269,43 @@ def test_disabled_flags_are_never_agreed() -> None:
     assert not out.flags & (abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
     out = FuseClient(direct(Server(MemFs()))).init(abi.InitFlag.POSIX_LOCKS)
     assert out.flags & abi.InitFlag.POSIX_LOCKS
+
+
+def test_lock_waits_are_bounded() -> None:
+    """More blocking lock requests than the pool has places: the rest get ENOLCK at once; the
+    waiting ones are answered when the lock frees, and their places serve new waits."""
+    free = threading.Event()
+
+    class LockFs(Filesystem):
+        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
+            if not free.is_set() and not sleep:
+                raise OSError(errno.EAGAIN, "held")
+            assert free.wait(30)
+
+    server = Server(LockFs())
+    server.lock_waiters = LockWaiters(size=4)
+    FuseClient(direct(server)).init()
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    server.deferred_reply = lambda token: replies.put
+
+    def setlkw(unique: int) -> tuple[int, bytes]:
+        payload = abi.LK_IN.pack(1, unique, 0, 10, 1, 0, 0, 0)
+        out = bytearray(64)
+        request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=unique)
+        n = server.handle([memoryview(request)], [memoryview(out)])
+        return n, bytes(out[: max(n, 0)])
+
+    assert [setlkw(u)[0] for u in range(1, 5)] == [DEFERRED] * 4
+    for unique in (5, 6):
+        assert decode_reply(setlkw(unique)[1]) == (errno.ENOLCK, unique, b"")
+    assert server.lock_waiters.threads == 4
+    free.set()
+    assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [1, 2, 3, 4]
+    free.clear()
+    deadline = time.monotonic() + 30
+    while server.lock_waiters.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [setlkw(u)[0] for u in range(7, 11)] == [DEFERRED] * 4
+    assert decode_reply(setlkw(11)[1]).error == errno.ENOLCK
+    free.set()
+    assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [7, 8, 9, 10]

@@ -516,15 +516,19 @@ def test_truncated_message(
     check_serves(q)
 
 
-def test_oversized_message_is_skipped(
-    running: tuple[Frontend, DriverQueue, DriverQueue], caplog: pytest.LogCaptureFixture
+def test_oversized_message_ends_the_connection(
+    daemon: DaemonFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fe, q, _ = running
+    d = daemon()
+    fe = d.connect()
+    q = fe.setup(queues=(1,))[1]
+    check_serves(q)
     with caplog.at_level(logging.WARNING):
-        fe.send_raw(HEADER.pack(FrontendReq.SET_CONFIG, 1 | 8, 1 << 20) + bytes(1 << 20))
-        check_serves(q)
-    assert "dropping request 25" in caplog.text
-    assert fe.get_queue_num() == 4
+        fe.send_raw(HEADER.pack(FrontendReq.SET_CONFIG, 1 | 8, 1 << 20))
+        d.wait_exit()
+    assert "announces a 1048576-byte payload" in caplog.text
+    with pytest.raises(FrontendError):
+        fe.get_queue_num()
 
 
 def test_garbage_then_disconnect(daemon: DaemonFactory) -> None:

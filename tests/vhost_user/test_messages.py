@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 import os
 import struct
 
@@ -18,6 +17,7 @@ from pyvirtiofsd.vhost_user.messages import (
     Message,
     MessageError,
     MessageParser,
+    MessageTooLarge,
     MMapRequest,
     ProtocolFeature,
     ShmemConfig,
@@ -177,19 +177,34 @@ def test_parser_keeps_fds_with_their_message() -> None:
         os.close(w)
 
 
-def test_parser_skips_oversized_payloads(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("size", [MAX_PAYLOAD + 1, 1 << 20, 0xFFFF_FFFF])
+def test_parser_refuses_oversized_payloads(size: int) -> None:
     parser = MessageParser()
     r, w = os.pipe()
     os.close(w)
-    big = HEADER.pack(FrontendReq.SET_CONFIG, 1, MAX_PAYLOAD + 1)
-    with caplog.at_level(logging.WARNING):
+    big = HEADER.pack(FrontendReq.SET_CONFIG, 1, size)
+    with pytest.raises(MessageTooLarge, match=f"announces a {size}-byte payload"):
         parser.feed(big, [r])
-    assert "dropping" in caplog.text
     with pytest.raises(OSError):
         os.fstat(r)  # the oversized message's fd was closed
-    parser.feed(bytes(MAX_PAYLOAD) + bytes(1) + encode_message(FrontendReq.SET_OWNER))
+    assert parser.bytes_wanted() <= MAX_PAYLOAD  # a reader never asks for the announced size
+    r, w = os.pipe()
+    os.close(w)
+    # Nothing after it is taken: the stream is out of step for good. Fds still get closed.
+    with pytest.raises(MessageTooLarge):
+        parser.feed(encode_message(FrontendReq.SET_OWNER), [r])
+    with pytest.raises(OSError):
+        os.fstat(r)
+    assert parser.next_message() is None
+
+
+def test_parser_never_wants_more_than_a_message() -> None:
+    parser = MessageParser()
+    parser.feed(HEADER.pack(FrontendReq.SET_CONFIG, 1, MAX_PAYLOAD))
+    assert parser.bytes_wanted() == MAX_PAYLOAD
+    parser.feed(bytes(MAX_PAYLOAD))
     msg = parser.next_message()
-    assert msg is not None and msg.request == FrontendReq.SET_OWNER
+    assert msg is not None and len(msg.payload) == MAX_PAYLOAD
 
 
 def test_parser_close_closes_pending_fds() -> None:

@@ -7,12 +7,24 @@ descriptors without being copied in Python. Nothing here does I/O of its own.
 
 A malformed request (short header, lengths that disagree, a missing NUL, an unknown opcode) gets
 an error reply and is logged; the server keeps serving.
+
+Rules the server keeps for a hostile guest:
+
+* A request runs only if its reply fits: the room each opcode's reply needs up front (the out
+  header and the reply's fixed part, :data:`REPLY_ROOM`) is checked before the file system sees
+  the request, so a CREATE whose reply could not be delivered creates nothing, opens nothing and
+  takes no lookup reference. It gets EINVAL, or no reply at all when not even the out header
+  fits. Variable parts (READ data, READDIR entries, READLINK, xattr values, IOCTL data) are
+  fitted to the room by their handlers and have no side effects.
+* Requests that wait (a SETLKW whose lock is held) wait on the threads of one bounded pool per
+  connection (:data:`MAX_LOCK_WAITERS`); beyond it the request gets ENOLCK at once.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import queue
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -36,13 +48,19 @@ log = logging.getLogger(__name__)
 
 #: Returned by handlers of requests that get no reply (FORGET, BATCH_FORGET, INTERRUPT).
 NO_REPLY = -1
-#: Returned by :meth:`Server.handle` when the reply will come later through the deferrer.
+#: Returned by :meth:`Server.handle` when the reply will come later (:attr:`Server.deferred_reply`).
 DEFERRED = -2
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // abi.PAGE_SIZE
 #: Cap on the count of a BATCH_FORGET or REMOVEMAPPING, far above what the kernel sends.
 MAX_BATCH = 1 << 16
+#: Blocking lock waits (SETLKW that has to wait) one connection may have at once, each on a
+#: thread of its own; one more gets ENOLCK. The guest kernel sends a SETLKW per waiting
+#: process, so this is the number of guest processes that can wait for a lock together.
+MAX_LOCK_WAITERS = 64
+#: A lock-wait thread idle this long (seconds) ends; the pool starts threads again on demand.
+LOCK_WAITER_IDLE = 30.0
 
 _IN_HEADER = abi.IN_HEADER.struct
 _IN_SIZE = abi.IN_HEADER.size
@@ -71,6 +89,41 @@ DEFAULT_FLAGS = (
     | abi.InitFlag.INIT_EXT
     | abi.InitFlag.CREATE_SUPP_GROUP
 )
+
+_HEADER = abi.OUT_HEADER.size
+
+#: Writable bytes each opcode's reply needs before the request may run: the out header plus the
+#: fixed part of its reply (one lookup and one comparison per request). Requests that never get
+#: a reply (FORGET, BATCH_FORGET, INTERRUPT) need none.
+REPLY_ROOM = [_HEADER] * 64
+for _op, _fixed in {
+    abi.Opcode.LOOKUP: abi.ENTRY_OUT.size,
+    abi.Opcode.GETATTR: abi.ATTR_OUT.size,
+    abi.Opcode.SETATTR: abi.ATTR_OUT.size,
+    abi.Opcode.SYMLINK: abi.ENTRY_OUT.size,
+    abi.Opcode.MKNOD: abi.ENTRY_OUT.size,
+    abi.Opcode.MKDIR: abi.ENTRY_OUT.size,
+    abi.Opcode.LINK: abi.ENTRY_OUT.size,
+    abi.Opcode.OPEN: abi.OPEN_OUT.size,
+    abi.Opcode.WRITE: abi.WRITE_OUT.size,
+    abi.Opcode.STATFS: abi.KSTATFS.size,
+    abi.Opcode.INIT: abi.INIT_OUT.size,
+    abi.Opcode.OPENDIR: abi.OPEN_OUT.size,
+    abi.Opcode.GETLK: abi.LK_OUT.size,
+    abi.Opcode.CREATE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
+    abi.Opcode.BMAP: abi.BMAP_OUT.size,
+    abi.Opcode.IOCTL: abi.IOCTL_OUT.size,
+    abi.Opcode.POLL: abi.POLL_OUT.size,
+    abi.Opcode.LSEEK: abi.LSEEK_OUT.size,
+    abi.Opcode.COPY_FILE_RANGE: abi.WRITE_OUT.size,
+    abi.Opcode.TMPFILE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
+    abi.Opcode.STATX: abi.STATX_OUT.size,
+    abi.Opcode.COPY_FILE_RANGE_64: abi.COPY_FILE_RANGE_OUT.size,
+}.items():
+    REPLY_ROOM[_op] = _HEADER + _fixed
+for _op in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT):
+    REPLY_ROOM[_op] = 0
+del _op, _fixed
 
 #: Requests that may carry a FUSE_EXT_GROUPS extension.
 _CREATING = frozenset(
@@ -114,6 +167,75 @@ def _pack_open(out: ReplyWriter, opened: Opened) -> None:
     out.pack(_OPEN_OUT, opened.fh, opened.flags, opened.backing_id)
 
 
+class LockWaiters:
+    """The bounded pool of threads on which blocking lock requests wait.
+
+    :meth:`reserve` a place first (False: the pool is full), then :meth:`run` the wait there, or
+    :meth:`unreserve` if it is not needed after all. Threads start as waits need them, up to
+    ``size``, and end after ``idle`` seconds without one. They are daemon threads: a wait stuck
+    in the backend does not keep the process from exiting.
+    """
+
+    def __init__(self, size: int = MAX_LOCK_WAITERS, idle: float = LOCK_WAITER_IDLE) -> None:
+        self.size = size
+        self._idle = idle
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._busy = 0  # reserved places: waits queued or running
+        self._threads = 0
+
+    @property
+    def busy(self) -> int:
+        """Places taken: waits queued or running."""
+        return self._busy
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def reserve(self) -> bool:
+        with self._lock:
+            if self._busy >= self.size:
+                return False
+            self._busy += 1
+            return True
+
+    def unreserve(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on a pool thread, in a place taken with :meth:`reserve`."""
+        with self._lock:
+            # Put under the lock: a thread ending for idleness checks the queue under it too,
+            # so no job is left without a thread.
+            self._jobs.put(job)
+            start = self._busy > self._threads
+            if start:
+                self._threads += 1
+        if start:
+            threading.Thread(target=self._serve, name="fuse-lock-wait", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._idle)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._threads -= 1
+                        return
+                continue
+            try:
+                job()
+            except Exception:
+                log.exception("lock wait failed")
+            finally:
+                del job
+                with self._lock:
+                    self._busy -= 1
+
+
 class Server:
     """Serves one FUSE connection for one :class:`Filesystem`.
 
@@ -152,10 +274,13 @@ class Server:
         self._waiting: dict[int, Context] = {}
         #: Per-opcode request counts (observability).
         self.counts = [0] * 64
-        #: Requests that waited (blocking locks) run through this instead of blocking the
-        #: caller's thread: ``deferrer(job, token)`` runs ``job()`` somewhere and delivers
-        #: the reply bytes it returns for ``token``. Without one, they block in place.
-        self.deferrer: Callable[[Callable[[], bytes], Any], None] | None = None
+        #: How a request that waits (a blocking lock) is answered later, off the thread that
+        #: serves requests: ``deferred_reply(token)``, called on that thread while the request
+        #: is being handled, returns ``deliver(reply_bytes)``, which the waiting thread calls
+        #: once. Without it, such requests block in place.
+        self.deferred_reply: Callable[[Any], Callable[[bytes], None]] | None = None
+        #: Where those waits run.
+        self.lock_waiters = LockWaiters()
         self._init_lock = threading.Lock()
         self._ops: list[Callable[..., int] | None] = [None] * 64
         for op in abi.Opcode:
@@ -172,7 +297,7 @@ class Server:
         token: Any = None,
     ) -> int:
         """Serve one request; returns the reply length written into ``writable`` (0 for none)
-        or :data:`DEFERRED` when the reply will be delivered later through :attr:`deferrer`."""
+        or :data:`DEFERRED` when the reply will be delivered later (:attr:`deferred_reply`)."""
         out = ReplyWriter(writable) if writable else None
         reader: RequestReader | None = None
         if len(readable) == 1:
@@ -211,13 +336,17 @@ class Server:
         if not self.initialized and opcode != abi.Opcode.INIT:
             log.warning("opcode %d before INIT", opcode)
             return self._error(out, errno.EIO, unique)
-        if out is None and opcode not in (
-            abi.Opcode.FORGET,
-            abi.Opcode.BATCH_FORGET,
-            abi.Opcode.INTERRUPT,
-        ):
-            log.warning("request %d (opcode %d) has no room for a reply", unique, opcode)
-            return 0
+        room = REPLY_ROOM[opcode]
+        if room and (out is None or out.capacity < room):
+            # Refused before it runs: whatever it did, the guest could not be told.
+            log.warning(
+                "request %d (opcode %d) has no room for a reply (%d of %d bytes)",
+                unique,
+                opcode,
+                0 if out is None else out.capacity,
+                room,
+            )
+            return self._error(out, errno.EINVAL, unique)
 
         ctx = Context(uid, gid, pid, unique)
         inflight = self._inflight
@@ -270,6 +399,11 @@ class Server:
             return 0
         log.warning("request %d (opcode %d) answered %s", unique, opcode, errno.errorcode[err])
         return self._error(ReplyWriter(writable) if writable else None, err, unique)
+
+    def in_flight(self) -> int:
+        """Requests being served now: after the transport has stopped, those still running in
+        the backend (stuck there, or waiting for a lock)."""
+        return len(self._inflight)
 
     def interrupt_waiting(self) -> None:
         """End every deferred wait (they answer EINTR): the queue or connection is going."""
@@ -794,7 +928,7 @@ class Server:
         fh, owner, start, end, ltype, pid, lk_flags, _ = abi.LK_IN.struct.unpack_from(body)
         lock = Lock(start, end, ltype, pid)
         flock = bool(lk_flags & abi.LK_FLOCK)
-        if not sleep or self.deferrer is None:
+        if not sleep or self.deferred_reply is None:
             self.fs.setlk(ctx, nodeid, fh, owner, lock, sleep, flock)
             return 0
         try:
@@ -806,22 +940,32 @@ class Server:
         # The lock is held elsewhere: wait for it off this thread, so that the request that
         # will release it can still be served.
         unique = ctx.unique
+        waiters = self.lock_waiters
+        if not waiters.reserve():
+            log.warning("request %d: %d lock waits already; ENOLCK", unique, self.lock_waiters.size)
+            raise OSError(errno.ENOLCK, "too many lock waits")
+        try:
+            deliver = self.deferred_reply(token)
+        except BaseException:
+            waiters.unreserve()
+            raise
         self._waiting[unique] = ctx
 
-        def wait() -> bytes:
+        def wait() -> None:
             try:
                 self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
-                return self.reply_bytes(unique)
+                reply = self.reply_bytes(unique)
             except OSError as e:
-                return self.reply_bytes(unique, e.errno or errno.EIO)
+                reply = self.reply_bytes(unique, e.errno or errno.EIO)
             except Exception:
                 log.exception("blocking lock request %d failed", unique)
-                return self.reply_bytes(unique, errno.EIO)
+                reply = self.reply_bytes(unique, errno.EIO)
             finally:
                 self._inflight.pop(unique, None)
                 self._waiting.pop(unique, None)
+            deliver(reply)
 
-        self.deferrer(wait, token)
+        waiters.run(wait)
         return DEFERRED
 
     def _op_setlk(
@@ -872,6 +1016,8 @@ class Server:
     ) -> int:
         fh, flags, cmd, arg, in_size, out_size = abi.IOCTL_IN.struct.unpack_from(body)
         data = bytes(body[abi.IOCTL_IN.size : abi.IOCTL_IN.size + in_size])
+        # Ask the file system for no more data than fits after the fixed part.
+        out_size = min(out_size, out.space() - abi.IOCTL_OUT.size)
         result, reply = self.fs.ioctl(ctx, nodeid, fh, flags, cmd, arg, data, out_size)
         out.pack(abi.IOCTL_OUT.struct, result, 0, 0, 0)
         out.write(reply[:out_size])

@@ -67,7 +67,7 @@ class FuseMount:
         self._conn_dev: int | None = None
         self._lock = threading.Lock()
         self.bufsize = server.max_write + abi.PAGE_SIZE
-        server.deferrer = self._defer
+        server.deferred_reply = self._deferred_reply
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -135,9 +135,16 @@ class FuseMount:
         except OSError as e:
             log.debug("aborting the FUSE connection: %s", e)
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
+        """Unmount and wait up to ``grace`` seconds for the workers. Workers still running
+        then are stuck in the backend: they are left behind (daemon threads), and so is the
+        device fd, which they would otherwise write their replies to once reused."""
         self.stop()
-        self.wait(5)
+        self.server.interrupt_waiting()  # lock waits end with EINTR; nobody is left to tell
+        if not self.wait(grace):
+            stuck = sum(t.is_alive() for t in self._workers)
+            log.error("%d worker(s) still running in the backend; leaving them behind", stuck)
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -194,8 +201,6 @@ class FuseMount:
             if e.errno not in _STALE_REPLY and e.errno != errno.ENODEV:
                 log.warning("writing a reply to /dev/fuse: %s", e)
 
-    def _defer(self, job: Callable[[], bytes], token: Any) -> None:
-        def run() -> None:
-            self._send(job())
-
-        threading.Thread(target=run, name="fuse-wait", daemon=True).start()
+    def _deferred_reply(self, token: Any) -> Callable[[bytes], None]:
+        # A reply written to /dev/fuse names its request by unique: nothing to keep.
+        return self._send

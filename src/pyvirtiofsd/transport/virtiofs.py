@@ -58,7 +58,7 @@ class VirtioFsDevice:
         self.max_queue_size = MAX_QUEUE_SIZE
         self.window = DaxWindow(dax_window) if dax_window else None
         self.channel: SharedMemoryMapper | None = None
-        server.deferrer = self._defer
+        server.deferred_reply = self._deferred_reply
         if self.window is not None:
             server.dax_window = self.window
             server.map_alignment = MAP_ALIGNMENT
@@ -83,11 +83,12 @@ class VirtioFsDevice:
 
         return serve
 
-    def _defer(self, job: Callable[[], bytes], writable: Sequence[memoryview]) -> None:
+    def _deferred_reply(self, writable: Sequence[memoryview]) -> Callable[[bytes], None]:
+        """Keep the request's chain for a reply that comes later (from the server's lock-wait
+        pool): the chain is returned once the reply is in its writable buffers."""
         complete = defer()
 
-        def run() -> None:
-            reply = job()
+        def deliver(reply: bytes) -> None:
             done = 0
             for view in writable:
                 n = min(len(view), len(reply) - done)
@@ -97,7 +98,7 @@ class VirtioFsDevice:
                 done += n
             complete(done)
 
-        threading.Thread(target=run, name="fuse-wait", daemon=True).start()
+        return deliver
 
     def fault(
         self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
@@ -132,6 +133,7 @@ class Listener:
     def __init__(self, path: str, group: str | None) -> None:
         self.sock = listen_unix(path)
         self.path = path
+        self._lock = threading.Lock()  # remove() may race the exit deadline's
         self._dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_CLOEXEC)
         self._name = os.path.basename(path)
         if group is not None:
@@ -140,14 +142,15 @@ class Listener:
             os.chmod(path, 0o660)
 
     def remove(self) -> None:
-        if self._dir_fd < 0:
-            return
-        try:
-            os.unlink(self._name, dir_fd=self._dir_fd)
-        except OSError:
-            pass
-        os.close(self._dir_fd)
-        self._dir_fd = -1
+        with self._lock:
+            if self._dir_fd < 0:
+                return
+            try:
+                os.unlink(self._name, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 def run_vhost_user(

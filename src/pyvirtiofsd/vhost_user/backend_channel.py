@@ -7,6 +7,11 @@ send-then-wait-for-reply exchange, so replies can't be taken by the wrong thread
 With REPLY_ACK negotiated every request carries NEED_REPLY and :meth:`BackendChannel.request`
 returns the front-end's u64 status (0 = success). Without it the front-end sends no reply
 and ``request`` returns 0 once the message is sent.
+
+The socket's open file description came from the front-end: its flags are left as they are.
+Timeouts come from poll(), and each send and receive is made non-blocking on its own
+(MSG_DONTWAIT). :meth:`BackendChannel.close` shuts the socket down first, so that a request
+waiting for its reply ends at once rather than holding the channel until its timeout.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import array
 import logging
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 from pyvirtiofsd.vhost_user.messages import (
@@ -53,7 +60,8 @@ class BackendChannel:
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self._sock = sock
-        self._sock.settimeout(timeout)
+        self._timeout = timeout
+        self._deadline: float | None = None
         self.reply_ack = reply_ack
         self.send_fds = send_fds
         self._lock = threading.Lock()
@@ -82,13 +90,10 @@ class BackendChannel:
         with self._lock:
             if self._closed:
                 raise BackendChannelError("the back-end channel is closed")
+            timeout = self._timeout
+            self._deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                if anc:
-                    sent = self._sock.sendmsg([data], anc)
-                    if sent < len(data):
-                        self._sock.sendall(data[sent:])
-                else:
-                    self._sock.sendall(data)
+                self._send(data, anc)
                 if not self.reply_ack:
                     return 0
                 return self._read_reply(msg_id)
@@ -116,10 +121,41 @@ class BackendChannel:
         except ValueError:
             raise BackendChannelError(f"reply to request {msg_id} has no u64") from None
 
+    def _wait(self, events: int) -> None:
+        """Wait until the socket is ready for ``events``; TimeoutError past the deadline."""
+        poller = select.poll()
+        poller.register(self._sock, events)
+        deadline = self._deadline
+        while True:
+            if deadline is None:
+                ready = poller.poll()
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                ready = poller.poll(max(1, int(remaining * 1000)))
+            if ready:
+                return
+
+    def _send(self, data: bytes, anc: list[tuple[int, int, bytes]]) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.sendmsg([view], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+                continue
+            anc = []  # the fds went with the first byte
+            view = view[sent:]
+
     def _recv_exact(self, size: int) -> bytes:
         buf = bytearray()
         while len(buf) < size:
-            chunk = self._sock.recv(size - len(buf))
+            try:
+                chunk = self._sock.recv(size - len(buf), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
             if not chunk:
                 raise BackendChannelError("front-end closed the back-end channel")
             buf += chunk
@@ -145,6 +181,11 @@ class BackendChannel:
         return self.request(BackendReq.SHMEM_UNMAP, msg.encode())
 
     def close(self) -> None:
+        # Wake a request waiting for its reply (it fails) before taking the lock it holds.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         with self._lock:
             if not self._closed:
                 self._closed = True

@@ -4,7 +4,9 @@ Listening (on a path we create, or on an already-listening fd inherited from lib
 accepting the one front-end, and the receive loop: ``recvmsg`` with SCM_RIGHTS into a
 :class:`~.messages.MessageParser`, each message through the state machine, each reply
 out with ``sendall``. The loop returns when the front-end disconnects; the daemon then
-exits, as virtiofsd does.
+exits, as virtiofsd does. It also returns, after a log line, when the front-end sends
+something that can't be a vhost-user message (a header announcing a payload larger than any
+message has): nothing after it can be read in step.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 import stat
 from typing import Protocol
 
-from pyvirtiofsd.vhost_user.messages import MAX_FDS, Message, MessageParser
+from pyvirtiofsd.vhost_user.messages import MAX_FDS, Message, MessageParser, MessageTooLarge
 
 __all__ = [
     "Connection",
@@ -120,7 +122,11 @@ class Connection:
                         log.warning("vhost-user: front-end closed mid-message")
                     log.info("vhost-user: front-end disconnected")
                     return
-                parser.feed(data, fds)
+                try:
+                    parser.feed(data, fds)
+                except MessageTooLarge as e:
+                    log.error("vhost-user: %s; closing the connection", e)
+                    return
                 while (msg := parser.next_message()) is not None:
                     reply = self.handler.handle(msg)
                     if reply is not None:

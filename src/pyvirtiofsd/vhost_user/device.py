@@ -11,9 +11,22 @@ own wake eventfd, then drains the ring:
 * push the used entry and signal the call eventfd when the ring's notification state
   (EVENT_IDX or the NO_INTERRUPT flag) asks for it.
 
-Stopping a ring (GET_VRING_BASE, memory table changes, reset) wakes the worker, joins it and
-waits for every request of that ring still running on the pool, so that when
+Stopping a ring (GET_VRING_BASE, memory table changes, reset) wakes the worker, waits for it to
+end and for every request of that ring still running on the pool, so that when
 :meth:`DeviceRunner.stop_queue` returns nothing holds a view into guest memory.
+
+A request can be stuck in the backend for good (a stat on a hung mount inside the share).
+That must not keep the daemon from ending, so the wait is bounded once the daemon is stopping
+(:meth:`DeviceRunner.limit_waits`: a signal, the front-end gone, the connection ending): after
+:data:`STOP_GRACE` the ring is *abandoned*. Its worker and the requests still running are left
+behind on daemon threads; if they ever return, their replies are dropped, never pushed to a
+ring the front-end has taken back. Their views keep the guest memory they use mapped (an mmap
+with exported views is not unmapped), so nothing can fault. Until then (a GET_VRING_BASE while
+the connection is up) the wait has no deadline, as the protocol needs, but it notices a
+signal or the front-end hanging up.
+
+The kick, call and err fds are the front-end's open file descriptions too: their flags are
+never changed (see :mod:`.vring`).
 
 :class:`VhostUserDaemon` (and its shorthand :func:`serve`) glues the pieces: one listening
 socket, one connection, one :class:`~.backend.VhostUserBackend`, one runner; it returns when
@@ -28,6 +41,7 @@ import queue as _queue
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from pyvirtiofsd.vhost_user.backend import VhostUserBackend
@@ -38,7 +52,7 @@ from pyvirtiofsd.vhost_user.connection import (
     check_listener,
     listen_unix,
 )
-from pyvirtiofsd.vhost_user.vring import Vring
+from pyvirtiofsd.vhost_user.vring import Vring, consume
 from pyvirtiofsd.virtio.chain import Chain, InvalidChain
 from pyvirtiofsd.virtio.device import DEFERRED, RequestHandler, VirtioDevice, current
 from pyvirtiofsd.virtio.queue import QueueBroken, SplitQueue
@@ -48,6 +62,18 @@ __all__ = ["DeviceRunner", "VhostUserDaemon", "serve"]
 log = logging.getLogger(__name__)
 
 _POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+#: Once the daemon is stopping, how long (seconds) stopping the rings waits in all for
+#: requests still running in the backend before leaving them behind.
+STOP_GRACE = 2.0
+#: A ring stop that has waited this long (seconds) for a request says so in the log.
+STUCK_NOTICE = 5.0
+#: How often (seconds) a ring stop without a deadline looks whether it got one, or whether
+#: the front-end hung up.
+_WAIT_SLICE = 0.25
+#: The least a ring stop waits (seconds) once past the limit: enough for an idle worker to
+#: wake up and end.
+_LAST_CHANCE = 0.5
 
 
 class _Pool:
@@ -83,11 +109,13 @@ class _Pool:
                 log.exception("pool thread: unexpected failure")
             del chain
 
-    def shutdown(self) -> None:
+    def shutdown(self, deadline: float | None = None) -> None:
+        """End the threads; those still in a request at ``deadline`` (monotonic) are left
+        behind (their rings were abandoned)."""
         for _ in self._threads:
             self._items.put(None)
         for t in self._threads:
-            t.join()
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 class _QueueWorker:
@@ -108,9 +136,17 @@ class _QueueWorker:
         self.pool = pool
         self.served = runner.served
         self.stopping = False
+        self._stop_started = 0.0
+        #: Left behind by stop(): whatever it still does is never pushed to the ring.
+        self.abandoned = False
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.kick_fd = vring.kick_fd
+        self._scratch = bytearray(8)
+        # Set when the kernel can't read the kick fd without blocking (RWF_NOWAIT): the worker
+        # then reads it plainly, and stop() kicks it to make sure it is not waiting there.
+        self._plain_kick_reads = False
         self._inflight = 0
+        self._exited = False
         self._idle = threading.Condition(threading.Lock())
         self.thread = threading.Thread(target=self._run, name=f"vq{vring.index}", daemon=True)
 
@@ -119,17 +155,72 @@ class _QueueWorker:
     def wake(self) -> None:
         os.eventfd_write(self.wake_fd, 1)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Tell the worker to end (it does once its current request is done)."""
+        if self.stopping:
+            return
+        self._stop_started = time.monotonic()
         self.stopping = True
         self.wake()
-        self.thread.join()
+        if self._plain_kick_reads and self.kick_fd is not None:
+            try:
+                os.eventfd_write(self.kick_fd, 1)  # a spurious kick, which drivers allow
+            except OSError:
+                pass
+
+    def stop(self) -> bool:
+        """Stop the worker and wait for the ring's requests, within the runner's limit
+        (:meth:`DeviceRunner.limit_waits`). True once all are done; False if some are still
+        running in the backend: the ring is then abandoned."""
+        self.begin_stop()
+        done = self._wait_for(lambda: self._exited)
         cancel = getattr(self.runner.device, "cancel_deferred", None)
         if cancel is not None:
             cancel(self.vring.index)
+        if done:
+            done = self._wait_for(lambda: not self._inflight)
+        with self.vring.lock, self._idle:
+            done = self._exited and not self._inflight
+            self.abandoned = not done
+            exited = self._exited
+            running = self._inflight + (not exited)
+        if exited:
+            os.close(self.wake_fd)
+        # else the worker closes it when (if ever) it ends: it may still poll it.
+        if not done:
+            log.error(
+                "vring %d: %d request(s) still running in the backend; leaving them behind",
+                self.vring.index,
+                running,
+            )
+        return done
+
+    def _wait_for(self, condition: Callable[[], bool]) -> bool:
+        """Wait until ``condition`` (checked under ``_idle``) holds; False if the runner's
+        limit passed first."""
+        runner = self.runner
+        started = self._stop_started
+        noticed = False
         with self._idle:
-            while self._inflight:
-                self._idle.wait()
-        os.close(self.wake_fd)
+            while not condition():
+                now = time.monotonic()
+                limit = runner.wait_limit
+                if limit is None and runner.peer_gone():
+                    runner.limit_waits()
+                    limit = runner.wait_limit
+                if limit is not None:
+                    # A ring stopped after the limit passed still gets a moment to end.
+                    limit = max(limit, started + _LAST_CHANCE)
+                    if now >= limit:
+                        return False
+                if not noticed and now - started >= STUCK_NOTICE:
+                    noticed = True
+                    log.warning(
+                        "vring %d: stopping it waits for a request still running in the backend",
+                        self.vring.index,
+                    )
+                self._idle.wait(_WAIT_SLICE if limit is None else min(_WAIT_SLICE, limit - now))
+        return True
 
     # -- worker thread ---------------------------------------------------------------------
 
@@ -155,19 +246,32 @@ class _QueueWorker:
                         )
                         poller.unregister(fd)
                         continue
-                    try:
-                        os.read(fd, 8)
-                    except BlockingIOError:
-                        pass
-                    if fd == wake_fd and self.stopping:
-                        return
+                    if fd == wake_fd:
+                        try:
+                            os.read(fd, 8)  # our own eventfd, non-blocking
+                        except BlockingIOError:
+                            pass
+                        if self.stopping:
+                            return
+                    elif self._plain_kick_reads or not consume(fd, self._scratch):
+                        self._plain_kick_reads = True
+                        if not self.stopping:
+                            os.readv(fd, [self._scratch])
                 if self.stopping:
                     return
                 self._drain()
         except Exception:
-            log.exception("vring %d: worker died", self.vring.index)
-            self.vring.broken = True
-            self.vring.signal_err()
+            if not self.abandoned:
+                log.exception("vring %d: worker died", self.vring.index)
+                self.vring.broken = True
+                self.vring.signal_err()
+        finally:
+            with self._idle:
+                self._exited = True
+                close_wake_fd = self.abandoned
+                self._idle.notify_all()
+            if close_wake_fd:
+                os.close(wake_fd)
 
     def _drain(self) -> None:
         """Serve everything available, then re-arm notifications."""
@@ -296,6 +400,8 @@ class _QueueWorker:
         vring = self.vring
         queue = self.queue
         with vring.lock:
+            if self.abandoned:
+                return  # the front-end has the ring back (or is gone): not ours to touch
             queue.push_used(head, used)
             self.served[vring.index] += 1
             if queue.needs_notification():
@@ -316,6 +422,13 @@ class DeviceRunner:
         self.served = [0] * device.num_queues
         self._pool: _Pool | None = None
         self._workers: dict[int, _QueueWorker] = {}
+        #: Monotonic time past which stopping a ring stops waiting for its requests (None:
+        #: no limit). Set by :meth:`limit_waits`.
+        self.wait_limit: float | None = None
+        #: Whether the front-end has hung up; asked while a ring stop waits without a limit.
+        self.peer_gone: Callable[[], bool] = lambda: False
+        #: Rings abandoned with requests still running in the backend.
+        self.abandoned = 0
 
     def _get_pool(self) -> _Pool | None:
         if self.thread_pool_size and self._pool is None:
@@ -332,10 +445,18 @@ class DeviceRunner:
         self._workers[vring.index] = worker
         worker.thread.start()
 
+    def limit_waits(self, grace: float = STOP_GRACE) -> None:
+        """The daemon is stopping: from now on, stopping the rings waits at most ``grace``
+        seconds more for requests still running. No lock: safe in a signal handler."""
+        limit = time.monotonic() + grace
+        current = self.wait_limit
+        if current is None or limit < current:
+            self.wait_limit = limit
+
     def stop_queue(self, vring: Vring) -> None:
         worker = self._workers.pop(vring.index, None)
-        if worker is not None:
-            worker.stop()
+        if worker is not None and not worker.stop():
+            self.abandoned += 1
 
     def wake_queue(self, vring: Vring) -> None:
         worker = self._workers.get(vring.index)
@@ -343,10 +464,17 @@ class DeviceRunner:
             worker.wake()
 
     def close(self) -> None:
-        for index in list(self._workers):
-            self._workers.pop(index).stop()
+        """Stop every ring and the pool, leaving behind what is stuck past the grace."""
+        self.limit_waits()
+        workers = list(self._workers.values())
+        self._workers.clear()
+        for worker in workers:  # all at once: only the stuck ones take the grace
+            worker.begin_stop()
+        for worker in workers:
+            if not worker.stop():
+                self.abandoned += 1
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(self.wait_limit if self.abandoned else None)
             self._pool = None
 
 
@@ -422,18 +550,30 @@ class VhostUserDaemon:
                     pass
         backend = VhostUserBackend(self.device, self.runner, channel_factory=BackendChannel.from_fd)
         self.connection = Connection(sock, backend)
+        self.runner.peer_gone = lambda: _hung_up(sock)
         try:
             if not self._stopped:
                 self.connection.run()
         finally:
-            backend.close()
+            # The front-end is gone (or we are stopping): requests stuck in the backend get
+            # a few seconds, then are left behind.
+            self.runner.limit_waits()
             self.runner.close()
+            backend.close()  # the rings are stopped already; it unmaps and closes the rest
+            self.runner.peer_gone = lambda: True
             sock.close()
         return self.served
 
+    @property
+    def abandoned(self) -> int:
+        """Rings left behind with requests still running in the backend."""
+        return self.runner.abandoned
+
     def stop(self) -> None:
-        """Make :meth:`run` return: stop accepting, or end the connection."""
+        """Make :meth:`run` return: stop accepting, or end the connection (requests stuck in
+        the backend are waited for :data:`STOP_GRACE`, then left behind)."""
         self._stopped = True
+        self.runner.limit_waits()
         listener = self._listener
         if listener is not None:
             # shutdown() wakes a thread blocked in accept() (it fails with EINVAL).
@@ -444,6 +584,16 @@ class VhostUserDaemon:
         connection = self.connection
         if connection is not None:
             connection.shutdown()
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` has closed the connection (without reading from it)."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | _POLL_ERR) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def serve(

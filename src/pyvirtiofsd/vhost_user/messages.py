@@ -38,6 +38,7 @@ __all__ = [
     "Message",
     "MessageError",
     "MessageParser",
+    "MessageTooLarge",
     "ProtocolFeature",
     "ShmemConfig",
     "VringAddr",
@@ -71,8 +72,12 @@ VRING_NOFD = 0x100
 
 MAX_MEM_REGIONS = 8  # regions in one SET_MEM_TABLE
 MAX_FDS = 32  # more than any message carries; extra fds are closed
-# The largest payload we understand is GET_SHMEM_CONFIG's reply (2056 bytes); anything
-# much bigger is garbage and is skipped without buffering it.
+#: The largest payload a message may announce. The biggest member of the protocol's payload
+#: union is the shared memory config (GET_SHMEM_CONFIG's reply: u32 nregions, u32 padding,
+#: u64 sizes[256] = 2056 bytes); the requests a front-end sends are smaller still (a memory
+#: table is 8 + 8 * 32 = 264 bytes, a config space access 12 + 256 = 268). 4096 leaves room for
+#: messages the protocol may grow. A header announcing more is not a vhost-user message: the
+#: stream can't be trusted past it, so the connection is closed (see :class:`MessageParser`).
 MAX_PAYLOAD = 4096
 MAX_CONFIG_SIZE = 256  # QEMU's VHOST_USER_MAX_CONFIG_SIZE
 
@@ -183,6 +188,10 @@ def protocol_mask(*bits: int) -> int:
 
 class MessageError(ValueError):
     """A payload that does not have the layout its request needs."""
+
+
+class MessageTooLarge(MessageError):
+    """A header announces a payload larger than any message of the protocol."""
 
 
 HEADER = struct.Struct("=III")
@@ -422,9 +431,11 @@ class MessageParser:
 
     Feed it what the socket returned (:meth:`feed`), then take complete messages with
     :meth:`next_message`. :meth:`bytes_wanted` tells the reader how much to ask for so
-    one read never spans two messages, which keeps each message's fds with it. A payload
-    larger than ``max_payload`` can't be a request we know; it is skipped (and its fds
-    closed) without being buffered.
+    one read never spans two messages, which keeps each message's fds with it; it is never
+    more than ``max_payload``. A header announcing a larger payload can't start a message of
+    the protocol: :meth:`feed` closes the fds that came with it and raises
+    :class:`MessageTooLarge`, and the parser takes nothing more (the stream is out of step
+    for good, so the reader should hang up).
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
@@ -432,25 +443,21 @@ class MessageParser:
         self._buf = bytearray()
         self._fds: list[int] = []
         self._header: tuple[int, int, int] | None = None
-        self._skip = 0
         self._ready: list[Message] = []
+        self._broken: MessageTooLarge | None = None
 
     def bytes_wanted(self) -> int:
-        if self._skip:
-            return self._skip
         if self._header is None:
             return HEADER.size - len(self._buf)
         return self._header[2] - len(self._buf)
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
         self._fds.extend(fds)
+        if self._broken is not None:
+            self._drop_fds()
+            raise self._broken
         view = memoryview(data)
         while view:
-            if self._skip:
-                n = min(self._skip, len(view))
-                self._skip -= n
-                view = view[n:]
-                continue
             want = self.bytes_wanted()
             take = view[:want]
             self._buf += take
@@ -461,15 +468,12 @@ class MessageParser:
                 request, flags, size = HEADER.unpack(self._buf)
                 self._buf.clear()
                 if size > self._max_payload:
-                    log.warning(
-                        "vhost-user: dropping request %d with a %d-byte payload (max %d)",
-                        request,
-                        size,
-                        self._max_payload,
-                    )
                     self._drop_fds()
-                    self._skip = size
-                    continue
+                    self._broken = MessageTooLarge(
+                        f"request {request} announces a {size}-byte payload; no message of "
+                        f"the protocol has more than {self._max_payload}"
+                    )
+                    raise self._broken
                 self._header = (request, flags, size)
                 if size:
                     continue
@@ -488,7 +492,7 @@ class MessageParser:
     @property
     def idle(self) -> bool:
         """No partial message is buffered (a clean point for the peer to disconnect)."""
-        return self._header is None and not self._buf and not self._skip
+        return self._header is None and not self._buf
 
     def _drop_fds(self) -> None:
         for fd in self._fds:

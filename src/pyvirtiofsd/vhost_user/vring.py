@@ -12,23 +12,28 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import stat
 import threading
 
 from pyvirtiofsd.vhost_user.messages import VringAddr
 from pyvirtiofsd.virtio.queue import SplitQueue
 
-__all__ = ["Vring", "check_notifier_fd"]
+__all__ = ["Vring", "check_notifier_fd", "consume", "notify"]
 
 log = logging.getLogger(__name__)
 
+_ONE = (1).to_bytes(8, "little")
+
 
 def check_notifier_fd(fd: int) -> None:
-    """Accept only eventfds and pipes as kick/call/err notifiers, and make them non-blocking.
+    """Accept only eventfds and pipes as kick/call/err notifiers.
 
     Any other file type could make a worker spin (a regular file is always readable) or
-    block for ever (a socket nobody reads). QEMU creates its notifiers non-blocking
-    already, so setting O_NONBLOCK on the shared file description changes nothing for it.
+    block for ever (a socket nobody reads). The fd's flags are left alone: its open file
+    description is the front-end's too, and O_NONBLOCK set on it would make the front-end's
+    own blocking reads fail with EAGAIN. So reads and writes here never rely on it
+    (:func:`consume`, :func:`notify`).
     """
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode):
@@ -38,7 +43,32 @@ def check_notifier_fd(fd: int) -> None:
             target = ""
         if target != "anon_inode:[eventfd]":
             raise ValueError(f"fd {fd} is neither an eventfd nor a pipe ({target or 'unknown'})")
-    os.set_blocking(fd, False)
+
+
+def consume(fd: int, scratch: bytearray) -> bool:
+    """Take a notification from ``fd`` (poll() said it is readable) without blocking, whatever
+    its flags: a read with RWF_NOWAIT, which finds nothing (EAGAIN) rather than waiting if
+    another reader of the shared description got there first. Returns False when the kernel
+    can't read ``fd`` that way (too old); the caller then reads it plainly, and must be able to
+    wake itself by notifying ``fd`` should it wait there."""
+    try:
+        os.preadv(fd, [scratch], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
+def notify(fd: int, poller: select.poll) -> None:
+    """Add one to the eventfd (or 8 bytes to the pipe) ``fd``, registered in ``poller`` for
+    POLLOUT, unless that would block: a write blocks only when the counter is saturated or the
+    pipe full, and the driver then has a notification pending anyway. (An eventfd can't be
+    written with RWF_NOWAIT, and its flags are not ours to change, so poll first.)"""
+    if poller.poll(0):
+        os.write(fd, _ONE)
 
 
 def _close(fd: int | None) -> None:
@@ -49,7 +79,11 @@ def _close(fd: int | None) -> None:
             pass
 
 
-_ONE = (1).to_bytes(8, "little")
+def _writable_poller(fd: int | None) -> select.poll:
+    poller = select.poll()
+    if fd is not None:
+        poller.register(fd, select.POLLOUT)
+    return poller
 
 
 class Vring:
@@ -64,6 +98,8 @@ class Vring:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
+        self._call_poll = select.poll()
+        self._err_poll = select.poll()
         self.enabled = False
         self.started = False
         self.queue: SplitQueue | None = None
@@ -74,13 +110,15 @@ class Vring:
         _close(old)
 
     def set_call_fd(self, fd: int | None) -> None:
+        poller = _writable_poller(fd)
         with self.lock:
-            old, self.call_fd = self.call_fd, fd
+            old, self.call_fd, self._call_poll = self.call_fd, fd, poller
         _close(old)
 
     def set_err_fd(self, fd: int | None) -> None:
+        poller = _writable_poller(fd)
         with self.lock:
-            old, self.err_fd = self.err_fd, fd
+            old, self.err_fd, self._err_poll = self.err_fd, fd, poller
         _close(old)
 
     def signal_call(self) -> None:
@@ -94,9 +132,9 @@ class Vring:
         if fd is None:
             return
         try:
-            os.write(fd, _ONE)
+            notify(fd, self._call_poll)
         except OSError as e:
-            # EAGAIN: the counter is saturated, so the driver has a wake-up pending.
+            # EAGAIN: another writer filled it since the poll; a wake-up is pending.
             if e.errno != errno.EAGAIN:
                 log.warning("vring %d: call fd write failed: %s", self.index, e)
 
@@ -106,7 +144,7 @@ class Vring:
             if fd is None:
                 return
             try:
-                os.write(fd, _ONE)
+                notify(fd, self._err_poll)
             except OSError:
                 pass
 
