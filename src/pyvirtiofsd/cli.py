@@ -398,6 +398,10 @@ def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
         p.error("--dax-window must be a multiple of 2M")
     if o.dax_window and o.mount is not None:
         p.error("--dax-window needs a virtio-fs front-end, not --mount")
+    if o.dax_window and o.readonly:
+        # QEMU (11.1) maps every DAX range shared and writable, whatever the mapping asks, so
+        # a window would either let the guest write a read-only share or fail every mapping.
+        p.error("--dax-window and --readonly exclude each other: QEMU maps DAX ranges writable")
     if o.sandbox != "none" and (o.shared_dir is None or o.mount is not None):
         p.error("--sandbox confines a --shared-dir served over vhost-user; use --sandbox none")
     if o.uid_map or o.gid_map:
