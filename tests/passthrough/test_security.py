@@ -33,8 +33,6 @@ from pyvirtiofsd.fuse.client import FuseClient, direct
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server
 
-from ..frontend_daemon import finish, start
-
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
 
 #: Only keeps a broken daemon from hanging the run; nothing is timed.
