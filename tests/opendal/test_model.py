@@ -28,13 +28,14 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
@@ -49,8 +50,10 @@ from .direct import Direct, serve
 NAMES = ("a", "b", "c")
 #: (examples, rounds per example) for each service: small enough for CI. For a longer hunt,
 #: PYVIRTIOFSD_MODEL_SCALE=N runs N times as many examples.
-RUNS = {"memory": (60, 12), "fs": (40, 12), "s3": (20, 10)}
+RUNS = {"memory": (150, 15), "fs": (80, 15), "s3": (30, 12)}
 SCALE = int(os.environ.get("PYVIRTIOFSD_MODEL_SCALE", "1"))
+#: What the runs did, per service (printed at the end of each test: pytest -s shows it).
+STATS: dict[str, Counter[str]] = defaultdict(Counter)
 CAPS = {
     "native": None,
     "stat-then-write": {"write_with_if_not_exists": False},
@@ -312,19 +315,24 @@ open_flags = st.sampled_from(
 create_flags = st.sampled_from(
     [os.O_RDWR, os.O_RDWR | os.O_EXCL, os.O_RDWR | os.O_TRUNC, os.O_WRONLY | os.O_APPEND]
 )
+on_handle = st.tuples(st.sampled_from(["flush", "fsync", "release"]), picks)
 requests = st.one_of(
     st.tuples(st.just("lookup"), names),
     st.tuples(st.just("create"), names, create_flags),
     st.tuples(st.just("open"), picks, open_flags),
     st.tuples(st.just("getattr"), picks),
     st.tuples(st.just("write"), picks, offsets, data),
+    st.tuples(st.just("write"), picks, offsets, data),
     st.tuples(st.just("read"), picks, offsets, st.integers(1, 20)),
-    st.tuples(st.sampled_from(["flush", "fsync", "release"]), picks),
+    on_handle,
+    on_handle,
     st.tuples(st.just("truncate"), picks, sizes),
     st.tuples(st.just("ftruncate"), picks, sizes),
     st.tuples(st.just("rename"), names, names).filter(lambda t: t[1] != t[2]),
     st.tuples(st.just("unlink"), names),
 )
+#: One to three requests sent at once (as many rounds of each size).
+rounds = st.integers(1, 3).flatmap(lambda n: st.lists(requests, min_size=n, max_size=n))
 
 
 def resolve(model: Model, drawn: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -401,9 +409,14 @@ class StoreBackedFs(RuleBasedStateMachine):
         finally:
             self.stack.close()
 
-    @rule(drawn=st.lists(requests, min_size=1, max_size=3))
+    @rule(drawn=rounds)
     def requests_at_once(self, drawn: list[tuple[Any, ...]]) -> None:
         ops = [op for op in (resolve(self.model, d) for d in drawn) if op is not None]
+        event(f"requests at once: {len(ops)}")
+        STATS[self.scheme]["rounds"] += 1
+        STATS[self.scheme][f"{len(ops)} at once"] += 1
+        for op in ops:
+            STATS[self.scheme][op[0]] += 1
         if ops:
             self.round(ops)
 
@@ -515,6 +528,7 @@ def test_concurrent_requests_against_a_model(scheme: str, request: pytest.Fixtur
         (StoreBackedFs,),
         {"scheme": scheme, "new_service": staticmethod(new_service)},
     )
+    STATS[scheme].clear()
     run_state_machine_as_test(
         machine,
         settings=settings(
@@ -525,3 +539,4 @@ def test_concurrent_requests_against_a_model(scheme: str, request: pytest.Fixtur
             suppress_health_check=list(HealthCheck),
         ),
     )
+    print(f"\n{scheme}: {dict(sorted(STATS[scheme].items()))}")
