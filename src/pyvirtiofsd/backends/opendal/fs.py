@@ -552,11 +552,11 @@ class OpendalFs(Filesystem):
         )
 
     def _claim(self, base: str, data: bytes, meta: Meta) -> bool:
-        """Make the object ``base`` holding ``data`` unless the name is taken in the store (an
-        object, or a directory): False then, and nothing is written. The caller holds the
-        name lock."""
+        """Make the object ``base`` holding ``data`` unless the name is taken in the store:
+        False then, and nothing is written. The caller holds the name lock."""
         if self.store.can_create_new:
-            # One conditional write decides it, atomically against other clients too.
+            # One conditional write decides it, atomically against other clients too (it sees
+            # objects only: a directory nobody here has looked up is not checked for).
             if not self.store.create(base, data, encode(meta)):
                 return False
             self._changed()

@@ -165,14 +165,8 @@ class Store:
         store_call("write", path, self.op.write, path, data, **kwargs)
 
     def create(self, path: str, data: bytes, user_metadata: dict[str, str] | None) -> bool:
-        """Write ``path`` unless an object is there already: False (and nothing written) when
-        it is. One conditional request where the service has them, else a stat, then a write
-        (another client may slip in between: nothing more can be done without them)."""
-        if not self.can_create_new:
-            if self._stat(path) is not None:
-                return False
-            self.write(path, data, user_metadata)
-            return True
+        """Write ``path`` in one request conditional on no object being there (the service
+        must have ``can_create_new``): False, and nothing written, when one is."""
         kwargs: dict[str, Any] = {"if_not_exists": True}
         if user_metadata is not None and self.user_metadata:
             kwargs["user_metadata"] = user_metadata
