@@ -227,8 +227,8 @@ def test_write_commit_and_fsync(tmp_path: Path) -> None:
     op = opendal.Operator("memory")
     fs = make_fs(tmp_path, op)
     entry, opened = fs.create(CTX, ROOT, b"new", 0o600, os.O_WRONLY, 0, False)
-    # Not in the store before a commit, but listed and visible to lookups.
-    assert not op.exists("new")
+    # In the store from the start (empty: CREATE claims the name), its data at the commit.
+    assert bytes(op.read("new")) == b""
     assert fs.lookup(CTX, ROOT, b"new").ino == entry.ino
     write(fs, entry.ino, opened.fh, 0, b"hello")
     write(fs, entry.ino, opened.fh, 10, b"world")

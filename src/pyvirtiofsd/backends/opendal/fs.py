@@ -12,10 +12,25 @@ which is complete when they return. Metadata fetched from the store is trusted f
 stat asks the store again and a changed object (another ETag, length or modification time)
 replaces the locally cached copy.
 
-Threads: the server calls in from several workers at once. No lock is held across a store call
-except a blob's ``commit_lock`` (only commits, renames and unlinks of that one object wait for
-it) and a directory handle's lock (only readdirs of that one open directory). FORGET touches
-memory only.
+Threads: the server calls in from several workers at once, and a hostile guest may race any
+requests on any names and handles. The rules that keep what a name holds POSIX-true:
+
+* Name locks (:mod:`.names`): every request that binds or unbinds a name's object, inode or
+  local copy holds that name's lock, from the store call that tells it what is there to the
+  binding. Blob creation in particular happens only under it, so an object has at most one
+  bound local copy, and an inode that was unlinked or renamed away meanwhile is noticed
+  (``node.path`` is checked again under the lock) instead of getting a copy at a name it no
+  longer has.
+* A bound blob with local state (open for writing, dirty, not yet stored, DAX-mapped) knows
+  the file better than the store; it enters that state only under the name lock, so a
+  revalidating stat made under the lock can't be overtaken by an upload of our own.
+* Uploads hold the blob's ``commit_lock`` only (renames and unlinks take it before they move
+  or end the blob's path); fetches of ranges hold nothing but pin what they read.
+* File handles are counted while a request uses them: RELEASE takes the handle out of the
+  table, waits until no READ, WRITE, FLUSH, FSYNC, SETATTR or mapping is using it, and only then
+  commits and drops the local copy.
+* FORGET touches memory only; a directory handle's lock is held only by readdirs of that
+  handle.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import stat
 import threading
 import zlib
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from ...fuse import abi
@@ -59,6 +75,7 @@ from .attrs import (
 )
 from .config import OpendalConfig
 from .inodes import ROOT_INO, InodeTable, Node, is_unlinked, now
+from .names import NameLocks
 from .staging import Blob, BlobCache
 from .store import Listed, Stat, Store, parent_of
 
@@ -75,6 +92,8 @@ BLKSIZE = 1 << 20
 NAME_MAX = 255
 _NS = 1_000_000_000
 _DT_UNKNOWN, _DT_DIR, _DT_REG, _DT_LNK = 0, 4, 8, 10
+#: CREATE finds the name taken, then gone again when it looks: another client is busy with it.
+_CREATE_TRIES = 5
 
 
 def _err(code: int, what: str = "") -> OSError:
@@ -86,17 +105,21 @@ def _dtype(mode: int) -> int:
 
 
 class _FileHandle:
-    __slots__ = ("append", "blob", "node", "writable")
+    __slots__ = ("append", "blob", "closing", "node", "users", "writable")
 
     def __init__(self, node: Node, blob: Blob, writable: bool, append: bool) -> None:
         self.node = node
         self.blob = blob
         self.writable = writable
         self.append = append
+        #: Requests using the handle right now; RELEASE waits for them to finish.
+        self.users = 0
+        #: Released: out of the table, torn down once ``users`` is zero.
+        self.closing = False
 
 
 class _DirHandle:
-    __slots__ = ("lock", "node", "peeked", "pos", "source")
+    __slots__ = ("changes", "lock", "node", "peeked", "pos", "source")
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -106,6 +129,8 @@ class _DirHandle:
         self.source: Iterator[tuple[str, bool, Listed | None]] | None = None
         #: An entry taken from the listing that did not fit the last reply.
         self.peeked: tuple[str, bool, Listed | None] | None = None
+        #: ``OpendalFs._changes`` when the listing began.
+        self.changes = 0
 
 
 class OpendalFs(Filesystem):
@@ -126,9 +151,15 @@ class OpendalFs(Filesystem):
         self._symlinks = self.store.user_metadata or config.scheme in VOLATILE_SCHEMES
         self.inodes = InodeTable(self._dir_meta("", None))
         self.cache = BlobCache(config.cache_parent(), config.cache_bytes)
+        self.names = NameLocks()
         self._handles: dict[int, _FileHandle | _DirHandle] = {}
         self._fh_lock = threading.Lock()
+        #: Signalled when a released handle's last user is done.
+        self._fh_idle = threading.Condition(self._fh_lock)
         self._next_fh = 1
+        #: Bumped by every change we make in the store (commit, create, unlink, rename): a
+        #: listing taken before a change no longer describes the objects it names.
+        self._changes = 0
         self._conn = ConnectionInfo()
         self._writeback = False
 
@@ -244,11 +275,60 @@ class OpendalFs(Filesystem):
             self._handles[fh] = h
         return fh
 
-    def _file_handle(self, fh: int) -> _FileHandle:
-        h = self._handles.get(fh)
-        if not isinstance(h, _FileHandle):
+    def _take(self, fh: int | None) -> _FileHandle | None:
+        with self._fh_lock:
+            h = self._handles.get(fh) if fh is not None else None
+            if not isinstance(h, _FileHandle):
+                return None
+            h.users += 1
+            return h
+
+    def _done(self, h: _FileHandle) -> None:
+        with self._fh_lock:
+            h.users -= 1
+            if h.closing and h.users == 0:
+                self._fh_idle.notify_all()
+
+    @contextmanager
+    def _using(self, fh: int) -> Iterator[_FileHandle]:
+        """The file handle ``fh``, counted as in use for the ``with`` block."""
+        h = self._take(fh)
+        if h is None:
             raise _err(errno.EBADF)
-        return h
+        try:
+            yield h
+        finally:
+            self._done(h)
+
+    @contextmanager
+    def _maybe_using(self, fh: int | None) -> Iterator[_FileHandle | None]:
+        """Like :meth:`_using`, but None for no handle or a stale one (GETATTR, SETATTR and
+        mappings may name one that is gone)."""
+        h = self._take(fh)
+        try:
+            yield h
+        finally:
+            if h is not None:
+                self._done(h)
+
+    def _changed(self) -> None:
+        # Only ever compared for inequality: an increment lost to a race still changes it.
+        self._changes += 1
+
+    @contextmanager
+    def _node_locked(self, node: Node) -> Iterator[str | None]:
+        """Hold the name lock of ``node``'s path, which is yielded (checked again under the
+        lock: a rename may have moved the node while we waited); None for an unlinked node,
+        which has no name to lock."""
+        while True:
+            path = node.path
+            if is_unlinked(node):
+                yield None
+                return
+            with self.names.hold(path):
+                if node.path == path:
+                    yield path
+                    return
 
     def _dir_handle(self, fh: int) -> _DirHandle:
         h = self._handles.get(fh)
@@ -273,7 +353,8 @@ class OpendalFs(Filesystem):
         if name == b"..":
             return self._ref_dir(parent_of(pnode.path) if pnode.path else "")
         base = pnode.path + self._name(name)
-        entry = self._lookup(base)
+        with self.names.hold(base):
+            entry = self._lookup(base)
         if entry is None:
             if self._timeout > 0:
                 return Entry.negative(self._timeout)
@@ -281,13 +362,15 @@ class OpendalFs(Filesystem):
         return entry
 
     def _ref_dir(self, dirpath: str) -> Entry:
-        node = self.inodes.find(dirpath)
-        meta = node.meta if node is not None else self._dir_meta(dirpath, None)
-        node = self.inodes.ref(dirpath, stat.S_IFDIR, meta, self._expiry())
+        with self.names.hold(dirpath):
+            node = self.inodes.find(dirpath)
+            meta = node.meta if node is not None else self._dir_meta(dirpath, None)
+            node = self.inodes.ref(dirpath, stat.S_IFDIR, meta, self._expiry())
         return self._entry(node, meta)
 
     def _lookup(self, base: str) -> Entry | None:
-        """The entry of ``base`` (a path without trailing slash) with one more lookup."""
+        """The entry of ``base`` (a path without trailing slash) with one more lookup. The
+        caller holds the name lock of ``base``."""
         blob = self.cache.peek(base)
         if self._local_state(blob):
             assert blob is not None
@@ -315,25 +398,38 @@ class OpendalFs(Filesystem):
     def forget(self, ino: int, nlookup: int) -> None:
         self.inodes.forget(ino, nlookup)
 
-    def _meta(self, node: Node, blob: Blob | None = None) -> Meta:
-        """Current attributes: the blob's while it knows better, else cached within the
-        timeout, else from the store."""
-        if node.is_dir:
-            if node.ino == ROOT_INO or node.fresh(now()) or is_unlinked(node):
-                return node.meta
-            st = self.store.stat_dir(node.path)
-            if st is None and not self.cache.has_unstored(node.path):
-                raise _err(errno.ENOENT)
-            meta = self._dir_meta(node.path, st.last_modified_ns if st else None)
-            node.meta, node.expires = meta, self._expiry()
-            return meta
-        if blob is None and not is_unlinked(node):
+    def _known_meta(self, node: Node, blob: Blob | None) -> Meta | None:
+        """A file's attributes when they are known without the store: the blob's while it
+        knows better, the cached ones within the timeout; else None."""
+        unlinked = is_unlinked(node)
+        if blob is None and not unlinked:
             blob = self.cache.peek(node.path)
-        if self._local_state(blob) or (blob is not None and is_unlinked(node)):
+        if self._local_state(blob) or (blob is not None and unlinked):
             assert blob is not None
             return blob.current_meta()
-        if node.fresh(now()) or is_unlinked(node):
+        if node.fresh(now()) or unlinked:
             return node.meta
+        return None
+
+    def _meta(self, node: Node, blob: Blob | None = None) -> Meta:
+        """Current attributes: the blob's while it knows better, else cached within the
+        timeout, else from the store (asked under the name lock)."""
+        if node.is_dir:
+            return self._dir_node_meta(node)
+        meta = self._known_meta(node, blob)
+        if meta is not None:
+            return meta
+        with self._node_locked(node):
+            return self._meta_locked(node, blob)
+
+    def _meta_locked(self, node: Node, blob: Blob | None = None) -> Meta:
+        """:meth:`_meta` for a caller holding the name lock of ``node`` (or an unlinked node):
+        a stat made here is current, since nothing of ours can change the object meanwhile."""
+        if node.is_dir:
+            return self._dir_node_meta(node)
+        meta = self._known_meta(node, blob)
+        if meta is not None:
+            return meta
         st = self.store.stat_object(node.path)
         if st is None or st.is_dir:
             raise _err(errno.ENOENT)
@@ -341,14 +437,21 @@ class OpendalFs(Filesystem):
         node.meta, node.expires = meta, self._expiry()
         return meta
 
+    def _dir_node_meta(self, node: Node) -> Meta:
+        if node.ino == ROOT_INO or node.fresh(now()) or is_unlinked(node):
+            return node.meta
+        st = self.store.stat_dir(node.path)
+        if st is None and not self.cache.has_unstored(node.path):
+            raise _err(errno.ENOENT)
+        meta = self._dir_meta(node.path, st.last_modified_ns if st else None)
+        node.meta, node.expires = meta, self._expiry()
+        return meta
+
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         node = self.inodes.get(ino)
-        blob = None
-        if fh is not None:
-            h = self._handles.get(fh)
-            if isinstance(h, _FileHandle):
-                blob = h.blob
-        return self._attr(node, self._meta(node, blob)), self._timeout
+        with self._maybe_using(fh) as h:
+            blob = h.blob if h is not None and h.node is node else None
+            return self._attr(node, self._meta(node, blob)), self._timeout
 
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()
@@ -356,53 +459,66 @@ class OpendalFs(Filesystem):
         if node.is_dir:
             if changes.size is not None:
                 raise _err(errno.EISDIR)
-            meta = self._meta(node)
-            new = _apply(meta, changes)
-            if new != meta:
-                self.local.set(node.path, overrides_of(new))
-                node.meta = new
+            with self.names.hold(node.path):
+                meta = self._dir_node_meta(node)
+                new = _apply(meta, changes)
+                if new != meta:
+                    self.local.set(node.path, overrides_of(new))
+                    node.meta = new
             return self._attr(node, new), self._timeout
         if changes.size is not None and node.kind != stat.S_IFREG:
             raise _err(errno.EINVAL)
-        h = self._handles.get(changes.fh) if changes.fh is not None else None
-        blob = h.blob if isinstance(h, _FileHandle) and h.node is node else None
-        # References we take here and drop at the end: an open one, and a writer one.
-        held = writer = False
-        if blob is None and not is_unlinked(node) and self._local_state(self.cache.peek(node.path)):
-            # Being written through another open file (the kernel sends no fh for fchmod or
-            # futimens): the change joins what that file will commit.
-            blob = self.cache.acquire(node.path)
-            held = blob is not None
+        with self._maybe_using(changes.fh) as h:
+            blob = h.blob if h is not None and h.node is node else None
+            return self._setattr_file(node, blob, changes)
+
+    def _setattr_file(self, node: Node, blob: Blob | None, changes: SetAttr) -> tuple[Attr, float]:
+        # An open reference we take here (not a writer one: a writer is an open file that
+        # commits once more at its release, and this request commits now or never).
+        held = False
         try:
-            meta = self._meta(node, blob)
-            new = _apply(meta, changes)
-            attrs_changed = new != meta
-            if attrs_changed and not self.store.user_metadata and not is_unlinked(node):
-                self.local.set(node.path, overrides_of(new))
-            if changes.size is None and not (attrs_changed and self.store.user_metadata):
-                # Nothing for the store: the attributes live in LocalAttrs for this service.
+            with self._node_locked(node) as path:
+                if path is None and blob is None and changes.size is not None:
+                    raise _err(errno.ENOENT)
+                if blob is None and path is not None and self._local_state(self.cache.peek(path)):
+                    # Being written through another open file (the kernel sends no fh for
+                    # fchmod or futimens): the change joins what that file will commit.
+                    blob = self.cache.acquire(path)
+                    held = blob is not None
+                meta = self._meta_locked(node, blob)
+                new = _apply(meta, changes)
+                attrs_changed = new != meta
+                if attrs_changed and not self.store.user_metadata and path is not None:
+                    self.local.set(path, overrides_of(new))
+                nothing_stored = not (attrs_changed and self.store.user_metadata)
+                if changes.size is None and (nothing_stored or (blob is None and path is None)):
+                    # Nothing for the store: the attributes live in LocalAttrs here (or the
+                    # file is unlinked and closed: only its inode is left).
+                    if attrs_changed:
+                        if blob is not None:
+                            blob.set_meta(new, dirty=False)
+                        node.meta = new
+                    return self._attr(node, new), self._timeout
+                if blob is None:
+                    assert path is not None
+                    blob = self._open_blob(node, path, write=False)
+                    held = True
+                if changes.size is not None:
+                    blob.truncate(changes.size)
+                    self._resized(node, changes.size)
                 if attrs_changed:
-                    if blob is not None:
-                        blob.set_meta(new, dirty=False)
-                    node.meta = new
-                return self._attr(node, new), self._timeout
-            if blob is None:
-                blob = self._open_blob(node, write=True)
-                held = writer = True
-            if changes.size is not None:
-                blob.truncate(changes.size)
-                self._resized(node, changes.size)
-            if attrs_changed:
-                blob.set_meta(new, dirty=self.store.user_metadata)
-            # A file open for writing takes the change up with its next flush; otherwise
-            # (truncate, chmod, utimes on a path) it goes up now, or nobody would.
-            if blob.writers <= (1 if writer else 0):
-                self._commit(blob)
-            result = blob.current_meta()
+                    blob.set_meta(new, dirty=self.store.user_metadata)
+                # A file open for writing takes the change up with its next flush (at the
+                # latest its release, which stops counting as a writer before it commits);
+                # otherwise (truncate, chmod, utimes on a path) it goes up now, still under
+                # the name lock: no other change of the name comes between the two.
+                if blob.writers == 0:
+                    self._commit(blob)
+                result = blob.current_meta()
+                node.meta = result
         finally:
             if held and blob is not None:
-                self._close_blob(blob, writer)
-        node.meta = result
+                self._close_blob(blob, False)
         return self._attr(node, result), self._timeout
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
@@ -419,11 +535,37 @@ class OpendalFs(Filesystem):
         base = pnode.path + self._name(name)
         t = now_ns()
         meta = Meta(mode, len(data), ctx.uid, ctx.gid, t, t, t, None)
-        self.store.write(base, data, encode(meta))
-        if not self.store.user_metadata:
-            self.local.set(base, overrides_of(meta))
-        node = self.inodes.ref(base, stat.S_IFMT(mode), meta, self._expiry())
+        with self.names.hold(base):
+            if self._known_name(base) or not self._claim(base, data, meta):
+                raise _err(errno.EEXIST)
+            if not self.store.user_metadata:
+                self.local.set(base, overrides_of(meta))
+            node = self.inodes.ref(base, stat.S_IFMT(mode), meta, self._expiry())
         return self._entry(node, meta)
+
+    def _known_name(self, base: str) -> bool:
+        """Something we know of is at ``base``: a local file, an inode bound to it."""
+        return (
+            self._local_state(self.cache.peek(base))
+            or self.inodes.find(base) is not None
+            or self.inodes.find(base + "/") is not None
+        )
+
+    def _claim(self, base: str, data: bytes, meta: Meta) -> bool:
+        """Make the object ``base`` holding ``data`` unless the name is taken in the store:
+        False then, and nothing is written. The caller holds the name lock."""
+        if self.store.can_create_new:
+            # One conditional write decides it, atomically against other clients too (it sees
+            # objects only: a directory nobody here has looked up is not checked for).
+            if not self.store.create(base, data, encode(meta)):
+                return False
+            self._changed()
+            return True
+        if self.store.stat_name(base) is not None:
+            return False
+        self.store.write(base, data, encode(meta))
+        self._changed()
+        return True
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         if not self._symlinks:
@@ -446,49 +588,64 @@ class OpendalFs(Filesystem):
         self._rofs()
         pnode = self._dir(parent)
         base = pnode.path + self._name(name)
-        if self._local_state(self.cache.peek(base)):
-            raise _err(errno.EEXIST)
         dirpath = base + "/"
-        self.store.create_dir(dirpath)
         t = now_ns()
         meta = Meta(stat.S_IFDIR | (mode & 0o7777), 0, ctx.uid, ctx.gid, t, t, t, None)
-        self.local.set(dirpath, overrides_of(meta))
-        node = self.inodes.ref(dirpath, stat.S_IFDIR, meta, self._expiry())
-        node.marker = True
+        with self.names.hold(base):
+            if self._local_state(self.cache.peek(base)):
+                raise _err(errno.EEXIST)
+            self.store.create_dir(dirpath)
+            self._changed()
+            self.local.set(dirpath, overrides_of(meta))
+            node = self.inodes.ref(dirpath, stat.S_IFDIR, meta, self._expiry())
+            node.marker = True
         return self._entry(node, meta)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         self._rofs()
         pnode = self._dir(parent)
         base = pnode.path + self._name(name)
-        node = self.inodes.find(base)
-        if node is None and self.inodes.find(base + "/") is not None:
-            raise _err(errno.EISDIR)
-        self._keep_dir(pnode)
-        blob = self.cache.peek(base)
-        if blob is not None:
-            with blob.commit_lock:
-                if blob.stored:
-                    if blob.opens > 0:
+        with self.names.hold(base):
+            node = self.inodes.find(base)
+            if node is None and self.inodes.find(base + "/") is not None:
+                raise _err(errno.EISDIR)
+            blob = self.cache.peek(base)
+            if node is None and blob is None:
+                # Not a name the kernel has looked up (it always has before it unlinks): ask.
+                st = self.store.stat_name(base)
+                if st is None:
+                    raise _err(errno.ENOENT)
+                if st.is_dir:
+                    raise _err(errno.EISDIR)
+            self._keep_dir(pnode)
+            if blob is not None:
+                with blob.commit_lock, blob.pinned(0):
+                    if blob.stored and blob.opens > 0:
                         # Still open: the data must outlive the object.
                         blob.fill_all(self.store)
+                    # Whatever we think the store has, the name holds nothing afterwards.
                     self.store.delete(base)
-                self.cache.detach(blob)
-        else:
-            self.store.delete(base)
-        self.inodes.unlink(base)
-        self.local.drop(base)
+                    self.cache.detach(blob)
+            else:
+                self.store.delete(base)
+            self._changed()
+            self.inodes.unlink(base)
+            self.local.drop(base)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         self._rofs()
         pnode = self._dir(parent)
-        dirpath = pnode.path + self._name(name) + "/"
-        if self.cache.has_unstored(dirpath) or self.store.has_children(dirpath):
-            raise _err(errno.ENOTEMPTY)
-        self._keep_dir(pnode)
-        self.store.delete(dirpath)
-        self.inodes.unlink(dirpath)
-        self.local.drop(dirpath)
+        base = pnode.path + self._name(name)
+        dirpath = base + "/"
+        # Exclusive on the directory: nothing can be created in it meanwhile.
+        with self.names.hold(base):
+            if self.cache.has_unstored(dirpath) or self.store.has_children(dirpath):
+                raise _err(errno.ENOTEMPTY)
+            self._keep_dir(pnode)
+            self.store.delete(dirpath)
+            self._changed()
+            self.inodes.unlink(dirpath)
+            self.local.drop(dirpath)
 
     def _kind(self, base: str) -> int | None:
         """What ``base`` is (S_IFDIR, S_IFREG, S_IFLNK), or None when nothing."""
@@ -516,37 +673,50 @@ class OpendalFs(Filesystem):
         dst = ddir.path + self._name(new_name)
         if src == dst:
             return
-        skind = self._kind(src)
-        if skind is None:
-            raise _err(errno.ENOENT)
-        dkind = self._kind(dst)
-        if dkind is not None and flags & RENAME_NOREPLACE:
-            raise _err(errno.EEXIST)
-        self._keep_dir(sdir)
-        if skind == stat.S_IFDIR:
-            if dkind is not None and dkind != stat.S_IFDIR:
-                raise _err(errno.ENOTDIR)
-            if (dst + "/").startswith(src + "/"):
-                raise _err(errno.EINVAL)
-            if dkind == stat.S_IFDIR:
-                if self.cache.has_unstored(dst + "/") or self.store.has_children(dst + "/"):
-                    raise _err(errno.ENOTEMPTY)
-                self.store.delete(dst + "/")
-            self._rename_dir(src + "/", dst + "/")
-        else:
-            if dkind == stat.S_IFDIR:
-                raise _err(errno.EISDIR)
-            self._rename_file(src, dst)
+        with self.names.hold(src, dst):
+            skind = self._kind(src)
+            if skind is None:
+                raise _err(errno.ENOENT)
+            dkind = self._kind(dst)
+            if dkind is not None and flags & RENAME_NOREPLACE:
+                raise _err(errno.EEXIST)
+            self._keep_dir(sdir)
+            if skind == stat.S_IFDIR:
+                if dkind is not None and dkind != stat.S_IFDIR:
+                    raise _err(errno.ENOTDIR)
+                if (dst + "/").startswith(src + "/"):
+                    raise _err(errno.EINVAL)
+                if dkind == stat.S_IFDIR:
+                    if self.cache.has_unstored(dst + "/") or self.store.has_children(dst + "/"):
+                        raise _err(errno.ENOTEMPTY)
+                    self.store.delete(dst + "/")
+                self._rename_dir(src + "/", dst + "/")
+            else:
+                if dkind == stat.S_IFDIR:
+                    raise _err(errno.EISDIR)
+                self._rename_file(src, dst, dkind is not None)
+            self._changed()
 
-    def _rename_file(self, src: str, dst: str) -> None:
-        blob = self.cache.peek(src)
-        if blob is not None:
-            with blob.commit_lock:
-                if blob.stored:
-                    self.store.move(src, dst)
-                self.cache.rename(src, dst)
-        else:
-            self.store.move(src, dst)
+    def _rename_file(self, src: str, dst: str, replaces: bool) -> None:
+        """Move the file ``src`` over ``dst`` (``replaces``: something is there). Under the
+        name locks of both; the ``commit_lock`` of both local copies keeps their uploads from
+        landing at a name the move has just changed."""
+        sblob = self.cache.peek(src)
+        dblob = self.cache.peek(dst)
+        with ExitStack() as stack:
+            for blob in (sblob, dblob):
+                if blob is not None:
+                    stack.enter_context(blob.commit_lock)
+            if dblob is not None and dblob.stored and dblob.opens > 0:
+                # The file renamed over is still open: its data must outlive its object.
+                stack.enter_context(dblob.pinned(0))
+                dblob.fill_all(self.store)
+            if sblob is None or sblob.stored:
+                self.store.move(src, dst)
+            elif replaces:
+                # Not in the store yet: the move is local, but what the name held goes now,
+                # or it would come back once this file is gone again.
+                self.store.delete(dst)
             self.cache.rename(src, dst)
         if not self.store.user_metadata:
             self.local.move(src, dst, tree=False)
@@ -555,29 +725,32 @@ class OpendalFs(Filesystem):
     def _rename_dir(self, src: str, dst: str) -> None:
         """Move every object under ``src`` to ``dst``, one at a time (native rename, else copy
         and delete). Not atomic: interrupted, some objects are under each name, none is lost.
-        Beyond ``dir_rename_limit`` objects, EXDEV (``mv`` then copies by itself)."""
-        # Pending writes under the old name go up first, so that the move takes them along.
-        for blob in self.cache.under(src):
-            if blob.needs_commit():
-                self._commit(blob)
-        paths: list[str] = []
-        for path in self.store.list_tree(src):
-            paths.append(path)
-            if len(paths) > self.cfg.dir_rename_limit:
-                raise _err(errno.EXDEV, "directory too large to rename in place")
-        self.store.create_dir(dst)
-        old_dirs = []
-        for path in paths:
-            target = dst + path[len(src) :]
-            if path.endswith("/"):
-                self.store.create_dir(target)
-                old_dirs.append(path)
-            else:
-                self.store.move(path, target)
-        for path in reversed(old_dirs):
-            self.store.delete(path)
-        self.store.delete(src)
-        self.cache.rename(src, dst)
+        Beyond ``dir_rename_limit`` objects, EXDEV (``mv`` then copies by itself). The name
+        locks of both directories exclude every request below them; the local copies under
+        ``src`` are held (their ``commit_lock``) so that no upload lands under the old name."""
+        with ExitStack() as stack:
+            for blob in self.cache.under(src):
+                stack.enter_context(blob.commit_lock)
+                # Pending writes under the old name go up first, so that the move takes them.
+                blob.commit_locked(self.store, self._committed)
+            paths: list[str] = []
+            for path in self.store.list_tree(src):
+                paths.append(path)
+                if len(paths) > self.cfg.dir_rename_limit:
+                    raise _err(errno.EXDEV, "directory too large to rename in place")
+            self.store.create_dir(dst)
+            old_dirs = []
+            for path in paths:
+                target = dst + path[len(src) :]
+                if path.endswith("/"):
+                    self.store.create_dir(target)
+                    old_dirs.append(path)
+                else:
+                    self.store.move(path, target)
+            for path in reversed(old_dirs):
+                self.store.delete(path)
+            self.store.delete(src)
+            self.cache.rename(src, dst)
         self.local.move(src, dst, tree=True)
         self.inodes.rename(src, dst)
         node = self.inodes.find(dst)
@@ -586,27 +759,27 @@ class OpendalFs(Filesystem):
 
     # --- files -----------------------------------------------------------------------------
 
-    def _open_blob(self, node: Node, write: bool) -> Blob:
+    def _open_blob(self, node: Node, path: str, write: bool) -> Blob:
         """The blob of a file, with an open reference (and a writer one with ``write``),
-        revalidated against the store unless the cached attributes are still fresh."""
-        if is_unlinked(node):
-            raise _err(errno.ENOENT)
-        path = node.path
+        revalidated against the store unless the cached attributes are still fresh. The caller
+        holds the name lock of ``path``, which is ``node``'s: so no other copy can be made
+        meanwhile, and the one found can't take on local state behind our back."""
         blob = self.cache.acquire(path)
         if blob is not None and not self._local_state(blob):
             # Attributes within their timeout are trusted (a lookup may just have fetched
             # them); either way the blob must hold the version they describe.
             try:
-                meta = self._meta(node)
+                meta = self._meta_locked(node)
+                if not blob.adopt_version(meta.version):
+                    # Changed in the store: a fresh copy; readers of the old one keep theirs.
+                    fresh = self.cache.replace(blob, meta)
+                    self.cache.release(blob)
+                    blob = fresh
             except BaseException:
                 self.cache.release(blob)
                 raise
-            if not blob.adopt_version(meta.version):
-                # Changed in the store: a fresh copy; readers of the old one keep theirs.
-                self.cache.release(blob)
-                blob = None
         if blob is None:
-            meta = self._meta(node)
+            meta = self._meta_locked(node)
             blob = self.cache.create(path, meta, stored=True)
         if write:
             with blob.lock:
@@ -623,6 +796,7 @@ class OpendalFs(Filesystem):
         blob.commit(self.store, self._committed)
 
     def _committed(self, blob: Blob, meta: Meta) -> None:
+        self._changed()
         path = blob.path
         if path is None:
             return
@@ -644,7 +818,14 @@ class OpendalFs(Filesystem):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if self.cfg.readonly and (writable or flags & os.O_TRUNC):
             raise _err(errno.EROFS)
-        blob = self._open_blob(node, writable)
+        with self._node_locked(node) as path:
+            if path is None:
+                raise _err(errno.ENOENT)
+            return self._open_locked(node, path, flags)
+
+    def _open_locked(self, node: Node, path: str, flags: int) -> Opened:
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        blob = self._open_blob(node, path, writable)
         try:
             if flags & os.O_TRUNC and blob.size:
                 blob.truncate(0)
@@ -671,31 +852,43 @@ class OpendalFs(Filesystem):
         self._rofs()
         pnode = self._dir(parent)
         base = pnode.path + self._name(name)
-        entry: Entry | None = None
-        if self.inodes.find(base) is not None or self.inodes.find(base + "/") is not None:
-            entry = self._lookup(base)
-        elif flags & os.O_EXCL or self.cache.peek(base) is not None:
-            # The kernel asks because its entry is negative, but for O_EXCL the store must
-            # have the last word (another client may have made the name since), and a blob
-            # we still hold may be a file the kernel has forgotten.
-            entry = self._lookup(base)
-        if entry is not None:
-            node = self.inodes.get(entry.ino)
-            try:
-                if node.is_dir:
-                    raise _err(errno.EISDIR)
-                if flags & os.O_EXCL:
-                    raise _err(errno.EEXIST)
-                opened = self.open(ctx, node.ino, flags & ~os.O_CREAT, kill_suidgid)
-            except BaseException:
-                self.inodes.forget(entry.ino, 1)
-                raise
-            return entry, opened
-        # Otherwise the kernel's lookup has just found nothing: no second question to the
-        # store (that would double the cost of creating small files).
         t = now_ns()
         meta = Meta(stat.S_IFREG | (mode & 0o7777), 0, ctx.uid, ctx.gid, t, t, t, None)
-        blob = self.cache.create(base, meta, stored=False)
+        with self.names.hold(base):
+            # The kernel asks because its entry is negative, but that may be stale: another
+            # client may have made the name since, or we may know it. An existing file is
+            # opened (EEXIST with O_EXCL), never replaced by one we have not looked at.
+            for _ in range(_CREATE_TRIES):
+                entry = self._lookup(base) if self._known_name(base) else None
+                if entry is None:
+                    stored = self._create_object(base, meta)
+                    if stored is not None:
+                        return self._created(base, meta, stored, flags)
+                    entry = self._lookup(base)
+                if entry is not None:
+                    return entry, self._open_existing(entry, flags)
+            # Made and removed by someone else again and again.
+            raise _err(errno.EAGAIN)
+
+    def _create_object(self, base: str, meta: Meta) -> bool | None:
+        """Claim ``base`` for a new empty file: True when the store now has it, False when it
+        will have it at the first commit (a service that can't store empty objects), None when
+        the name is taken."""
+        if self.store.can_write_empty:
+            return True if self._claim(base, b"", meta) else None
+        if self.store.stat_name(base) is not None:
+            return None
+        return False
+
+    def _created(self, base: str, meta: Meta, stored: bool, flags: int) -> tuple[Entry, Opened]:
+        if not self.store.user_metadata:
+            self.local.set(base, overrides_of(meta))
+        old = self.cache.peek(base)
+        if old is not None:
+            # A cached copy of an object another client has removed since (a copy with local
+            # state would have made the name known): it is not this new file.
+            self.cache.detach(old)
+        blob = self.cache.create(base, meta, stored=stored)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
             with blob.lock:
@@ -706,36 +899,56 @@ class OpendalFs(Filesystem):
         fh = self._new_fh(_FileHandle(node, blob, writable, append))
         return self._entry(node, meta), Opened(fh, self._file_open_flags())
 
+    def _open_existing(self, entry: Entry, flags: int) -> Opened:
+        """CREATE of a name that exists: open it (the lookup reference stays with the entry
+        returned), under the name lock the caller holds."""
+        node = self.inodes.get(entry.ino)
+        try:
+            if flags & os.O_EXCL:
+                raise _err(errno.EEXIST)
+            if node.is_dir:
+                raise _err(errno.EISDIR)
+            if node.kind != stat.S_IFREG:
+                raise _err(errno.ELOOP)
+            return self._open_locked(node, node.path, flags & ~os.O_CREAT)
+        except BaseException:
+            self.inodes.forget(entry.ino, 1)
+            raise
+
     def read(
         self, ctx: Context, ino: int, fh: int, offset: int, size: int, out: ReplyWriter
     ) -> None:
-        blob = self._file_handle(fh).blob
-        end = min(offset + size, blob.size)
-        if end <= offset:
-            return
-        self._dax_flush(ino)
-        blob.ensure(self.store, offset, end)
-        out.read_from_fd(blob.fd, offset, end - offset)
+        with self._using(fh) as h:
+            blob = h.blob
+            end = min(offset + size, blob.size)
+            if end <= offset:
+                return
+            self._dax_flush(ino)
+            with blob.pinned(offset):
+                blob.ensure(self.store, offset, end)
+                # Clamped again to the size at the copy: a write that grew the file meanwhile
+                # is read whole or not at all.
+                blob.read_into(out, offset, offset + size)
 
     def write(
         self, ctx: Context, ino: int, fh: int, offset: int, data: WriteData, flags: int
     ) -> int:
         self._rofs()
-        h = self._file_handle(fh)
-        if not h.writable:
-            raise _err(errno.EBADF)
-        before = h.blob.size
-        self._dax_flush(ino)
-        n = h.blob.write(data, offset, h.append)
-        if h.blob.size != before:
-            self._resized(h.node, h.blob.size)
-        return n
+        with self._using(fh) as h:
+            if not h.writable:
+                raise _err(errno.EBADF)
+            before = h.blob.size
+            self._dax_flush(ino)
+            n = h.blob.write(data, offset, h.append)
+            if h.blob.size != before:
+                self._resized(h.node, h.blob.size)
+            return n
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
-        h = self._file_handle(fh)
-        self._dax_flush(ino)
-        if h.blob.needs_commit():
-            self._commit(h.blob)
+        with self._using(fh) as h:
+            self._dax_flush(ino)
+            if h.blob.needs_commit():
+                self._commit(h.blob)
 
     def release(
         self,
@@ -748,9 +961,20 @@ class OpendalFs(Filesystem):
         flock_release: bool,
     ) -> None:
         with self._fh_lock:
-            h = self._handles.pop(fh, None)
-        if not isinstance(h, _FileHandle):
-            raise _err(errno.EBADF)
+            h = self._handles.get(fh)
+            if not isinstance(h, _FileHandle):
+                raise _err(errno.EBADF)
+            del self._handles[fh]
+            h.closing = True
+            # Requests still using the handle finish first: their local file stays open and
+            # what they write is in the commit below.
+            while h.users:
+                self._fh_idle.wait()
+        if h.writable:
+            # No longer a writer before the last commit, not after it: a change made by path
+            # meanwhile (truncate, chmod) sees no writer left to take it up, and goes up itself.
+            with h.blob.lock:
+                h.blob.writers -= 1
         try:
             self._dax_flush(ino)
             if h.blob.needs_commit():
@@ -760,14 +984,14 @@ class OpendalFs(Filesystem):
             # exit tries again. The guest has already been told at flush (close).
             log.error("upload of %r failed at release: %s", h.blob.path, e.strerror)
         finally:
-            self._close_blob(h.blob, h.writable)
+            self._close_blob(h.blob, False)
             self.inodes.closed(h.node)
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        h = self._file_handle(fh)
-        self._dax_flush(ino)
-        if h.blob.needs_commit():
-            self._commit(h.blob)
+        with self._using(fh) as h:
+            self._dax_flush(ino)
+            if h.blob.needs_commit():
+                self._commit(h.blob)
 
     # --- DAX -------------------------------------------------------------------------------
 
@@ -782,14 +1006,17 @@ class OpendalFs(Filesystem):
             raise _err(errno.EINVAL, "only regular files are mapped")
         if writable:
             self._rofs()
-        h = self._handles.get(fh) if fh is not None else None
-        if isinstance(h, _FileHandle) and h.node is node:
-            return h.blob.dax_fd(self.store, offset, length, writable)
-        blob = self._open_blob(node, write=False)
-        try:
-            return blob.dax_fd(self.store, offset, length, writable)
-        finally:
-            self._close_blob(blob, False)
+        with self._maybe_using(fh) as h, self._node_locked(node) as path:
+            # A mapping gives the blob local state: under the name lock, like an open.
+            if h is not None and h.node is node:
+                return h.blob.dax_fd(self.store, offset, length, writable)
+            if path is None:
+                raise _err(errno.ENOENT)
+            blob = self._open_blob(node, path, write=False)
+            try:
+                return blob.dax_fd(self.store, offset, length, writable)
+            finally:
+                self._close_blob(blob, False)
 
     def setupmapping(
         self,
@@ -840,6 +1067,7 @@ class OpendalFs(Filesystem):
         h = self._dir_handle(fh)
         with h.lock:
             if h.source is None or offset != h.pos:
+                h.changes = self._changes
                 h.source = self._listing(h.node.path)
                 h.peeked = None
                 h.pos = 0
@@ -873,13 +1101,15 @@ class OpendalFs(Filesystem):
             return out.add(ino, off, dtype, raw)
         if not out.fits(raw):
             return False
-        meta = self._listed_meta(path, is_dir, listed)
-        if meta is None:
+        # The entry binds an inode to the name: under its lock, like a lookup.
+        with self.names.hold(path):
+            meta = self._listed_meta(path, is_dir, listed, h.changes)
+            if meta is not None:
+                node = self.inodes.ref(path, stat.S_IFMT(meta.mode), meta, self._expiry())
+                return out.add_plus(self._entry(node, meta), off, _dtype(meta.mode), raw)
             node = self.inodes.find(path)
-            ino = node.ino if node is not None else _pseudo_ino(path)
-            return out.add_plus(None, off, self._file_dtype(node), raw, ino)
-        node = self.inodes.ref(path, stat.S_IFMT(meta.mode), meta, self._expiry())
-        return out.add_plus(self._entry(node, meta), off, _dtype(meta.mode), raw)
+        ino = node.ino if node is not None else _pseudo_ino(path)
+        return out.add_plus(None, off, self._file_dtype(node), raw, ino)
 
     def _file_dtype(self, node: Node | None) -> int:
         if node is not None:
@@ -888,13 +1118,20 @@ class OpendalFs(Filesystem):
         # find -type and friends, which then stat.
         return _DT_UNKNOWN if self._symlinks and self.store.user_metadata else _DT_REG
 
-    def _listed_meta(self, path: str, is_dir: bool, listed: Listed | None) -> Meta | None:
+    def _listed_meta(
+        self, path: str, is_dir: bool, listed: Listed | None, changes: int
+    ) -> Meta | None:
         """Attributes for a READDIRPLUS entry when they are known without asking the store
-        again; None when only a stat would tell (the kernel then looks the name up)."""
+        again; None when only a stat would tell (the kernel then looks the name up). What the
+        listing says of an object is used only if we changed nothing in the store since it
+        began (else it may describe an object we have replaced, moved or removed), and if we
+        hold no copy of it."""
         if is_dir:
             node = self.inodes.find(path)
             if node is not None and node.fresh(now()):
                 return node.meta
+            if changes != self._changes:
+                return None
             return self._dir_meta(path, listed.last_modified_ns if listed else None)
         blob = self.cache.peek(path)
         if self._local_state(blob):
@@ -905,6 +1142,8 @@ class OpendalFs(Filesystem):
             return node.meta
         if listed is None or self.store.user_metadata:
             # A listing has no user metadata: mode, owner, even the type may differ.
+            return None
+        if changes != self._changes or blob is not None:
             return None
         st = Stat(False, listed.size, listed.last_modified_ns, listed.etag, None)
         return self._file_meta(path, st)

@@ -126,7 +126,8 @@ class InodeTable:
                 self._free(node)
 
     def _free(self, node: Node) -> None:
-        del self._nodes[node.ino]
+        # pop: a hostile guest may FORGET an inode a request is still opening or closing.
+        self._nodes.pop(node.ino, None)
         if self._by_path.get(node.path) is node:
             del self._by_path[node.path]
 

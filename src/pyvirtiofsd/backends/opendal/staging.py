@@ -17,10 +17,23 @@ store reports another, the blob is dropped and a fresh one made. The same file i
 (:meth:`Blob.dax_fd`), so the guest's mapping, READ and WRITE all see one copy of the data.
 
 Locking: ``Blob.lock`` guards the blob's bookkeeping and is held only for local file I/O, never
-across a store call. ``Blob.commit_lock`` orders uploads, renames and deletes of one object and
-is the only lock held across store calls; nothing that the cache can answer waits for it.
-Fills of one range by several readers are merged: the first claims the range, the others wait for
-it (``inflight``).
+across a store call. ``Blob.commit_lock`` orders uploads, renames and deletes of one object: an
+upload goes to the path the blob has while it holds the lock, and a rename or unlink changes that
+path (or ends it) only while holding it, so no upload lands at a name its file has left. The
+order is name locks (:mod:`.names`), then ``commit_lock``, then ``BlobCache._lock``, then
+``Blob.lock``. Fills of one range by several readers are merged: the first claims the range, the
+others wait for it (``inflight``).
+
+Binding: a blob is bound to a path (``BlobCache`` by path, ``Blob.path``) from its creation until
+it is renamed, detached (unlink, replaced by a newer version of the object) or evicted. Callers
+create and replace blobs only under the name lock of the path, and :meth:`BlobCache.create`
+refuses to replace a bound blob: a second copy of one object would cut the first one off, and
+with it whatever was written through it.
+
+Pinning: bytes being read out of the local file (READ, DAX fills, the fill and upload of a
+commit, the fill before an unlink) are pinned from before they are fetched until they are
+copied out: :meth:`BlobCache._trim` never punches a pinned range, so a read never returns the
+zeros of a hole that another reader's fetch made room with.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ... import linux
@@ -41,7 +54,7 @@ from .ranges import Ranges
 from .store import Store, parent_of
 
 if TYPE_CHECKING:
-    from ...fuse.buffers import WriteData
+    from ...fuse.buffers import ReplyWriter, WriteData
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,45 @@ _DIR_PREFIX = "run-"
 MAX_FILES = 8192
 
 
+class SharedLock:
+    """Many holders shared, or one exclusive; exclusive ones waiting go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class Blob:
     __slots__ = (
         "base_limit",
@@ -69,11 +121,14 @@ class Blob:
         "fd",
         "file",
         "inflight",
+        "io",
         "last_end",
         "lock",
         "meta",
+        "next_pin",
         "opens",
         "path",
+        "pins",
         "present",
         "size",
         "stored",
@@ -110,7 +165,13 @@ class Blob:
         self.dax_writable = False
         self.last_end = -1
         self.inflight: dict[int, threading.Event] = {}
+        #: Ranges being read out of the local file, by token: their start offsets.
+        self.pins: dict[int, int] = {}
+        self.next_pin = 0
         self.lock = threading.Lock()
+        #: Reads of the local file shared, writes and truncates exclusive: POSIX makes read,
+        #: write and truncate of a regular file atomic with respect to each other.
+        self.io = SharedLock()
         self.commit_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -120,9 +181,25 @@ class Blob:
         return self.path is not None and (self.dirty or self.dax_writable)
 
     def current_meta(self) -> Meta:
-        return self.meta._replace(size=self.size)
+        # The version is the blob's own: ``meta`` keeps the one it was made with, which a
+        # commit makes stale.
+        return self.meta._replace(size=self.size, version=self.version)
 
     # --- reading ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, start: int) -> Iterator[None]:
+        """Keep everything from ``start`` on in the local file for the ``with`` block (taken
+        before the bytes are fetched, so that a fetch never makes room by dropping them)."""
+        with self.lock:
+            token = self.next_pin
+            self.next_pin += 1
+            self.pins[token] = start
+        try:
+            yield
+        finally:
+            with self.lock:
+                del self.pins[token]
 
     def ensure(self, store: Store, start: int, end: int) -> None:
         """Make [start, end) local, fetching what is missing from the object."""
@@ -212,10 +289,19 @@ class Blob:
     def fill_all(self, store: Store) -> None:
         self.ensure(store, 0, self.size)
 
+    def read_into(self, out: ReplyWriter, offset: int, end: int) -> None:
+        """Copy [offset, end) (clamped to the size) of the local file into ``out``; the range
+        must have been made local (and pinned) first."""
+        with self.io.shared():
+            # No write nor truncate runs meanwhile: the size holds still.
+            end = min(end, self.size)
+            if end > offset:
+                out.read_from_fd(self.fd, offset, end - offset)
+
     # --- writing ---------------------------------------------------------------------------
 
     def write(self, data: WriteData, offset: int, append: bool) -> int:
-        with self.lock:
+        with self.io.exclusive(), self.lock:
             if append:
                 offset = self.size
             n = data.to_fd(self.fd, offset)
@@ -236,7 +322,7 @@ class Blob:
         return n
 
     def truncate(self, size: int) -> None:
-        with self.lock:
+        with self.io.exclusive(), self.lock:
             old = self.size
             delta = 0
             if size < old:
@@ -265,29 +351,48 @@ class Blob:
     def commit(self, store: Store, on_done: Callable[[Blob, Meta], None] | None = None) -> None:
         """Upload the blob if it holds changes; when this returns, the store has them."""
         with self.commit_lock:
-            with self.lock:
-                if not self.needs_commit():
-                    return
-                wgen = self.wgen
+            self.commit_locked(store, on_done)
+
+    def commit_locked(
+        self, store: Store, on_done: Callable[[Blob, Meta], None] | None = None
+    ) -> None:
+        """:meth:`commit` for a caller that holds ``commit_lock``."""
+        with self.lock:
+            if not self.needs_commit():
+                return
+            wgen = self.wgen
+        with self.pinned(0):
             self.fill_all(store)
             with self.lock:
                 path = self.path
                 size = self.size
-                meta = self.meta._replace(size=size)
+                # Its version is unknown until a stat tells (adopt_version).
+                meta = self.meta._replace(size=size, version=None)
+                # One PUT uploads a snapshot taken here, which no write can tear (writes hold
+                # the lock); a multipart upload streams the file, and a write meanwhile just
+                # leaves the blob dirty for the next commit.
+                data = os.pread(self.fd, size, 0) if store.single_put(size) else None
             if path is None:
                 return
             started = now_ns()
-            store.write_from_fd(path, self.fd, size, encode(meta))
-            with self.lock:
-                if self.wgen == wgen:
-                    self.dirty = False
-                self.stored = True
-                self.version = None
-                self.committed_ns = started
-                self.base_limit = min(self.size, size)
-            self.cache.committed(self)
-            if on_done is not None:
-                on_done(self, meta)
+            if data is not None:
+                if len(data) != size:
+                    raise OSError(errno.EIO, "short read of a staged file", path)
+                store.write(path, data, encode(meta))
+            else:
+                store.write_from_fd(path, self.fd, size, encode(meta))
+        # What the object is now goes to the inode before the blob turns clean: whoever then
+        # finds the blob clean finds these attributes, never older ones.
+        if on_done is not None:
+            on_done(self, meta)
+        with self.lock:
+            if self.wgen == wgen:
+                self.dirty = False
+            self.stored = True
+            self.version = None
+            self.committed_ns = started
+            self.base_limit = min(self.size, size)
+        self.cache.committed(self)
 
     # --- DAX -------------------------------------------------------------------------------
 
@@ -297,7 +402,8 @@ class Blob:
         where we can't see it, so from then on every commit of this blob uploads. A blob DAX
         has seen is never evicted nor replaced: the guest's mappings would go on showing the
         old file."""
-        self.ensure(store, offset, offset + length)
+        with self.pinned(offset):
+            self.ensure(store, offset, offset + length)
         with self.lock:
             self.dax = True
             if writable:
@@ -359,7 +465,40 @@ class BlobCache:
             return blob
 
     def create(self, path: str, meta: Meta, stored: bool, opens: int = 1) -> Blob:
-        """A fresh blob for ``path`` (replacing, and detaching, any older one)."""
+        """A new blob bound to ``path``, which must have none (the caller holds the name lock
+        and has looked)."""
+        blob = self._new(path, meta, stored, opens)
+        with self._lock:
+            bound = path in self._by_path
+            if not bound:
+                self._by_path[path] = blob
+                self._clear_unstored(path)
+                if not stored:
+                    self._mark_unstored(path)
+        if bound:
+            blob.opens = 0
+            self._destroy(blob)
+            raise RuntimeError(f"a second local copy of {path!r}")
+        return blob
+
+    def replace(self, old: Blob, meta: Meta, opens: int = 1) -> Blob:
+        """A fresh blob (the object changed in the store) in place of ``old``, which must be
+        bound and hold nothing of its own; its readers keep their copy."""
+        path = old.path
+        assert path is not None
+        blob = self._new(path, meta, True, opens)
+        with self._lock:
+            current = self._by_path.get(path) is old
+            if current:
+                self._by_path[path] = blob
+        if not current:
+            blob.opens = 0
+            self._destroy(blob)
+            raise RuntimeError(f"the local copy of {path!r} is not the one replaced")
+        self._detach(old)
+        return blob
+
+    def _new(self, path: str, meta: Meta, stored: bool, opens: int) -> Blob:
         with self._lock:
             self._next += 1
             name = os.path.join(self.dir, str(self._next))
@@ -368,17 +507,10 @@ class BlobCache:
             os.ftruncate(fd, meta.size if stored else 0)
         except BaseException:
             os.close(fd)
+            os.unlink(name)
             raise
         blob = Blob(self, path, name, fd, meta if stored else meta._replace(size=0), stored)
         blob.opens = opens
-        with self._lock:
-            old = self._by_path.pop(path, None)
-            self._by_path[path] = blob
-            self._clear_unstored(path)
-            if not stored:
-                self._mark_unstored(path)
-        if old is not None:
-            self._detach(old)
         return blob
 
     def release(self, blob: Blob) -> None:
@@ -489,7 +621,7 @@ class BlobCache:
             for path, blob in list(self._by_path.items()):
                 if excess <= 0 and extra <= 0:
                     break
-                if blob.opens > 0 or blob.dirty or blob.inflight or blob.dax:
+                if blob.opens > 0 or blob.dirty or blob.inflight or blob.dax or blob.pins:
                     # DAX may still map this very file: a new copy would split the data.
                     continue
                 del self._by_path[path]
@@ -505,9 +637,12 @@ class BlobCache:
 
     def _trim(self, blob: Blob) -> None:
         with blob.lock:
-            if blob.dirty or blob.dax or blob.last_end <= 0:
+            if blob.dirty or blob.dax or blob.last_end <= 0 or blob.path is None:
+                # A detached blob's object is gone: what it holds can't be fetched again.
                 return
             keep_from = max(0, (blob.last_end - MAX_FETCH) // GRANULE * GRANULE)
+            if blob.pins:
+                keep_from = min(keep_from, *blob.pins.values())
             dropped = 0
             for a, b in blob.present.pairs():
                 if a >= keep_from:

@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from opendal import exceptions as ex
+
 from .attrs import datetime_ns
 from .errors import store_call, to_oserror
 
@@ -58,6 +60,8 @@ class Store:
         self.can_copy: bool = bool(cap.copy)
         self.can_multi: bool = bool(cap.write_can_multi)
         self.can_write_empty: bool = bool(cap.write_can_empty)
+        #: A write can be made conditional on the object not existing (one atomic request).
+        self.can_create_new: bool = bool(cap.write_with_if_not_exists)
         min_part = cap.write_multi_min_size or 0
         self.part_size = max(part_size, min_part)
         self.multipart_threshold = max(multipart_threshold, self.part_size)
@@ -160,12 +164,30 @@ class Store:
             kwargs["user_metadata"] = user_metadata
         store_call("write", path, self.op.write, path, data, **kwargs)
 
+    def create(self, path: str, data: bytes, user_metadata: dict[str, str] | None) -> bool:
+        """Write ``path`` in one request conditional on no object being there (the service
+        must have ``can_create_new``): False, and nothing written, when one is."""
+        kwargs: dict[str, Any] = {"if_not_exists": True}
+        if user_metadata is not None and self.user_metadata:
+            kwargs["user_metadata"] = user_metadata
+        try:
+            self.op.write(path, data, **kwargs)
+        except (ex.ConditionNotMatch, ex.AlreadyExists):
+            return False
+        except Exception as e:
+            raise to_oserror(e, "write", path) from None
+        return True
+
+    def single_put(self, size: int) -> bool:
+        """Whether an object of ``size`` bytes is uploaded in one request."""
+        return size < self.multipart_threshold or not self.can_multi
+
     def write_from_fd(
         self, path: str, fd: int, size: int, user_metadata: dict[str, str] | None
     ) -> None:
         """Upload ``size`` bytes of ``fd`` as the object: one PUT when small, else a multipart
         upload streamed part by part (only one part is in memory at a time)."""
-        if size < self.multipart_threshold or not self.can_multi:
+        if self.single_put(size):
             data = os.pread(fd, size, 0) if size else b""
             if len(data) != size:
                 raise OSError(errno.EIO, "short read of a staged file", path)

@@ -1,0 +1,464 @@
+"""Interleavings of FUSE requests that once lost fsync-acknowledged data or let a name hold
+what POSIX says it can't, each forced deterministically: a store call is held at a gate (on the
+real Operator of memory, fs, or s3 against moto_server) while the racing request runs, and let go
+once that request has either gone through or is seen waiting for the first one.
+
+What the store holds afterwards is read without the daemon (boto3, the directory, the raw
+memory Operator)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvirtiofsd.backends.passthrough import CachePolicy
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.buffers import ReplyWriter
+from pyvirtiofsd.fuse.filesystem import ROOT, Context
+
+from .conftest import NoView, Service
+from .direct import Direct, serve, wait_until
+
+CTX = Context(uid=0, gid=0, pid=1)
+NO_IF_NOT_EXISTS = {"write_with_if_not_exists": False}
+NO_EMPTY_WRITES = {"write_with_if_not_exists": False, "write_can_empty": False}
+
+
+class Racer(threading.Thread):
+    """Runs one request in its own thread, keeping its result or its OSError."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # handed to the test
+            self.error = e
+
+    def value(self) -> Any:
+        self.join(60)
+        assert not self.is_alive(), "request did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def went_through_or_waits(d: Direct, racer: Racer, path: str, gate: Any = None, n: int = 1):
+    """The racing request has finished, reached the held store call too (``gate`` holds ``n``
+    of them), or waits for the name lock of ``path``: either way it can't get further until
+    the gate opens."""
+
+    def cond() -> bool:
+        if not racer.is_alive() or d.lock_waiters(path) > 0:
+            return True
+        return gate is not None and gate.arrivals >= n
+
+    return cond
+
+
+def cache(tmp: Path) -> Path:
+    return tmp / "cache"
+
+
+# --- 8: blob creation is atomic per object ----------------------------------------------------
+
+
+def _other_open(d: Direct, ino: int) -> Callable[[], Any]:
+    c = d.client_for()
+    return lambda: c.open(ino, os.O_RDWR).fh
+
+
+def _other_truncate(d: Direct, ino: int) -> Callable[[], Any]:
+    c = d.client_for()
+    return lambda: c.setattr(ino, valid=abi.FATTR_SIZE, size=5)
+
+
+def _other_dax(d: Direct, ino: int) -> Callable[[], Any]:
+    def run() -> None:
+        os.close(d.fs.dax_fd(ino, None, 0, 4096, False))
+
+    return run
+
+
+@pytest.mark.parametrize("other", ["open", "truncate", "dax"])
+def test_concurrent_blob_creation_keeps_fsynced_data(
+    service: Service, work: Path, other: str
+) -> None:
+    """Finding 8: a second OPEN (or a truncate by path, or a DAX mapping) of a file with no
+    local copy made a second copy and cut the first one off: writes through the first handle
+    were acknowledged by fsync and never uploaded."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        d.view.put("f", b"0123456789")
+        c = d.client
+        ino = c.lookup(ROOT, b"f").nodeid
+        gate = d.op.gate("stat", "f", after=True)
+        first = Racer(lambda: d.client_for().open(ino, os.O_RDWR).fh)
+        wait_until(lambda: gate.arrivals >= 1, "the first open at the store")
+        make = {"open": _other_open, "truncate": _other_truncate, "dax": _other_dax}[other]
+        second = Racer(make(d, ino))
+        wait_until(went_through_or_waits(d, second, "f", gate, 2), "the second request")
+        if gate.arrivals >= 2:
+            # Not kept out: let the second request on to the store call it makes right before
+            # its copy (a truncate by path asks twice).
+            for i in range(1, {"open": 1, "truncate": 2, "dax": 1}[other]):
+                gate.release(i)
+                wait_until(lambda i=i: gate.arrivals >= i + 2 or not second.is_alive())
+        # The first goes on alone: its copy is made before the second request's.
+        gate.release(0)
+        fh = first.value()
+        gate.open()
+        fh2 = second.value()
+        c.write(ino, fh, 0, b"AB")
+        c.fsync(ino, fh)
+        expected = b"AB234" if other == "truncate" else b"AB23456789"
+        assert d.store("f") == expected
+        c.release(ino, fh)
+        if other == "open":
+            c.release(ino, fh2)
+        assert d.store("f") == expected
+        assert c.read(ino, c.open(ino).fh, 0, 100) == expected
+
+
+# --- 9: ranges being read are pinned -----------------------------------------------------------
+
+
+class PausingOut:
+    """A READ reply buffer that stops before the file data is copied into it, until let go."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size + ReplyWriter.HEADER)
+        self.writer = ReplyWriter([memoryview(self.buf)])
+        self.arrived = threading.Event()
+        self.go = threading.Event()
+
+    def read_from_fd(self, fd: int, offset: int, n: int) -> Any:
+        self.arrived.set()
+        self.go.wait(60)
+        return self.writer.read_from_fd(fd, offset, n)
+
+    def data(self) -> bytes:
+        return bytes(self.buf[ReplyWriter.HEADER : self.writer.length])
+
+
+def test_read_range_is_pinned_against_eviction(work: Path) -> None:
+    """Finding 9: another reader's fetch trimmed the cache (file larger than the cache) between
+    a read's fetch and its copy out of the local file: the read returned zeros."""
+    data = random.Random(9).randbytes(24 << 20)
+    service = Service("memory", {}, NoView())
+    with serve(service, cache(work), cache_size=2 << 20) as d:
+        d.view.put("big", data)
+        fs = d.fs
+        e = fs.lookup(CTX, ROOT, b"big")
+        fh = fs.open(CTX, e.ino, os.O_RDONLY, False).fh
+
+        def read(offset: int, out: Any) -> bytes:
+            fs.read(CTX, e.ino, fh, offset, 4096, out)
+            return out.data()
+
+        paused = PausingOut(4096)
+        first = Racer(lambda: read(0, paused))
+        assert paused.arrived.wait(60)
+        # Two more readers far ahead: their fetches push the cache over its bound.
+        for off in (20 << 20, 16 << 20):
+            out = PausingOut(4096)
+            out.go.set()
+            assert read(off, out) == data[off : off + 4096]
+        paused.go.set()
+        assert first.value() == data[:4096]
+        fs.release(CTX, e.ino, fh, 0, 0, True, False)
+
+
+# --- 10: CREATE never replaces an object it has not checked ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "caps", [None, NO_IF_NOT_EXISTS, NO_EMPTY_WRITES], ids=["cond", "stat", "noempty"]
+)
+def test_create_over_a_stale_negative_entry_keeps_the_object(
+    service: Service, work: Path, caps: dict[str, Any] | None
+) -> None:
+    """Finding 10: CREATE without O_EXCL of a name the kernel believed absent (another client
+    made it since) replaced the object: O_CREAT|O_APPEND left only the appended bytes."""
+    with serve(service, cache(work), caps) as d:
+        c = d.client
+        d.view.put("f", b"theirs\n")
+        entry, opened = c.create(ROOT, b"f", flags=os.O_WRONLY | os.O_APPEND)
+        c.write(entry.nodeid, opened.fh, 0, b"mine\n")
+        c.flush(entry.nodeid, opened.fh)
+        assert d.store("f") == b"theirs\nmine\n"
+        c.release(entry.nodeid, opened.fh)
+        assert d.store("f") == b"theirs\nmine\n"
+        d.view.put("g", b"theirs")
+        with pytest.raises(OSError) as err:
+            c.create(ROOT, b"g", flags=os.O_WRONLY | os.O_EXCL)
+        assert err.value.errno == errno.EEXIST
+        d.view.put("h", b"theirs")
+        with pytest.raises(OSError) as err:
+            c.mknod(ROOT, b"h", 0o100644)
+        assert err.value.errno == errno.EEXIST
+        with pytest.raises(OSError) as err:
+            c.symlink(ROOT, b"h", b"target")
+        assert err.value.errno == errno.EEXIST
+        assert d.store("g") == b"theirs" and d.store("h") == b"theirs"
+        # A name nobody has: created, and in the store as soon as it is committed.
+        entry, opened = c.create(ROOT, b"new", flags=os.O_WRONLY)
+        c.write(entry.nodeid, opened.fh, 0, b"fresh")
+        c.release(entry.nodeid, opened.fh)
+        assert d.store("new") == b"fresh"
+
+
+# --- 11: what a name holds follows POSIX -------------------------------------------------------
+
+
+@pytest.mark.parametrize("caps", [None, NO_EMPTY_WRITES], ids=["default", "noempty"])
+def test_rename_unuploaded_over_object_then_unlink(
+    service: Service, work: Path, caps: dict[str, Any] | None
+) -> None:
+    """Finding 11: a file not yet uploaded renamed over an object, then unlinked: the old
+    object came back."""
+    with serve(service, cache(work), caps) as d:
+        c = d.client
+        d.view.put("b", b"old")
+        entry, opened = c.create(ROOT, b"a", flags=os.O_WRONLY)
+        c.write(entry.nodeid, opened.fh, 0, b"new")
+        c.rename(ROOT, b"a", ROOT, b"b")
+        c.unlink(ROOT, b"b")
+        assert not d.exists("b") and not d.exists("a")
+        c.fsync(entry.nodeid, opened.fh)
+        c.release(entry.nodeid, opened.fh)
+        assert d.view.files() == set()
+
+
+def test_open_racing_unlink(service: Service, work: Path) -> None:
+    """Finding 11: an OPEN that had asked the store before an UNLINK of the name made its
+    local copy after it, at the unlinked name: its fsync brought the deleted object back, and a
+    later CREATE of the name opened that leftover copy."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("f", b"0123456789")
+        ino = c.lookup(ROOT, b"f").nodeid
+        gate = d.op.gate("stat", "f", after=True, limit=1)
+        opener = Racer(lambda: d.client_for().open(ino, os.O_RDWR | os.O_TRUNC).fh)
+        wait_until(lambda: gate.arrivals >= 1, "the open at the store")
+        c2 = d.client_for()
+        unlinker = Racer(lambda: c2.unlink(ROOT, b"f"))
+        wait_until(went_through_or_waits(d, unlinker, "f"), "the unlink")
+        gate.open()
+        fh = opener.value()
+        unlinker.value()
+        c.write(ino, fh, 0, b"AB")
+        c.fsync(ino, fh)
+        assert not d.exists("f")
+        # The unlinked file is still open: it reads what it holds.
+        assert c.read(ino, fh, 0, 100) == b"AB"
+        entry, opened = c.create(ROOT, b"f", flags=os.O_RDWR)
+        assert c.read(entry.nodeid, opened.fh, 0, 100) == b""
+        c.release(ino, fh)
+        c.release(entry.nodeid, opened.fh)
+        assert d.store("f") == b""
+
+
+def test_open_racing_rename(service: Service, work: Path) -> None:
+    """Finding 11: an OPEN racing a RENAME of its file made its local copy at the old name:
+    its fsync put an object at the name the file had been renamed away from."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("f", b"0123456789")
+        ino = c.lookup(ROOT, b"f").nodeid
+        gate = d.op.gate("stat", "f", after=True, limit=1)
+        opener = Racer(lambda: d.client_for().open(ino, os.O_RDWR | os.O_TRUNC).fh)
+        wait_until(lambda: gate.arrivals >= 1, "the open at the store")
+        c2 = d.client_for()
+        renamer = Racer(lambda: c2.rename(ROOT, b"f", ROOT, b"g"))
+        wait_until(went_through_or_waits(d, renamer, "f"), "the rename")
+        gate.open()
+        fh = opener.value()
+        renamer.value()
+        c.write(ino, fh, 0, b"AB")
+        c.fsync(ino, fh)
+        c.release(ino, fh)
+        assert d.view.files() == {"g"}
+        assert d.store("g") == b"AB"
+
+
+def test_lookup_racing_unlink(service: Service, work: Path) -> None:
+    """Finding 11: a LOOKUP answered by the store before an UNLINK bound its inode after it:
+    the name lived on here, and a write through it brought the deleted object back."""
+    with serve(service, cache(work)) as d:
+        c = d.client
+        d.view.put("f", b"0123456789")
+        gate = d.op.gate("stat", "f", after=True, limit=1)
+        looker = Racer(lambda: d.client_for().lookup(ROOT, b"f").nodeid)
+        wait_until(lambda: gate.arrivals >= 1, "the lookup at the store")
+        c2 = d.client_for()
+        unlinker = Racer(lambda: c2.unlink(ROOT, b"f"))
+        wait_until(went_through_or_waits(d, unlinker, "f"), "the unlink")
+        gate.open()
+        ino = looker.value()
+        unlinker.value()
+        try:
+            fh = c.open(ino, os.O_WRONLY | os.O_TRUNC).fh
+        except OSError as e:
+            assert e.errno == errno.ENOENT
+        else:
+            c.write(ino, fh, 0, b"resurrected")
+            c.fsync(ino, fh)
+            c.release(ino, fh)
+        assert not d.exists("f")
+        # Gone here too (a negative entry: the cache timeout is not 0).
+        assert c.lookup(ROOT, b"f").nodeid == 0
+
+
+# --- file handles are reference counted --------------------------------------------------------
+
+
+def test_release_waits_for_a_read_on_the_same_handle(work: Path) -> None:
+    """RELEASE of a handle with a READ in flight on it closed the local file under the read
+    (an unlinked file's copy goes with its last handle): the read failed or read another
+    file's descriptor."""
+    service = Service("memory", {}, NoView())
+    data = random.Random(4).randbytes(100_000)
+    with serve(service, cache(work)) as d:
+        d.view.put("f", data)
+        fs = d.fs
+        e = fs.lookup(CTX, ROOT, b"f")
+        fh = fs.open(CTX, e.ino, os.O_RDONLY, False).fh
+        assert len(bytes(d.client.read(e.ino, fh, 0, 10))) == 10
+        fs.unlink(CTX, ROOT, b"f")
+        handle = fs._handles[fh]
+        out = PausingOut(4096)
+        reader = Racer(lambda: (fs.read(CTX, e.ino, fh, 50_000, 4096, out), out.data())[1])
+        assert out.arrived.wait(60)
+        releaser = Racer(lambda: fs.release(CTX, e.ino, fh, 0, 0, True, False))
+        wait_until(
+            lambda: not releaser.is_alive() or getattr(handle, "closing", False), "the release"
+        )
+        # Whatever the release closed, a new file may now get its descriptor number.
+        other = os.open(work / "decoy", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(other, b"\xee" * 100_000)
+        out.go.set()
+        try:
+            assert reader.value() == data[50_000:54_096]
+        finally:
+            os.close(other)
+        releaser.value()
+
+
+# --- found by the model-based test (test_model.py), kept as plain regressions -----------------
+
+
+def waits_in(thread: threading.Thread, function: str) -> bool:
+    """``thread`` is blocked on a lock taken in ``function`` (its innermost Python frame)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code.co_name == function
+
+
+def test_commit_forgets_the_old_version(service: Service, work: Path) -> None:
+    """After a commit the inode kept the version the file had before it: the next open saw a
+    "changed" object, made a fresh copy, and cut off the handles of the one in use (a truncate
+    through one of them was lost)."""
+    with serve(service, cache(work)) as d:
+        c = d.client
+        d.view.put("b", b"\x00")
+        ino = c.lookup(ROOT, b"b").nodeid
+        first = c.open(ino, os.O_RDWR).fh
+        reader = c.open(ino, os.O_RDONLY).fh
+        c.release(ino, first)
+        c.setattr(ino, valid=abi.FATTR_SIZE, size=0)
+        again = c.open(ino, os.O_RDWR).fh
+        c.setattr(ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=1)
+        assert c.getattr(ino).size == 1
+        assert c.read(ino, again, 0, 10) == b"\x00"
+        c.release(ino, again)
+        c.release(ino, reader)
+        assert d.store("b") == b"\x00"
+
+
+def test_rename_over_an_open_file_keeps_it_readable(service: Service, work: Path) -> None:
+    """A file renamed over while open (and never read) lost its data with its object: reads
+    through its handle failed with ESTALE, as unlink had long been careful to avoid."""
+    with serve(service, cache(work)) as d:
+        c = d.client
+        d.view.put("b", b"old b")
+        d.view.put("c", b"new c")
+        ino = c.lookup(ROOT, b"b").nodeid
+        fh = c.open(ino).fh
+        c.rename(ROOT, b"c", ROOT, b"b")
+        assert c.read(ino, fh, 0, 100) == b"old b"
+        c.release(ino, fh)
+        assert d.view.files() == {"b"} and d.store("b") == b"new c"
+
+
+def test_read_is_atomic_with_a_growing_write(work: Path) -> None:
+    """A READ clamped its length to the size before a concurrent WRITE and copied the data
+    after it: "01234567AB", neither what was there nor what was written."""
+    service = Service("memory", {}, NoView())
+    with serve(service, cache(work)) as d:
+        c = d.client
+        d.view.put("f", b"0123456789")
+        ino = c.lookup(ROOT, b"f").nodeid
+        fh = c.open(ino, os.O_RDWR).fh
+        gate = d.op.gate("read", "f")
+        c2 = d.client_for()
+        reader = Racer(lambda: c2.read(ino, fh, 0, 100))
+        wait_until(lambda: gate.arrivals >= 1, "the read at the store")
+        c.write(ino, fh, 8, b"ABCD")
+        gate.open()
+        assert reader.value() in (b"0123456789", b"01234567ABCD")
+        c.release(ino, fh)
+
+
+def test_truncates_by_path_reach_the_store(service: Service, work: Path) -> None:
+    """Two truncates by path at once: the second saw the first one's passing reference as a
+    writer that would commit it, but that one's upload was already under way: the store kept
+    the first size."""
+    with serve(service, cache(work)) as d:
+        c = d.client
+        d.view.put("a", b"\x00")
+        ino = c.lookup(ROOT, b"a").nodeid
+        gate = d.op.gate("write", "a")
+        c1, c2 = d.client_for(), d.client_for()
+        first = Racer(lambda: c1.setattr(ino, valid=abi.FATTR_SIZE, size=3))
+        wait_until(lambda: gate.arrivals >= 1, "the first truncate's upload")
+        second = Racer(lambda: c2.setattr(ino, valid=abi.FATTR_SIZE, size=0))
+        wait_until(went_through_or_waits(d, second, "a"), "the second truncate")
+        gate.open()
+        first.value()
+        second.value()
+        assert d.store("a") == b""
+        assert c.getattr(ino).size == 0
+
+
+def test_truncate_by_path_during_the_last_release(service: Service, work: Path) -> None:
+    """A truncate by path while the last writer's release was uploading: it left the change to
+    that writer, whose upload did not have it: the store kept the old size."""
+    with serve(service, cache(work)) as d:
+        c = d.client
+        entry, opened = c.create(ROOT, b"a", flags=os.O_RDWR)
+        ino = entry.nodeid
+        c.write(ino, opened.fh, 0, b"0123456789")
+        gate = d.op.gate("write", "a")
+        c1, c2 = d.client_for(), d.client_for()
+        releaser = Racer(lambda: c1.release(ino, opened.fh))
+        wait_until(lambda: gate.arrivals >= 1, "the release's upload")
+        truncater = Racer(lambda: c2.setattr(ino, valid=abi.FATTR_SIZE, size=4))
+        wait_until(
+            lambda: not truncater.is_alive() or waits_in(truncater, "commit"), "the truncate"
+        )
+        gate.open()
+        releaser.value()
+        truncater.value()
+        assert d.store("a") == b"0123"
