@@ -434,16 +434,10 @@ class PassthroughVsHost(RuleBasedStateMachine):
                 err = r.err
                 if r.ok:
                     self.looked[entry_of(r).nodeid] += 1
-        rerr, st_ = self.rlstat(src)
+        rerr, _ = self.rlstat(src)
         rerr = rerr or self.rparent(dst)
         if not rerr:
             rerr = _err(lambda: os.link(self.rpath(src), self.rpath(dst), follow_symlinks=False))[0]
-        if err == errno.EXDEV and rerr == 0 and st_ is not None and stat.S_ISLNK(st_.st_mode):
-            # A known difference, outside the security contract: a hard link to a symlink
-            # is made through /proc/self/fd, which the kernel refuses with EXDEV. Keep the
-            # trees equal and go on.
-            os.unlink(self.rpath(dst))
-            return
         self.same(f"LINK {src} {dst}", errname(err), errname(rerr))
 
     @rule(path=st.sampled_from(["", "d", "a"]), plus=st.booleans())
