@@ -9,14 +9,13 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.client import FuseClient, decode_reply, direct, encode_request
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock
-from pyvirtiofsd.fuse.server import DEFERRED, LockWaiters, Server
+from pyvirtiofsd.fuse.server import LockWaiters, Server, ServerConfig, TransportCaps
 
 from .memfs import MemFs
 
@@ -234,6 +233,18 @@ def test_interrupt_of_unknown_request_asks_for_retry(server: Server, client: Fus
     assert raw(server, req)[0] == errno.EAGAIN
 
 
+class _Later:
+    """A reply that comes later, into a buffer of its own, handed to a queue when complete."""
+
+    def __init__(self, done: queue.SimpleQueue[bytes]) -> None:
+        self._buf = bytearray(64)
+        self.writable = [memoryview(self._buf)]
+        self._done = done
+
+    def complete(self, length: int) -> None:
+        self._done.put(bytes(self._buf[:length]))
+
+
 def test_blocking_lock_is_deferred() -> None:
     class LockFs(Filesystem):
         def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
@@ -241,16 +252,15 @@ def test_blocking_lock_is_deferred() -> None:
                 raise OSError(errno.EAGAIN, "held")
             assert not ctx.interrupted
 
-    server = Server(LockFs())
-    FuseClient(direct(server)).init()
     tokens: list[str] = []
     replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
-    def deferred_reply(token: str) -> Callable[[bytes], None]:
+    def later(token: str) -> _Later:
         tokens.append(token)
-        return replies.put
+        return _Later(replies)
 
-    server.deferred_reply = deferred_reply
+    server = Server(LockFs(), caps=TransportCaps(later=later))
+    FuseClient(direct(server)).init()
     payload = abi.LK_IN.pack(1, 2, 0, 10, 1, os.getpid(), 0, 0)
     out = bytearray(64)
     n = server.handle(
@@ -258,13 +268,13 @@ def test_blocking_lock_is_deferred() -> None:
         [memoryview(out)],
         token="chain",
     )
-    assert n == DEFERRED
+    assert n is None
     assert tokens == ["chain"]
     assert decode_reply(replies.get(timeout=10)) == (0, 44, b"")
 
 
 def test_disabled_flags_are_never_agreed() -> None:
-    server = Server(MemFs(), disabled_flags=abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
+    server = Server(MemFs(), ServerConfig(posix_locks=False, flock_locks=False))
     out = FuseClient(direct(server)).init(abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
     assert not out.flags & (abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
     out = FuseClient(direct(Server(MemFs()))).init(abi.InitFlag.POSIX_LOCKS)
@@ -282,20 +292,19 @@ def test_lock_waits_are_bounded() -> None:
                 raise OSError(errno.EAGAIN, "held")
             assert free.wait(30)
 
-    server = Server(LockFs())
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    server = Server(LockFs(), caps=TransportCaps(later=lambda token: _Later(replies)))
     server.lock_waiters = LockWaiters(size=4)
     FuseClient(direct(server)).init()
-    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    server.deferred_reply = lambda token: replies.put
 
     def setlkw(unique: int) -> tuple[int, bytes]:
         payload = abi.LK_IN.pack(1, unique, 0, 10, 1, 0, 0, 0)
         out = bytearray(64)
         request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=unique)
         n = server.handle([memoryview(request)], [memoryview(out)])
-        return n, bytes(out[: max(n, 0)])
+        return n, bytes(out[: n or 0])
 
-    assert [setlkw(u)[0] for u in range(1, 5)] == [DEFERRED] * 4
+    assert [setlkw(u)[0] for u in range(1, 5)] == [None] * 4
     for unique in (5, 6):
         assert decode_reply(setlkw(unique)[1]) == (errno.ENOLCK, unique, b"")
     assert server.lock_waiters.threads == 4
@@ -305,7 +314,7 @@ def test_lock_waits_are_bounded() -> None:
     deadline = time.monotonic() + 30
     while server.lock_waiters.busy and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [setlkw(u)[0] for u in range(7, 11)] == [DEFERRED] * 4
+    assert [setlkw(u)[0] for u in range(7, 11)] == [None] * 4
     assert decode_reply(setlkw(11)[1]).error == errno.ENOLCK
     free.set()
     assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [7, 8, 9, 10]

@@ -21,8 +21,8 @@ from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
 from pyvirtiofsd.backends.opendal.errors import errno_of
 from pyvirtiofsd.backends.opendal.ranges import Ranges
 from pyvirtiofsd.backends.passthrough import CachePolicy
-from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
-from pyvirtiofsd.fuse.filesystem import ROOT, Context, DirBuffer
+from pyvirtiofsd.fuse.buffers import DirBuffer, ReplyWriter, WriteData
+from pyvirtiofsd.fuse.filesystem import ROOT, Context
 
 CTX = Context(uid=0, gid=0, pid=1)
 

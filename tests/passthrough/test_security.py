@@ -31,7 +31,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.client import FuseClient, direct
 from pyvirtiofsd.fuse.filesystem import ROOT
-from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.fuse.server import Server, TransportCaps
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
 
@@ -587,7 +587,7 @@ def test_readonly_share_maps_from_a_read_only_fd(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"r" * 8192)
     fs = PassthroughFs(PassthroughConfig(str(tmp_path), readonly=True))
     window = _RecordingWindow()
-    c = FuseClient(direct(Server(fs, dax_window=window, map_alignment=12)))
+    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
     c.init(abi.InitFlag.MAP_ALIGNMENT)
     try:
         ino = c.lookup(ROOT, b"f").nodeid

@@ -5,19 +5,29 @@ encodes the reply into writable buffers. The same code serves /dev/fuse (one buf
 and virtqueue descriptor chains (several); file data moves between the buffers and file
 descriptors without being copied in Python. Nothing here does I/O of its own.
 
-A malformed request (short header, lengths that disagree, a missing NUL, an unknown opcode) gets
-an error reply and is logged; the server keeps serving.
+Decoding is table-driven: each opcode has one entry (:class:`Op`) giving the layout of its fixed
+arguments, how many NUL-terminated names follow them, whether the handler takes the rest of the
+request (WRITE data, xattr values, batches), and the room its reply needs. The handler receives
+the decoded fields as arguments, in the layout's order.
+
+What a transport gives the server, it gives once, at construction (:class:`TransportCaps`): the
+largest write, the DAX window and its alignment, FUSE_PASSTHROUGH's backing files, and a way to
+answer a request later. Requests that wait (a SETLKW whose lock is held) are answered that way:
+:meth:`Server.handle` returns None, and a :class:`Completion` the transport made for the request
+receives the reply once the wait ends.
 
 Rules the server keeps for a hostile guest:
 
 * A request runs only if its reply fits: the room each opcode's reply needs up front (the out
-  header and the reply's fixed part, :data:`REPLY_ROOM`) is checked before the file system sees
-  the request, so a CREATE whose reply could not be delivered creates nothing, opens nothing and
-  takes no lookup reference. It gets EINVAL, or no reply at all when not even the out header
-  fits. Variable parts (READ data, READDIR entries, READLINK, xattr values, IOCTL data) are
-  fitted to the room by their handlers and have no side effects.
-* Requests that wait (a SETLKW whose lock is held) wait on the threads of one bounded pool per
-  connection (:data:`MAX_LOCK_WAITERS`); beyond it the request gets ENOLCK at once.
+  header and the reply's fixed part) is checked before the file system sees the request, so a
+  CREATE whose reply could not be delivered creates nothing, opens nothing and takes no lookup
+  reference. It gets EINVAL, or no reply at all when not even the out header fits. Variable
+  parts (READ data, READDIR entries, READLINK, xattr values, IOCTL data) are fitted to the room
+  by their handlers and have no side effects.
+* Arguments shorter than their layout, lengths that disagree, names without a NUL, unknown
+  opcodes: an error reply and a log line; the server keeps serving.
+* Requests that wait do so on the threads of one bounded pool per connection
+  (:data:`MAX_LOCK_WAITERS`); beyond it the request gets ENOLCK at once.
 """
 
 from __future__ import annotations
@@ -28,31 +38,31 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 from . import abi
-from .buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
-from .filesystem import (
-    ConnectionInfo,
-    Context,
-    DaxWindow,
-    DirBuffer,
-    Entry,
-    Filesystem,
-    Lock,
-    Opened,
-    SetAttr,
-)
+from .buffers import DirBuffer, ReplyWriter, RequestReader, ShortBuffer, WriteData
+from .filesystem import ConnectionInfo, Context, DaxWindow, Entry, Filesystem, Lock, Opened, SetAttr
+
+__all__ = [
+    "DEFAULT_FLAGS",
+    "MAX_LOCK_WAITERS",
+    "MAX_WRITE",
+    "OPS",
+    "REPLY_ROOM",
+    "Completion",
+    "LockWaiters",
+    "MalformedRequest",
+    "Op",
+    "Server",
+    "ServerConfig",
+    "TransportCaps",
+]
 
 log = logging.getLogger(__name__)
 
-#: Returned by handlers of requests that get no reply (FORGET, BATCH_FORGET, INTERRUPT).
-NO_REPLY = -1
-#: Returned by :meth:`Server.handle` when the reply will come later (:attr:`Server.deferred_reply`).
-DEFERRED = -2
-
 MAX_WRITE = 1 << 20
-MAX_PAGES = MAX_WRITE // abi.PAGE_SIZE
 #: Cap on the count of a BATCH_FORGET or REMOVEMAPPING, far above what the kernel sends.
 MAX_BATCH = 1 << 16
 #: Blocking lock waits (SETLKW that has to wait) one connection may have at once, each on a
@@ -64,8 +74,7 @@ LOCK_WAITER_IDLE = 30.0
 
 _IN_HEADER = abi.IN_HEADER.struct
 _IN_SIZE = abi.IN_HEADER.size
-_WRITE = abi.Opcode.WRITE
-_WRITE_IN_SIZE = abi.WRITE_IN.size
+_HEADER = abi.OUT_HEADER.size
 _OUT_HEADER = abi.OUT_HEADER.struct
 _ENTRY_OUT = abi.ENTRY_OUT.struct
 _ATTR_OUT = abi.ATTR_OUT.struct
@@ -90,55 +99,102 @@ DEFAULT_FLAGS = (
     | abi.InitFlag.CREATE_SUPP_GROUP
 )
 
-_HEADER = abi.OUT_HEADER.size
-
-#: Writable bytes each opcode's reply needs before the request may run: the out header plus the
-#: fixed part of its reply (one lookup and one comparison per request). Requests that never get
-#: a reply (FORGET, BATCH_FORGET, INTERRUPT) need none.
-REPLY_ROOM = [_HEADER] * 64
-for _op, _fixed in {
-    abi.Opcode.LOOKUP: abi.ENTRY_OUT.size,
-    abi.Opcode.GETATTR: abi.ATTR_OUT.size,
-    abi.Opcode.SETATTR: abi.ATTR_OUT.size,
-    abi.Opcode.SYMLINK: abi.ENTRY_OUT.size,
-    abi.Opcode.MKNOD: abi.ENTRY_OUT.size,
-    abi.Opcode.MKDIR: abi.ENTRY_OUT.size,
-    abi.Opcode.LINK: abi.ENTRY_OUT.size,
-    abi.Opcode.OPEN: abi.OPEN_OUT.size,
-    abi.Opcode.WRITE: abi.WRITE_OUT.size,
-    abi.Opcode.STATFS: abi.KSTATFS.size,
-    abi.Opcode.INIT: abi.INIT_OUT.size,
-    abi.Opcode.OPENDIR: abi.OPEN_OUT.size,
-    abi.Opcode.GETLK: abi.LK_OUT.size,
-    abi.Opcode.CREATE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
-    abi.Opcode.BMAP: abi.BMAP_OUT.size,
-    abi.Opcode.IOCTL: abi.IOCTL_OUT.size,
-    abi.Opcode.POLL: abi.POLL_OUT.size,
-    abi.Opcode.LSEEK: abi.LSEEK_OUT.size,
-    abi.Opcode.COPY_FILE_RANGE: abi.WRITE_OUT.size,
-    abi.Opcode.TMPFILE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
-    abi.Opcode.STATX: abi.STATX_OUT.size,
-    abi.Opcode.COPY_FILE_RANGE_64: abi.COPY_FILE_RANGE_OUT.size,
-}.items():
-    REPLY_ROOM[_op] = _HEADER + _fixed
-for _op in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT):
-    REPLY_ROOM[_op] = 0
-del _op, _fixed
-
-#: Requests that may carry a FUSE_EXT_GROUPS extension.
-_CREATING = frozenset(
-    {
-        abi.Opcode.MKNOD,
-        abi.Opcode.MKDIR,
-        abi.Opcode.SYMLINK,
-        abi.Opcode.CREATE,
-        abi.Opcode.TMPFILE,
-    }
-)
-
 
 class MalformedRequest(Exception):
     """The request's bytes contradict themselves; it gets EINVAL."""
+
+
+class Completion(Protocol):
+    """A request answered later: the buffers its reply goes into, which stay valid until
+    :meth:`complete` is called (once, from any thread) with the reply's length."""
+
+    @property
+    def writable(self) -> Sequence[memoryview]: ...
+
+    def complete(self, length: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransportCaps:
+    """What the transport carrying the requests offers the server."""
+
+    #: Largest WRITE (and READ) the transport's buffers take.
+    max_write: int = MAX_WRITE
+    #: The DAX window (virtio-fs shared memory), handed to the file system at INIT.
+    dax_window: DaxWindow | None = None
+    #: log2 alignment of DAX mappings, offered with the window.
+    map_alignment: int | None = None
+    #: FUSE_PASSTHROUGH (/dev/fuse): register a backing file, and drop it.
+    backing_open: Callable[[int], int] | None = None
+    backing_close: Callable[[int], None] | None = None
+    #: ``later(token)``, called while a request is being handled with the ``token`` the
+    #: transport passed to :meth:`Server.handle`: a :class:`Completion` for that request.
+    #: Without it, requests that wait block the thread that serves them.
+    later: Callable[[Any], Completion] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What the server agrees to, whatever the file system wants."""
+
+    #: Serve POSIX record locks and flock() (else the guest's kernel keeps them locally).
+    posix_locks: bool = True
+    flock_locks: bool = True
+
+    @property
+    def disabled_flags(self) -> int:
+        flags = 0
+        if not self.posix_locks:
+            flags |= abi.InitFlag.POSIX_LOCKS
+        if not self.flock_locks:
+            flags |= abi.InitFlag.FLOCK_LOCKS
+        return flags
+
+
+class Op(NamedTuple):
+    """How one opcode is decoded and answered."""
+
+    name: str
+    #: Its fixed arguments (None: none).
+    args: struct.Struct | None
+    #: NUL-terminated names after the fixed arguments.
+    names: int
+    #: The handler also gets a reader over the rest of the arguments.
+    tail: bool
+    #: Writable bytes its reply needs before it may run (0: it never replies).
+    room: int
+    #: Shorter arguments are zero-filled (INIT, whose layout grew) rather than refused.
+    pad: bool
+
+
+#: A handler's return value: the reply comes later, through a Completion.
+_LATER = 1
+#: A handler's return value: no reply at all (FORGET, an INTERRUPT that found its target).
+_SILENT = 2
+
+_OPS: dict[int, tuple[Op, str]] = {}
+
+
+def _op(
+    opcode: abi.Opcode,
+    args: abi.Layout | None = None,
+    *,
+    names: int = 0,
+    tail: bool = False,
+    reply: abi.Layout | int | None = 0,
+    pad: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a handler: ``reply`` is the layout of its fixed reply (or its size; None when
+    the request never gets a reply)."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        size = reply if isinstance(reply, int) or reply is None else reply.size
+        room = 0 if size is None else _HEADER + size
+        layout = args.struct if args is not None else None
+        _OPS[opcode] = (Op(opcode.name, layout, names, tail, room, pad), fn.__name__)
+        return fn
+
+    return mark
 
 
 def _timeout(seconds: float) -> tuple[int, int]:
@@ -148,13 +204,17 @@ def _timeout(seconds: float) -> tuple[int, int]:
     return whole, int((seconds - whole) * 1_000_000_000)
 
 
-def _name(body: Any, offset: int) -> tuple[bytes, int]:
-    """A NUL-terminated name at ``offset`` and the offset after its NUL."""
-    raw = bytes(body[offset:])
-    end = raw.find(b"\0")
-    if end < 0:
-        raise MalformedRequest("name without NUL")
-    return raw[:end], offset + end + 1
+def _names(raw: bytes, count: int) -> list[bytes]:
+    """``count`` NUL-terminated names from the start of ``raw``."""
+    out = []
+    pos = 0
+    for _ in range(count):
+        end = raw.find(b"\0", pos)
+        if end < 0:
+            raise MalformedRequest("name without NUL")
+        out.append(raw[pos:end])
+        pos = end + 1
+    return out
 
 
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
@@ -245,48 +305,29 @@ class Server:
     def __init__(
         self,
         fs: Filesystem,
-        *,
-        max_write: int = MAX_WRITE,
-        map_alignment: int | None = None,
-        backing_open: Callable[[int], int] | None = None,
-        backing_close: Callable[[int], None] | None = None,
-        dax_window: DaxWindow | None = None,
-        disabled_flags: int = 0,
+        config: ServerConfig | None = None,
+        caps: TransportCaps | None = None,
     ) -> None:
         self.fs = fs
-        self.max_write = max_write
-        #: log2 alignment of DAX mappings, offered when the transport has a DAX window.
-        self.map_alignment = map_alignment
-        #: The transport's FUSE_PASSTHROUGH hooks (/dev/fuse), handed to the file system at INIT.
-        self.backing_open = backing_open
-        self.backing_close = backing_close
-        #: The transport's DAX window, handed to the file system at INIT.
-        self.dax_window = dax_window
-        #: INIT flags never to agree to, whatever the file system wants (e.g. POSIX_LOCKS
-        #: when the user asked for local locks).
-        self.disabled_flags = disabled_flags
+        self.config = config or ServerConfig()
+        self.caps = caps or TransportCaps()
+        self.max_write = self.caps.max_write
         self.initialized = False
         self.proto_minor = 0
         self.flags = 0
         #: Requests being served, by unique, so that INTERRUPT can reach them.
         self._inflight: dict[int, Context] = {}
-        #: Deferred requests waiting (blocking locks), which a reset or shutdown interrupts.
+        #: Requests answered later (blocking locks), which a reset or shutdown interrupts.
         self._waiting: dict[int, Context] = {}
         #: Per-opcode request counts (observability).
         self.counts = [0] * 64
-        #: How a request that waits (a blocking lock) is answered later, off the thread that
-        #: serves requests: ``deferred_reply(token)``, called on that thread while the request
-        #: is being handled, returns ``deliver(reply_bytes)``, which the waiting thread calls
-        #: once. Without it, such requests block in place.
-        self.deferred_reply: Callable[[Any], Callable[[bytes], None]] | None = None
-        #: Where those waits run.
+        #: Where requests that wait are served.
         self.lock_waiters = LockWaiters()
         self._init_lock = threading.Lock()
-        self._ops: list[Callable[..., int] | None] = [None] * 64
-        for op in abi.Opcode:
-            fn = getattr(self, "_op_" + op.name.lower(), None)
-            if fn is not None and op < 64:
-                self._ops[op] = fn
+        #: opcode -> (decoding, bound handler); the one table requests are dispatched by.
+        self._table: list[tuple[Op, Callable[..., Any]] | None] = [None] * 64
+        for opcode, (op, method) in _OPS.items():
+            self._table[opcode] = (op, getattr(self, method))
 
     # --- entry point -----------------------------------------------------------------------
 
@@ -295,27 +336,17 @@ class Server:
         readable: Sequence[memoryview],
         writable: Sequence[memoryview],
         token: Any = None,
-    ) -> int:
-        """Serve one request; returns the reply length written into ``writable`` (0 for none)
-        or :data:`DEFERRED` when the reply will be delivered later (:attr:`deferred_reply`)."""
+    ) -> int | None:
+        """Serve one request. Returns the reply's length in ``writable`` (0: no reply), or
+        None when the reply will come later through ``caps.later(token)``."""
         out = ReplyWriter(writable) if writable else None
-        reader: RequestReader | None = None
-        if len(readable) == 1:
-            # /dev/fuse, and front-ends that put a request in one buffer: slice, don't copy.
-            buf = readable[0]
-            total = len(buf)
-            if total < _IN_SIZE:
-                log.warning("request shorter than the FUSE header (%d bytes)", total)
-                return self._error(out, errno.EINVAL, 0)
-            header: Any = buf
-        else:
-            reader = RequestReader(readable)
-            total = reader.remaining
-            try:
-                header = reader.read(_IN_SIZE)
-            except ShortBuffer:
-                log.warning("request shorter than the FUSE header (%d bytes)", total)
-                return self._error(out, errno.EINVAL, 0)
+        reader = RequestReader(readable)
+        total = reader.remaining
+        try:
+            header = reader.read(_IN_SIZE)
+        except ShortBuffer:
+            log.warning("request shorter than the FUSE header (%d bytes)", total)
+            return self._error(out, errno.EINVAL, 0)
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(header)
         args_len = length - _IN_SIZE - extlen * 8
         if length > total or args_len < 0:
@@ -327,16 +358,16 @@ class Server:
                 total,
             )
             return self._error(out, errno.EINVAL, unique)
-        handler = self._ops[opcode] if opcode < 64 else None
-        if opcode < 64:
-            self.counts[opcode] += 1
-        if handler is None:
+        entry = self._table[opcode] if opcode < 64 else None
+        if entry is None:
             log.debug("unsupported opcode %d", opcode)
             return self._error(out, errno.ENOSYS, unique)
+        self.counts[opcode] += 1
+        op, handler = entry
         if not self.initialized and opcode != abi.Opcode.INIT:
             log.warning("opcode %d before INIT", opcode)
             return self._error(out, errno.EIO, unique)
-        room = REPLY_ROOM[opcode]
+        room = op.room
         if room and (out is None or out.capacity < room):
             # Refused before it runs: whatever it did, the guest could not be told.
             log.warning(
@@ -352,21 +383,12 @@ class Server:
         inflight = self._inflight
         inflight[unique] = ctx
         try:
-            body_len = min(args_len, _WRITE_IN_SIZE) if opcode == _WRITE else args_len
-            if reader is None:
-                body: Any = buf[_IN_SIZE : _IN_SIZE + body_len]
-                if opcode == _WRITE:
-                    reader = RequestReader([buf[_IN_SIZE + body_len : length]])
-            else:
-                reader.remaining = length - _IN_SIZE
-                body = reader.read(body_len)
-            if extlen and opcode in _CREATING:
-                if len(readable) == 1:
-                    ext: Any = buf[length - extlen * 8 : length]
-                else:
-                    ext = reader.read(extlen * 8)
-                ctx.groups = self._groups(ext)
-            result = handler(ctx, nodeid, body, reader, out, token)
+            args = self._decode(op, reader, args_len)
+            if extlen and not op.tail:
+                # Extensions follow the arguments (only create-like requests carry them).
+                reader.remaining = extlen * 8
+                ctx.groups = self._groups(reader.read(extlen * 8))
+            result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
             inflight.pop(unique, None)
             return self._error(out, e.errno or errno.EIO, unique)
@@ -378,14 +400,43 @@ class Server:
             inflight.pop(unique, None)
             log.exception("request %d (opcode %d) failed", unique, opcode)
             return self._error(out, errno.EIO, unique)
-        if result == DEFERRED:
+        if result == _LATER:
             # The waiter removes the request from _inflight when it is done.
-            return DEFERRED
+            return None
         inflight.pop(unique, None)
-        if result == NO_REPLY:
+        if result == _SILENT or not room:
             return 0
         assert out is not None
         return out.finish(_OUT_HEADER, 0, unique)
+
+    @staticmethod
+    def _decode(op: Op, reader: RequestReader, args_len: int) -> list[Any]:
+        """The handler's arguments after (ctx, nodeid, out, token): the fixed fields, the
+        names, and the reader over the rest, as the opcode's :class:`Op` says."""
+        layout = op.args
+        if layout is None:
+            args: list[Any] = []
+            used = 0
+        else:
+            size = layout.size
+            if args_len >= size:
+                args = list(layout.unpack_from(reader.read(size)))
+                used = size
+            elif op.pad:
+                raw = bytes(reader.read(args_len)).ljust(size, b"\0")
+                args = list(layout.unpack_from(raw))
+                used = args_len
+            else:
+                raise MalformedRequest(f"{op.name} arguments of {args_len} bytes, need {size}")
+        rest = args_len - used
+        if op.names:
+            args += _names(bytes(reader.read(rest)), op.names)
+        elif op.tail:
+            reader.remaining = rest
+            args.append(reader)
+        elif rest:
+            reader.read(rest)  # arguments newer than ours: ignored
+        return args
 
     def fail(self, readable: Sequence[memoryview], writable: Sequence[memoryview], err: int) -> int:
         """Answer a request that can't be served (some of its buffers are out of reach)
@@ -406,7 +457,8 @@ class Server:
         return len(self._inflight)
 
     def interrupt_waiting(self) -> None:
-        """End every deferred wait (they answer EINTR): the queue or connection is going."""
+        """End every wait of a request answered later (they answer EINTR): the queue or
+        connection is going."""
         for ctx in list(self._waiting.values()):
             ctx.interrupted = True
 
@@ -419,7 +471,7 @@ class Server:
             self.fs.destroy()
 
     def _error(self, out: ReplyWriter | None, err: int, unique: int) -> int:
-        if out is None or out.capacity < ReplyWriter.HEADER:
+        if out is None or out.capacity < _HEADER:
             return 0
         out.reset()
         return out.finish(_OUT_HEADER, -err, unique)
@@ -443,16 +495,23 @@ class Server:
             pos += size
         return ()
 
-    def reply_bytes(self, unique: int, error: int = 0, payload: bytes = b"") -> bytes:
-        """A whole reply as bytes, for deferred requests."""
-        return _OUT_HEADER.pack(16 + len(payload), -error, unique) + payload
-
     # --- session ---------------------------------------------------------------------------
 
-    def _op_init(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
-        raw = bytes(body[: abi.INIT_IN.size]).ljust(abi.INIT_IN.size, b"\0")
-        major, minor, max_readahead, flags, flags2 = abi.INIT_IN.struct.unpack_from(raw)[:5]
-        if not flags & abi.InitFlag.INIT_EXT or len(body) < 20:
+    @_op(abi.Opcode.INIT, abi.INIT_IN, reply=abi.INIT_OUT, pad=True)
+    def _init(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        major: int,
+        minor: int,
+        max_readahead: int,
+        flags: int,
+        flags2: int,
+        *unused: int,
+    ) -> None:
+        if not flags & abi.InitFlag.INIT_EXT:
             flags2 = 0
         if major < abi.KERNEL_VERSION:
             log.error("kernel speaks FUSE %d.%d, too old", major, minor)
@@ -460,12 +519,13 @@ class Server:
         if major > abi.KERNEL_VERSION:
             # Tell the kernel our major; it sends a new INIT if it can speak it.
             out.write(abi.INIT_OUT.pack(major=abi.KERNEL_VERSION, minor=abi.KERNEL_MINOR_VERSION))
-            return 0
+            return
         if minor < abi.MIN_KERNEL_MINOR_VERSION:
             log.error(
                 "kernel speaks FUSE 7.%d; 7.%d or newer needed", minor, abi.MIN_KERNEL_MINOR_VERSION
             )
             raise OSError(errno.EPROTO, "FUSE minor version too old")
+        caps = self.caps
         capable = flags | (flags2 << 32)
         conn = ConnectionInfo(
             major=major,
@@ -474,16 +534,16 @@ class Server:
             want=capable & DEFAULT_FLAGS,
             max_readahead=max_readahead,
             max_write=self.max_write,
-            map_alignment=self.map_alignment or 0,
-            backing_open=self.backing_open,
-            backing_close=self.backing_close,
-            dax_window=self.dax_window,
+            map_alignment=caps.map_alignment or 0,
+            backing_open=caps.backing_open,
+            backing_close=caps.backing_close,
+            dax_window=caps.dax_window,
         )
-        if self.map_alignment is not None:
+        if caps.map_alignment is not None:
             conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT
         with self._init_lock:
             self.fs.init(conn)
-            want = conn.want & capable & ~self.disabled_flags
+            want = conn.want & capable & ~self.config.disabled_flags
             if not flags & abi.InitFlag.INIT_EXT:
                 want &= 0xFFFFFFFF
             self.flags = want
@@ -512,232 +572,327 @@ class Server:
             reply = reply[: abi.COMPAT_22_INIT_OUT_SIZE]
         out.write(reply)
         log.info("FUSE session 7.%d, flags %#x, max_write %d", conn.minor, want, self.max_write)
-        return 0
 
-    def _op_destroy(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
+    @_op(abi.Opcode.DESTROY)
+    def _destroy(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any) -> None:
         self.fs.destroy()
         self.initialized = False
-        return 0
 
-    def _op_interrupt(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
+    @_op(abi.Opcode.INTERRUPT, abi.INTERRUPT_IN, reply=None)
+    def _interrupt(
+        self, ctx: Context, nodeid: int, out: ReplyWriter | None, token: Any, target: int
     ) -> int:
-        (target,) = abi.INTERRUPT_IN.struct.unpack_from(body)
         victim = self._inflight.get(target)
         if victim is not None:
             victim.interrupted = True
-            return NO_REPLY
+            return _SILENT
         # Not seen yet (or already answered): EAGAIN makes the kernel send it again.
         if out is None:
-            return NO_REPLY
+            return _SILENT
         raise OSError(errno.EAGAIN, "interrupted request not found")
 
-    def _op_forget(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        (nlookup,) = abi.FORGET_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.FORGET, abi.FORGET_IN, reply=None)
+    def _forget(
+        self, ctx: Context, nodeid: int, out: ReplyWriter | None, token: Any, nlookup: int
+    ) -> None:
         self.fs.forget(nodeid, nlookup)
-        return NO_REPLY
 
-    def _op_batch_forget(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        count, _ = abi.BATCH_FORGET_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.BATCH_FORGET, abi.BATCH_FORGET_IN, tail=True, reply=None)
+    def _batch_forget(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter | None,
+        token: Any,
+        count: int,
+        dummy: int,
+        rest: RequestReader,
+    ) -> None:
         size = abi.FORGET_ONE.size
-        count = min(count, (len(body) - abi.BATCH_FORGET_IN.size) // size)
+        count = min(count, rest.remaining // size, MAX_BATCH)
+        raw = rest.read(count * size)
         unpack = abi.FORGET_ONE.struct.unpack_from
-        base = abi.BATCH_FORGET_IN.size
-        self.fs.batch_forget([unpack(body, base + i * size) for i in range(count)])
-        return NO_REPLY
+        self.fs.batch_forget([unpack(raw, i * size) for i in range(count)])
 
     # --- inodes ----------------------------------------------------------------------------
 
-    def _op_lookup(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        name, _ = _name(body, 0)
+    @_op(abi.Opcode.LOOKUP, names=1, reply=abi.ENTRY_OUT)
+    def _lookup(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
         _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
-        return 0
 
     def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Any, float]) -> None:
         attr, timeout = attr_and_timeout
         av, avn = _timeout(timeout)
         out.pack(_ATTR_OUT, av, avn, 0, *attr.values())
 
-    def _op_getattr(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        flags, _, fh = abi.GETATTR_IN.struct.unpack_from(body)
-        self._pack_attr(out, self.fs.getattr(ctx, nodeid, fh if flags & abi.GETATTR_FH else None))
-        return 0
+    @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
+    def _getattr(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        getattr_flags: int,
+        dummy: int,
+        fh: int,
+    ) -> None:
+        fh_or_none = fh if getattr_flags & abi.GETATTR_FH else None
+        self._pack_attr(out, self.fs.getattr(ctx, nodeid, fh_or_none))
 
-    def _op_setattr(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        s = abi.SETATTR_IN.unpack(body)
-        valid = s.valid
+    @_op(abi.Opcode.SETATTR, abi.SETATTR_IN, reply=abi.ATTR_OUT)
+    def _setattr(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        valid: int,
+        padding: int,
+        fh: int,
+        size: int,
+        lock_owner: int,
+        atime: int,
+        mtime: int,
+        ctime: int,
+        atimensec: int,
+        mtimensec: int,
+        ctimensec: int,
+        mode: int,
+        unused4: int,
+        uid: int,
+        gid: int,
+        unused5: int,
+    ) -> None:
         changes = SetAttr(
-            mode=s.mode if valid & abi.FATTR_MODE else None,
-            uid=s.uid if valid & abi.FATTR_UID else None,
-            gid=s.gid if valid & abi.FATTR_GID else None,
-            size=s.size if valid & abi.FATTR_SIZE else None,
-            fh=s.fh if valid & abi.FATTR_FH else None,
-            lock_owner=s.lock_owner if valid & abi.FATTR_LOCKOWNER else None,
+            mode=mode if valid & abi.FATTR_MODE else None,
+            uid=uid if valid & abi.FATTR_UID else None,
+            gid=gid if valid & abi.FATTR_GID else None,
+            size=size if valid & abi.FATTR_SIZE else None,
+            fh=fh if valid & abi.FATTR_FH else None,
+            lock_owner=lock_owner if valid & abi.FATTR_LOCKOWNER else None,
             kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
         )
         if valid & abi.FATTR_ATIME_NOW:
             changes.atime = SetAttr.NOW
         elif valid & abi.FATTR_ATIME:
-            changes.atime = s.atime * 1_000_000_000 + s.atimensec
+            changes.atime = atime * 1_000_000_000 + atimensec
         if valid & abi.FATTR_MTIME_NOW:
             changes.mtime = SetAttr.NOW
         elif valid & abi.FATTR_MTIME:
-            changes.mtime = s.mtime * 1_000_000_000 + s.mtimensec
+            changes.mtime = mtime * 1_000_000_000 + mtimensec
         if valid & abi.FATTR_CTIME:
-            changes.ctime = s.ctime * 1_000_000_000 + s.ctimensec
+            changes.ctime = ctime * 1_000_000_000 + ctimensec
         self._pack_attr(out, self.fs.setattr(ctx, nodeid, changes))
-        return 0
 
-    def _op_statx(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        getattr_flags, _, fh, sx_flags, sx_mask = abi.STATX_IN.struct.unpack_from(body)
-        fields, timeout = self.fs.statx(
-            ctx, nodeid, fh if getattr_flags & abi.GETATTR_FH else None, sx_flags, sx_mask
-        )
+    @_op(abi.Opcode.STATX, abi.STATX_IN, reply=abi.STATX_OUT)
+    def _statx(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        getattr_flags: int,
+        reserved: int,
+        fh: int,
+        sx_flags: int,
+        sx_mask: int,
+    ) -> None:
+        fh_or_none = fh if getattr_flags & abi.GETATTR_FH else None
+        fields, timeout = self.fs.statx(ctx, nodeid, fh_or_none, sx_flags, sx_mask)
         av, avn = _timeout(timeout)
         out.write(abi.STATX_OUT.pack(attr_valid=av, attr_valid_nsec=avn, **fields))
-        return 0
 
-    def _op_readlink(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
+    @_op(abi.Opcode.READLINK)
+    def _readlink(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any) -> None:
         out.write(self.fs.readlink(ctx, nodeid))
-        return 0
 
-    def _op_symlink(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        name, pos = _name(body, 0)
-        target, _ = _name(body, pos)
+    @_op(abi.Opcode.SYMLINK, names=2, reply=abi.ENTRY_OUT)
+    def _symlink(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes, target: bytes
+    ) -> None:
         _pack_entry(out, self.fs.symlink(ctx, nodeid, name, target))
-        return 0
 
-    def _op_mknod(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        mode, rdev, umask, _ = abi.MKNOD_IN.struct.unpack_from(body)
-        name, _ = _name(body, abi.MKNOD_IN.size)
+    @_op(abi.Opcode.MKNOD, abi.MKNOD_IN, names=1, reply=abi.ENTRY_OUT)
+    def _mknod(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        mode: int,
+        rdev: int,
+        umask: int,
+        padding: int,
+        name: bytes,
+    ) -> None:
         _pack_entry(out, self.fs.mknod(ctx, nodeid, name, mode, rdev, umask))
-        return 0
 
-    def _op_mkdir(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        mode, umask = abi.MKDIR_IN.struct.unpack_from(body)
-        name, _ = _name(body, abi.MKDIR_IN.size)
+    @_op(abi.Opcode.MKDIR, abi.MKDIR_IN, names=1, reply=abi.ENTRY_OUT)
+    def _mkdir(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        mode: int,
+        umask: int,
+        name: bytes,
+    ) -> None:
         _pack_entry(out, self.fs.mkdir(ctx, nodeid, name, mode, umask))
-        return 0
 
-    def _op_unlink(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        self.fs.unlink(ctx, nodeid, _name(body, 0)[0])
-        return 0
+    @_op(abi.Opcode.UNLINK, names=1)
+    def _unlink(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
+        self.fs.unlink(ctx, nodeid, name)
 
-    def _op_rmdir(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        self.fs.rmdir(ctx, nodeid, _name(body, 0)[0])
-        return 0
+    @_op(abi.Opcode.RMDIR, names=1)
+    def _rmdir(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
+        self.fs.rmdir(ctx, nodeid, name)
 
-    def _op_rename(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        (newdir,) = abi.RENAME_IN.struct.unpack_from(body)
-        old, pos = _name(body, abi.RENAME_IN.size)
-        new, _ = _name(body, pos)
+    @_op(abi.Opcode.RENAME, abi.RENAME_IN, names=2)
+    def _rename(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        newdir: int,
+        old: bytes,
+        new: bytes,
+    ) -> None:
         self.fs.rename(ctx, nodeid, old, newdir, new, 0)
-        return 0
 
-    def _op_rename2(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        newdir, flags, _ = abi.RENAME2_IN.struct.unpack_from(body)
-        old, pos = _name(body, abi.RENAME2_IN.size)
-        new, _ = _name(body, pos)
+    @_op(abi.Opcode.RENAME2, abi.RENAME2_IN, names=2)
+    def _rename2(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        newdir: int,
+        flags: int,
+        padding: int,
+        old: bytes,
+        new: bytes,
+    ) -> None:
         self.fs.rename(ctx, nodeid, old, newdir, new, flags)
-        return 0
 
-    def _op_link(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
-        (oldnodeid,) = abi.LINK_IN.struct.unpack_from(body)
-        name, _ = _name(body, abi.LINK_IN.size)
+    @_op(abi.Opcode.LINK, abi.LINK_IN, names=1, reply=abi.ENTRY_OUT)
+    def _link(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, oldnodeid: int, name: bytes
+    ) -> None:
         _pack_entry(out, self.fs.link(ctx, oldnodeid, nodeid, name))
-        return 0
 
     # --- files -----------------------------------------------------------------------------
 
-    def _op_open(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
-        flags, open_flags = abi.OPEN_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.OPEN, abi.OPEN_IN, reply=abi.OPEN_OUT)
+    def _open(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, flags: int, open_flags: int
+    ) -> None:
         opened = self.fs.open(ctx, nodeid, flags, bool(open_flags & abi.OPEN_KILL_SUIDGID))
         _pack_open(out, opened)
-        return 0
 
-    def _op_create(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        flags, mode, umask, open_flags = abi.CREATE_IN.struct.unpack_from(body)
-        name, _ = _name(body, abi.CREATE_IN.size)
-        entry, opened = self.fs.create(
-            ctx, nodeid, name, mode, flags, umask, bool(open_flags & abi.OPEN_KILL_SUIDGID)
-        )
+    @_op(abi.Opcode.CREATE, abi.CREATE_IN, names=1, reply=abi.ENTRY_OUT.size + abi.OPEN_OUT.size)
+    def _create(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        flags: int,
+        mode: int,
+        umask: int,
+        open_flags: int,
+        name: bytes,
+    ) -> None:
+        kill = bool(open_flags & abi.OPEN_KILL_SUIDGID)
+        entry, opened = self.fs.create(ctx, nodeid, name, mode, flags, umask, kill)
         _pack_entry(out, entry)
         _pack_open(out, opened)
-        return 0
 
-    def _op_tmpfile(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        flags, mode, umask, _ = abi.CREATE_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.TMPFILE, abi.CREATE_IN, reply=abi.ENTRY_OUT.size + abi.OPEN_OUT.size)
+    def _tmpfile(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        flags: int,
+        mode: int,
+        umask: int,
+        open_flags: int,
+    ) -> None:
         entry, opened = self.fs.tmpfile(ctx, nodeid, mode, flags, umask)
         _pack_entry(out, entry)
         _pack_open(out, opened)
-        return 0
 
-    def _op_read(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
-        fh, offset, size = abi.READ_IN.struct.unpack_from(body)[:3]
+    @_op(abi.Opcode.READ, abi.READ_IN)
+    def _read(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        offset: int,
+        size: int,
+        read_flags: int,
+        lock_owner: int,
+        flags: int,
+        padding: int,
+    ) -> None:
         self.fs.read(ctx, nodeid, fh, offset, min(size, self.max_write, out.space()), out)
-        return 0
 
-    def _op_write(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        if len(body) < abi.WRITE_IN.size:
-            # Kernels before 7.9 sent a 24-byte write_in; pad the missing fields with zeros.
-            body = bytes(body).ljust(abi.WRITE_IN.size, b"\0")
-        fh, offset, size, write_flags = abi.WRITE_IN.struct.unpack_from(body)[:4]
-        if size > reader.remaining:
-            raise MalformedRequest(f"WRITE of {size} bytes carries {reader.remaining}")
+    @_op(abi.Opcode.WRITE, abi.WRITE_IN, tail=True, reply=abi.WRITE_OUT)
+    def _write(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        offset: int,
+        size: int,
+        write_flags: int,
+        lock_owner: int,
+        flags: int,
+        padding: int,
+        data: RequestReader,
+    ) -> None:
+        if size > data.remaining:
+            raise MalformedRequest(f"WRITE of {size} bytes carries {data.remaining}")
         if size > self.max_write:
             raise OSError(errno.EINVAL, "write larger than max_write")
-        data = WriteData(reader.views(size), size)
-        written = self.fs.write(ctx, nodeid, fh, offset, data, write_flags)
+        written = self.fs.write(
+            ctx, nodeid, fh, offset, WriteData(data.views(size), size), write_flags
+        )
         out.pack(abi.WRITE_OUT.struct, written, 0)
-        return 0
 
-    def _op_flush(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, _, _, lock_owner = abi.FLUSH_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.FLUSH, abi.FLUSH_IN)
+    def _flush(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        unused: int,
+        padding: int,
+        lock_owner: int,
+    ) -> None:
         self.fs.flush(ctx, nodeid, fh, lock_owner)
-        return 0
 
-    def _op_release(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, flags, release_flags, lock_owner = abi.RELEASE_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.RELEASE, abi.RELEASE_IN)
+    def _release(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        flags: int,
+        release_flags: int,
+        lock_owner: int,
+    ) -> None:
         self.fs.release(
             ctx,
             nodeid,
@@ -747,141 +902,204 @@ class Server:
             bool(release_flags & abi.RELEASE_FLUSH),
             bool(release_flags & abi.RELEASE_FLOCK_UNLOCK),
         )
-        return 0
 
-    def _op_fsync(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, fsync_flags, _ = abi.FSYNC_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.FSYNC, abi.FSYNC_IN)
+    def _fsync(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        fsync_flags: int,
+        padding: int,
+    ) -> None:
         self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & abi.FSYNC_FDATASYNC))
-        return 0
 
-    def _op_fallocate(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, offset, length, mode, _ = abi.FALLOCATE_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.FALLOCATE, abi.FALLOCATE_IN)
+    def _fallocate(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        offset: int,
+        length: int,
+        mode: int,
+        padding: int,
+    ) -> None:
         self.fs.fallocate(ctx, nodeid, fh, mode, offset, length)
-        return 0
 
-    def _op_lseek(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, offset, whence, _ = abi.LSEEK_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.LSEEK, abi.LSEEK_IN, reply=abi.LSEEK_OUT)
+    def _lseek(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        offset: int,
+        whence: int,
+        padding: int,
+    ) -> None:
         out.pack(abi.LSEEK_OUT.struct, self.fs.lseek(ctx, nodeid, fh, offset, whence))
-        return 0
 
-    def _copy_file_range(self, nodeid: int, ctx: Context, body: Any) -> int:
-        fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = (
-            abi.COPY_FILE_RANGE_IN.struct.unpack_from(body)
-        )
-        return self.fs.copy_file_range(
+    @_op(abi.Opcode.COPY_FILE_RANGE, abi.COPY_FILE_RANGE_IN, reply=abi.WRITE_OUT)
+    def _copy_file_range(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh_in: int,
+        off_in: int,
+        nodeid_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+    ) -> None:
+        copied = self.fs.copy_file_range(
             ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags
         )
-
-    def _op_copy_file_range(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
         # The 32-bit reply can't say more than 4 GiB - 1: the kernel loops for the rest.
-        copied = self._copy_file_range(nodeid, ctx, body)
         out.pack(abi.WRITE_OUT.struct, min(copied, 0xFFFFFFFF), 0)
-        return 0
 
-    def _op_copy_file_range_64(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        out.pack(abi.COPY_FILE_RANGE_OUT.struct, self._copy_file_range(nodeid, ctx, body))
-        return 0
+    @_op(abi.Opcode.COPY_FILE_RANGE_64, abi.COPY_FILE_RANGE_IN, reply=abi.COPY_FILE_RANGE_OUT)
+    def _copy_file_range_64(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh_in: int,
+        off_in: int,
+        nodeid_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+    ) -> None:
+        copied = self.fs.copy_file_range(
+            ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags
+        )
+        out.pack(abi.COPY_FILE_RANGE_OUT.struct, copied)
 
     # --- directories -----------------------------------------------------------------------
 
-    def _op_opendir(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        flags, _ = abi.OPEN_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.OPENDIR, abi.OPEN_IN, reply=abi.OPEN_OUT)
+    def _opendir(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, flags: int, open_flags: int
+    ) -> None:
         _pack_open(out, self.fs.opendir(ctx, nodeid, flags))
-        return 0
 
-    def _readdir(self, ctx: Context, nodeid: int, body: Any, out: Any, plus: bool) -> int:
-        fh, offset, size = abi.READ_IN.struct.unpack_from(body)[:3]
-        self.fs.readdir(ctx, nodeid, fh, offset, DirBuffer(out, size, plus))
-        return 0
+    @_op(abi.Opcode.READDIR, abi.READ_IN)
+    def _readdir(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        offset: int,
+        size: int,
+        *unused: int,
+    ) -> None:
+        self.fs.readdir(ctx, nodeid, fh, offset, DirBuffer(out, size, False))
 
-    def _op_readdir(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        return self._readdir(ctx, nodeid, body, out, False)
+    @_op(abi.Opcode.READDIRPLUS, abi.READ_IN)
+    def _readdirplus(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        offset: int,
+        size: int,
+        *unused: int,
+    ) -> None:
+        self.fs.readdir(ctx, nodeid, fh, offset, DirBuffer(out, size, True))
 
-    def _op_readdirplus(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        return self._readdir(ctx, nodeid, body, out, True)
-
-    def _op_releasedir(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, flags, _, _ = abi.RELEASE_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.RELEASEDIR, abi.RELEASE_IN)
+    def _releasedir(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        flags: int,
+        release_flags: int,
+        lock_owner: int,
+    ) -> None:
         self.fs.releasedir(ctx, nodeid, fh, flags)
-        return 0
 
-    def _op_fsyncdir(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, fsync_flags, _ = abi.FSYNC_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.FSYNCDIR, abi.FSYNC_IN)
+    def _fsyncdir(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        fsync_flags: int,
+        padding: int,
+    ) -> None:
         self.fs.fsyncdir(ctx, nodeid, fh, bool(fsync_flags & abi.FSYNC_FDATASYNC))
-        return 0
 
     # --- file system -----------------------------------------------------------------------
 
-    def _op_statfs(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
+    @_op(abi.Opcode.STATFS, reply=abi.KSTATFS)
+    def _statfs(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any) -> None:
         st = self.fs.statfs(ctx, nodeid)
-        out.write(
-            abi.KSTATFS.pack(
-                st.blocks,
-                st.bfree,
-                st.bavail,
-                st.files,
-                st.ffree,
-                st.bsize,
-                st.namelen,
-                st.frsize,
-                0,
-                (0,) * 6,
-            )
+        out.pack(
+            abi.KSTATFS.struct,
+            st.blocks,
+            st.bfree,
+            st.bavail,
+            st.files,
+            st.ffree,
+            st.bsize,
+            st.namelen,
+            st.frsize,
+            0,
+            *(0,) * 6,
         )
-        return 0
 
-    def _op_syncfs(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
+    @_op(abi.Opcode.SYNCFS, abi.SYNCFS_IN)
+    def _syncfs(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, padding: int
+    ) -> None:
         self.fs.syncfs(ctx, nodeid)
-        return 0
 
-    def _op_access(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        mask, _ = abi.ACCESS_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.ACCESS, abi.ACCESS_IN)
+    def _access(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, mask: int, padding: int
+    ) -> None:
         self.fs.access(ctx, nodeid, mask)
-        return 0
 
     # --- extended attributes ---------------------------------------------------------------
 
-    def _op_setxattr(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
+    @_op(abi.Opcode.SETXATTR, tail=True)
+    def _setxattr(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, rest: RequestReader
+    ) -> None:
+        # The layout depends on what INIT agreed: SETXATTR_EXT adds a flags word.
         if self.flags & abi.InitFlag.SETXATTR_EXT:
-            size, flags, setxattr_flags, _ = abi.SETXATTR_IN.struct.unpack_from(body)
-            pos = abi.SETXATTR_IN.size
+            size, flags, setxattr_flags, _ = abi.SETXATTR_IN.struct.unpack_from(
+                rest.read(abi.SETXATTR_IN.size)
+            )
         else:
-            size, flags = abi.GETXATTR_IN.struct.unpack_from(body)
-            setxattr_flags, pos = 0, abi.COMPAT_SETXATTR_IN_SIZE
-        name, pos = _name(body, pos)
-        value = bytes(body[pos : pos + size])
+            size, flags = abi.GETXATTR_IN.struct.unpack_from(rest.read(abi.GETXATTR_IN.size))
+            setxattr_flags = 0
+        raw = bytes(rest.read(rest.remaining))
+        (name,) = _names(raw, 1)
+        value = raw[len(name) + 1 : len(name) + 1 + size]
         if len(value) != size:
             raise MalformedRequest("xattr value shorter than its size")
         self.fs.setxattr(ctx, nodeid, name, value, flags, setxattr_flags)
-        return 0
 
     def _sized_reply(self, out: ReplyWriter, size: int, value: bytes) -> None:
         """The getxattr/listxattr convention: size 0 asks for the length only."""
@@ -892,48 +1110,97 @@ class Server:
         else:
             out.write(value)
 
-    def _op_getxattr(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        size, _ = abi.GETXATTR_IN.struct.unpack_from(body)
-        name, _ = _name(body, abi.GETXATTR_IN.size)
+    @_op(abi.Opcode.GETXATTR, abi.GETXATTR_IN, names=1)
+    def _getxattr(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        size: int,
+        padding: int,
+        name: bytes,
+    ) -> None:
         self._sized_reply(out, size, self.fs.getxattr(ctx, nodeid, name))
-        return 0
 
-    def _op_listxattr(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        size, _ = abi.GETXATTR_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.LISTXATTR, abi.GETXATTR_IN)
+    def _listxattr(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, size: int, padding: int
+    ) -> None:
         names = self.fs.listxattr(ctx, nodeid)
         self._sized_reply(out, size, b"".join(n + b"\0" for n in names))
-        return 0
 
-    def _op_removexattr(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        self.fs.removexattr(ctx, nodeid, _name(body, 0)[0])
-        return 0
+    @_op(abi.Opcode.REMOVEXATTR, names=1)
+    def _removexattr(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes
+    ) -> None:
+        self.fs.removexattr(ctx, nodeid, name)
 
     # --- locks -----------------------------------------------------------------------------
 
-    def _op_getlk(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, owner, start, end, ltype, pid, _, _ = abi.LK_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.GETLK, abi.LK_IN, reply=abi.LK_OUT)
+    def _getlk(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        owner: int,
+        start: int,
+        end: int,
+        ltype: int,
+        pid: int,
+        lk_flags: int,
+        padding: int,
+    ) -> None:
         lock = self.fs.getlk(ctx, nodeid, fh, owner, Lock(start, end, ltype, pid))
         out.pack(abi.LK_OUT.struct, lock.start, lock.end, lock.type, lock.pid)
-        return 0
 
-    def _setlk(self, ctx: Context, nodeid: int, body: Any, token: Any, sleep: bool) -> int:
-        fh, owner, start, end, ltype, pid, lk_flags, _ = abi.LK_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.SETLK, abi.LK_IN)
+    def _setlk(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        owner: int,
+        start: int,
+        end: int,
+        ltype: int,
+        pid: int,
+        lk_flags: int,
+        padding: int,
+    ) -> None:
+        lock = Lock(start, end, ltype, pid)
+        self.fs.setlk(ctx, nodeid, fh, owner, lock, False, bool(lk_flags & abi.LK_FLOCK))
+
+    @_op(abi.Opcode.SETLKW, abi.LK_IN)
+    def _setlkw(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        owner: int,
+        start: int,
+        end: int,
+        ltype: int,
+        pid: int,
+        lk_flags: int,
+        padding: int,
+    ) -> int | None:
         lock = Lock(start, end, ltype, pid)
         flock = bool(lk_flags & abi.LK_FLOCK)
-        if not sleep or self.deferred_reply is None:
-            self.fs.setlk(ctx, nodeid, fh, owner, lock, sleep, flock)
-            return 0
+        later = self.caps.later
+        if later is None:
+            self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
+            return None
         try:
             self.fs.setlk(ctx, nodeid, fh, owner, lock, False, flock)
-            return 0
+            return None
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
@@ -942,83 +1209,124 @@ class Server:
         unique = ctx.unique
         waiters = self.lock_waiters
         if not waiters.reserve():
-            log.warning("request %d: %d lock waits already; ENOLCK", unique, self.lock_waiters.size)
+            log.warning("request %d: %d lock waits already; ENOLCK", unique, waiters.size)
             raise OSError(errno.ENOLCK, "too many lock waits")
         try:
-            deliver = self.deferred_reply(token)
+            completion = later(token)
         except BaseException:
             waiters.unreserve()
             raise
         self._waiting[unique] = ctx
 
         def wait() -> None:
+            error = 0
             try:
                 self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
-                reply = self.reply_bytes(unique)
             except OSError as e:
-                reply = self.reply_bytes(unique, e.errno or errno.EIO)
+                error = e.errno or errno.EIO
             except Exception:
                 log.exception("blocking lock request %d failed", unique)
-                reply = self.reply_bytes(unique, errno.EIO)
+                error = errno.EIO
             finally:
                 self._inflight.pop(unique, None)
                 self._waiting.pop(unique, None)
-            deliver(reply)
+            reply = ReplyWriter(completion.writable)
+            completion.complete(reply.finish(_OUT_HEADER, -error, unique))
 
         waiters.run(wait)
-        return DEFERRED
-
-    def _op_setlk(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, token: Any
-    ) -> int:
-        return self._setlk(ctx, nodeid, body, token, False)
-
-    def _op_setlkw(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, token: Any
-    ) -> int:
-        return self._setlk(ctx, nodeid, body, token, True)
+        return _LATER
 
     # --- DAX window ------------------------------------------------------------------------
 
-    def _op_setupmapping(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, foffset, length, flags, moffset = abi.SETUPMAPPING_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.SETUPMAPPING, abi.SETUPMAPPING_IN)
+    def _setupmapping(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        foffset: int,
+        length: int,
+        flags: int,
+        moffset: int,
+    ) -> None:
         self.fs.setupmapping(ctx, nodeid, fh, foffset, length, flags, moffset)
-        return 0
 
-    def _op_removemapping(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        (count,) = abi.REMOVEMAPPING_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.REMOVEMAPPING, abi.REMOVEMAPPING_IN, tail=True)
+    def _removemapping(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        count: int,
+        rest: RequestReader,
+    ) -> None:
         size = abi.REMOVEMAPPING_ONE.size
-        base = abi.REMOVEMAPPING_IN.size
-        if count > MAX_BATCH or base + count * size > len(body):
-            raise MalformedRequest(f"REMOVEMAPPING of {count} ranges in {len(body)} bytes")
+        if count > MAX_BATCH or count * size > rest.remaining:
+            raise MalformedRequest(f"REMOVEMAPPING of {count} ranges in {rest.remaining} bytes")
+        raw = rest.read(count * size)
         unpack = abi.REMOVEMAPPING_ONE.struct.unpack_from
-        self.fs.removemapping(ctx, [unpack(body, base + i * size) for i in range(count)])
-        return 0
+        self.fs.removemapping(ctx, [unpack(raw, i * size) for i in range(count)])
 
     # --- the rest --------------------------------------------------------------------------
 
-    def _op_bmap(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
-        block, blocksize, _ = abi.BMAP_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.BMAP, abi.BMAP_IN, reply=abi.BMAP_OUT)
+    def _bmap(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        block: int,
+        blocksize: int,
+        padding: int,
+    ) -> None:
         out.pack(abi.BMAP_OUT.struct, self.fs.bmap(ctx, nodeid, blocksize, block))
-        return 0
 
-    def _op_poll(self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any) -> int:
-        fh, kh, flags, events = abi.POLL_IN.struct.unpack_from(body)
+    @_op(abi.Opcode.POLL, abi.POLL_IN, reply=abi.POLL_OUT)
+    def _poll(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        kh: int,
+        flags: int,
+        events: int,
+    ) -> None:
         out.pack(abi.POLL_OUT.struct, self.fs.poll(ctx, nodeid, fh, kh, flags, events), 0)
-        return 0
 
-    def _op_ioctl(
-        self, ctx: Context, nodeid: int, body: Any, reader: Any, out: Any, _t: Any
-    ) -> int:
-        fh, flags, cmd, arg, in_size, out_size = abi.IOCTL_IN.struct.unpack_from(body)
-        data = bytes(body[abi.IOCTL_IN.size : abi.IOCTL_IN.size + in_size])
+    @_op(abi.Opcode.IOCTL, abi.IOCTL_IN, tail=True, reply=abi.IOCTL_OUT)
+    def _ioctl(
+        self,
+        ctx: Context,
+        nodeid: int,
+        out: ReplyWriter,
+        token: Any,
+        fh: int,
+        flags: int,
+        cmd: int,
+        arg: int,
+        in_size: int,
+        out_size: int,
+        rest: RequestReader,
+    ) -> None:
+        data = bytes(rest.read(min(in_size, rest.remaining)))
         # Ask the file system for no more data than fits after the fixed part.
         out_size = min(out_size, out.space() - abi.IOCTL_OUT.size)
         result, reply = self.fs.ioctl(ctx, nodeid, fh, flags, cmd, arg, data, out_size)
         out.pack(abi.IOCTL_OUT.struct, result, 0, 0, 0)
         out.write(reply[:out_size])
-        return 0
+
+
+#: The opcodes the server serves, and how each is decoded and answered.
+OPS: dict[int, Op] = {opcode: spec for opcode, (spec, _) in sorted(_OPS.items())}
+#: Writable bytes each opcode's reply needs before the request may run (0: never replies, or
+#: unknown opcode).
+REPLY_ROOM = [0] * 64
+for _opcode, _spec in OPS.items():
+    REPLY_ROOM[_opcode] = _spec.room
+del _opcode, _spec

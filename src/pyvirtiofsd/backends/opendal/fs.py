@@ -50,7 +50,6 @@ from ...fuse.filesystem import (
     Attr,
     ConnectionInfo,
     Context,
-    DirBuffer,
     Entry,
     Filesystem,
     Opened,
@@ -80,7 +79,7 @@ from .staging import Blob, BlobCache
 from .store import Listed, Stat, Store, parent_of
 
 if TYPE_CHECKING:
-    from ...fuse.buffers import ReplyWriter, WriteData
+    from ...fuse.buffers import DirBuffer, ReplyWriter, WriteData
 
 log = logging.getLogger(__name__)
 
