@@ -14,9 +14,9 @@ from collections.abc import Callable
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient, decode_reply, direct, encode_request
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock
 from pyvirtiofsd.fuse.server import DEFERRED, LockWaiters, Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, direct, encode_request
 
 from .memfs import MemFs
 

@@ -922,10 +922,10 @@ def benchmark(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m pyvirtiofsd.vhost_user.frontend SOCKET``: drive a test-device daemon."""
+    """``python -m pyvirtiofsd.testing.frontend SOCKET``: drive a test-device daemon."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.vhost_user.frontend")
+    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.testing.frontend")
     p.add_argument("socket_path")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--depth", type=int, action="append", help="chains per kick (repeatable)")

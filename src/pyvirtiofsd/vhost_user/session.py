@@ -1,6 +1,6 @@
-"""The vhost-user back-end protocol state machine, sans I/O.
+"""One front-end's vhost-user session: the back-end's protocol state machine, sans I/O.
 
-:class:`VhostUserBackend` takes one decoded :class:`~.messages.Message` at a time (with the
+:class:`Session` takes one decoded :class:`~.messages.Message` at a time (with the
 fds that came with it), updates the device state (features, memory table, rings, config,
 status) and returns the reply bytes to send, if any. It never touches the socket; the
 queue workers sit behind the small :class:`QueueRunner` interface, so the whole protocol
@@ -60,7 +60,7 @@ from pyvirtiofsd.virtio.queue import (
     SplitQueue,
 )
 
-__all__ = ["ChannelFactory", "QueueRunner", "RequestError", "VhostUserBackend"]
+__all__ = ["ChannelFactory", "QueueRunner", "RequestError", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
 
-class VhostUserBackend:
+class Session:
     """Protocol state of one front-end connection serving one :class:`VirtioDevice`."""
 
     def __init__(

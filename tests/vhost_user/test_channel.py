@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvirtiofsd.vhost_user.backend_channel import BackendChannel, BackendChannelError
+from pyvirtiofsd.vhost_user.channel import BackendChannel, BackendChannelError
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
     VHOST_USER_FLAG_REPLY,
