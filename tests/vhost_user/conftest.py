@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +49,17 @@ class Daemon:
 
 
 DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected Unix socket pair (front-end end, back-end end), closed after the test."""
+    frontend, backend = socket.socketpair()
+    try:
+        yield frontend, backend
+    finally:
+        frontend.close()
+        backend.close()
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from pyvirtiofsd.vhost_user.messages import (
     encode_mem_table,
     encode_single_region,
     encode_u64,
+    request_flags,
 )
 from pyvirtiofsd.vhost_user.session import Session
 from pyvirtiofsd.vhost_user.vring import Vring
@@ -105,7 +106,7 @@ class Harness:
         flags: int | None = None,
     ) -> Message | None:
         if flags is None:
-            flags = 1 | (8 if need_reply else 0)
+            flags = request_flags(need_reply=need_reply)
         out = self.session.handle(Message(request, flags, payload, list(fds)))
         if out is None:
             return None

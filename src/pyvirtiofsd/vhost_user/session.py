@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pyvirtiofsd.vhost_user.messages import (
+    OWN_REPLY,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
     FrontendReq,
@@ -94,20 +95,6 @@ ChannelFactory = Callable[[int, int], SharedMemoryMapper]
 class RequestError(Exception):
     """A well-formed request that we refuse (bad index, wrong state, unsupported)."""
 
-
-# Requests whose reply carries a payload of its own, sent even when they fail.
-_OWN_REPLY = frozenset(
-    {
-        FrontendReq.GET_FEATURES,
-        FrontendReq.GET_PROTOCOL_FEATURES,
-        FrontendReq.GET_VRING_BASE,
-        FrontendReq.GET_QUEUE_NUM,
-        FrontendReq.GET_CONFIG,
-        FrontendReq.GET_MAX_MEM_SLOTS,
-        FrontendReq.GET_STATUS,
-        FrontendReq.GET_SHMEM_CONFIG,
-    }
-)
 
 # Requests of features we never offer whose senders wait for a u64: answer "failed".
 _U64_REFUSAL = frozenset(
@@ -230,7 +217,7 @@ class Session:
             msg.close_fds()
         if reply is not None:
             return encode_reply(msg.request, reply)
-        if msg.request in _OWN_REPLY:
+        if msg.request in OWN_REPLY:
             return encode_reply(msg.request)
         if msg.request in _U64_REFUSAL:
             return encode_reply(msg.request, encode_u64(1))
