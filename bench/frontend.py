@@ -44,9 +44,9 @@ from pathlib import Path
 from common import cpu_seconds
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient
 from pyvirtiofsd.fuse.filesystem import ROOT
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend
+from pyvirtiofsd.testing.fuse_client import FuseClient
 from pyvirtiofsd.virtio.chain import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from pyvirtiofsd.virtio.chain import VRING_DESC_F_WRITE as WRITE_FLAG
 from pyvirtiofsd.vm import assets

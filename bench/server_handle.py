@@ -17,8 +17,8 @@ import timeit
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient, direct, encode_request
 from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct, encode_request
 
 
 def main() -> None:

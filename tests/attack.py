@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import decode_reply, encode_request
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
-from pyvirtiofsd.vhost_user.frontend_dax import FrontendDaxWindow
+from pyvirtiofsd.testing.dax_window import FrontendDaxWindow
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
 from pyvirtiofsd.vhost_user.messages import BackendReq, Message, ProtocolFeature
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 

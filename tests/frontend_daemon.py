@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient
 from pyvirtiofsd.fuse.filesystem import ROOT
-from pyvirtiofsd.vhost_user.frontend import Frontend
-from pyvirtiofsd.vhost_user.frontend_dax import FrontendDaxWindow
+from pyvirtiofsd.testing.dax_window import FrontendDaxWindow
+from pyvirtiofsd.testing.frontend import Frontend
+from pyvirtiofsd.testing.fuse_client import FuseClient
 from pyvirtiofsd.vhost_user.messages import ProtocolFeature
 
 #: Window size for the front-end when the daemon offers none (never mapped into then).

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient
 from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.testing.fuse_client import FuseClient
 
 Op = abi.Opcode
 HEADER = abi.OUT_HEADER.size

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.fuse_client import FuseClient
 
 REPO = Path(__file__).resolve().parent.parent
 DESCRIPTOR = REPO / "share" / "qemu" / "vhost-user" / "50-pyvirtiofsd.json"

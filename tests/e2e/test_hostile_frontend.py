@@ -1,6 +1,6 @@
 """A hostile front-end against the real daemon: ``python -m pyvirtiofsd`` serving a directory.
 
-The project's own Python front-end (:mod:`pyvirtiofsd.vhost_user.frontend`) plays QEMU and the
+The project's own Python front-end (:mod:`pyvirtiofsd.testing.frontend`) plays QEMU and the
 guest driver, and :class:`FuseClient` builds the valid FUSE traffic. Each test sends something
 malformed at one layer (vhost-user messages, virtqueue descriptors, FUSE requests), checks that
 it was refused, dropped or answered with an error and logged, and then that the next valid FUSE
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient, decode_reply, encode_request
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, encode_request
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
     MAX_PAYLOAD,

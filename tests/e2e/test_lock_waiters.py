@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import decode_reply, encode_request
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import MAX_LOCK_WAITERS
+from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
 
 from ..frontend_daemon import finish, start
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import decode_reply, encode_request
+from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
 
 from ..frontend_daemon import Setup, finish, start
 from ..reply_room import CASES, HEADER, Env, host_state

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient, encode_request
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend
+from pyvirtiofsd.testing.fuse_client import FuseClient, encode_request
 from pyvirtiofsd.vhost_user.messages import FrontendReq, VringState
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 

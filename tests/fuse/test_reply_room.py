@@ -19,8 +19,8 @@ import pytest
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient, decode_reply, direct, encode_request
 from pyvirtiofsd.fuse.server import OPS, Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, direct, encode_request
 
 from ..reply_room import CASES, HEADER, NO_REPLY, Env, host_state
 

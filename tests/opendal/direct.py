@@ -18,8 +18,8 @@ from typing import Any
 
 from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
 from pyvirtiofsd.backends.passthrough import CachePolicy
-from pyvirtiofsd.fuse.client import FuseClient, direct
 from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 
 from .conftest import Service, StoreView
 

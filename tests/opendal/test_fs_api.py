@@ -343,3 +343,29 @@ def test_cache_keeps_a_bounded_number_of_files(tmp_path: Path) -> None:
     assert len(fs.inodes) == 1
     fs.shutdown()
     assert not os.path.exists(fs.cache.dir)
+
+
+def test_releasedir_of_a_file_handle_leaves_it_to_release(tmp_path: Path) -> None:
+    """RELEASEDIR with a file's handle took it out of the table as if it were a directory's:
+    the later RELEASE was EBADF and what the file held (its writer count, its open local copy
+    and inode) was never let go. Each kind of handle ends only with its own release."""
+    op = opendal.Operator("memory")
+    fs = make_fs(tmp_path, op)
+    entry, opened = fs.create(CTX, ROOT, b"f", 0o644, os.O_RDWR, 0, False)
+    write(fs, entry.ino, opened.fh, 0, b"data")
+    fs.releasedir(CTX, ROOT, opened.fh, 0)
+    assert read(fs, entry.ino, opened.fh, 0, 4) == b"data"
+    fs.release(CTX, entry.ino, opened.fh, os.O_RDWR, 0, True, False)
+    assert bytes(op.read("f")) == b"data"
+    blob = fs.cache.peek("f")
+    assert blob is None or (blob.writers == 0 and blob.opens == 0)
+    # And a directory's handle is no file's: RELEASE of it is EBADF and leaves it usable.
+    d = fs.opendir(CTX, ROOT, 0)
+    with pytest.raises(OSError) as e:
+        fs.release(CTX, ROOT, d.fh, 0, 0, False, False)
+    assert e.value.errno == errno.EBADF
+    out = ReplyWriter([memoryview(bytearray(4096))])
+    fs.readdir(CTX, ROOT, d.fh, 0, DirBuffer(out, 4096, plus=False))
+    assert out.length > ReplyWriter.HEADER
+    fs.releasedir(CTX, ROOT, d.fh, 0)
+    fs.shutdown()

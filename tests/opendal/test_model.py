@@ -41,8 +41,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from pyvirtiofsd.backends.passthrough import CachePolicy
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient
 from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.testing.fuse_client import FuseClient
 
 from .conftest import DirView, NoView, S3View, Service, s3_options
 from .direct import Direct, serve

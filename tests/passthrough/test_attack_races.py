@@ -51,8 +51,8 @@ from hypothesis.stateful import (
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import direct
 from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.testing.fuse_client import direct
 
 from ..attack import (
     ROOT,
@@ -83,14 +83,14 @@ class DirectGuest(Guest):
     def call(
         self, opcode: int, nodeid: int, payload: bytes = b"", reply_size: int = 4096, **kw: Any
     ) -> Reply:
-        from pyvirtiofsd.fuse.client import encode_request
+        from pyvirtiofsd.testing.fuse_client import encode_request
 
         unique = self._next()
         raw = self._transact(encode_request(opcode, nodeid, payload, unique, **kw), reply_size + 16)
         return self._decode(raw)
 
     def send(self, opcode: int, nodeid: int, payload: bytes = b"") -> None:
-        from pyvirtiofsd.fuse.client import encode_request
+        from pyvirtiofsd.testing.fuse_client import encode_request
 
         self._transact(encode_request(opcode, nodeid, payload, self._next()), 0)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
-from pyvirtiofsd.fuse.client import FuseClient, direct
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import pytest
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.client import FuseClient, decode_reply, direct, encode_request
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, direct, encode_request
 
 
 def _seeds(fh: int, ino: int, dir_fh: int) -> list[tuple[int, int, bytes]]:

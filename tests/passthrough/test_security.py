@@ -29,9 +29,9 @@ import pytest
 from pyvirtiofsd.backends.passthrough import FileHandles, PassthroughConfig, PassthroughFs, locks
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
-from pyvirtiofsd.fuse.client import FuseClient, direct
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server, TransportCaps
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
 

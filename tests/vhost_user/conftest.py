@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.vhost_user.device import serve
-from pyvirtiofsd.vhost_user.frontend import Frontend
-from pyvirtiofsd.virtio.testdevice import UppercaseDevice
+from pyvirtiofsd.testing.frontend import Frontend
+from pyvirtiofsd.testing.testdevice import UppercaseDevice
+from pyvirtiofsd.vhost_user.runner import VhostUserServer
 
 
 class Daemon:
@@ -19,22 +20,19 @@ class Daemon:
         self.device = device
         self.served: Sequence[int] | None = None
         self.error: BaseException | None = None
-        ready = threading.Event()
-        self.thread = threading.Thread(
-            target=self._run, args=(thread_pool_size, ready), name="daemon", daemon=True
+        # The socket listens once the server is made: a front-end can connect right away.
+        self.server = VhostUserServer(
+            device, socket_path=self.path, thread_pool_size=thread_pool_size
         )
+        self.thread = threading.Thread(target=self._run, name="daemon", daemon=True)
         self.thread.start()
-        assert ready.wait(5)
         self.frontends: list[Frontend] = []
 
-    def _run(self, thread_pool_size: int, ready: threading.Event) -> None:
+    def _run(self) -> None:
         try:
-            self.served = serve(
-                self.device, socket_path=self.path, thread_pool_size=thread_pool_size, ready=ready
-            )
+            self.served = self.server.run()
         except BaseException as e:  # surfaced by the fixture
             self.error = e
-            ready.set()
 
     def connect(self) -> Frontend:
         fe = Frontend.connect(self.path, timeout=10)
@@ -51,6 +49,17 @@ class Daemon:
 
 
 DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected Unix socket pair (front-end end, back-end end), closed after the test."""
+    frontend, backend = socket.socketpair()
+    try:
+        yield frontend, backend
+    finally:
+        frontend.close()
+        backend.close()
 
 
 @pytest.fixture

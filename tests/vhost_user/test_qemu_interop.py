@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.vhost_user.device import serve
-from pyvirtiofsd.virtio.testdevice import UppercaseDevice
+from pyvirtiofsd.testing.testdevice import UppercaseDevice
+from pyvirtiofsd.vhost_user.runner import VhostUserServer
 
 vm_assets = pytest.importorskip("pyvirtiofsd.vm.assets")
 vm_guest = pytest.importorskip("pyvirtiofsd.vm.guest")
@@ -36,13 +36,10 @@ def _run(
     tmp_path: Path, flavor: str, device: UppercaseDevice, *, generic: bool
 ) -> tuple[Sequence[int], str]:
     sock = str(tmp_path / "fs.sock")
-    ready = threading.Event()
+    server = VhostUserServer(device, socket_path=sock)
     served: list[Sequence[int]] = []
-    t = threading.Thread(
-        target=lambda: served.append(serve(device, socket_path=sock, ready=ready)), daemon=True
-    )
+    t = threading.Thread(target=lambda: served.append(server.run()), daemon=True)
     t.start()
-    assert ready.wait(5)
     fs = vm_guest.FsDevice(socket=sock, tag=TAG.decode(), generic=generic)
     script = "timeout 20 " + fs.mount_command("/mnt/x") + " 2>&1; true\n"
     result = vm_guest.run_guest(script, [fs], qemu=flavor, memory_mb=512, smp=1, timeout=180)

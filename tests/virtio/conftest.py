@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, GuestRam
+from pyvirtiofsd.testing.frontend import DriverQueue, GuestRam
 from pyvirtiofsd.virtio.memory import GuestMemory, MappedRegion, RegionSpec
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pyvirtiofsd.vhost_user.frontend import GuestRam
+from pyvirtiofsd.testing.frontend import GuestRam
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion, RegionSpec
 
 from .conftest import map_ram

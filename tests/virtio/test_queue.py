@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, GuestRam
+from pyvirtiofsd.testing.frontend import DriverQueue, GuestRam
 from pyvirtiofsd.virtio.chain import VRING_DESC_F_NEXT, InvalidChain
 from pyvirtiofsd.virtio.memory import GuestMemory
 from pyvirtiofsd.virtio.queue import (

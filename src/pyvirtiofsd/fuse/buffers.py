@@ -60,8 +60,29 @@ class RequestReader:
         self._views = views
         self._index = 0
         self._offset = 0
-        total = sum(len(v) for v in views)
+        total = sum(map(len, views))
         self.remaining = total if length is None else min(length, total)
+
+    def take(self, size: int) -> tuple[Buffer, int]:
+        """The next ``size`` bytes as ``(buffer, offset)``, for ``unpack_from``: in place when
+        they lie in one view (nothing is sliced or copied), else a copy at offset 0."""
+        if size > self.remaining:
+            raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
+        views = self._views
+        index = self._index
+        if index < len(views):
+            view = views[index]
+            start = self._offset
+            end = start + size
+            if end <= len(view):
+                self.remaining -= size
+                if end == len(view):
+                    self._index = index + 1
+                    self._offset = 0
+                else:
+                    self._offset = end
+                return view, start
+        return self.read(size), 0
 
     def read(self, size: int) -> Buffer:
         """The next ``size`` bytes: a view when they lie in one buffer, else a copy."""

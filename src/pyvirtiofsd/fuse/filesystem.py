@@ -284,46 +284,6 @@ class DaxWindow(Protocol):
         ...
 
 
-def dax_map(
-    window: DaxWindow | None,
-    ino: int,
-    foffset: int,
-    length: int,
-    flags: int,
-    moffset: int,
-    open_fd: Callable[[bool], int],
-) -> None:
-    """SETUPMAPPING for a file system whose files have descriptors: ``open_fd(writable)``
-    opens one for the mapping (the window keeps its own copy; this closes it)."""
-    if window is None:
-        raise _enosys()
-    writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
-    fd = open_fd(writable)
-    try:
-        window.setup(fd, foffset, moffset, length, writable, ino)
-    finally:
-        os.close(fd)
-
-
-def dax_unmap(window: DaxWindow | None, ranges: Iterable[tuple[int, int]]) -> None:
-    if window is None:
-        raise _enosys()
-    window.remove(ranges)
-
-
-def dax_flush(window: DaxWindow | None, ino: int) -> None:
-    """What the guest wrote through the window goes to the file first (before the file is
-    synced, closed, uploaded, or read or written another way)."""
-    if window is not None and window.holds(ino):
-        window.flush(ino)
-
-
-def dax_resized(window: DaxWindow | None, ino: int, size: int) -> None:
-    """A file's size (or contents) changed: keep its mappings within it."""
-    if window is not None and window.holds(ino):
-        window.resized(ino, size)
-
-
 @dataclass(slots=True)
 class ConnectionInfo:
     """What the kernel offered at INIT, and what the transport can do beyond FUSE itself."""
@@ -364,6 +324,12 @@ class Filesystem:
 
     def destroy(self) -> None:
         """The connection ended (DESTROY, unmount, or the front-end went away)."""
+
+    def shutdown(self) -> None:
+        """The daemon is exiting: make what was written durable and give back every resource
+        (descriptors, staging files). Called once, after the transport has ended; requests
+        stuck in the file system may still be running (the daemon waits a grace period for
+        this call, then exits without it)."""
 
     # --- names and inodes ----------------------------------------------------------------
 

@@ -343,11 +343,11 @@ class Server:
         reader = RequestReader(readable)
         total = reader.remaining
         try:
-            header = reader.read(_IN_SIZE)
+            buf, pos = reader.take(_IN_SIZE)
         except ShortBuffer:
             log.warning("request shorter than the FUSE header (%d bytes)", total)
             return self._error(out, errno.EINVAL, 0)
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(header)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(buf, pos)
         args_len = length - _IN_SIZE - extlen * 8
         if length > total or args_len < 0:
             log.warning(
@@ -383,7 +383,12 @@ class Server:
         inflight = self._inflight
         inflight[unique] = ctx
         try:
-            args = self._decode(op, reader, args_len)
+            layout = op.args
+            if layout is not None and args_len == layout.size and not op.names and not op.tail:
+                # Most requests: exactly their fixed arguments, unpacked in place.
+                args: Sequence[Any] = layout.unpack_from(*reader.take(args_len))
+            else:
+                args = self._decode(op, reader, args_len)
             if extlen and not op.tail:
                 # Extensions follow the arguments (only create-like requests carry them).
                 reader.remaining = extlen * 8
@@ -420,7 +425,7 @@ class Server:
         else:
             size = layout.size
             if args_len >= size:
-                args = list(layout.unpack_from(reader.read(size)))
+                args = list(layout.unpack_from(*reader.take(size)))
                 used = size
             elif op.pad:
                 raw = bytes(reader.read(args_len)).ljust(size, b"\0")

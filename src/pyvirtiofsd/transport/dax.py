@@ -218,7 +218,7 @@ class MappingTable:
 
 
 class ShmemMapper(Protocol):
-    """The front-end's side: :class:`~pyvirtiofsd.vhost_user.backend_channel.BackendChannel`."""
+    """The front-end's side: :class:`~pyvirtiofsd.vhost_user.channel.BackendChannel`."""
 
     def shmem_map(
         self, shmid: int, fd: int, fd_offset: int, shm_offset: int, length: int, writable: bool

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..fuse.server import Server
 from ..vhost_user.connection import listen_unix
-from ..vhost_user.device import VhostUserDaemon
+from ..vhost_user.runner import VhostUserServer
 from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, defer
 from .dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
 
@@ -36,7 +36,7 @@ MIN_OFFERED_REQUEST_QUEUES = 8
 
 
 class VirtioFsDevice:
-    """virtio-fs (device id 26) for :class:`~pyvirtiofsd.vhost_user.device.VhostUserDaemon`."""
+    """virtio-fs (device id 26) for :class:`~pyvirtiofsd.vhost_user.runner.VhostUserServer`."""
 
     device_id = VIRTIO_ID_FS
     features = 0
@@ -170,7 +170,7 @@ def run_vhost_user(
     try:
         if listener is None and opts.socket_path is not None:
             listener = Listener(opts.socket_path, opts.socket_group)
-        daemon = VhostUserDaemon(
+        daemon = VhostUserServer(
             device,
             listener=listener.sock if listener is not None else None,
             listen_fd=opts.fd if listener is None else None,

@@ -1,17 +1,16 @@
 """The socket edge of the vhost-user back-end.
 
 Listening (on a path we create, or on an already-listening fd inherited from libvirt),
-accepting the one front-end, and the receive loop: ``recvmsg`` with SCM_RIGHTS into a
-:class:`~.messages.MessageParser`, each message through the state machine, each reply
-out with ``sendall``. The loop returns when the front-end disconnects; the daemon then
-exits, as virtiofsd does. It also returns, after a log line, when the front-end sends
+accepting the one front-end, and the receive loop: each message read with its fds
+(:func:`~.wire.recv_message`), put through the state machine, its reply sent back
+(:func:`~.wire.send_with_fds`). The loop returns when the front-end disconnects; the daemon
+then exits, as virtiofsd does. It also returns, after a log line, when the front-end sends
 something that can't be a vhost-user message (a header announcing a payload larger than any
 message has): nothing after it can be read in step.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -19,7 +18,8 @@ import socket
 import stat
 from typing import Protocol
 
-from pyvirtiofsd.vhost_user.messages import MAX_FDS, Message, MessageParser, MessageTooLarge
+from pyvirtiofsd.vhost_user.messages import Message, MessageTooLarge
+from pyvirtiofsd.vhost_user.wire import ClosedMidMessage, recv_message, send_with_fds
 
 __all__ = [
     "Connection",
@@ -27,12 +27,9 @@ __all__ = [
     "accept_frontend",
     "check_listener",
     "listen_unix",
-    "recv_with_fds",
 ]
 
 log = logging.getLogger(__name__)
-
-_FD_SIZE = array.array("i").itemsize
 
 
 class MessageHandler(Protocol):
@@ -80,63 +77,38 @@ def accept_frontend(listener: socket.socket) -> socket.socket:
     return sock
 
 
-def recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
-    """One ``recvmsg`` of up to ``size`` bytes and the fds that came with them."""
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
-    )
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _FD_SIZE
-            fds.extend(array.array("i", payload[:usable]))
-    if msg_flags & socket.MSG_CTRUNC:
-        # The kernel closed the fds that did not fit; the message they belong to will be
-        # refused for missing fds.
-        log.warning("vhost-user: more than %d fds in one message; extra fds dropped", MAX_FDS)
-    return data, fds
-
-
 class Connection:
     """Drives one front-end connection until it closes."""
 
     def __init__(self, sock: socket.socket, handler: MessageHandler) -> None:
         self.sock = sock
         self.handler = handler
-        self.parser = MessageParser()
 
     def run(self) -> None:
         """Serve requests until the front-end disconnects (or :meth:`shutdown`)."""
-        parser = self.parser
-        try:
-            while True:
+        while True:
+            try:
+                msg = recv_message(self.sock)
+            except MessageTooLarge as e:
+                log.error("vhost-user: %s; closing the connection", e)
+                return
+            except ClosedMidMessage:
+                log.warning("vhost-user: front-end closed mid-message")
+                log.info("vhost-user: front-end disconnected")
+                return
+            except OSError as e:
+                log.info("vhost-user: connection error: %s", e)
+                return
+            if msg is None:
+                log.info("vhost-user: front-end disconnected")
+                return
+            reply = self.handler.handle(msg)
+            if reply is not None:
                 try:
-                    data, fds = recv_with_fds(self.sock, parser.bytes_wanted())
-                except (ConnectionResetError, OSError) as e:
-                    log.info("vhost-user: connection error: %s", e)
+                    send_with_fds(self.sock, reply)
+                except OSError as e:
+                    log.info("vhost-user: reply failed, front-end gone: %s", e)
                     return
-                if not data:
-                    for fd in fds:
-                        os.close(fd)
-                    if not parser.idle:
-                        log.warning("vhost-user: front-end closed mid-message")
-                    log.info("vhost-user: front-end disconnected")
-                    return
-                try:
-                    parser.feed(data, fds)
-                except MessageTooLarge as e:
-                    log.error("vhost-user: %s; closing the connection", e)
-                    return
-                while (msg := parser.next_message()) is not None:
-                    reply = self.handler.handle(msg)
-                    if reply is not None:
-                        try:
-                            self.sock.sendall(reply)
-                        except OSError as e:
-                            log.info("vhost-user: reply failed, front-end gone: %s", e)
-                            return
-        finally:
-            parser.close()
 
     def shutdown(self) -> None:
         """Make :meth:`run` return (from another thread)."""

@@ -5,9 +5,12 @@ Every message is a 12-byte header ``u32 request | u32 flags | u32 size`` followe
 SCM_RIGHTS ancillary data with the first byte of the header. Flags hold the protocol
 version (1) in bits 0-1, REPLY in bit 2 and NEED_REPLY in bit 3.
 
-This module only turns bytes into values and back. :class:`MessageParser` reassembles
-messages from a byte stream (fed by whoever reads the socket); the payload classes decode
-and encode the fixed layouts. Decoding errors raise :class:`MessageError`.
+This module only turns bytes into values and back: :meth:`Message.encode` (and its
+shorthands :func:`encode_message`, :func:`encode_reply`) writes a message, the one place a
+header is packed; :class:`MessageParser` reassembles messages from a byte stream and checks
+each announced size before taking the payload; the payload classes decode and encode the fixed
+layouts. Decoding errors raise :class:`MessageError`. Moving messages and their fds over a
+socket is :mod:`.wire`'s job.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "MAX_FDS",
     "MAX_MEM_REGIONS",
     "MAX_PAYLOAD",
+    "OWN_REPLY",
     "VHOST_F_LOG_ALL",
     "VHOST_USER_FLAG_NEED_REPLY",
     "VHOST_USER_FLAG_REPLY",
@@ -53,6 +57,7 @@ __all__ = [
     "encode_single_region",
     "encode_u64",
     "protocol_mask",
+    "request_flags",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,6 +184,22 @@ class ProtocolFeature(enum.IntEnum):
     GET_VRING_BASE_SKIP_DRAIN = 23
 
 
+#: Requests whose reply carries a payload of its own: the back-end sends it even when the
+#: request fails, and never a REPLY_ACK status in its place.
+OWN_REPLY = frozenset(
+    {
+        FrontendReq.GET_FEATURES,
+        FrontendReq.GET_PROTOCOL_FEATURES,
+        FrontendReq.GET_VRING_BASE,
+        FrontendReq.GET_QUEUE_NUM,
+        FrontendReq.GET_CONFIG,
+        FrontendReq.GET_MAX_MEM_SLOTS,
+        FrontendReq.GET_STATUS,
+        FrontendReq.GET_SHMEM_CONFIG,
+    }
+)
+
+
 def protocol_mask(*bits: int) -> int:
     mask = 0
     for b in bits:
@@ -253,13 +274,19 @@ class Message:
         return HEADER.pack(self.request, self.flags, len(self.payload)) + self.payload
 
 
+def request_flags(*, need_reply: bool = False) -> int:
+    """The flags of a request (version 1), asking for a REPLY_ACK status with ``need_reply``."""
+    return VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if need_reply else 0)
+
+
 def encode_message(request: int, payload: bytes = b"", *, need_reply: bool = False) -> bytes:
-    flags = VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if need_reply else 0)
-    return HEADER.pack(request, flags, len(payload)) + payload
+    """A request, asking for a REPLY_ACK status with ``need_reply``."""
+    return Message(request, request_flags(need_reply=need_reply), payload).encode()
 
 
 def encode_reply(request: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(request, VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY, len(payload)) + payload
+    """The reply to ``request``."""
+    return Message(request, VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY, payload).encode()
 
 
 def encode_u64(value: int) -> bytes:

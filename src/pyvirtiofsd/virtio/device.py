@@ -1,9 +1,9 @@
 """The interface between a virtio device model and the transport that serves it.
 
-A device (virtio-fs, or the test device in :mod:`pyvirtiofsd.virtio.testdevice`) says how
+A device (virtio-fs, or the test device in :mod:`pyvirtiofsd.testing.testdevice`) says how
 many queues it has, which feature bits and config space it exposes, and gives one
 :data:`RequestHandler` per queue. The transport (the vhost-user runner in
-:mod:`pyvirtiofsd.vhost_user.device`) pops chains, calls the handler with the chain's
+:mod:`pyvirtiofsd.vhost_user.runner`) pops chains, calls the handler with the chain's
 buffers and returns the chain with the length the handler reports.
 
 Handlers run on the queue's worker thread, or on a pool thread when a pool is configured,

@@ -26,9 +26,9 @@ requests on any names and handles. The rules that keep what a name holds POSIX-t
   revalidating stat made under the lock can't be overtaken by an upload of our own.
 * Uploads hold the blob's ``commit_lock`` only (renames and unlinks take it before they move
   or end the blob's path); fetches of ranges hold nothing but pin what they read.
-* File handles are counted while a request uses them: RELEASE takes the handle out of the
-  table, waits until no READ, WRITE, FLUSH, FSYNC, SETATTR or mapping is using it, and only then
-  commits and drops the local copy.
+* File handles are counted while a request uses them (:mod:`..base`): RELEASE takes the
+  handle out of the table, waits until no READ, WRITE, FLUSH, FSYNC, SETATTR or mapping is
+  using it, and only then commits and drops the local copy.
 * FORGET touches memory only; a directory handle's lock is held only by readdirs of that
   handle.
 """
@@ -51,16 +51,12 @@ from ...fuse.filesystem import (
     ConnectionInfo,
     Context,
     Entry,
-    Filesystem,
     Opened,
     SetAttr,
     StatVfs,
-    dax_flush,
-    dax_map,
-    dax_resized,
-    dax_unmap,
 )
 from ...linux import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
+from ..base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
 from ..passthrough.config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy
 from .attrs import (
     Defaults,
@@ -95,29 +91,26 @@ _DT_UNKNOWN, _DT_DIR, _DT_REG, _DT_LNK = 0, 4, 8, 10
 _CREATE_TRIES = 5
 
 
-def _err(code: int, what: str = "") -> OSError:
-    return OSError(code, what or os.strerror(code))
-
-
 def _dtype(mode: int) -> int:
     return stat.S_IFMT(mode) >> 12
 
 
-class _FileHandle:
-    __slots__ = ("append", "blob", "closing", "node", "users", "writable")
+class _FileHandle(Handle):
+    """An open file: RELEASE waits until no request uses it, then commits and lets the local
+    copy go (:meth:`HandleTable.remove_idle`)."""
+
+    __slots__ = ("append", "blob", "node", "writable")
 
     def __init__(self, node: Node, blob: Blob, writable: bool, append: bool) -> None:
         self.node = node
         self.blob = blob
         self.writable = writable
         self.append = append
-        #: Requests using the handle right now; RELEASE waits for them to finish.
-        self.users = 0
-        #: Released: out of the table, torn down once ``users`` is zero.
-        self.closing = False
 
 
-class _DirHandle:
+class _DirHandle(Handle):
+    """An open directory: a listing in progress, which holds nothing to close."""
+
     __slots__ = ("changes", "lock", "node", "peeked", "pos", "source")
 
     def __init__(self, node: Node) -> None:
@@ -132,7 +125,7 @@ class _DirHandle:
         self.changes = 0
 
 
-class OpendalFs(Filesystem):
+class OpendalFs(Backend):
     def __init__(self, config: OpendalConfig, operator: object | None = None) -> None:
         self.cfg = config
         op = operator if operator is not None else config.build_operator()
@@ -151,11 +144,7 @@ class OpendalFs(Filesystem):
         self.inodes = InodeTable(self._dir_meta("", None))
         self.cache = BlobCache(config.cache_parent(), config.cache_bytes)
         self.names = NameLocks()
-        self._handles: dict[int, _FileHandle | _DirHandle] = {}
-        self._fh_lock = threading.Lock()
-        #: Signalled when a released handle's last user is done.
-        self._fh_idle = threading.Condition(self._fh_lock)
-        self._next_fh = 1
+        self._handles: HandleTable[_FileHandle | _DirHandle] = HandleTable()
         #: Bumped by every change we make in the store (commit, create, unlink, rename): a
         #: listing taken before a change no longer describes the objects it names.
         self._changes = 0
@@ -197,33 +186,32 @@ class OpendalFs(Filesystem):
     def shutdown(self) -> None:
         """The daemon is exiting: upload what is pending, then remove the staging files."""
         self.commit_all()
-        with self._fh_lock:
-            self._handles.clear()
+        self._handles.remove_all()
         self.cache.close()
 
     # --- helpers ---------------------------------------------------------------------------
 
     def _rofs(self) -> None:
         if self.cfg.readonly:
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
 
     def _name(self, name: bytes) -> str:
         if not name or b"/" in name or name in (b".", b".."):
-            raise _err(errno.EINVAL, "invalid name")
+            raise oserror(errno.EINVAL, "invalid name")
         if len(name) > NAME_MAX:
-            raise _err(errno.ENAMETOOLONG)
+            raise oserror(errno.ENAMETOOLONG)
         try:
             return name.decode("utf-8")
         except UnicodeDecodeError:
             # Object keys are UTF-8 strings.
-            raise _err(errno.EINVAL, "name is not UTF-8") from None
+            raise oserror(errno.EINVAL, "name is not UTF-8") from None
 
     def _dir(self, ino: int) -> Node:
         node = self.inodes.get(ino)
         if not node.is_dir:
-            raise _err(errno.ENOTDIR)
+            raise oserror(errno.ENOTDIR)
         if is_unlinked(node):
-            raise _err(errno.ENOENT)
+            raise oserror(errno.ENOENT)
         return node
 
     def _expiry(self) -> float:
@@ -267,37 +255,26 @@ class OpendalFs(Filesystem):
         open for writing."""
         return blob is not None and (blob.dirty or not blob.stored or blob.writers > 0 or blob.dax)
 
-    def _new_fh(self, h: _FileHandle | _DirHandle) -> int:
-        with self._fh_lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = h
-        return fh
-
     def _take(self, fh: int | None) -> _FileHandle | None:
-        with self._fh_lock:
-            h = self._handles.get(fh) if fh is not None else None
-            if not isinstance(h, _FileHandle):
-                return None
-            h.users += 1
-            return h
-
-    def _done(self, h: _FileHandle) -> None:
-        with self._fh_lock:
-            h.users -= 1
-            if h.closing and h.users == 0:
-                self._fh_idle.notify_all()
+        """The file handle ``fh``, counted as in use (until ``self._handles.done()``); None for
+        no handle, an unknown one or a directory's."""
+        h = self._handles.use_if(fh)
+        if h is not None and not isinstance(h, _FileHandle):
+            self._handles.done(h)
+            return None
+        return h
 
     @contextmanager
     def _using(self, fh: int) -> Iterator[_FileHandle]:
-        """The file handle ``fh``, counted as in use for the ``with`` block."""
+        """The file handle ``fh``, counted as in use for the ``with`` block (EBADF when there
+        is none)."""
         h = self._take(fh)
         if h is None:
-            raise _err(errno.EBADF)
+            raise oserror(errno.EBADF)
         try:
             yield h
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     @contextmanager
     def _maybe_using(self, fh: int | None) -> Iterator[_FileHandle | None]:
@@ -308,7 +285,7 @@ class OpendalFs(Filesystem):
             yield h
         finally:
             if h is not None:
-                self._done(h)
+                self._handles.done(h)
 
     def _changed(self) -> None:
         # Only ever compared for inequality: an increment lost to a race still changes it.
@@ -328,12 +305,6 @@ class OpendalFs(Filesystem):
                 if node.path == path:
                     yield path
                     return
-
-    def _dir_handle(self, fh: int) -> _DirHandle:
-        h = self._handles.get(fh)
-        if not isinstance(h, _DirHandle):
-            raise _err(errno.EBADF)
-        return h
 
     def _keep_dir(self, node: Node) -> None:
         """Make sure ``node``'s directory has a marker object before an entry leaves it: a
@@ -357,7 +328,7 @@ class OpendalFs(Filesystem):
         if entry is None:
             if self._timeout > 0:
                 return Entry.negative(self._timeout)
-            raise _err(errno.ENOENT)
+            raise oserror(errno.ENOENT)
         return entry
 
     def _ref_dir(self, dirpath: str) -> Entry:
@@ -431,7 +402,7 @@ class OpendalFs(Filesystem):
             return meta
         st = self.store.stat_object(node.path)
         if st is None or st.is_dir:
-            raise _err(errno.ENOENT)
+            raise oserror(errno.ENOENT)
         meta = self._file_meta(node.path, st)
         node.meta, node.expires = meta, self._expiry()
         return meta
@@ -441,7 +412,7 @@ class OpendalFs(Filesystem):
             return node.meta
         st = self.store.stat_dir(node.path)
         if st is None and not self.cache.has_unstored(node.path):
-            raise _err(errno.ENOENT)
+            raise oserror(errno.ENOENT)
         meta = self._dir_meta(node.path, st.last_modified_ns if st else None)
         node.meta, node.expires = meta, self._expiry()
         return meta
@@ -457,7 +428,7 @@ class OpendalFs(Filesystem):
         node = self.inodes.get(ino)
         if node.is_dir:
             if changes.size is not None:
-                raise _err(errno.EISDIR)
+                raise oserror(errno.EISDIR)
             with self.names.hold(node.path):
                 meta = self._dir_node_meta(node)
                 new = _apply(meta, changes)
@@ -466,7 +437,7 @@ class OpendalFs(Filesystem):
                     node.meta = new
             return self._attr(node, new), self._timeout
         if changes.size is not None and node.kind != stat.S_IFREG:
-            raise _err(errno.EINVAL)
+            raise oserror(errno.EINVAL)
         with self._maybe_using(changes.fh) as h:
             blob = h.blob if h is not None and h.node is node else None
             return self._setattr_file(node, blob, changes)
@@ -478,7 +449,7 @@ class OpendalFs(Filesystem):
         try:
             with self._node_locked(node) as path:
                 if path is None and blob is None and changes.size is not None:
-                    raise _err(errno.ENOENT)
+                    raise oserror(errno.ENOENT)
                 if blob is None and path is not None and self._local_state(self.cache.peek(path)):
                     # Being written through another open file (the kernel sends no fh for
                     # fchmod or futimens): the change joins what that file will commit.
@@ -504,7 +475,7 @@ class OpendalFs(Filesystem):
                     held = True
                 if changes.size is not None:
                     blob.truncate(changes.size)
-                    self._resized(node, changes.size)
+                    dax_resized(self._conn.dax_window, node.ino, changes.size)
                 if attrs_changed:
                     blob.set_meta(new, dirty=self.store.user_metadata)
                 # A file open for writing takes the change up with its next flush (at the
@@ -523,9 +494,9 @@ class OpendalFs(Filesystem):
     def readlink(self, ctx: Context, ino: int) -> bytes:
         node = self.inodes.get(ino)
         if node.kind != stat.S_IFLNK:
-            raise _err(errno.EINVAL)
+            raise oserror(errno.EINVAL)
         if is_unlinked(node):
-            raise _err(errno.ENOENT)
+            raise oserror(errno.ENOENT)
         return bytes(self.store.read_all(node.path))
 
     def _new_object(self, ctx: Context, parent: int, name: bytes, mode: int, data: bytes) -> Entry:
@@ -536,7 +507,7 @@ class OpendalFs(Filesystem):
         meta = Meta(mode, len(data), ctx.uid, ctx.gid, t, t, t, None)
         with self.names.hold(base):
             if self._known_name(base) or not self._claim(base, data, meta):
-                raise _err(errno.EEXIST)
+                raise oserror(errno.EEXIST)
             if not self.store.user_metadata:
                 self.local.set(base, overrides_of(meta))
             node = self.inodes.ref(base, stat.S_IFMT(mode), meta, self._expiry())
@@ -569,19 +540,19 @@ class OpendalFs(Filesystem):
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         if not self._symlinks:
             # The link would read back as a regular file after a restart.
-            raise _err(errno.EPERM, "symlinks need a service with user metadata")
+            raise oserror(errno.EPERM, "symlinks need a service with user metadata")
         return self._new_object(ctx, parent, name, stat.S_IFLNK | 0o777, target)
 
     def mknod(
         self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
     ) -> Entry:
         if not stat.S_ISREG(mode):
-            raise _err(errno.EPERM, "only regular files can be stored as objects")
+            raise oserror(errno.EPERM, "only regular files can be stored as objects")
         return self._new_object(ctx, parent, name, mode, b"")
 
     def link(self, ctx: Context, ino: int, new_parent: int, new_name: bytes) -> Entry:
         # An object has one name; a second one would be a copy that silently diverges.
-        raise _err(errno.EPERM, "hard links are not supported on object storage")
+        raise oserror(errno.EPERM, "hard links are not supported on object storage")
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         self._rofs()
@@ -592,7 +563,7 @@ class OpendalFs(Filesystem):
         meta = Meta(stat.S_IFDIR | (mode & 0o7777), 0, ctx.uid, ctx.gid, t, t, t, None)
         with self.names.hold(base):
             if self._local_state(self.cache.peek(base)):
-                raise _err(errno.EEXIST)
+                raise oserror(errno.EEXIST)
             self.store.create_dir(dirpath)
             self._changed()
             self.local.set(dirpath, overrides_of(meta))
@@ -607,15 +578,15 @@ class OpendalFs(Filesystem):
         with self.names.hold(base):
             node = self.inodes.find(base)
             if node is None and self.inodes.find(base + "/") is not None:
-                raise _err(errno.EISDIR)
+                raise oserror(errno.EISDIR)
             blob = self.cache.peek(base)
             if node is None and blob is None:
                 # Not a name the kernel has looked up (it always has before it unlinks): ask.
                 st = self.store.stat_name(base)
                 if st is None:
-                    raise _err(errno.ENOENT)
+                    raise oserror(errno.ENOENT)
                 if st.is_dir:
-                    raise _err(errno.EISDIR)
+                    raise oserror(errno.EISDIR)
             self._keep_dir(pnode)
             if blob is not None:
                 with blob.commit_lock, blob.pinned(0):
@@ -639,7 +610,7 @@ class OpendalFs(Filesystem):
         # Exclusive on the directory: nothing can be created in it meanwhile.
         with self.names.hold(base):
             if self.cache.has_unstored(dirpath) or self.store.has_children(dirpath):
-                raise _err(errno.ENOTEMPTY)
+                raise oserror(errno.ENOTEMPTY)
             self._keep_dir(pnode)
             self.store.delete(dirpath)
             self._changed()
@@ -665,7 +636,7 @@ class OpendalFs(Filesystem):
     ) -> None:
         self._rofs()
         if flags & (RENAME_EXCHANGE | RENAME_WHITEOUT):
-            raise _err(errno.EINVAL, "exchange and whiteout renames are not supported")
+            raise oserror(errno.EINVAL, "exchange and whiteout renames are not supported")
         sdir = self._dir(parent)
         ddir = self._dir(new_parent)
         src = sdir.path + self._name(name)
@@ -675,24 +646,24 @@ class OpendalFs(Filesystem):
         with self.names.hold(src, dst):
             skind = self._kind(src)
             if skind is None:
-                raise _err(errno.ENOENT)
+                raise oserror(errno.ENOENT)
             dkind = self._kind(dst)
             if dkind is not None and flags & RENAME_NOREPLACE:
-                raise _err(errno.EEXIST)
+                raise oserror(errno.EEXIST)
             self._keep_dir(sdir)
             if skind == stat.S_IFDIR:
                 if dkind is not None and dkind != stat.S_IFDIR:
-                    raise _err(errno.ENOTDIR)
+                    raise oserror(errno.ENOTDIR)
                 if (dst + "/").startswith(src + "/"):
-                    raise _err(errno.EINVAL)
+                    raise oserror(errno.EINVAL)
                 if dkind == stat.S_IFDIR:
                     if self.cache.has_unstored(dst + "/") or self.store.has_children(dst + "/"):
-                        raise _err(errno.ENOTEMPTY)
+                        raise oserror(errno.ENOTEMPTY)
                     self.store.delete(dst + "/")
                 self._rename_dir(src + "/", dst + "/")
             else:
                 if dkind == stat.S_IFDIR:
-                    raise _err(errno.EISDIR)
+                    raise oserror(errno.EISDIR)
                 self._rename_file(src, dst, dkind is not None)
             self._changed()
 
@@ -736,7 +707,7 @@ class OpendalFs(Filesystem):
             for path in self.store.list_tree(src):
                 paths.append(path)
                 if len(paths) > self.cfg.dir_rename_limit:
-                    raise _err(errno.EXDEV, "directory too large to rename in place")
+                    raise oserror(errno.EXDEV, "directory too large to rename in place")
             self.store.create_dir(dst)
             old_dirs = []
             for path in paths:
@@ -811,15 +782,15 @@ class OpendalFs(Filesystem):
     def open(self, ctx: Context, ino: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.inodes.get(ino)
         if node.is_dir:
-            raise _err(errno.EISDIR)
+            raise oserror(errno.EISDIR)
         if node.kind != stat.S_IFREG:
-            raise _err(errno.ELOOP)
+            raise oserror(errno.ELOOP)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if self.cfg.readonly and (writable or flags & os.O_TRUNC):
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
         with self._node_locked(node) as path:
             if path is None:
-                raise _err(errno.ENOENT)
+                raise oserror(errno.ENOENT)
             return self._open_locked(node, path, flags)
 
     def _open_locked(self, node: Node, path: str, flags: int) -> Opened:
@@ -828,14 +799,14 @@ class OpendalFs(Filesystem):
         try:
             if flags & os.O_TRUNC and blob.size:
                 blob.truncate(0)
-                self._resized(node, 0)
+                dax_resized(self._conn.dax_window, node.ino, 0)
         except BaseException:
             self._close_blob(blob, writable)
             raise
         self.inodes.opened(node)
         append = bool(flags & os.O_APPEND) and not self._writeback
         return Opened(
-            self._new_fh(_FileHandle(node, blob, writable, append)), self._file_open_flags()
+            self._handles.add(_FileHandle(node, blob, writable, append)), self._file_open_flags()
         )
 
     def create(
@@ -867,7 +838,7 @@ class OpendalFs(Filesystem):
                 if entry is not None:
                     return entry, self._open_existing(entry, flags)
             # Made and removed by someone else again and again.
-            raise _err(errno.EAGAIN)
+            raise oserror(errno.EAGAIN)
 
     def _create_object(self, base: str, meta: Meta) -> bool | None:
         """Claim ``base`` for a new empty file: True when the store now has it, False when it
@@ -895,7 +866,7 @@ class OpendalFs(Filesystem):
         node = self.inodes.ref(base, stat.S_IFREG, meta, self._expiry())
         self.inodes.opened(node)
         append = bool(flags & os.O_APPEND) and not self._writeback
-        fh = self._new_fh(_FileHandle(node, blob, writable, append))
+        fh = self._handles.add(_FileHandle(node, blob, writable, append))
         return self._entry(node, meta), Opened(fh, self._file_open_flags())
 
     def _open_existing(self, entry: Entry, flags: int) -> Opened:
@@ -904,11 +875,11 @@ class OpendalFs(Filesystem):
         node = self.inodes.get(entry.ino)
         try:
             if flags & os.O_EXCL:
-                raise _err(errno.EEXIST)
+                raise oserror(errno.EEXIST)
             if node.is_dir:
-                raise _err(errno.EISDIR)
+                raise oserror(errno.EISDIR)
             if node.kind != stat.S_IFREG:
-                raise _err(errno.ELOOP)
+                raise oserror(errno.ELOOP)
             return self._open_locked(node, node.path, flags & ~os.O_CREAT)
         except BaseException:
             self.inodes.forget(entry.ino, 1)
@@ -922,7 +893,7 @@ class OpendalFs(Filesystem):
             end = min(offset + size, blob.size)
             if end <= offset:
                 return
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             with blob.pinned(offset):
                 blob.ensure(self.store, offset, end)
                 # Clamped again to the size at the copy: a write that grew the file meanwhile
@@ -935,17 +906,17 @@ class OpendalFs(Filesystem):
         self._rofs()
         with self._using(fh) as h:
             if not h.writable:
-                raise _err(errno.EBADF)
+                raise oserror(errno.EBADF)
             before = h.blob.size
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             n = h.blob.write(data, offset, h.append)
             if h.blob.size != before:
-                self._resized(h.node, h.blob.size)
+                dax_resized(self._conn.dax_window, h.node.ino, h.blob.size)
             return n
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
         with self._using(fh) as h:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
 
@@ -959,23 +930,18 @@ class OpendalFs(Filesystem):
         flush: bool,
         flock_release: bool,
     ) -> None:
-        with self._fh_lock:
-            h = self._handles.get(fh)
-            if not isinstance(h, _FileHandle):
-                raise _err(errno.EBADF)
-            del self._handles[fh]
-            h.closing = True
-            # Requests still using the handle finish first: their local file stays open and
-            # what they write is in the commit below.
-            while h.users:
-                self._fh_idle.wait()
+        # Requests still using the handle finish first: their local file stays open and what
+        # they write is in the commit below.
+        h = self._handles.remove_idle(fh, _FileHandle)
+        if not isinstance(h, _FileHandle):
+            raise oserror(errno.EBADF)
         if h.writable:
             # No longer a writer before the last commit, not after it: a change made by path
             # meanwhile (truncate, chmod) sees no writer left to take it up, and goes up itself.
             with h.blob.lock:
                 h.blob.writers -= 1
         try:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
         except OSError as e:
@@ -988,7 +954,7 @@ class OpendalFs(Filesystem):
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         with self._using(fh) as h:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
 
@@ -1002,7 +968,7 @@ class OpendalFs(Filesystem):
         file, since writes through the mapping are invisible to us."""
         node = self.inodes.get(ino)
         if node.kind != stat.S_IFREG:
-            raise _err(errno.EINVAL, "only regular files are mapped")
+            raise oserror(errno.EINVAL, "only regular files are mapped")
         if writable:
             self._rofs()
         with self._maybe_using(fh) as h, self._node_locked(node) as path:
@@ -1010,42 +976,18 @@ class OpendalFs(Filesystem):
             if h is not None and h.node is node:
                 return h.blob.dax_fd(self.store, offset, length, writable)
             if path is None:
-                raise _err(errno.ENOENT)
+                raise oserror(errno.ENOENT)
             blob = self._open_blob(node, path, write=False)
             try:
                 return blob.dax_fd(self.store, offset, length, writable)
             finally:
                 self._close_blob(blob, False)
 
-    def setupmapping(
-        self,
-        ctx: Context,
-        ino: int,
-        fh: int,
-        foffset: int,
-        length: int,
-        flags: int,
-        moffset: int,
-    ) -> None:
-        dax_map(
-            self._conn.dax_window, ino, foffset, length, flags, moffset,
-            lambda writable: self.dax_fd(ino, fh, foffset, length, writable),
-        )  # fmt: skip
-
-    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
-        dax_unmap(self._conn.dax_window, ranges)
-
-    def _resized(self, node: Node, size: int) -> None:
-        dax_resized(self._conn.dax_window, node.ino, size)
-
-    def _dax_flush(self, ino: int) -> None:
-        dax_flush(self._conn.dax_window, ino)
-
     # --- directories -----------------------------------------------------------------------
 
     def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
         node = self._dir(ino)
-        return Opened(self._new_fh(_DirHandle(node)), DIR_OPEN_FLAGS[self.cfg.cache])
+        return Opened(self._handles.add(_DirHandle(node)), DIR_OPEN_FLAGS[self.cfg.cache])
 
     def _listing(self, dirpath: str) -> Iterator[tuple[str, bool, Listed | None]]:
         yield ".", True, None
@@ -1063,7 +1005,15 @@ class OpendalFs(Filesystem):
             yield name, False, None
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
-        h = self._dir_handle(fh)
+        h = self._handles.use(fh)
+        try:
+            if not isinstance(h, _DirHandle):
+                raise oserror(errno.EBADF)
+            self._readdir(h, offset, out)
+        finally:
+            self._handles.done(h)
+
+    def _readdir(self, h: _DirHandle, offset: int, out: DirBuffer) -> None:
         with h.lock:
             if h.source is None or offset != h.pos:
                 h.changes = self._changes
@@ -1148,8 +1098,10 @@ class OpendalFs(Filesystem):
         return self._file_meta(path, st)
 
     def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
-        with self._fh_lock:
-            self._handles.pop(fh, None)
+        # Only a directory's: a file handle ends with its RELEASE, which commits it.
+        h = self._handles.remove(fh, _DirHandle)
+        if h is not None:
+            self._handles.done(h)
 
     def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         # Every namespace change is in the store when its request returns.
@@ -1160,7 +1112,7 @@ class OpendalFs(Filesystem):
     def syncfs(self, ctx: Context, ino: int) -> None:
         """sync(1) and syncfs(2): everything written here goes up now."""
         if self.commit_all():
-            raise _err(errno.EIO)
+            raise oserror(errno.EIO)
 
     def statfs(self, ctx: Context, ino: int) -> StatVfs:
         root = self.cfg.options.get("root")

@@ -22,9 +22,10 @@ a device node is one any host user who can reach the share could open). Lock fil
 for directories and on a read-only share, and so is the fd of a read-only DAX mapping wherever
 a writable one would be refused.
 
-Descriptors live as long as their users. File handles are reference-counted: RELEASE takes a
-handle out of the table, and the last request using it (a READ, WRITE, READDIR, FSYNC, ... on
-another queue) closes its fd. Inodes pin their descriptors the same way (:mod:`.inodes`).
+Descriptors live as long as their users. File handles are reference-counted
+(:class:`~pyvirtiofsd.backends.base.HandleTable`): RELEASE takes a handle out of the table, and
+the last request using it (a READ, WRITE, READDIR, FSYNC, ... on another queue) closes its fd.
+Inodes pin their descriptors the same way (:mod:`.inodes`).
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ from ...fuse.filesystem import (
     ConnectionInfo,
     Context,
     Entry,
-    Filesystem,
     Lock,
     Opened,
     SetAttr,
     StatVfs,
 )
+from ..base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
 from . import locks
 from .config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy, PassthroughConfig
 from .credentials import Credentials, can_switch
@@ -65,10 +66,6 @@ _NO_ID = 0xFFFFFFFF
 _WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
 
 
-def _err(code: int, what: str = "") -> OSError:
-    return OSError(code, what or os.strerror(code))
-
-
 #: O_TMPFILE without the O_DIRECTORY it is spelled with (the kernel's __O_TMPFILE).
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
 #: Guest open flags the daemon never passes on: it adds what it needs itself.
@@ -81,31 +78,29 @@ _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM)
 
 def _check_name(name: bytes) -> None:
     if not name or b"/" in name or name in (b".", b".."):
-        raise _err(errno.EINVAL, "invalid name")
+        raise oserror(errno.EINVAL, "invalid name")
 
 
-class _Handle:
-    """An open file of the guest's. ``users`` counts the table's reference (until RELEASE)
-    and each request using ``fd`` now; the last one closes it."""
+class _Handle(Handle):
+    """An open file or directory of the guest's: its fd is closed when the last user of the
+    handle is done (see :mod:`..base`)."""
 
-    __slots__ = ("backing_id", "fd", "flags", "inode", "lock", "users")
+    __slots__ = ("backing_id", "fd", "flags", "inode", "lock")
 
     def __init__(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> None:
         self.fd = fd
         self.inode = inode
         self.flags = flags
         self.backing_id = backing_id
+        #: Held while the fd's offset matters (lseek, readdir).
         self.lock = threading.Lock()
-        self.users = 1
 
 
-class PassthroughFs(Filesystem):
+class PassthroughFs(Backend):
     def __init__(self, config: PassthroughConfig) -> None:
         self.cfg = config
         self.inodes = InodeStore(config.shared_dir, config.inode_file_handles)
-        self._handles: dict[int, _Handle] = {}
-        self._next_fh = 1
-        self._fh_lock = threading.Lock()
+        self._handles: HandleTable[_Handle] = HandleTable(self._close_handle)
         self._timeout = config.timeout
         self._switch = config.switch_credentials and can_switch()
         self._stopping = False
@@ -152,11 +147,8 @@ class PassthroughFs(Filesystem):
 
     def destroy(self) -> None:
         """The session ended: its open files and inode references are gone with it."""
-        with self._fh_lock:
-            handles = list(self._handles.values())
-            self._handles.clear()
-        for h in handles:
-            self._done(h)
+        for h in self._handles.remove_all():
+            self._handles.done(h)
         self.inodes.forget_all()
 
     def shutdown(self) -> None:
@@ -169,7 +161,7 @@ class PassthroughFs(Filesystem):
 
     def _rofs(self) -> None:
         if self.cfg.readonly:
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
 
     def _attr_flags(self, inode: Inode, st: os.stat_result, parent_dev: int | None) -> int:
         flags = 0
@@ -205,52 +197,6 @@ class PassthroughFs(Filesystem):
     def _lookup(self, parent: Inode, name: bytes) -> Entry:
         return self._lookup_inode(parent, name)[1]
 
-    # File handles: every use of a handle's fd is bracketed by _use()/_done(), so that a
-    # RELEASE on another queue never closes the fd under it. (acquire/release rather than
-    # "with": on Python 3.11 the context-manager protocol costs more than the lock itself,
-    # and READ/WRITE pay this on every request.)
-
-    def _use(self, fh: int) -> _Handle:
-        lock = self._fh_lock
-        lock.acquire()
-        h = self._handles.get(fh)
-        if h is not None:
-            h.users += 1
-        lock.release()
-        if h is None:
-            raise _err(errno.EBADF, f"unknown file handle {fh}")
-        return h
-
-    def _use_if(self, fh: int | None) -> _Handle | None:
-        """The handle ``fh`` in use, or None when there is none by that number."""
-        if fh is None:
-            return None
-        try:
-            return self._use(fh)
-        except OSError:
-            return None
-
-    def _done(self, h: _Handle) -> None:
-        lock = self._fh_lock
-        lock.acquire()
-        h.users -= 1
-        last = not h.users
-        lock.release()
-        if last:
-            self._close_handle(h)
-
-    def _unlisted(self, fh: int) -> _Handle | None:
-        """Take handle ``fh`` out of the table (RELEASE): the caller ends with _done()."""
-        with self._fh_lock:
-            return self._handles.pop(fh, None)
-
-    def _new_handle(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> int:
-        with self._fh_lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = _Handle(fd, inode, flags, backing_id)
-        return fh
-
     def _close_handle(self, h: _Handle) -> None:
         if h.backing_id and self._conn.backing_close is not None:
             try:
@@ -258,18 +204,6 @@ class PassthroughFs(Filesystem):
             except OSError as e:
                 log.debug("closing backing id %d: %s", h.backing_id, e)
         os.close(h.fd)
-
-    def _dax_flush(self, nodeid: int) -> None:
-        """What the guest wrote through the DAX window goes to the file first."""
-        window = self._conn.dax_window
-        if window is not None and window.holds(nodeid):
-            window.flush(nodeid)
-
-    def _sized(self, nodeid: int, size: int | None = None, fd: int = -1) -> None:
-        """A file's size may have changed: keep its DAX mappings within it."""
-        window = self._conn.dax_window
-        if window is not None and window.holds(nodeid):
-            window.resized(nodeid, os.fstat(fd).st_size if size is None else size)
 
     def _proc(self, fd: int) -> str:
         return f"/proc/self/fd/{fd}"
@@ -306,27 +240,27 @@ class PassthroughFs(Filesystem):
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
-        h = self._use_if(fh)
+        h = self._handles.use_if(fh)
         if h is not None:
             try:
                 st = os.fstat(h.fd)
             finally:
-                self._done(h)
+                self._handles.done(h)
         else:
             with self.inodes.path(inode) as fd:
                 st = os.fstat(fd)
-        self._sized(ino, st.st_size)
+        dax_resized(self._conn.dax_window, ino, st.st_size)
         return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
 
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()
         inode = self.inodes.get(ino)
-        handle = self._use_if(changes.fh)
+        handle = self._handles.use_if(changes.fh)
         try:
             return self._setattr(ino, inode, handle, changes)
         finally:
             if handle is not None:
-                self._done(handle)
+                self._handles.done(handle)
 
     def _setattr(
         self, ino: int, inode: Inode, handle: _Handle | None, changes: SetAttr
@@ -337,7 +271,7 @@ class PassthroughFs(Filesystem):
                 if handle is not None:
                     os.fchmod(handle.fd, changes.mode)
                 elif inode.is_symlink():
-                    raise _err(errno.EOPNOTSUPP)
+                    raise oserror(errno.EOPNOTSUPP)
                 else:
                     os.chmod(proc, changes.mode)
             if changes.uid is not None or changes.gid is not None:
@@ -345,11 +279,11 @@ class PassthroughFs(Filesystem):
                 gid = _NO_ID if changes.gid is None else changes.gid
                 linux.fchownat(pfd, b"", uid, gid, linux.AT_EMPTY_PATH | linux.AT_SYMLINK_NOFOLLOW)
             if changes.size is not None:
-                self._dax_flush(ino)
+                dax_flush(self._conn.dax_window, ino)
                 if handle is not None:
                     os.ftruncate(handle.fd, changes.size)
                 elif inode.mode != stat.S_IFREG:
-                    raise _err(errno.EINVAL if inode.is_dir() is False else errno.EISDIR)
+                    raise oserror(errno.EINVAL if inode.is_dir() is False else errno.EISDIR)
                 else:
                     os.truncate(proc, changes.size)
             if changes.atime is not None or changes.mtime is not None:
@@ -365,13 +299,13 @@ class PassthroughFs(Filesystem):
                 self._kill_suidgid(pfd, True)
             st = os.fstat(pfd) if handle is None else os.fstat(handle.fd)
         if changes.size is not None:
-            self._sized(ino, st.st_size)
+            dax_resized(self._conn.dax_window, ino, st.st_size)
         return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
         inode = self.inodes.get(ino)
         if not inode.is_symlink():
-            raise _err(errno.EINVAL)
+            raise oserror(errno.EINVAL)
         with self.inodes.path(inode) as fd:
             # readlinkat() with an empty name reads the symlink an O_PATH fd refers to.
             return os.readlink(b"", dir_fd=fd)
@@ -399,7 +333,7 @@ class PassthroughFs(Filesystem):
         # A whiteout (character device 0/0, which overlayfs makes) is no device to open.
         whiteout = kind == stat.S_IFCHR and rdev == 0
         if kind in (stat.S_IFCHR, stat.S_IFBLK) and not whiteout and not self.cfg.allow_devices:
-            raise _err(errno.EPERM, "device nodes need --allow-devices")
+            raise oserror(errno.EPERM, "device nodes need --allow-devices")
         return self._create_entry(
             ctx, parent, name, umask, lambda pfd: os.mknod(name, mode, rdev, dir_fd=pfd)
         )
@@ -450,7 +384,7 @@ class PassthroughFs(Filesystem):
         """What to open a file with for the guest's ``flags`` (EINVAL for O_TMPFILE, which
         only FUSE_TMPFILE may ask for)."""
         if flags & _O_TMPFILE_BIT:
-            raise _err(errno.EINVAL, "O_TMPFILE only through FUSE_TMPFILE")
+            raise oserror(errno.EINVAL, "O_TMPFILE only through FUSE_TMPFILE")
         flags &= ~_DROPPED_FLAGS
         if self._conn.want & abi.InitFlag.WRITEBACK_CACHE:
             # The guest's page cache may read back pages of a write-only file, and it does
@@ -477,7 +411,9 @@ class PassthroughFs(Filesystem):
                 flags = (flags & ~abi.FOPEN_DIRECT_IO) | abi.FOPEN_PASSTHROUGH
             except OSError as e:
                 log.debug("no passthrough for inode %d: %s", inode.nodeid, e)
-        return Opened(self._new_handle(fd, inode, guest_flags, backing_id), flags, backing_id)
+        return Opened(
+            self._handles.add(_Handle(fd, inode, guest_flags, backing_id)), flags, backing_id
+        )
 
     def open(self, ctx: Context, ino: int, flags: int, kill_suidgid: bool) -> Opened:
         return self._open_inode(self.inodes.get(ino), flags, kill_suidgid)
@@ -485,13 +421,13 @@ class PassthroughFs(Filesystem):
     def _open_inode(self, inode: Inode, flags: int, kill_suidgid: bool) -> Opened:
         oflags = self._open_flags(flags)
         if self.cfg.readonly and (flags & _WRITE_ACCESS or flags & os.O_TRUNC):
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
         fd = self.inodes.open(inode, oflags)
         try:
             if flags & os.O_TRUNC:
                 if kill_suidgid:
                     self._kill_suidgid(fd, False)
-                self._sized(inode.nodeid, 0)
+                dax_resized(self._conn.dax_window, inode.nodeid, 0)
             return self._opened(fd, inode, flags)
         except BaseException:
             os.close(fd)
@@ -530,12 +466,12 @@ class PassthroughFs(Filesystem):
             try:
                 if inode.is_dir():
                     # as open(2) has it for O_CREAT, whatever the access mode
-                    raise _err(errno.EISDIR)
+                    raise oserror(errno.EISDIR)
                 return entry, self._open_inode(inode, flags, kill_suidgid)
             except BaseException:
                 self.inodes.forget(inode.nodeid, 1)
                 raise
-        raise _err(errno.ENOENT, "the name keeps coming and going")
+        raise oserror(errno.ENOENT, "the name keeps coming and going")
 
     def _created(
         self, pinode: Inode, fd: int, flags: int, kill_suidgid: bool
@@ -555,7 +491,7 @@ class PassthroughFs(Filesystem):
         self._rofs()
         pinode = self.inodes.get(parent)
         if not pinode.is_dir():
-            raise _err(errno.ENOTDIR)
+            raise oserror(errno.ENOTDIR)
         oflags = self._open_flags(flags & ~os.O_TMPFILE) | os.O_TMPFILE
         if oflags & os.O_ACCMODE == os.O_RDONLY:
             oflags |= os.O_RDWR
@@ -573,64 +509,40 @@ class PassthroughFs(Filesystem):
     def read(
         self, ctx: Context, ino: int, fh: int, offset: int, size: int, out: ReplyWriter
     ) -> None:
-        self._dax_flush(ino)
-        # _use() and _done(), written out: this is the hot path.
-        lock = self._fh_lock
-        lock.acquire()
-        h = self._handles.get(fh)
-        if h is not None:
-            h.users += 1
-        lock.release()
-        if h is None:
-            raise _err(errno.EBADF, f"unknown file handle {fh}")
+        dax_flush(self._conn.dax_window, ino)
+        handles = self._handles
+        h = handles.use(fh)
         try:
             out.read_from_fd(h.fd, offset, size)
         finally:
-            lock.acquire()
-            h.users -= 1
-            last = not h.users
-            lock.release()
-            if last:
-                self._close_handle(h)
+            handles.done(h)
 
     def write(
         self, ctx: Context, ino: int, fh: int, offset: int, data: WriteData, flags: int
     ) -> int:
         self._rofs()
-        # _use() and _done(), written out: this is the hot path.
-        lock = self._fh_lock
-        lock.acquire()
-        h = self._handles.get(fh)
-        if h is not None:
-            h.users += 1
-        lock.release()
-        if h is None:
-            raise _err(errno.EBADF, f"unknown file handle {fh}")
+        handles = self._handles
+        h = handles.use(fh)
         try:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             written = data.to_fd(h.fd, offset)
             if flags & abi.WRITE_KILL_SUIDGID:
                 self._kill_suidgid(h.fd, False)
-            self._sized(ino, fd=h.fd)
+            dax_resized(self._conn.dax_window, ino, fd=h.fd)
         finally:
-            lock.acquire()
-            h.users -= 1
-            last = not h.users
-            lock.release()
-            if last:
-                self._close_handle(h)
+            handles.done(h)
         return written
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
-        h = self._use(fh)
+        h = self._handles.use(fh)
         try:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             locks.release_owner(self.inodes, h.inode, lock_owner)
             # Closing a duplicate is what close() in the guest means to the host: it flushes
             # what network file systems buffer, and ends POSIX locks held through this file.
             os.close(os.dup(h.fd))
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     def release(
         self,
@@ -642,45 +554,45 @@ class PassthroughFs(Filesystem):
         flush: bool,
         flock_release: bool,
     ) -> None:
-        h = self._unlisted(fh)
+        h = self._handles.remove(fh)
         if h is None:
-            raise _err(errno.EBADF)
+            raise oserror(errno.EBADF)
         try:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             if flush:
                 locks.release_owner(self.inodes, h.inode, lock_owner)
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        h = self._use(fh)
+        h = self._handles.use(fh)
         try:
-            self._dax_flush(ino)
+            dax_flush(self._conn.dax_window, ino)
             if datasync:
                 os.fdatasync(h.fd)
             else:
                 os.fsync(h.fd)
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     def fallocate(
         self, ctx: Context, ino: int, fh: int, mode: int, offset: int, length: int
     ) -> None:
         self._rofs()
-        h = self._use(fh)
+        h = self._handles.use(fh)
         try:
             linux.fallocate(h.fd, mode, offset, length)
-            self._sized(ino, fd=h.fd)
+            dax_resized(self._conn.dax_window, ino, fd=h.fd)
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     def lseek(self, ctx: Context, ino: int, fh: int, offset: int, whence: int) -> int:
-        h = self._use(fh)
+        h = self._handles.use(fh)
         try:
             with h.lock:
                 return os.lseek(h.fd, offset, whence)
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     def copy_file_range(
         self,
@@ -695,18 +607,18 @@ class PassthroughFs(Filesystem):
         flags: int,
     ) -> int:
         self._rofs()
-        src = self._use(fh_in)
+        src = self._handles.use(fh_in)
         try:
-            dst = self._use(fh_out)
+            dst = self._handles.use(fh_out)
             try:
-                self._dax_flush(ino_in)
-                self._dax_flush(ino_out)
+                dax_flush(self._conn.dax_window, ino_in)
+                dax_flush(self._conn.dax_window, ino_out)
                 copied = os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
-                self._sized(ino_out, fd=dst.fd)
+                dax_resized(self._conn.dax_window, ino_out, fd=dst.fd)
             finally:
-                self._done(dst)
+                self._handles.done(dst)
         finally:
-            self._done(src)
+            self._handles.done(src)
         return copied
 
     # --- directories -----------------------------------------------------------------------
@@ -714,16 +626,16 @@ class PassthroughFs(Filesystem):
     def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
         inode = self.inodes.get(ino)
         if not inode.is_dir():
-            raise _err(errno.ENOTDIR)
+            raise oserror(errno.ENOTDIR)
         fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
-        return Opened(self._new_handle(fd, inode, flags), DIR_OPEN_FLAGS[self.cfg.cache])
+        return Opened(self._handles.add(_Handle(fd, inode, flags)), DIR_OPEN_FLAGS[self.cfg.cache])
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
-        h = self._use(fh)
+        h = self._handles.use(fh)
         try:
             self._readdir(h, offset, out)
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     def _readdir(self, h: _Handle, offset: int, out: DirBuffer) -> None:
         buf = ctypes.create_string_buffer(_GETDENTS_BUFSIZE)
@@ -760,19 +672,19 @@ class PassthroughFs(Filesystem):
                     out.add_plus(entry, d_off, dtype, name)
 
     def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
-        h = self._unlisted(fh)
+        h = self._handles.remove(fh)
         if h is not None:
-            self._done(h)
+            self._handles.done(h)
 
     def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        h = self._use(fh)
+        h = self._handles.use(fh)
         try:
             if datasync:
                 os.fdatasync(h.fd)
             else:
                 os.fsync(h.fd)
         finally:
-            self._done(h)
+            self._handles.done(h)
 
     # --- file system -----------------------------------------------------------------------
 
@@ -800,15 +712,15 @@ class PassthroughFs(Filesystem):
         inode = self.inodes.get(ino)
         with self.inodes.path(inode) as fd, Credentials(ctx, self._switch):
             if not os.access(self._proc(fd), mask, effective_ids=True):
-                raise _err(errno.EACCES)
+                raise oserror(errno.EACCES)
 
     # --- extended attributes ---------------------------------------------------------------
 
     def _xattr_allowed(self, name: bytes | None) -> None:
         if not self.cfg.xattr:
-            raise _err(errno.ENOSYS)
+            raise oserror(errno.ENOSYS)
         if name is not None and name in _ACL_XATTRS and not self.cfg.posix_acl:
-            raise _err(errno.EOPNOTSUPP)
+            raise oserror(errno.EOPNOTSUPP)
 
     def setxattr(
         self, ctx: Context, ino: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
@@ -848,7 +760,7 @@ class PassthroughFs(Filesystem):
         inode = self.inodes.get(ino)
         if not inode.openable():
             # A FIFO, socket, device or symlink: nothing to open for its locks.
-            raise _err(errno.ENOLCK)
+            raise oserror(errno.ENOLCK)
         return inode
 
     def _lock_opener(self, inode: Inode):  # type: ignore[no-untyped-def]
@@ -883,11 +795,11 @@ class PassthroughFs(Filesystem):
     ) -> None:
         inode = self._lock_inode(ino)
         if flock:
-            h = self._use(fh)
+            h = self._handles.use(fh)
             try:
                 locks.flock(ctx, h.fd, lock, sleep, self._is_stopping)
             finally:
-                self._done(h)
+                self._handles.done(h)
         else:
             opener = self._lock_opener(inode)
             locks.setlk(ctx, self.inodes, inode, owner, lock, sleep, opener, self._is_stopping)
@@ -897,53 +809,28 @@ class PassthroughFs(Filesystem):
 
     # --- DAX window ------------------------------------------------------------------------
 
-    def setupmapping(
-        self,
-        ctx: Context,
-        ino: int,
-        fh: int,
-        foffset: int,
-        length: int,
-        flags: int,
-        moffset: int,
-    ) -> None:
-        window = self._conn.dax_window
-        if window is None:
-            raise _err(errno.ENOSYS)
+    def dax_fd(self, ino: int, fh: int | None, offset: int, length: int, writable: bool) -> int:
+        """An fd of ``ino`` for a DAX mapping: by inode, not by fh, which the guest may have
+        released (it then sends fh = FUSE_INVALID_FH).
+
+        A read-only mapping gets a read-only fd whenever a writable mapping of the file would
+        be refused (a --readonly share, a file root can't open for writing): whatever the
+        front-end does with the fd, the guest can't write through it. Otherwise it gets a
+        read-write one, as QEMU 11.1 needs: for a SHMEM_MAP without the RW flag it still mmaps
+        the fd PROT_READ|PROT_WRITE and MAP_SHARED (RAM_READONLY_FD without RAM_READONLY),
+        which a read-only fd refuses. That grants the guest nothing it could not have asked
+        for with the WRITE flag."""
         inode = self.inodes.get(ino)
         if inode.mode != stat.S_IFREG:
-            raise _err(errno.EINVAL, "only regular files are mapped")
-        writable = bool(flags & abi.SETUPMAPPING_FLAG_WRITE)
+            raise oserror(errno.EINVAL, "only regular files are mapped")
         if writable:
             self._rofs()
-        # By inode, not by fh: the guest maps on page faults, also after the file's release
-        # (it then sends fh = FUSE_INVALID_FH).
-        #
-        # A read-only mapping gets a read-only fd whenever a writable mapping of the file would
-        # be refused (a --readonly share, a file root can't open for writing): whatever the
-        # front-end does with the fd, the guest can't write through it. Otherwise it gets a
-        # read-write one, as QEMU 11.1 needs: for a SHMEM_MAP without the RW flag it still
-        # mmaps the fd PROT_READ|PROT_WRITE and MAP_SHARED (RAM_READONLY_FD without
-        # RAM_READONLY), which a read-only fd refuses. That grants the guest nothing it could
-        # not have asked for with the WRITE flag.
-        if writable:
-            fd = self.inodes.open(inode, os.O_RDWR)
-        elif self.cfg.readonly:
-            fd = self.inodes.open(inode, os.O_RDONLY)
-        else:
-            try:
-                fd = self.inodes.open(inode, os.O_RDWR)
-            except OSError as e:
-                if e.errno not in _NOT_WRITABLE:
-                    raise
-                fd = self.inodes.open(inode, os.O_RDONLY)
+            return self.inodes.open(inode, os.O_RDWR)
+        if self.cfg.readonly:
+            return self.inodes.open(inode, os.O_RDONLY)
         try:
-            window.setup(fd, foffset, moffset, length, writable, inode.nodeid)
-        finally:
-            os.close(fd)
-
-    def removemapping(self, ctx: Context, ranges: list[tuple[int, int]]) -> None:
-        window = self._conn.dax_window
-        if window is None:
-            raise _err(errno.ENOSYS)
-        window.remove(ranges)
+            return self.inodes.open(inode, os.O_RDWR)
+        except OSError as e:
+            if e.errno not in _NOT_WRITABLE:
+                raise
+            return self.inodes.open(inode, os.O_RDONLY)

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from pyvirtiofsd.vhost_user.backend import VhostUserBackend
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, GuestRam
+from pyvirtiofsd.testing.frontend import DriverQueue, GuestRam
+from pyvirtiofsd.testing.testdevice import UppercaseDevice
 from pyvirtiofsd.vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
@@ -26,7 +26,9 @@ from pyvirtiofsd.vhost_user.messages import (
     encode_mem_table,
     encode_single_region,
     encode_u64,
+    request_flags,
 )
+from pyvirtiofsd.vhost_user.session import Session
 from pyvirtiofsd.vhost_user.vring import Vring
 from pyvirtiofsd.virtio.device import SharedMemoryMapper
 from pyvirtiofsd.virtio.queue import (
@@ -34,7 +36,6 @@ from pyvirtiofsd.virtio.queue import (
     VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 )
-from pyvirtiofsd.virtio.testdevice import UppercaseDevice
 
 MiB = 1 << 20
 R = FrontendReq
@@ -86,7 +87,7 @@ class Harness:
         self.device = device or UppercaseDevice(num_queues=2, max_queue_size=256)
         self.runner = FakeRunner()
         self.channels: list[FakeChannel] = []
-        self.backend = VhostUserBackend(self.device, self.runner, channel_factory=self._channel)
+        self.session = Session(self.device, self.runner, channel_factory=self._channel)
         self.ram = GuestRam(4 * MiB, regions=2)
         self.drivers: list[DriverQueue] = []
 
@@ -105,8 +106,8 @@ class Harness:
         flags: int | None = None,
     ) -> Message | None:
         if flags is None:
-            flags = 1 | (8 if need_reply else 0)
-        out = self.backend.handle(Message(request, flags, payload, list(fds)))
+            flags = request_flags(need_reply=need_reply)
+        out = self.session.handle(Message(request, flags, payload, list(fds)))
         if out is None:
             return None
         parser = MessageParser()
@@ -127,7 +128,7 @@ class Harness:
         return decode_u64(reply.payload)
 
     def negotiate(self, features: int = STANDARD) -> None:
-        self.send(R.SET_PROTOCOL_FEATURES, encode_u64(self.backend.offered_protocol_features))
+        self.send(R.SET_PROTOCOL_FEATURES, encode_u64(self.session.offered_protocol_features))
         assert self.ack(R.SET_OWNER) == 0
         assert self.ack(R.SET_FEATURES, encode_u64(features)) == 0
 
@@ -150,7 +151,7 @@ class Harness:
         return dq
 
     def close(self) -> None:
-        self.backend.close()
+        self.session.close()
         for dq in self.drivers:
             dq.close()
         self.ram.close()
@@ -222,7 +223,7 @@ def test_unoffered_features_are_refused(h: Harness, caplog: pytest.LogCaptureFix
         assert h.ack(R.SET_FEATURES, encode_u64(STANDARD | 1 << 40)) == 1
         assert h.ack(R.SET_PROTOCOL_FEATURES, encode_u64(1 << ProtocolFeature.SHMEM)) == 1
     assert "not offered" in caplog.text
-    assert h.backend.acked_features == 0
+    assert h.session.acked_features == 0
 
 
 def test_reply_ack_only_once_negotiated(h: Harness) -> None:
@@ -314,19 +315,19 @@ def test_set_mem_table(h: Harness) -> None:
     assert h.ack(R.SET_MEM_TABLE, encode_mem_table(h.ram.descs()), fds) == 0
     for fd in fds:
         assert_closed(fd)
-    assert len(h.backend.memory) == 2
+    assert len(h.session.memory) == 2
     h.ram.write(0x100, b"shared")
-    assert bytes(h.backend.memory.translate(0x100, 6)) == b"shared"
+    assert bytes(h.session.memory.translate(0x100, 6)) == b"shared"
 
 
 def test_set_mem_table_fd_missing(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     h.negotiate()
     h.share_ram()
-    old = h.backend.memory
+    old = h.session.memory
     with caplog.at_level(logging.WARNING):
         assert h.ack(R.SET_MEM_TABLE, encode_mem_table(h.ram.descs()), h.ram_fds(1)) == 1
     assert "2 regions but 1 fds" in caplog.text
-    assert h.backend.memory is old
+    assert h.session.memory is old
 
 
 @pytest.mark.parametrize(
@@ -359,7 +360,7 @@ def test_bad_memory_tables(
     with caplog.at_level(logging.WARNING):
         assert h.ack(R.SET_MEM_TABLE, encode_mem_table(regions), h.ram_fds(len(regions))) == 1
     assert "SET_MEM_TABLE refused" in caplog.text
-    assert len(h.backend.memory) == 0
+    assert len(h.session.memory) == 0
 
 
 def test_mem_table_with_bad_fd_type(h: Harness) -> None:
@@ -377,24 +378,24 @@ def test_add_and_remove_regions(h: Harness) -> None:
     assert h.u64(R.GET_MAX_MEM_SLOTS) == 512
     assert h.ack(R.ADD_MEM_REG, encode_single_region(first), h.ram_fds(1)) == 0
     assert h.ack(R.ADD_MEM_REG, encode_single_region(second), h.ram_fds(1)) == 0
-    assert len(h.backend.memory) == 2
+    assert len(h.session.memory) == 2
     # the same region again overlaps itself
     assert h.ack(R.ADD_MEM_REG, encode_single_region(first), h.ram_fds(1)) == 1
     assert h.ack(R.ADD_MEM_REG, encode_single_region(first), []) == 1
     assert h.ack(R.REM_MEM_REG, encode_single_region(first)) == 0
-    assert len(h.backend.memory) == 1
+    assert len(h.session.memory) == 1
     assert h.ack(R.REM_MEM_REG, encode_single_region(first)) == 1
     # the mmap offset is ignored when removing; a stray fd is closed
     fd = os.dup(h.ram.fd)
     moved = MemoryRegionDesc(second.guest_addr, second.size, second.user_addr, 12345)
     assert h.ack(R.REM_MEM_REG, encode_single_region(moved), [fd]) == 0
     assert_closed(fd)
-    assert len(h.backend.memory) == 0
+    assert len(h.session.memory) == 0
 
 
 def test_mem_slots_are_limited() -> None:
     h = Harness()
-    h.backend.max_mem_slots = 1
+    h.session.max_mem_slots = 1
     try:
         h.negotiate()
         first, second = h.ram.descs()
@@ -408,14 +409,14 @@ def test_device_region(h: Harness) -> None:
     h.negotiate()
     h.share_ram()
     window = bytearray(2 * MiB)
-    region = h.backend.add_device_region(1 << 40, window, name="dax")
-    h.backend.memory.translate(1 << 40, 3)[:] = b"dax"
+    region = h.session.add_device_region(1 << 40, window, name="dax")
+    h.session.memory.translate(1 << 40, 3)[:] = b"dax"
     assert window[:3] == b"dax"
     # a new memory table keeps the device region
     h.share_ram()
-    assert bytes(h.backend.memory.translate(1 << 40, 3)) == b"dax"
-    h.backend.remove_device_region(region)
-    assert len(h.backend.memory) == 2
+    assert bytes(h.session.memory.translate(1 << 40, 3)) == b"dax"
+    h.session.remove_device_region(region)
+    assert len(h.session.memory) == 2
 
 
 # -- rings -----------------------------------------------------------------------------------
@@ -425,7 +426,7 @@ def test_ring_start_and_stop(h: Harness) -> None:
     h.negotiate()
     h.share_ram()
     h.start_ring(1)
-    vring = h.backend.vrings[1]
+    vring = h.session.vrings[1]
     assert vring.started and vring.queue is not None and not vring.enabled
     assert vring.queue.event_idx and vring.queue.indirect
     assert h.runner.calls == [("start", 1)]
@@ -444,7 +445,7 @@ def test_ring_start_and_stop(h: Harness) -> None:
 
 def test_rings_start_enabled_without_protocol_features(h: Harness) -> None:
     h.negotiate(STANDARD & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
-    assert all(v.enabled for v in h.backend.vrings)
+    assert all(v.enabled for v in h.session.vrings)
     assert h.ack(R.SET_VRING_ENABLE, VringState(0, 1).encode()) == 1
 
 
@@ -484,7 +485,7 @@ def test_ring_outside_memory(h: Harness, caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.WARNING):
         assert h.ack(R.SET_VRING_KICK, encode_u64(0), [os.eventfd(0)]) == 1
     assert "ring outside shared memory" in caplog.text
-    assert not h.backend.vrings[0].started
+    assert not h.session.vrings[0].started
     assert h.runner.calls == []
 
 
@@ -514,12 +515,12 @@ def test_memory_change_restarts_running_rings(h: Harness) -> None:
     h.negotiate()
     h.share_ram()
     h.start_ring(0)
-    old_queue = h.backend.vrings[0].queue
-    old_regions = h.backend.memory.regions
+    old_queue = h.session.vrings[0].queue
+    old_regions = h.session.memory.regions
     h.runner.calls.clear()
     h.share_ram()  # the same RAM again, new mappings
     assert h.runner.calls == [("stop", 0), ("start", 0)]
-    assert h.backend.vrings[0].queue is not old_queue
+    assert h.session.vrings[0].queue is not old_queue
     for region in old_regions:  # unmapped: our views of them are released
         with pytest.raises(ValueError, match="released"):
             len(region.view)
@@ -530,14 +531,14 @@ def test_memory_change_restarts_running_rings(h: Harness) -> None:
         desc = MemoryRegionDesc(1 << 33, MiB, 0x55_0000_0000, 0)
         assert h.ack(R.ADD_MEM_REG, encode_single_region(desc), [os.dup(extra.fd)]) == 0
         assert h.runner.calls == []
-        queue = h.backend.vrings[0].queue
-        assert queue is not None and queue.memory is h.backend.memory
+        queue = h.session.vrings[0].queue
+        assert queue is not None and queue.memory is h.session.memory
         # Removing one that holds no ring leaves the ring running too (the front-end may be
         # waiting on a request in flight, e.g. a DAX mapping, while it removes the region).
         assert h.ack(R.REM_MEM_REG, encode_single_region(desc)) == 0
         assert h.runner.calls == []
-        queue = h.backend.vrings[0].queue
-        assert queue is not None and queue.memory is h.backend.memory
+        queue = h.session.vrings[0].queue
+        assert queue is not None and queue.memory is h.session.memory
     finally:
         extra.close()
 
@@ -552,7 +553,7 @@ def test_removing_the_ring_memory_breaks_only_that_ring(
     with caplog.at_level(logging.ERROR):
         assert h.ack(R.REM_MEM_REG, encode_single_region(first)) == 0
     assert "can't restart" in caplog.text
-    assert h.backend.vrings[0].broken
+    assert h.session.vrings[0].broken
 
 
 def test_reset_device(h: Harness) -> None:
@@ -561,17 +562,17 @@ def test_reset_device(h: Harness) -> None:
     h.start_ring(0)
     assert h.ack(R.RESET_DEVICE) == 0
     assert h.device.resets == 1
-    assert not h.backend.vrings[0].started and h.backend.vrings[0].size == 0
-    assert h.backend.acked_features == 0
-    assert h.backend.acked_protocol_features  # the connection's protocol state stays
-    assert len(h.backend.memory) == 2
+    assert not h.session.vrings[0].started and h.session.vrings[0].size == 0
+    assert h.session.acked_features == 0
+    assert h.session.acked_protocol_features  # the connection's protocol state stays
+    assert len(h.session.memory) == 2
 
 
 def test_reset_owner_disables_rings(h: Harness) -> None:
     h.negotiate()
-    h.backend.vrings[0].enabled = True
+    h.session.vrings[0].enabled = True
     assert h.ack(R.RESET_OWNER) == 0
-    assert not h.backend.vrings[0].enabled
+    assert not h.session.vrings[0].enabled
 
 
 # -- back-end channel ------------------------------------------------------------------------
@@ -586,7 +587,7 @@ def test_backend_channel(h: Harness) -> None:
     assert h.ack(R.SET_BACKEND_REQ_FD, b"", [os.eventfd(0)]) == 0
     assert h.channels[0].closed and h.device.channel is h.channels[1]
     assert h.ack(R.SET_BACKEND_REQ_FD, b"", []) == 1
-    h.backend.close()
+    h.session.close()
     assert h.channels[1].closed and h.device.channel is None
 
 
@@ -601,9 +602,9 @@ def test_close_unmaps_and_closes(h: Harness) -> None:
     h.negotiate()
     h.share_ram()
     h.start_ring(0)
-    vring = h.backend.vrings[0]
+    vring = h.session.vrings[0]
     kick = vring.kick_fd
     assert kick is not None
-    h.backend.close()
+    h.session.close()
     assert_closed(kick)
-    assert len(h.backend.memory) == 0
+    assert len(h.session.memory) == 0

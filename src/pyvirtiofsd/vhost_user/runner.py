@@ -1,6 +1,6 @@
-"""Serve a virtio device over vhost-user: queue workers and the top-level loop.
+"""Run a virtio device for one vhost-user front-end: queue workers and the server loop.
 
-:class:`DeviceRunner` implements the :class:`~.backend.QueueRunner` interface. Each started
+:class:`DeviceRunner` implements the :class:`~.session.QueueRunner` interface. Each started
 ring gets one worker thread that sleeps in ``poll()`` on the ring's kick eventfd and on its
 own wake eventfd, then drains the ring:
 
@@ -28,9 +28,9 @@ signal or the front-end hanging up.
 The kick, call and err fds are the front-end's open file descriptions too: their flags are
 never changed (see :mod:`.vring`).
 
-:class:`VhostUserDaemon` (and its shorthand :func:`serve`) glues the pieces: one listening
-socket, one connection, one :class:`~.backend.VhostUserBackend`, one runner; it returns when
-the front-end disconnects or when :meth:`VhostUserDaemon.stop` is called.
+:class:`VhostUserServer` glues the pieces: one listening socket, one connection, one
+:class:`~.session.Session`, one runner; it returns when the front-end disconnects or when
+:meth:`VhostUserServer.stop` is called.
 """
 
 from __future__ import annotations
@@ -44,20 +44,20 @@ import threading
 import time
 from collections.abc import Callable
 
-from pyvirtiofsd.vhost_user.backend import VhostUserBackend
-from pyvirtiofsd.vhost_user.backend_channel import BackendChannel
+from pyvirtiofsd.vhost_user.channel import BackendChannel
 from pyvirtiofsd.vhost_user.connection import (
     Connection,
     accept_frontend,
     check_listener,
     listen_unix,
 )
+from pyvirtiofsd.vhost_user.session import Session
 from pyvirtiofsd.vhost_user.vring import Vring, consume
 from pyvirtiofsd.virtio.chain import Chain, InvalidChain
 from pyvirtiofsd.virtio.device import DEFERRED, RequestHandler, VirtioDevice, current
 from pyvirtiofsd.virtio.queue import QueueBroken, SplitQueue
 
-__all__ = ["DeviceRunner", "VhostUserDaemon", "serve"]
+__all__ = ["DeviceRunner", "VhostUserServer"]
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ class DeviceRunner:
             self._pool = None
 
 
-class VhostUserDaemon:
+class VhostUserServer:
     """One device served to one front-end: listen, accept, run until the front-end leaves.
 
     The socket is created (or the inherited one checked) in the constructor, so a bad path
@@ -548,8 +548,8 @@ class VhostUserDaemon:
                     os.unlink(self.socket_path)
                 except OSError:
                     pass
-        backend = VhostUserBackend(self.device, self.runner, channel_factory=BackendChannel.from_fd)
-        self.connection = Connection(sock, backend)
+        session = Session(self.device, self.runner, channel_factory=BackendChannel.from_fd)
+        self.connection = Connection(sock, session)
         self.runner.peer_gone = lambda: _hung_up(sock)
         try:
             if not self._stopped:
@@ -559,7 +559,7 @@ class VhostUserDaemon:
             # a few seconds, then are left behind.
             self.runner.limit_waits()
             self.runner.close()
-            backend.close()  # the rings are stopped already; it unmaps and closes the rest
+            session.close()  # the rings are stopped already; it unmaps and closes the rest
             self.runner.peer_gone = lambda: True
             sock.close()
         return self.served
@@ -595,68 +595,3 @@ def _hung_up(sock: socket.socket) -> bool:
     except (OSError, ValueError):
         return True
 
-
-def serve(
-    device: VirtioDevice,
-    *,
-    socket_path: str | None = None,
-    listen_fd: int | None = None,
-    listener: socket.socket | None = None,
-    thread_pool_size: int = 0,
-    ready: threading.Event | None = None,
-) -> list[int]:
-    """Serve ``device`` to one front-end; return the per-queue request counts at the end.
-
-    A shorthand for :class:`VhostUserDaemon`; ``ready`` is set once the socket listens.
-    """
-    daemon = VhostUserDaemon(
-        device,
-        socket_path=socket_path,
-        listen_fd=listen_fd,
-        listener=listener,
-        thread_pool_size=thread_pool_size,
-    )
-    if ready is not None:
-        ready.set()
-    return daemon.run()
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """Serve the test device: ``python -m pyvirtiofsd.vhost_user.device SOCKET``.
-
-    For benchmarks and front-end experiments without FUSE; prints the per-queue request
-    counts and the process's CPU time when the front-end leaves.
-    """
-    import argparse
-    import resource
-
-    from pyvirtiofsd.virtio.testdevice import UppercaseDevice
-
-    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.vhost_user.device")
-    p.add_argument("socket_path")
-    p.add_argument("--queues", type=int, default=2, help="queues, hiprio included")
-    p.add_argument("--thread-pool-size", type=int, default=0)
-    p.add_argument("--tag", help="expose a virtio-fs config space with this tag")
-    p.add_argument("--dax-window", type=int, default=0, help="shared memory region 0 size")
-    p.add_argument("--log-level", default="warning")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(threadName)s %(message)s")
-    config = b""
-    if args.tag:
-        config = args.tag.encode()[:36].ljust(36, b"\0") + (args.queues - 1).to_bytes(4, "little")
-    device = UppercaseDevice(
-        num_queues=args.queues,
-        config=config,
-        shmem_sizes=[args.dax_window] if args.dax_window else [],
-    )
-    daemon = VhostUserDaemon(
-        device, socket_path=args.socket_path, thread_pool_size=args.thread_pool_size
-    )
-    served = daemon.run()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"served {served} cpu {usage.ru_utime + usage.ru_stime:.3f}s", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

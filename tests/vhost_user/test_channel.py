@@ -7,11 +7,10 @@ import fcntl
 import os
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
-from pyvirtiofsd.vhost_user.backend_channel import BackendChannel, BackendChannelError
+from pyvirtiofsd.vhost_user.channel import BackendChannel, BackendChannelError
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
     VHOST_USER_FLAG_REPLY,
@@ -20,20 +19,9 @@ from pyvirtiofsd.vhost_user.messages import (
 )
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """(front-end end, back-end end); the back-end end stays open here, as a front-end that
-    kept a copy of the socket it passed would hold it."""
-    frontend, backend = socket.socketpair()
-    try:
-        yield frontend, backend
-    finally:
-        frontend.close()
-        backend.close()
-
-
 def channel_on(backend: socket.socket, timeout: float | None) -> BackendChannel:
-    # The channel gets its own fd for the same open file description, as from SCM_RIGHTS.
+    # The channel gets its own fd for the same open file description, as from SCM_RIGHTS;
+    # ``pair`` keeps the back-end end open, as a front-end that kept a copy would hold it.
     return BackendChannel(
         socket.socket(fileno=os.dup(backend.fileno())),
         reply_ack=True,

@@ -1,6 +1,6 @@
-"""The vhost-user back-end protocol state machine, sans I/O.
+"""One front-end's vhost-user session: the back-end's protocol state machine, sans I/O.
 
-:class:`VhostUserBackend` takes one decoded :class:`~.messages.Message` at a time (with the
+:class:`Session` takes one decoded :class:`~.messages.Message` at a time (with the
 fds that came with it), updates the device state (features, memory table, rings, config,
 status) and returns the reply bytes to send, if any. It never touches the socket; the
 queue workers sit behind the small :class:`QueueRunner` interface, so the whole protocol
@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pyvirtiofsd.vhost_user.messages import (
+    OWN_REPLY,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
     FrontendReq,
@@ -60,7 +61,7 @@ from pyvirtiofsd.virtio.queue import (
     SplitQueue,
 )
 
-__all__ = ["ChannelFactory", "QueueRunner", "RequestError", "VhostUserBackend"]
+__all__ = ["ChannelFactory", "QueueRunner", "RequestError", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +96,6 @@ class RequestError(Exception):
     """A well-formed request that we refuse (bad index, wrong state, unsupported)."""
 
 
-# Requests whose reply carries a payload of its own, sent even when they fail.
-_OWN_REPLY = frozenset(
-    {
-        FrontendReq.GET_FEATURES,
-        FrontendReq.GET_PROTOCOL_FEATURES,
-        FrontendReq.GET_VRING_BASE,
-        FrontendReq.GET_QUEUE_NUM,
-        FrontendReq.GET_CONFIG,
-        FrontendReq.GET_MAX_MEM_SLOTS,
-        FrontendReq.GET_STATUS,
-        FrontendReq.GET_SHMEM_CONFIG,
-    }
-)
-
 # Requests of features we never offer whose senders wait for a u64: answer "failed".
 _U64_REFUSAL = frozenset(
     {
@@ -124,7 +111,7 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
 
-class VhostUserBackend:
+class Session:
     """Protocol state of one front-end connection serving one :class:`VirtioDevice`."""
 
     def __init__(
@@ -230,7 +217,7 @@ class VhostUserBackend:
             msg.close_fds()
         if reply is not None:
             return encode_reply(msg.request, reply)
-        if msg.request in _OWN_REPLY:
+        if msg.request in OWN_REPLY:
             return encode_reply(msg.request)
         if msg.request in _U64_REFUSAL:
             return encode_reply(msg.request, encode_u64(1))

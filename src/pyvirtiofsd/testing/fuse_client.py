@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from . import abi
+from pyvirtiofsd.fuse import abi
 
 
 class Reply(NamedTuple):

@@ -8,40 +8,37 @@ With REPLY_ACK negotiated every request carries NEED_REPLY and :meth:`BackendCha
 returns the front-end's u64 status (0 = success). Without it the front-end sends no reply
 and ``request`` returns 0 once the message is sent.
 
-The socket's open file description came from the front-end: its flags are left as they are.
-Timeouts come from poll(), and each send and receive is made non-blocking on its own
-(MSG_DONTWAIT). :meth:`BackendChannel.close` shuts the socket down first, so that a request
-waiting for its reply ends at once rather than holding the channel until its timeout.
+Messages go through :mod:`.wire`, which never changes the flags of the socket (its open file
+description came from the front-end) and takes its timeouts from poll(). A reply must be the
+u64 answer to the request just sent; fds attached to it are closed. After a timeout or a
+garbled reply the channel is closed for good: the stream is out of step.
+:meth:`BackendChannel.close` shuts the socket down first, so that a request waiting for its
+reply ends at once rather than holding the channel until its timeout.
 """
 
 from __future__ import annotations
 
-import array
 import logging
 import os
-import select
 import socket
 import threading
-import time
 from collections.abc import Sequence
 
 from pyvirtiofsd.vhost_user.messages import (
-    HEADER,
-    VHOST_USER_FLAG_NEED_REPLY,
-    VHOST_USER_FLAG_REPLY,
-    VHOST_USER_VERSION,
     BackendReq,
+    MessageError,
     MMapRequest,
     ProtocolFeature,
     decode_u64,
+    encode_message,
 )
+from pyvirtiofsd.vhost_user.wire import deadline_after, recv_message, send_with_fds
 
 __all__ = ["BackendChannel", "BackendChannelError"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
-_MAX_REPLY = 4096
 
 
 class BackendChannelError(OSError):
@@ -61,7 +58,6 @@ class BackendChannel:
     ) -> None:
         self._sock = sock
         self._timeout = timeout
-        self._deadline: float | None = None
         self.reply_ack = reply_ack
         self.send_fds = send_fds
         self._lock = threading.Lock()
@@ -84,82 +80,41 @@ class BackendChannel:
         """Send one request; return the front-end's u64 reply (0 without REPLY_ACK)."""
         if fds and not self.send_fds:
             raise BackendChannelError("BACKEND_SEND_FD was not negotiated")
-        flags = VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if self.reply_ack else 0)
-        data = HEADER.pack(msg_id, flags, len(payload)) + payload
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))] if fds else []
+        for fd in fds:
+            os.fstat(fd)  # fail here, with the caller's fd in the message, not in sendmsg
+        data = encode_message(msg_id, payload, need_reply=self.reply_ack)
         with self._lock:
             if self._closed:
                 raise BackendChannelError("the back-end channel is closed")
-            timeout = self._timeout
-            self._deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = deadline_after(self._timeout)
             try:
-                self._send(data, anc)
+                send_with_fds(self._sock, data, fds, deadline=deadline)
                 if not self.reply_ack:
                     return 0
-                return self._read_reply(msg_id)
+                return self._read_reply(msg_id, deadline)
             except TimeoutError:
                 self._fail()
                 raise BackendChannelError(f"front-end did not answer request {msg_id}") from None
-            except OSError as e:
+            except (OSError, MessageError) as e:
                 self._fail()
                 if isinstance(e, BackendChannelError):
                     raise
                 raise BackendChannelError(f"back-end channel: {e}") from None
 
-    def _read_reply(self, msg_id: int) -> int:
-        header = self._recv_exact(HEADER.size)
-        request, flags, size = HEADER.unpack(header)
-        if size > _MAX_REPLY:
-            raise BackendChannelError(f"reply of {size} bytes to request {msg_id}")
-        payload = self._recv_exact(size)
-        if request != msg_id or not flags & VHOST_USER_FLAG_REPLY:
+    def _read_reply(self, msg_id: int, deadline: float | None) -> int:
+        reply = recv_message(self._sock, deadline=deadline)
+        if reply is None:
+            raise BackendChannelError("front-end closed the back-end channel")
+        reply.close_fds()  # a reply carries none
+        if reply.request != msg_id or not reply.is_reply:
             raise BackendChannelError(
-                f"expected the reply to request {msg_id}, got request {request} flags {flags:#x}"
+                f"expected the reply to request {msg_id}, "
+                f"got request {reply.request} flags {reply.flags:#x}"
             )
         try:
-            return decode_u64(payload)
-        except ValueError:
+            return decode_u64(reply.payload)
+        except MessageError:
             raise BackendChannelError(f"reply to request {msg_id} has no u64") from None
-
-    def _wait(self, events: int) -> None:
-        """Wait until the socket is ready for ``events``; TimeoutError past the deadline."""
-        poller = select.poll()
-        poller.register(self._sock, events)
-        deadline = self._deadline
-        while True:
-            if deadline is None:
-                ready = poller.poll()
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                ready = poller.poll(max(1, int(remaining * 1000)))
-            if ready:
-                return
-
-    def _send(self, data: bytes, anc: list[tuple[int, int, bytes]]) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = self._sock.sendmsg([view], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                self._wait(select.POLLOUT)
-                continue
-            anc = []  # the fds went with the first byte
-            view = view[sent:]
-
-    def _recv_exact(self, size: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < size:
-            try:
-                chunk = self._sock.recv(size - len(buf), socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                self._wait(select.POLLIN)
-                continue
-            if not chunk:
-                raise BackendChannelError("front-end closed the back-end channel")
-            buf += chunk
-        return bytes(buf)
 
     def _fail(self) -> None:
         # After a timeout or a garbled reply the stream is out of step for good.
@@ -195,8 +150,3 @@ class BackendChannel:
     def closed(self) -> bool:
         return self._closed
 
-
-def _fd_array(fds: Sequence[int]) -> bytes:
-    for fd in fds:
-        os.fstat(fd)  # fail here, with the caller's fd in the message, not in sendmsg
-    return array.array("i", fds).tobytes()

@@ -1,4 +1,4 @@
-"""A small vhost-user front-end: our own VMM and guest driver, in Python.
+"""A small vhost-user front-end: our own VMM and guest driver, in Python (not the product).
 
 Tests, fuzzers and benchmarks use it to drive a daemon the way QEMU and a guest kernel
 would, without either:
@@ -15,7 +15,11 @@ would, without either:
 
 The back-end channel (SET_BACKEND_REQ_FD) is served by a thread that hands each request
 to a hook (:data:`BackendRequestHandler`); a DAX test fills the hook with a SHMEM_MAP /
-SHMEM_UNMAP implementation.
+SHMEM_UNMAP implementation (:mod:`.dax_window`).
+
+Messages are encoded by :mod:`pyvirtiofsd.vhost_user.messages` and move through
+:mod:`pyvirtiofsd.vhost_user.wire`, the daemon's own codec: each operation on the socket waits
+at most the front-end's ``timeout``.
 
 A :class:`DriverQueue` is meant for one thread; different queues can be driven from
 different threads at once, and control requests are serialised by a lock.
@@ -23,7 +27,6 @@ different threads at once, and control requests are serialised by a lock.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import logging
@@ -37,24 +40,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pyvirtiofsd.vhost_user.messages import (
-    HEADER,
-    MAX_FDS,
+    OWN_REPLY,
     VHOST_USER_F_PROTOCOL_FEATURES,
-    VHOST_USER_FLAG_NEED_REPLY,
-    VHOST_USER_FLAG_REPLY,
-    VHOST_USER_VERSION,
     ConfigSpace,
     FrontendReq,
     MemoryRegionDesc,
     Message,
+    MessageError,
     ProtocolFeature,
     ShmemConfig,
     VringAddr,
     VringState,
     decode_u64,
     encode_mem_table,
+    encode_reply,
     encode_single_region,
     encode_u64,
+    request_flags,
+)
+from pyvirtiofsd.vhost_user.wire import (
+    ClosedMidMessage,
+    deadline_after,
+    recv_message,
+    send_with_fds,
 )
 from pyvirtiofsd.virtio.chain import (
     DESC,
@@ -80,22 +88,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_FD_SIZE = array.array("i").itemsize
-
-# Requests whose reply has its own payload (no REPLY_ACK status is added to them).
-_OWN_REPLY = frozenset(
-    {
-        FrontendReq.GET_FEATURES,
-        FrontendReq.GET_PROTOCOL_FEATURES,
-        FrontendReq.GET_VRING_BASE,
-        FrontendReq.GET_QUEUE_NUM,
-        FrontendReq.GET_CONFIG,
-        FrontendReq.GET_MAX_MEM_SLOTS,
-        FrontendReq.GET_STATUS,
-        FrontendReq.GET_SHMEM_CONFIG,
-    }
-)
 
 BackendRequestHandler = Callable[[Message], int]
 """``hook(msg) -> status``: serve one back-end request (e.g. SHMEM_MAP); the hook owns
@@ -500,7 +492,7 @@ class Frontend:
 
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0) -> None:
         self.sock = sock
-        self.sock.settimeout(timeout)
+        self.timeout = timeout
         self._lock = threading.RLock()
         self.features = 0
         self.protocol_features = 0
@@ -552,15 +544,10 @@ class Frontend:
     # -- raw messages ----------------------------------------------------------------------
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send bytes as they are (a message, part of one, or garbage), ``fds`` with the first."""
         with self._lock:
             try:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                    sent = self.sock.sendmsg([data], anc)
-                    if sent < len(data):
-                        self.sock.sendall(data[sent:])
-                else:
-                    self.sock.sendall(data)
+                send_with_fds(self.sock, data, fds, deadline=deadline_after(self.timeout))
             except OSError as e:
                 raise FrontendError(f"sending to the daemon failed: {e}") from None
 
@@ -573,36 +560,23 @@ class Frontend:
         need_reply: bool = False,
         flags: int | None = None,
     ) -> None:
+        """Send one request as given; ``flags`` (version bits included) replaces the usual."""
         if flags is None:
-            flags = VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if need_reply else 0)
-        self.send_raw(HEADER.pack(request, flags, len(payload)) + payload, fds)
+            flags = request_flags(need_reply=need_reply)
+        self.send_raw(Message(request, flags, payload).encode(), fds)
 
     def recv(self) -> Message:
         """Read one message from the daemon."""
         with self._lock:
             try:
-                header, fds = self._recv_exact(HEADER.size, with_fds=True)
-                request, flags, size = HEADER.unpack(header)
-                payload, more = self._recv_exact(size, with_fds=True)
+                msg = recv_message(self.sock, deadline=deadline_after(self.timeout))
             except TimeoutError:
                 raise FrontendError("the daemon did not answer") from None
-            return Message(request, flags, payload, fds + more)
-
-    def _recv_exact(self, size: int, *, with_fds: bool) -> tuple[bytes, list[int]]:
-        buf = bytearray()
-        fds: list[int] = []
-        while len(buf) < size:
-            data, anc, _flags, _ = self.sock.recvmsg(
-                size - len(buf), socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
-            )
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _FD_SIZE]))
-            if not data:
-                _close_all(fds)
+            except (ClosedMidMessage, MessageError) as e:
+                raise FrontendError(f"unreadable answer from the daemon: {e}") from None
+            if msg is None:
                 raise FrontendError("the daemon closed the connection")
-            buf += data
-        return bytes(buf), fds
+            return msg
 
     def call(
         self,
@@ -616,7 +590,7 @@ class Frontend:
 
         ``need_reply=None`` asks for a REPLY_ACK status whenever REPLY_ACK is negotiated.
         """
-        own_reply = request in _OWN_REPLY
+        own_reply = request in OWN_REPLY
         if need_reply is None:
             need_reply = not own_reply and self.has_protocol(ProtocolFeature.REPLY_ACK)
         with self._lock:
@@ -624,7 +598,7 @@ class Frontend:
             if not own_reply and not need_reply:
                 return None
             reply = self.recv()
-        if reply.request != request or not reply.flags & VHOST_USER_FLAG_REPLY:
+        if reply.request != request or not reply.is_reply:
             raise FrontendError(
                 f"reply to {request} came as request {reply.request}, flags {reply.flags:#x}"
             )
@@ -771,35 +745,21 @@ class Frontend:
     def _serve_channel(self, sock: socket.socket, hook: BackendRequestHandler) -> None:
         while True:
             try:
-                data, anc, _f, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(8 * _FD_SIZE))
-                if len(data) < HEADER.size:
-                    data += _recv_exactly(sock, HEADER.size - len(data))
-            except OSError:
+                msg = recv_message(sock)
+            except (OSError, MessageError):
                 return
-            if not data:
+            if msg is None:
                 return
-            fds = []
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _FD_SIZE]))
-            request, flags, size = HEADER.unpack(data)
-            try:
-                payload = _recv_exactly(sock, size)
-            except OSError:
-                _close_all(fds)
-                return
-            msg = Message(request, flags, payload, fds)
-            self.backend_requests.append(Message(request, flags, payload, []))
+            self.backend_requests.append(Message(msg.request, msg.flags, msg.payload, []))
             try:
                 status = hook(msg)
             except Exception:
-                log.exception("back-end request %d hook failed", request)
+                log.exception("back-end request %d hook failed", msg.request)
                 msg.close_fds()
                 status = 1
-            if flags & VHOST_USER_FLAG_NEED_REPLY:
-                reply = HEADER.pack(request, VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY, 8)
+            if msg.need_reply:
                 with contextlib.suppress(OSError):
-                    sock.sendall(reply + encode_u64(status))
+                    send_with_fds(sock, encode_reply(msg.request, encode_u64(status)))
 
     # -- whole-device setup ------------------------------------------------------------------
 
@@ -889,16 +849,6 @@ class Frontend:
         return self.get_vring_base(index)
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        if not chunk:
-            raise ConnectionResetError("peer closed")
-        buf += chunk
-    return bytes(buf)
-
-
 def benchmark(
     q: DriverQueue,
     requests: int,
@@ -922,10 +872,10 @@ def benchmark(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m pyvirtiofsd.vhost_user.frontend SOCKET``: drive a test-device daemon."""
+    """``python -m pyvirtiofsd.testing.frontend SOCKET``: drive a test-device daemon."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.vhost_user.frontend")
+    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.testing.frontend")
     p.add_argument("socket_path")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--depth", type=int, action="append", help="chains per kick (repeatable)")

@@ -4,6 +4,10 @@ Every queue upper-cases what the driver sends: the readable buffers, concatenate
 copied into the writable buffers with ASCII letters upper-cased, as far as they fit. A
 request whose first readable byte is ``!`` gets no reply (used length 0), standing in for
 FUSE FORGET. Nothing here allocates per byte beyond ``bytes.upper``.
+
+``python -m pyvirtiofsd.testing.testdevice SOCKET`` serves it over vhost-user to one
+front-end (QEMU, or :mod:`pyvirtiofsd.testing.frontend`), for benchmarks and front-end
+experiments without FUSE.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from pyvirtiofsd.vhost_user.runner import VhostUserServer
 from pyvirtiofsd.virtio.device import RequestHandler, SharedMemoryMapper
 
 __all__ = ["UppercaseDevice"]
@@ -84,3 +89,41 @@ class UppercaseDevice:
 
     def reset(self) -> None:
         self.resets += 1
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Serve the test device: ``python -m pyvirtiofsd.testing.testdevice SOCKET``.
+
+    Prints the per-queue request counts and the process's CPU time when the front-end leaves.
+    """
+    import argparse
+    import resource
+
+    p = argparse.ArgumentParser(prog="python -m pyvirtiofsd.testing.testdevice")
+    p.add_argument("socket_path")
+    p.add_argument("--queues", type=int, default=2, help="queues, hiprio included")
+    p.add_argument("--thread-pool-size", type=int, default=0)
+    p.add_argument("--tag", help="expose a virtio-fs config space with this tag")
+    p.add_argument("--dax-window", type=int, default=0, help="shared memory region 0 size")
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(threadName)s %(message)s")
+    config = b""
+    if args.tag:
+        config = args.tag.encode()[:36].ljust(36, b"\0") + (args.queues - 1).to_bytes(4, "little")
+    device = UppercaseDevice(
+        num_queues=args.queues,
+        config=config,
+        shmem_sizes=[args.dax_window] if args.dax_window else [],
+    )
+    server = VhostUserServer(
+        device, socket_path=args.socket_path, thread_pool_size=args.thread_pool_size
+    )
+    served = server.run()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"served {served} cpu {usage.ru_utime + usage.ru_stime:.3f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,4 +1,4 @@
-"""The Python front-end against the real daemon runner over a real Unix socket."""
+"""The runner and its server loop, driven by the test front-end over a real Unix socket."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.vhost_user.device import VhostUserDaemon, serve
-from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.testdevice import UppercaseDevice
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
     FrontendReq,
@@ -25,12 +25,12 @@ from pyvirtiofsd.vhost_user.messages import (
     encode_mem_table,
     encode_u64,
 )
+from pyvirtiofsd.vhost_user.runner import VhostUserServer
 from pyvirtiofsd.virtio.chain import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-from pyvirtiofsd.virtio.testdevice import UppercaseDevice
 
 from .conftest import DaemonFactory
 
@@ -235,7 +235,8 @@ def test_inherited_listening_fd(tmp_path: Path) -> None:
     fd = listener.detach()
     result: list[Sequence[int]] = []
     t = threading.Thread(
-        target=lambda: result.append(serve(UppercaseDevice(), listen_fd=fd)), daemon=True
+        target=lambda: result.append(VhostUserServer(UppercaseDevice(), listen_fd=fd).run()),
+        daemon=True,
     )
     t.start()
     with Frontend.connect(path) as fe:
@@ -244,12 +245,12 @@ def test_inherited_listening_fd(tmp_path: Path) -> None:
     assert result == [[0, 1]]
 
 
-def test_serve_refuses_a_non_listening_fd() -> None:
+def test_server_refuses_a_non_listening_fd() -> None:
     a, b = socket.socketpair()
     fd = a.detach()
     try:
         with pytest.raises(ValueError, match="not listening"):
-            serve(UppercaseDevice(), listen_fd=fd)
+            VhostUserServer(UppercaseDevice(), listen_fd=fd)
         os.fstat(fd)  # still the caller's
     finally:
         os.close(fd)
@@ -257,14 +258,14 @@ def test_serve_refuses_a_non_listening_fd() -> None:
     r, w = os.pipe()
     try:
         with pytest.raises(ValueError, match="not a socket"):
-            serve(UppercaseDevice(), listen_fd=r)
+            VhostUserServer(UppercaseDevice(), listen_fd=r)
     finally:
         os.close(r)
         os.close(w)
 
 
 def test_stop_before_a_front_end_connects(tmp_path: Path) -> None:
-    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=str(tmp_path / "s"))
+    daemon = VhostUserServer(UppercaseDevice(), socket_path=str(tmp_path / "s"))
     t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     time.sleep(0.05)
@@ -276,7 +277,7 @@ def test_stop_before_a_front_end_connects(tmp_path: Path) -> None:
 
 def test_stop_while_serving(tmp_path: Path) -> None:
     path = str(tmp_path / "s")
-    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=path)
+    daemon = VhostUserServer(UppercaseDevice(), socket_path=path)
     result: list[list[int]] = []
     t = threading.Thread(target=lambda: result.append(daemon.run()), daemon=True)
     t.start()
@@ -293,7 +294,7 @@ def test_stop_while_serving(tmp_path: Path) -> None:
 @pytest.mark.parametrize("connected", [False, True], ids=["accepting", "connected"])
 def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool) -> None:
     path = str(tmp_path / "s")
-    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=path)
+    daemon = VhostUserServer(UppercaseDevice(), socket_path=path)
     frontends: list[Frontend] = []
     if connected:
         threading.Thread(target=lambda: frontends.append(Frontend.connect(path))).start()
