@@ -7,11 +7,11 @@ import stat
 import threading
 import time
 
-from pyvirtiofsd.fuse.buffers import DirBuffer
 from pyvirtiofsd.fuse.filesystem import (
     ROOT,
     Attr,
     Context,
+    DirBuffer,
     Entry,
     Filesystem,
     Opened,

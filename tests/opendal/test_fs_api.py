@@ -21,7 +21,8 @@ from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
 from pyvirtiofsd.backends.opendal.errors import errno_of
 from pyvirtiofsd.backends.opendal.ranges import Ranges
 from pyvirtiofsd.backends.passthrough import CachePolicy
-from pyvirtiofsd.fuse.buffers import DirBuffer, ReplyWriter, WriteData
+from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
+from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
 
 CTX = Context(uid=0, gid=0, pid=1)
@@ -112,7 +113,7 @@ def test_readdirplus_entries_count_as_lookups(tmp_path: Path) -> None:
     while True:
         buf = bytearray(4096)
         out = ReplyWriter([memoryview(buf)])
-        dirbuf = DirBuffer(out, 4096, plus=True)
+        dirbuf = DirentWriter(out, 4096, plus=True)
         fs.readdir(CTX, ROOT, opened.fh, offset, dirbuf)
         if out.length == ReplyWriter.HEADER:
             break
@@ -365,7 +366,7 @@ def test_releasedir_of_a_file_handle_leaves_it_to_release(tmp_path: Path) -> Non
         fs.release(CTX, ROOT, d.fh, 0, 0, False, False)
     assert e.value.errno == errno.EBADF
     out = ReplyWriter([memoryview(bytearray(4096))])
-    fs.readdir(CTX, ROOT, d.fh, 0, DirBuffer(out, 4096, plus=False))
+    fs.readdir(CTX, ROOT, d.fh, 0, DirentWriter(out, 4096, plus=False))
     assert out.length > ReplyWriter.HEADER
     fs.releasedir(CTX, ROOT, d.fh, 0)
     fs.shutdown()

@@ -1,5 +1,4 @@
-"""Scatter-gather access to one request and its reply, and the wire encoding of directory
-entries.
+"""Scatter-gather access to one request and its reply.
 
 A request arrives as a list of readable memoryviews and its reply goes into a list of writable
 ones: a single buffer for /dev/fuse, the descriptors of a chain for virtio. Small structures are
@@ -11,12 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-from . import abi
-
-if TYPE_CHECKING:
-    from .filesystem import Entry
+from typing import Any
 
 Buffer = memoryview | bytes | bytearray
 
@@ -249,81 +243,3 @@ def _skip(views: list[memoryview], count: int) -> list[memoryview]:
         out.append(view[count:])
         count = 0
     return out
-
-
-class DirBuffer:
-    """Collects READDIR/READDIRPLUS entries into the reply, up to the size the kernel asked."""
-
-    __slots__ = ("_out", "_plus", "_size", "_start")
-
-    def __init__(self, out: ReplyWriter, size: int, plus: bool) -> None:
-        self._out = out
-        self._start = out.length
-        self._size = min(size, out.space())
-        self._plus = plus
-
-    @property
-    def plus(self) -> bool:
-        return self._plus
-
-    def fits(self, name: bytes) -> bool:
-        need = (abi.direntplus_size if self._plus else abi.dirent_size)(len(name))
-        return self._out.length - self._start + need <= self._size
-
-    def add(self, ino: int, offset: int, dtype: int, name: bytes) -> bool:
-        """Add one entry; ``offset`` is where the next READDIR continues after it. Returns
-        False (adding nothing) when it does not fit. In a READDIRPLUS it is an entry without a
-        lookup, which the kernel then looks up itself."""
-        if self._plus:
-            return self.add_plus(None, offset, dtype, name, ino)
-        if not self.fits(name):
-            return False
-        out = self._out
-        out.pack(abi.DIRENT.struct, ino, offset, len(name), dtype)
-        out.write(name)
-        pad = -len(name) & 7
-        if pad:
-            out.write(b"\0" * pad)
-        return True
-
-    def add_plus(
-        self, entry: Entry | None, offset: int, dtype: int, name: bytes, ino: int = 0
-    ) -> bool:
-        """Add one READDIRPLUS entry. ``entry`` None means "no lookup" (as for "." and ".."),
-        and the kernel then takes no reference; ``ino`` is then the inode number readdir
-        shows (0 would hide the entry: C libraries skip those). Otherwise the entry counts as
-        a lookup, so call :meth:`fits` first and only look the name up when it will fit."""
-        if not self.fits(name):
-            return False
-        out = self._out
-        if entry is None:
-            out.pack(abi.DIRENTPLUS.struct, *((0,) * 22), ino, offset, len(name), dtype)
-        else:
-            ev, evn = _split_timeout(entry.entry_timeout)
-            av, avn = _split_timeout(entry.attr_timeout)
-            out.pack(
-                abi.DIRENTPLUS.struct,
-                entry.ino,
-                entry.generation,
-                ev,
-                av,
-                evn,
-                avn,
-                *entry.attr.values(),
-                entry.attr.ino,
-                offset,
-                len(name),
-                dtype,
-            )
-        out.write(name)
-        pad = -len(name) & 7
-        if pad:
-            out.write(b"\0" * pad)
-        return True
-
-
-def _split_timeout(seconds: float) -> tuple[int, int]:
-    if seconds <= 0:
-        return 0, 0
-    whole = int(seconds)
-    return whole, int((seconds - whole) * 1e9)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from . import abi
 
 if TYPE_CHECKING:
-    from .buffers import DirBuffer, ReplyWriter, WriteData
+    from .buffers import ReplyWriter, WriteData
 
 ROOT = abi.ROOT_ID
 
@@ -309,6 +309,35 @@ class ConnectionInfo:
 def dtype_of_mode(mode: int) -> int:
     """The DT_* value readdir reports for a file mode."""
     return stat.S_IFMT(mode) >> 12
+
+
+class DirBuffer(Protocol):
+    """What ``readdir`` fills: entries in order, each with the offset a later READDIR
+    continues from after it, until one does not fit."""
+
+    @property
+    def plus(self) -> bool:
+        """READDIRPLUS: each entry carries its lookup (see :meth:`add_plus`)."""
+        ...
+
+    def fits(self, name: bytes) -> bool:
+        """Whether an entry named ``name`` still fits."""
+        ...
+
+    def add(self, ino: int, offset: int, dtype: int, name: bytes) -> bool:
+        """Add one entry; ``offset`` is where the next READDIR continues after it. Returns
+        False (adding nothing) when it does not fit. In a READDIRPLUS it is an entry without a
+        lookup, which the kernel then looks up itself."""
+        ...
+
+    def add_plus(
+        self, entry: Entry | None, offset: int, dtype: int, name: bytes, ino: int = 0
+    ) -> bool:
+        """Add one READDIRPLUS entry. ``entry`` None means "no lookup" (as for "." and ".."),
+        and the kernel then takes no reference; ``ino`` is then the inode number readdir
+        shows. Otherwise the entry counts as a lookup, so call :meth:`fits` first and only look
+        the name up when it will fit."""
+        ...
 
 
 class Filesystem:

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from . import abi
-from .buffers import DirBuffer, ReplyWriter, RequestReader, ShortBuffer, WriteData
+from .buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
+from .dirents import DirentWriter
 from .filesystem import ConnectionInfo, Context, DaxWindow, Entry, Filesystem, Lock, Opened, SetAttr
 
 __all__ = [
@@ -1011,7 +1012,7 @@ class Server:
         size: int,
         *unused: int,
     ) -> None:
-        self.fs.readdir(ctx, nodeid, fh, offset, DirBuffer(out, size, False))
+        self.fs.readdir(ctx, nodeid, fh, offset, DirentWriter(out, size, False))
 
     @_op(abi.Opcode.READDIRPLUS, abi.READ_IN)
     def _readdirplus(
@@ -1025,7 +1026,7 @@ class Server:
         size: int,
         *unused: int,
     ) -> None:
-        self.fs.readdir(ctx, nodeid, fh, offset, DirBuffer(out, size, True))
+        self.fs.readdir(ctx, nodeid, fh, offset, DirentWriter(out, size, True))
 
     @_op(abi.Opcode.RELEASEDIR, abi.RELEASE_IN)
     def _releasedir(

@@ -75,7 +75,8 @@ from .staging import Blob, BlobCache
 from .store import Listed, Stat, Store, parent_of
 
 if TYPE_CHECKING:
-    from ...fuse.buffers import DirBuffer, ReplyWriter, WriteData
+    from ...fuse.buffers import ReplyWriter, WriteData
+    from ...fuse.filesystem import DirBuffer
 
 log = logging.getLogger(__name__)
 

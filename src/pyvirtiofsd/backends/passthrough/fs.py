@@ -40,11 +40,12 @@ import threading
 
 from ... import linux
 from ...fuse import abi
-from ...fuse.buffers import DirBuffer, ReplyWriter, WriteData
+from ...fuse.buffers import ReplyWriter, WriteData
 from ...fuse.filesystem import (
     Attr,
     ConnectionInfo,
     Context,
+    DirBuffer,
     Entry,
     Lock,
     Opened,
