@@ -8,17 +8,21 @@ from pathlib import Path
 
 from pyvirtiofsd.testing.frontend import Frontend
 from pyvirtiofsd.testing.testdevice import UppercaseDevice
+from pyvirtiofsd.virtio.chain import Chain
+
+
+def _chain(readable: list[bytes], writable: list[bytearray]) -> Chain:
+    return Chain(0, [memoryview(b) for b in readable], [memoryview(b) for b in writable])
 
 
 def test_upper_cases_into_the_writable_buffers() -> None:
     handle = UppercaseDevice().handler(1)
     out = [bytearray(3), bytearray(10)]
-    used = handle([memoryview(b"hello, "), memoryview(b"world")], [memoryview(b) for b in out])
-    assert used == 12
+    assert handle(_chain([b"hello, ", b"world"], out)) == 12
     assert bytes(out[0] + out[1]) == b"HELLO, WORLD\0"
     small = bytearray(4)
-    assert handle([memoryview(b"truncated")], [memoryview(small)]) == 4 and small == b"TRUN"
-    assert handle([memoryview(b"!forget")], [memoryview(bytearray(8))]) == 0
+    assert handle(_chain([b"truncated"], [small])) == 4 and small == b"TRUN"
+    assert handle(_chain([b"!forget"], [bytearray(8)])) == 0
 
 
 def test_served_with_python_m(tmp_path: Path) -> None:

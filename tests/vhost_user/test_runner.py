@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -31,6 +32,7 @@ from pyvirtiofsd.virtio.chain import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
+from pyvirtiofsd.virtio.device import Completion, later
 
 from .conftest import DaemonFactory
 
@@ -477,10 +479,10 @@ def test_handler_exception_is_contained(
         def handler(self, queue_index: int):  # type: ignore[no-untyped-def]
             inner = super().handler(queue_index)
 
-            def handle(readable, writable):  # type: ignore[no-untyped-def]
-                if bytes(readable[0][:4]) == b"boom":
+            def handle(chain):  # type: ignore[no-untyped-def]
+                if bytes(chain.readable[0][:4]) == b"boom":
                     raise RuntimeError("handler bug")
-                return 10**9 if bytes(readable[0][:4]) == b"huge" else inner(readable, writable)
+                return 10**9 if bytes(chain.readable[0][:4]) == b"huge" else inner(chain)
 
             return handle
 
@@ -490,6 +492,57 @@ def test_handler_exception_is_contained(
         assert q.request([b"boom"], [8]) == b""
         assert q.request([b"huge"], [8]) == b""
     assert "handler failed" in caplog.text and "used length" in caplog.text
+    check_serves(q)
+
+
+class _Patient(UppercaseDevice):
+    """Keeps chains that start with "later" to answer them from elsewhere; chains that start
+    with "lost" it keeps without asking (a device bug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: queue.SimpleQueue[Completion] = queue.SimpleQueue()
+
+    def handler(self, queue_index: int):  # type: ignore[no-untyped-def]
+        inner = super().handler(queue_index)
+
+        def handle(chain):  # type: ignore[no-untyped-def]
+            start = bytes(chain.readable[0][:5])
+            if start == b"later":
+                self.kept.put(later(chain))
+                return None
+            if start == b"lost.":
+                return None
+            return inner(chain)
+
+        return handle
+
+
+def test_a_chain_answered_later(daemon: DaemonFactory) -> None:
+    """A handler keeps a chain; the queue serves others meanwhile; the chain is returned when
+    the device completes it, from another thread, with what it wrote."""
+    device = _Patient()
+    q = daemon(device).connect().setup(queues=(1,))[1]
+    head = q.submit([b"later please"], [8])
+    q.kick()
+    completion = device.kept.get(timeout=10)
+    check_serves(q)
+    assert head not in q.completed
+    completion.writable[0][:4] = b"done"
+    threading.Thread(target=completion.complete, args=(4,)).start()
+    assert q.wait(head, timeout=10) == 4
+    assert q.result(head) == (4, b"done")
+    with pytest.raises(RuntimeError):
+        completion.complete(4)
+
+
+def test_a_chain_kept_without_later_is_returned(
+    daemon: DaemonFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = daemon(_Patient()).connect().setup(queues=(1,))[1]
+    with caplog.at_level(logging.ERROR):
+        assert q.request([b"lost."], [8]) == b""
+    assert "kept a chain without later()" in caplog.text
     check_serves(q)
 
 

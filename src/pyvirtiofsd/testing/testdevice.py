@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 
 from pyvirtiofsd.vhost_user.runner import VhostUserServer
+from pyvirtiofsd.virtio.chain import Chain
 from pyvirtiofsd.virtio.device import RequestHandler, SharedMemoryMapper
 
 __all__ = ["UppercaseDevice"]
@@ -61,7 +62,8 @@ class UppercaseDevice:
     def handler(self, queue_index: int) -> RequestHandler:
         delay = self._delay
 
-        def handle(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+        def handle(chain: Chain) -> int:
+            readable, writable = chain.readable, chain.writable
             if delay:
                 threading.Event().wait(delay)
             barrier = self.barrier
@@ -89,6 +91,14 @@ class UppercaseDevice:
 
     def reset(self) -> None:
         self.resets += 1
+
+    def fault(
+        self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+    ) -> int:
+        return 0
+
+    def interrupt_waits(self, queue_index: int) -> None:
+        pass
 
 
 def _main(argv: list[str] | None = None) -> int:

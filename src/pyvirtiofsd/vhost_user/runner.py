@@ -54,7 +54,7 @@ from pyvirtiofsd.vhost_user.connection import (
 from pyvirtiofsd.vhost_user.session import Session
 from pyvirtiofsd.vhost_user.vring import Vring, consume
 from pyvirtiofsd.virtio.chain import Chain, InvalidChain
-from pyvirtiofsd.virtio.device import DEFERRED, RequestHandler, VirtioDevice, current
+from pyvirtiofsd.virtio.device import Completion, RequestHandler, VirtioDevice
 from pyvirtiofsd.virtio.queue import QueueBroken, SplitQueue
 
 __all__ = ["DeviceRunner", "VhostUserServer"]
@@ -118,6 +118,28 @@ class _Pool:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
+class _Later:
+    """A chain its handler answers later (a :class:`~pyvirtiofsd.virtio.device.Completion`)."""
+
+    __slots__ = ("_chain", "_done", "_worker")
+
+    def __init__(self, worker: _QueueWorker, chain: Chain) -> None:
+        self._worker = worker
+        self._chain = chain
+        self._done = False
+
+    @property
+    def writable(self) -> list[memoryview]:
+        return self._chain.writable
+
+    def complete(self, used: int) -> None:
+        if self._done:
+            raise RuntimeError("a chain answered twice")
+        self._done = True
+        self._chain.owner = None
+        self._worker._completed_later(self._chain, used)
+
+
 class _QueueWorker:
     """The thread serving one started ring."""
 
@@ -174,9 +196,7 @@ class _QueueWorker:
         running in the backend: the ring is then abandoned."""
         self.begin_stop()
         done = self._wait_for(lambda: self._exited)
-        cancel = getattr(self.runner.device, "cancel_deferred", None)
-        if cancel is not None:
-            cancel(self.vring.index)
+        self.runner.device.interrupt_waits(self.vring.index)
         if done:
             done = self._wait_for(lambda: not self._inflight)
         with self.vring.lock, self._idle:
@@ -306,24 +326,39 @@ class _QueueWorker:
                 return
 
     def _serve(self, chain: Chain) -> None:
-        writable = chain.writable
-        current.chain = chain
-        current.defer = self._defer_current
-        current.deferred = False
+        chain.owner = self
         try:
-            used = self.handler(chain.readable, writable)
+            used = self.handler(chain)
         except Exception:
             log.exception("vring %d: handler failed on chain %d", self.vring.index, chain.head)
             used = 0
-        finally:
-            current.chain = None
-            current.defer = None
-        if used == DEFERRED:
-            if current.deferred:
-                return  # the device completes the chain later, through _complete_deferred
-            log.error("vring %d: handler deferred without calling defer()", self.vring.index)
+        if used is None:
+            if chain.owner is not self:
+                return  # answered later, through the Completion the handler took
+            log.error("vring %d: handler kept a chain without later()", self.vring.index)
             used = 0
+        chain.owner = None
         self._finish(chain, used)
+
+    def later(self, chain: Chain) -> Completion:
+        """Keep ``chain`` in flight after its handler returns (see
+        :func:`pyvirtiofsd.virtio.device.later`)."""
+        if chain.owner is not self:
+            raise RuntimeError("later() twice, or for a chain this worker is not serving")
+        completion = _Later(self, chain)
+        chain.owner = completion
+        with self._idle:
+            self._inflight += 1
+        return completion
+
+    def _completed_later(self, chain: Chain, used: int) -> None:
+        try:
+            self._finish(chain, used)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
 
     def _finish(self, chain: Chain, used: int) -> None:
         if used and not 0 < used <= chain.writable_len:
@@ -347,9 +382,9 @@ class _QueueWorker:
         still answer through them (``device.fault``), e.g. with an error reply."""
         used = 0
         partial = e.partial
-        fault = getattr(self.runner.device, "fault", None)
-        if partial is not None and fault is not None:
+        if partial is not None:
             try:
+                fault = self.runner.device.fault
                 used = fault(self.vring.index, partial.readable, partial.writable)
             except Exception:
                 log.exception("vring %d: fault handler failed", self.vring.index)
@@ -367,25 +402,6 @@ class _QueueWorker:
             f"answered with a {used}-byte reply" if used else "returned unused",
         )
         self._complete(e.head, used)
-
-    def _defer_current(self) -> Callable[[int], None]:
-        chain = current.chain
-        if chain is None or current.deferred:
-            raise RuntimeError("defer() called twice, or outside a handler")
-        current.deferred = True
-        with self._idle:
-            self._inflight += 1
-
-        def complete(used: int) -> None:
-            try:
-                self._finish(chain, used)
-            finally:
-                with self._idle:
-                    self._inflight -= 1
-                    if not self._inflight:
-                        self._idle.notify_all()
-
-        return complete
 
     def _serve_pooled(self, chain: Chain) -> None:
         try:

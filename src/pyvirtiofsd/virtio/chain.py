@@ -66,9 +66,13 @@ class InvalidChain(Exception):
 
 
 class Chain:
-    """One request: its head index and the buffers it carries."""
+    """One request: its head index and the buffers it carries.
 
-    __slots__ = ("head", "readable", "writable", "writable_len")
+    ``owner`` is whoever serves the chain (the transport's queue worker), which a device asks
+    to answer it later (:func:`pyvirtiofsd.virtio.device.later`); None outside of that.
+    """
+
+    __slots__ = ("head", "owner", "readable", "writable", "writable_len")
 
     def __init__(
         self,
@@ -78,6 +82,7 @@ class Chain:
         writable_len: int | None = None,
     ) -> None:
         self.head = head
+        self.owner: object | None = None
         self.readable = readable
         self.writable = writable
         #: Bytes the writable buffers hold (counted during the walk, not summed again).

@@ -3,62 +3,75 @@
 A device (virtio-fs, or the test device in :mod:`pyvirtiofsd.testing.testdevice`) says how
 many queues it has, which feature bits and config space it exposes, and gives one
 :data:`RequestHandler` per queue. The transport (the vhost-user runner in
-:mod:`pyvirtiofsd.vhost_user.runner`) pops chains, calls the handler with the chain's
-buffers and returns the chain with the length the handler reports.
+:mod:`pyvirtiofsd.vhost_user.runner`) pops chains, calls the handler with each chain and
+returns the chain with the length the handler reports.
 
-Handlers run on the queue's worker thread, or on a pool thread when a pool is configured,
-so a handler for a queue may run concurrently with itself. The memoryviews it receives
-point into guest memory: it must not keep them (or slices of them) after it returns,
-because the memory can be unmapped once the request is complete.
+Rules:
+
+* Handlers run on the queue's worker thread, or on a pool thread when a pool is configured,
+  so a handler for a queue may run concurrently with itself.
+* The memoryviews of a chain point into guest memory: a handler must not keep them (or
+  slices of them) after the chain is returned, because the memory can be unmapped then.
+* A handler that cannot answer at once (a request that waits) calls :func:`later` with the
+  chain, returns None, and answers through the :class:`Completion` it got, from any thread;
+  the chain's buffers stay valid until then. A transport stopping the queue first calls the
+  device's :meth:`VirtioDevice.interrupt_waits`, so that such waits end.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from .chain import Chain
+
 __all__ = [
-    "DEFERRED",
     "VIRTIO_ID_FS",
+    "ChainOwner",
+    "Completion",
     "RequestHandler",
     "SharedMemoryMapper",
     "VirtioDevice",
-    "defer",
+    "later",
 ]
 
 VIRTIO_ID_FS = 26
 
-#: A handler's return value meaning "this chain is answered later": the handler called
-#: :func:`defer` and will call the function it got with the used length.
-DEFERRED = -2
 
-#: The transport's hook for :func:`defer`, set per thread around each handler call.
-current = threading.local()
+class Completion(Protocol):
+    """A chain answered later: the buffers the reply goes into, and how to return it."""
 
+    @property
+    def writable(self) -> Sequence[memoryview]: ...
 
-def defer() -> Callable[[int], None]:
-    """From inside a handler: keep this chain in flight after the handler returns.
-
-    Returns ``complete(used_len)``, which any thread may call once the reply is in the
-    chain's writable buffers (the buffers stay valid until then); the handler then returns
-    :data:`DEFERRED`. Used for requests that wait (a blocking lock) without holding up the
-    queue. A transport stopping the queue first calls the device's ``cancel_deferred``, if it
-    has one, so that such waits end.
-    """
-    hook = getattr(current, "defer", None)
-    if hook is None:
-        raise RuntimeError("defer() called outside a request handler")
-    return hook()
+    def complete(self, used: int) -> None:
+        """Return the chain with ``used`` bytes written (once, from any thread)."""
+        ...
 
 
-RequestHandler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
-"""``handler(readable, writable) -> used_len``.
+class ChainOwner(Protocol):
+    """Whoever serves a chain (the transport's queue worker), as :attr:`Chain.owner`."""
 
-``readable`` are the device-readable buffers of one chain in order, ``writable`` the
-device-writable ones. The return value is the number of bytes written into ``writable``
-(the used length; 0 means no reply, e.g. FUSE FORGET). Values outside
-``0..sum(len(writable))`` are clamped and logged by the runner.
+    def later(self, chain: Chain) -> Completion: ...
+
+
+def later(chain: Chain) -> Completion:
+    """From a handler: keep ``chain`` in flight after the handler returns (it then returns
+    None), and get the :class:`Completion` that answers it."""
+    owner = chain.owner
+    if owner is None:
+        raise RuntimeError("later() for a chain that no transport is serving")
+    return owner.later(chain)  # type: ignore[attr-defined, no-any-return]
+
+
+RequestHandler = Callable[[Chain], int | None]
+"""``handler(chain) -> used_len | None``.
+
+``chain.readable`` are the device-readable buffers of one chain in order, ``chain.writable``
+the device-writable ones. The return value is the number of bytes written into the writable
+buffers (the used length; 0 means no reply, e.g. FUSE FORGET), or None when the chain is
+answered later (:func:`later`). Values outside ``0..chain.writable_len`` are clamped and
+logged by the runner.
 """
 
 
@@ -107,4 +120,16 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None:
         """Forget per-driver state: the driver reset the device or went away."""
+        ...
+
+    def fault(
+        self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+    ) -> int:
+        """A chain with buffers outside guest memory as the device sees it: the buffers that
+        could be reached (each list cut at its first unreachable buffer). Returns the used
+        length of an error reply written there, or 0 to return the chain unused."""
+        ...
+
+    def interrupt_waits(self, queue_index: int) -> None:
+        """The queue stops: end the waits of chains answered later (:func:`later`)."""
         ...
