@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
-from pyvirtiofsd.backends.passthrough import CachePolicy
 from pyvirtiofsd.fuse.client import FuseClient, direct
+from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.fuse.server import Server
 
 from .conftest import Service, StoreView

@@ -38,7 +38,7 @@ import struct
 import threading
 
 from ... import linux
-from ...fuse import abi
+from ...fuse import abi, policy
 from ...fuse.buffers import ReplyWriter, WriteData
 from ...fuse.filesystem import (
     Attr,
@@ -53,7 +53,7 @@ from ...fuse.filesystem import (
     StatVfs,
 )
 from . import locks
-from .config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy, PassthroughConfig
+from .config import PassthroughConfig
 from .credentials import Credentials, can_switch
 from .inodes import Inode, InodeStore
 
@@ -63,7 +63,6 @@ _DIRENT_HEAD = struct.Struct("=QqHB")
 _GETDENTS_BUFSIZE = 64 * 1024
 _ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 _NO_ID = 0xFFFFFFFF
-_WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
 
 
 def _err(code: int, what: str = "") -> OSError:
@@ -124,7 +123,7 @@ class PassthroughFs(Filesystem):
         want = conn.want
         if cfg.writeback:
             want |= abi.InitFlag.WRITEBACK_CACHE
-        if not cfg.readdirplus or cfg.cache is CachePolicy.NEVER:
+        if not policy.readdirplus_allowed(cfg.cache, cfg.readdirplus):
             want &= ~(abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO)
         if not cfg.announce_submounts:
             want &= ~abi.InitFlag.SUBMOUNTS
@@ -464,7 +463,7 @@ class PassthroughFs(Filesystem):
         return flags | os.O_CLOEXEC
 
     def _file_open_flags(self, guest_flags: int) -> int:
-        flags = FILE_OPEN_FLAGS[self.cfg.cache]
+        flags = policy.file_open_flags(self.cfg.cache)
         if guest_flags & os.O_DIRECT and self.cfg.allow_direct_io:
             flags |= abi.FOPEN_DIRECT_IO
         return flags
@@ -485,7 +484,7 @@ class PassthroughFs(Filesystem):
 
     def _open_inode(self, inode: Inode, flags: int, kill_suidgid: bool) -> Opened:
         oflags = self._open_flags(flags)
-        if self.cfg.readonly and (flags & _WRITE_ACCESS or flags & os.O_TRUNC):
+        if self.cfg.readonly and policy.may_write(flags):
             raise _err(errno.EROFS)
         fd = self.inodes.open(inode, oflags)
         try:
@@ -717,7 +716,7 @@ class PassthroughFs(Filesystem):
         if not inode.is_dir():
             raise _err(errno.ENOTDIR)
         fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
-        return Opened(self._new_handle(fd, inode, flags), DIR_OPEN_FLAGS[self.cfg.cache])
+        return Opened(self._new_handle(fd, inode, flags), policy.dir_open_flags(self.cfg.cache))
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
         h = self._use(fh)
