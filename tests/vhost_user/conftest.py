@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.device import serve
 from pyvirtiofsd.vhost_user.frontend import Frontend
 from pyvirtiofsd.virtio.testdevice import UppercaseDevice
@@ -19,22 +20,18 @@ class Daemon:
         self.device = device
         self.served: Sequence[int] | None = None
         self.error: BaseException | None = None
-        ready = threading.Event()
+        self.listener = Listener.bind(self.path)
         self.thread = threading.Thread(
-            target=self._run, args=(thread_pool_size, ready), name="daemon", daemon=True
+            target=self._run, args=(thread_pool_size,), name="daemon", daemon=True
         )
         self.thread.start()
-        assert ready.wait(5)
         self.frontends: list[Frontend] = []
 
-    def _run(self, thread_pool_size: int, ready: threading.Event) -> None:
+    def _run(self, thread_pool_size: int) -> None:
         try:
-            self.served = serve(
-                self.device, socket_path=self.path, thread_pool_size=thread_pool_size, ready=ready
-            )
+            self.served = serve(self.device, self.listener, thread_pool_size=thread_pool_size)
         except BaseException as e:  # surfaced by the fixture
             self.error = e
-            ready.set()
 
     def connect(self) -> Frontend:
         fe = Frontend.connect(self.path, timeout=10)
@@ -72,3 +69,4 @@ def daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
             fe.close()
         d.thread.join(10)
         assert not d.thread.is_alive(), "a daemon thread outlived its front-end"
+        d.listener.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.device import VhostUserDaemon, serve
 from pyvirtiofsd.vhost_user.frontend import DriverQueue, Frontend, FrontendError
 from pyvirtiofsd.vhost_user.messages import (
@@ -235,7 +236,7 @@ def test_inherited_listening_fd(tmp_path: Path) -> None:
     fd = listener.detach()
     result: list[Sequence[int]] = []
     t = threading.Thread(
-        target=lambda: result.append(serve(UppercaseDevice(), listen_fd=fd)), daemon=True
+        target=lambda: result.append(serve(UppercaseDevice(), Listener.inherit(fd))), daemon=True
     )
     t.start()
     with Frontend.connect(path) as fe:
@@ -244,39 +245,25 @@ def test_inherited_listening_fd(tmp_path: Path) -> None:
     assert result == [[0, 1]]
 
 
-def test_serve_refuses_a_non_listening_fd() -> None:
-    a, b = socket.socketpair()
-    fd = a.detach()
-    try:
-        with pytest.raises(ValueError, match="not listening"):
-            serve(UppercaseDevice(), listen_fd=fd)
-        os.fstat(fd)  # still the caller's
-    finally:
-        os.close(fd)
-        b.close()
-    r, w = os.pipe()
-    try:
-        with pytest.raises(ValueError, match="not a socket"):
-            serve(UppercaseDevice(), listen_fd=r)
-    finally:
-        os.close(r)
-        os.close(w)
-
-
 def test_stop_before_a_front_end_connects(tmp_path: Path) -> None:
-    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=str(tmp_path / "s"))
+    path = tmp_path / "s"
+    listener = Listener.bind(str(path))
+    daemon = VhostUserDaemon(UppercaseDevice(), listener)
     t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     time.sleep(0.05)
     daemon.stop()
     t.join(5)
     assert not t.is_alive()
-    assert not (tmp_path / "s").exists()
+    assert path.is_socket(), "the loop removed a socket it does not own"
+    listener.close()
+    assert not path.exists()
 
 
 def test_stop_while_serving(tmp_path: Path) -> None:
     path = str(tmp_path / "s")
-    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=path)
+    listener = Listener.bind(path)
+    daemon = VhostUserDaemon(UppercaseDevice(), listener)
     result: list[list[int]] = []
     t = threading.Thread(target=lambda: result.append(daemon.run()), daemon=True)
     t.start()
@@ -288,12 +275,14 @@ def test_stop_while_serving(tmp_path: Path) -> None:
         assert result == [[0, 1]]
         with pytest.raises(FrontendError):
             fe.get_queue_num()
+    listener.close()
 
 
 @pytest.mark.parametrize("connected", [False, True], ids=["accepting", "connected"])
 def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool) -> None:
     path = str(tmp_path / "s")
-    daemon = VhostUserDaemon(UppercaseDevice(), socket_path=path)
+    listener = Listener.bind(path)
+    daemon = VhostUserDaemon(UppercaseDevice(), listener)
     frontends: list[Frontend] = []
     if connected:
         threading.Thread(target=lambda: frontends.append(Frontend.connect(path))).start()
@@ -306,6 +295,7 @@ def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool) -> None:
         signal.signal(signal.SIGALRM, old)
         for fe in frontends:
             fe.close()
+        listener.close()
     assert len(frontends) == int(connected)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.device import serve
 from pyvirtiofsd.virtio.testdevice import UppercaseDevice
 
@@ -36,18 +37,16 @@ def _run(
     tmp_path: Path, flavor: str, device: UppercaseDevice, *, generic: bool
 ) -> tuple[Sequence[int], str]:
     sock = str(tmp_path / "fs.sock")
-    ready = threading.Event()
+    listener = Listener.bind(sock)
     served: list[Sequence[int]] = []
-    t = threading.Thread(
-        target=lambda: served.append(serve(device, socket_path=sock, ready=ready)), daemon=True
-    )
+    t = threading.Thread(target=lambda: served.append(serve(device, listener)), daemon=True)
     t.start()
-    assert ready.wait(5)
     fs = vm_guest.FsDevice(socket=sock, tag=TAG.decode(), generic=generic)
     script = "timeout 20 " + fs.mount_command("/mnt/x") + " 2>&1; true\n"
     result = vm_guest.run_guest(script, [fs], qemu=flavor, memory_mb=512, smp=1, timeout=180)
     t.join(20)
     assert not t.is_alive(), "the daemon did not exit when QEMU went away"
+    listener.close()
     return served[0], result.kernel_log
 
 
