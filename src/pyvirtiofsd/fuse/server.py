@@ -28,6 +28,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import abi
@@ -234,6 +235,27 @@ class LockWaiters:
                 del job
                 with self._lock:
                     self._busy -= 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server agrees to whatever the file system wants (filled from the command line
+    by field name)."""
+
+    #: Serve POSIX record locks in the daemon (off: the guest's kernel keeps them local).
+    posix_locks: bool = True
+    #: Serve flock() locks in the daemon (off: local to the guest).
+    flock_locks: bool = True
+
+    @property
+    def disabled_flags(self) -> int:
+        """INIT flags never to agree to (:class:`Server`'s ``disabled_flags``)."""
+        flags = 0
+        if not self.posix_locks:
+            flags |= abi.InitFlag.POSIX_LOCKS
+        if not self.flock_locks:
+            flags |= abi.InitFlag.FLOCK_LOCKS
+        return flags
 
 
 class Server:
