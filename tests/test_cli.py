@@ -6,6 +6,7 @@ No VM: where a front-end is needed, the project's Python front-end plays it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -22,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError
+from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError, GuestRam
 from pyvirtiofsd.testing.fuse_client import FuseClient
+from pyvirtiofsd.vhost_user.messages import FrontendReq, ProtocolFeature, VringState
 
 REPO = Path(__file__).resolve().parent.parent
 DESCRIPTOR = REPO / "share" / "qemu" / "vhost-user" / "50-pyvirtiofsd.json"
@@ -375,12 +377,14 @@ def test_libvirt_command_line_without_xattr_refuses_xattrs(work: Path, shared: P
 # -- stopping ---------------------------------------------------------------------------------
 
 
-def socket_daemon(work: Path, shared: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def socket_daemon(
+    work: Path, shared: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     path = work / "vhost.sock"
     log = work / "daemon.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*DAEMON, "--socket-path", str(path), "--shared-dir", str(shared)],
+            [*DAEMON, "--socket-path", str(path), "--shared-dir", str(shared), *extra],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -438,11 +442,108 @@ def test_lock_options_of_the_old_form(shared: Path, work: Path) -> None:
     from pyvirtiofsd.cli import parse_args
 
     sock = str(work / "s.sock")
-    opts = parse_args(["--socket-path", sock, "-o", f"source={shared},no_posix_lock,no_flock"])
-    assert opts is not None and not opts.posix_locks and not opts.flock_locks
-    opts = parse_args(["--socket-path", sock, "-o", f"source={shared},posix_lock,flock"])
-    assert opts is not None and opts.posix_locks and opts.flock_locks
+    config = parse_args(["--socket-path", sock, "-o", f"source={shared},no_posix_lock,no_flock"])
+    assert config is not None
+    assert not config.server.posix_locks and not config.server.flock_locks
+    config = parse_args(["--socket-path", sock, "-o", f"source={shared},posix_lock,flock"])
+    assert config is not None and config.server.posix_locks and config.server.flock_locks
     assert not (work / "s.sock").exists()
+
+
+# -- options and the configs they set -----------------------------------------------------------
+
+
+def _config_classes() -> list[type]:
+    pytest.importorskip("opendal")
+    from pyvirtiofsd.backends.opendal import OpendalConfig
+    from pyvirtiofsd.backends.passthrough import PassthroughConfig
+    from pyvirtiofsd.daemon import DaemonConfig, ProcessConfig
+    from pyvirtiofsd.fuse.server import ServerConfig
+    from pyvirtiofsd.transport.fusedev import FuseMountConfig
+    from pyvirtiofsd.transport.virtiofs import VhostUserConfig
+
+    return [
+        VhostUserConfig,
+        FuseMountConfig,
+        PassthroughConfig,
+        OpendalConfig,
+        ServerConfig,
+        ProcessConfig,
+        DaemonConfig,
+    ]
+
+
+def test_every_option_names_a_config_field() -> None:
+    """The command line owns no setting: each option (and each ``-o`` form) sets the field of
+    its name in a layer's config, so that no option is copied field by field."""
+    from pyvirtiofsd import cli
+
+    fields = {f.name for cls in _config_classes() for f in dataclasses.fields(cls)}
+    own = {"help", "version", "print_capabilities", "compat_options", "debug"}
+    dests = {
+        a.dest
+        for a in cli.build_parser()._actions
+        if a.dest not in own and not a.dest.startswith(("ignored_", "unsupported_"))
+    }
+    assert dests - fields == set()
+    compat = {
+        *cli._COMPAT_SWITCHES.values(),
+        *cli._COMPAT_ON.values(),
+        *(dest for dest, _ in cli._COMPAT_VALUES.values()),
+    }
+    assert compat - fields == set()
+
+
+def test_configs_are_frozen() -> None:
+    for cls in _config_classes():
+        assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]
+
+
+def test_options_not_given_leave_the_configs_defaults(shared: Path, work: Path) -> None:
+    from pyvirtiofsd.backends.passthrough import PassthroughConfig
+    from pyvirtiofsd.cli import parse_args
+    from pyvirtiofsd.daemon import ProcessConfig
+    from pyvirtiofsd.fuse.server import ServerConfig
+    from pyvirtiofsd.transport.virtiofs import VhostUserConfig
+
+    sock = str(work / "s.sock")
+    config = parse_args(["--socket-path", sock, "--shared-dir", str(shared)])
+    assert config is not None
+    assert config.transport == VhostUserConfig(socket_path=sock)
+    assert config.backend == PassthroughConfig(str(shared))
+    assert config.server == ServerConfig()
+    assert config.process == ProcessConfig()
+
+
+# -- --queue-size ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("largest", [None, 64], ids=["default", "64"])
+def test_queue_size_is_the_largest_ring_a_front_end_may_set_up(
+    largest: int | None, work: Path, shared: Path
+) -> None:
+    extra = [] if largest is None else ["--queue-size", str(largest)]
+    proc, path, log = socket_daemon(work, shared, *extra)
+    largest = largest or 32768  # the most virtio allows, as virtiofsd accepts
+    try:
+        with Frontend.connect(str(path)) as fe:
+            fe.negotiate()
+            assert fe.has_protocol(ProtocolFeature.REPLY_ACK)
+            too_big = VringState(1, largest * 2).encode()
+            assert fe.status_of(FrontendReq.SET_VRING_NUM, too_big) != 0
+            fe.ram = GuestRam(64 << 20)
+            fe.share_ram(fe.ram)
+            fuse = fuse_over(fe.start_queue(1, largest))
+            fuse.init()
+            assert fuse.lookup(abi.ROOT_ID, b"hello.txt").nodeid
+        rc = wait_exit(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = check_clean_log(log)
+    assert rc == 0, text
+    assert f"ring size {largest * 2} is not a power of two up to {largest}" in text
 
 
 # -- --allow-devices ---------------------------------------------------------------------------

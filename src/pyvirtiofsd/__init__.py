@@ -2,7 +2,8 @@
 
 To serve a file system of your own, subclass :class:`pyvirtiofsd.fuse.filesystem.Filesystem` and
 hand it to :func:`serve_filesystem`, which takes the daemon's command line (``--mount DIR`` for
-the host, ``--socket-path PATH`` for a VM).
+the host, ``--socket-path PATH`` for a VM). Without a command line, build the configs yourself
+and call :func:`pyvirtiofsd.daemon.serve_filesystem`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ if TYPE_CHECKING:
 
 
 def serve_filesystem(fs: Filesystem, argv: list[str] | None = None) -> int:
-    from .daemon import serve_filesystem as _serve
+    """Serve ``fs`` as the command line ``argv`` (default: ``sys.argv[1:]``) says; the exit
+    status."""
+    from .cli import main
 
-    return _serve(fs, argv)
+    return main(argv, fs=fs)
 
 
 __all__ = ["__version__", "serve_filesystem"]

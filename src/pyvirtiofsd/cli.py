@@ -1,26 +1,51 @@
 """The ``pyvirtiofsd`` command line: virtiofsd's options, plus our own.
 
+The command line owns no setting; it maps arguments onto the configs of the layers that do:
+:class:`~.transport.virtiofs.VhostUserConfig`, :class:`~.transport.fusedev.FuseMountConfig`,
+the backends' configs, :class:`~.fuse.server.ServerConfig` and the daemon's
+:class:`~.daemon.ProcessConfig`. An option's ``dest`` is the name of the config field it sets,
+and each config is filled by field name from the options given (an option that also names a
+field elsewhere, like ``--readonly``, sets it there too), so an option is spelled once here and
+once in its config, and one not given leaves the config's default. virtiofsd's ``-o`` form sets
+the same names.
+
 Parsing is kept apart from running (:mod:`pyvirtiofsd.daemon`) so that every option can be
-checked, with a clear message and exit status 2, before anything listens or mounts.
+checked, with a clear message and exit status 2, before anything listens or mounts. Nothing
+below this module imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
-from .backends.passthrough import CachePolicy, FileHandles
+from .backends.passthrough.config import FileHandles, PassthroughConfig
+from .daemon import DaemonConfig, ProcessConfig
+from .fuse.policy import CachePolicy
+from .fuse.server import ServerConfig
+from .transport.fusedev import FuseMountConfig
+from .transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig
 from .userns import IdRange, check_map, parse_range
 
+if TYPE_CHECKING:
+    from .fuse.filesystem import Filesystem
+
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
+CACHE_MODES = ("never", "none", "auto", "always", "metadata")
+SANDBOXES = ("namespace", "chroot", "none")
 #: What libvirt reads from --print-capabilities. "separate-options" makes libvirt pass
 #: --shared-dir/--cache/... rather than -o. Migration is not offered: we have no device state.
 CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+#: Request threads of an object-storage daemon when --thread-pool-size does not say: served
+#: inline, one slow store call would hold up every request behind it, even those the local
+#: cache answers at once.
+OPENDAL_THREADS = 8
 
 #: virtiofsd options we accept and ignore, because what they tune does not exist here.
 _IGNORED_WITH_VALUE = ("--seccomp", "--modcaps")
@@ -37,49 +62,39 @@ _UNSUPPORTED = (
     "--migration-confirm-paths",
 )
 
+#: virtiofsd's ``-o`` switches and the option each sets; ``no_`` in front clears it.
+_COMPAT_SWITCHES = {
+    "xattr": "xattr",
+    "posix_acl": "posix_acl",
+    "readdirplus": "readdirplus",
+    "writeback": "writeback",
+    "announce_submounts": "announce_submounts",
+    "killpriv_v2": "killpriv_v2",
+    "flock": "flock_locks",
+    "posix_lock": "posix_locks",
+}
+#: ``-o`` switches that only turn something on.
+_COMPAT_ON = {"allow_direct_io": "allow_direct_io"}
+#: ``-o KEY=VALUE`` options: the option each sets, and the values it takes (None: any).
+_COMPAT_VALUES: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "source": ("shared_dir", None),
+    "cache": ("cache", CACHE_MODES),
+    "sandbox": ("sandbox", SANDBOXES),
+    "loglevel": ("log_level", LOG_LEVELS),
+}
+_COMPAT_ALIASES = {"log_level": "loglevel"}
+_COMPAT_IGNORED = ("modcaps", "timeout")
+_COMPAT_UNSUPPORTED = ("xattrmap", "security_label")
 
-@dataclass
-class Options:
-    shared_dir: str | None = None
-    socket_path: str | None = None
-    fd: int | None = None
-    socket_group: str | None = None
-    tag: str | None = None
-    cache: CachePolicy = CachePolicy.AUTO
-    allow_mmap: bool = False
-    writeback: bool = False
-    allow_direct_io: bool = False
-    readdirplus: bool = True
-    thread_pool_size: int = 0
-    rlimit_nofile: int | None = None
-    xattr: bool = False
-    posix_acl: bool = False
-    readonly: bool = False
-    announce_submounts: bool = True
-    killpriv_v2: bool = False
-    #: Serve POSIX record locks and flock() in the daemon (else the guest locks locally).
-    posix_locks: bool = True
-    flock_locks: bool = True
-    inode_file_handles: FileHandles = FileHandles.NEVER
-    sandbox: str = "none"
-    #: Run as root of a user namespace with these maps (empty: stay in the host's).
-    uid_map: list[IdRange] = field(default_factory=list)
-    gid_map: list[IdRange] = field(default_factory=list)
-    log_level: str = "info"
-    syslog: bool = False
-    # Beyond virtiofsd:
-    mount: str | None = None
-    fuse_passthrough: bool = False
-    allow_devices: bool = False
-    num_request_queues: int = 1
-    queue_size: int = 1024
-    dax_window: int = 0
-    dax_file_size: int | None = None
-    opendal: str | None = None
-    opendal_opts: dict[str, str] = field(default_factory=dict)
-    opendal_cache_dir: str | None = None
-    opendal_cache_size: int | None = None
-    ignored: list[str] = field(default_factory=list)
+#: Options whose value the config holds in another type than the command line's text.
+_CONVERT: dict[str, Any] = {
+    "cache": CachePolicy.parse,
+    "inode_file_handles": FileHandles.parse,
+    "uid_map": tuple,
+    "gid_map": tuple,
+}
+
+_C = TypeVar("_C")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,10 +130,13 @@ def _nonneg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser. Every option's ``dest`` is the config field it sets; none has a default
+    (argparse.SUPPRESS), so the configs' own defaults hold for options not given."""
     p = _Parser(
         prog="pyvirtiofsd",
         description="virtio-fs device back-end (vhost-user) and FUSE server.",
         epilog="Compatible with virtiofsd's options; see the README for the rest.",
+        argument_default=argparse.SUPPRESS,
     )
     conn = p.add_argument_group("connection")
     conn.add_argument(
@@ -132,34 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--tag", help="virtio-fs tag (config space; 36 bytes at most)")
     conn.add_argument(
         "--mount",
+        dest="mountpoint",
         metavar="MOUNTPOINT",
         help="serve on the host through /dev/fuse at MOUNTPOINT instead of vhost-user",
     )
-    conn.add_argument("--num-request-queues", type=int, default=1, metavar="N")
-    conn.add_argument("--queue-size", type=int, default=1024, metavar="N", help=argparse.SUPPRESS)
+    conn.add_argument("--num-request-queues", type=int, metavar="N")
+    conn.add_argument(
+        "--queue-size",
+        type=int,
+        metavar="N",
+        help=f"largest virtqueue a front-end may set up (a power of two; {MAX_QUEUE_SIZE}, "
+        "the default, is the most virtio allows). virtiofsd has no such option: its limit is "
+        f"fixed at {MAX_QUEUE_SIZE}",
+    )
 
     fs = p.add_argument_group("file system")
     fs.add_argument("--shared-dir", metavar="DIR", help="directory to share")
-    fs.add_argument(
-        "--cache", choices=("never", "none", "auto", "always", "metadata"), default="auto"
-    )
+    fs.add_argument("--cache", choices=CACHE_MODES)
     fs.add_argument(
         "--allow-mmap", action="store_true", help="shared mmap with cache=never/metadata"
     )
     fs.add_argument("--writeback", action="store_true")
     fs.add_argument("--allow-direct-io", action="store_true")
-    fs.add_argument("--no-readdirplus", action="store_true")
+    fs.add_argument("--no-readdirplus", dest="readdirplus", action="store_false")
     fs.add_argument("--xattr", action="store_true")
     fs.add_argument("--posix-acl", action="store_true", help="POSIX ACLs (implies --xattr)")
     fs.add_argument("--readonly", action="store_true")
-    fs.add_argument("--announce-submounts", action="store_true", default=True)
+    fs.add_argument("--announce-submounts", action="store_true")
     fs.add_argument("--no-announce-submounts", dest="announce_submounts", action="store_false")
     fs.add_argument("--killpriv-v2", action="store_true")
     fs.add_argument("--no-killpriv-v2", dest="killpriv_v2", action="store_false")
     fs.add_argument(
         "--inode-file-handles",
         choices=("never", "prefer", "mandatory", "fallback"),
-        default="never",
         help="reference inodes by file handle instead of one open fd each",
     )
     fs.add_argument(
@@ -180,47 +203,47 @@ def build_parser() -> argparse.ArgumentParser:
     dax.add_argument(
         "--dax-window",
         type=_size,
-        default=0,
         metavar="SIZE",
         help="size of the DAX window (a multiple of 2M; 0 = no DAX)",
     )
     dax.add_argument(
         "--dax-file-size",
         type=_size,
-        default=None,
         metavar="SIZE",
         help="for dax=inode: files at least this large use DAX",
     )
 
     obj = p.add_argument_group("object storage (Apache OpenDAL)")
     obj.add_argument(
-        "--opendal", metavar="SCHEME", help="serve an OpenDAL service instead of a directory"
+        "--opendal",
+        dest="scheme",
+        metavar="SCHEME",
+        help="serve an OpenDAL service instead of a directory",
     )
     obj.add_argument(
         "--opendal-opt",
+        dest="options",
         action="append",
-        default=[],
         metavar="KEY=VALUE",
         help="an option of the OpenDAL service (repeatable)",
     )
-    obj.add_argument("--opendal-cache-dir", metavar="DIR")
-    obj.add_argument("--opendal-cache-size", type=_size, metavar="SIZE")
+    obj.add_argument("--opendal-cache-dir", dest="cache_dir", metavar="DIR")
+    obj.add_argument("--opendal-cache-size", dest="cache_size", type=_size, metavar="SIZE")
 
     run = p.add_argument_group("running")
-    run.add_argument("--thread-pool-size", type=_nonneg, default=0, metavar="N")
+    run.add_argument("--thread-pool-size", type=_nonneg, metavar="N")
     run.add_argument("--rlimit-nofile", type=_nonneg, metavar="N")
-    run.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none")
+    run.add_argument("--sandbox", choices=SANDBOXES)
     for kind in ("uid", "gid"):
         run.add_argument(
             f"--{kind}-map",
             action="append",
-            default=[],
             type=_id_range,
             metavar=":INSIDE:OUTSIDE:COUNT:",
             help=f"run in a user namespace where COUNT {kind}s from INSIDE are the host's from "
             "OUTSIDE (repeatable; needs newuidmap/newgidmap for ranges that are not your own)",
         )
-    run.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    run.add_argument("--log-level", choices=LOG_LEVELS)
     run.add_argument("--syslog", action="store_true")
     run.add_argument("--print-capabilities", action="store_true")
     run.add_argument("-V", "--version", action="version", version=f"pyvirtiofsd {__version__}")
@@ -228,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         dest="compat_options",
         action="append",
-        default=[],
         metavar="OPTIONS",
         help="virtiofsd's deprecated comma-separated options (source=DIR,cache=...,xattr,...)",
     )
@@ -256,182 +278,176 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _apply_compat(p: argparse.ArgumentParser, ns: argparse.Namespace, opts: Options) -> None:
-    """virtiofsd's ``-o`` options, as libvirt still emits them."""
-    for group in ns.compat_options:
+def _apply_compat(p: argparse.ArgumentParser, given: dict[str, Any], notices: list[str]) -> None:
+    """virtiofsd's ``-o`` options, as libvirt still emits them: onto the same names as the
+    options of today."""
+    for group in given.pop("compat_options", []):
         for item in group.split(","):
             if not item:
                 continue
             key, _, value = item.partition("=")
-            if key == "source":
-                opts.shared_dir = value
-            elif key == "cache":
-                try:
-                    opts.cache = CachePolicy.parse(value)
-                except ValueError:
-                    p.error(f"-o cache: invalid value {value!r}")
-            elif key in ("xattr", "no_xattr"):
-                opts.xattr = key == "xattr"
-            elif key in ("posix_acl", "no_posix_acl"):
-                opts.posix_acl = key == "posix_acl"
-            elif key in ("readdirplus", "no_readdirplus"):
-                opts.readdirplus = key == "readdirplus"
-            elif key in ("writeback", "no_writeback"):
-                opts.writeback = key == "writeback"
-            elif key == "allow_direct_io":
-                opts.allow_direct_io = True
-            elif key in ("announce_submounts", "no_announce_submounts"):
-                opts.announce_submounts = key == "announce_submounts"
-            elif key in ("killpriv_v2", "no_killpriv_v2"):
-                opts.killpriv_v2 = key == "killpriv_v2"
-            elif key == "sandbox":
-                if value not in ("namespace", "chroot", "none"):
-                    p.error(f"-o sandbox: invalid value {value!r}")
-                opts.sandbox = value
-            elif key in ("loglevel", "log_level"):
-                if value not in LOG_LEVELS:
-                    p.error(f"-o loglevel: invalid value {value!r}")
-                opts.log_level = value
-            elif key in ("flock", "no_flock"):
-                opts.flock_locks = key == "flock"
-            elif key in ("posix_lock", "no_posix_lock"):
-                opts.posix_locks = key == "posix_lock"
-            elif key in ("modcaps", "timeout"):
-                opts.ignored.append(item)
-            elif key in ("xattrmap", "security_label"):
+            key = _COMPAT_ALIASES.get(key, key)
+            if key in _COMPAT_VALUES:
+                dest, choices = _COMPAT_VALUES[key]
+                if choices is not None and value not in choices:
+                    p.error(f"-o {key}: invalid value {value!r}")
+                given[dest] = value
+            elif key in _COMPAT_SWITCHES:
+                given[_COMPAT_SWITCHES[key]] = True
+            elif key.startswith("no_") and key[3:] in _COMPAT_SWITCHES:
+                given[_COMPAT_SWITCHES[key[3:]]] = False
+            elif key in _COMPAT_ON:
+                given[_COMPAT_ON[key]] = True
+            elif key in _COMPAT_IGNORED:
+                notices.append(f"ignoring option {item}")
+            elif key in _COMPAT_UNSUPPORTED:
                 p.error(f"-o {key} is not supported")
             else:
                 p.error(f"unknown -o option {key!r}")
 
 
-def parse_args(argv: Sequence[str] | None = None, *, own_fs: bool = False) -> Options | None:
-    """The options, or None when the command was fully answered (--print-capabilities).
-    ``own_fs``: the caller brings its own file system, so no directory or service is named."""
+def parse_args(argv: Sequence[str] | None = None, *, own_fs: bool = False) -> DaemonConfig | None:
+    """The daemon's configuration, or None when the command was fully answered
+    (--print-capabilities). ``own_fs``: the caller brings its own file system, so no directory
+    or service is named."""
     p = build_parser()
     ns = p.parse_args(argv)
-    if ns.print_capabilities:
+    if getattr(ns, "print_capabilities", False):
         print(json.dumps(CAPABILITIES, indent=2))
         return None
     for opt in _UNSUPPORTED:
-        if getattr(ns, "unsupported_" + opt.strip("-").replace("-", "_")):
+        if getattr(ns, "unsupported_" + opt.strip("-").replace("-", "_"), None):
             p.error(f"{opt} is not supported by pyvirtiofsd")
-    opts = Options(
-        shared_dir=ns.shared_dir,
-        socket_path=ns.socket_path,
-        fd=ns.fd,
-        socket_group=ns.socket_group,
-        tag=ns.tag,
-        cache=CachePolicy.parse(ns.cache),
-        allow_mmap=ns.allow_mmap,
-        writeback=ns.writeback,
-        allow_direct_io=ns.allow_direct_io,
-        readdirplus=not ns.no_readdirplus,
-        thread_pool_size=ns.thread_pool_size,
-        rlimit_nofile=ns.rlimit_nofile,
-        xattr=ns.xattr or ns.posix_acl,
-        posix_acl=ns.posix_acl,
-        readonly=ns.readonly,
-        announce_submounts=ns.announce_submounts,
-        killpriv_v2=ns.killpriv_v2,
-        inode_file_handles=FileHandles(
-            "prefer" if ns.inode_file_handles == "fallback" else ns.inode_file_handles
-        ),
-        sandbox=ns.sandbox,
-        uid_map=ns.uid_map,
-        gid_map=ns.gid_map,
-        log_level="debug" if ns.debug else ns.log_level,
-        syslog=ns.syslog,
-        mount=ns.mount,
-        fuse_passthrough=ns.fuse_passthrough,
-        allow_devices=ns.allow_devices,
-        num_request_queues=ns.num_request_queues,
-        queue_size=ns.queue_size,
-        dax_window=ns.dax_window,
-        dax_file_size=ns.dax_file_size,
-        opendal=ns.opendal,
-        opendal_cache_dir=ns.opendal_cache_dir,
-        opendal_cache_size=ns.opendal_cache_size,
+    given: dict[str, Any] = vars(ns)
+    notices: list[str] = []
+    if given.pop("debug", False):
+        given["log_level"] = "debug"
+    _apply_compat(p, given, notices)
+    if "options" in given:
+        given["options"] = _service_options(p, given["options"])
+    _validate(p, given, own_fs)
+    for name, convert in _CONVERT.items():
+        if name in given:
+            given[name] = convert(given[name])
+    if "scheme" in given and not given.get("thread_pool_size"):
+        given["thread_pool_size"] = OPENDAL_THREADS
+        notices.append(f"--opendal: serving requests on {OPENDAL_THREADS} threads")
+    transport: VhostUserConfig | FuseMountConfig
+    if "mountpoint" in given:
+        transport = _fill(FuseMountConfig, given)
+    else:
+        transport = _fill(VhostUserConfig, given)
+    return DaemonConfig(
+        transport=transport,
+        backend=None if own_fs else _backend(given),
+        server=_fill(ServerConfig, given),
+        process=_fill(ProcessConfig, given, notices=tuple(notices)),
     )
-    _apply_compat(p, ns, opts)
-    if opts.posix_acl:
-        opts.xattr = True
-    for item in ns.opendal_opt:
+
+
+def _fill(cls: type[_C], given: dict[str, Any], **values: Any) -> _C:
+    """``cls`` (a config dataclass) with each field an option was given for, by name."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in given.items() if k in names}, **values)
+
+
+def _backend(given: dict[str, Any]) -> Any:
+    if "scheme" in given:
+        from .backends.opendal.config import OpendalConfig
+
+        return _fill(OpendalConfig, given)
+    return _fill(PassthroughConfig, given)
+
+
+def _service_options(p: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             p.error(f"--opendal-opt wants KEY=VALUE, got {item!r}")
-        opts.opendal_opts[key] = value
-    _validate(p, opts, own_fs)
-    return opts
+        options[key] = value
+    return options
 
 
-def _validate(p: argparse.ArgumentParser, o: Options, own_fs: bool) -> None:
+def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> None:
+    """Every given value, and how they combine (a value not given is a config's default, which
+    is valid)."""
+    shared_dir = o.get("shared_dir")
+    scheme = o.get("scheme")
+    mountpoint = o.get("mountpoint")
     if own_fs:
-        if o.shared_dir is not None or o.opendal is not None:
+        if shared_dir is not None or scheme is not None:
             p.error("this program serves its own file system: no --shared-dir or --opendal")
-    elif o.opendal is None:
-        if o.shared_dir is None:
+    elif scheme is None:
+        if shared_dir is None:
             p.error("--shared-dir (or -o source=DIR, or --opendal) is required")
-        if not os.path.isdir(o.shared_dir):
-            p.error(f"shared directory {o.shared_dir!r} does not exist or is not a directory")
-    elif o.shared_dir is not None:
+        if not os.path.isdir(shared_dir):
+            p.error(f"shared directory {shared_dir!r} does not exist or is not a directory")
+    elif shared_dir is not None:
         p.error("--opendal and --shared-dir exclude each other")
-    if o.opendal is None and (
-        o.opendal_opts or o.opendal_cache_dir is not None or o.opendal_cache_size is not None
-    ):
+    if scheme is None and any(k in o for k in ("options", "cache_dir", "cache_size")):
         p.error("--opendal-opt, --opendal-cache-dir and --opendal-cache-size need --opendal")
-    transports = sum(x is not None for x in (o.socket_path, o.fd, o.mount))
+    transports = sum(k in o for k in ("socket_path", "fd", "mountpoint"))
     if transports == 0:
         p.error("one of --socket-path, --fd or --mount is required")
     if transports > 1:
         p.error("--socket-path, --fd and --mount exclude each other")
-    if o.fd is not None:
-        _check_listening_fd(p, o.fd)
-    if o.mount is not None and not os.path.isdir(o.mount):
-        p.error(f"mount point {o.mount!r} is not a directory")
-    if o.tag is not None and (not o.tag or len(o.tag.encode()) > 36):
+    if "fd" in o:
+        _check_listening_fd(p, o["fd"])
+    if mountpoint is not None and not os.path.isdir(mountpoint):
+        p.error(f"mount point {mountpoint!r} is not a directory")
+    tag = o.get("tag")
+    if tag is not None and (not tag or len(tag.encode()) > 36):
         p.error("--tag must be 1 to 36 bytes long")
-    if not 1 <= o.num_request_queues <= 64:
+    queues = o.get("num_request_queues")
+    if queues is not None and not 1 <= queues <= 64:
         p.error("--num-request-queues must be between 1 and 64")
-    if o.queue_size < 1 or o.queue_size > 32768 or o.queue_size & (o.queue_size - 1):
-        p.error("--queue-size must be a power of two up to 32768")
-    if o.dax_window % (2 << 20):
+    size = o.get("queue_size")
+    if size is not None and (size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1)):
+        p.error(f"--queue-size must be a power of two up to {MAX_QUEUE_SIZE}")
+    dax_window = o.get("dax_window") or 0
+    if dax_window % (2 << 20):
         p.error("--dax-window must be a multiple of 2M")
-    if o.dax_window and o.mount is not None:
+    if dax_window and mountpoint is not None:
         p.error("--dax-window needs a virtio-fs front-end, not --mount")
-    if o.dax_window and o.readonly:
+    if dax_window and o.get("readonly"):
         # QEMU (11.1) maps every DAX range shared and writable, whatever the mapping asks, so
         # a window would either let the guest write a read-only share or fail every mapping.
         p.error("--dax-window and --readonly exclude each other: QEMU maps DAX ranges writable")
-    if o.sandbox != "none" and (o.shared_dir is None or o.mount is not None):
+    if o.get("sandbox") not in (None, "none") and (shared_dir is None or mountpoint is not None):
         p.error("--sandbox confines a --shared-dir served over vhost-user; use --sandbox none")
-    if o.uid_map or o.gid_map:
-        if not (o.uid_map and o.gid_map):
+    uid_map, gid_map = o.get("uid_map"), o.get("gid_map")
+    if uid_map or gid_map:
+        if not (uid_map and gid_map):
             p.error("--uid-map and --gid-map go together")
-        if o.mount is not None:
+        if mountpoint is not None:
             p.error("--uid-map/--gid-map need a vhost-user front-end, not --mount")
-        for kind, ranges in (("uid", o.uid_map), ("gid", o.gid_map)):
+        for kind, ranges in (("uid", uid_map), ("gid", gid_map)):
             try:
                 check_map(kind, ranges)
             except ValueError as e:
                 p.error(str(e))
-    if o.fuse_passthrough and o.mount is None:
+    if o.get("fuse_passthrough") and mountpoint is None:
         p.error("--fuse-passthrough only works with --mount")
-    if o.socket_group is not None:
+    group = o.get("socket_group")
+    if group is not None:
         import grp
 
         try:
-            grp.getgrnam(o.socket_group)
+            grp.getgrnam(group)
         except KeyError:
-            p.error(f"--socket-group: no group named {o.socket_group!r}")
-    if o.opendal is not None and not own_fs:
+            p.error(f"--socket-group: no group named {group!r}")
+    if scheme is not None and not own_fs:
         # Last, as it may ask the store over the network.
-        _check_opendal(p, o)
+        _check_opendal(p, scheme, o.get("options", {}), o.get("cache_dir"))
 
 
-def _check_opendal(p: argparse.ArgumentParser, o: Options) -> None:
+def _check_opendal(
+    p: argparse.ArgumentParser, scheme: str, options: dict[str, str], cache_dir: str | None
+) -> None:
     """The scheme, its options and the store itself, checked before anything listens."""
-    if o.opendal_cache_dir is not None:
-        d = o.opendal_cache_dir
+    if cache_dir is not None:
+        d = cache_dir
         if os.path.exists(d) and not os.path.isdir(d):
             p.error(f"--opendal-cache-dir {d!r} is not a directory")
         parent = d if os.path.isdir(d) else os.path.dirname(os.path.abspath(d))
@@ -441,9 +457,9 @@ def _check_opendal(p: argparse.ArgumentParser, o: Options) -> None:
         from .backends.opendal.config import check_service
     except ImportError:
         p.error("--opendal needs the opendal package: pip install 'pyvirtiofsd[opendal]'")
-    problem = check_service(o.opendal or "", o.opendal_opts)
+    problem = check_service(scheme, options)
     if problem is not None:
-        p.error(f"--opendal {o.opendal}: {problem}")
+        p.error(f"--opendal {scheme}: {problem}")
 
 
 def _id_range(text: str) -> IdRange:
@@ -469,13 +485,17 @@ def _check_listening_fd(p: argparse.ArgumentParser, fd: int) -> None:
         os.close(sock.detach())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
-    if opts is None:
+def main(argv: Sequence[str] | None = None, *, fs: Filesystem | None = None) -> int:
+    """Run the daemon as the command line says; the exit status. With ``fs``, serve that file
+    system of the caller's (the command line names no --shared-dir or --opendal then)."""
+    config = parse_args(argv, own_fs=fs is not None)
+    if config is None:
         return 0
-    from .daemon import run
+    from . import daemon
 
-    return run(opts)
+    if fs is None:
+        return daemon.run(config)
+    return daemon.serve_filesystem(fs, config)
 
 
 if __name__ == "__main__":

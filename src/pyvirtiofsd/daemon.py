@@ -1,7 +1,20 @@
-"""Run the daemon from parsed options: build the file system, serve it, exit cleanly.
+"""Run the daemon from its configuration: the process, the file system, the transport.
 
 This is where the layers meet: a backend behind the FUSE server, the server behind a
-transport (/dev/fuse or the virtio-fs device over vhost-user).
+transport (/dev/fuse or the virtio-fs device over vhost-user). Each layer owns its settings
+(:class:`~.transport.virtiofs.VhostUserConfig`, :class:`~.transport.fusedev.FuseMountConfig`,
+the backends' configs, :class:`~.fuse.server.ServerConfig`); :class:`DaemonConfig` gathers them
+with the process's own (:class:`ProcessConfig`: logging, open-file limit, user namespace,
+sandbox). Nothing here reads a command line (:mod:`pyvirtiofsd.cli`, above, makes these
+configs) and no config changes once made: the sandbox's new share path is a new config.
+
+The listening socket of a vhost-user transport has one owner, this module: it is made once,
+from the transport's config, before the user namespace and the sandbox (its path may lie
+outside them), and closed once when serving ends, which removes the socket file. (The exit
+deadline closes it too, as nothing else runs after its ``os._exit``.)
+
+A transport is an object with ``serve()``, which returns the exit status, and ``stop()``,
+which the signal handler calls.
 
 SIGTERM (SIGINT, SIGHUP) always ends the daemon within seconds. The transports wait a short
 grace for requests still running, then leave behind those stuck in the backend (a stat on a
@@ -23,17 +36,21 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from .cli import Options
+from .backends.passthrough.config import PassthroughConfig
 from .fuse import abi
 from .fuse.filesystem import Filesystem
-from .fuse.server import Server
+from .fuse.server import Server, ServerConfig
+from .transport.fusedev import FuseMount, FuseMountConfig
+from .transport.virtiofs import VhostUserConfig, VhostUserTransport
+from .userns import IdRange
+from .vhost_user.connection import Listener
 
 if TYPE_CHECKING:
-    from .transport.virtiofs import Listener
-    from .userns import IdRange
+    from .backends.opendal.config import OpendalConfig
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -83,62 +100,71 @@ def raise_fd_limit(wanted: int | None) -> None:
             log.warning("could not raise the open file limit: %s", e)
 
 
-#: Request threads of an object-storage daemon when --thread-pool-size does not say.
-OPENDAL_THREADS = 8
 #: Seconds the file system's shutdown may take when requests were left running in the backend.
 SHUTDOWN_GRACE = 5.0
 #: Seconds after a stop signal by which the transport must have ended (it needs about the
 #: transports' grace, 2 s, when requests are stuck); past it the daemon exits at once.
 EXIT_DEADLINE = 15.0
-#: Seconds a /dev/fuse mount waits for its workers once unmounted, before leaving behind those
-#: stuck in the backend.
-FUSEDEV_GRACE = 2.0
 
 
-def build_filesystem(opts: Options) -> Filesystem:
-    if opts.opendal is not None:
-        from .backends.opendal import OpendalConfig, OpendalFs
+@dataclass(frozen=True)
+class ProcessConfig:
+    """What the daemon's process does before serving, and how it logs."""
 
-        if opts.thread_pool_size == 0:
-            # Served inline, one slow store call would hold up every request behind it, even
-            # those the local cache answers at once.
-            opts.thread_pool_size = OPENDAL_THREADS
-            log.info("--opendal: serving requests on %d threads", OPENDAL_THREADS)
+    log_level: str = "info"
+    syslog: bool = False
+    #: RLIMIT_NOFILE to set (None: as virtiofsd, min(1M, fs.nr_open); 0: leave it alone).
+    rlimit_nofile: int | None = None
+    #: How a passthrough share is confined: "namespace", "chroot" or "none".
+    sandbox: str = "none"
+    #: Run as root of a user namespace with these maps (empty: stay in the host's).
+    uid_map: tuple[IdRange, ...] = ()
+    gid_map: tuple[IdRange, ...] = ()
+    #: Said in the log once it is set up (what the command line ignored or chose for the user).
+    notices: tuple[str, ...] = ()
 
-        return OpendalFs(
-            OpendalConfig(
-                scheme=opts.opendal,
-                options=opts.opendal_opts,
-                cache=opts.cache,
-                cache_dir=opts.opendal_cache_dir,
-                cache_size=opts.opendal_cache_size,
-                readonly=opts.readonly,
-                readdirplus=opts.readdirplus,
-                writeback=opts.writeback,
-            )
-        )
-    from .backends.passthrough import PassthroughConfig, PassthroughFs
 
-    assert opts.shared_dir is not None
-    return PassthroughFs(
-        PassthroughConfig(
-            shared_dir=opts.shared_dir,
-            cache=opts.cache,
-            writeback=opts.writeback,
-            readonly=opts.readonly,
-            xattr=opts.xattr,
-            posix_acl=opts.posix_acl,
-            readdirplus=opts.readdirplus,
-            announce_submounts=opts.announce_submounts,
-            killpriv_v2=opts.killpriv_v2,
-            allow_direct_io=opts.allow_direct_io,
-            allow_mmap=opts.allow_mmap,
-            inode_file_handles=opts.inode_file_handles,
-            fuse_passthrough=opts.fuse_passthrough,
-            dax_file_size=opts.dax_file_size,
-            allow_devices=opts.allow_devices,
-        )
-    )
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything one daemon runs with, each part owned by its layer."""
+
+    transport: VhostUserConfig | FuseMountConfig
+    #: The storage backend (None: the caller brings its own file system).
+    backend: PassthroughConfig | OpendalConfig | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+
+    def __post_init__(self) -> None:
+        if self.process.sandbox != "none" and not (
+            isinstance(self.backend, PassthroughConfig)
+            and isinstance(self.transport, VhostUserConfig)
+        ):
+            raise ValueError("a sandbox confines a passthrough share served over vhost-user")
+
+
+class Transport(Protocol):
+    """What the daemon runs: a FUSE server behind a transport (/dev/fuse or vhost-user)."""
+
+    #: The FUSE server the transport made for the file system.
+    server: Server
+
+    def serve(self) -> int:
+        """Serve until the end; the exit status."""
+        ...
+
+    def stop(self) -> None:
+        """Make :meth:`serve` return soon; safe in a signal handler."""
+        ...
+
+
+def build_filesystem(config: PassthroughConfig | OpendalConfig) -> Filesystem:
+    if isinstance(config, PassthroughConfig):
+        from .backends.passthrough import PassthroughFs
+
+        return PassthroughFs(config)
+    from .backends.opendal import OpendalFs
+
+    return OpendalFs(config)
 
 
 def log_counters(server: Server) -> None:
@@ -151,76 +177,99 @@ def log_counters(server: Server) -> None:
     log.info("requests served: %s", " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
 
-def run(opts: Options) -> int:
-    setup_logging(opts.log_level, opts.syslog)
-    for item in opts.ignored:
-        log.info("ignoring option %s", item)
-    raise_fd_limit(opts.rlimit_nofile)
-    listener = None
-    if opts.socket_path is not None:
-        from .transport.virtiofs import Listener
+def run(config: DaemonConfig) -> int:
+    """Run the daemon on the storage backend ``config`` names; the exit status."""
+    return _run(config, None)
 
+
+def serve_filesystem(fs: Filesystem, config: DaemonConfig) -> int:
+    """Serve a file system of your own (``config.backend`` is None then); the exit status.
+    :func:`pyvirtiofsd.serve_filesystem` does the same from a command line."""
+    return _run(config, fs)
+
+
+def _run(config: DaemonConfig, fs: Filesystem | None) -> int:
+    process = config.process
+    setup_logging(process.log_level, process.syslog)
+    for notice in process.notices:
+        log.info("%s", notice)
+    raise_fd_limit(process.rlimit_nofile)
+    listener = None
+    if isinstance(config.transport, VhostUserConfig):
         try:
-            listener = Listener(opts.socket_path, opts.socket_group)
-        except OSError as e:
-            log.error("cannot listen on %s: %s", opts.socket_path, e)
+            listener = config.transport.listen()
+        except (OSError, ValueError) as e:
+            if config.transport.fd is None:
+                log.error("cannot listen on %s: %s", config.transport.socket_path, e)
+            else:
+                log.error("cannot listen: %s", e)
             return 1
-    if opts.uid_map:
+    try:
+        return _prepare_and_serve(config, fs, listener)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _prepare_and_serve(
+    config: DaemonConfig, fs: Filesystem | None, listener: Listener | None
+) -> int:
+    process = config.process
+    if process.uid_map:
         from . import userns
 
         try:
-            userns.enter(opts.uid_map, opts.gid_map)
+            userns.enter(list(process.uid_map), list(process.gid_map))
         except OSError as e:
             log.error("cannot enter a user namespace with these id maps: %s", e)
-            if listener is not None:
-                listener.remove()
             return 1
-        log.info("running as root of a user namespace (uid map %s)", _show(opts.uid_map))
-    if opts.sandbox != "none":
-        assert opts.shared_dir is not None
+        log.info("running as root of a user namespace (uid map %s)", _show(process.uid_map))
+    backend = config.backend
+    if process.sandbox != "none":
+        assert isinstance(backend, PassthroughConfig)  # DaemonConfig makes sure
         from . import sandbox
 
         try:
-            opts.shared_dir = sandbox.enter(opts.shared_dir)
+            backend = replace(backend, shared_dir=sandbox.enter(backend.shared_dir))
         except OSError as e:
-            log.error("cannot set up the %s sandbox: %s", opts.sandbox, e)
-            if listener is not None:
-                listener.remove()
+            log.error("cannot set up the %s sandbox: %s", process.sandbox, e)
             return 1
-        log.info("sandboxed: the share is %s of a private root", opts.shared_dir)
-    try:
-        fs = build_filesystem(opts)
-    except OSError as e:
-        log.error("cannot serve %s: %s", opts.shared_dir or opts.opendal, e)
-        if listener is not None:
-            listener.remove()
-        return 1
-    return serve(fs, opts, listener)
+        log.info("sandboxed: the share is %s of a private root", backend.shared_dir)
+    if fs is None:
+        assert backend is not None
+        try:
+            fs = build_filesystem(backend)
+        except OSError as e:
+            what = backend.shared_dir if isinstance(backend, PassthroughConfig) else backend.scheme
+            log.error("cannot serve %s: %s", what, e)
+            return 1
+    return _serve(fs, config, listener)
 
 
-def _show(ranges: list[IdRange]) -> str:
+def _show(ranges: tuple[IdRange, ...]) -> str:
     return " ".join(f":{r.inside}:{r.outside}:{r.count}:" for r in ranges)
 
 
-def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> int:
-    """Serve ``fs`` as the options say (/dev/fuse or vhost-user) until the end; the exit
-    status."""
-    disabled = 0
-    if not opts.posix_locks:
-        disabled |= abi.InitFlag.POSIX_LOCKS
-    if not opts.flock_locks:
-        disabled |= abi.InitFlag.FLOCK_LOCKS
-    server = Server(fs, disabled_flags=disabled)
-    stop = threading.Event()
-    stoppers: list[Callable[[], None]] = []
+def _transport(fs: Filesystem, config: DaemonConfig, listener: Listener | None) -> Transport:
+    """The transport ``config`` names, with the FUSE server for ``fs`` behind it."""
+    if isinstance(config.transport, FuseMountConfig):
+        return FuseMount(fs, config.transport, config.server)
+    assert listener is not None
+    return VhostUserTransport(fs, config.transport, listener, config.server)
+
+
+def _serve(fs: Filesystem, config: DaemonConfig, listener: Listener | None) -> int:
+    """Serve ``fs`` on the configured transport until the end; the exit status."""
+    transport = _transport(fs, config, listener)
+    server = transport.server
     transport_ended = threading.Event()
+    signalled: list[int] = []
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
-        first = not stop.is_set()
-        stop.set()
-        for fn in stoppers:
-            fn()
+        first = not signalled
+        signalled.append(signum)
+        transport.stop()
         if first:
             threading.Thread(
                 target=_exit_deadline,
@@ -242,26 +291,20 @@ def serve(fs: Filesystem, opts: Options, listener: Listener | None = None) -> in
     signal.signal(signal.SIGHUP, on_term)
     signal.signal(signal.SIGUSR1, on_usr1)
     try:
-        if opts.mount is not None:
-            return _run_fusedev(opts, server, stop, stoppers)
-        from .transport.virtiofs import run_vhost_user
-
-        return run_vhost_user(opts, server, stop, stoppers, listener)
+        return transport.serve()
     finally:
         transport_ended.set()
         log_counters(server)
-        shutdown = getattr(fs, "shutdown", None)
-        if shutdown is not None:
-            stuck = server.in_flight()
-            if stuck:
-                log.error(
-                    "%d request(s) still running in the backend; shutting the file system "
-                    "down without them",
-                    stuck,
-                )
-                _run_for(shutdown, SHUTDOWN_GRACE)
-            else:
-                shutdown()
+        stuck = server.in_flight()
+        if stuck:
+            log.error(
+                "%d request(s) still running in the backend; shutting the file system "
+                "down without them",
+                stuck,
+            )
+            _run_for(fs.shutdown, SHUTDOWN_GRACE)
+        else:
+            fs.shutdown()
 
 
 def _run_for(fn: Callable[[], object], seconds: float) -> None:
@@ -279,51 +322,10 @@ def _exit_deadline(ended: threading.Event, listener: Listener | None) -> None:
         return
     log.error("not stopped %g seconds after the signal; exiting now", EXIT_DEADLINE)
     if listener is not None:
-        listener.remove()
+        listener.close()  # no finally runs after os._exit
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
         except Exception:
             pass
     os._exit(1)
-
-
-def serve_filesystem(fs: Filesystem, argv: list[str] | None = None) -> int:
-    """Serve a file system of your own with the daemon's command line (``--mount DIR``, or
-    ``--socket-path PATH`` for a VM, and the rest); returns the exit status."""
-    from .cli import parse_args
-
-    opts = parse_args(argv, own_fs=True)
-    if opts is None:
-        return 0
-    setup_logging(opts.log_level, opts.syslog)
-    return serve(fs, opts)
-
-
-def _run_fusedev(
-    opts: Options, server: Server, stop: threading.Event, stoppers: list[Callable[[], None]]
-) -> int:
-    from .transport.fusedev import FuseMount
-
-    assert opts.mount is not None
-    mount = FuseMount(
-        server,
-        opts.mount,
-        threads=max(opts.thread_pool_size, 4),
-        readonly=opts.readonly,
-    )
-    try:
-        mount.start()
-    except OSError as e:
-        log.error("cannot mount on %s: %s", opts.mount, e)
-        return 1
-    stoppers.append(mount.stop)
-    # Wake up now and then so that signals are handled promptly; a signal that came while
-    # mounting found no stopper yet, hence the check of the flag.
-    while not mount.wait(0.5):
-        if stop.is_set():
-            break
-    # Workers stuck in the backend never see the unmount: they get a moment only.
-    mount.close(FUSEDEV_GRACE)
-    log.info("unmounted %s", opts.mount)
-    return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
-from pyvirtiofsd.backends.passthrough import CachePolicy
+from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 

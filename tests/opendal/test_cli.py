@@ -82,10 +82,15 @@ def test_cache_dir_must_be_a_directory(work: Path) -> None:
 
 def test_good_command_line_gets_past_validation(work: Path) -> None:
     """The same check in process: a good service is accepted (no listening needed)."""
+    from pyvirtiofsd.backends.opendal import OpendalConfig
     from pyvirtiofsd.cli import parse_args
 
-    o = parse_args(
+    config = parse_args(
         ["--opendal", "fs", "--opendal-opt", f"root={work}", "--socket-path", str(work / "s")]
     )
-    assert o is not None and o.opendal == "fs" and o.opendal_opts == {"root": str(work)}
+    assert config is not None and isinstance(config.backend, OpendalConfig)
+    assert config.backend.scheme == "fs" and config.backend.options == {"root": str(work)}
+    # No --thread-pool-size: a slow store call must not hold up the requests behind it.
+    assert config.transport.thread_pool_size == 8
+    assert "--opendal: serving requests on 8 threads" in config.process.notices
     assert not os.path.exists(work / "s")

@@ -20,10 +20,10 @@ from opendal import exceptions as ex
 from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
 from pyvirtiofsd.backends.opendal.errors import errno_of
 from pyvirtiofsd.backends.opendal.ranges import Ranges
-from pyvirtiofsd.backends.passthrough import CachePolicy
 from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
+from pyvirtiofsd.fuse.policy import CachePolicy
 
 CTX = Context(uid=0, gid=0, pid=1)
 

@@ -39,9 +39,9 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from pyvirtiofsd.backends.passthrough import CachePolicy
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.testing.fuse_client import FuseClient
 
 from .conftest import DirView, NoView, S3View, Service, s3_options

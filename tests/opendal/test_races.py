@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from pyvirtiofsd.backends.passthrough import CachePolicy
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
+from pyvirtiofsd.fuse.policy import CachePolicy
 
 from .conftest import NoView, Service
 from .direct import Direct, serve, wait_until

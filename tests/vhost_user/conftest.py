@@ -11,6 +11,7 @@ import pytest
 
 from pyvirtiofsd.testing.frontend import Frontend
 from pyvirtiofsd.testing.testdevice import UppercaseDevice
+from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.runner import VhostUserServer
 
 
@@ -20,10 +21,9 @@ class Daemon:
         self.device = device
         self.served: Sequence[int] | None = None
         self.error: BaseException | None = None
-        # The socket listens once the server is made: a front-end can connect right away.
-        self.server = VhostUserServer(
-            device, socket_path=self.path, thread_pool_size=thread_pool_size
-        )
+        # The socket listens once the listener is made: a front-end can connect right away.
+        self.listener = Listener.bind(self.path)
+        self.server = VhostUserServer(device, self.listener, thread_pool_size=thread_pool_size)
         self.thread = threading.Thread(target=self._run, name="daemon", daemon=True)
         self.thread.start()
         self.frontends: list[Frontend] = []
@@ -81,3 +81,4 @@ def daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
             fe.close()
         d.thread.join(10)
         assert not d.thread.is_alive(), "a daemon thread outlived its front-end"
+        d.listener.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.testing.testdevice import UppercaseDevice
+from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.runner import VhostUserServer
 
 vm_assets = pytest.importorskip("pyvirtiofsd.vm.assets")
@@ -36,7 +37,8 @@ def _run(
     tmp_path: Path, flavor: str, device: UppercaseDevice, *, generic: bool
 ) -> tuple[Sequence[int], str]:
     sock = str(tmp_path / "fs.sock")
-    server = VhostUserServer(device, socket_path=sock)
+    listener = Listener.bind(sock)
+    server = VhostUserServer(device, listener)
     served: list[Sequence[int]] = []
     t = threading.Thread(target=lambda: served.append(server.run()), daemon=True)
     t.start()
@@ -45,6 +47,7 @@ def _run(
     result = vm_guest.run_guest(script, [fs], qemu=flavor, memory_mb=512, smp=1, timeout=180)
     t.join(20)
     assert not t.is_alive(), "the daemon did not exit when QEMU went away"
+    listener.close()
     return served[0], result.kernel_log
 
 

@@ -134,12 +134,14 @@ class TransportCaps:
     later: Callable[[Any], Completion] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ServerConfig:
-    """What the server agrees to, whatever the file system wants."""
+    """What the server agrees to, whatever the file system wants (filled from the command line
+    by field name)."""
 
-    #: Serve POSIX record locks and flock() (else the guest's kernel keeps them locally).
+    #: Serve POSIX record locks in the daemon (off: the guest's kernel keeps them local).
     posix_locks: bool = True
+    #: Serve flock() locks in the daemon (off: local to the guest).
     flock_locks: bool = True
 
     @property

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.runner import VhostUserServer
 from pyvirtiofsd.virtio.chain import Chain
 from pyvirtiofsd.virtio.device import RequestHandler, SharedMemoryMapper
@@ -126,10 +127,8 @@ def _main(argv: list[str] | None = None) -> int:
         config=config,
         shmem_sizes=[args.dax_window] if args.dax_window else [],
     )
-    server = VhostUserServer(
-        device, socket_path=args.socket_path, thread_pool_size=args.thread_pool_size
-    )
-    served = server.run()
+    with Listener.bind(args.socket_path) as listener:
+        served = VhostUserServer(device, listener, thread_pool_size=args.thread_pool_size).run()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"served {served} cpu {usage.ru_utime + usage.ru_stime:.3f}s", flush=True)
     return 0

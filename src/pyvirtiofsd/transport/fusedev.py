@@ -3,6 +3,11 @@
 The mount is made with mount(2) directly, so libfuse is not needed (root only). Each worker
 thread reads one request at a time into its own buffer and writes the reply from its own buffer;
 the kernel hands requests to whichever thread is reading.
+
+Rules: everything the mount is told is in :class:`FuseMountConfig` (frozen; filled from the
+command line by field name). :meth:`FuseMount.serve` runs the whole life (mount, serve,
+unmount) and returns the exit status; :meth:`FuseMount.stop` takes no lock that could be held
+by the thread it interrupts, so a signal handler may call it.
 """
 
 from __future__ import annotations
@@ -12,17 +17,43 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import linux
 from ..fuse import abi
-from ..fuse.server import DEFERRED, Server
+from ..fuse.filesystem import Filesystem
+from ..fuse.server import Server, ServerConfig, TransportCaps
 
 log = logging.getLogger(__name__)
 
 #: Errors of write() on /dev/fuse that only mean the request is no longer wanted.
 _STALE_REPLY = (errno.ENOENT, errno.EINTR)
+#: Worker threads a mount has at least: a request waiting in the backend must not hold up the
+#: others, and the kernel sends several at once.
+MIN_WORKERS = 4
+#: Seconds :meth:`FuseMount.serve` waits for its workers once unmounted, before leaving behind
+#: those stuck in the backend.
+UNMOUNT_GRACE = 2.0
+#: How often (seconds) :meth:`FuseMount.serve` looks whether it was asked to stop.
+_STOP_POLL = 0.5
+
+
+@dataclass(frozen=True)
+class FuseMountConfig:
+    """Where and how the FUSE server is mounted on the host."""
+
+    mountpoint: str
+    #: Worker threads beyond :data:`MIN_WORKERS` (the mount has ``max(this, MIN_WORKERS)``).
+    thread_pool_size: int = 0
+    #: Mount read-only (MS_RDONLY), on top of whatever the file system refuses itself.
+    readonly: bool = False
+    fsname: str = "pyvirtiofsd"
+    subtype: str = "pyvirtiofsd"
+
+    @property
+    def workers(self) -> int:
+        return max(self.thread_pool_size, MIN_WORKERS)
 
 
 def _mount_device(mountpoint: str) -> int | None:
@@ -39,35 +70,35 @@ def _mount_device(mountpoint: str) -> int | None:
 
 
 class FuseMount:
-    """A /dev/fuse mount of ``server`` on ``mountpoint``.
+    """A /dev/fuse mount of ``server`` as ``config`` says.
 
-    ``start()`` mounts and starts the workers; ``wait()`` returns once the file system is
-    unmounted (by ``stop()``, by ``umount``, or by the kernel aborting the connection).
+    :meth:`serve` is the whole life of the mount, for the daemon. Piecewise: :meth:`start`
+    mounts and starts the workers; :meth:`wait` returns once the file system is unmounted (by
+    :meth:`stop`, by ``umount``, or by the kernel aborting the connection); :meth:`close`
+    unmounts and lets the workers go.
     """
 
     def __init__(
-        self,
-        server: Server,
-        mountpoint: str,
-        *,
-        threads: int = 4,
-        fsname: str = "pyvirtiofsd",
-        subtype: str = "pyvirtiofsd",
-        readonly: bool = False,
+        self, fs: Filesystem, config: FuseMountConfig, server_config: ServerConfig | None = None
     ) -> None:
-        self.server = server
-        self.mountpoint = os.path.abspath(mountpoint)
-        self.threads = max(1, threads)
-        self.fsname = fsname
-        self.subtype = subtype
-        self.readonly = readonly
+        self.config = config
+        caps = TransportCaps(
+            backing_open=self.backing_open, backing_close=self.backing_close, later=self._later
+        )
+        #: The FUSE server behind the mount.
+        self.server = server = Server(fs, server_config, caps)
+        self.mountpoint = os.path.abspath(config.mountpoint)
+        self.threads = config.workers
+        self.fsname = config.fsname
+        self.subtype = config.subtype
+        self.readonly = config.readonly
         self.fd = -1
         self._workers: list[threading.Thread] = []
         self._mounted = False
+        self._stop_asked = False
         self._conn_dev: int | None = None
         self._lock = threading.Lock()
         self.bufsize = server.max_write + abi.PAGE_SIZE
-        server.deferred_reply = self._deferred_reply
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -91,13 +122,28 @@ class FuseMount:
             raise
         self._mounted = True
         self._conn_dev = _mount_device(self.mountpoint)
-        self.server.backing_open = self.backing_open
-        self.server.backing_close = self.backing_close
         for i in range(self.threads):
             t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
             t.start()
             self._workers.append(t)
         log.info("mounted on %s with %d worker threads", self.mountpoint, self.threads)
+
+    def serve(self) -> int:
+        """Mount, serve until unmounted or :meth:`stop`, unmount; the exit status."""
+        try:
+            self.start()
+        except OSError as e:
+            log.error("cannot mount on %s: %s", self.config.mountpoint, e)
+            return 1
+        # Wake up now and then so that a stop is seen promptly; one asked for while mounting
+        # found nothing to unmount yet, hence the flag.
+        while not self.wait(_STOP_POLL):
+            if self._stop_asked:
+                break
+        # Workers stuck in the backend never see the unmount: they get a moment only.
+        self.close(UNMOUNT_GRACE)
+        log.info("unmounted %s", self.config.mountpoint)
+        return 0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the workers to end; True once they all have."""
@@ -106,11 +152,17 @@ class FuseMount:
         return not any(t.is_alive() for t in self._workers)
 
     def stop(self) -> None:
-        """Unmount (lazily if busy); the workers then see the connection end."""
-        with self._lock:
+        """Unmount (lazily if busy); the workers then see the connection end. Safe in a signal
+        handler: it never waits for a lock (whoever holds it is unmounting already)."""
+        self._stop_asked = True
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if not self._mounted:
                 return
             self._mounted = False
+        finally:
+            self._lock.release()
         try:
             linux.umount2(self.mountpoint, 0)
         except OSError as e:
@@ -186,12 +238,10 @@ class FuseMount:
                 break
             if n == 0:
                 break
+            # None: the reply comes later, from its own buffer (_later); this one is free.
             reply = handle([inview[:n]], [outview])
-            if reply > 0:
+            if reply:
                 self._send(outview[:reply])
-            elif reply == DEFERRED:
-                # The reply will come from the deferred job; this buffer is free again.
-                pass
         log.debug("worker %s ends", threading.current_thread().name)
 
     def _send(self, reply: Any) -> None:
@@ -201,6 +251,24 @@ class FuseMount:
             if e.errno not in _STALE_REPLY and e.errno != errno.ENODEV:
                 log.warning("writing a reply to /dev/fuse: %s", e)
 
-    def _deferred_reply(self, token: Any) -> Callable[[bytes], None]:
-        # A reply written to /dev/fuse names its request by unique: nothing to keep.
-        return self._send
+    def _later(self, token: object) -> _Later:
+        # A reply written to /dev/fuse names its request by unique: it needs no more than a
+        # buffer of its own, since the worker's goes on to the next request.
+        return _Later(self)
+
+
+class _Later:
+    """A request answered later: a reply buffer of its own, written to /dev/fuse whole."""
+
+    __slots__ = ("_buf", "_mount", "writable")
+
+    #: Replies answered later are lock replies: a header and nothing more (room to spare).
+    SIZE = 256
+
+    def __init__(self, mount: FuseMount) -> None:
+        self._mount = mount
+        self._buf = bytearray(self.SIZE)
+        self.writable = [memoryview(self._buf)]
+
+    def complete(self, length: int) -> None:
+        self._mount._send(self.writable[0][:length])

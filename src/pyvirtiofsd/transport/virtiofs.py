@@ -3,36 +3,70 @@
 Queue 0 is the high-priority queue (FORGET, BATCH_FORGET, INTERRUPT); queues 1..N carry
 requests, each with its own worker, so several are served at once. Every queue hands its
 descriptor chains straight to :meth:`Server.handle`: the request is read from, and the reply
-written to, guest memory in place.
+written to, guest memory in place. The device makes its FUSE server and gives it, once, what
+it offers: the DAX window and a way to answer a request later (the chain is the request's
+token, and :func:`~pyvirtiofsd.virtio.device.later` keeps it in flight).
+
+Rules: everything this transport is told is in :class:`VhostUserConfig` (frozen; filled from
+the command line by field name). The listening socket is not the transport's:
+:meth:`VhostUserConfig.listen` makes the :class:`~..vhost_user.connection.Listener` for its
+caller, who makes it once (before any sandbox: the path may lie outside it) and closes it
+once; :class:`VhostUserTransport` only accepts on it. :meth:`VhostUserTransport.stop` is safe
+in a signal handler.
 """
 
 from __future__ import annotations
 
 import errno
-import grp
 import logging
-import os
-import threading
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ..fuse.server import Server
-from ..vhost_user.connection import listen_unix
+from ..fuse.filesystem import Filesystem
+from ..fuse.server import Server, ServerConfig, TransportCaps
+from ..vhost_user.connection import Listener
 from ..vhost_user.runner import VhostUserServer
-from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, defer
+from ..virtio.chain import Chain
+from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, later
 from .dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
-
-if TYPE_CHECKING:
-    from ..cli import Options
 
 log = logging.getLogger(__name__)
 
 TAG_SIZE = 36
-#: Largest ring the device accepts (virtiofsd's figure; the guest picks the actual size).
+#: Largest ring the device accepts unless told otherwise: the most virtio allows, which is
+#: virtiofsd's fixed figure (the front-end picks the actual size, up to this).
 MAX_QUEUE_SIZE = 32768
 #: Queues offered beyond what --num-request-queues asks, so that a front-end configured with
 #: a few more request queues than the daemon still starts.
 MIN_OFFERED_REQUEST_QUEUES = 8
+
+
+@dataclass(frozen=True)
+class VhostUserConfig:
+    """Where and how the virtio-fs device is served over vhost-user."""
+
+    #: The socket to create and listen on, or ``fd``: one already listening (libvirt's).
+    socket_path: str | None = None
+    fd: int | None = None
+    #: Group owning the socket we create (mode 0660 then).
+    socket_group: str | None = None
+    #: The virtio-fs tag in the config space (None: no config space; the VMM has the tag).
+    tag: str | None = None
+    num_request_queues: int = 1
+    #: The largest ring a front-end may set up (SET_VRING_NUM); a power of two.
+    queue_size: int = MAX_QUEUE_SIZE
+    #: Threads serving each queue's requests (0: on the queue's own thread).
+    thread_pool_size: int = 0
+    #: Size of the DAX window (shared memory region 0); 0: none.
+    dax_window: int = 0
+
+    def listen(self) -> Listener:
+        """The listening socket: ours at ``socket_path``, or the inherited ``fd``."""
+        if self.fd is not None:
+            return Listener.inherit(self.fd)
+        if self.socket_path is None:
+            raise ValueError("a vhost-user transport needs a socket path or an fd")
+        return Listener.bind(self.socket_path, self.socket_group)
 
 
 class VirtioFsDevice:
@@ -43,25 +77,30 @@ class VirtioFsDevice:
 
     def __init__(
         self,
-        server: Server,
+        fs: Filesystem,
+        server_config: ServerConfig | None = None,
         *,
         tag: str | None = None,
         num_request_queues: int = 1,
         dax_window: int = 0,
+        max_queue_size: int = MAX_QUEUE_SIZE,
     ) -> None:
         if tag is not None and not 0 < len(tag.encode()) <= TAG_SIZE:
             raise ValueError(f"a tag is 1 to {TAG_SIZE} bytes")
-        self.server = server
         self.tag = tag
         self.num_request_queues = num_request_queues
         self.num_queues = 1 + max(num_request_queues, MIN_OFFERED_REQUEST_QUEUES)
-        self.max_queue_size = MAX_QUEUE_SIZE
+        self.max_queue_size = max_queue_size
         self.window = DaxWindow(dax_window) if dax_window else None
         self.channel: SharedMemoryMapper | None = None
-        server.deferred_reply = self._deferred_reply
-        if self.window is not None:
-            server.dax_window = self.window
-            server.map_alignment = MAP_ALIGNMENT
+        # What this device offers the FUSE server: the DAX window, and requests answered
+        # later through their chain (the token the handlers pass is the chain itself).
+        caps = TransportCaps(
+            dax_window=self.window,
+            map_alignment=MAP_ALIGNMENT if self.window is not None else None,
+            later=later,
+        )
+        self.server = Server(fs, server_config, caps)
 
     def config(self) -> bytes:
         """virtio_fs_config; offered only with a tag (QEMU 7.1 to 8.0 crash on CONFIG, and
@@ -77,28 +116,10 @@ class VirtioFsDevice:
     def handler(self, queue_index: int) -> RequestHandler:
         handle = self.server.handle
 
-        def serve(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
-            # The writable views are the token a deferred reply is written into.
-            return handle(readable, writable, writable)
+        def serve(chain: Chain) -> int | None:
+            return handle(chain.readable, chain.writable, chain)
 
         return serve
-
-    def _deferred_reply(self, writable: Sequence[memoryview]) -> Callable[[bytes], None]:
-        """Keep the request's chain for a reply that comes later (from the server's lock-wait
-        pool): the chain is returned once the reply is in its writable buffers."""
-        complete = defer()
-
-        def deliver(reply: bytes) -> None:
-            done = 0
-            for view in writable:
-                n = min(len(view), len(reply) - done)
-                if n <= 0:
-                    break
-                view[:n] = reply[done : done + n]
-                done += n
-            complete(done)
-
-        return deliver
 
     def fault(
         self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
@@ -107,8 +128,8 @@ class VirtioFsDevice:
         DAX window, whose guest-physical address we are never told): EFAULT."""
         return self.server.fail(readable, writable, errno.EFAULT)
 
-    def cancel_deferred(self, queue_index: int) -> None:
-        """The queue stops: end the waits of deferred requests (they answer EINTR)."""
+    def interrupt_waits(self, queue_index: int) -> None:
+        """The queue stops: end the waits of requests answered later (they answer EINTR)."""
         self.server.interrupt_waiting()
 
     def set_backend_channel(self, channel: SharedMemoryMapper | None) -> None:
@@ -125,85 +146,56 @@ class VirtioFsDevice:
             self.window.reset()
 
 
-class Listener:
-    """The vhost-user socket we create for ``--socket-path``: made before the sandbox (the
-    path may be outside it), and removed at the end through a descriptor of its directory,
-    which stays valid inside the sandbox too."""
+class VhostUserTransport:
+    """The FUSE server as a virtio-fs device, served to one front-end over ``listener``."""
 
-    def __init__(self, path: str, group: str | None) -> None:
-        self.sock = listen_unix(path)
-        self.path = path
-        self._lock = threading.Lock()  # remove() may race the exit deadline's
-        self._dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_CLOEXEC)
-        self._name = os.path.basename(path)
-        if group is not None:
-            gid = grp.getgrnam(group).gr_gid
-            os.chown(path, -1, gid)
-            os.chmod(path, 0o660)
-
-    def remove(self) -> None:
-        with self._lock:
-            if self._dir_fd < 0:
-                return
-            try:
-                os.unlink(self._name, dir_fd=self._dir_fd)
-            except OSError:
-                pass
-            os.close(self._dir_fd)
-            self._dir_fd = -1
-
-
-def run_vhost_user(
-    opts: Options,
-    server: Server,
-    stop: threading.Event,
-    stoppers: list[Callable[[], None]],
-    listener: Listener | None = None,
-) -> int:
-    """Serve one front-end over vhost-user until it disconnects or a signal stops us."""
-    device = VirtioFsDevice(
-        server,
-        tag=opts.tag,
-        num_request_queues=opts.num_request_queues,
-        dax_window=opts.dax_window,
-    )
-    try:
-        if listener is None and opts.socket_path is not None:
-            listener = Listener(opts.socket_path, opts.socket_group)
-        daemon = VhostUserServer(
-            device,
-            listener=listener.sock if listener is not None else None,
-            listen_fd=opts.fd if listener is None else None,
-            thread_pool_size=opts.thread_pool_size,
+    def __init__(
+        self,
+        fs: Filesystem,
+        config: VhostUserConfig,
+        listener: Listener,
+        server_config: ServerConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.device = VirtioFsDevice(
+            fs,
+            server_config,
+            tag=config.tag,
+            num_request_queues=config.num_request_queues,
+            dax_window=config.dax_window,
+            max_queue_size=config.queue_size,
         )
-    except (OSError, ValueError) as e:
-        log.error("cannot listen: %s", e)
-        return 1
-    try:
-        stoppers.append(daemon.stop)
-        if stop.is_set():
+        self._loop = VhostUserServer(
+            self.device, listener, thread_pool_size=config.thread_pool_size
+        )
+        #: The FUSE server behind the device.
+        self.server = self.device.server
+        self._stopped = False
+
+    def serve(self) -> int:
+        """Serve until the front-end disconnects or :meth:`stop`; the exit status."""
+        if self._stopped:
             return 0
-        if device.window is not None and device.window.size > MAX_REGIONS * WINDOW_GRANULE:
+        window = self.device.window
+        if window is not None and window.size > MAX_REGIONS * WINDOW_GRANULE:
             log.warning(
                 "a DAX window of %d MiB has more 2 MiB ranges than the %d memory regions QEMU "
                 "lets a vhost-user device map; mappings past that are refused (ENOSPC)",
-                device.window.size >> 20,
+                window.size >> 20,
                 MAX_REGIONS,
             )
-        where = opts.socket_path or f"fd {opts.fd}"
         log.info(
             "waiting for a vhost-user front-end on %s (%d request queue(s))",
-            where,
-            opts.num_request_queues,
+            self._loop.listener.where,
+            self.config.num_request_queues,
         )
-        served = daemon.run()
-    finally:
-        if listener is not None:
-            listener.remove()
-    log.info("front-end gone; requests per queue: %s", served)
-    if device.window is not None:
-        log.info(
-            "DAX window: %s",
-            " ".join(f"{k}={v}" for k, v in device.window.stats.items()),
-        )
-    return 0
+        served = self._loop.run()
+        log.info("front-end gone; requests per queue: %s", served)
+        if window is not None:
+            log.info("DAX window: %s", " ".join(f"{k}={v}" for k, v in window.stats.items()))
+        return 0
+
+    def stop(self) -> None:
+        """Stop accepting, or end the connection; safe in a signal handler."""
+        self._stopped = True
+        self._loop.stop()

@@ -1,7 +1,12 @@
 """The socket edge of the vhost-user back-end.
 
-Listening (on a path we create, or on an already-listening fd inherited from libvirt),
-accepting the one front-end, and the receive loop: each message read with its fds
+:class:`Listener` is the listening socket, with one owner: the socket is made in
+:meth:`Listener.bind` (on a path we create) or wrapped by :meth:`Listener.inherit` (an
+already-listening fd inherited from libvirt), and its file is removed only by
+:meth:`Listener.close`, called by whoever made it; an inherited socket's file is never ours to
+remove. The loop that serves a front-end takes a Listener and never creates a socket.
+
+:class:`Connection` is the receive loop: each message read with its fds
 (:func:`~.wire.recv_message`), put through the state machine, its reply sent back
 (:func:`~.wire.send_with_fds`). The loop returns when the front-end disconnects; the daemon
 then exits, as virtiofsd does. It also returns, after a log line, when the front-end sends
@@ -12,10 +17,13 @@ message has): nothing after it can be read in step.
 from __future__ import annotations
 
 import contextlib
+import errno
+import grp
 import logging
 import os
 import socket
 import stat
+import threading
 from typing import Protocol
 
 from pyvirtiofsd.vhost_user.messages import Message, MessageTooLarge
@@ -23,10 +31,8 @@ from pyvirtiofsd.vhost_user.wire import ClosedMidMessage, recv_message, send_wit
 
 __all__ = [
     "Connection",
+    "Listener",
     "MessageHandler",
-    "accept_frontend",
-    "check_listener",
-    "listen_unix",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,45 +42,134 @@ class MessageHandler(Protocol):
     def handle(self, msg: Message) -> bytes | None: ...
 
 
-def listen_unix(path: str, backlog: int = 1) -> socket.socket:
-    """Listen on a Unix socket at ``path``, replacing a stale socket file left there."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+class Listener:
+    """The listening socket a front-end connects to, and its one owner.
 
+    :meth:`bind` makes the socket at a path (replacing a stale socket file there, never
+    anything else); :meth:`inherit` wraps a listening socket handed down to us (libvirt's
+    ``--fd``), after checking it is one. :meth:`accept` takes the one front-end a device serves
+    and stops listening, so that a second one is refused rather than left in the backlog.
+    :meth:`shutdown` wakes a thread blocked in :meth:`accept`; it takes no lock, so a signal
+    handler may call it. :meth:`close` stops listening and removes the socket file, if we made
+    it and it is still ours: through a descriptor of its directory taken at :meth:`bind`, which
+    stays valid after the process changed its root (the sandbox).
+    """
 
-def check_listener(listener: socket.socket) -> None:
-    """Refuse anything but a listening Unix stream socket (an inherited fd may be anything)."""
-    try:
-        family, kind = listener.family, listener.type
-        listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError as e:
-        raise ValueError(f"the vhost-user fd is not a socket: {e}") from None
-    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
-        raise ValueError("the vhost-user socket must be a Unix stream socket")
-    if not listening:
-        raise ValueError("the vhost-user socket is not listening")
+    def __init__(self, sock: socket.socket, where: str, dir_fd: int = -1, name: str = "") -> None:
+        self.sock: socket.socket | None = sock
+        #: The path, or "fd N": for log lines.
+        self.where = where
+        self._dir_fd = dir_fd
+        self._name = name
+        self._ident: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # close() may race the exit deadline's
 
+    @classmethod
+    def bind(cls, path: str, group: str | None = None, *, backlog: int = 1) -> Listener:
+        """Listen at ``path`` (a new socket file; a stale socket there is replaced), owned by
+        ``group`` and open to it (mode 0660) when given."""
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_CLOEXEC)
+        name = os.path.basename(path)
+        try:
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            else:
+                if not stat.S_ISSOCK(st.st_mode):
+                    raise FileExistsError(f"{path} exists and is not a socket")
+                os.unlink(name, dir_fd=dir_fd)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        listener = cls(sock, path, dir_fd, name)
+        try:
+            sock.bind(path)
+            st = os.lstat(name, dir_fd=dir_fd)
+            listener._ident = (st.st_dev, st.st_ino)
+            sock.listen(backlog)
+            if group is not None:
+                try:
+                    gid = grp.getgrnam(group).gr_gid
+                except KeyError:
+                    raise ValueError(f"no group named {group!r}") from None
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o660)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
 
-def accept_frontend(listener: socket.socket) -> socket.socket:
-    """Wait for the front-end on a listening socket (ours, or inherited with ``--fd``)."""
-    check_listener(listener)
-    sock, _ = listener.accept()
-    sock.setblocking(True)
-    return sock
+    @classmethod
+    def inherit(cls, fd: int) -> Listener:
+        """Wrap ``fd``, a listening Unix stream socket made by our caller; it is closed once a
+        front-end connected (or at :meth:`close`), and its file is left alone. ValueError, and
+        ``fd`` left to the caller, if it is anything else."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise ValueError(f"the vhost-user fd {fd} is not a socket: {e}") from None
+        try:
+            family, kind = sock.family, sock.type
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as e:
+            sock.detach()
+            raise ValueError(f"the vhost-user fd is not a socket: {e}") from None
+        if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+            sock.detach()
+            raise ValueError("the vhost-user socket must be a Unix stream socket")
+        if not listening:
+            sock.detach()
+            raise ValueError("the vhost-user socket is not listening")
+        return cls(sock, f"fd {fd}")
+
+    def accept(self) -> socket.socket:
+        """Wait for the front-end, then stop listening (whether it came or the wait failed)."""
+        sock = self.sock
+        if sock is None:
+            raise OSError(errno.EBADF, "the listener is closed")
+        try:
+            conn, _ = sock.accept()
+        finally:
+            self._stop_listening()
+        conn.setblocking(True)
+        return conn
+
+    def shutdown(self) -> None:
+        """Make a blocked :meth:`accept` fail (from another thread or a signal handler)."""
+        sock = self.sock
+        if sock is not None:
+            # shutdown() wakes a thread blocked in accept() (it fails with EINVAL).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file if we made it; idempotent."""
+        with self._lock:
+            self._stop_listening()
+            if self._dir_fd < 0:
+                return
+            try:
+                st = os.lstat(self._name, dir_fd=self._dir_fd)
+                # Only our own socket: another may have been bound at the path since.
+                if (st.st_dev, st.st_ino) == self._ident:
+                    os.unlink(self._name, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def _stop_listening(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Connection:

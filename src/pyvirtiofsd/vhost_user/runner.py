@@ -28,7 +28,8 @@ signal or the front-end hanging up.
 The kick, call and err fds are the front-end's open file descriptions too: their flags are
 never changed (see :mod:`.vring`).
 
-:class:`VhostUserServer` glues the pieces: one listening socket, one connection, one
+:class:`VhostUserServer` glues the pieces: one :class:`~.connection.Listener` (made and
+closed by the caller: the loop never creates or removes a socket), one connection, one
 :class:`~.session.Session`, one runner; it returns when the front-end disconnects or when
 :meth:`VhostUserServer.stop` is called.
 """
@@ -45,12 +46,7 @@ import time
 from collections.abc import Callable
 
 from pyvirtiofsd.vhost_user.channel import BackendChannel
-from pyvirtiofsd.vhost_user.connection import (
-    Connection,
-    accept_frontend,
-    check_listener,
-    listen_unix,
-)
+from pyvirtiofsd.vhost_user.connection import Connection, Listener
 from pyvirtiofsd.vhost_user.session import Session
 from pyvirtiofsd.vhost_user.vring import Vring, consume
 from pyvirtiofsd.virtio.chain import Chain, InvalidChain
@@ -495,47 +491,26 @@ class DeviceRunner:
 
 
 class VhostUserServer:
-    """One device served to one front-end: listen, accept, run until the front-end leaves.
+    """One device served to one front-end: accept, run until the front-end leaves.
 
-    The socket is created (or the inherited one checked) in the constructor, so a bad path
-    fails before anything else starts. :meth:`run` blocks; :meth:`stop` makes it return
-    and may be called from another thread or a signal handler.
-
-    Exactly one of ``socket_path`` (we create the socket and remove it once a front-end has
-    connected), ``listen_fd`` (an inherited listening socket, as libvirt passes with
-    ``--fd``) or ``listener`` (a socket object already listening) says where to listen.
+    ``listener`` is where the front-end connects; it belongs to the caller, who closes it
+    (which removes its socket file). :meth:`run` blocks; :meth:`stop` makes it return and may
+    be called from another thread or a signal handler.
     """
 
     def __init__(
         self,
         device: VirtioDevice,
+        listener: Listener,
         *,
-        socket_path: str | None = None,
-        listen_fd: int | None = None,
-        listener: socket.socket | None = None,
         thread_pool_size: int = 0,
     ) -> None:
-        if sum(x is not None for x in (socket_path, listen_fd, listener)) != 1:
-            raise ValueError("give exactly one of socket_path, listen_fd, listener")
         self.device = device
-        self.socket_path = socket_path
-        if listener is None and socket_path:
-            listener = listen_unix(socket_path)
-        elif listener is None:
-            try:
-                listener = socket.socket(fileno=listen_fd)
-            except OSError as e:
-                raise ValueError(f"the vhost-user fd {listen_fd} is not a socket: {e}") from None
-        try:
-            check_listener(listener)
-        except ValueError:
-            if listen_fd is not None:
-                listener.detach()  # not ours to close
-            raise
-        self._listener: socket.socket | None = listener
+        self.listener = listener
         self.runner = DeviceRunner(device, thread_pool_size=thread_pool_size)
         self.connection: Connection | None = None
         self._stopped = False
+        self._ran = False
 
     @property
     def served(self) -> list[int]:
@@ -544,26 +519,17 @@ class VhostUserServer:
 
     def run(self) -> list[int]:
         """Serve one front-end; return the per-queue request counts when it is gone."""
-        listener = self._listener
-        if listener is None:
+        if self._ran:
             raise RuntimeError("run() can only be called once")
+        self._ran = True
+        if self._stopped:
+            return self.served
         try:
-            if self._stopped:
+            sock = self.listener.accept()
+        except OSError:
+            if self._stopped:  # stop() shut the listener down
                 return self.served
-            try:
-                sock = accept_frontend(listener)
-            except OSError:
-                if self._stopped:  # stop() shut the listener down
-                    return self.served
-                raise
-        finally:
-            self._listener = None
-            listener.close()
-            if self.socket_path:
-                try:
-                    os.unlink(self.socket_path)
-                except OSError:
-                    pass
+            raise
         session = Session(self.device, self.runner, channel_factory=BackendChannel.from_fd)
         self.connection = Connection(sock, session)
         self.runner.peer_gone = lambda: _hung_up(sock)
@@ -590,13 +556,7 @@ class VhostUserServer:
         the backend are waited for :data:`STOP_GRACE`, then left behind)."""
         self._stopped = True
         self.runner.limit_waits()
-        listener = self._listener
-        if listener is not None:
-            # shutdown() wakes a thread blocked in accept() (it fails with EINVAL).
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.listener.shutdown()
         connection = self.connection
         if connection is not None:
             connection.shutdown()

@@ -1,5 +1,10 @@
 """Options of the object-storage file system, and the checks run before anything listens.
 
+Rules: :class:`OpendalConfig` is complete and frozen, and is filled from the command line by
+field name (``--opendal`` is the scheme, ``--opendal-opt`` the options, ``--opendal-cache-*`` the
+cache fields; the rest share the passthrough backend's names). The cache modes come from
+:mod:`pyvirtiofsd.fuse.policy`, shared with every backend.
+
 The service is named by its OpenDAL scheme (``memory``, ``fs``, ``s3``, ``gcs``, ...) and
 configured with that service's own option keys, exactly as ``opendal.Operator(scheme, **opts)``
 takes them. :func:`check_service` refuses a scheme the installed wheel does not have, an option
@@ -15,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..passthrough.config import TIMEOUTS, CachePolicy
+from ...fuse.policy import CachePolicy
 
 #: Default bound of the local read cache (dirty staged data is never dropped, so it may exceed
 #: this while files are being written).
@@ -79,7 +84,7 @@ def check_service(scheme: str, options: dict[str, str], probe: bool = True) -> s
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class OpendalConfig:
     scheme: str
     options: dict[str, str] = field(default_factory=dict)
@@ -109,7 +114,7 @@ class OpendalConfig:
 
     @property
     def entry_timeout(self) -> float:
-        return TIMEOUTS[self.cache]
+        return self.cache.timeout
 
     @property
     def cache_bytes(self) -> int:

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
-from ...fuse import abi
+from ...fuse import abi, policy
 from ...fuse.filesystem import (
     Attr,
     ConnectionInfo,
@@ -57,7 +57,6 @@ from ...fuse.filesystem import (
 )
 from ...linux import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 from ..base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
-from ..passthrough.config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy
 from .attrs import (
     Defaults,
     LocalAttrs,
@@ -159,7 +158,7 @@ class OpendalFs(Backend):
         want = conn.want
         # Locks stay in the kernel: the store has none to offer, and a guest is one client.
         want &= ~(abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS)
-        if not self.cfg.readdirplus or self.cfg.cache is CachePolicy.NEVER:
+        if not policy.readdirplus_allowed(self.cfg.cache, self.cfg.readdirplus):
             want &= ~(abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO)
         if self.cfg.writeback and not self.cfg.readonly:
             want |= abi.InitFlag.WRITEBACK_CACHE
@@ -778,7 +777,7 @@ class OpendalFs(Backend):
             node.meta, node.expires = meta, self._expiry()
 
     def _file_open_flags(self) -> int:
-        return FILE_OPEN_FLAGS[self.cfg.cache]
+        return policy.file_open_flags(self.cfg.cache)
 
     def open(self, ctx: Context, ino: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.inodes.get(ino)
@@ -786,8 +785,7 @@ class OpendalFs(Backend):
             raise oserror(errno.EISDIR)
         if node.kind != stat.S_IFREG:
             raise oserror(errno.ELOOP)
-        writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if self.cfg.readonly and (writable or flags & os.O_TRUNC):
+        if self.cfg.readonly and policy.may_write(flags):
             raise oserror(errno.EROFS)
         with self._node_locked(node) as path:
             if path is None:
@@ -988,7 +986,7 @@ class OpendalFs(Backend):
 
     def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
         node = self._dir(ino)
-        return Opened(self._handles.add(_DirHandle(node)), DIR_OPEN_FLAGS[self.cfg.cache])
+        return Opened(self._handles.add(_DirHandle(node)), policy.dir_open_flags(self.cfg.cache))
 
     def _listing(self, dirpath: str) -> Iterator[tuple[str, bool, Listed | None]]:
         yield ".", True, None

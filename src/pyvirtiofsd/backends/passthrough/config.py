@@ -1,46 +1,17 @@
-"""Options of the passthrough file system, and the cache policy table they select."""
+"""Options of the passthrough file system.
+
+Rules: :class:`PassthroughConfig` is complete (everything the file system needs to start is in
+it) and frozen (a changed share path, as the sandbox makes, is a new config); it is filled from
+the command line by field name, so a field is named after its option. The cache modes and the
+FOPEN flags they select are shared with every backend: :mod:`pyvirtiofsd.fuse.policy`.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
-from ...fuse import abi
-
-
-class CachePolicy(enum.Enum):
-    NEVER = "never"
-    AUTO = "auto"
-    ALWAYS = "always"
-    METADATA = "metadata"
-
-    @classmethod
-    def parse(cls, value: str) -> CachePolicy:
-        # virtiofsd's old "-o cache=none" spelling is still what libvirt emits.
-        return cls("never" if value == "none" else value)
-
-
-#: Entry/attribute timeouts in seconds, as virtiofsd has them.
-TIMEOUTS = {
-    CachePolicy.NEVER: 0.0,
-    CachePolicy.AUTO: 1.0,
-    CachePolicy.ALWAYS: 86400.0,
-    CachePolicy.METADATA: 86400.0,
-}
-
-#: FOPEN_* flags given to regular files and to directories at open time.
-FILE_OPEN_FLAGS = {
-    CachePolicy.NEVER: abi.FOPEN_DIRECT_IO,
-    CachePolicy.AUTO: 0,
-    CachePolicy.ALWAYS: abi.FOPEN_KEEP_CACHE,
-    CachePolicy.METADATA: abi.FOPEN_DIRECT_IO,
-}
-DIR_OPEN_FLAGS = {
-    CachePolicy.NEVER: 0,
-    CachePolicy.AUTO: 0,
-    CachePolicy.ALWAYS: abi.FOPEN_CACHE_DIR,
-    CachePolicy.METADATA: abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE,
-}
+from ...fuse.policy import CachePolicy
 
 
 class FileHandles(enum.Enum):
@@ -50,13 +21,19 @@ class FileHandles(enum.Enum):
     PREFER = "prefer"
     MANDATORY = "mandatory"
 
+    @classmethod
+    def parse(cls, value: str) -> FileHandles:
+        # virtiofsd's "fallback" is what "prefer" became.
+        return cls("prefer" if value == "fallback" else value)
 
-@dataclass
+
+@dataclass(frozen=True)
 class PassthroughConfig:
     shared_dir: str
     cache: CachePolicy = CachePolicy.AUTO
     writeback: bool = False
     readonly: bool = False
+    #: Extended attributes (always on with ``posix_acl``).
     xattr: bool = False
     posix_acl: bool = False
     readdirplus: bool = True
@@ -77,9 +54,10 @@ class PassthroughConfig:
     allow_devices: bool = False
 
     def __post_init__(self) -> None:
-        if self.posix_acl:
-            self.xattr = True
+        if self.posix_acl and not self.xattr:
+            # ACLs are xattrs: asking for them asks for xattrs (frozen, hence the detour).
+            object.__setattr__(self, "xattr", True)
 
     @property
     def timeout(self) -> float:
-        return TIMEOUTS[self.cache]
+        return self.cache.timeout

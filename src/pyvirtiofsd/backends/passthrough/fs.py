@@ -39,7 +39,7 @@ import struct
 import threading
 
 from ... import linux
-from ...fuse import abi
+from ...fuse import abi, policy
 from ...fuse.buffers import ReplyWriter, WriteData
 from ...fuse.filesystem import (
     Attr,
@@ -54,7 +54,7 @@ from ...fuse.filesystem import (
 )
 from ..base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
 from . import locks
-from .config import DIR_OPEN_FLAGS, FILE_OPEN_FLAGS, CachePolicy, PassthroughConfig
+from .config import PassthroughConfig
 from .credentials import Credentials, can_switch
 from .inodes import Inode, InodeStore
 
@@ -64,7 +64,6 @@ _DIRENT_HEAD = struct.Struct("=QqHB")
 _GETDENTS_BUFSIZE = 64 * 1024
 _ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 _NO_ID = 0xFFFFFFFF
-_WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
 
 
 #: O_TMPFILE without the O_DIRECTORY it is spelled with (the kernel's __O_TMPFILE).
@@ -119,7 +118,7 @@ class PassthroughFs(Backend):
         want = conn.want
         if cfg.writeback:
             want |= abi.InitFlag.WRITEBACK_CACHE
-        if not cfg.readdirplus or cfg.cache is CachePolicy.NEVER:
+        if not policy.readdirplus_allowed(cfg.cache, cfg.readdirplus):
             want &= ~(abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO)
         if not cfg.announce_submounts:
             want &= ~abi.InitFlag.SUBMOUNTS
@@ -398,7 +397,7 @@ class PassthroughFs(Backend):
         return flags | os.O_CLOEXEC
 
     def _file_open_flags(self, guest_flags: int) -> int:
-        flags = FILE_OPEN_FLAGS[self.cfg.cache]
+        flags = policy.file_open_flags(self.cfg.cache)
         if guest_flags & os.O_DIRECT and self.cfg.allow_direct_io:
             flags |= abi.FOPEN_DIRECT_IO
         return flags
@@ -421,7 +420,7 @@ class PassthroughFs(Backend):
 
     def _open_inode(self, inode: Inode, flags: int, kill_suidgid: bool) -> Opened:
         oflags = self._open_flags(flags)
-        if self.cfg.readonly and (flags & _WRITE_ACCESS or flags & os.O_TRUNC):
+        if self.cfg.readonly and policy.may_write(flags):
             raise oserror(errno.EROFS)
         fd = self.inodes.open(inode, oflags)
         try:
@@ -629,7 +628,8 @@ class PassthroughFs(Backend):
         if not inode.is_dir():
             raise oserror(errno.ENOTDIR)
         fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
-        return Opened(self._handles.add(_Handle(fd, inode, flags)), DIR_OPEN_FLAGS[self.cfg.cache])
+        opened = self._handles.add(_Handle(fd, inode, flags))
+        return Opened(opened, policy.dir_open_flags(self.cfg.cache))
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
         h = self._handles.use(fh)

@@ -1,0 +1,72 @@
+"""The virtio-fs transport: its config makes the listener, the transport serves one front-end
+on it as configured, and stops whenever asked, without ever removing the socket itself."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.testing.frontend import Frontend, GuestRam
+from pyvirtiofsd.testing.fuse_client import FuseClient
+from pyvirtiofsd.transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig, VhostUserTransport
+from pyvirtiofsd.vhost_user.messages import FrontendReq, VringState
+
+from ..fuse.memfs import MemFs
+
+
+def test_config_makes_the_listener(tmp_path: Path) -> None:
+    path = tmp_path / "vhost.sock"
+    with VhostUserConfig(socket_path=str(path)).listen() as listener:
+        assert listener.where == str(path) and path.is_socket()
+    assert not path.exists()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "inherited.sock"))
+    sock.listen(1)
+    try:
+        # An fd wins over a path, as libvirt gives only the fd.
+        listener = VhostUserConfig(fd=sock.fileno()).listen()
+        assert listener.where == f"fd {sock.fileno()}"
+        listener.sock.detach()  # type: ignore[union-attr]  # the test's socket to close
+    finally:
+        sock.close()
+    with pytest.raises(ValueError):
+        VhostUserConfig().listen()
+
+
+def test_stop_before_serve(tmp_path: Path) -> None:
+    path = tmp_path / "vhost.sock"
+    with VhostUserConfig(socket_path=str(path)).listen() as listener:
+        transport = VhostUserTransport(MemFs(), VhostUserConfig(), listener)
+        transport.stop()
+        assert transport.serve() == 0
+        assert path.is_socket(), "the transport removed a socket it does not own"
+
+
+def test_serves_as_configured(tmp_path: Path) -> None:
+    path = tmp_path / "vhost.sock"
+    config = VhostUserConfig(socket_path=str(path), tag="cfg", num_request_queues=2, queue_size=16)
+    with config.listen() as listener:
+        transport = VhostUserTransport(MemFs(), config, listener)
+        assert transport.device.max_queue_size == 16
+        status: list[int] = []
+        t = threading.Thread(target=lambda: status.append(transport.serve()), daemon=True)
+        t.start()
+        with Frontend.connect(str(path)) as fe:
+            fe.negotiate()
+            assert fe.get_queue_num() > config.num_request_queues
+            assert fe.get_config(0, 40) == b"cfg".ljust(36, b"\0") + (2).to_bytes(4, "little")
+            assert fe.status_of(FrontendReq.SET_VRING_NUM, VringState(1, 32).encode()) != 0
+            fe.ram = GuestRam(16 << 20)
+            fe.share_ram(fe.ram)
+            q = fe.start_queue(1, 16)
+            fuse = FuseClient(lambda req, size: q.request([req], [size] if size else []))
+            fuse.init()
+            assert fuse.getattr(abi.ROOT_ID)
+            transport.stop()
+            t.join(10)
+        assert status == [0]
+    assert MAX_QUEUE_SIZE == VhostUserConfig().queue_size == 32768
