@@ -24,7 +24,6 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import __version__
 from .backends.passthrough.config import FileHandles, PassthroughConfig
 from .daemon import DaemonConfig, ProcessConfig
 from .fuse.policy import CachePolicy
@@ -32,6 +31,7 @@ from .fuse.server import ServerConfig
 from .transport.fusedev import FuseMountConfig
 from .transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig
 from .userns import IdRange, check_map, parse_range
+from .version import __version__
 
 if TYPE_CHECKING:
     from .fuse.filesystem import Filesystem
