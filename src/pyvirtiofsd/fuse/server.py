@@ -33,6 +33,7 @@ Rules the server keeps for a hostile guest:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import queue
 import struct
@@ -175,7 +176,7 @@ _LATER = 1
 #: A handler's return value: no reply at all (FORGET, an INTERRUPT that found its target).
 _SILENT = 2
 
-_OPS: dict[int, tuple[Op, str]] = {}
+_OPS: dict[int, tuple[Op, str, tuple[Any, ...]]] = {}
 
 
 def _op(
@@ -186,15 +187,17 @@ def _op(
     tail: bool = False,
     reply: abi.Layout | int | None = 0,
     pad: bool = False,
+    bind: tuple[Any, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a handler: ``reply`` is the layout of its fixed reply (or its size; None when
-    the request never gets a reply)."""
+    the request never gets a reply). One handler may serve several opcodes; ``bind`` are the
+    values that tell them apart, passed before everything else."""
 
     def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
         size = reply if isinstance(reply, int) or reply is None else reply.size
         room = 0 if size is None else _HEADER + size
         layout = args.struct if args is not None else None
-        _OPS[opcode] = (Op(opcode.name, layout, names, tail, room, pad), fn.__name__)
+        _OPS[opcode] = (Op(opcode.name, layout, names, tail, room, pad), fn.__name__, bind)
         return fn
 
     return mark
@@ -329,8 +332,9 @@ class Server:
         self._init_lock = threading.Lock()
         #: opcode -> (decoding, bound handler); the one table requests are dispatched by.
         self._table: list[tuple[Op, Callable[..., Any]] | None] = [None] * 64
-        for opcode, (op, method) in _OPS.items():
-            self._table[opcode] = (op, getattr(self, method))
+        for opcode, (op, method, bind) in _OPS.items():
+            handler = getattr(self, method)
+            self._table[opcode] = (op, functools.partial(handler, *bind) if bind else handler)
 
     # --- entry point -----------------------------------------------------------------------
 
@@ -953,9 +957,16 @@ class Server:
     ) -> None:
         out.pack(abi.LSEEK_OUT.struct, self.fs.lseek(ctx, nodeid, fh, offset, whence))
 
-    @_op(abi.Opcode.COPY_FILE_RANGE, abi.COPY_FILE_RANGE_IN, reply=abi.WRITE_OUT)
+    @_op(abi.Opcode.COPY_FILE_RANGE, abi.COPY_FILE_RANGE_IN, reply=abi.WRITE_OUT, bind=(False,))
+    @_op(
+        abi.Opcode.COPY_FILE_RANGE_64,
+        abi.COPY_FILE_RANGE_IN,
+        reply=abi.COPY_FILE_RANGE_OUT,
+        bind=(True,),
+    )
     def _copy_file_range(
         self,
+        wide: bool,
         ctx: Context,
         nodeid: int,
         out: ReplyWriter,
@@ -971,28 +982,11 @@ class Server:
         copied = self.fs.copy_file_range(
             ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags
         )
-        # The 32-bit reply can't say more than 4 GiB - 1: the kernel loops for the rest.
-        out.pack(abi.WRITE_OUT.struct, min(copied, 0xFFFFFFFF), 0)
-
-    @_op(abi.Opcode.COPY_FILE_RANGE_64, abi.COPY_FILE_RANGE_IN, reply=abi.COPY_FILE_RANGE_OUT)
-    def _copy_file_range_64(
-        self,
-        ctx: Context,
-        nodeid: int,
-        out: ReplyWriter,
-        token: Any,
-        fh_in: int,
-        off_in: int,
-        nodeid_out: int,
-        fh_out: int,
-        off_out: int,
-        length: int,
-        flags: int,
-    ) -> None:
-        copied = self.fs.copy_file_range(
-            ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags
-        )
-        out.pack(abi.COPY_FILE_RANGE_OUT.struct, copied)
+        if wide:
+            out.pack(abi.COPY_FILE_RANGE_OUT.struct, copied)
+        else:
+            # The 32-bit reply can't say more than 4 GiB - 1: the kernel loops for the rest.
+            out.pack(abi.WRITE_OUT.struct, min(copied, 0xFFFFFFFF), 0)
 
     # --- directories -----------------------------------------------------------------------
 
@@ -1002,9 +996,11 @@ class Server:
     ) -> None:
         _pack_open(out, self.fs.opendir(ctx, nodeid, flags))
 
-    @_op(abi.Opcode.READDIR, abi.READ_IN)
+    @_op(abi.Opcode.READDIR, abi.READ_IN, bind=(False,))
+    @_op(abi.Opcode.READDIRPLUS, abi.READ_IN, bind=(True,))
     def _readdir(
         self,
+        plus: bool,
         ctx: Context,
         nodeid: int,
         out: ReplyWriter,
@@ -1014,21 +1010,7 @@ class Server:
         size: int,
         *unused: int,
     ) -> None:
-        self.fs.readdir(ctx, nodeid, fh, offset, DirentWriter(out, size, False))
-
-    @_op(abi.Opcode.READDIRPLUS, abi.READ_IN)
-    def _readdirplus(
-        self,
-        ctx: Context,
-        nodeid: int,
-        out: ReplyWriter,
-        token: Any,
-        fh: int,
-        offset: int,
-        size: int,
-        *unused: int,
-    ) -> None:
-        self.fs.readdir(ctx, nodeid, fh, offset, DirentWriter(out, size, True))
+        self.fs.readdir(ctx, nodeid, fh, offset, DirentWriter(out, size, plus))
 
     @_op(abi.Opcode.RELEASEDIR, abi.RELEASE_IN)
     def _releasedir(
@@ -1165,28 +1147,11 @@ class Server:
         lock = self.fs.getlk(ctx, nodeid, fh, owner, Lock(start, end, ltype, pid))
         out.pack(abi.LK_OUT.struct, lock.start, lock.end, lock.type, lock.pid)
 
-    @_op(abi.Opcode.SETLK, abi.LK_IN)
+    @_op(abi.Opcode.SETLK, abi.LK_IN, bind=(False,))
+    @_op(abi.Opcode.SETLKW, abi.LK_IN, bind=(True,))
     def _setlk(
         self,
-        ctx: Context,
-        nodeid: int,
-        out: ReplyWriter,
-        token: Any,
-        fh: int,
-        owner: int,
-        start: int,
-        end: int,
-        ltype: int,
-        pid: int,
-        lk_flags: int,
-        padding: int,
-    ) -> None:
-        lock = Lock(start, end, ltype, pid)
-        self.fs.setlk(ctx, nodeid, fh, owner, lock, False, bool(lk_flags & abi.LK_FLOCK))
-
-    @_op(abi.Opcode.SETLKW, abi.LK_IN)
-    def _setlkw(
-        self,
+        sleep: bool,
         ctx: Context,
         nodeid: int,
         out: ReplyWriter,
@@ -1203,6 +1168,9 @@ class Server:
         lock = Lock(start, end, ltype, pid)
         flock = bool(lk_flags & abi.LK_FLOCK)
         later = self.caps.later
+        if not sleep:
+            self.fs.setlk(ctx, nodeid, fh, owner, lock, False, flock)
+            return None
         if later is None:
             self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
             return None
@@ -1331,7 +1299,7 @@ class Server:
 
 
 #: The opcodes the server serves, and how each is decoded and answered.
-OPS: dict[int, Op] = {opcode: spec for opcode, (spec, _) in sorted(_OPS.items())}
+OPS: dict[int, Op] = {opcode: spec for opcode, (spec, _, _) in sorted(_OPS.items())}
 #: Writable bytes each opcode's reply needs before the request may run (0: never replies, or
 #: unknown opcode).
 REPLY_ROOM = [0] * 64
