@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import can_mount_fuse, is_mounted
+from tests.conftest import can_mount_fuse, is_mounted
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

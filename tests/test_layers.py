@@ -171,6 +171,24 @@ def test_no_import_cycles() -> None:
     assert not cycles, cycles
 
 
+def test_every_module_says_what_it_exports() -> None:
+    """One style across packages: every module declares ``__all__`` (and imports absolutely,
+    which ruff's TID252 checks)."""
+    missing = [
+        name
+        for name, path in MODULES.items()
+        if path.name not in ("__init__.py", "__main__.py")
+        and "__all__" not in {
+            t.id
+            for n in ast.parse(path.read_text()).body
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
+    ]
+    assert not missing, missing
+
+
 def test_the_graph_is_read() -> None:
     """The checks above see the imports they are about (a broken parser would pass them all)."""
     assert f"{PACKAGE}.fuse.abi" in GRAPH[f"{PACKAGE}.fuse.server"]

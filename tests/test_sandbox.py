@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .frontend_daemon import finish, start
+from tests.frontend_daemon import finish, start
 
 
 @pytest.mark.parametrize("mode", ["namespace", "chroot"])

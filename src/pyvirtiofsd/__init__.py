@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .version import __version__
+from pyvirtiofsd.version import __version__
 
 if TYPE_CHECKING:
-    from .fuse.filesystem import Filesystem
+    from pyvirtiofsd.fuse.filesystem import Filesystem
 
 
 def serve_filesystem(fs: Filesystem, argv: list[str] | None = None) -> int:
     """Serve ``fs`` as the command line ``argv`` (default: ``sys.argv[1:]``) says; the exit
     status."""
-    from .cli import main
+    from pyvirtiofsd.cli import main
 
     return main(argv, fs=fs)
 

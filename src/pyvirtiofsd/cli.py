@@ -24,17 +24,28 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .backends.passthrough.config import FileHandles, PassthroughConfig
-from .daemon import DaemonConfig, ProcessConfig
-from .fuse.policy import CachePolicy
-from .fuse.server import ServerConfig
-from .transport.fusedev import FuseMountConfig
-from .transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig
-from .userns import IdRange, check_map, parse_range
-from .version import __version__
+from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig
+from pyvirtiofsd.daemon import DaemonConfig, ProcessConfig
+from pyvirtiofsd.fuse.policy import CachePolicy
+from pyvirtiofsd.fuse.server import ServerConfig
+from pyvirtiofsd.transport.fusedev import FuseMountConfig
+from pyvirtiofsd.transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig
+from pyvirtiofsd.userns import IdRange, check_map, parse_range
+from pyvirtiofsd.version import __version__
 
 if TYPE_CHECKING:
-    from .fuse.filesystem import Filesystem
+    from pyvirtiofsd.fuse.filesystem import Filesystem
+
+__all__ = [
+    "CACHE_MODES",
+    "CAPABILITIES",
+    "LOG_LEVELS",
+    "OPENDAL_THREADS",
+    "SANDBOXES",
+    "build_parser",
+    "main",
+    "parse_args",
+]
 
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 CACHE_MODES = ("never", "none", "auto", "always", "metadata")
@@ -353,7 +364,7 @@ def _fill(cls: type[_C], given: dict[str, Any], **values: Any) -> _C:
 
 def _backend(given: dict[str, Any]) -> Any:
     if "scheme" in given:
-        from .backends.opendal.config import OpendalConfig
+        from pyvirtiofsd.backends.opendal.config import OpendalConfig
 
         return _fill(OpendalConfig, given)
     return _fill(PassthroughConfig, given)
@@ -454,7 +465,7 @@ def _check_opendal(
         if not os.access(parent, os.W_OK | os.X_OK):
             p.error(f"--opendal-cache-dir {d!r} is not writable")
     try:
-        from .backends.opendal.config import check_service
+        from pyvirtiofsd.backends.opendal.config import check_service
     except ImportError:
         p.error("--opendal needs the opendal package: pip install 'pyvirtiofsd[opendal]'")
     problem = check_service(scheme, options)
@@ -491,7 +502,7 @@ def main(argv: Sequence[str] | None = None, *, fs: Filesystem | None = None) -> 
     config = parse_args(argv, own_fs=fs is not None)
     if config is None:
         return 0
-    from . import daemon
+    from pyvirtiofsd import daemon
 
     if fs is None:
         return daemon.run(config)

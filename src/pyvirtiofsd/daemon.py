@@ -40,17 +40,31 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
-from .backends.passthrough.config import PassthroughConfig
-from .fuse import abi
-from .fuse.filesystem import Filesystem
-from .fuse.server import Server, ServerConfig
-from .transport.fusedev import FuseMount, FuseMountConfig
-from .transport.virtiofs import VhostUserConfig, VhostUserTransport
-from .userns import IdRange
-from .vhost_user.connection import Listener
+from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.filesystem import Filesystem
+from pyvirtiofsd.fuse.server import Server, ServerConfig
+from pyvirtiofsd.transport.fusedev import FuseMount, FuseMountConfig
+from pyvirtiofsd.transport.virtiofs import VhostUserConfig, VhostUserTransport
+from pyvirtiofsd.userns import IdRange
+from pyvirtiofsd.vhost_user.connection import Listener
 
 if TYPE_CHECKING:
-    from .backends.opendal.config import OpendalConfig
+    from pyvirtiofsd.backends.opendal.config import OpendalConfig
+
+__all__ = [
+    "EXIT_DEADLINE",
+    "SHUTDOWN_GRACE",
+    "DaemonConfig",
+    "ProcessConfig",
+    "Transport",
+    "build_filesystem",
+    "log_counters",
+    "raise_fd_limit",
+    "run",
+    "serve_filesystem",
+    "setup_logging",
+]
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -159,10 +173,10 @@ class Transport(Protocol):
 
 def build_filesystem(config: PassthroughConfig | OpendalConfig) -> Filesystem:
     if isinstance(config, PassthroughConfig):
-        from .backends.passthrough import PassthroughFs
+        from pyvirtiofsd.backends.passthrough import PassthroughFs
 
         return PassthroughFs(config)
-    from .backends.opendal import OpendalFs
+    from pyvirtiofsd.backends.opendal import OpendalFs
 
     return OpendalFs(config)
 
@@ -216,7 +230,7 @@ def _prepare_and_serve(
 ) -> int:
     process = config.process
     if process.uid_map:
-        from . import userns
+        from pyvirtiofsd import userns
 
         try:
             userns.enter(list(process.uid_map), list(process.gid_map))
@@ -227,7 +241,7 @@ def _prepare_and_serve(
     backend = config.backend
     if process.sandbox != "none":
         assert isinstance(backend, PassthroughConfig)  # DaemonConfig makes sure
-        from . import sandbox
+        from pyvirtiofsd import sandbox
 
         try:
             backend = replace(backend, shared_dir=sandbox.enter(backend.shared_dir))

@@ -12,6 +12,49 @@ import ctypes.util
 import os
 import platform
 
+__all__ = [
+    "AT_EMPTY_PATH",
+    "AT_FDCWD",
+    "AT_REMOVEDIR",
+    "AT_SYMLINK_FOLLOW",
+    "AT_SYMLINK_NOFOLLOW",
+    "CLONE_FS",
+    "CLONE_NEWNS",
+    "CLONE_NEWUSER",
+    "MAX_HANDLE_SZ",
+    "MNT_DETACH",
+    "MS_NODEV",
+    "MS_NOSUID",
+    "MS_RDONLY",
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
+    "RENAME_WHITEOUT",
+    "RESOLVE_BENEATH",
+    "RESOLVE_IN_ROOT",
+    "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
+    "RESOLVE_NO_XDEV",
+    "UTIME_NOW",
+    "UTIME_OMIT",
+    "fallocate",
+    "fchownat",
+    "getdents64",
+    "ioctl_buffer",
+    "ioctl_int",
+    "mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "openat2",
+    "renameat2",
+    "setfsgid",
+    "setfsuid",
+    "syncfs",
+    "thread_setgroups",
+    "umount2",
+    "unshare",
+    "utimensat",
+]
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 _SYSCALLS = {

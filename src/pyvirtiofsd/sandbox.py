@@ -27,7 +27,12 @@ import os
 import platform
 import sys
 
-from . import linux
+from pyvirtiofsd import linux
+
+__all__ = [
+    "SHARE",
+    "enter",
+]
 
 SHARE = "/share"
 _MS_BIND = 0x1000

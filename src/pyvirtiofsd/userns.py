@@ -23,7 +23,14 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import linux
+from pyvirtiofsd import linux
+
+__all__ = [
+    "IdRange",
+    "check_map",
+    "enter",
+    "parse_range",
+]
 
 _ID_MAX = 1 << 32
 

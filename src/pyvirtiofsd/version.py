@@ -2,3 +2,5 @@
 importing the package root (which runs the command line)."""
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -28,8 +28,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.vm import FsDevice, run_guest
-
-from .conftest import (
+from tests.e2e.conftest import (
     DaemonFactory,
     parse_report,
     require_assets,

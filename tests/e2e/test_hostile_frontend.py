@@ -40,8 +40,7 @@ from pyvirtiofsd.virtio.chain import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
-
-from .conftest import DaemonFactory, DaemonProcess
+from tests.e2e.conftest import DaemonFactory, DaemonProcess
 
 MiB = 1 << 20
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.vm import FsDevice, run_guest
-
-from .conftest import DaemonFactory, require_assets, sha256_file, write_random
+from tests.e2e.conftest import DaemonFactory, require_assets, sha256_file, write_random
 
 pytestmark = pytest.mark.vm
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
-
-from ..frontend_daemon import Setup, finish, start
-from ..reply_room import CASES, HEADER, Env, host_state
+from tests.frontend_daemon import Setup, finish, start
+from tests.reply_room import CASES, HEADER, Env, host_state
 
 
 def fd_count(s: Setup) -> int:

@@ -31,8 +31,7 @@ from pyvirtiofsd.testing.frontend import DriverQueue, Frontend
 from pyvirtiofsd.testing.fuse_client import FuseClient, encode_request
 from pyvirtiofsd.vhost_user.messages import FrontendReq, VringState
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
-
-from .conftest import DaemonProcess
+from tests.e2e.conftest import DaemonProcess
 
 MiB = 1 << 20
 REPLY = 4096 + abi.OUT_HEADER.size

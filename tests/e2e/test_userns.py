@@ -20,8 +20,7 @@ import pytest
 import pyvirtiofsd
 from pyvirtiofsd.vm import FsDevice, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
-
-from .conftest import require_assets
+from tests.e2e.conftest import require_assets
 
 pytestmark = pytest.mark.vm
 

@@ -21,8 +21,7 @@ from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.server import OPS, Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, direct, encode_request
-
-from ..reply_room import CASES, HEADER, NO_REPLY, Env, host_state
+from tests.reply_room import CASES, HEADER, NO_REPLY, Env, host_state
 
 #: Cases whose request, once it has room, visibly changes the share.
 CHANGES_SHARE = {

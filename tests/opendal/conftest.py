@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Mounted, can_mount_fuse, is_mounted
+from tests.conftest import Mounted, can_mount_fuse, is_mounted
 
 pytest.importorskip("opendal")
 

@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from ..conftest import is_mounted
-from .conftest import DAEMON, MotoServer, s3_options
+from tests.conftest import is_mounted
+from tests.opendal.conftest import DAEMON, MotoServer, s3_options
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -16,8 +16,7 @@ import pytest
 
 from pyvirtiofsd.vm import FsDevice, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
-
-from .conftest import Service, make_service
+from tests.opendal.conftest import Service, make_service
 
 pytestmark = pytest.mark.vm
 
@@ -220,7 +219,7 @@ def test_guest_on_object_storage(scheme: str, request: pytest.FixtureRequest, wo
 
 @pytest.fixture
 def fs_service(work: Path) -> Service:
-    from .conftest import DirView
+    from tests.opendal.conftest import DirView
 
     root = work / "fsroot"
     root.mkdir()

@@ -43,9 +43,8 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.testing.fuse_client import FuseClient
-
-from .conftest import DirView, NoView, S3View, Service, s3_options
-from .direct import Direct, serve
+from tests.opendal.conftest import DirView, NoView, S3View, Service, s3_options
+from tests.opendal.direct import Direct, serve
 
 NAMES = ("a", "b", "c")
 #: (examples, rounds per example) for each service: small enough for CI. For a longer hunt,

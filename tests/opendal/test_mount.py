@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ..workloads import many_processes
-from .conftest import MountStore, Service
+from tests.opendal.conftest import MountStore, Service
+from tests.workloads import many_processes
 
 
 def blob(n: int, seed: int = 0) -> bytes:

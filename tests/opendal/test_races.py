@@ -23,9 +23,8 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
 from pyvirtiofsd.fuse.policy import CachePolicy
-
-from .conftest import NoView, Service
-from .direct import Direct, serve, wait_until
+from tests.opendal.conftest import NoView, Service
+from tests.opendal.direct import Direct, serve, wait_until
 
 CTX = Context(uid=0, gid=0, pid=1)
 NO_IF_NOT_EXISTS = {"write_with_if_not_exists": False}

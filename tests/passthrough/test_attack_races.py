@@ -53,8 +53,7 @@ from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import direct
-
-from ..attack import (
+from tests.attack import (
     ROOT,
     AttackDaemon,
     Guest,

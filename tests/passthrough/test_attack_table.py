@@ -48,8 +48,7 @@ import pytest
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.fuse import abi
-
-from ..attack import (
+from tests.attack import (
     IN_OPEN,
     O_PATH,
     ROOT,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Share
-from ..workloads import many_processes
+from tests.conftest import Share
+from tests.workloads import many_processes
 
 
 def sh(script: str, cwd: Path | None = None, user: str | None = None) -> str:

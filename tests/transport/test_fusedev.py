@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.transport.fusedev import MIN_WORKERS, FuseMount, FuseMountConfig
-
-from ..conftest import can_mount_fuse, is_mounted
-from ..fuse.memfs import MemFs
+from tests.conftest import can_mount_fuse, is_mounted
+from tests.fuse.memfs import MemFs
 
 
 @pytest.fixture

@@ -34,8 +34,7 @@ from pyvirtiofsd.virtio.chain import (
     VRING_DESC_F_WRITE,
 )
 from pyvirtiofsd.virtio.device import Completion, later
-
-from .conftest import DaemonFactory
+from tests.vhost_user.conftest import DaemonFactory
 
 MiB = 1 << 20
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT

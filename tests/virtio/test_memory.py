@@ -8,8 +8,7 @@ import pytest
 
 from pyvirtiofsd.testing.frontend import GuestRam
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion, RegionSpec
-
-from .conftest import map_ram
+from tests.virtio.conftest import map_ram
 
 MiB = 1 << 20
 

@@ -11,8 +11,7 @@ from pyvirtiofsd.virtio.queue import (
     QueueBroken,
     SplitQueue,
 )
-
-from .conftest import MakeDriver
+from tests.virtio.conftest import MakeDriver
 
 
 def device_queue(
@@ -184,7 +183,7 @@ def test_rings_outside_memory(
 
 
 def test_release_lets_memory_be_unmapped(ram: GuestRam, make_driver: MakeDriver) -> None:
-    from .conftest import map_ram
+    from tests.virtio.conftest import map_ram
 
     memory = map_ram(ram)
     dq = make_driver(ram)

@@ -52,11 +52,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from ..fuse import abi
-from ..fuse.filesystem import ConnectionInfo, Context, Filesystem
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.filesystem import ConnectionInfo, Context, Filesystem
 
 if TYPE_CHECKING:
-    from ..fuse.filesystem import DaxWindow
+    from pyvirtiofsd.fuse.filesystem import DaxWindow
 
 __all__ = [
     "Backend",

@@ -12,6 +12,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = [
+    "Buffer",
+    "ReplyWriter",
+    "RequestReader",
+    "ShortBuffer",
+    "WriteData",
+]
+
 Buffer = memoryview | bytes | bytearray
 
 

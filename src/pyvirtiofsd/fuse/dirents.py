@@ -8,9 +8,9 @@ the reply's room) is refused whole, so the next READDIR continues from it.
 
 from __future__ import annotations
 
-from . import abi
-from .buffers import ReplyWriter
-from .filesystem import Entry
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.buffers import ReplyWriter
+from pyvirtiofsd.fuse.filesystem import Entry
 
 __all__ = ["DirentWriter"]
 

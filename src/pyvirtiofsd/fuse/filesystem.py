@@ -31,10 +31,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from . import abi
+from pyvirtiofsd.fuse import abi
 
 if TYPE_CHECKING:
-    from .buffers import ReplyWriter, WriteData
+    from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
+
+__all__ = [
+    "ROOT",
+    "Attr",
+    "ConnectionInfo",
+    "Context",
+    "DaxWindow",
+    "DirBuffer",
+    "Entry",
+    "Filesystem",
+    "Lock",
+    "Opened",
+    "SetAttr",
+    "StatVfs",
+    "dtype_of_mode",
+]
 
 ROOT = abi.ROOT_ID
 

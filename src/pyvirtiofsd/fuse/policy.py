@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import os
 
-from . import abi
+from pyvirtiofsd.fuse import abi
 
 __all__ = [
     "DIR_OPEN_FLAGS",

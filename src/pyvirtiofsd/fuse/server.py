@@ -42,10 +42,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from . import abi
-from .buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
-from .dirents import DirentWriter
-from .filesystem import ConnectionInfo, Context, DaxWindow, Entry, Filesystem, Lock, Opened, SetAttr
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
+from pyvirtiofsd.fuse.dirents import DirentWriter
+from pyvirtiofsd.fuse.filesystem import (
+    ConnectionInfo,
+    Context,
+    DaxWindow,
+    Entry,
+    Filesystem,
+    Lock,
+    Opened,
+    SetAttr,
+)
 
 __all__ = [
     "DEFAULT_FLAGS",

@@ -37,6 +37,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+__all__ = [
+    "MAP_ALIGNMENT",
+    "MAX_REGIONS",
+    "PAGE",
+    "SPARE_MAPPINGS",
+    "WINDOW_GRANULE",
+    "DaxWindow",
+    "MappedFile",
+    "Mapping",
+    "MappingTable",
+    "Plan",
+    "ShmemMapper",
+    "TailPage",
+]
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096

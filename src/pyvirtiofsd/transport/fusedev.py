@@ -20,10 +20,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .. import linux
-from ..fuse import abi
-from ..fuse.filesystem import Filesystem
-from ..fuse.server import Server, ServerConfig, TransportCaps
+from pyvirtiofsd import linux
+from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.filesystem import Filesystem
+from pyvirtiofsd.fuse.server import Server, ServerConfig, TransportCaps
+
+__all__ = [
+    "MIN_WORKERS",
+    "UNMOUNT_GRACE",
+    "FuseMount",
+    "FuseMountConfig",
+]
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..fuse.filesystem import Filesystem
-from ..fuse.server import Server, ServerConfig, TransportCaps
-from ..vhost_user.connection import Listener
-from ..vhost_user.runner import VhostUserServer
-from ..virtio.chain import Chain
-from ..virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, later
-from .dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
+from pyvirtiofsd.fuse.filesystem import Filesystem
+from pyvirtiofsd.fuse.server import Server, ServerConfig, TransportCaps
+from pyvirtiofsd.transport.dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
+from pyvirtiofsd.vhost_user.connection import Listener
+from pyvirtiofsd.vhost_user.runner import VhostUserServer
+from pyvirtiofsd.virtio.chain import Chain
+from pyvirtiofsd.virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, later
+
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "MIN_OFFERED_REQUEST_QUEUES",
+    "TAG_SIZE",
+    "VhostUserConfig",
+    "VhostUserTransport",
+    "VirtioFsDevice",
+]
 
 log = logging.getLogger(__name__)
 

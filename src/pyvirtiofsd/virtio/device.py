@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from .chain import Chain
+from pyvirtiofsd.virtio.chain import Chain
 
 __all__ = [
     "VIRTIO_ID_FS",

@@ -22,6 +22,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_CACHE",
+    "HOST_QEMU",
+    "INIT_SCRIPT",
+    "INSTALL_HINT",
+    "LEGACY_VIRTIOFSD",
+    "QEMU_FLAVORS",
+    "AssetsMissing",
+    "Command",
+    "CpioWriter",
+    "base_initramfs",
+    "busybox",
+    "cache_dir",
+    "fio_command",
+    "initramfs_dir",
+    "kernel",
+    "legacy_virtiofsd_command",
+    "missing_assets",
+    "qemu_command",
+    "run_archive",
+    "rust_virtiofsd_command",
+    "sid_program",
+    "sid_root",
+]
+
 CACHE_ENV = "PYVIRTIOFSD_CACHE"
 DEFAULT_CACHE = "/var/cache/pyvirtiofsd"
 INSTALL_HINT = "run `.ci/install-vm-assets` as root to install the VM assets"

@@ -26,6 +26,15 @@ from pyvirtiofsd.vm.guest import (
     wait_for_socket,
 )
 
+__all__ = [
+    "DAEMON_PRESETS",
+    "DEMO_COMMAND",
+    "daemon_argv",
+    "guest_script",
+    "main",
+    "parser",
+]
+
 DEMO_COMMAND = (
     'echo "guest kernel $(uname -r); the share is mounted at /mnt:"; '
     "grep ' /mnt ' /proc/mounts; ls -la /mnt; df -h /mnt"

@@ -27,6 +27,24 @@ from typing import IO, Any
 
 from pyvirtiofsd.vm import assets
 
+__all__ = [
+    "CONSOLE_TAIL",
+    "KERNEL_ARGS",
+    "ROOTFS_TAG",
+    "SHUTDOWN_GRACE",
+    "VIRTIO_FS_CONFIG_SIZE",
+    "VIRTIO_ID_FS",
+    "FsDevice",
+    "GuestError",
+    "GuestResult",
+    "GuestTimeout",
+    "kill_child",
+    "qemu_args",
+    "run_guest",
+    "spawn_child",
+    "wait_for_socket",
+]
+
 # The kernel command line that boots fastest under TCG (see the machine facts): no hardware
 # probing that is slow to emulate, no self-tests, no security modules.
 KERNEL_ARGS = (

@@ -3,7 +3,7 @@
 See docs/opendal.md for what is emulated, what is refused and how consistent it is.
 """
 
-from .config import OpendalConfig, check_service
-from .fs import OpendalFs
+from pyvirtiofsd.backends.opendal.config import OpendalConfig, check_service
+from pyvirtiofsd.backends.opendal.fs import OpendalFs
 
 __all__ = ["OpendalConfig", "OpendalFs", "check_service"]

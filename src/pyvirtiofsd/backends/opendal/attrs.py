@@ -25,6 +25,21 @@ import time
 from datetime import datetime
 from typing import NamedTuple
 
+__all__ = [
+    "Defaults",
+    "LocalAttrs",
+    "Meta",
+    "Overrides",
+    "build",
+    "datetime_ns",
+    "decode",
+    "encode",
+    "format_time",
+    "now_ns",
+    "overrides_of",
+    "parse_time",
+]
+
 _NS = 1_000_000_000
 
 

@@ -20,7 +20,15 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...fuse.policy import CachePolicy
+from pyvirtiofsd.fuse.policy import CachePolicy
+
+__all__ = [
+    "DEFAULT_CACHE_SIZE",
+    "DEFAULT_DIR_RENAME_LIMIT",
+    "OpendalConfig",
+    "check_service",
+    "service_option_keys",
+]
 
 #: Default bound of the local read cache (dirty staged data is never dropped, so it may exceed
 #: this while files are being written).
@@ -68,7 +76,7 @@ def check_service(scheme: str, options: dict[str, str], probe: bool = True) -> s
                 f"unknown option{'s' if len(unknown) > 1 else ''} for the {scheme} service: "
                 f"{', '.join(unknown)} (known: {', '.join(sorted(keys))})"
             )
-    from .errors import first_line
+    from pyvirtiofsd.backends.opendal.errors import first_line
 
     try:
         op = opendal.Operator(scheme, **options)

@@ -15,6 +15,15 @@ from typing import TypeVar
 
 from opendal import exceptions as ex
 
+__all__ = [
+    "ERRNO_OF",
+    "T",
+    "errno_of",
+    "first_line",
+    "store_call",
+    "to_oserror",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")

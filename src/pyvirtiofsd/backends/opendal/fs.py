@@ -45,19 +45,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
-from ...fuse import abi, policy
-from ...fuse.filesystem import (
-    Attr,
-    ConnectionInfo,
-    Context,
-    Entry,
-    Opened,
-    SetAttr,
-    StatVfs,
-)
-from ...linux import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
-from ..base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
-from .attrs import (
+from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
+from pyvirtiofsd.backends.opendal.attrs import (
     Defaults,
     LocalAttrs,
     Meta,
@@ -67,15 +56,26 @@ from .attrs import (
     now_ns,
     overrides_of,
 )
-from .config import OpendalConfig
-from .inodes import ROOT_INO, InodeTable, Node, is_unlinked, now
-from .names import NameLocks
-from .staging import Blob, BlobCache
-from .store import Listed, Stat, Store, parent_of
+from pyvirtiofsd.backends.opendal.config import OpendalConfig
+from pyvirtiofsd.backends.opendal.inodes import ROOT_INO, InodeTable, Node, is_unlinked, now
+from pyvirtiofsd.backends.opendal.names import NameLocks
+from pyvirtiofsd.backends.opendal.staging import Blob, BlobCache
+from pyvirtiofsd.backends.opendal.store import Listed, Stat, Store, parent_of
+from pyvirtiofsd.fuse import abi, policy
+from pyvirtiofsd.fuse.filesystem import (
+    Attr,
+    ConnectionInfo,
+    Context,
+    Entry,
+    Opened,
+    SetAttr,
+    StatVfs,
+)
+from pyvirtiofsd.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 
 if TYPE_CHECKING:
-    from ...fuse.buffers import ReplyWriter, WriteData
-    from ...fuse.filesystem import DirBuffer
+    from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
+    from pyvirtiofsd.fuse.filesystem import DirBuffer
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import stat
 import threading
 import time
 
-from .attrs import Meta
+from pyvirtiofsd.backends.opendal.attrs import Meta
 
 ROOT_INO = 1
 _PINNED = 1 << 62

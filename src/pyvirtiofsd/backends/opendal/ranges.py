@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
+__all__ = [
+    "Ranges",
+]
+
 
 class Ranges:
     """Disjoint, sorted, half-open ranges kept as one flat list ``[s0, e0, s1, e1, ...]``: a

@@ -48,13 +48,22 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from ... import linux
-from .attrs import Meta, encode, now_ns
-from .ranges import Ranges
-from .store import Store, parent_of
+from pyvirtiofsd import linux
+from pyvirtiofsd.backends.opendal.attrs import Meta, encode, now_ns
+from pyvirtiofsd.backends.opendal.ranges import Ranges
+from pyvirtiofsd.backends.opendal.store import Store, parent_of
 
 if TYPE_CHECKING:
-    from ...fuse.buffers import ReplyWriter, WriteData
+    from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
+
+__all__ = [
+    "GRANULE",
+    "MAX_FETCH",
+    "MAX_FILES",
+    "Blob",
+    "BlobCache",
+    "SharedLock",
+]
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,15 @@ from typing import Any, NamedTuple
 
 from opendal import exceptions as ex
 
-from .attrs import datetime_ns
-from .errors import store_call, to_oserror
+from pyvirtiofsd.backends.opendal.attrs import datetime_ns
+from pyvirtiofsd.backends.opendal.errors import store_call, to_oserror
+
+__all__ = [
+    "Listed",
+    "Stat",
+    "Store",
+    "parent_of",
+]
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Serve a host directory (like virtiofsd's passthrough), confined to it."""
 
-from ...fuse.policy import CachePolicy
-from .config import FileHandles, PassthroughConfig
-from .fs import PassthroughFs
+from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig
+from pyvirtiofsd.backends.passthrough.fs import PassthroughFs
+from pyvirtiofsd.fuse.policy import CachePolicy
 
 __all__ = ["CachePolicy", "FileHandles", "PassthroughConfig", "PassthroughFs"]

@@ -11,7 +11,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ...fuse.policy import CachePolicy
+from pyvirtiofsd.fuse.policy import CachePolicy
+
+__all__ = [
+    "FileHandles",
+    "PassthroughConfig",
+]
 
 
 class FileHandles(enum.Enum):

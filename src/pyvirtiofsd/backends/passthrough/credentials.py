@@ -13,8 +13,13 @@ import functools
 import os
 import threading
 
-from ... import linux
-from ...fuse.filesystem import Context
+from pyvirtiofsd import linux
+from pyvirtiofsd.fuse.filesystem import Context
+
+__all__ = [
+    "Credentials",
+    "can_switch",
+]
 
 _local = threading.local()
 

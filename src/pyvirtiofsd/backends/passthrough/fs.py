@@ -38,10 +38,15 @@ import stat
 import struct
 import threading
 
-from ... import linux
-from ...fuse import abi, policy
-from ...fuse.buffers import ReplyWriter, WriteData
-from ...fuse.filesystem import (
+from pyvirtiofsd import linux
+from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
+from pyvirtiofsd.backends.passthrough import locks
+from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
+from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
+from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
+from pyvirtiofsd.fuse import abi, policy
+from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
+from pyvirtiofsd.fuse.filesystem import (
     Attr,
     ConnectionInfo,
     Context,
@@ -52,11 +57,10 @@ from ...fuse.filesystem import (
     SetAttr,
     StatVfs,
 )
-from ..base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
-from . import locks
-from .config import PassthroughConfig
-from .credentials import Credentials, can_switch
-from .inodes import Inode, InodeStore
+
+__all__ = [
+    "PassthroughFs",
+]
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,15 @@ import stat
 import threading
 from collections.abc import Callable
 
-from ... import linux
-from .config import FileHandles
+from pyvirtiofsd import linux
+from pyvirtiofsd.backends.passthrough.config import FileHandles
+
+__all__ = [
+    "Inode",
+    "InodeStore",
+    "PathFd",
+    "check_openable",
+]
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,16 @@ import struct
 import time
 from collections.abc import Callable
 
-from ...fuse.filesystem import Context, Lock
-from .inodes import Inode, InodeStore
+from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
+from pyvirtiofsd.fuse.filesystem import Context, Lock
+
+__all__ = [
+    "OFFSET_MAX",
+    "flock",
+    "getlk",
+    "release_owner",
+    "setlk",
+]
 
 #: struct flock on 64-bit Linux: short type, short whence, off_t start, off_t len, pid_t pid.
 _FLOCK = struct.Struct("=hh4xqqi4x")
