@@ -54,15 +54,24 @@ def _slice_views(
 
 
 class RequestReader:
-    """Reads one request from a list of readable views, front to back."""
+    """Reads one request from a list of readable views, front to back.
 
-    __slots__ = ("_index", "_offset", "_views", "remaining")
+    ``remaining`` is what the request still holds (its declared length may end before the
+    buffers do); the cursor (view index, offset) is where the next read starts.
+    """
 
-    def __init__(self, views: Sequence[memoryview], length: int | None = None) -> None:
+    __slots__ = ("_avail", "_index", "_offset", "_views", "remaining")
+
+    def __init__(
+        self, views: Sequence[memoryview], length: int | None = None, total: int | None = None
+    ) -> None:
         self._views = views
         self._index = 0
         self._offset = 0
-        total = sum(map(len, views))
+        if total is None:
+            total = sum(map(len, views))
+        #: Bytes in the views from the cursor on.
+        self._avail = total
         self.remaining = total if length is None else min(length, total)
 
     def take(self, size: int) -> tuple[Buffer, int]:
@@ -78,6 +87,7 @@ class RequestReader:
             end = start + size
             if end <= len(view):
                 self.remaining -= size
+                self._avail -= size
                 if end == len(view):
                     self._index = index + 1
                     self._offset = 0
@@ -91,6 +101,7 @@ class RequestReader:
         if size > self.remaining:
             raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
         self.remaining -= size
+        self._avail -= size
         view = self._views[self._index] if self._index < len(self._views) else b""
         end = self._offset + size
         if end <= len(view):
@@ -110,6 +121,13 @@ class RequestReader:
         if size > self.remaining:
             raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
         self.remaining -= size
+        if size == self._avail and not self._offset:
+            # The rest of the buffers, whole (a WRITE's pages): no view is looked at.
+            out = list(self._views[self._index :])
+            self._index = len(self._views)
+            self._avail = 0
+            return out
+        self._avail -= size
         out, self._index, self._offset = _slice_views(self._views, self._index, self._offset, size)
         return out
 
@@ -118,18 +136,38 @@ class ReplyWriter:
     """Writes one reply into a list of writable views.
 
     The 16-byte out header is written last, once the reply's length is known, so the payload
-    starts at :data:`HEADER` and :meth:`finish` fills in the header.
+    starts at :data:`HEADER` and :meth:`finish` fills in the header. A cursor (view index,
+    offset) follows ``length``, so that structures go straight into the view they belong in and
+    file data into the views from there on, however many there are.
     """
 
-    __slots__ = ("_views", "capacity", "length")
+    __slots__ = ("_index", "_offset", "_views", "capacity", "length")
 
     HEADER = 16
 
-    def __init__(self, views: Sequence[memoryview]) -> None:
+    def __init__(self, views: Sequence[memoryview], capacity: int | None = None) -> None:
         self._views = views
-        self.capacity = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
+        if capacity is None:
+            capacity = len(views[0]) if len(views) == 1 else sum(map(len, views))
+        self.capacity = capacity
         #: Bytes of reply written so far, header included once finished.
         self.length = self.HEADER
+        first = len(views[0])
+        if first > self.HEADER:
+            self._index, self._offset = 0, self.HEADER
+        elif first == self.HEADER:
+            self._index, self._offset = 1, 0
+        else:
+            self._seek(self.HEADER)
+
+    def _seek(self, pos: int) -> None:
+        """Put the cursor at byte ``pos`` of the reply."""
+        views = self._views
+        index = 0
+        while index < len(views) and pos >= len(views[index]):
+            pos -= len(views[index])
+            index += 1
+        self._index, self._offset = index, pos
 
     def _write_at(self, pos: int, data: Buffer) -> None:
         size = len(data)
@@ -155,19 +193,41 @@ class ReplyWriter:
 
     def write(self, data: Buffer) -> None:
         """Append ``data`` to the payload."""
+        size = len(data)
+        index = self._index
+        if index < len(self._views):
+            view = self._views[index]
+            offset = self._offset
+            end = offset + size
+            if end <= len(view):
+                view[offset:end] = data
+                self.length += size
+                if end == len(view):
+                    self._index, self._offset = index + 1, 0
+                else:
+                    self._offset = end
+                return
         self._write_at(self.length, data)
-        self.length += len(data)
+        self.length += size
+        self._seek(self.length)
 
     def pack(self, layout_struct: Any, *values: Any) -> None:
-        """Append one structure, packed in place when it fits the current buffer."""
+        """Append one structure, packed in place when it fits the current view."""
         size = layout_struct.size
-        pos = self.length
-        first = self._views[0]
-        if pos + size <= len(first):
-            layout_struct.pack_into(first, pos, *values)
-            self.length += size
-        else:
-            self.write(layout_struct.pack(*values))
+        index = self._index
+        if index < len(self._views):
+            view = self._views[index]
+            offset = self._offset
+            end = offset + size
+            if end <= len(view):
+                layout_struct.pack_into(view, offset, *values)
+                self.length += size
+                if end == len(view):
+                    self._index, self._offset = index + 1, 0
+                else:
+                    self._offset = end
+                return
+        self.write(layout_struct.pack(*values))
 
     def space(self) -> int:
         """Payload bytes that still fit."""
@@ -176,15 +236,20 @@ class ReplyWriter:
     def views(self, size: int) -> list[memoryview]:
         """Views over the next ``size`` payload bytes (clipped to what fits), for a fill in place;
         :meth:`advance` then accounts for what was filled."""
-        index, pos = 0, self.length
-        while index < len(self._views) and pos >= len(self._views[index]):
-            pos -= len(self._views[index])
-            index += 1
-        out, _, _ = _slice_views(self._views, index, pos, min(size, self.space()))
+        space = self.capacity - self.length
+        if size >= space and not self._offset:
+            # The rest of the buffers, whole (a READ's pages): no view is looked at.
+            return list(self._views[self._index :])
+        out, _, _ = _slice_views(self._views, self._index, self._offset, min(size, space))
         return out
 
     def advance(self, size: int) -> None:
+        """Account for ``size`` bytes filled in place through :meth:`views`."""
         self.length += size
+        if self.length == self.capacity:
+            self._index, self._offset = len(self._views), 0
+        else:
+            self._seek(self.length)
 
     def read_from_fd(self, fd: int, offset: int, size: int) -> int:
         """Fill up to ``size`` payload bytes straight from ``fd`` at ``offset``."""
@@ -196,7 +261,7 @@ class ReplyWriter:
             n = os.preadv(fd, views, offset + done)
             if n <= 0:
                 break
-            self.length += n
+            self.advance(n)
             done += n
         return done
 
@@ -212,6 +277,7 @@ class ReplyWriter:
     def reset(self) -> None:
         """Drop the payload (an error reply follows)."""
         self.length = self.HEADER
+        self._seek(self.HEADER)
 
 
 class WriteData:

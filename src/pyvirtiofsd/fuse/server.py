@@ -352,11 +352,15 @@ class Server:
         readable: Sequence[memoryview],
         writable: Sequence[memoryview],
         token: Any = None,
+        readable_len: int | None = None,
+        writable_len: int | None = None,
     ) -> int | None:
         """Serve one request. Returns the reply's length in ``writable`` (0: no reply), or
-        None when the reply will come later through ``caps.later(token)``."""
-        out = ReplyWriter(writable) if writable else None
-        reader = RequestReader(readable)
+        None when the reply will come later through ``caps.later(token)``. A transport that
+        knows how many bytes the buffers hold says so (``readable_len``, ``writable_len``),
+        sparing the server a pass over them."""
+        out = ReplyWriter(writable, writable_len) if writable else None
+        reader = RequestReader(readable, None, readable_len)
         total = reader.remaining
         try:
             buf, pos = reader.take(_IN_SIZE)

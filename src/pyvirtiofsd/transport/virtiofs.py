@@ -126,7 +126,9 @@ class VirtioFsDevice:
         handle = self.server.handle
 
         def serve(chain: Chain) -> int | None:
-            return handle(chain.readable, chain.writable, chain)
+            return handle(
+                chain.readable, chain.writable, chain, chain.readable_len, chain.writable_len
+            )
 
         return serve
 

@@ -367,10 +367,7 @@ class _QueueWorker:
             used = 0
         # Drop the views now, not when the chain object happens to be collected: once
         # the entry is used the driver may reuse the buffers and the memory may go away.
-        try:
-            chain.release()
-        except BufferError:
-            log.error("vring %d: a handler kept an export of a guest buffer", self.vring.index)
+        chain.release()
         self._complete(chain.head, used)
 
     def _invalid(self, e: InvalidChain) -> None:
@@ -387,10 +384,7 @@ class _QueueWorker:
             if not 0 <= used <= partial.writable_len:
                 used = 0
         if partial is not None:
-            try:
-                partial.release()
-            except BufferError:
-                log.error("vring %d: a fault handler kept a guest buffer", self.vring.index)
+            partial.release()
         log.warning(
             "vring %d: %s; %s",
             self.vring.index,

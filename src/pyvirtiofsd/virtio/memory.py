@@ -199,7 +199,7 @@ class MappedRegion:
 class GuestMemory:
     """An immutable set of non-overlapping regions with bounds-checked translation."""
 
-    __slots__ = ("_ends", "_regions", "_starts", "_user_regions", "_user_starts")
+    __slots__ = ("_ends", "_regions", "_starts", "_user_regions", "_user_starts", "main")
 
     def __init__(self, regions: Iterable[MappedRegion] = ()) -> None:
         by_guest = sorted(regions, key=lambda r: r.guest_addr)
@@ -211,6 +211,8 @@ class GuestMemory:
             if b.user_addr < a.user_end:
                 raise GuestMemoryError(f"regions overlap in front-end address space: {a} and {b}")
         self._regions = tuple(by_guest)
+        #: The largest region (guest RAM, mostly), which the chain walk checks first.
+        self.main: MappedRegion | None = max(by_guest, key=lambda r: r.size, default=None)
         self._starts = [r.guest_addr for r in by_guest]
         self._ends = [r.guest_end for r in by_guest]
         self._user_regions = tuple(frontend)
@@ -231,6 +233,15 @@ class GuestMemory:
         """The front-end region with exactly this placement (as REM_MEM_REG names it)."""
         for r in self._user_regions:
             if r.guest_addr == guest_addr and r.size == size and r.user_addr == user_addr:
+                return r
+        return None
+
+    def region_of(self, start: int, end: int) -> MappedRegion | None:
+        """The one region holding all of guest-physical ``[start, end)``, if one does."""
+        i = bisect_right(self._starts, start) - 1
+        if i >= 0:
+            r = self._regions[i]
+            if end <= r.guest_end and start >= r.guest_addr:
                 return r
         return None
 
