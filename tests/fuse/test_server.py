@@ -16,7 +16,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock
 from pyvirtiofsd.fuse.server import LockWaiters, Server, ServerConfig, TransportCaps
 from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, direct, encode_request
-from tests.fuse.memfs import MemFs
+from tests.memfs import MemFs
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend_daemon import finish, start
+from tests.e2e.frontend_daemon import finish, start
 
 
 @pytest.mark.parametrize("mode", ["namespace", "chroot"])
