@@ -1,4 +1,8 @@
-"""Shared fixtures: the daemon run as a real process, mounted through the real kernel."""
+"""Shared fixtures: the daemon run as a real process, mounted through the real kernel.
+
+The object-storage fixtures live in :mod:`tests.opendal_fixtures`, registered here so that they
+reach its module tests, the end-to-end and the attack suites alike.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.opendal_fixtures"]
 
 
 def can_mount_fuse() -> str | None:

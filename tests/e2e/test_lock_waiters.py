@@ -16,7 +16,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import MAX_LOCK_WAITERS
 from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
-from tests.frontend_daemon import finish, start
+from tests.e2e.frontend_daemon import finish, start
 
 HOLDER = 1
 EXTRA = 16

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
-from tests.frontend_daemon import Setup, finish, start
+from tests.e2e.frontend_daemon import Setup, finish, start
 from tests.reply_room import CASES, HEADER, Env, host_state
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from pyvirtiofsd.transport.fusedev import MIN_WORKERS, FuseMount, FuseMountConfig
 from tests.conftest import can_mount_fuse, is_mounted
-from tests.fuse.memfs import MemFs
+from tests.memfs import MemFs
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pyvirtiofsd.testing.frontend import Frontend, GuestRam
 from pyvirtiofsd.testing.fuse_client import FuseClient
 from pyvirtiofsd.transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig, VhostUserTransport
 from pyvirtiofsd.vhost_user.messages import FrontendReq, VringState
-from tests.fuse.memfs import MemFs
+from tests.memfs import MemFs
 
 
 def test_config_makes_the_listener(tmp_path: Path) -> None:

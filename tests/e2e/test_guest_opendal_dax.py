@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("opendal")
+
 from pyvirtiofsd.vm import FsDevice, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 

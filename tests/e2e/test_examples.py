@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import can_mount_fuse, is_mounted
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_hellofs(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.opendal.conftest import MountStore, Service
-from tests.workloads import many_processes
+pytest.importorskip("opendal")
+
+from tests.e2e.workloads import many_processes
+from tests.opendal_fixtures import MountStore, Service
 
 
 def blob(n: int, seed: int = 0) -> bytes:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Share
-from tests.workloads import many_processes
+from tests.e2e.workloads import many_processes
 
 
 def sh(script: str, cwd: Path | None = None, user: str | None = None) -> str:

@@ -48,7 +48,7 @@ import pytest
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.fuse import abi
-from tests.attack import (
+from tests.attack.tools import (
     IN_OPEN,
     O_PATH,
     ROOT,

@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("opendal")
+
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
 from pyvirtiofsd.fuse.policy import CachePolicy
-from tests.opendal.conftest import NoView, Service
-from tests.opendal.direct import Direct, serve, wait_until
+from tests.attack.opendal_direct import Direct, serve, wait_until
+from tests.opendal_fixtures import NoView, Service
 
 CTX = Context(uid=0, gid=0, pid=1)
 NO_IF_NOT_EXISTS = {"write_with_if_not_exists": False}
@@ -354,7 +356,7 @@ def test_release_waits_for_a_read_on_the_same_handle(work: Path) -> None:
         releaser.value()
 
 
-# --- found by the model-based test (test_model.py), kept as plain regressions -----------------
+# --- found by the model-based test (test_opendal_model.py), kept as plain regressions ----------
 
 
 def waits_in(thread: threading.Thread, function: str) -> bool:

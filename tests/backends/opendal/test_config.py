@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import is_mounted
-from tests.opendal.conftest import DAEMON, MotoServer, s3_options
+from tests.opendal_fixtures import DAEMON, MotoServer, s3_options
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -53,7 +53,7 @@ from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import direct
-from tests.attack import (
+from tests.attack.tools import (
     ROOT,
     AttackDaemon,
     Guest,

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("opendal")
+
 from pyvirtiofsd.vm import FsDevice, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
-from tests.opendal.conftest import Service, make_service
+from tests.opendal_fixtures import Service, make_service
 
 pytestmark = pytest.mark.vm
 
@@ -219,7 +221,7 @@ def test_guest_on_object_storage(scheme: str, request: pytest.FixtureRequest, wo
 
 @pytest.fixture
 def fs_service(work: Path) -> Service:
-    from tests.opendal.conftest import DirView
+    from tests.opendal_fixtures import DirView
 
     root = work / "fsroot"
     root.mkdir()

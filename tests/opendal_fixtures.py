@@ -1,8 +1,12 @@
-"""Fixtures for the object-storage backend: a real S3-compatible server (``moto_server``) on
-loopback, the daemon serving a service through /dev/fuse, and an independent view of what the
-store holds (boto3 for s3, the directory itself for fs).
+"""Fixtures for the object-storage backend's tests, wherever they are (its module tests, the
+end-to-end and the attack suites): a real S3-compatible server (``moto_server``) on loopback,
+the daemon serving a service through /dev/fuse, and an independent view of what the store holds
+(boto3 for s3, the directory itself for fs).
 
 Tests take ``service`` (parametrized over memory, fs and s3) and ``mount_store`` to start daemons.
+The root conftest registers this module as a plugin, so its fixtures reach every folder; it
+imports nothing of OpenDAL itself, and each module that needs OpenDAL skips without it
+(``pytest.importorskip("opendal")``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import Mounted, can_mount_fuse, is_mounted
-
-pytest.importorskip("opendal")
 
 DAEMON = [sys.executable, "-m", "pyvirtiofsd"]
 #: Fake credentials: moto accepts any, and OpenDAL must not go looking for real ones.

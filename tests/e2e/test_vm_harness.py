@@ -1,13 +1,13 @@
-"""Tests of the VM harness itself, against the reference daemons (Rust virtiofsd, legacy C).
+"""The VM harness itself, against the reference daemons (Rust virtiofsd, legacy C).
 
-The `vm` tests boot real guests under TCG (a few seconds each) and skip with the reason when the
-assets of `.ci/install-vm-assets` are not installed. The others check the harness's pure parts.
+Every test boots real guests under TCG (a few seconds each) and skips with the reason when the
+assets of `.ci/install-vm-assets` are not installed. The harness's pure parts are tested in
+tests/vm/.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +23,7 @@ from pyvirtiofsd.vm import (
     missing_assets,
     run_guest,
 )
-from pyvirtiofsd.vm.guest import _Console, kill_child, spawn_child, wait_for_socket
+from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 
 
 def require_assets(qemu: str = "sid", rootfs: str | None = None) -> None:
@@ -83,83 +83,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     yield start
     for proc in procs:
         kill_child(proc, grace=5.0)
-
-
-# --- pure parts ----------------------------------------------------------------------------------
-
-
-def parse_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
-    """(name, mode, data, (rdevmajor, rdevminor)) of each entry, stopping at the trailer."""
-    entries = []
-    pos = 0
-    while True:
-        assert data[pos : pos + 6] == b"070701"
-        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
-        mode, filesize, rmajor, rminor, namesize = (
-            fields[1], fields[6], fields[9], fields[10], fields[11]
-        )  # fmt: skip
-        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
-        pos += 110 + namesize
-        pos += -pos % 4
-        body = data[pos : pos + filesize]
-        pos += filesize
-        pos += -pos % 4
-        if name == "TRAILER!!!":
-            return entries
-        entries.append((name, mode, body, (rmajor, rminor)))
-
-
-def test_cpio_writer_round_trips() -> None:
-    w = assets.CpioWriter()
-    w.directory("bin")
-    w.file("bin/x", b"abcde", 0o755)
-    w.symlink("bin/y", "/bin/x")
-    w.char_device("dev/console", 5, 1)
-    data = w.finish()
-    assert len(data) % 512 == 0
-    entries = parse_newc(data)
-    assert [e[0] for e in entries] == ["bin", "bin/x", "bin/y", "dev/console"]
-    assert stat.S_ISDIR(entries[0][1])
-    assert entries[1][1] == stat.S_IFREG | 0o755 and entries[1][2] == b"abcde"
-    assert stat.S_ISLNK(entries[2][1]) and entries[2][2] == b"/bin/x"
-    assert stat.S_ISCHR(entries[3][1]) and entries[3][3] == (5, 1)
-
-
-def test_console_markers_split_across_chunks() -> None:
-    streamed: list[str] = []
-    console = _Console("n0nce", streamed.append)
-    raw = (
-        b"boot noise\r\n<<<pyvirtiofsd:n0nce:begin>>>\nline one\r\nno newline \xc3\xa9"
-        b"\n<<<pyvirtiofsd:n0nce:status=42>>>\n<<<pyvirtiofsd:n0nce:kernel-log>>>\n[ 0.0] hi\n"
-        b"<<<pyvirtiofsd:n0nce:end>>>\n"
-    )
-    for i in range(0, len(raw), 3):  # splits CR LF, UTF-8 and markers
-        console.feed(raw[i : i + 3])
-    console.feed(b"", final=True)
-    assert console.status == 42
-    assert console.output() == "line one\nno newline é"
-    assert "".join(streamed) == console.output()
-    assert console.section("kernel-log", "end") == "[ 0.0] hi\n"
-    assert console.finished()
-
-
-def test_daemon_command_templates() -> None:
-    argv = cli.daemon_argv("/opt/d --sock={socket} -o source={shared_dir}", "/s", "/d", "t", ["-x"])
-    assert argv == ["/opt/d", "--sock=/s", "-o", "source=/d", "-x"]
-    argv = cli.daemon_argv("mydaemon", "/s", "/d", "t", [])
-    assert argv == ["mydaemon", "--socket-path", "/s", "--shared-dir", "/d"]
-    argv = cli.daemon_argv("pyvirtiofsd", "/s", "/d", "t", ["--foo"])
-    assert argv[1:] == ["-m", "pyvirtiofsd", "--socket-path", "/s", "--shared-dir", "/d", "--foo"]
-
-
-def test_fs_device_qemu_args() -> None:
-    plain = FsDevice("/s", "tag", num_request_queues=2).qemu_args("fs0")
-    assert plain[-1] == (
-        "vhost-user-fs-pci,chardev=fs0,tag=tag,queue-size=1024,num-request-queues=2"
-    )
-    generic = FsDevice("/s", "tag", generic=True, queue_size=256).qemu_args("fs1")
-    assert generic[1] == "socket,id=fs1,path=/s"
-    assert "virtio-id=26,num_vqs=2,config_size=40,vq_size=256" in generic[-1]
 
 
 # --- real guests ---------------------------------------------------------------------------------

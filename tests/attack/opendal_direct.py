@@ -20,7 +20,7 @@ from pyvirtiofsd.backends.opendal import OpendalConfig, OpendalFs
 from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
-from tests.opendal.conftest import Service, StoreView
+from tests.opendal_fixtures import Service, StoreView
 
 #: Operator methods whose first argument is the path they act on.
 _PATH_CALLS = frozenset({"stat", "read", "write", "delete", "rename", "copy", "list", "open"})

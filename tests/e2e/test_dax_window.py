@@ -15,7 +15,7 @@ import pytest
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.transport.dax import MAX_REGIONS, SPARE_MAPPINGS
-from tests.frontend_daemon import WINDOW, Setup, finish, start
+from tests.e2e.frontend_daemon import WINDOW, Setup, finish, start
 
 K = 4096
 R = abi.SETUPMAPPING_FLAG_READ

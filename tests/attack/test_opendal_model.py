@@ -39,12 +39,14 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
+pytest.importorskip("opendal")
+
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.testing.fuse_client import FuseClient
-from tests.opendal.conftest import DirView, NoView, S3View, Service, s3_options
-from tests.opendal.direct import Direct, serve
+from tests.attack.opendal_direct import Direct, serve
+from tests.opendal_fixtures import DirView, NoView, S3View, Service, s3_options
 
 NAMES = ("a", "b", "c")
 #: (examples, rounds per example) for each service: small enough for CI. For a longer hunt,
