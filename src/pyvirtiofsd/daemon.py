@@ -208,6 +208,7 @@ def _run(config: DaemonConfig, fs: Filesystem | None) -> int:
     for notice in process.notices:
         log.info("%s", notice)
     raise_fd_limit(process.rlimit_nofile)
+    signals = _Signals()
     listener = None
     if isinstance(config.transport, VhostUserConfig):
         try:
@@ -218,15 +219,19 @@ def _run(config: DaemonConfig, fs: Filesystem | None) -> int:
             else:
                 log.error("cannot listen: %s", e)
             return 1
+    signals.listener = listener
     try:
-        return _prepare_and_serve(config, fs, listener)
+        if signals.signalled:
+            return 0
+        return _prepare_and_serve(config, fs, listener, signals)
     finally:
+        signals.ended.set()
         if listener is not None:
             listener.close()
 
 
 def _prepare_and_serve(
-    config: DaemonConfig, fs: Filesystem | None, listener: Listener | None
+    config: DaemonConfig, fs: Filesystem | None, listener: Listener | None, signals: _Signals
 ) -> int:
     process = config.process
     if process.uid_map:
@@ -257,7 +262,7 @@ def _prepare_and_serve(
             what = backend.shared_dir if isinstance(backend, PassthroughConfig) else backend.scheme
             log.error("cannot serve %s: %s", what, e)
             return 1
-    return _serve(fs, config, listener)
+    return _serve(fs, config, listener, signals)
 
 
 def _show(ranges: tuple[IdRange, ...]) -> str:
@@ -272,42 +277,59 @@ def _transport(fs: Filesystem, config: DaemonConfig, listener: Listener | None) 
     return VhostUserTransport(fs, config.transport, listener, config.server)
 
 
-def _serve(fs: Filesystem, config: DaemonConfig, listener: Listener | None) -> int:
-    """Serve ``fs`` on the configured transport until the end; the exit status."""
-    transport = _transport(fs, config, listener)
-    server = transport.server
-    transport_ended = threading.Event()
-    signalled: list[int] = []
+class _Signals:
+    """The daemon's answer to SIGTERM/SIGINT/SIGHUP and SIGUSR1, in place from the start (a
+    signal that comes while the socket is made or the sandbox set up must stop the daemon, not
+    kill it outright): stop the transport if there is one yet, and exit at once if it has not
+    ended :data:`EXIT_DEADLINE` seconds after the first signal."""
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def __init__(self) -> None:
+        self.signalled: list[int] = []
+        self.transport: Transport | None = None
+        self.listener: Listener | None = None
+        self.ended = threading.Event()
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_term)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
-        first = not signalled
-        signalled.append(signum)
-        transport.stop()
+        first = not self.signalled
+        self.signalled.append(signum)
+        if self.transport is not None:
+            self.transport.stop()
         if first:
             threading.Thread(
                 target=_exit_deadline,
-                args=(transport_ended, listener),
+                args=(self.ended, self.listener),
                 name="exit-deadline",
                 daemon=True,
             ).start()
 
-    def on_usr1(signum: int, frame: FrameType | None) -> None:
-        log_counters(server)
+    def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
+        if self.transport is not None:
+            log_counters(self.transport.server)
 
+
+def _serve(
+    fs: Filesystem, config: DaemonConfig, listener: Listener | None, signals: _Signals
+) -> int:
+    """Serve ``fs`` on the configured transport until the end; the exit status."""
+    transport = _transport(fs, config, listener)
+    server = transport.server
     # Requests allocate many small, short-lived, acyclic objects; the cyclic collector's
     # default of a pass every 700 allocations costs several microseconds per request.
     # Startup objects never die: take them out of its sight altogether.
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    signal.signal(signal.SIGUSR1, on_usr1)
+    signals.transport = transport
     try:
+        if signals.signalled:
+            return 0  # stopped before there was anything to serve
         return transport.serve()
     finally:
-        transport_ended.set()
+        signals.ended.set()
         log_counters(server)
         stuck = server.in_flight()
         if stuck:
