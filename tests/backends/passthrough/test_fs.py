@@ -442,7 +442,8 @@ def test_supplementary_groups_are_translated(translated: Translated) -> None:
     """The kernel sends the parent's group when the caller is in it (CREATE_SUPP_GROUP); the
     host checks the caller against the host group it stands for."""
     team = translated.share / "team"
-    team.mkdir(mode=0o770)
+    team.mkdir()
+    team.chmod(0o770)
     os.chown(team, 0, 5007)  # host group 5007: guest group 1007
     c = translated.c
     t = c.lookup(ROOT, b"team")
