@@ -1,5 +1,6 @@
 """--translate-uid/--translate-gid at work: through /dev/fuse, where host processes of several
-users are the callers, and from a real guest with a map and a forbid set.
+users are the callers, from a real guest with a map and a forbid set, and under --uid-map, where
+the translation reaches namespace ids that the kernel maps on.
 
 What is checked is what each side sees: the ids the callers see (stat, ls -ln, access as
 each user), who owns on the host what they create, chown, the supplementary group the kernel
@@ -265,3 +266,54 @@ def test_guest_with_a_map_and_a_forbid_set(workdir: Path, guest_probe: Path) -> 
     assert (share / "host-root").read_text() == "host-root\n"
     assert "translating ids: 2 uid and 2 gid rules" in text
 
+
+
+# --- with --uid-map/--gid-map -----------------------------------------------------------------
+
+
+def test_translation_composes_with_a_user_namespace(workdir: Path) -> None:
+    """Translation works on the ids the daemon sees, which in its user namespace are namespace
+    ids; the kernel then maps those to host ids. Guest 1000 -> namespace 0 -> host 100000."""
+    from pyvirtiofsd.fuse import abi
+    from pyvirtiofsd.testing.frontend import Frontend
+    from pyvirtiofsd.testing.fuse_client import FuseClient
+
+    if os.geteuid() != 0:
+        pytest.skip("writing any id map needs root")
+    share = workdir / "ns"
+    share.mkdir()
+    share.chmod(0o777)
+    (share / "ns-root").write_text("x")
+    os.chown(share / "ns-root", BASE, BASE)  # namespace 0
+    (share / "ns-7").write_text("x")
+    os.chown(share / "ns-7", BASE + 7, BASE + 7)
+    sock, log = str(workdir / "ns.sock"), workdir / "ns.log"
+    maps = [f"--{kind}-map=:0:{BASE}:65536:" for kind in ("uid", "gid")]
+    rules = [f"--translate-{kind}=map:1000:0:1" for kind in ("uid", "gid")]
+    with open(log, "wb") as f:
+        daemon = spawn_child(
+            [sys.executable, "-m", "pyvirtiofsd", "--socket-path", sock,
+             "--shared-dir", str(share), *maps, *rules],
+            stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+        )  # fmt: skip
+    try:
+        wait_for_socket(sock, daemon)
+        with Frontend.connect(sock) as fe:
+            q = fe.setup(queues=(0, 1), queue_size=64)[1]
+            fuse = FuseClient(lambda req, size: q.request([req], [size] if size else []))
+            fuse.init()
+            ns_root = fuse.lookup(abi.ROOT_ID, b"ns-root")
+            ns_7 = fuse.lookup(abi.ROOT_ID, b"ns-7")
+            made = fuse.create(abi.ROOT_ID, b"by-1000", uid=1000, gid=1000)[0]
+            with pytest.raises(PermissionError):  # guest 0 would be namespace root: aliasing
+                fuse.create(abi.ROOT_ID, b"by-0", uid=0, gid=0)
+        status = daemon.wait(60)
+    finally:
+        kill_child(daemon)
+    text = log.read_text()
+    assert status == 0 and "Traceback" not in text, text
+    assert (ns_root.uid, ns_root.gid) == (1000, 1000)
+    assert (ns_7.uid, ns_7.gid) == (7, 7)
+    assert (made.uid, made.gid) == (1000, 1000)
+    assert _host_owner(share / "by-1000") == (BASE, BASE)
+    assert not (share / "by-0").exists()
