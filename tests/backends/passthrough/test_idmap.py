@@ -7,6 +7,8 @@ and the argument lists Incus, virtiofsd's README and its work item 198 write."""
 from __future__ import annotations
 
 import errno
+import itertools
+import random
 import re
 
 import pytest
@@ -169,6 +171,16 @@ def test_overlaps_are_per_direction() -> None:
     build("guest:0:5000:10", "squash-host:5000:0:10")
     assert "both match host uids 5000-5009" in collision("map:0:5000:10", "host:5000:100:10")
     assert "both match guest uid 5" in collision("squash-guest:0:1:10", "forbid-guest:5:1")
+
+
+def test_a_long_rule_collides_with_one_far_inside_it() -> None:
+    message = collision("map:30:900:5", "forbid-guest:0:100", "map:200:0:5", "map:50:500:1")
+    assert "'forbid-guest:0:100' (guest uids 0-99) and 'map:30:900:5'" in message
+    message = collision("forbid-guest:0:100", "map:200:0:5", "map:50:500:1")
+    assert "'forbid-guest:0:100' (guest uids 0-99) and 'map:50:500:1'" in message
+    # and many rules that touch without overlapping are fine
+    many = [f"map:{i * 10}:{100000 + i * 10}:10" for i in range(2000)]
+    assert build(*many).to_host(12345) == 112345
 
 
 def test_duplicate_rules_collide() -> None:
@@ -344,3 +356,79 @@ def test_lookups_cover_every_id() -> None:
     for table in (ids._to_host, ids._to_guest):
         assert table.starts[0] == 0 and table.starts == sorted(set(table.starts))
         assert all(0 <= s < ID_LIMIT for s in table.starts)
+
+
+# --- against a plain reading of the rules -----------------------------------------------------
+
+
+def _reference(rules: list[IdRule]) -> tuple[bool, dict[int, int | None], dict[int, int]]:
+    """The module's rules read as literally as possible, id by id over a small universe: whether
+    the set collides, and else where each guest id goes (None: refused) and how each host id
+    shows."""
+    universe = range(0, 300)
+    guest_side, host_side = [], []
+    for r in rules:
+        s, t, n = r.source, r.target, r.count
+        if r.kind in (RuleKind.MAP, RuleKind.GUEST):
+            guest_side.append((r, range(s, s + n), lambda i, s=s, t=t: t + i - s, True))
+        if r.kind is RuleKind.SQUASH_GUEST:
+            guest_side.append((r, range(s, s + n), lambda i, t=t: t, False))
+        if r.kind is RuleKind.FORBID_GUEST:
+            guest_side.append((r, range(s, s + n), lambda i: None, False))
+        if r.kind is RuleKind.MAP:
+            host_side.append((r, range(t, t + n), lambda i, s=s, t=t: s + i - t, True))
+        if r.kind is RuleKind.HOST:
+            host_side.append((r, range(s, s + n), lambda i, s=s, t=t: t + i - s, True))
+        if r.kind is RuleKind.SQUASH_HOST:
+            host_side.append((r, range(s, s + n), lambda i, t=t: t, False))
+    for side in (guest_side, host_side):
+        if any(sum(i in rng for _, rng, _, _ in side) > 1 for i in universe):
+            return True, {}, {}
+        made = [({f(i) for i in rng} - {None}, one) for _, rng, f, one in side]
+        for (a, a_one), (b, b_one) in itertools.combinations(made, 2):
+            if (a_one or b_one) and a & b:
+                return True, {}, {}
+    taken_host = {f(i) for _, rng, f, one in guest_side if one for i in rng}
+    taken_guest = {f(i) for _, rng, f, one in host_side if one for i in rng}
+
+    def to_host(g: int) -> int | None:
+        for _, rng, f, _ in guest_side:
+            if g in rng:
+                return f(g)  # type: ignore[no-any-return]
+        return None if g == NO_ID or g in taken_host else g
+
+    def to_guest(h: int) -> int:
+        for _, rng, f, _ in host_side:
+            if h in rng:
+                return f(h)  # type: ignore[no-any-return]
+        return NO_ID if h in taken_guest or to_host(h) is None else h
+
+    ids = [*universe, NO_ID - 1, NO_ID]
+    return False, {g: to_host(g) for g in ids}, {h: to_guest(h) for h in ids}
+
+
+def test_tables_agree_with_a_plain_reading_of_the_rules() -> None:
+    rng = random.Random(198)
+    kinds = list(RuleKind)
+    checked = 0
+    for _ in range(400):
+        rules = []
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.choice(kinds)
+            rules.append(IdRule(kind, rng.randrange(120), rng.randrange(120), rng.randrange(12)))
+        collides, to_host, to_guest = _reference(rules)
+        try:
+            ids = IdMap("uid", rules)
+        except IdMapError:
+            assert collides, rules
+            continue
+        assert not collides, rules
+        checked += 1
+        for g, expected in to_host.items():
+            if expected is None:
+                refused(ids, g)
+            else:
+                assert ids.to_host(g) == expected, (rules, g)
+        for h, shown in to_guest.items():
+            assert ids.to_guest(h) == shown, (rules, h)
+    assert checked > 100

@@ -56,7 +56,6 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
-import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -222,9 +221,11 @@ def _ids(side: str, kind: str, start: int, end: int) -> str:
 
 
 def _check_sources(option: str, side: str, kind: str, pieces: Sequence[_Piece]) -> None:
-    ordered = sorted(pieces, key=lambda p: (p.start, p.end))
-    for a, b in itertools.combinations(ordered, 2):
-        if b.start < a.end:
+    # Sorted by start, a piece overlaps an earlier one iff it overlaps the one reaching furthest.
+    furthest: _Piece | None = None
+    for b in sorted(pieces, key=lambda p: (p.start, p.end)):
+        a = furthest
+        if a is not None and b.start < a.end:
             raise IdMapError(
                 f"{option} rules '{a.rule}' ({_ids(side, kind, a.start, a.end)}) and "
                 f"'{b.rule}' ({_ids(side, kind, b.start, b.end)}) both match "
@@ -232,18 +233,29 @@ def _check_sources(option: str, side: str, kind: str, pieces: Sequence[_Piece]) 
                 "each direction only (the last number of a rule is a count, not the end of its "
                 "range)"
             )
+        if a is None or b.end > a.end:
+            furthest = b
 
 
 def _check_products(option: str, side: str, kind: str, pieces: Sequence[_Piece]) -> None:
-    """One-to-one rules keep what they produce to themselves."""
+    """One-to-one rules keep what they produce to themselves; squash rules may share."""
     made = sorted(((*p.produces(), p) for p in pieces), key=lambda m: (m[0], m[1]))
-    for (_, a1, a), (b0, b1, b) in itertools.combinations(made, 2):
-        if b0 < a1 and (a.how == _OFFSET or b.how == _OFFSET):
+    # The products reaching furthest so far: of any rule, and of one-to-one rules.
+    any_rule: tuple[int, _Piece] | None = None
+    one_to_one: tuple[int, _Piece] | None = None
+    for b0, b1, b in made:
+        earlier = any_rule if b.how == _OFFSET else one_to_one
+        if earlier is not None and b0 < earlier[0]:
+            a1, a = earlier
             raise IdMapError(
                 f"{option} rules '{a.rule}' and '{b.rule}' both make "
                 f"{_ids(side, kind, b0, min(a1, b1))}: a map, guest or host rule gives its ids "
                 "to the ids it matches alone (only squash rules merge ids)"
             )
+        if any_rule is None or b1 > any_rule[0]:
+            any_rule = (b1, b)
+        if b.how == _OFFSET and (one_to_one is None or b1 > one_to_one[0]):
+            one_to_one = (b1, b)
 
 
 #: A segment of a table: (start, how, value, rule, matched). ``rule`` is the rule that matches
@@ -266,17 +278,22 @@ class _Table:
         value: int,
     ) -> None:
         segments: list[_Segment] = []
+        # Gaps come in order, so the blocked spans are walked once.
+        next_blocked = 0
 
         def unmatched(start: int, end: int) -> None:
-            cursor = start
-            for b0, b1, why in blocked:
+            nonlocal next_blocked
+            while next_blocked < len(blocked) and blocked[next_blocked][1] <= start:
+                next_blocked += 1
+            cursor, i = start, next_blocked
+            while i < len(blocked) and blocked[i][0] < end:
+                b0, b1, why = blocked[i]
                 b0, b1 = max(b0, start), min(b1, end)
-                if b0 >= b1:
-                    continue
                 if cursor < b0:
                     segments.append((cursor, _OFFSET, 0, None, False))
                 segments.append((b0, how, value, why, False))
                 cursor = b1
+                i += 1
             if cursor < end:
                 segments.append((cursor, _OFFSET, 0, None, False))
 
