@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig
+from pyvirtiofsd.backends.passthrough.idmap import IdMap, IdMapError, IdRule, parse_rule
 from pyvirtiofsd.daemon import DaemonConfig, ProcessConfig
 from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.fuse.server import ServerConfig
@@ -65,8 +66,6 @@ _IGNORED_FLAGS = ("--preserve-noatime", "-f")
 _UNSUPPORTED = (
     "--xattrmap",
     "--security-label",
-    "--translate-uid",
-    "--translate-gid",
     "--migration-mode",
     "--migration-on-error",
     "--migration-verify-handles",
@@ -103,6 +102,8 @@ _CONVERT: dict[str, Any] = {
     "inode_file_handles": FileHandles.parse,
     "uid_map": tuple,
     "gid_map": tuple,
+    "translate_uid": tuple,
+    "translate_gid": tuple,
 }
 
 _C = TypeVar("_C")
@@ -204,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
         "root in the share is a host device that any host user who can reach the share could "
         "open, so here it takes asking",
     )
+    for kind in ("uid", "gid"):
+        fs.add_argument(
+            f"--translate-{kind}",
+            action="append",
+            type=_id_rule,
+            metavar="TYPE:A:B:COUNT",
+            help=f"translate {kind}s between guest and host inside the daemon (repeatable): "
+            "map:GUEST:HOST:COUNT (both ways), guest:GUEST:HOST:COUNT, host:HOST:GUEST:COUNT, "
+            "squash-guest:GUEST:HOST:COUNT, squash-host:HOST:GUEST:COUNT, "
+            "forbid-guest:GUEST:COUNT (EPERM). The last number is a COUNT, not the end of the "
+            f"range. Rules may not overlap; unmatched {kind}s stay as they are unless that "
+            "would alias a translated one (see the README). Not with --posix-acl",
+        )
     fs.add_argument(
         "--fuse-passthrough",
         action="store_true",
@@ -438,6 +452,20 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
                 check_map(kind, ranges)
             except ValueError as e:
                 p.error(str(e))
+    translate = {kind: o.get(f"translate_{kind}") or [] for kind in ("uid", "gid")}
+    if translate["uid"] or translate["gid"]:
+        if scheme is not None or own_fs:
+            p.error("--translate-uid/--translate-gid translate the ids of a --shared-dir")
+        if o.get("posix_acl"):
+            p.error(
+                "--translate-uid/--translate-gid and --posix-acl exclude each other: "
+                "the ids inside ACLs are not translated"
+            )
+        for kind, rules in translate.items():
+            try:
+                IdMap(kind, rules)
+            except IdMapError as e:
+                p.error(str(e))
     if o.get("fuse_passthrough") and mountpoint is None:
         p.error("--fuse-passthrough only works with --mount")
     group = o.get("socket_group")
@@ -477,6 +505,13 @@ def _id_range(text: str) -> IdRange:
     try:
         return parse_range(text)
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _id_rule(text: str) -> IdRule:
+    try:
+        return parse_rule(text)
+    except IdMapError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

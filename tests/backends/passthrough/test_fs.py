@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server, TransportCaps
-from pyvirtiofsd.testing.fuse_client import FuseClient, direct
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct, groups_extension
 from tests.backends.passthrough.conftest import (
     GUARD,
     SPECIAL,
@@ -311,5 +312,215 @@ def test_readonly_share_maps_from_a_read_only_fd(tmp_path: Path) -> None:
         assert window.modes == [os.O_RDONLY]
         write = read | abi.SETUPMAPPING_FLAG_WRITE
         assert errno_of(c.setupmapping, ino, abi.INVALID_FH, 0, 8192, write, 0) == errno.EROFS
+    finally:
+        fs.shutdown()
+
+
+# --- --translate-uid / --translate-gid --------------------------------------------------------
+
+#: guest 1000-1009 <-> host 5000-5009 both ways; guest 2001-2100 refused; host 7000-7009 shows
+#: as guest 4242 (uids only).
+TRANSLATE_UID = ("map:1000:5000:10", "forbid-guest:2001:100", "squash-host:7000:4242:10")
+TRANSLATE_GID = ("map:1000:5000:10", "forbid-guest:2001:100")
+NOBODY = 0xFFFFFFFF
+
+
+class Translated:
+    """The passthrough with the rules above, driven by raw requests as any guest caller."""
+
+    def __init__(self, share: Path) -> None:
+        from pyvirtiofsd.backends.passthrough.idmap import parse_rule
+
+        self.share = share
+        self.fs = PassthroughFs(
+            PassthroughConfig(
+                str(share),
+                translate_uid=tuple(parse_rule(r) for r in TRANSLATE_UID),
+                translate_gid=tuple(parse_rule(r) for r in TRANSLATE_GID),
+            )
+        )
+        self.c = FuseClient(direct(Server(self.fs)))
+        self.c.init()
+
+    def call(self, op: int, nodeid: int, payload: bytes, uid: int, gid: int, groups=()) -> bytes:  # type: ignore[no-untyped-def]
+        ext = groups_extension(list(groups)) if groups else b""
+        return self.c.call(op, nodeid, payload, uid=uid, gid=gid, ext=ext)
+
+    def entry(self, raw: bytes) -> tuple[int, int]:
+        e = abi.ENTRY_OUT.unpack(raw)
+        return e.uid, e.gid
+
+    def making(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> dict[str, object]:
+        """Every create-like request as the caller: what each answered (ids or errno)."""
+        z = b"\0"
+        requests = {
+            "create": (abi.Opcode.CREATE,
+                       abi.CREATE_IN.pack(os.O_CREAT | os.O_RDWR, 0o644, 0, 0) + b"c" + z),
+            "mkdir": (abi.Opcode.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + b"d" + z),
+            "mknod": (abi.Opcode.MKNOD,
+                      abi.MKNOD_IN.pack(stat.S_IFIFO | 0o644, 0, 0, 0) + b"p" + z),
+            "symlink": (abi.Opcode.SYMLINK, b"l" + z + b"target" + z),
+            "tmpfile": (abi.Opcode.TMPFILE, abi.CREATE_IN.pack(os.O_RDWR, 0o600, 0, 0)),
+        }  # fmt: skip
+        out: dict[str, object] = {}
+        for name, (op, payload) in requests.items():
+            try:
+                out[name] = self.entry(self.call(op, ROOT, payload, uid, gid, groups))
+            except OSError as e:
+                out[name] = errno.errorcode[e.errno]
+        return out
+
+    def close(self) -> None:
+        self.fs.shutdown()
+
+
+@pytest.fixture
+def translated(tmp_path: Path) -> Iterator[Translated]:
+    if os.geteuid() != 0:
+        pytest.skip("acting as the caller needs root")
+    share = tmp_path / "share"
+    share.mkdir()
+    share.chmod(0o777)
+    for name, uid, gid in [("mapped", 5003, 5004), ("aliased", 1003, 1003),
+                           ("squashed", 7005, 7005), ("root", 0, 0)]:  # fmt: skip
+        (share / name).write_text(name)
+        os.chown(share / name, uid, gid)
+    t = Translated(share)
+    yield t
+    t.close()
+
+
+def test_attribute_replies_show_guest_ids(translated: Translated) -> None:
+    c = translated.c
+    expected = {b"mapped": (1003, 1004), b"aliased": (NOBODY, NOBODY),
+                b"squashed": (4242, 7005), b"root": (0, 0)}  # fmt: skip
+    for name, ids in expected.items():
+        e = c.lookup(ROOT, name)
+        assert (e.uid, e.gid) == ids, name
+        a = c.getattr(e.nodeid)
+        assert (a.uid, a.gid) == ids, name
+    os.chown(translated.share, 5001, 5002)
+    root = c.lookup(ROOT, b".")
+    assert (root.uid, root.gid) == (1001, 1002)
+    dh = c.opendir(ROOT).fh
+    plus = {name: (e.uid, e.gid) for e, name in c.readdirplus(ROOT, dh, size=65536)}
+    c.releasedir(ROOT, dh)
+    assert {k: plus[k] for k in expected} == expected
+    e = c.lookup(ROOT, b"mapped")
+    a = c.setattr(e.nodeid, valid=abi.FATTR_MODE, mode=0o600)
+    assert (a.uid, a.gid) == (1003, 1004)
+
+
+def test_files_are_made_as_the_translated_caller(translated: Translated) -> None:
+    made = translated.making(1001, 1002)
+    assert made == dict.fromkeys(["create", "mkdir", "mknod", "symlink", "tmpfile"], (1001, 1002))
+    share = translated.share
+    for name in ("c", "d", "p", "l"):
+        st = os.lstat(share / name)
+        assert (st.st_uid, st.st_gid) == (5001, 5002), name
+    # guest root is no rule's: it stays root
+    assert translated.making(0, 0)["tmpfile"] == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "groups"),
+    [(2050, 1002, ()), (1001, 2100, ()), (1001, 1002, (2001,)),
+     (5003, 1002, ()),  # guest 5003 would act as host 5003, which is guest 1003
+     (NOBODY, 1002, ())],
+    ids=["forbidden-uid", "forbidden-gid", "forbidden-group", "aliasing-uid", "no-id"],
+)  # fmt: skip
+def test_a_refused_caller_gets_eperm_and_makes_nothing(
+    translated: Translated, uid: int, gid: int, groups: tuple[int, ...]
+) -> None:
+    before = sorted(os.listdir(translated.share))
+    made = translated.making(uid, gid, groups)
+    assert made == dict.fromkeys(["create", "mkdir", "mknod", "symlink", "tmpfile"], "EPERM")
+    assert sorted(os.listdir(translated.share)) == before
+
+
+def test_supplementary_groups_are_translated(translated: Translated) -> None:
+    """The kernel sends the parent's group when the caller is in it (CREATE_SUPP_GROUP); the
+    host checks the caller against the host group it stands for."""
+    team = translated.share / "team"
+    team.mkdir()
+    team.chmod(0o770)
+    os.chown(team, 0, 5007)  # host group 5007: guest group 1007
+    c = translated.c
+    t = c.lookup(ROOT, b"team")
+    assert (t.uid, t.gid) == (0, 1007)
+    payload = abi.MKDIR_IN.pack(0o755, 0) + b"mine\0"
+    with pytest.raises(PermissionError):
+        translated.call(abi.Opcode.MKDIR, t.nodeid, payload, 1001, 1001)
+    made = translated.entry(translated.call(abi.Opcode.MKDIR, t.nodeid, payload, 1001, 1001,
+                                            groups=(1007,)))  # fmt: skip
+    assert made == (1001, 1001)
+    st = os.stat(team / "mine")
+    assert (st.st_uid, st.st_gid) == (5001, 5001)
+
+
+def test_chown_gives_the_translated_owner(translated: Translated) -> None:
+    c = translated.c
+    e = c.lookup(ROOT, b"root")
+    fields = abi.FATTR_UID | abi.FATTR_GID
+    a = c.setattr(e.nodeid, valid=fields, uid=1003, gid=1004)
+    assert (a.uid, a.gid) == (1003, 1004)
+    st = os.stat(translated.share / "root")
+    assert (st.st_uid, st.st_gid) == (5003, 5004)
+    a = c.setattr(e.nodeid, valid=abi.FATTR_UID, uid=4242)  # unmatched: itself
+    assert (a.uid, a.gid) == (4242, 1004) and os.stat(translated.share / "root").st_uid == 4242
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid"),
+    [(2050, None), (None, 2100), (5003, None), (1003, 5004)],
+    ids=["forbidden-uid", "forbidden-gid", "aliasing-uid", "aliasing-gid"],
+)
+def test_chown_to_a_refused_id_is_eperm_and_changes_nothing(
+    translated: Translated, uid: int | None, gid: int | None
+) -> None:
+    c = translated.c
+    e = c.lookup(ROOT, b"mapped")
+    path = translated.share / "mapped"
+    path.chmod(0o644)
+    valid = abi.FATTR_MODE | (abi.FATTR_UID if uid is not None else 0)
+    valid |= abi.FATTR_GID if gid is not None else 0
+    assert errno_of(c.setattr, e.nodeid, valid=valid, mode=0o600, uid=uid or 0,
+                    gid=gid or 0) == errno.EPERM  # fmt: skip
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (5003, 5004, 0o644)
+
+
+def test_access_is_checked_for_the_translated_caller(translated: Translated) -> None:
+    path = translated.share / "mapped"
+    path.chmod(0o600)  # host 5003: guest 1003's alone
+    e = translated.c.lookup(ROOT, b"mapped")
+
+    def access(uid: int, mask: int = os.R_OK | os.W_OK) -> str:
+        try:
+            translated.call(abi.Opcode.ACCESS, e.nodeid, abi.ACCESS_IN.pack(mask, 0), uid, uid)
+        except OSError as err:
+            return errno.errorcode[err.errno]
+        return "ok"
+
+    assert access(1003) == "ok"
+    assert access(1002) == "EACCES"
+    assert access(5003) == "EPERM"  # would be host 5003 itself: refused, not let in
+    assert access(2050, os.F_OK) == "EPERM"
+    assert access(0) == "ok"
+
+
+def test_no_rules_change_nothing(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_text("f")
+    os.chown(share / "f", 5003, 5004)
+    fs = PassthroughFs(PassthroughConfig(str(share)))
+    c = FuseClient(direct(Server(fs)))
+    c.init()
+    try:
+        e = c.lookup(ROOT, b"f")
+        assert (e.uid, e.gid) == (5003, 5004)
+        a = c.setattr(e.nodeid, valid=abi.FATTR_UID, uid=2050)
+        assert a.uid == 2050
     finally:
         fs.shutdown()

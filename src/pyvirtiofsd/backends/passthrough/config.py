@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from pyvirtiofsd.backends.passthrough.idmap import IdMap, IdRule
 from pyvirtiofsd.fuse.policy import CachePolicy
 
 __all__ = [
@@ -57,11 +58,24 @@ class PassthroughConfig:
     #: share, a device node is a host device that any host user who can reach the share
     #: could open. (The daemon itself never opens one either way.)
     allow_devices: bool = False
+    #: ``--translate-uid``/``--translate-gid`` rules: guest ids to host ids and back, inside
+    #: the daemon (:mod:`.idmap`). A set that collides is refused here.
+    translate_uid: tuple[IdRule, ...] = ()
+    translate_gid: tuple[IdRule, ...] = ()
 
     def __post_init__(self) -> None:
         if self.posix_acl and not self.xattr:
             # ACLs are xattrs: asking for them asks for xattrs (frozen, hence the detour).
             object.__setattr__(self, "xattr", True)
+        if self.posix_acl and (self.translate_uid or self.translate_gid):
+            # An ACL names ids in its xattr's value, which no translation reaches: a guest's
+            # ACL entry for its user 1000 would grant host user 1000.
+            raise ValueError(
+                "--translate-uid/--translate-gid and --posix-acl exclude each other: "
+                "the ids inside ACLs are not translated"
+            )
+        IdMap("uid", self.translate_uid)
+        IdMap("gid", self.translate_gid)
 
     @property
     def timeout(self) -> float:

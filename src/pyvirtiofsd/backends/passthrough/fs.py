@@ -22,6 +22,13 @@ a device node is one any host user who can reach the share could open). Lock fil
 for directories and on a read-only share, and so is the fd of a read-only DAX mapping wherever
 a writable one would be refused.
 
+Ids cross between guest and host in few places, and with ``--translate-uid``/``--translate-gid``
+(:mod:`.idmap`) each goes through its table: the caller's uid, gid and supplementary groups
+guest → host before the daemon acts as the caller (creating, and ACCESS, which the host kernel
+checks for the translated caller), the owner a SETATTR gives guest → host before anything is
+changed, and the owner and group of every attribute reply host → guest (:meth:`_attr`). A
+refused guest id is EPERM.
+
 Descriptors live as long as their users. File handles are reference-counted
 (:class:`~pyvirtiofsd.backends.base.HandleTable`): RELEASE takes a handle out of the table, and
 the last request using it (a READ, WRITE, READDIR, FSYNC, ... on another queue) closes its fd.
@@ -31,6 +38,7 @@ Inodes pin their descriptors the same way (:mod:`.inodes`).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -43,6 +51,7 @@ from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, d
 from pyvirtiofsd.backends.passthrough import locks
 from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
 from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
+from pyvirtiofsd.backends.passthrough.idmap import IdMap
 from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
 from pyvirtiofsd.fuse import abi, policy
 from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
@@ -110,6 +119,17 @@ class PassthroughFs(Backend):
         self._stopping = False
         self._conn = ConnectionInfo()
         self._passthrough = False
+        self._uids = IdMap("uid", config.translate_uid)
+        self._gids = IdMap("gid", config.translate_gid)
+        self._translate = not (self._uids.identity and self._gids.identity)
+        if self._translate:
+            log.info(
+                "translating ids: %d uid and %d gid rules",
+                len(config.translate_uid),
+                len(config.translate_gid),
+            )
+            for line in self._uids.describe() + self._gids.describe():
+                log.debug("  %s", line)
         # Modes arrive already masked by the guest's umask (unless POSIX ACLs hand that job to
         # us); ours must not mask them a second time.
         os.umask(0)
@@ -181,6 +201,34 @@ class PassthroughFs(Backend):
             flags |= abi.ATTR_DAX
         return flags
 
+    def _attr(self, st: os.stat_result, flags: int = 0) -> Attr:
+        """The attributes of ``st`` as the guest sees them: owner and group translated."""
+        attr = Attr.from_stat(st, flags=flags)
+        if self._translate:
+            attr.uid = self._uids.to_guest(st.st_uid)
+            attr.gid = self._gids.to_guest(st.st_gid)
+        return attr
+
+    def _caller(self, ctx: Context) -> Context:
+        """``ctx`` with the host ids its caller acts as; EPERM if one of them is refused."""
+        if not self._translate:
+            return ctx
+        try:
+            return dataclasses.replace(
+                ctx,
+                uid=self._uids.to_host(ctx.uid),
+                gid=self._gids.to_host(ctx.gid),
+                groups=tuple(self._gids.to_host(g) for g in ctx.groups),
+            )
+        except PermissionError as e:
+            log.debug("request %d: %s", ctx.unique, e.strerror)
+            raise
+
+    def _creds(self, ctx: Context, umask: int | None = None) -> Credentials:
+        """Acting as the caller (its translated ids), with the guest's umask where the kernel
+        left applying it to us (POSIX ACLs)."""
+        return Credentials(self._caller(ctx), self._switch, umask if self.cfg.posix_acl else None)
+
     def _entry(self, parent: Inode, fd: int) -> tuple[Inode, Entry]:
         """The inode behind ``fd`` (an O_PATH fd this call consumes), with one more lookup,
         and its entry."""
@@ -190,7 +238,7 @@ class PassthroughFs(Backend):
             os.close(fd)
             raise
         inode = self.inodes.add(fd, st)
-        attr = Attr.from_stat(st, flags=self._attr_flags(inode, st, parent.dev))
+        attr = self._attr(st, self._attr_flags(inode, st, parent.dev))
         return inode, Entry(inode.nodeid, attr, self._timeout, self._timeout)
 
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
@@ -234,7 +282,7 @@ class PassthroughFs(Backend):
             self.inodes.ref(pinode)
             with self.inodes.path(pinode) as pfd:
                 st = os.fstat(pfd)
-            return Entry(pinode.nodeid, Attr.from_stat(st), self._timeout, self._timeout)
+            return Entry(pinode.nodeid, self._attr(st), self._timeout, self._timeout)
         if name != b"..":
             _check_name(name)
         return self._lookup(pinode, name)
@@ -254,20 +302,42 @@ class PassthroughFs(Backend):
             with self.inodes.path(inode) as fd:
                 st = os.fstat(fd)
         dax_resized(self._conn.dax_window, ino, st.st_size)
-        return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
+        return self._attr(st, self._attr_flags(inode, st, None)), self._timeout
 
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()
+        # Before anything changes: a refused owner changes nothing.
+        owner = self._new_owner(changes)
         inode = self.inodes.get(ino)
         handle = self._handles.use_if(changes.fh)
         try:
-            return self._setattr(ino, inode, handle, changes)
+            return self._setattr(ino, inode, handle, changes, owner)
         finally:
             if handle is not None:
                 self._handles.done(handle)
 
+    def _new_owner(self, changes: SetAttr) -> tuple[int, int] | None:
+        """The host (uid, gid) a chown gives, -1 for the one it leaves; None: no chown."""
+        if changes.uid is None and changes.gid is None:
+            return None
+        try:
+            uid = _NO_ID if changes.uid is None else self._host_id(self._uids, changes.uid)
+            gid = _NO_ID if changes.gid is None else self._host_id(self._gids, changes.gid)
+        except PermissionError as e:
+            log.debug("chown: %s", e.strerror)
+            raise
+        return uid, gid
+
+    def _host_id(self, ids: IdMap, guest_id: int) -> int:
+        return ids.to_host(guest_id) if self._translate else guest_id
+
     def _setattr(
-        self, ino: int, inode: Inode, handle: _Handle | None, changes: SetAttr
+        self,
+        ino: int,
+        inode: Inode,
+        handle: _Handle | None,
+        changes: SetAttr,
+        owner: tuple[int, int] | None,
     ) -> tuple[Attr, float]:
         with self.inodes.path(inode) as pfd:
             proc = self._proc(pfd)
@@ -278,9 +348,8 @@ class PassthroughFs(Backend):
                     raise oserror(errno.EOPNOTSUPP)
                 else:
                     os.chmod(proc, changes.mode)
-            if changes.uid is not None or changes.gid is not None:
-                uid = _NO_ID if changes.uid is None else changes.uid
-                gid = _NO_ID if changes.gid is None else changes.gid
+            if owner is not None:
+                uid, gid = owner
                 linux.fchownat(pfd, b"", uid, gid, linux.AT_EMPTY_PATH | linux.AT_SYMLINK_NOFOLLOW)
             if changes.size is not None:
                 dax_flush(self._conn.dax_window, ino)
@@ -304,7 +373,7 @@ class PassthroughFs(Backend):
             st = os.fstat(pfd) if handle is None else os.fstat(handle.fd)
         if changes.size is not None:
             dax_resized(self._conn.dax_window, ino, st.st_size)
-        return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
+        return self._attr(st, self._attr_flags(inode, st, None)), self._timeout
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
         inode = self.inodes.get(ino)
@@ -318,8 +387,9 @@ class PassthroughFs(Backend):
         self._rofs()
         _check_name(name)
         pinode = self.inodes.get(parent)
+        creds = self._creds(ctx, umask)
         with self.inodes.path(pinode) as pfd:
-            with Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None):
+            with creds:
                 make(pfd)
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         return self._entry(pinode, fd)[1]
@@ -451,7 +521,7 @@ class PassthroughFs(Backend):
         _check_name(name)
         oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         pinode = self.inodes.get(parent)
-        creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
+        creds = self._creds(ctx, umask)
         for _ in range(_CREATE_TRIES):
             try:
                 with self.inodes.path(pinode) as pfd, creds:
@@ -499,7 +569,7 @@ class PassthroughFs(Backend):
         oflags = self._open_flags(flags & ~os.O_TMPFILE) | os.O_TMPFILE
         if oflags & os.O_ACCMODE == os.O_RDONLY:
             oflags |= os.O_RDWR
-        creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
+        creds = self._creds(ctx, umask)
         with self.inodes.path(pinode) as pfd, creds:
             # O_TMPFILE opens the directory only to make a new regular file in it.
             fd = os.open(self._proc(pfd), oflags, mode)
@@ -715,7 +785,8 @@ class PassthroughFs(Backend):
 
     def access(self, ctx: Context, ino: int, mask: int) -> None:
         inode = self.inodes.get(ino)
-        with self.inodes.path(inode) as fd, Credentials(ctx, self._switch):
+        creds = Credentials(self._caller(ctx), self._switch)
+        with self.inodes.path(inode) as fd, creds:
             if not os.access(self._proc(fd), mask, effective_ids=True):
                 raise oserror(errno.EACCES)
 
