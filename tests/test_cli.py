@@ -169,8 +169,36 @@ INVALID = {
                   "--tag must be 1 to 36 bytes long"),
     "unknown-o-option": (["--socket-path", "{sock}", "-o", "source={dir},frobnicate"],
                          "unknown -o option 'frobnicate'"),
-    "unsupported-o-option": (["--socket-path", "{sock}", "-o", "source={dir},xattrmap=:x:"],
-                             "-o xattrmap is not supported"),
+    "o-xattrmap-bad-type": (["--socket-path", "{sock}", "-o", "source={dir},xattrmap=:x:"],
+                            "--xattrmap: rule 1: unknown type 'x'"),
+    "xattrmap-bad-scope": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                            ":ok:all::: :ok:guest:::"], "rule 2: unknown scope 'guest'"),
+    "xattrmap-unclosed": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                           ":ok:all:::  /bad/all//"], "rule 2 (at character 13) has no closing"),
+    "xattrmap-empty": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                        " \n "], "--xattrmap: no rules"),
+    "xattrmap-map-not-last": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                               "--xattrmap", ":map::user.virtiofs.: :ok:all:::"],
+                              "rule 1: a map rule must be the last rule"),
+    # virtiofsd 1.14 starts with these and panics on the first name no rule matches.
+    "xattrmap-undecided": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                            ":prefix:client:trusted.:user.virtiofs.:"],
+                           "no rule decides every guest name (one of scope client or all with "
+                           "an empty key, such as ':ok:all:::' or ':bad:all:::' at the end); "
+                           "no rule decides every host name"),
+    "xattrmap-guest-undecided": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                  "--xattrmap", "/prefix/all/trusted./u.v./ /ok/server///"],
+                                 "does not always decide"),
+    "xattrmap-host-undecided": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                 "--xattrmap", "/prefix/all//user.virtiofs./ /ok/client///"],
+                                "undecided: no rule decides every host name (one of scope server"),
+    "xattrmap-opendal": (["--socket-path", "{sock}", "--opendal", "memory", "--xattrmap",
+                          ":map::user.virtiofs.:"], "--security-label serve a --shared-dir, not"),
+    "security-label-opendal": (["--socket-path", "{sock}", "--opendal", "memory",
+                                "--security-label=auto"], "serve a --shared-dir, not --opendal"),
+    "security-label-mode": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                             "--security-label=sometimes"],
+                            "argument --security-label: invalid choice: 'sometimes'"),
     "unsupported-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                             "--security-label"], "--security-label is not supported"),
     "translate-form": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
@@ -542,6 +570,47 @@ def test_lock_options_of_the_old_form(shared: Path, work: Path) -> None:
     config = parse_args(["--socket-path", sock, "-o", f"source={shared},posix_lock,flock"])
     assert config is not None and config.server.posix_locks and config.server.flock_locks
     assert not (work / "s.sock").exists()
+
+
+def test_xattrmap_and_security_label_forms(shared: Path, work: Path) -> None:
+    """virtiofsd's spellings: --security-label alone is "always", -o security_label and
+    no_security_label are switches, -o xattrmap= is the map; each implies --xattr."""
+    from pyvirtiofsd.backends.passthrough import PassthroughConfig, SecurityLabel, XattrMap
+    from pyvirtiofsd.cli import parse_args
+
+    sock = str(work / "s.sock")
+
+    def backend(*args: str) -> PassthroughConfig:
+        config = parse_args(["--socket-path", sock, *args])
+        assert config is not None and isinstance(config.backend, PassthroughConfig)
+        return config.backend
+
+    d = f"--shared-dir={shared}"
+    assert backend(d).security_label is SecurityLabel.NEVER
+    assert not backend(d).xattr
+    for args, mode in [
+        ((d, "--security-label"), SecurityLabel.ALWAYS),
+        ((d, "--security-label", "--readonly"), SecurityLabel.ALWAYS),
+        ((d, "--security-label=auto"), SecurityLabel.AUTO),
+        ((d, "--security-label=always"), SecurityLabel.ALWAYS),
+        (("-o", f"source={shared},security_label"), SecurityLabel.ALWAYS),
+        (("-o", f"source={shared},security_label,no_security_label"), SecurityLabel.NEVER),
+    ]:
+        config = backend(*args)
+        assert config.security_label is mode, args
+        assert config.xattr is (mode is not SecurityLabel.NEVER), args
+    assert backend(d, "--security-label=never").security_label is SecurityLabel.NEVER
+    rules = "/prefix/all/trusted./user.virtiofs./ /ok/all///"
+    for args in [(d, "--xattrmap", rules), ("-o", f"source={shared},xattrmap={rules}")]:
+        config = backend(*args)
+        assert config.xattrmap == XattrMap.parse(rules)
+        assert config.xattr
+    assert not (work / "s.sock").exists()
+
+
+def test_capabilities_offer_the_security_label_modes() -> None:
+    # libvirt and others read this before passing --security-label=auto|always|never.
+    assert "security-label-negotiation-mode" in capabilities()["features"]
 
 
 # -- options and the configs they set -----------------------------------------------------------

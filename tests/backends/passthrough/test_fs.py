@@ -11,17 +11,25 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
+from pyvirtiofsd.backends.passthrough import (
+    PassthroughConfig,
+    PassthroughFs,
+    SecurityLabel,
+    XattrMap,
+)
+from pyvirtiofsd.backends.passthrough import fs as passthrough_fs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server, TransportCaps
-from pyvirtiofsd.testing.fuse_client import FuseClient, direct, groups_extension
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct, groups_extension, secctx_extension
 from tests.backends.passthrough.conftest import (
     GUARD,
     SPECIAL,
@@ -312,6 +320,424 @@ def test_readonly_share_maps_from_a_read_only_fd(tmp_path: Path) -> None:
         assert window.modes == [os.O_RDONLY]
         write = read | abi.SETUPMAPPING_FLAG_WRITE
         assert errno_of(c.setupmapping, ino, abi.INVALID_FH, 0, 8192, write, 0) == errno.EROFS
+    finally:
+        fs.shutdown()
+
+
+# --- security labels (FUSE_SECURITY_CTX) and the xattr map -----------------------------------
+
+SELINUX = ":map:security.selinux:trusted.virtiofs.:"  # virtiofsd's rules for SELinux guests
+EVERYTHING = ":map::user.virtiofs.:"  # its rules for a daemon without CAP_SYS_ADMIN
+CONTEXT = (b"security.selinux", b"system_u:object_r:container_file_t:s0\0")
+
+
+class Labelled:
+    """A passthrough with --security-label (and a map), its raw FUSE client, and the share."""
+
+    def __init__(self, share: Path, rules: str | None = SELINUX, **cfg: Any) -> None:
+        self.share = share
+        xmap = None if rules is None else XattrMap.parse(rules)
+        cfg.setdefault("security_label", SecurityLabel.ALWAYS)
+        self.fs = PassthroughFs(PassthroughConfig(str(share), xattrmap=xmap, **cfg))
+        self.c = FuseClient(direct(Server(self.fs)))
+        self.c.init(abi.InitFlag.SECURITY_CTX | abi.InitFlag.SETXATTR_EXT)
+        assert self.c.flags & abi.InitFlag.SECURITY_CTX
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.share))
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Iterator[Callable[..., Labelled]]:
+    made: list[Labelled] = []
+
+    def make(rules: str | None = SELINUX, **cfg: Any) -> Labelled:
+        share = tmp_path / f"share{len(made)}"
+        share.mkdir(mode=0o777)
+        share.chmod(0o777)
+        made.append(Labelled(share, rules, **cfg))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.fs.shutdown()
+
+
+def ext(*contexts: tuple[bytes, bytes]) -> dict[str, bytes]:
+    return {"ext": secctx_extension(list(contexts))}
+
+
+#: Each request that makes a file, with a context, as the kernel sends them: what it made.
+def make_one(c: FuseClient, op: str, name: bytes, **kw: Any) -> Any:
+    if op == "create":
+        entry, opened = c.create(ROOT, name, 0o640, os.O_RDWR, **kw)
+        c.release(entry.nodeid, opened.fh)
+        return entry
+    if op == "mkdir":
+        return c.mkdir(ROOT, name, 0o750, **kw)
+    if op == "fifo":
+        return c.mknod(ROOT, name, stat.S_IFIFO | 0o640, **kw)
+    if op == "socket":
+        return c.mknod(ROOT, name, stat.S_IFSOCK | 0o640, **kw)
+    if op == "mknod-file":
+        return c.mknod(ROOT, name, stat.S_IFREG | 0o640, **kw)
+    if op == "symlink":
+        return c.symlink(ROOT, name, b"somewhere", **kw)
+    if op == "tmpfile":
+        entry, opened = c.tmpfile(ROOT, 0o640, **kw)
+        c.link(entry.nodeid, ROOT, name)  # named only now, labelled all along
+        c.release(entry.nodeid, opened.fh)
+        return entry
+    raise AssertionError(op)
+
+
+MAKE_OPS = ["create", "mkdir", "fifo", "socket", "mknod-file", "symlink", "tmpfile"]
+
+
+def host_xattrs(path: Path) -> dict[str, bytes]:
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False)
+        for n in os.listxattr(path, follow_symlinks=False)
+    }
+
+
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_label_is_stored_under_the_mapped_name(labelled: Callable[..., Labelled], op: str) -> None:
+    d = labelled()
+    entry = make_one(d.c, op, b"new", **ext(CONTEXT))
+    assert d.names() == ["new"]  # nothing else: no temporary name left
+    assert host_xattrs(d.share / "new") == {"trusted.virtiofs.security.selinux": CONTEXT[1]}
+    # The guest sees it under its own name.
+    assert d.c.listxattr(entry.nodeid) == [b"security.selinux"]
+    assert d.c.getxattr(entry.nodeid, b"security.selinux") == CONTEXT[1]
+
+
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_without_a_map_the_label_keeps_its_name(labelled: Callable[..., Labelled], op: str) -> None:
+    d = labelled(rules=None)
+    make_one(d.c, op, b"new", **ext(CONTEXT))
+    assert host_xattrs(d.share / "new") == {"security.selinux": CONTEXT[1]}
+
+
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_no_context_no_label(labelled: Callable[..., Labelled], op: str) -> None:
+    # What a guest kernel without a security module sends: the header, no context.
+    d = labelled()
+    make_one(d.c, op, b"new", **ext())
+    make_one(d.c, op, b"new2")
+    assert d.names() == ["new", "new2"]
+    assert host_xattrs(d.share / "new") == host_xattrs(d.share / "new2") == {}
+
+
+def test_label_of_a_users_new_file_is_set_whatever_its_mode(
+    labelled: Callable[..., Labelled],
+) -> None:
+    """Made as the caller (a user who may not write a 0444 file's user.* xattrs), labelled
+    by the daemon; the guest's read-only open stays read-only."""
+    d = labelled(EVERYTHING)
+    user = {"uid": 1000, "gid": 1000, **ext(CONTEXT)}
+    payload = abi.CREATE_IN.pack(os.O_RDONLY | os.O_CREAT, 0o444, 0, 0) + b"ro\0"
+    raw = d.c.call(abi.Opcode.CREATE, ROOT, payload, **user)
+    entry, opened = abi.ENTRY_OUT.unpack(raw), abi.OPEN_OUT.unpack(raw, abi.ENTRY_OUT.size)
+    st = os.lstat(d.share / "ro")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o444)
+    assert host_xattrs(d.share / "ro") == {"user.virtiofs.security.selinux": CONTEXT[1]}
+    assert errno_of(d.c.write, entry.nodeid, opened.fh, 0, b"x") == errno.EBADF
+    payload = abi.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o444, 0, 0) + b"wo\0"
+    raw = d.c.call(abi.Opcode.CREATE, ROOT, payload, **user)
+    entry, opened = abi.ENTRY_OUT.unpack(raw), abi.OPEN_OUT.unpack(raw, abi.ENTRY_OUT.size)
+    assert d.c.write(entry.nodeid, opened.fh, 0, b"x") == 1
+    made = d.c.mkdir(ROOT, b"d", 0o500, **user)
+    assert os.lstat(d.share / "d").st_uid == 1000
+    assert d.c.getxattr(made.nodeid, b"security.selinux") == CONTEXT[1]
+
+
+@pytest.mark.parametrize("op", ["symlink", "fifo", "socket"])
+def test_label_the_host_refuses_makes_nothing(labelled: Callable[..., Labelled], op: str) -> None:
+    """user.* xattrs exist only on regular files and directories: with everything mapped
+    under user.virtiofs., labelling a symlink or a node fails (EPERM, as with virtiofsd),
+    and what was made is taken back."""
+    d = labelled(EVERYTHING)
+    before = fd_count()
+    assert errno_of(make_one, d.c, op, b"new", **ext(CONTEXT)) == errno.EPERM
+    assert d.names() == []
+    assert fd_count() == before
+
+
+@pytest.mark.parametrize(
+    ("rules", "name", "err"),
+    [
+        ("/bad/all/security./security./ /ok/all///", b"security.selinux", errno.EPERM),
+        (":unsupported:client:security.:: :ok:all:::", b"security.selinux", errno.EOPNOTSUPP),
+        (SELINUX, b"trusted.virtiofs.x", errno.EPERM),  # may not name the target directly
+        (None, b"system.posix_acl_access", errno.EOPNOTSUPP),  # ACLs are off
+    ],
+)
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_label_name_refused_by_the_map_makes_nothing(
+    labelled: Callable[..., Labelled], op: str, rules: str | None, name: bytes, err: int
+) -> None:
+    d = labelled(rules)
+    assert errno_of(make_one, d.c, op, b"new", **ext((name, b"v"))) == err
+    assert d.names() == []
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        secctx_extension([CONTEXT, CONTEXT]),
+        secctx_extension([(b"security.selinux", b"")]),
+        secctx_extension([CONTEXT])[:-8],
+    ],
+    ids=["two-contexts", "zero-size", "overrun"],
+)
+@pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink", "tmpfile"])
+def test_hostile_context_makes_nothing(
+    labelled: Callable[..., Labelled], op: str, shape: bytes
+) -> None:
+    d = labelled()
+    before = fd_count()
+    assert errno_of(make_one, d.c, op, b"new", ext=shape) == errno.EINVAL
+    assert d.names() == []
+    assert fd_count() == before
+
+
+@pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink"])
+def test_taken_name_is_eexist_and_untouched(labelled: Callable[..., Labelled], op: str) -> None:
+    d = labelled()
+    (d.share / "new").mkdir() if op == "mkdir" else (d.share / "new").write_bytes(b"old")
+    payload_flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+    if op == "create":
+        payload = abi.CREATE_IN.pack(payload_flags, 0o644, 0, 0) + b"new\0"
+        err = errno_of(d.c.call, abi.Opcode.CREATE, ROOT, payload, **ext(CONTEXT))
+    else:
+        err = errno_of(make_one, d.c, op, b"new", **ext(CONTEXT))
+    assert err == errno.EEXIST
+    assert d.names() == ["new"]
+    assert host_xattrs(d.share / "new") == {}
+
+
+def test_create_of_a_taken_name_without_o_excl_opens_it_unlabelled(
+    labelled: Callable[..., Labelled],
+) -> None:
+    d = labelled()
+    (d.share / "old").write_bytes(b"contents")
+    entry, opened = d.c.create(ROOT, b"old", 0o644, os.O_RDWR, **ext(CONTEXT))
+    assert d.c.read(entry.nodeid, opened.fh, 0, 100) == b"contents"
+    assert d.names() == ["old"]
+    assert host_xattrs(d.share / "old") == {}
+
+
+def pause_label(monkeypatch: pytest.MonkeyPatch) -> Pause:
+    """Stop the next label being stored, the new file made but not yet labelled."""
+    pause = Pause(lambda *args: True)  # disarmed once it has stopped one
+    monkeypatch.setattr(passthrough_fs, "_set_label", pause.wrap(passthrough_fs._set_label))
+    return pause
+
+
+def _while_labelling(
+    d: Labelled, monkeypatch: pytest.MonkeyPatch, op: str
+) -> tuple[list[str], bool]:
+    """Make ``new`` with a label, and look at the share while the label is being stored:
+    the names there, and whether ``new`` exists."""
+    pause = pause_label(monkeypatch)
+    t, result = in_thread(lambda: make_one(d.c, op, b"new", **ext(CONTEXT)))
+    pause.wait()
+    seen = d.names()
+    exists = os.path.lexists(d.share / "new")
+    pause.go()
+    t.join(GUARD)
+    assert "error" not in result, result
+    assert d.names() == ["new"]
+    assert host_xattrs(d.share / "new") == {"trusted.virtiofs.security.selinux": CONTEXT[1]}
+    return seen, exists
+
+
+@pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink", "mknod-file"])
+def test_the_name_never_exists_without_its_label(
+    labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    d = labelled()
+    seen, exists = _while_labelling(d, monkeypatch, op)
+    assert not exists
+    if op == "create":
+        assert seen == []  # unnamed until labelled (O_TMPFILE)
+    else:
+        assert len(seen) == 1 and seen[0].startswith(".pyvirtiofsd-label-")
+
+
+def test_create_without_unnamed_files_uses_a_temporary_name(
+    labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without O_TMPFILE, CREATE takes the temporary-name way."""
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & _O_TMPFILE_BIT:
+            raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
+        return real_open(path, flags, *args, **kw)
+
+    module = type("os", (), {})()
+    for name in dir(os):
+        setattr(module, name, getattr(os, name))
+    module.open = no_tmpfile  # type: ignore[attr-defined]
+    monkeypatch.setattr(passthrough_fs, "os", module)
+    d = labelled()
+    seen, exists = _while_labelling(d, monkeypatch, "create")
+    assert not exists and len(seen) == 1 and seen[0].startswith(".pyvirtiofsd-label-")
+
+
+@pytest.mark.parametrize("op", ["mkdir", "fifo", "symlink"])
+def test_without_rename_noreplace_the_label_follows_the_name(
+    labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """Where renameat2(RENAME_NOREPLACE) is refused, virtiofsd's way: the name first, the
+    label right after (and the file removed if the label fails)."""
+
+    def no_noreplace(*args: Any) -> None:
+        raise OSError(errno.EINVAL, "no RENAME_NOREPLACE here")
+
+    monkeypatch.setattr(passthrough_fs.linux, "renameat2", no_noreplace)
+    d = labelled()
+    # The first try learns that the file system can't, and takes virtiofsd's way.
+    make_one(d.c, op, b"first", **ext(CONTEXT))
+    assert host_xattrs(d.share / "first") == {"trusted.virtiofs.security.selinux": CONTEXT[1]}
+    os.rmdir(d.share / "first") if op == "mkdir" else os.unlink(d.share / "first")
+    # The next goes that way at once.
+    seen, exists = _while_labelling(d, monkeypatch, op)
+    assert exists and seen == ["new"]
+    if op != "mkdir":
+        # A label the host refuses there: the file made under its name is taken back.
+        d2 = labelled(EVERYTHING)
+        make_one(d2.c, "mkdir", b"learn", **ext(CONTEXT))
+        assert errno_of(make_one, d2.c, op, b"new", **ext(CONTEXT)) == errno.EPERM
+        assert d2.names() == ["learn"]
+
+
+def test_security_label_negotiation(tmp_path: Path) -> None:
+    def init(mode: SecurityLabel, offer: int) -> tuple[int, int]:
+        fs = PassthroughFs(PassthroughConfig(str(tmp_path), security_label=mode))
+        c = FuseClient(direct(Server(fs)))
+        try:
+            return 0, int(c.init(offer).flags2 << 32) & abi.InitFlag.SECURITY_CTX
+        except OSError as e:
+            return e.errno or 0, 0
+        finally:
+            fs.shutdown()
+
+    ctx = abi.InitFlag.SECURITY_CTX
+    assert init(SecurityLabel.ALWAYS, ctx) == (0, ctx)
+    assert init(SecurityLabel.ALWAYS, 0) == (errno.EPROTO, 0)
+    assert init(SecurityLabel.AUTO, ctx) == (0, ctx)
+    assert init(SecurityLabel.AUTO, 0) == (0, 0)
+    assert init(SecurityLabel.NEVER, ctx) == (0, 0)
+
+
+#: A valid file-capability value (VFS_CAP_REVISION_2, cap_net_bind_service permitted): the
+#: daemon stores it as opaque bytes under the renamed name.
+FILE_CAPS = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+RENAMED_CAPS = "user.virtiofs.security.capability"
+
+
+@pytest.mark.parametrize(
+    "operation", ["write", "truncate", "chown", "setxattr", "open-trunc", "create-trunc"]
+)
+def test_renamed_capability_is_stripped_where_the_kernel_strips_the_real_one(
+    tmp_path: Path, operation: str
+) -> None:
+    """With security.capability renamed, the host kernel no longer knows the xattr for a
+    file capability: the daemon strips it itself (no guest kernel involved here)."""
+    (tmp_path / "f").write_bytes(b"binary")
+    (tmp_path / "d").mkdir()
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path), xattrmap=XattrMap.parse(EVERYTHING)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT)
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        d = c.lookup(ROOT, b"d").nodeid
+        c.setxattr(ino, b"security.capability", FILE_CAPS)
+        c.setxattr(d, b"security.capability", FILE_CAPS)
+        assert os.getxattr(tmp_path / "f", RENAMED_CAPS) == FILE_CAPS
+        if operation == "write":
+            opened = c.open(ino, os.O_WRONLY)
+            c.write(ino, opened.fh, 0, b"B")
+        elif operation == "truncate":
+            c.setattr(ino, valid=abi.FATTR_SIZE, size=3)
+        elif operation == "chown":
+            c.setattr(ino, valid=abi.FATTR_UID | abi.FATTR_GID, uid=0, gid=0)
+        elif operation == "setxattr":
+            c.setxattr(ino, b"user.other", b"o")
+        elif operation == "open-trunc":
+            c.open(ino, os.O_WRONLY | os.O_TRUNC)
+        else:
+            c.create(ROOT, b"f", 0o644, os.O_WRONLY | os.O_TRUNC)
+        assert RENAMED_CAPS not in os.listxattr(tmp_path / "f")
+        # Only regular files carry file capabilities.
+        c.setattr(d, valid=abi.FATTR_UID, uid=0)
+        assert os.getxattr(tmp_path / "d", RENAMED_CAPS) == FILE_CAPS
+    finally:
+        fs.shutdown()
+
+
+def test_capability_left_alone_when_the_map_keeps_its_name(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"binary")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path), xattrmap=XattrMap.parse(SELINUX)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT)
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        os.setxattr(tmp_path / "f", "user.virtiofs.security.capability", b"not-a-cap")
+        opened = c.open(ino, os.O_WRONLY)
+        c.write(ino, opened.fh, 0, b"B")
+        assert "user.virtiofs.security.capability" in os.listxattr(tmp_path / "f")
+    finally:
+        fs.shutdown()
+
+
+@pytest.mark.parametrize("acls", [False, True])
+def test_acl_names_are_decided_before_the_map(tmp_path: Path, acls: bool) -> None:
+    """Without --posix-acl, the ACL xattrs are ENOTSUP and left out of lists whatever the map
+    says; with it, they are names like any other, and the map renames them."""
+    (tmp_path / "f").write_text("x")
+    fs = PassthroughFs(
+        PassthroughConfig(str(tmp_path), posix_acl=acls, xattrmap=XattrMap.parse(EVERYTHING))
+    )
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT | abi.InitFlag.POSIX_ACL | abi.InitFlag.DONT_MASK)
+    acl = b"system.posix_acl_access"
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        os.setxattr(tmp_path / "f", "user.virtiofs." + acl.decode(), b"opaque")
+        if acls:
+            assert c.getxattr(ino, acl) == b"opaque"
+            assert c.listxattr(ino) == [acl]
+            c.removexattr(ino, acl)
+            assert os.listxattr(tmp_path / "f") == []
+        else:
+            for call in (c.getxattr, c.removexattr):
+                assert errno_of(call, ino, acl) == errno.EOPNOTSUPP
+            assert errno_of(c.setxattr, ino, acl, b"x") == errno.EOPNOTSUPP
+            assert c.listxattr(ino) == []
+            assert c.listxattr(ino, size=0) == 0
+    finally:
+        fs.shutdown()
+
+
+def test_listxattr_size_and_erange_are_of_the_guests_list(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    for i in range(20):
+        os.setxattr(tmp_path / "f", f"user.hidden{i:02}", b"h")
+    os.setxattr(tmp_path / "f", "user.virtiofs.user.shown", b"s")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path), xattrmap=XattrMap.parse(EVERYTHING)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT)
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        needed = len(b"user.shown\0")
+        assert c.listxattr(ino, size=0) == needed
+        # The host's list would not fit; the guest's does.
+        assert c.listxattr(ino, size=needed) == [b"user.shown"]
+        assert errno_of(c.listxattr, ino, needed - 1) == errno.ERANGE
     finally:
         fs.shutdown()
 

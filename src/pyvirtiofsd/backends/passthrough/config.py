@@ -12,11 +12,13 @@ import enum
 from dataclasses import dataclass
 
 from pyvirtiofsd.backends.passthrough.idmap import IdMap, IdRule
+from pyvirtiofsd.backends.passthrough.xattrmap import XattrMap
 from pyvirtiofsd.fuse.policy import CachePolicy
 
 __all__ = [
     "FileHandles",
     "PassthroughConfig",
+    "SecurityLabel",
 ]
 
 
@@ -31,6 +33,22 @@ class FileHandles(enum.Enum):
     def parse(cls, value: str) -> FileHandles:
         # virtiofsd's "fallback" is what "prefer" became.
         return cls("prefer" if value == "fallback" else value)
+
+
+class SecurityLabel(enum.Enum):
+    """Whether to take the security context the guest sends with each new file
+    (FUSE_SECURITY_CTX): never, when the guest offers it, or always (INIT fails without it)."""
+
+    NEVER = "never"
+    AUTO = "auto"
+    ALWAYS = "always"
+
+    @classmethod
+    def parse(cls, value: str | bool) -> SecurityLabel:
+        # virtiofsd's -o security_label / no_security_label are switches.
+        if isinstance(value, bool):
+            return cls.ALWAYS if value else cls.NEVER
+        return cls(value)
 
 
 @dataclass(frozen=True)
@@ -62,10 +80,21 @@ class PassthroughConfig:
     #: the daemon (:mod:`.idmap`). A set that collides is refused here.
     translate_uid: tuple[IdRule, ...] = ()
     translate_gid: tuple[IdRule, ...] = ()
+    #: virtiofsd's --xattrmap: how xattr names are renamed, passed, hidden or refused between
+    #: guest and host (None: all pass unchanged).
+    xattrmap: XattrMap | None = None
+    #: Label each new file with the security context the guest sends (--security-label).
+    security_label: SecurityLabel = SecurityLabel.NEVER
 
     def __post_init__(self) -> None:
-        if self.posix_acl and not self.xattr:
-            # ACLs are xattrs: asking for them asks for xattrs (frozen, hence the detour).
+        wants_xattrs = (
+            self.posix_acl
+            or self.xattrmap is not None
+            or self.security_label is not SecurityLabel.NEVER
+        )
+        if wants_xattrs and not self.xattr:
+            # ACLs, a map and labels are all xattrs: asking for them asks for xattrs (as with
+            # virtiofsd). Frozen, hence the detour.
             object.__setattr__(self, "xattr", True)
         if self.posix_acl and (self.translate_uid or self.translate_gid):
             # An ACL names ids in its xattr's value, which no translation reaches: a guest's
