@@ -103,7 +103,9 @@ def test_counters_count_requests_by_opcode(
 
 
 def test_open_file_limit() -> None:
-    """In a child process: the limit is this process's own."""
+    """In a child process: the limit is this process's own. As virtiofsd: a limit given is set
+    as given, lower than the current one too (libvirt's ``<openfiles max='N'/>`` becomes
+    ``--rlimit-nofile=N``); none given raises it to min(1M, fs.nr_open) but never lowers it."""
     script = """
 import resource
 from pyvirtiofsd.daemon import raise_fd_limit
@@ -113,10 +115,12 @@ raise_fd_limit(0)  # leave it alone
 left = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 raise_fd_limit(512)
 raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-raise_fd_limit(300)  # never lowers it
-print(left, raised, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+raise_fd_limit(300)  # set as given, even lower
+lowered = resource.getrlimit(resource.RLIMIT_NOFILE)
+print(left, raised, *lowered)
 """
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
-    assert out == ["256", "512", "512"]
+    assert out == ["256", "512", "300", "300"]
+

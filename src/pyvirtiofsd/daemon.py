@@ -92,9 +92,14 @@ def setup_logging(level: str, use_syslog: bool) -> None:
 
 
 def raise_fd_limit(wanted: int | None) -> None:
-    """Raise RLIMIT_NOFILE as virtiofsd does: to min(1M, fs.nr_open) unless told otherwise."""
+    """Set RLIMIT_NOFILE as virtiofsd does: to ``wanted`` when given, soft and hard, lower than
+    now too (libvirt's ``<openfiles max='N'/>`` becomes ``--rlimit-nofile=N``); by default to
+    min(1M, fs.nr_open) unless it is higher already; 0 leaves it alone. A limit the process may
+    not reach falls back to its hard limit (with a warning, when it was given)."""
     if wanted == 0:
         return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    asked = wanted is not None
     if wanted is None:
         try:
             with open("/proc/sys/fs/nr_open") as f:
@@ -102,16 +107,23 @@ def raise_fd_limit(wanted: int | None) -> None:
         except OSError:
             nr_open = 1 << 20
         wanted = min(1 << 20, nr_open)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return
+        if soft >= wanted:
+            return
+        target = (wanted, max(hard, wanted))
+    else:
+        target = (wanted, wanted)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+        resource.setrlimit(resource.RLIMIT_NOFILE, target)
     except (ValueError, OSError):
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
         except (ValueError, OSError) as e:
             log.warning("could not raise the open file limit: %s", e)
+        else:
+            if asked:  # the default is a wish; a limit given is not
+                log.warning(
+                    "could not set the open file limit to %d; it is %d", wanted, min(wanted, hard)
+                )
 
 
 #: Seconds the file system's shutdown may take when requests were left running in the backend.
