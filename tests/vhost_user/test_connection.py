@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -384,6 +385,11 @@ def test_a_shut_down_listener_is_no_longer_watched(
     monkeypatch.setattr(served.listener, "refuse_waiting", counted)
     served.listener.shutdown()  # a stop signal: the listener reads as ready from now on
     served.thread.start()
+    # Nothing sent yet: the loop finds only the listener ready, once.
+    deadline = time.monotonic() + 10
+    while not looks:
+        assert time.monotonic() < deadline, "the loop never looked at the listener"
+        time.sleep(0.01)
     assert served.ask() == encode_u64(4)
     assert served.ask() == encode_u64(4)
     assert looks == [False], "the loop kept looking at a listener that can accept nothing"
