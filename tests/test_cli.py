@@ -246,6 +246,11 @@ INVALID = {
                          ":5:200000:10:"], "--gid-map ranges overlap inside"),
     "uid-map-and-mount": (["--mount", "{dir}", "--shared-dir", "{dir}", "--uid-map",
                            ":0:1000:1:", "--gid-map", ":0:1000:1:"], "not --mount"),
+    "keep-listening-and-mount": (["--mount", "{dir}", "--shared-dir", "{dir}",
+                                  "--keep-listening"], "--keep-listening needs a vhost-user"),
+    "keep-listening-and-opendal": (["--socket-path", "{sock}", "--opendal", "memory",
+                                    "--keep-listening"],
+                                   "--keep-listening does not work with --opendal"),
     "unknown-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--frobnicate"],
                        "unrecognized arguments: --frobnicate"),
     "socket-and-fd": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--fd", "0"],
@@ -677,6 +682,17 @@ def test_options_not_given_leave_the_configs_defaults(shared: Path, work: Path) 
     assert config.backend == PassthroughConfig(str(shared))
     assert config.server == ServerConfig()
     assert config.process == ProcessConfig()
+
+
+def test_keep_listening_is_the_transports(shared: Path, work: Path) -> None:
+    from pyvirtiofsd.cli import parse_args
+    from pyvirtiofsd.transport.virtiofs import VhostUserConfig
+
+    sock = str(work / "s.sock")
+    config = parse_args(["--socket-path", sock, "--shared-dir", str(shared), "--keep-listening"])
+    assert config is not None
+    assert config.transport == VhostUserConfig(socket_path=sock, keep_listening=True)
+    assert "--keep-listening" in run_cli("--help").stdout
 
 
 # -- --queue-size ------------------------------------------------------------------------------

@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fd", type=_nonneg, metavar="FD", help="an already listening socket (libvirt)"
     )
     conn.add_argument("--socket-group", metavar="GROUP", help="group owning the socket")
+    conn.add_argument(
+        "--keep-listening",
+        action="store_true",
+        help="when the front-end disconnects, serve the next one on the same socket (one at a "
+        "time, each from a clean FUSE session) instead of exiting; for VMMs that reconnect on "
+        "every guest reboot (cloud-hypervisor). virtiofsd has no such option",
+    )
     conn.add_argument("--tag", help="virtio-fs tag (config space; 36 bytes at most)")
     conn.add_argument(
         "--mount",
@@ -444,6 +451,16 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
         p.error("--socket-path, --fd and --mount exclude each other")
     if "fd" in o:
         _check_listening_fd(p, o["fd"])
+    if o.get("keep_listening"):
+        if mountpoint is not None:
+            p.error("--keep-listening needs a vhost-user front-end, not --mount")
+        if scheme is not None:
+            # Its destroy() keeps a session's open files and lookups: the next front-end
+            # would not start clean.
+            p.error(
+                "--keep-listening does not work with --opendal yet (the object-storage "
+                "backend keeps a departed guest's open files)"
+            )
     if mountpoint is not None and not os.path.isdir(mountpoint):
         p.error(f"mount point {mountpoint!r} is not a directory")
     tag = o.get("tag")
