@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.vm import FsDevice, GuestError, GuestResult
-from pyvirtiofsd.vm.guest import _Console, qemu_args
+from pyvirtiofsd.vm.assets import QEMU_FLAVORS
+from pyvirtiofsd.vm.guest import TCG_THREADS, _Console, qemu_args
 
 
 def test_console_markers_split_across_chunks() -> None:
@@ -56,6 +57,12 @@ def test_qemu_args_take_every_device_and_refuse_one_without_queues(tmp_path: Pat
         devices[0].qemu_args("fs0")[-1],
         devices[1].qemu_args("fs1")[-1],
     ]
+    assert args[args.index("-accel") + 1] == "tcg,thread=multi"
+    single = qemu_args(
+        devices, kernel=kernel, initrd=initrd, memory_mb=512, smp=2, tcg_threads="single"
+    )
+    assert single[single.index("-accel") + 1] == "tcg,thread=single"
+    assert sorted(TCG_THREADS) == sorted(QEMU_FLAVORS)
     with pytest.raises(ValueError, match="at least one request queue"):
         qemu_args(
             [FsDevice("/c", "c", num_request_queues=0)],

@@ -32,6 +32,7 @@ __all__ = [
     "KERNEL_ARGS",
     "ROOTFS_TAG",
     "SHUTDOWN_GRACE",
+    "TCG_THREADS",
     "VIRTIO_FS_CONFIG_SIZE",
     "VIRTIO_ID_FS",
     "FsDevice",
@@ -52,6 +53,10 @@ KERNEL_ARGS = (
     "audit=0 apparmor=0 security=none 8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp "
     "random.trust_cpu=on cryptomgr.notests rdinit=/init"
 )
+# TCG's threading per QEMU flavor. QEMU 7.2's multi-threaded TCG now and then runs a stale
+# translation of kernel text another vCPU has just patched (static keys at boot): the guest
+# dies with "Oops: int3" before the script starts. One thread for all vCPUs has no such race.
+TCG_THREADS = {"sid": "multi", "bookworm": "single"}
 ROOTFS_TAG = "pyvirtiofsd-rootfs"
 VIRTIO_ID_FS = 26
 # struct virtio_fs_config: char tag[36]; le32 num_request_queues.
@@ -147,17 +152,21 @@ def qemu_args(
     memory_mb: int,
     smp: int,
     kernel_args: str = KERNEL_ARGS,
+    tcg_threads: str = "multi",
 ) -> list[str]:
-    """QEMU's arguments (without the program) for a TCG guest with these devices."""
+    """QEMU's arguments (without the program) for a TCG guest with these devices.
+
+    `tcg_threads` is "multi" (one host thread per vCPU) or "single" (see :data:`TCG_THREADS`).
+    """
     args = [
         "-nodefaults",
         "-no-user-config",
         "-display",
         "none",
         "-no-reboot",
-        # MTTCG: one host thread per vCPU. /dev/kvm here is PVM, where no stock kernel boots.
+        # /dev/kvm here is PVM, where no stock kernel boots: TCG it is.
         "-accel",
-        "tcg,thread=multi",
+        f"tcg,thread={tcg_threads}",
         # vhost-user back-ends map guest RAM, so it must be a shareable memfd.
         "-machine",
         "q35,memory-backend=mem",
@@ -401,6 +410,7 @@ def run_guest(
                     memory_mb=memory_mb,
                     smp=smp,
                     kernel_args=kernel_args,
+                    tcg_threads=TCG_THREADS[qemu],
                 ),
                 *extra_qemu_args,
             ]
