@@ -14,16 +14,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from pyvirtiofsd.vm import FsDevice, run_guest
-from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 from tests.conftest import Share
-from tests.e2e.conftest import require_assets
+from tests.e2e.conftest import DaemonFactory, parse_report, require_assets
 
 # --- /dev/fuse --------------------------------------------------------------------------------
 
@@ -202,17 +200,10 @@ echo "DONE yes"
 """
 
 
-def _report(output: str) -> dict[str, str]:
-    report = {}
-    for line in output.splitlines():
-        key, _, value = line.partition(" ")
-        if key.isupper():
-            report[key] = value.strip()
-    return report
-
-
 @pytest.mark.vm
-def test_guest_with_a_map_and_a_forbid_set(workdir: Path, guest_probe: Path) -> None:
+def test_guest_with_a_map_and_a_forbid_set(
+    workdir: Path, guest_probe: Path, start_daemon: DaemonFactory
+) -> None:
     require_assets("sid")
     share = workdir / "translated"
     share.mkdir()
@@ -225,22 +216,10 @@ def test_guest_with_a_map_and_a_forbid_set(workdir: Path, guest_probe: Path) -> 
         (share / name).chmod(mode)
     shutil.copy(guest_probe, share / "probe")
     os.chown(share / "probe", BASE, BASE)
-    sock, log = str(workdir / "translated.sock"), workdir / "translated.log"
-    with open(log, "wb") as f:
-        daemon = spawn_child(
-            [sys.executable, "-m", "pyvirtiofsd", "--socket-path", sock, "--shared-dir", str(share),
-             "--tag", "translated", *GUEST_RULES],
-            stdin=subprocess.DEVNULL, stdout=f, stderr=f,
-        )  # fmt: skip
-    try:
-        wait_for_socket(sock, daemon)
-        result = run_guest(GUEST_SCRIPT, [FsDevice(sock, "translated")], qemu="sid", timeout=300)
-        status = daemon.wait(60)
-    finally:
-        kill_child(daemon)
-    text = log.read_text()
-    assert status == 0 and "Traceback" not in text, text
-    report = _report(result.output)
+    daemon = start_daemon(share, "--tag", "translated", *GUEST_RULES)
+    result = run_guest(GUEST_SCRIPT, [FsDevice(daemon.socket, "translated")], timeout=300)
+    text = daemon.finish()
+    report = parse_report(result.output)
     assert report.get("DONE") == "yes", result.output
 
     # What the guest sees: the map's ids, and nobody for the host's own and for forbidden ids.
@@ -267,11 +246,12 @@ def test_guest_with_a_map_and_a_forbid_set(workdir: Path, guest_probe: Path) -> 
     assert "translating ids: 2 uid and 2 gid rules" in text
 
 
-
 # --- with --uid-map/--gid-map -----------------------------------------------------------------
 
 
-def test_translation_composes_with_a_user_namespace(workdir: Path) -> None:
+def test_translation_composes_with_a_user_namespace(
+    workdir: Path, start_daemon: DaemonFactory
+) -> None:
     """Translation works on the ids the daemon sees, which in its user namespace are namespace
     ids; the kernel then maps those to host ids. Guest 1000 -> namespace 0 -> host 100000."""
     from pyvirtiofsd.fuse import abi
@@ -287,31 +267,19 @@ def test_translation_composes_with_a_user_namespace(workdir: Path) -> None:
     os.chown(share / "ns-root", BASE, BASE)  # namespace 0
     (share / "ns-7").write_text("x")
     os.chown(share / "ns-7", BASE + 7, BASE + 7)
-    sock, log = str(workdir / "ns.sock"), workdir / "ns.log"
     maps = [f"--{kind}-map=:0:{BASE}:65536:" for kind in ("uid", "gid")]
     rules = [f"--translate-{kind}=map:1000:0:1" for kind in ("uid", "gid")]
-    with open(log, "wb") as f:
-        daemon = spawn_child(
-            [sys.executable, "-m", "pyvirtiofsd", "--socket-path", sock,
-             "--shared-dir", str(share), *maps, *rules],
-            stdin=subprocess.DEVNULL, stdout=f, stderr=f,
-        )  # fmt: skip
-    try:
-        wait_for_socket(sock, daemon)
-        with Frontend.connect(sock) as fe:
-            q = fe.setup(queues=(0, 1), queue_size=64)[1]
-            fuse = FuseClient(lambda req, size: q.request([req], [size] if size else []))
-            fuse.init()
-            ns_root = fuse.lookup(abi.ROOT_ID, b"ns-root")
-            ns_7 = fuse.lookup(abi.ROOT_ID, b"ns-7")
-            made = fuse.create(abi.ROOT_ID, b"by-1000", uid=1000, gid=1000)[0]
-            with pytest.raises(PermissionError):  # guest 0 would be namespace root: aliasing
-                fuse.create(abi.ROOT_ID, b"by-0", uid=0, gid=0)
-        status = daemon.wait(60)
-    finally:
-        kill_child(daemon)
-    text = log.read_text()
-    assert status == 0 and "Traceback" not in text, text
+    daemon = start_daemon(share, *maps, *rules)
+    with Frontend.connect(daemon.socket) as fe:
+        q = fe.setup(queues=(0, 1), queue_size=64)[1]
+        fuse = FuseClient(lambda req, size: q.request([req], [size] if size else []))
+        fuse.init()
+        ns_root = fuse.lookup(abi.ROOT_ID, b"ns-root")
+        ns_7 = fuse.lookup(abi.ROOT_ID, b"ns-7")
+        made = fuse.create(abi.ROOT_ID, b"by-1000", uid=1000, gid=1000)[0]
+        with pytest.raises(PermissionError):  # guest 0 would be namespace root: aliasing
+            fuse.create(abi.ROOT_ID, b"by-0", uid=0, gid=0)
+    daemon.finish()
     assert (ns_root.uid, ns_root.gid) == (1000, 1000)
     assert (ns_7.uid, ns_7.gid) == (7, 7)
     assert (made.uid, made.gid) == (1000, 1000)

@@ -20,7 +20,7 @@ import pytest
 import pyvirtiofsd
 from pyvirtiofsd.vm import FsDevice, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
-from tests.e2e.conftest import require_assets
+from tests.e2e.conftest import parse_report, require_assets
 
 pytestmark = pytest.mark.vm
 
@@ -56,15 +56,6 @@ cd /
 umount /mnt/a /mnt/b
 echo "DONE yes"
 """
-
-
-def _report(output: str) -> dict[str, str]:
-    report = {}
-    for line in output.splitlines():
-        key, _, value = line.partition(" ")
-        if key.isupper():
-            report[key] = value.strip()
-    return report
 
 
 def _owner(path: Path) -> tuple[int, int]:
@@ -139,7 +130,7 @@ def test_guest_ids_map_to_host_ids(workdir: Path, guest_probe: Path) -> None:
     assert "Traceback" not in logs, logs
     assert logs.count("running as root of a user namespace") == 2, logs
     assert "sandboxed" in own_log.read_text()
-    report = _report(result.output)
+    report = parse_report(result.output)
     assert report.get("DONE") == "yes", result.output
 
     # The range: guest ids are host ids minus BASE; ids outside it are the overflow id.
@@ -213,7 +204,7 @@ def test_unprivileged_user_maps_subordinate_ids(workdir: Path, guest_probe: Path
         kill_child(daemon)
     text = log.read_text()
     assert status == 0 and "Traceback" not in text, text
-    report = _report(result.output)
+    report = parse_report(result.output)
     assert report.get("DONE") == "yes", result.output
     assert report["S_OWNERS"] == "0:0"
     assert report["S_USER"] == "0" and report["S_CHOWN"] == "0"
