@@ -4,7 +4,7 @@ A plain install is pure Python. Installing with ``PYVIRTIOFSD_MYPYC=1`` in the e
 ``setup.py``) also compiles the modules of :data:`COMPILED` from the same sources with mypyc, the
 compiler that ships with mypy; each compiled module is an extension module next to its source,
 and Python loads it in the source's place. Both builds behave the same: CI runs the whole suite
-on the pure build and the unit and /dev/fuse suites again on the compiled one.
+on the pure build and the unit, attack and /dev/fuse suites again on the compiled one.
 ``pyvirtiofsd --version`` and the daemon's first log line say which build runs.
 
 mypyc holds the compiled modules to their annotations at run time, so in them:
