@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pyvirtiofsd import accel
 from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig, SecurityLabel
 from pyvirtiofsd.backends.passthrough.idmap import IdMap, IdMapError, IdRule, parse_rule
 from pyvirtiofsd.backends.passthrough.xattrmap import XattrMap, XattrMapError
@@ -305,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=LOG_LEVELS)
     run.add_argument("--syslog", action="store_true")
     run.add_argument("--print-capabilities", action="store_true")
-    run.add_argument("-V", "--version", action="version", version=f"pyvirtiofsd {__version__}")
+    run.add_argument(
+        "-V", "--version", action="version", version=f"pyvirtiofsd {__version__} ({accel.build()})"
+    )
     run.add_argument(
         "-o",
         dest="compat_options",

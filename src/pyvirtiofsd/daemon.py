@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
+from pyvirtiofsd import accel
 from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import Filesystem
@@ -50,6 +51,7 @@ from pyvirtiofsd.fuse.server import Server, ServerConfig
 from pyvirtiofsd.transport.fusedev import FuseMount, FuseMountConfig
 from pyvirtiofsd.transport.virtiofs import VhostUserConfig, VhostUserTransport
 from pyvirtiofsd.userns import IdRange
+from pyvirtiofsd.version import __version__
 from pyvirtiofsd.vhost_user.connection import Listener
 
 if TYPE_CHECKING:
@@ -220,6 +222,7 @@ def serve_filesystem(fs: Filesystem, config: DaemonConfig) -> int:
 def _run(config: DaemonConfig, fs: Filesystem | None) -> int:
     process = config.process
     setup_logging(process.log_level, process.syslog)
+    log.info("pyvirtiofsd %s (%s)", __version__, accel.build())
     for notice in process.notices:
         log.info("%s", notice)
     raise_fd_limit(process.rlimit_nofile)

@@ -224,6 +224,7 @@ def _same(a: Chain | InvalidChain, b: Chain | InvalidChain) -> None:
     assert a.writable_len == b.writable_len and a.head == b.head
 
 
+@pytest.mark.pure_python
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -273,6 +274,7 @@ def test_bulk_table_decoding_is_the_walk(
     _same(fast, _walk_only(g, monkeypatch))
 
 
+@pytest.mark.pure_python
 def test_bulk_decoding_is_used_for_linux_tables(g: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A big READ as Linux sends it (in header, read_in | out header, 256 scattered pages;
     the pages are small here to fit the test's memory) takes the bulk path."""

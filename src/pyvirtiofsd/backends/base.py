@@ -50,13 +50,21 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ConnectionInfo, Context, Filesystem
 
 if TYPE_CHECKING:
     from pyvirtiofsd.fuse.filesystem import DaxWindow
+
+try:
+    # Read by mypyc when it compiles this module (see pyvirtiofsd.accel); a no-op otherwise.
+    from mypy_extensions import mypyc_attr
+except ImportError:
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 __all__ = [
     "Backend",
@@ -79,6 +87,8 @@ def oserror(code: int, what: str = "") -> OSError:
 # --- file handles ------------------------------------------------------------------------------
 
 
+# Other backends and tests subclass these in pure Python, even when this module is compiled.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Handle:
     """Base class of what a backend keeps for an open file or directory."""
 
@@ -242,6 +252,7 @@ def dax_resized(window: DaxWindow | None, ino: int, size: int | None = None, fd:
         window.resized(ino, os.fstat(fd).st_size if size is None else size)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Backend(Filesystem):
     """Base class of the storage backends: a :class:`Filesystem` that keeps what INIT told it in
     ``self._conn`` and maps its files into the DAX window of the transport, if it has one."""

@@ -381,7 +381,7 @@ class Layout:
         self.fields: tuple[str, ...] = tuple(names)
         self.struct = struct.Struct(fmt)
         self.size = self.struct.size
-        self.tuple = namedtuple(name, names)  # type: ignore[misc]
+        self.tuple: Any = namedtuple(name, names)  # type: ignore[misc]
 
     def _flat(self, values: tuple[Any, ...]) -> list[Any]:
         flat: list[Any] = []

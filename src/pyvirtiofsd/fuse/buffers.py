@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "Buffer",
@@ -143,7 +143,7 @@ class ReplyWriter:
 
     __slots__ = ("_index", "_offset", "_views", "capacity", "length")
 
-    HEADER = 16
+    HEADER: Final = 16
 
     def __init__(self, views: Sequence[memoryview], capacity: int | None = None) -> None:
         self._views = views

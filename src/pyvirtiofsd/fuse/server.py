@@ -43,7 +43,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
@@ -77,24 +77,24 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_WRITE = 1 << 20
+MAX_WRITE: Final = 1 << 20
 #: Cap on the count of a BATCH_FORGET or REMOVEMAPPING, far above what the kernel sends.
-MAX_BATCH = 1 << 16
+MAX_BATCH: Final = 1 << 16
 #: Blocking lock waits (SETLKW that has to wait) one connection may have at once, each on a
 #: thread of its own; one more gets ENOLCK. The guest kernel sends a SETLKW per waiting
 #: process, so this is the number of guest processes that can wait for a lock together.
-MAX_LOCK_WAITERS = 64
+MAX_LOCK_WAITERS: Final = 64
 #: A lock-wait thread idle this long (seconds) ends; the pool starts threads again on demand.
-LOCK_WAITER_IDLE = 30.0
+LOCK_WAITER_IDLE: Final = 30.0
 
-_IN_HEADER = abi.IN_HEADER.struct
-_IN_SIZE = abi.IN_HEADER.size
-_HEADER = abi.OUT_HEADER.size
-_OUT_HEADER = abi.OUT_HEADER.struct
-_ENTRY_OUT = abi.ENTRY_OUT.struct
-_ATTR_OUT = abi.ATTR_OUT.struct
-_OPEN_OUT = abi.OPEN_OUT.struct
-_U32 = abi.GETXATTR_OUT.struct
+_IN_HEADER: Final = abi.IN_HEADER.struct
+_IN_SIZE: Final = abi.IN_HEADER.size
+_HEADER: Final = abi.OUT_HEADER.size
+_OUT_HEADER: Final = abi.OUT_HEADER.struct
+_ENTRY_OUT: Final = abi.ENTRY_OUT.struct
+_ATTR_OUT: Final = abi.ATTR_OUT.struct
+_OPEN_OUT: Final = abi.OPEN_OUT.struct
+_U32: Final = abi.GETXATTR_OUT.struct
 
 #: Flags the server offers whenever the kernel does; file systems add or remove in init().
 DEFAULT_FLAGS = (
@@ -185,9 +185,9 @@ class Op(NamedTuple):
 
 
 #: A handler's return value: the reply comes later, through a Completion.
-_LATER = 1
+_LATER: Final = 1
 #: A handler's return value: no reply at all (FORGET, an INTERRUPT that found its target).
-_SILENT = 2
+_SILENT: Final = 2
 
 _OPS: dict[int, tuple[Op, str, tuple[Any, ...]]] = {}
 
@@ -247,8 +247,8 @@ _SECCTX_OPS = frozenset(
     )
 )
 #: Longest xattr name and value Linux takes (XATTR_NAME_MAX, XATTR_SIZE_MAX).
-_XATTR_NAME_MAX = 255
-_XATTR_SIZE_MAX = 1 << 16
+_XATTR_NAME_MAX: Final = 255
+_XATTR_SIZE_MAX: Final = 1 << 16
 
 
 def _secctx(block: Any, count: int) -> SecurityContext | None:
@@ -464,9 +464,9 @@ class Server:
         except OSError as e:
             inflight.pop(unique, None)
             return self._error(out, e.errno or errno.EIO, unique)
-        except (MalformedRequest, ShortBuffer, struct.error, ValueError, OverflowError) as e:
+        except (MalformedRequest, ShortBuffer, struct.error, ValueError, OverflowError) as bad:
             inflight.pop(unique, None)
-            log.warning("malformed request %d (opcode %d): %s", unique, opcode, e)
+            log.warning("malformed request %d (opcode %d): %s", unique, opcode, bad)
             return self._error(out, errno.EINVAL, unique)
         except Exception:
             inflight.pop(unique, None)

@@ -51,6 +51,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Final
 
 from pyvirtiofsd.vhost_user.channel import BackendChannel
 from pyvirtiofsd.vhost_user.connection import Connection, Listener
@@ -68,15 +69,15 @@ _POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 #: Once the daemon is stopping, how long (seconds) stopping the rings waits in all for
 #: requests still running in the backend before leaving them behind.
-STOP_GRACE = 2.0
+STOP_GRACE: Final = 2.0
 #: A ring stop that has waited this long (seconds) for a request says so in the log.
-STUCK_NOTICE = 5.0
+STUCK_NOTICE: Final = 5.0
 #: How often (seconds) a ring stop without a deadline looks whether it got one, or whether
 #: the front-end hung up.
-_WAIT_SLICE = 0.25
+_WAIT_SLICE: Final = 0.25
 #: The least a ring stop waits (seconds) once past the limit: enough for an idle worker to
 #: wake up and end.
-_LAST_CHANCE = 0.5
+_LAST_CHANCE: Final = 0.5
 
 
 class _Pool:
@@ -308,8 +309,8 @@ class _QueueWorker:
                 except InvalidChain as e:
                     self._invalid(e)
                     continue
-                except QueueBroken as e:
-                    log.error("vring %d: ring is corrupt, stopping it: %s", vring.index, e)
+                except QueueBroken as broken:
+                    log.error("vring %d: ring is corrupt, stopping it: %s", vring.index, broken)
                     vring.broken = True
                     vring.signal_err()
                     return
@@ -329,14 +330,17 @@ class _QueueWorker:
                 return
 
     def _serve(self, chain: Chain) -> None:
-        chain.owner = self
+        # Typed as any owner, not as this worker: the handler may hand the chain on (later()),
+        # and a compiled build would otherwise check the owner read below against this class.
+        me: object = self
+        chain.owner = me
         try:
             used = self.handler(chain)
         except Exception:
             log.exception("vring %d: handler failed on chain %d", self.vring.index, chain.head)
             used = 0
         if used is None:
-            if chain.owner is not self:
+            if chain.owner is not me:
                 return  # answered later, through the Completion the handler took
             log.error("vring %d: handler kept a chain without later()", self.vring.index)
             used = 0

@@ -15,6 +15,7 @@ import os
 import select
 import stat
 import threading
+from typing import Final
 
 from pyvirtiofsd.vhost_user.messages import VringAddr
 from pyvirtiofsd.virtio.queue import SplitQueue
@@ -23,7 +24,7 @@ __all__ = ["Vring", "check_notifier_fd", "consume", "notify"]
 
 log = logging.getLogger(__name__)
 
-_ONE = (1).to_bytes(8, "little")
+_ONE: Final = (1).to_bytes(8, "little")
 
 
 def check_notifier_fd(fd: int) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import operator
 import struct
+from typing import Final
 
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError
 
@@ -40,16 +41,16 @@ __all__ = [
     "read_chain",
 ]
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
+VRING_DESC_F_NEXT: Final = 1
+VRING_DESC_F_WRITE: Final = 2
+VRING_DESC_F_INDIRECT: Final = 4
 
-DESC = struct.Struct("<QIHH")
-DESC_SIZE = DESC.size
+DESC: Final = struct.Struct("<QIHH")
+DESC_SIZE: Final = DESC.size
 
 # QEMU accepts indirect tables up to its 1024-entry VIRTQUEUE_MAX_SIZE whatever the queue
 # size; Linux never builds a bigger one. Larger tables are only a way to make us spin.
-MAX_INDIRECT = 1024
+MAX_INDIRECT: Final = 1024
 
 
 class InvalidChain(Exception):
@@ -110,7 +111,7 @@ class Chain:
 _unpack_desc = DESC.unpack_from
 
 #: Tables this long or longer are decoded in bulk; below, walking them costs less.
-_BULK = 16
+_BULK: Final = 16
 
 
 @functools.lru_cache(maxsize=1024)

@@ -33,6 +33,7 @@ import stat
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "GuestMemory",
@@ -43,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_U64_MAX = (1 << 64) - 1
+_U64_MAX: Final = (1 << 64) - 1
 
 
 class GuestMemoryError(ValueError):
@@ -147,8 +148,8 @@ class MappedRegion:
             mapping = mmap.mmap(
                 fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
-        except (OSError, ValueError, OverflowError) as e:
-            raise GuestMemoryError(f"region {spec}: mmap failed: {e}") from None
+        except (OSError, ValueError, OverflowError) as failed:
+            raise GuestMemoryError(f"region {spec}: mmap failed: {failed}") from None
         whole = memoryview(mapping)
         view = whole[spec.mmap_offset :]
         whole.release()

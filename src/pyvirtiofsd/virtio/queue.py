@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pyvirtiofsd.virtio.chain import DESC_SIZE, Chain, read_chain
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError
@@ -52,21 +52,21 @@ __all__ = [
 ]
 
 # Virtio feature bits that concern the transport and rings (virtio 1.x, section 6).
-VIRTIO_F_RING_INDIRECT_DESC = 28
-VIRTIO_F_RING_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_ACCESS_PLATFORM = 33
-VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_RING_INDIRECT_DESC: Final = 28
+VIRTIO_F_RING_EVENT_IDX: Final = 29
+VIRTIO_F_VERSION_1: Final = 32
+VIRTIO_F_ACCESS_PLATFORM: Final = 33
+VIRTIO_F_RING_PACKED: Final = 34
 
-VRING_USED_F_NO_NOTIFY = 1
-VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY: Final = 1
+VRING_AVAIL_F_NO_INTERRUPT: Final = 1
 
-MAX_QUEUE_SIZE = 32768
+MAX_QUEUE_SIZE: Final = 32768
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
     raise ImportError("pyvirtiofsd's virtqueue code needs a little-endian host")
 
-_fence_lock = threading.Lock()
+_fence_lock: Final = threading.Lock()
 
 
 def full_fence() -> None:

@@ -237,6 +237,7 @@ def test_open_with_o_tmpfile_is_einval(daemon: Daemon, flags: int) -> None:
 # --- finding 12: descriptors live as long as their users ------------------------------------
 
 
+@pytest.mark.pure_python
 def test_release_while_read_uses_the_fd_never_reads_another_file(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -553,6 +554,7 @@ def _while_labelling(
     return seen, exists
 
 
+@pytest.mark.pure_python
 @pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink", "mknod-file"])
 def test_the_name_never_exists_without_its_label(
     labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch, op: str
@@ -566,6 +568,7 @@ def test_the_name_never_exists_without_its_label(
         assert len(seen) == 1 and seen[0].startswith(".pyvirtiofsd-label-")
 
 
+@pytest.mark.pure_python
 def test_create_without_unnamed_files_uses_a_temporary_name(
     labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch
 ) -> None:

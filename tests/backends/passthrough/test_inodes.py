@@ -92,6 +92,7 @@ def test_fds_return_to_the_baseline_once_everything_is_forgotten(daemon: Daemon)
     assert fd_count() == base
 
 
+@pytest.mark.pure_python
 def test_forget_while_setlk_opens_its_lock_fd_leaks_nothing(daemon: Daemon) -> None:
     c = daemon.c
     base = fd_count()

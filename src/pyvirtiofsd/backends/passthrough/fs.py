@@ -59,6 +59,7 @@ import secrets
 import stat
 import struct
 import threading
+from typing import Final
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
@@ -88,28 +89,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DIRENT_HEAD = struct.Struct("=QqHB")
-_GETDENTS_BUFSIZE = 64 * 1024
-_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
-_NO_ID = 0xFFFFFFFF
+_DIRENT_HEAD: Final = struct.Struct("=QqHB")
+_GETDENTS_BUFSIZE: Final = 64 * 1024
+_ACL_XATTRS: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
+_NO_ID: Final = 0xFFFFFFFF
 
 
 #: O_TMPFILE without the O_DIRECTORY it is spelled with (the kernel's __O_TMPFILE).
-_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
+_O_TMPFILE_BIT: Final = os.O_TMPFILE & ~os.O_DIRECTORY
 #: Guest open flags the daemon never passes on: it adds what it needs itself.
-_DROPPED_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_PATH
+_DROPPED_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_PATH
 #: Times CREATE tries again when a name it found taken is gone before it could look it up.
-_CREATE_TRIES = 3
+_CREATE_TRIES: Final = 3
 #: Why opening a file for writing fails for root where opening it for reading may not.
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM)
+_NOT_WRITABLE: Final = (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM)
 #: Where a labelled file is made before it takes its name (followed by 16 random hex digits).
-_LABEL_TEMP = b".pyvirtiofsd-label-"
+_LABEL_TEMP: Final = b".pyvirtiofsd-label-"
 #: open(O_TMPFILE) on a file system that has no unnamed files.
-_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR)
+_NO_TMPFILE: Final = (errno.EOPNOTSUPP, errno.EISDIR)
 #: renameat2(RENAME_NOREPLACE) on a file system (or kernel) that can't.
-_NO_NOREPLACE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+_NO_NOREPLACE: Final = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 #: Flags that make a file; a file made another way is opened without them.
-_MAKING_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
+_MAKING_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
 
 
 def _set_label(target: int | str, name: bytes, value: bytes) -> None:

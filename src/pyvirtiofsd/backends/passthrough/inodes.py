@@ -31,6 +31,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from typing import Final
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.passthrough.config import FileHandles
@@ -45,9 +46,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The root's lookup count: the kernel never forgets the root.
-_PINNED = 1 << 62
+_PINNED: Final = 1 << 62
 #: The only inode types the daemon opens (other than with O_PATH).
-_OPENABLE = (stat.S_IFREG, stat.S_IFDIR)
+_OPENABLE: Final = (stat.S_IFREG, stat.S_IFDIR)
 
 
 def check_openable(mode: int) -> None:
