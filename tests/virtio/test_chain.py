@@ -275,15 +275,20 @@ def test_bulk_table_decoding_is_the_walk(
 
 
 @pytest.mark.pure_python
-def test_bulk_decoding_is_used_for_linux_tables(g: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("last_next", [259, 0, 7])
+def test_bulk_decoding_is_used_for_linux_tables(
+    g: Guest, monkeypatch: pytest.MonkeyPatch, last_next: int
+) -> None:
     """A big READ as Linux sends it (in header, read_in | out header, 256 scattered pages;
-    the pages are small here to fit the test's memory) takes the bulk path."""
+    the pages are small here to fit the test's memory) takes the bulk path, whatever the last
+    entry's meaningless ``next`` holds (Linux writes 259 there, other drivers 0)."""
     n = 2 + 1 + 256
     hi = MiB
     entries = [(hi, 40, NEXT, 1), (hi + 64, 40, NEXT, 2), (hi + 128, 16, NEXT | WRITE, 3)]
     entries += [
         (hi + 4096 + 2048 * i, 1024, WRITE | (NEXT if i < 255 else 0), 4 + i) for i in range(256)
     ]
+    entries[-1] = (*entries[-1][:3], last_next)
     g.indirect(0x20000, entries)
     g.desc(0, 0x20000, 16 * n, INDIRECT)
     bulk = chain_module._linux_table

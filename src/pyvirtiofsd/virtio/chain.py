@@ -128,12 +128,14 @@ def _linux_words(entries: int, readable: int) -> list[int]:
 
 def _linux_table(memory: GuestMemory, table: memoryview, entries: int, head: int) -> Chain | None:
     """The chain of an indirect table laid out as Linux (and QEMU) lay them out, decoded in
-    bulk: entries in order (``next`` is i + 1 in every entry, NEXT on all but the last),
+    bulk: entries in order (``next`` is i + 1 in every entry but the last, whose ``next`` means
+    nothing without NEXT: Linux writes i + 1 there, other drivers 0), NEXT on all but the last,
     readable before writable, no empty buffer, all in one guest memory region. None for any
     other table: the general walk then decides, so both give the same chain or the same
     refusal."""
     words = table.cast("I")
     flags_next = words[3::4].tolist()
+    flags_next[-1] = (flags_next[-1] & 0xFFFF) | entries << 16
     if flags_next[-1] & VRING_DESC_F_WRITE:
         # The first writable entry, by bisection; a table of another shape fails the
         # comparison below whatever this finds.
