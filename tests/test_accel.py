@@ -1,7 +1,7 @@
 """The optional compiled build (:mod:`pyvirtiofsd.accel`): the daemon says which build runs, CI
 runs the build it means to, and the compiled modules keep the rules mypyc needs.
 
-CI runs the suite twice (``.ci/run``): on the pure build with ``PYVIRTIOFSD_TEST_BUILD=pure``
+CI runs the suite twice (``.ci/test``): on the pure build with ``PYVIRTIOFSD_TEST_BUILD=pure``
 and on the compiled one with ``PYVIRTIOFSD_TEST_BUILD=mypyc``, so that a build that silently
 fell back to pure Python fails instead of passing as compiled.
 """
