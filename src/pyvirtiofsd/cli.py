@@ -24,7 +24,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig
+from pyvirtiofsd.backends.passthrough.config import (
+    FileHandles,
+    MigrationMode,
+    MigrationOnError,
+    PassthroughConfig,
+)
 from pyvirtiofsd.daemon import DaemonConfig, ProcessConfig
 from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.fuse.server import ServerConfig
@@ -51,8 +56,9 @@ LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 CACHE_MODES = ("never", "none", "auto", "always", "metadata")
 SANDBOXES = ("namespace", "chroot", "none")
 #: What libvirt reads from --print-capabilities. "separate-options" makes libvirt pass
-#: --shared-dir/--cache/... rather than -o. Migration is not offered: we have no device state.
-CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+#: --shared-dir/--cache/... rather than -o; "migrate-precopy" lets it migrate a domain with the
+#: share mounted (the daemon logs dirty pages and carries its state over).
+CAPABILITIES = {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 #: Request threads of an object-storage daemon when --thread-pool-size does not say: served
 #: inline, one slow store call would hold up every request behind it, even those the local
 #: cache answers at once.
@@ -67,10 +73,6 @@ _UNSUPPORTED = (
     "--security-label",
     "--translate-uid",
     "--translate-gid",
-    "--migration-mode",
-    "--migration-on-error",
-    "--migration-verify-handles",
-    "--migration-confirm-paths",
 )
 
 #: virtiofsd's ``-o`` switches and the option each sets; ``no_`` in front clears it.
@@ -101,9 +103,19 @@ _COMPAT_UNSUPPORTED = ("xattrmap", "security_label")
 _CONVERT: dict[str, Any] = {
     "cache": CachePolicy.parse,
     "inode_file_handles": FileHandles.parse,
+    "migration_mode": MigrationMode,
+    "migration_on_error": MigrationOnError,
     "uid_map": tuple,
     "gid_map": tuple,
 }
+
+#: The options of live migration (config fields of the passthrough).
+_MIGRATION_OPTIONS = (
+    "migration_mode",
+    "migration_on_error",
+    "migration_verify_handles",
+    "migration_confirm_paths",
+)
 
 _C = TypeVar("_C")
 
@@ -208,6 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--fuse-passthrough",
         action="store_true",
         help="with --mount: let the kernel read and write files directly (FUSE_PASSTHROUGH)",
+    )
+
+    mig = p.add_argument_group("live migration")
+    mig.add_argument(
+        "--migration-mode",
+        choices=[m.value for m in MigrationMode],
+        help="as a migration source, how the destination finds each file the guest holds: by "
+        "its path in the share (find-paths, the default; an unlinked open file by file handle) "
+        "or by its file handle (file-handles: the same file system must be mounted there)",
+    )
+    mig.add_argument(
+        "--migration-on-error",
+        choices=[m.value for m in MigrationOnError],
+        help="as a migration destination, what to do when a file the guest holds can't be "
+        "found: refuse the migration (abort, the default; the source goes on) or let it go on "
+        "with that file failing with EIO in the guest (guest-error)",
+    )
+    mig.add_argument(
+        "--migration-verify-handles",
+        action="store_true",
+        help="with find-paths: send each file's handle too, and refuse a file the destination "
+        "finds by that path whose handle differs (same file system on both sides)",
+    )
+    mig.add_argument(
+        "--migration-confirm-paths",
+        action="store_true",
+        help="accepted for virtiofsd's sake: paths are always taken while the guest is "
+        "stopped, so there is nothing left to confirm",
     )
 
     dax = p.add_argument_group("DAX window")
@@ -438,6 +478,14 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
                 check_map(kind, ranges)
             except ValueError as e:
                 p.error(str(e))
+    migration = [k for k in _MIGRATION_OPTIONS if k in o]
+    if migration and (shared_dir is None or mountpoint is not None):
+        p.error(
+            f"--{migration[0].replace('_', '-')} needs a --shared-dir served over vhost-user "
+            "(only a passthrough share migrates)"
+        )
+    if o.get("migration_verify_handles") and o.get("migration_mode") == "file-handles":
+        p.error("--migration-verify-handles goes with --migration-mode find-paths only")
     if o.get("fuse_passthrough") and mountpoint is None:
         p.error("--fuse-passthrough only works with --mount")
     group = o.get("socket_group")

@@ -406,9 +406,7 @@ class _QueueWorker:
                 if not self._inflight:
                     self._idle.notify_all()
 
-    def _complete(
-        self, head: int, used: int, written: list[tuple[int, int]] | None = None
-    ) -> None:
+    def _complete(self, head: int, used: int, written: list[tuple[int, int]] | None = None) -> None:
         vring = self.vring
         queue = self.queue
         with vring.lock:
@@ -580,4 +578,3 @@ def _hung_up(sock: socket.socket) -> bool:
         return any(events & (select.POLLRDHUP | _POLL_ERR) for _, events in poller.poll(0))
     except (OSError, ValueError):
         return True
-

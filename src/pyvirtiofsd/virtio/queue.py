@@ -256,9 +256,7 @@ class SplitQueue:
             raise QueueBroken(f"available ring names head {head} in a queue of {self.size}")
         if self.data_log is None:
             return read_chain(self.memory, self._desc, self.size, head, indirect=self.indirect)
-        return read_chain(
-            self.memory, self._desc, self.size, head, indirect=self.indirect, gpas=[]
-        )
+        return read_chain(self.memory, self._desc, self.size, head, indirect=self.indirect, gpas=[])
 
     # -- device -> driver ------------------------------------------------------------------
 

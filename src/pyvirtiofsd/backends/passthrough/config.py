@@ -15,6 +15,8 @@ from pyvirtiofsd.fuse.policy import CachePolicy
 
 __all__ = [
     "FileHandles",
+    "MigrationMode",
+    "MigrationOnError",
     "PassthroughConfig",
 ]
 
@@ -30,6 +32,22 @@ class FileHandles(enum.Enum):
     def parse(cls, value: str) -> FileHandles:
         # virtiofsd's "fallback" is what "prefer" became.
         return cls("prefer" if value == "fallback" else value)
+
+
+class MigrationMode(enum.Enum):
+    """How a migration source tells the destination which file each inode is (virtiofsd's
+    ``--migration-mode``): by its path in the share, or by its file handle."""
+
+    FIND_PATHS = "find-paths"
+    FILE_HANDLES = "file-handles"
+
+
+class MigrationOnError(enum.Enum):
+    """What a migration destination does with an inode it cannot find (virtiofsd's
+    ``--migration-on-error``): refuse the migration, or let the guest get EIO for it."""
+
+    ABORT = "abort"
+    GUEST_ERROR = "guest-error"
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,14 @@ class PassthroughConfig:
     #: share, a device node is a host device that any host user who can reach the share
     #: could open. (The daemon itself never opens one either way.)
     allow_devices: bool = False
+    #: Live migration, as a source: identify inodes by path or by file handle; attach file
+    #: handles to paths for the destination to check (find-paths only); the paths are taken
+    #: while the guest is stopped, so "confirm paths" holds anyway (accepted, no more to do).
+    migration_mode: MigrationMode = MigrationMode.FIND_PATHS
+    migration_verify_handles: bool = False
+    migration_confirm_paths: bool = False
+    #: Live migration, as a destination: what to do with an inode that can't be found.
+    migration_on_error: MigrationOnError = MigrationOnError.ABORT
 
     def __post_init__(self) -> None:
         if self.posix_acl and not self.xattr:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -89,18 +90,24 @@ class _Handle(Handle):
     """An open file or directory of the guest's: its fd is closed when the last user of the
     handle is done (see :mod:`..base`)."""
 
-    __slots__ = ("backing_id", "fd", "flags", "inode", "lock")
+    __slots__ = ("backing_id", "fd", "flags", "flock", "inode", "lock")
 
     def __init__(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> None:
         self.fd = fd
         self.inode = inode
+        #: The guest's open flags (O_DIRECTORY for OPENDIR's handles).
         self.flags = flags
         self.backing_id = backing_id
         #: Held while the fd's offset matters (lseek, readdir).
         self.lock = threading.Lock()
+        #: The flock() the guest holds through this handle (LOCK_SH, LOCK_EX; 0: none).
+        self.flock = 0
 
 
 class PassthroughFs(Backend):
+    #: Live migration: see :mod:`.migration`.
+    migratable = True
+
     def __init__(self, config: PassthroughConfig) -> None:
         self.cfg = config
         self.inodes = InodeStore(config.shared_dir, config.inode_file_handles)
@@ -110,6 +117,9 @@ class PassthroughFs(Backend):
         self._stopping = False
         self._conn = ConnectionInfo()
         self._passthrough = False
+        #: fh -> flock() type a migration brought and not yet taken again (see .migration).
+        self.pending_flocks: dict[int, int] = {}
+        self.retaker: threading.Thread | None = None
         # Modes arrive already masked by the guest's umask (unless POSIX ACLs hand that job to
         # us); ours must not mask them a second time.
         os.umask(0)
@@ -151,15 +161,60 @@ class PassthroughFs(Backend):
 
     def destroy(self) -> None:
         """The session ended: its open files and inode references are gone with it."""
+        with self.inodes.lock_book:
+            self.pending_flocks.clear()
+            self.inodes.pending_locks.clear()
         for h in self._handles.remove_all():
             self._handles.done(h)
         self.inodes.forget_all()
 
+    # --- live migration (see .migration) ---------------------------------------------------
+
+    @property
+    def handle_table(self) -> HandleTable[_Handle]:
+        return self._handles
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def reopen(self, inode: Inode, guest_flags: int) -> int:
+        """A new fd of ``inode`` for a handle the guest opened with ``guest_flags`` elsewhere:
+        as OPEN (or OPENDIR) opened it, less what happened once already (O_TRUNC)."""
+        if guest_flags & os.O_DIRECTORY:
+            return self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
+        flags = guest_flags & ~(os.O_TRUNC | _O_TMPFILE_BIT)
+        if self.cfg.readonly and policy.may_write(flags):
+            raise oserror(errno.EROFS)
+        return self.inodes.open(inode, self._open_flags(flags))
+
+    def insert_handle(self, fh: int, fd: int, inode: Inode, guest_flags: int) -> _Handle:
+        """Put a reopened handle in under the number the guest has (ValueError if taken)."""
+        h = _Handle(fd, inode, guest_flags)
+        self._handles.insert(fh, h)
+        return h
+
+    def lock_opener(self, inode: Inode):  # type: ignore[no-untyped-def]
+        return self._lock_opener(inode)
+
     def shutdown(self) -> None:
         """Release every fd (the daemon is exiting)."""
         self._stopping = True
+        retaker = self.retaker
+        if retaker is not None:
+            retaker.join()
         self.destroy()
         self.inodes.close_all()
+
+    def save_state(self) -> bytes:
+        from pyvirtiofsd.backends.passthrough import migration
+
+        return migration.save(self)
+
+    def load_state(self, data: bytes) -> None:
+        from pyvirtiofsd.backends.passthrough import migration
+
+        migration.load(self, data)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -558,8 +613,11 @@ class PassthroughFs(Backend):
         flush: bool,
         flock_release: bool,
     ) -> None:
+        lost = self._handles.lost(fh)
         h = self._handles.remove(fh)
         if h is None:
+            if lost:
+                return
             raise oserror(errno.EBADF)
         try:
             dax_flush(self._conn.dax_window, ino)
@@ -632,7 +690,7 @@ class PassthroughFs(Backend):
         if not inode.is_dir():
             raise oserror(errno.ENOTDIR)
         fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
-        opened = self._handles.add(_Handle(fd, inode, flags))
+        opened = self._handles.add(_Handle(fd, inode, flags | os.O_DIRECTORY))
         return Opened(opened, policy.dir_open_flags(self.cfg.cache))
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
@@ -802,7 +860,13 @@ class PassthroughFs(Backend):
         if flock:
             h = self._handles.use(fh)
             try:
+                if self.pending_flocks:
+                    # The guest's own call decides over one a migration brought.
+                    with self.inodes.lock_book:
+                        self.pending_flocks.pop(fh, None)
                 locks.flock(ctx, h.fd, lock, sleep, self._is_stopping)
+                op = locks.flock_op(lock.type)
+                h.flock = 0 if op == fcntl.LOCK_UN else op
             finally:
                 self._handles.done(h)
         else:
