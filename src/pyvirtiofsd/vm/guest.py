@@ -147,8 +147,10 @@ def qemu_args(
     memory_mb: int,
     smp: int,
     kernel_args: str = KERNEL_ARGS,
+    console_file: Path | None = None,
 ) -> list[str]:
-    """QEMU's arguments (without the program) for a TCG guest with these devices."""
+    """QEMU's arguments (without the program) for a TCG guest with these devices; the serial
+    console goes to QEMU's stdout, or to ``console_file``."""
     args = [
         "-nodefaults",
         "-no-user-config",
@@ -175,7 +177,9 @@ def qemu_args(
         kernel_args,
         # The console comes back on QEMU's stdout; signal=off leaves Ctrl-C to the harness.
         "-chardev",
-        "stdio,id=console,signal=off",
+        "stdio,id=console,signal=off"
+        if console_file is None
+        else f"file,id=console,path={console_file}",
         "-serial",
         "chardev:console",
     ]

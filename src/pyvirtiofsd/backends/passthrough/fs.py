@@ -41,7 +41,7 @@ import threading
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
-from pyvirtiofsd.backends.passthrough import locks
+from pyvirtiofsd.backends.passthrough import locks, migration
 from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
 from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
 from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
@@ -207,13 +207,9 @@ class PassthroughFs(Backend):
         self.inodes.close_all()
 
     def save_state(self) -> bytes:
-        from pyvirtiofsd.backends.passthrough import migration
-
         return migration.save(self)
 
     def load_state(self, data: bytes) -> None:
-        from pyvirtiofsd.backends.passthrough import migration
-
         migration.load(self, data)
 
     # --- helpers ---------------------------------------------------------------------------
