@@ -9,10 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse.state import StateError
 from pyvirtiofsd.testing.frontend import Frontend, GuestRam
-from pyvirtiofsd.testing.fuse_client import FuseClient
-from pyvirtiofsd.transport.virtiofs import MAX_QUEUE_SIZE, VhostUserConfig, VhostUserTransport
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct
+from pyvirtiofsd.transport.virtiofs import (
+    MAX_QUEUE_SIZE,
+    VhostUserConfig,
+    VhostUserTransport,
+    VirtioFsDevice,
+)
 from pyvirtiofsd.vhost_user.messages import FrontendReq, VringState
 from tests.memfs import MemFs
 
@@ -69,3 +76,68 @@ def test_serves_as_configured(tmp_path: Path) -> None:
             t.join(10)
         assert status == [0]
     assert MAX_QUEUE_SIZE == VhostUserConfig().queue_size == 32768
+
+
+# --- live migration ------------------------------------------------------------------------------
+
+
+def _passthrough(path: Path, **cfg: object) -> PassthroughFs:
+    return PassthroughFs(PassthroughConfig(str(path), **cfg))  # type: ignore[arg-type]
+
+
+def test_only_a_migratable_file_system_without_a_window_migrates(tmp_path: Path) -> None:
+    device = VirtioFsDevice(MemFs())
+    assert not device.migratable and device.migration_blocker == "MemFs cannot save its state"
+    with pytest.raises(ValueError, match="no live migration: MemFs"):
+        device.save_state()
+    fs = _passthrough(tmp_path)
+    try:
+        assert VirtioFsDevice(fs).migratable
+        windowed = VirtioFsDevice(fs, dax_window=2 << 20)
+        assert not windowed.migratable
+        assert windowed.migration_blocker == "a DAX window is not carried over"
+    finally:
+        fs.shutdown()
+
+
+def test_the_session_and_the_files_move_to_another_device(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"contents")
+    source_fs = _passthrough(tmp_path)
+    source = VirtioFsDevice(source_fs)
+    c = FuseClient(direct(source.server))
+    c.init(flags=abi.InitFlag.INIT_EXT | abi.InitFlag.ASYNC_READ)
+    f = c.lookup(abi.ROOT_ID, b"f")
+    fh = c.open(f.nodeid).fh
+    saved = source.save_state()
+    dest_fs = _passthrough(tmp_path)
+    try:
+        destination = VirtioFsDevice(dest_fs)
+        destination.load_state(saved)
+        c2 = FuseClient(direct(destination.server))
+        assert c2.read(f.nodeid, fh, 0, 100) == b"contents"
+        assert c.read(f.nodeid, fh, 0, 100) == b"contents"  # the source still serves it
+    finally:
+        source_fs.shutdown()
+        dest_fs.shutdown()
+
+
+def test_a_failed_load_leaves_no_session(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    (tmp_path / "dst").mkdir()
+    source_fs = _passthrough(tmp_path / "src")
+    source = VirtioFsDevice(source_fs)
+    c = FuseClient(direct(source.server))
+    c.init()
+    c.lookup(abi.ROOT_ID, b"f")
+    dest_fs = _passthrough(tmp_path / "dst")
+    try:
+        destination = VirtioFsDevice(dest_fs)
+        with pytest.raises(StateError, match="can't be found"):
+            destination.load_state(source.save_state())
+        assert not destination.server.initialized
+        with pytest.raises(StateError, match="virtio-fs state: truncated"):
+            destination.load_state(source.save_state()[:-3])
+    finally:
+        source_fs.shutdown()
+        dest_fs.shutdown()

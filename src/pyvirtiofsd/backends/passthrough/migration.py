@@ -95,6 +95,8 @@ class PassthroughFs(Protocol):
 
     def lock_opener(self, inode: Inode) -> Any: ...
 
+    def destroy(self) -> None: ...
+
 log = logging.getLogger(__name__)
 
 _TAG = b"passthrough"
@@ -513,6 +515,7 @@ def load(fs: PassthroughFs, data: bytes) -> None:
         for why in handle_failures[:_SHOWN]:
             log.error("migration: %s", why)
         shown = [f"inode {n}: {w}" for n, _, w in failures[:3]] + handle_failures[:3]
+        fs.destroy()  # nothing of a half-loaded session stays
         raise StateError(
             f"{len(failures)} of the {len(records)} inodes and {len(handle_failures)} of the "
             f"{len(handles)} open files the guest holds can't be found in {shared} ("
