@@ -15,6 +15,8 @@ read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = ["StateError", "StateReader", "StateWriter"]
 
 #: The largest integer a varint may carry here (64 bits: flags, offsets, lock owners).
@@ -32,9 +34,12 @@ class StateWriter:
         self._out = bytearray()
 
     def uint(self, value: int) -> StateWriter:
+        out = self._out
+        if 0 <= value < 0x80:
+            out.append(value)
+            return self
         if value < 0 or value >> _MAX_BITS:
             raise ValueError(f"{value} does not fit an unsigned 64-bit field")
-        out = self._out
         while value >= 0x80:
             out.append(value & 0x7F | 0x80)
             value >>= 7
@@ -44,6 +49,18 @@ class StateWriter:
     def bytes(self, value: bytes) -> StateWriter:
         self.uint(len(value))
         self._out += value
+        return self
+
+    def items(self, values: Iterable[int | bytes]) -> StateWriter:
+        """Many numbers and byte strings at once (each as :meth:`uint` or :meth:`bytes`)."""
+        out = self._out
+        for value in values:
+            if type(value) is int and 0 <= value < 0x80:
+                out.append(value)
+            elif isinstance(value, int):
+                self.uint(value)
+            else:
+                self.bytes(value)
         return self
 
     def section(self, tag: bytes, version: int, body: bytes | StateWriter) -> StateWriter:
@@ -74,6 +91,9 @@ class StateReader:
 
     def uint(self) -> int:
         data, pos = self._data, self._pos
+        if pos < len(data) and data[pos] < 0x80:
+            self._pos = pos + 1
+            return data[pos]
         value = shift = 0
         while True:
             if pos >= len(data):

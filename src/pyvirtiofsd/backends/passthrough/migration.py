@@ -97,6 +97,7 @@ class PassthroughFs(Protocol):
 
     def destroy(self) -> None: ...
 
+
 log = logging.getLogger(__name__)
 
 _TAG = b"passthrough"
@@ -182,20 +183,6 @@ def save(fs: PassthroughFs) -> bytes:
     for rel, fsid in mount_table:
         body.bytes(rel).uint(fsid)
 
-    def emit(inode: Inode, how: int, *fields: int | bytes) -> None:
-        body.uint(inode.nodeid).uint(max(inode.refcount, 1) if inode is not root else 1)
-        body.uint(inode.mode >> 12).uint(how)
-        for f in fields:
-            if isinstance(f, bytes):
-                body.bytes(f)
-            else:
-                body.uint(f)
-        check = verify_handles.get(inode.nodeid)
-        if check is not None and check[1] in mounts:
-            body.uint(_X_HANDLE).uint(mounts[check[1]]).bytes(check[0])
-        else:
-            body.uint(0)
-
     ordered = [root]
     ordered += [i for i in inodes if i.nodeid in handles]
     sent = {i.nodeid for i in ordered}
@@ -206,22 +193,28 @@ def save(fs: PassthroughFs) -> bytes:
     sent = {i.nodeid for i in ordered}
     unknown = [i for i in inodes if i.nodeid not in sent]
     body.uint(len(ordered) + len(unknown) + len(lost))
-    emitted: set[int] = set()
-    for inode in ordered:
+    # Each record: nodeid, lookups, file type, how to find it (and its fields), extras.
+    out: list[int | bytes] = [1, 1, root.mode >> 12, _ROOT, 0]
+    emitted: set[int] = {root.nodeid}
+    for inode in ordered[1:]:
         nodeid = inode.nodeid
-        if inode is root:
-            emit(inode, _ROOT)
-        elif nodeid in handles:
+        out += (nodeid, inode.refcount, inode.mode >> 12)
+        if nodeid in handles:
             handle, mount_id = handles[nodeid]
-            emit(inode, _HANDLE, mounts[mount_id], handle)
+            out += (_HANDLE, mounts[mount_id], handle)
         else:
             rel = paths[nodeid]
             parent_rel, _, name = rel.rpartition(b"/")
             parent = by_path.get(parent_rel)
             if parent is not None and parent in emitted:
-                emit(inode, _CHILD, parent, name)
+                out += (_CHILD, parent, name)
             else:
-                emit(inode, _PATH, rel)
+                out += (_PATH, rel)
+        check = verify_handles.get(nodeid) if verify_handles else None
+        if check is not None and check[1] in mounts:
+            out += (_X_HANDLE, mounts[check[1]], check[0])
+        else:
+            out.append(0)
         emitted.add(nodeid)
     for inode in unknown:
         log.error(
@@ -230,9 +223,10 @@ def save(fs: PassthroughFs) -> bytes:
             inode.nodeid,
             _kind(inode.mode),
         )
-        emit(inode, _UNKNOWN)
+        out += (inode.nodeid, max(inode.refcount, 1), inode.mode >> 12, _UNKNOWN, 0)
     for nodeid, refcount in lost:
-        body.uint(nodeid).uint(refcount).uint(0).uint(_LOST).uint(0)
+        out += (nodeid, refcount, 0, _LOST, 0)
+    body.items(out)
 
     _save_handles(fs, body)
     _save_locks(store, inodes, body)
@@ -295,6 +289,8 @@ def _save_locks(store: InodeStore, inodes: list[Inode], body: StateWriter) -> No
     with store.lock_book:
         pending = {key: list(r.ranges) for key, r in store.pending_locks.items()}
     for inode in inodes:
+        if not inode.lock_ranges:
+            continue
         for owner, pid, ranges in store.held_locks(inode):
             extra = pending.pop((inode.nodeid, owner), [])
             held.append((inode.nodeid, owner, pid, _merge(ranges, extra)))
@@ -337,16 +333,29 @@ def _paths(store: InodeStore, inodes: list[Inode]) -> tuple[dict[int, bytes], li
     root_path = _root_path(store)
     paths: dict[int, bytes] = {}
     missing: list[Inode] = []
+    prefix = root_path.rstrip(b"/") + b"/"
+    cut = len(prefix)
+    readlink = os.readlink
     for inode in inodes:
         try:
-            with store.path(inode) as fd:
-                target = os.readlink(f"/proc/self/fd/{fd}".encode())
+            fd = inode.fd
+            if fd >= 0:
+                # No request runs while the state is saved: the fd stays the inode's.
+                target = readlink(b"/proc/self/fd/%d" % fd)
+            else:
+                with store.path(inode) as fd:
+                    target = readlink(b"/proc/self/fd/%d" % fd)
         except OSError:
             missing.append(inode)
             continue
-        rel = _relative(target, root_path)
-        if rel and _names(root.fd, rel, inode):
-            paths[inode.nodeid] = rel
+        # The link of a descriptor that holds its dentry is the file's path now, unless the
+        # file was unlinked (" (deleted)"); only those, and a handle's maybe disconnected
+        # dentry, are checked.
+        if target.startswith(prefix) and (
+            (inode.fd >= 0 and not target.endswith(_DELETED))
+            or _names(root.fd, target[cut:], inode)
+        ):
+            paths[inode.nodeid] = target[cut:]
         else:
             missing.append(inode)
     if missing:
