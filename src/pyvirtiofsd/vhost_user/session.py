@@ -82,7 +82,14 @@ from pyvirtiofsd.virtio.queue import (
     SplitQueue,
 )
 
-__all__ = ["ChannelFactory", "QueueRunner", "RequestError", "Session", "TransferFactory"]
+__all__ = [
+    "Channel",
+    "ChannelFactory",
+    "QueueRunner",
+    "RequestError",
+    "Session",
+    "TransferFactory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,13 @@ class QueueRunner(Protocol):
     def close(self) -> None: ...
 
 
-ChannelFactory = Callable[[int, int], SharedMemoryMapper]
+class Channel(SharedMemoryMapper, Protocol):
+    """The back-end channel as the session holds it: requests to the front-end, and an end."""
+
+    def close(self) -> None: ...
+
+
+ChannelFactory = Callable[[int, int], Channel]
 """``factory(fd, acked_protocol_features)``: wrap the SET_BACKEND_REQ_FD socket."""
 
 TransferFactory = Callable[[VirtioDevice, int, int], StateTransfer]
@@ -165,7 +178,7 @@ class Session:
         self.acked_protocol_features = 0
         self.owner = False
         self.status = 0
-        self.channel: SharedMemoryMapper | None = None
+        self.channel: Channel | None = None
         self._config = bytes(device.config())
         self._shmem_sizes = list(device.shmem_sizes())
         for shmid, size in enumerate(self._shmem_sizes):
@@ -413,12 +426,11 @@ class Session:
                     "vhost-user: ring %d can't restart on the new memory table: %s", vring.index, e
                 )
 
-    def _set_channel(self, channel: SharedMemoryMapper | None) -> None:
+    def _set_channel(self, channel: Channel | None) -> None:
         old, self.channel = self.channel, channel
         self.device.set_backend_channel(channel)
-        close = getattr(old, "close", None)
-        if close is not None:
-            close()
+        if old is not None:
+            old.close()
 
     def _stop_ring(self, vring: Vring) -> None:
         self._detach(vring)
