@@ -752,3 +752,45 @@ def test_a_session_is_only_taken_over_by_a_fresh_server() -> None:
         small.load_state(source.save_state())
     with pytest.raises(StateError, match="section b'virtio-fs'"):
         Server(XattrFs()).load_state(StateWriter().section(b"virtio-fs", 1, b"").getvalue())
+
+
+def _session(*fields: int) -> bytes:
+    body = StateWriter()
+    for f in fields:
+        body.uint(f)
+    return StateWriter().section(b"fuse-session", 1, body).getvalue()
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        (_session(2), "mounted 2 out of range"),
+        (_session(1, 7, 1 << 32, 0, 0, 0, 4096), "INIT field 4294967296 out of range"),
+        (_session(1, 8, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 4096), "speaks FUSE 8."),
+        (_session(1, 7, 1, 0, 0, 0, 4096), r"speaks FUSE 7\.1$"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 0), "largest write is 0 bytes"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 1 << 40), "largest write 1099"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0), "truncated"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 4096, 0), "past the end"),
+    ],
+)
+def test_a_hostile_session_is_a_state_error(saved: bytes, message: str) -> None:
+    """The saved session passed through the front-end: each field out of its range is
+    refused, and the server is left as it was (no session, its own largest write)."""
+    fs = XattrFs()
+    destination = Server(fs)
+    own = destination.max_write
+    with pytest.raises(StateError, match=message):
+        destination.load_state(saved)
+    assert not destination.initialized and destination.max_write == own
+    assert fs.inits == 0
+
+
+def test_a_reset_forgets_the_largest_write_a_session_brought() -> None:
+    source = Server(XattrFs(), caps=TransportCaps(max_write=8192))
+    FuseClient(direct(source)).init(flags=OFFERED)
+    destination = Server(XattrFs())
+    destination.load_state(source.save_state())
+    assert destination.max_write == 8192
+    destination.reset()
+    assert destination.max_write == destination.caps.max_write > 8192

@@ -57,6 +57,8 @@ def test_sections() -> None:
         (b"\x05abc", lambda r: r.bytes(), "a field of 5 bytes, 3 left"),
         (b"\x05abcde", lambda r: r.bytes(limit=4), "at most 4"),
         (b"\xff\xff\xff\xff\x0f", lambda r: r.count(), "items announced"),
+        (b"\x03\x00\x00\x00", lambda r: r.count(limit=2, name="owners"), r"owners: 3 \(at most 2"),
+        (b"\x0a", lambda r: r.uint_below(10, "pid"), r"pid 10 out of range \(below 10\)"),
         (b"\x01\x02", lambda r: (r.uint(), r.end()), "1 bytes past the end"),
     ],
 )

@@ -250,6 +250,8 @@ _SECCTX_OPS = frozenset(
 #: Longest xattr name and value Linux takes (XATTR_NAME_MAX, XATTR_SIZE_MAX).
 _XATTR_NAME_MAX = 255
 _XATTR_SIZE_MAX = 1 << 16
+#: The smallest largest-write a kernel agrees on (it raises a smaller max_write to this).
+_MIN_MAX_WRITE = 4096
 
 
 def _secctx(block: Any, count: int) -> SecurityContext | None:
@@ -554,6 +556,8 @@ class Server:
         """The session ended without DESTROY (the guest's driver reset the device): forget
         it, and expect a new INIT."""
         self.interrupt_waiting()
+        # A session taken over (live migration) may have brought its own.
+        self.max_write = self.caps.max_write
         if self.initialized:
             self.initialized = False
             self.fs.destroy()
@@ -710,21 +714,26 @@ class Server:
         reader = StateReader(data, "FUSE session")
         _, body = reader.section(b"fuse-session", (1,))
         reader.end()
-        if not body.uint():
+        if not body.uint_below(2, "mounted"):
             body.end()
             return  # the guest had not mounted the file system
-        major, minor, max_readahead, capable = (body.uint() for _ in range(4))
-        flags, max_write = body.uint(), body.uint()
+        major, minor, max_readahead = (body.uint_below(1 << 32, "INIT field") for _ in range(3))
+        capable, flags = body.uint(), body.uint()
+        max_write = body.uint_below(1 << 32, "largest write")
         body.end()
         if major != abi.KERNEL_VERSION or minor < abi.MIN_KERNEL_MINOR_VERSION:
             raise StateError(f"the saved session speaks FUSE {major}.{minor}")
-        if max_write > self.caps.max_write:
+        if not _MIN_MAX_WRITE <= max_write <= self.caps.max_write:
             raise StateError(
                 f"the source's largest write is {max_write} bytes; this transport takes "
-                f"{self.caps.max_write}"
+                f"{_MIN_MAX_WRITE} to {self.caps.max_write}"
             )
         self.max_write = max_write
-        _, want = self._negotiate(major, minor, max_readahead, capable)
+        try:
+            _, want = self._negotiate(major, minor, max_readahead, capable)
+        except BaseException:
+            self.max_write = self.caps.max_write
+            raise
         if want != flags:
             self.reset()
             raise StateError(

@@ -7,10 +7,11 @@ varint length and the bytes. The format is our own; nothing in it is meant to be
 another implementation.
 
 Rules for readers: every length is checked against what is left before anything is taken, a
-count never sizes an allocation by itself, a section of a version this code does not know is
-refused with a message naming it (a newer source, an older destination), and bytes left over at
-the end are an error. Every failure is a :class:`StateError` whose message says what was being
-read.
+count never sizes an allocation by itself (and may have a bound of its own), a field with a
+range is checked against it as it is read (:meth:`StateReader.uint_below`), a section of a
+version this code does not know is refused with a message naming it (a newer source, an older
+destination), and bytes left over at the end are an error. Every failure is a
+:class:`StateError` whose message says what was being read.
 """
 
 from __future__ import annotations
@@ -123,12 +124,21 @@ class StateReader:
         self._pos += n
         return bytes(self._data[start : self._pos])
 
-    def count(self, least_size: int = 1) -> int:
+    def uint_below(self, limit: int, name: str) -> int:
+        """A number that must be below ``limit`` (``name`` says what it is in the error)."""
+        value = self.uint()
+        if value >= limit:
+            raise StateError(f"{self.what}: {name} {value} out of range (below {limit})")
+        return value
+
+    def count(self, least_size: int = 1, *, limit: int | None = None, name: str = "items") -> int:
         """A count of items that take at least ``least_size`` bytes each: one that could not
-        fit in what is left is refused before anyone loops on it."""
+        fit in what is left, or is above ``limit``, is refused before anyone loops on it."""
         n = self.uint()
+        if limit is not None and n > limit:
+            raise StateError(f"{self.what}: {name}: {n} (at most {limit})")
         if n * least_size > self.remaining:
-            raise StateError(f"{self.what}: {n} items announced, {self.remaining} bytes left")
+            raise StateError(f"{self.what}: {n} {name} announced, {self.remaining} bytes left")
         return n
 
     def section(self, tag: bytes, versions: tuple[int, ...]) -> tuple[int, StateReader]:
