@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.fuse.state import StateError, StateWriter
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
-from tests.backends.passthrough.conftest import GUARD, OFFSET_MAX, errno_of, fd_count
+from tests.backends.passthrough.conftest import GUARD, OFFSET_MAX, OpenWatch, errno_of, fd_count
 
 _FLOCK = struct.Struct("=hh4xqqi4x")
 
@@ -405,3 +406,216 @@ def test_the_guests_unlock_settles_a_pending_lock(sides: list[Side], share: Path
     path = share / "file"
     assert held_elsewhere(path, 0, 50) == fcntl.F_UNLCK
     assert held_elsewhere(path, 50, 50) == fcntl.F_WRLCK
+
+
+# --- hostile states ----------------------------------------------------------------------------
+#
+# The state a destination loads passed through the front-end: it is untrusted bytes. Whatever
+# they say, the load ends in success or a StateError naming what is wrong, opens nothing but
+# regular files and directories (O_PATH aside), reaches nothing outside the share, and leaves no
+# descriptor behind once the session ends.
+
+FIFO, CHR = 0o01, 0o02
+
+
+def state(
+    records: tuple[tuple[Any, ...], ...] = (),
+    handles: tuple[tuple[int, int, int, int], ...] = (),
+    held: tuple[tuple[int, int, int, list[tuple[int, int, int]]], ...] = (),
+    mounts: tuple[tuple[bytes, int], ...] = (),
+    ids: tuple[int, int] = (100, 100),
+) -> bytes:
+    """A passthrough state: the root, then ``records`` (nodeid, refcount, type, how,
+    fields...), ``handles`` (fh, nodeid, open flags, flock), ``held`` locks (nodeid, owner,
+    pid, ranges) and the mount table."""
+    body = StateWriter().uint(0).uint(ids[0]).uint(ids[1]).uint(len(mounts))
+    for rel, fsid in mounts:
+        body.bytes(rel).uint(fsid)
+    body.uint(1 + len(records))
+    body.uint(1).uint(1).uint(0o04).uint(0).uint(0)
+    for nodeid, refcount, kind, how, *fields in records:
+        body.uint(nodeid).uint(refcount).uint(kind).uint(how)
+        for f in fields:
+            body.bytes(f) if isinstance(f, bytes) else body.uint(f)
+        body.uint(0)
+    body.uint(len(handles))
+    for h in handles:
+        body.items(h)
+    body.uint(len(held))
+    for nodeid, owner, pid, ranges in held:
+        body.uint(nodeid).uint(owner).uint(pid).uint(len(ranges))
+        for r in ranges:
+            body.items(r)
+    return StateWriter().section(b"passthrough", 1, body).getvalue()
+
+
+@pytest.fixture
+def nodes(share: Path) -> Path:
+    """A FIFO and a character device (the kernel's null device) in the share."""
+    os.mkfifo(share / "fifo")
+    os.mknod(share / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    return share
+
+
+def fresh(sides: list[Side], share: Path, **cfg: Any) -> Side:
+    """A destination whose file system the guest's session reached (as a load finds it)."""
+    dst = side(sides, share, **cfg)
+    dst.c.init()
+    return dst
+
+
+@pytest.mark.parametrize("on_error", list(MigrationOnError))
+@pytest.mark.parametrize(
+    ("name", "kind", "flags"),
+    [
+        (b"fifo", FIFO, os.O_RDONLY),
+        (b"fifo", FIFO, os.O_RDWR | os.O_NONBLOCK),
+        (b"fifo", FIFO, os.O_RDONLY | os.O_DIRECTORY),
+        (b"null", CHR, os.O_RDWR),
+        (b"null", CHR, os.O_RDONLY | os.O_DIRECTORY),
+    ],
+)
+def test_a_handle_on_a_fifo_or_device_opens_nothing(
+    sides: list[Side],
+    nodes: Path,
+    on_error: MigrationOnError,
+    name: bytes,
+    kind: int,
+    flags: int,
+) -> None:
+    dst = fresh(sides, nodes, migration_on_error=on_error)
+    watch = OpenWatch(nodes / "fifo", nodes / "null")
+    try:
+        saved = state(
+            records=((2, 1, kind, 2, name),),
+            handles=((5, 2, flags, 0),),
+            held=((2, 9, 1, [(0, 10, fcntl.F_WRLCK)]),),
+        )
+        if on_error is MigrationOnError.ABORT:
+            with pytest.raises(StateError, match=r"file handle 5 .*can't be opened again"):
+                dst.fs.load_state(saved)
+        else:
+            dst.fs.load_state(saved)
+            assert errno_of(dst.c.read, 2, 5, 0, 1) == errno.EIO
+            assert dst.c.getattr(2).mode & 0o170000 == kind << 12  # the inode itself is there
+            assert not dst.fs.inodes.pending_locks
+        assert watch.opened() == []
+    finally:
+        watch.close()
+
+
+def test_a_file_handle_naming_a_fifo_opens_nothing(sides: list[Side], nodes: Path) -> None:
+    root_fd = os.open(nodes, os.O_PATH)
+    try:
+        fifo, _ = mig.linux.name_to_handle_at(root_fd, b"fifo", 0)
+        fsid = os.fstatvfs(root_fd).f_fsid
+    finally:
+        os.close(root_fd)
+    dst = fresh(sides, nodes, migration_on_error=MigrationOnError.GUEST_ERROR)
+    watch = OpenWatch(nodes / "fifo")
+    try:
+        dst.fs.load_state(
+            state(
+                records=((2, 1, FIFO, 3, 0, fifo),),
+                handles=((5, 2, os.O_RDWR, fcntl.LOCK_EX),),
+                mounts=((b"", fsid),),
+            )
+        )
+        assert errno_of(dst.c.read, 2, 5, 0, 1) == errno.EIO
+        assert watch.opened() == []
+    finally:
+        watch.close()
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        # Counts that can't be what follows them, and counts past any real guest's.
+        (
+            StateWriter()
+            .section(b"passthrough", 1, StateWriter().items([0, 100, 100, 0, 1000]))
+            .getvalue(),
+            "1000 inodes announced",
+        ),
+        (
+            StateWriter()
+            .section(b"passthrough", 1, StateWriter().items([0, 100, 100, 0, (1 << 24) + 1]))
+            .getvalue(),
+            r"inodes: 16777217 \(at most",
+        ),
+        (
+            state(records=((2, 1, REG, 2, b"file"),), held=((2, 7, 0, []),))[:-1] + b"\x7f",
+            "127 lock ranges announced",
+        ),
+        # Fields out of their range.
+        (state(handles=((5, 1, 1 << 40, 0),)), "open flags"),
+        (state(handles=((5, 1, os.O_RDONLY | os.O_DIRECTORY, 99),)), "flock"),
+        (state(handles=((0, 1, os.O_RDONLY | os.O_DIRECTORY, 0),)), "file handle 0"),
+        (state(records=((2, 1, 0o777, 2, b"file"),)), "file type"),
+        (state(records=((2, 1, REG, 2, b"file"),), held=((2, 7, 1 << 40, [(0, 9, 1)]),)), "pid"),
+        (
+            state(records=((2, 1, REG, 2, b"file"),), held=((2, 7, 1, [(0, 1 << 63, 1)]),)),
+            "lock range",
+        ),
+        (state(records=((2, 1, REG, 2, b"file"),), held=((2, 7, 1, [(9, 3, 1)]),)), "lock range"),
+        (state(records=((2, 1, REG, 2, b"file"),), held=((2, 7, 1, [(0, 9, 5)]),)), "lock type"),
+        (state(ids=(1 << 63, 100)), "next inode"),
+        (state(ids=(100, 1 << 63)), "next file handle"),
+        (state(records=((1 << 63, 1, REG, 2, b"file"),)), "inode 9223372036854775808"),
+    ],
+)
+def test_a_state_out_of_bounds_is_a_state_error(
+    sides: list[Side], share: Path, saved: bytes, message: str
+) -> None:
+    dst = fresh(sides, share)
+    before = fd_count()
+    with pytest.raises(StateError, match=message):
+        dst.fs.load_state(saved)
+    assert dst.fs.inodes.count() == 1 and len(dst.fs.handle_table) == 0
+    assert fd_count() == before
+
+
+@pytest.mark.parametrize("rel", [b"../", b"/", b"link", b"dir/../..", b"nowhere"])
+def test_a_mount_outside_the_share_finds_nothing(
+    sides: list[Side], share: Path, rel: bytes
+) -> None:
+    root_fd = os.open(share.parent, os.O_PATH)
+    try:
+        outside, _ = mig.linux.name_to_handle_at(root_fd, b"outside", 0)
+        fsid = os.fstatvfs(root_fd).f_fsid
+    finally:
+        os.close(root_fd)
+    dst = fresh(sides, share)
+    with pytest.raises(StateError, match="inode 2: ") as e:
+        dst.fs.load_state(state(records=((2, 1, REG, 3, 0, outside),), mounts=((rel, fsid),)))
+    assert "its mount at" in str(e.value) or "outside the share" in str(e.value)
+
+
+def test_every_corruption_of_a_state_is_a_state_error_or_a_load(
+    sides: list[Side], share: Path
+) -> None:
+    """Each byte of a real state set to each of a few values: the load succeeds or raises a
+    StateError, and the session's end gives every descriptor back."""
+    src, held = source(sides, share, migration_verify_handles=True)
+    setlk(src.c, held["file"], held["fh"], 7, 0, 99, fcntl.F_RDLCK)
+    saved = src.fs.save_state()
+    before = fd_count()
+    outcomes = {"loaded": 0, "refused": 0}
+    for pos in range(len(saved)):
+        for value in {0, 1, 0x7F, 0x80, 0xFF, saved[pos] ^ 0x01}:
+            if value == saved[pos]:
+                continue
+            data = saved[:pos] + bytes([value]) + saved[pos + 1 :]
+            dst = Side(share, migration_on_error=MigrationOnError.GUEST_ERROR)
+            try:
+                dst.c.init()
+                dst.server.reset()
+                try:
+                    dst.fs.load_state(data)
+                    outcomes["loaded"] += 1
+                except StateError:
+                    outcomes["refused"] += 1
+            finally:
+                dst.close()
+            assert fd_count() == before, f"byte {pos} = {value:#x}"
+    assert outcomes["loaded"] and outcomes["refused"]

@@ -225,10 +225,16 @@ class PassthroughFs(Backend):
         conn.want = want & conn.capable
 
     def destroy(self) -> None:
-        """The session ended: its open files and inode references are gone with it."""
+        """The session ended: its open files and inode references are gone with it, and so
+        are the locks a migration brought and had not taken again yet."""
         with self.inodes.lock_book:
             self.pending_flocks.clear()
             self.inodes.pending_locks.clear()
+        retaker, self.retaker = self.retaker, None
+        if retaker is not None and retaker is not threading.current_thread():
+            # It ends at its next look, finding nothing pending; no session after this one
+            # may share it.
+            retaker.join()
         for h in self._handles.remove_all():
             self._handles.done(h)
         self.inodes.forget_all()
@@ -265,9 +271,6 @@ class PassthroughFs(Backend):
     def shutdown(self) -> None:
         """Release every fd (the daemon is exiting)."""
         self._stopping = True
-        retaker = self.retaker
-        if retaker is not None:
-            retaker.join()
         self.destroy()
         self.inodes.close_all()
 

@@ -119,6 +119,32 @@ _X_HANDLE = 1
 
 _PATH_MAX = 4096
 _HANDLE_MAX = 4 + linux.MAX_HANDLE_SZ
+#: Bounds a destination holds a state to (it passed through the front-end: untrusted bytes).
+#: Far above what a guest holds (each open file and, without file handles, each inode is an
+#: fd of the source's), low enough that no state makes the load allocate without end.
+_MAX_INODES = 1 << 24
+_MAX_HANDLES = 1 << 22
+_MAX_MOUNTS = 1 << 10
+_MAX_LOCK_OWNERS = 1 << 20
+_MAX_RANGES = 1 << 16
+#: Inode and file handle numbers, lookup counts: what the source could have given out.
+_ID_LIMIT = 1 << 63
+#: The file types an inode may have (S_IFMT >> 12).
+_TYPES = frozenset(
+    t >> 12
+    for t in (
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+    )
+)
+_FLOCKS = (0, fcntl.LOCK_SH, fcntl.LOCK_EX)
+_LOCK_TYPES = (fcntl.F_RDLCK, fcntl.F_WRLCK)
+_OFFSET_MAX = (1 << 63) - 1
 _DELETED = b" (deleted)"
 #: Failures named one by one in the log and in the error.
 _SHOWN = 20
@@ -468,19 +494,39 @@ def load(fs: PassthroughFs, data: bytes) -> None:
     _, body = reader.section(_TAG, (_VERSION,))
     reader.end()
     flags = body.uint()
-    next_id, next_fh = body.uint(), body.uint()
-    mounts = [_Mount(body.bytes(_PATH_MAX), body.uint()) for _ in range(body.count(2))]
-    records = [_read_record(body, len(mounts)) for _ in range(body.count(6))]
-    handles = [(body.uint(), body.uint(), body.uint(), body.uint()) for _ in range(body.count(4))]
-    held = []
-    for _ in range(body.count(4)):
-        nodeid, owner, pid = body.uint(), body.uint(), body.uint()
-        ranges = [(body.uint(), body.uint(), body.uint()) for _ in range(body.count(3))]
-        held.append((nodeid, owner, pid, ranges))
+    next_id = body.uint_below(_ID_LIMIT, "next inode number")
+    next_fh = body.uint_below(_ID_LIMIT, "next file handle number")
+    mounts = [
+        _Mount(body.bytes(_PATH_MAX), body.uint())
+        for _ in range(body.count(2, limit=_MAX_MOUNTS, name="mounts"))
+    ]
+    records = [
+        _read_record(body, len(mounts))
+        for _ in range(body.count(6, limit=_MAX_INODES, name="inodes"))
+    ]
+    handles = [_read_handle(body) for _ in range(body.count(4, limit=_MAX_HANDLES, name="handles"))]
+    held = [_read_locks(body) for _ in range(body.count(4, limit=_MAX_LOCK_OWNERS, name="owners"))]
     body.end()
     if not records or records[0].how != _ROOT or records[0].nodeid != 1:
         raise StateError("passthrough state: the root inode does not come first")
+    try:
+        _load(fs, flags, next_id, next_fh, mounts, records, handles, held, started)
+    except BaseException:
+        fs.destroy()  # nothing of a half-loaded session stays
+        raise
 
+
+def _load(
+    fs: PassthroughFs,
+    flags: int,
+    next_id: int,
+    next_fh: int,
+    mounts: list[_Mount],
+    records: list[_Record],
+    handles: list[tuple[int, int, int, int]],
+    held: list[tuple[int, int, int, list[tuple[int, int, int]]]],
+    started: float,
+) -> None:
     store = fs.inodes
     guest_error = fs.cfg.migration_on_error is MigrationOnError.GUEST_ERROR
     verify = bool(flags & _F_VERIFY)
@@ -512,10 +558,12 @@ def load(fs: PassthroughFs, data: bytes) -> None:
     fs.handle_table.reserve(next_fh)
 
     handle_failures: list[str] = []
+    failed_fhs: list[int] = []
     for fh, nodeid, oflags, flock in handles:
         why = _restore_handle(fs, fh, found.get(nodeid), nodeid, oflags, flock)
         if why is not None:
             handle_failures.append(f"file handle {fh} (inode {nodeid}): {why}")
+            failed_fhs.append(fh)
 
     shared = fs.cfg.shared_dir
     if (failures or handle_failures) and not guest_error:
@@ -524,7 +572,6 @@ def load(fs: PassthroughFs, data: bytes) -> None:
         for why in handle_failures[:_SHOWN]:
             log.error("migration: %s", why)
         shown = [f"inode {n}: {w}" for n, _, w in failures[:3]] + handle_failures[:3]
-        fs.destroy()  # nothing of a half-loaded session stays
         raise StateError(
             f"{len(failures)} of the {len(records)} inodes and {len(handle_failures)} of the "
             f"{len(handles)} open files the guest holds can't be found in {shared} ("
@@ -535,9 +582,9 @@ def load(fs: PassthroughFs, data: bytes) -> None:
     for nodeid, refcount, why in failures:
         log.warning("migration: inode %d lost (EIO in the guest): %s", nodeid, why)
         store.mark_lost(nodeid, refcount)
-    for fh, nodeid, *_ in handles:
-        if nodeid not in found and fh not in fs.handle_table:
-            fs.handle_table.mark_lost(fh)
+    for fh in failed_fhs:
+        # Whatever kept it from opening, the guest holds the number: EIO until released.
+        fs.handle_table.mark_lost(fh)
     for why in handle_failures:
         log.warning("migration: %s; lost (EIO in the guest)", why)
 
@@ -561,7 +608,12 @@ def load(fs: PassthroughFs, data: bytes) -> None:
 
 
 def _read_record(body: StateReader, mounts: int) -> _Record:
-    rec = _Record(body.uint(), body.uint(), body.uint() << 12, body.uint())
+    nodeid = body.uint_below(_ID_LIMIT, "inode")
+    refcount = body.uint_below(_ID_LIMIT, f"inode {nodeid}: lookup count")
+    kind = body.uint()
+    rec = _Record(nodeid, refcount, kind << 12, body.uint())
+    if kind not in _TYPES and not (kind == 0 and rec.how == _LOST):
+        raise StateError(f"passthrough state: inode {nodeid} has file type {kind:#o}")
     if rec.how == _CHILD:
         rec.parent = body.uint()
         rec.text = body.bytes(_PATH_MAX)
@@ -585,10 +637,36 @@ def _read_record(body: StateReader, mounts: int) -> _Record:
     return rec
 
 
+def _read_handle(body: StateReader) -> tuple[int, int, int, int]:
+    fh = body.uint_below(_ID_LIMIT, "file handle")
+    if fh == 0:
+        raise StateError("passthrough state: file handle 0")
+    nodeid = body.uint_below(_ID_LIMIT, f"file handle {fh}: inode")
+    oflags = body.uint_below(1 << 32, f"file handle {fh}: open flags")
+    flock = body.uint()
+    if flock not in _FLOCKS:
+        raise StateError(f"passthrough state: file handle {fh}: flock {flock}")
+    return fh, nodeid, oflags, flock
+
+
+def _read_locks(body: StateReader) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    nodeid, owner = body.uint_below(_ID_LIMIT, "lock inode"), body.uint()
+    pid = body.uint_below(1 << 32, f"inode {nodeid}: lock pid")
+    ranges = []
+    for _ in range(body.count(3, limit=_MAX_RANGES, name="lock ranges")):
+        start, end, ltype = body.uint(), body.uint(), body.uint()
+        if not start <= end <= _OFFSET_MAX:
+            raise StateError(f"passthrough state: inode {nodeid}: lock range {start}-{end}")
+        if ltype not in _LOCK_TYPES:
+            raise StateError(f"passthrough state: inode {nodeid}: lock type {ltype}")
+        ranges.append((start, end, ltype))
+    return nodeid, owner, pid, ranges
+
+
 def _open_mount(store: InodeStore, m: _Mount, root_path: bytes) -> None:
     """Find the destination's descriptor for a mount the source's handles are on."""
     try:
-        fd = _open_below(store.root.fd, m.rel) if m.rel else os.dup(store.root.fd)
+        fd = _open_below(store.root.fd, m.rel, os.O_DIRECTORY) if m.rel else os.dup(store.root.fd)
     except OSError as e:
         m.problem = f"its mount at {m.rel.decode(errors='replace') or '.'} is missing ({e})"
         return
@@ -609,14 +687,14 @@ def _open_mount(store: InodeStore, m: _Mount, root_path: bytes) -> None:
         os.close(fd)
 
 
-def _open_below(root_fd: int, rel: bytes) -> int:
+def _open_below(root_fd: int, rel: bytes, flags: int = 0) -> int:
     """An O_PATH fd of ``rel`` below the share's root: no symlink, no "..", nothing outside."""
     if b"\0" in rel or rel.startswith(b"/"):
         raise OSError(errno.EINVAL, "not a relative path")
     return linux.openat2(
         root_fd,
         rel,
-        os.O_PATH | os.O_NOFOLLOW,
+        os.O_PATH | os.O_NOFOLLOW | flags,
         resolve=linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS | linux.RESOLVE_NO_MAGICLINKS,
     )
 
@@ -805,7 +883,19 @@ def _restore_locks(
         store.set_lock_pid(inode, owner, pid)
         with store.lock_book:
             store.pending_locks[(nodeid, owner)] = LockRanges(ranges)
-        if not locks.retake(store, inode, owner):
+        try:
+            taken = locks.retake(store, inode, owner)
+        except OSError as e:
+            log.error(
+                "migration: the locks of owner %#x on inode %d can't be taken again: %s",
+                owner,
+                nodeid,
+                e.strerror,
+            )
+            with store.lock_book:
+                store.pending_locks.pop((nodeid, owner), None)
+            continue
+        if not taken:
             with store.lock_book:
                 left = store.pending_locks.get((nodeid, owner))
                 pending += len(left.ranges) if left is not None else 0
