@@ -24,7 +24,14 @@ from pyvirtiofsd.transport.virtiofs import (
     VhostUserTransport,
     VirtioFsDevice,
 )
-from pyvirtiofsd.vhost_user.messages import FrontendReq, VringState
+from pyvirtiofsd.vhost_user.messages import (
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_NO_FD,
+    DEVICE_STATE_SAVE,
+    VHOST_F_LOG_ALL,
+    FrontendReq,
+    VringState,
+)
 from tests.memfs import MemFs
 
 
@@ -223,3 +230,128 @@ def test_a_failed_load_leaves_no_session(tmp_path: Path) -> None:
     finally:
         source_fs.shutdown()
         dest_fs.shutdown()
+
+
+def _held_session(share: Path) -> tuple[PassthroughFs, bytes, dict[str, int]]:
+    """A source whose guest holds a file open with a lock on it (the source keeps holding the
+    lock: a destination on this host takes it again only once the source lets go): its file
+    system and its saved device state."""
+    fs = _passthrough(share)
+    device = VirtioFsDevice(fs)
+    c = FuseClient(direct(device.server))
+    c.init()
+    nodeid = c.lookup(abi.ROOT_ID, b"file").nodeid
+    fh = c.open(nodeid, os.O_RDWR).fh
+    c.call(abi.Opcode.SETLK, nodeid, abi.LK_IN.pack(fh, 7, 0, 99, 1, 4242, 0, 0))  # F_WRLCK
+    return fs, device.save_state(), {"nodeid": nodeid, "fh": fh}
+
+
+def _transfer(fe: Frontend, direction: int, data: bytes = b"") -> int | None:
+    """SET_DEVICE_STATE_FD through a pipe; for a load, the bytes written and CHECK's answer."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    mine, theirs = (w, r) if direction == DEVICE_STATE_LOAD else (r, w)
+    try:
+        assert fe.set_device_state_fd(direction, theirs) == DEVICE_STATE_NO_FD
+    finally:
+        os.close(theirs)
+    if direction != DEVICE_STATE_LOAD:
+        os.close(mine)  # nobody reads: the save is left hanging
+        return None
+    with os.fdopen(mine, "wb") as f:
+        f.write(data)
+    return fe.check_device_state()
+
+
+def test_keep_listening_drops_a_migration_between_front_ends(tmp_path: Path) -> None:
+    """A front-end that migrated a guest in (state loaded, a lock still to take again from the
+    source), logged dirty pages and left mid-way through a save: the next one finds none of it,
+    and every fd of it is closed."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "file").write_bytes(b"contents")
+    source_fs, saved, held = _held_session(share)
+    path = tmp_path / "vhost.sock"
+    config = VhostUserConfig(socket_path=str(path), keep_listening=True)
+    fs = _passthrough(share)
+    try:
+        with config.listen() as listener:
+            transport = VhostUserTransport(fs, config, listener)
+            baseline = _fds()
+            t = threading.Thread(target=transport.serve, daemon=True)
+            t.start()
+            with Frontend.connect(str(path)) as fe:
+                fe.setup(queues=(0, 1), queue_size=16, ram_size=16 << 20)
+                log_fd = os.memfd_create("test-dirty-log", os.MFD_CLOEXEC)
+                os.ftruncate(log_fd, 4096)
+                fe.set_log_base(log_fd, 4096)
+                os.close(log_fd)
+                fe.set_features(fe.features | 1 << VHOST_F_LOG_ALL)
+                fe.stop_queue(0)
+                fe.stop_queue(1)
+                assert _transfer(fe, DEVICE_STATE_LOAD, saved) == 0
+                assert fs.inodes.count() == 2 and fs.inodes.pending_locks
+                retaker = fs.retaker
+                assert retaker is not None and retaker.is_alive()
+                _transfer(fe, DEVICE_STATE_SAVE)
+            deadline = time.monotonic() + 10
+            while transport.device.server.initialized or fs.inodes.count() != 1:
+                assert time.monotonic() < deadline, "no reset after the front-end left"
+                time.sleep(0.01)
+            assert not retaker.is_alive() and not fs.inodes.pending_locks
+            with open("/proc/self/maps") as maps:
+                assert "test-dirty-log" not in maps.read()
+            assert _fds() == baseline, "the migrated guest's fds are still open"
+            with Frontend.connect(str(path)) as fe:
+                fuse = _client(fe.setup(queues=(0, 1), queue_size=16, ram_size=16 << 20)[1])
+                fuse.init()
+                with pytest.raises(OSError) as gone:
+                    fuse.getattr(held["nodeid"])
+                assert gone.value.errno == errno.EBADF
+            transport.stop()
+            t.join(10)
+    finally:
+        fs.shutdown()
+        source_fs.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("mangle", "logged"),
+    [
+        (lambda b: b[:-5], "truncated"),
+        (lambda b: b + b"\0", "bytes past the end"),
+        (lambda b: b.replace(b"virtio-fs", b"virtio-xx"), "section b'virtio-xx'"),
+        (lambda b: b"\xff" * 64, "virtio-fs state"),
+    ],
+)
+def test_a_malformed_state_fails_the_check_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mangle: object, logged: str
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "file").write_bytes(b"contents")
+    source_fs, saved, _ = _held_session(share)
+    path = tmp_path / "vhost.sock"
+    config = VhostUserConfig(socket_path=str(path))
+    fs = _passthrough(share)
+    try:
+        with config.listen() as listener:
+            transport = VhostUserTransport(fs, config, listener)
+            t = threading.Thread(target=transport.serve, daemon=True)
+            t.start()
+            with Frontend.connect(str(path)) as fe:
+                fe.setup(queues=(0, 1), queue_size=16, ram_size=16 << 20)
+                fe.stop_queue(0)
+                fe.stop_queue(1)
+                assert _transfer(fe, DEVICE_STATE_LOAD, mangle(saved)) == 1  # type: ignore[operator]
+                assert not transport.device.server.initialized and fs.inodes.count() == 1
+                # The daemon goes on: a good state loads after a bad one.
+                assert _transfer(fe, DEVICE_STATE_LOAD, saved) == 0
+            t.join(10)
+            assert not t.is_alive()
+    finally:
+        fs.shutdown()
+        source_fs.shutdown()
+    failures = [r for r in caplog.records if "device state load failed" in r.getMessage()]
+    assert len(failures) == 1 and logged in failures[0].getMessage()
+    assert failures[0].exc_info is None
+    assert not any(r.exc_info for r in caplog.records)
