@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from pyvirtiofsd.testing.testdevice import UppercaseDevice
+from pyvirtiofsd.vhost_user import transfer as transfer_module
 from pyvirtiofsd.vhost_user.messages import DEVICE_STATE_LOAD, DEVICE_STATE_SAVE
 from pyvirtiofsd.vhost_user.transfer import StateTransfer, TransferError
 
@@ -116,3 +117,20 @@ def test_a_socket_will_do_and_a_file_will_not(tmp_path: object) -> None:
         StateTransfer(device, 7, r)
     assert_closed(r)
     os.close(w)
+
+
+def test_a_load_larger_than_any_state_stops_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front-end's bytes are not trusted: past MAX_STATE the load stops reading, fails,
+    and hands the device nothing; the writer finds its pipe closed."""
+    monkeypatch.setattr(transfer_module, "MAX_STATE", 100_000)
+    device = UppercaseDevice(migratable=True)
+    r, w = os.pipe()
+    transfer = StateTransfer(device, DEVICE_STATE_LOAD, r)
+    sent = 0
+    with pytest.raises(BrokenPipeError):
+        while sent < 10 * len(BIG):  # a guard: the pipe closes long before
+            sent += os.write(w, BIG)
+    os.close(w)
+    assert transfer.result() == "more than 100000 bytes of state"
+    assert device.state == b"" and sent < 10 * len(BIG)
+    assert_closed(r)

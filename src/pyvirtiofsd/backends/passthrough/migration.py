@@ -122,7 +122,7 @@ _HANDLE_MAX = 4 + linux.MAX_HANDLE_SZ
 #: Bounds a destination holds a state to (it passed through the front-end: untrusted bytes).
 #: Far above what a guest holds (each open file and, without file handles, each inode is an
 #: fd of the source's), low enough that no state makes the load allocate without end.
-_MAX_INODES = 1 << 24
+_MAX_INODES = 1 << 23
 _MAX_HANDLES = 1 << 22
 _MAX_MOUNTS = 1 << 10
 _MAX_LOCK_OWNERS = 1 << 20
