@@ -608,10 +608,12 @@ def _load(
 
 
 def _read_record(body: StateReader, mounts: int) -> _Record:
-    nodeid = body.uint_below(_ID_LIMIT, "inode")
-    refcount = body.uint_below(_ID_LIMIT, f"inode {nodeid}: lookup count")
-    kind = body.uint()
-    rec = _Record(nodeid, refcount, kind << 12, body.uint())
+    uint = body.uint
+    nodeid, refcount, kind, how = uint(), uint(), uint(), uint()
+    if nodeid >= _ID_LIMIT or refcount >= _ID_LIMIT:
+        # (Checked here rather than by uint_below: this runs once per inode, in the downtime.)
+        raise StateError(f"passthrough state: inode {nodeid} with {refcount} lookups")
+    rec = _Record(nodeid, refcount, kind << 12, how)
     if kind not in _TYPES and not (kind == 0 and rec.how == _LOST):
         raise StateError(f"passthrough state: inode {nodeid} has file type {kind:#o}")
     if rec.how == _CHILD:
