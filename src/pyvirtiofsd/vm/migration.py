@@ -292,6 +292,11 @@ class MigrationPair:
         assert self.destination is not None
         return self.destination
 
+    @property
+    def incoming(self) -> str:
+        """The Unix socket the destination takes the migration stream on (once migrating)."""
+        return self._uri.removeprefix("unix:")
+
     @staticmethod
     def qmp(vm: Vm) -> Qmp:
         assert vm.qmp is not None
@@ -303,11 +308,13 @@ class MigrationPair:
         timeout: float = 300.0,
         parameters: dict[str, Any] | None = None,
         on_poll: Any = None,
+        via: str | None = None,
     ) -> dict[str, Any]:
         """Migrate the guest from the source to the destination; the last ``query-migrate``
         (its ``status`` is one of :data:`FINAL_STATES`). ``parameters`` go to
         ``migrate-set-parameters`` first; ``on_poll(info)`` sees each ``query-migrate`` on the
-        way."""
+        way. ``via``: a Unix socket the source sends the stream to instead, whose listener
+        passes it on to :attr:`incoming` (a benchmark reading the stream on its way)."""
         src, dst = self.qmp(self.src), self.qmp(self.dst)
         dst.command("migrate-incoming", uri=self._uri)
         src.command(
@@ -315,7 +322,7 @@ class MigrationPair:
         )
         if parameters:
             src.command("migrate-set-parameters", **parameters)
-        src.command("migrate", uri=self._uri)
+        src.command("migrate", uri=self._uri if via is None else f"unix:{via}")
         deadline = time.monotonic() + timeout
         while True:
             info: dict[str, Any] = src.command("query-migrate")
