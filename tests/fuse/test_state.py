@@ -79,3 +79,13 @@ def test_garbage_is_only_ever_a_state_error(data: bytes) -> None:
         body.end()
     except StateError:
         pass
+
+
+@given(st.lists(st.integers(0, (1 << 64) - 1), max_size=20))
+def test_many_numbers_at_once_read_as_one_by_one(values: list[int]) -> None:
+    data = StateWriter().items(values).getvalue()
+    r = StateReader(data)
+    assert r.uints(len(values)) == values
+    r.end()
+    with pytest.raises(StateError, match="truncated"):
+        StateReader(data).uints(len(values) + 1)

@@ -112,6 +112,22 @@ class StateReader:
         self._pos = pos
         return value
 
+    def uints(self, n: int) -> list[int]:
+        """``n`` numbers at once (one call for a record's fields: loads run in a downtime)."""
+        data, pos = self._data, self._pos
+        end = len(data)
+        out = []
+        for _ in range(n):
+            if pos < end and data[pos] < 0x80:
+                out.append(data[pos])
+                pos += 1
+            else:
+                self._pos = pos
+                out.append(self.uint())
+                pos = self._pos
+        self._pos = pos
+        return out
+
     def bytes(self, limit: int | None = None) -> bytes:
         """A byte string (at most ``limit`` bytes long, when given)."""
         n = self.uint()

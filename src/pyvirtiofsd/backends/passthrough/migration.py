@@ -146,6 +146,7 @@ _FLOCKS = (0, fcntl.LOCK_SH, fcntl.LOCK_EX)
 _LOCK_TYPES = (fcntl.F_RDLCK, fcntl.F_WRLCK)
 _OFFSET_MAX = (1 << 63) - 1
 _DELETED = b" (deleted)"
+_O_LOOKUP = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Failures named one by one in the log and in the error.
 _SHOWN = 20
 #: Lock re-taking: the longest pause between tries, and when to say it is still waiting.
@@ -608,8 +609,7 @@ def _load(
 
 
 def _read_record(body: StateReader, mounts: int) -> _Record:
-    uint = body.uint
-    nodeid, refcount, kind, how = uint(), uint(), uint(), uint()
+    nodeid, refcount, kind, how = body.uints(4)
     if nodeid >= _ID_LIMIT or refcount >= _ID_LIMIT:
         # (Checked here rather than by uint_below: this runs once per inode, in the downtime.)
         raise StateError(f"passthrough state: inode {nodeid} with {refcount} lookups")
@@ -756,8 +756,12 @@ def _find(
             if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
                 raise _NotFound(f"a bad name {name!r}")
             try:
-                with store.path(parent) as pfd:
-                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                if parent.fd >= 0:
+                    # No request runs while a state loads: the fd stays the parent's.
+                    fd = os.open(name, _O_LOOKUP, dir_fd=parent.fd)
+                else:
+                    with store.path(parent) as pfd:
+                        fd = os.open(name, _O_LOOKUP, dir_fd=pfd)
             except OSError as e:
                 raise _NotFound(f"{_show(path)}: {e.strerror}") from None
         else:
