@@ -4,9 +4,13 @@ told, not raised; an abandoned transfer stops and closes its end."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import socket
+import termios
 import threading
+import time
 
 import pytest
 
@@ -134,3 +138,36 @@ def test_a_load_larger_than_any_state_stops_reading(monkeypatch: pytest.MonkeyPa
     assert transfer.result() == "more than 100000 bytes of state"
     assert device.state == b"" and sent < 10 * len(BIG)
     assert_closed(r)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_cancel_reaches_a_save_whose_reader_stopped_with_the_pipe_full(kind: str) -> None:
+    """The front-end's end is blocking (its flags are not ours to change) and its reader has
+    stopped: once the pipe is full the transfer must still be waiting where a cancel reaches
+    it, not inside a write that can't end."""
+    device = UppercaseDevice(migratable=True)
+    device.state = BIG
+    if kind == "pipe":
+        r, w = os.pipe()
+    else:
+        a, b = socket.socketpair()
+        r, w = a.detach(), b.detach()
+    transfer = StateTransfer(device, DEVICE_STATE_SAVE, w)
+    # Take a little, so that the transfer has written and is writing again, then nothing.
+    first = os.read(r, 1000)
+    assert first == BIG[:1000]
+    while True:
+        queued = array.array("i", [0])
+        fcntl.ioctl(r, termios.FIONREAD, queued)
+        if kind == "socket" or queued[0] >= 60000:
+            break
+        time.sleep(0.01)
+    if kind == "socket":
+        time.sleep(0.2)  # (a socket's buffer has no fixed size to wait for)
+    cancelled = threading.Thread(target=transfer.cancel, daemon=True)
+    cancelled.start()
+    cancelled.join(20)
+    assert not cancelled.is_alive(), "the cancel did not reach the transfer"
+    assert transfer.result() == "abandoned by the front-end"
+    assert_closed(w)
+    os.close(r)

@@ -14,7 +14,9 @@ verdict. Rules:
 * The thread is the only one touching the device while it runs. A front-end that sends anything
   else before CHECK_DEVICE_STATE abandons the transfer first (:meth:`StateTransfer.cancel`):
   the I/O stops, and the device call in progress, if any, is waited for.
-* The pipe's flags are not ours to change: a non-blocking end is waited for with poll().
+* The pipe's flags are not ours to change: its end is waited for with poll(), and a blocking
+  one is written a little at a time (never more than it takes at once), so that a cancel can
+  always reach the thread between writes.
 * State larger than :data:`MAX_STATE` is refused (a load reads no further).
 * The fd is closed by the thread, whatever happens; whoever started the transfer ends it with
   :meth:`StateTransfer.result` or :meth:`StateTransfer.cancel`.
@@ -153,11 +155,15 @@ class StateTransfer:
                 raise _Cancelled
 
     def _write_all(self, fd: int, data: bytes) -> None:
+        # On a blocking fd a write waits until all of it is taken, and a reader that stopped
+        # would hold it for ever, out of a cancel's reach: there, write no more than a pipe or
+        # socket that polls writable always takes at once (PIPE_BUF).
+        chunk = select.PIPE_BUF if os.get_blocking(fd) else _CHUNK
         view = memoryview(data)
         while view:
             self._wait(fd, select.POLLOUT)
             try:
-                n = os.write(fd, view[:_CHUNK])
+                n = os.write(fd, view[:chunk])
             except BlockingIOError:
                 continue
             view = view[n:]
