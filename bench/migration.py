@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +160,7 @@ def guest_pause(pair: MigrationPair) -> float:
     destination's RESUME (both QEMUs stamp events with this host's clock). QEMU's own
     "downtime" is the source's view, which ends before the destination has loaded the devices'
     state."""
-    dst = pair.qmp(pair.dst)
-    deadline = time.monotonic() + 120
-    while dst.command("query-status")["status"] != "running":
-        if time.monotonic() > deadline:
-            raise RuntimeError("the destination did not start running")
-        time.sleep(0.02)
+    pair.wait_running(pair.dst)
     return (_event_time(pair, pair.dst, "RESUME") - _event_time(pair, pair.src, "STOP")) * 1000
 
 

@@ -1,6 +1,7 @@
 """The QMP client of the migration driver (:mod:`pyvirtiofsd.vm.migration`) against a QMP
 server of our own on a socket pair: commands get their returns, events that come between are
-kept, failures are QmpErrors. (The driver itself runs in tests/e2e/test_migration.py.)"""
+kept, failures are QmpErrors; waiting for the destination to run outlasts its load and gives up
+on a state it can't leave. (The driver itself runs in tests/e2e/test_migration.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.vm.migration import Qmp, QmpError
+from pyvirtiofsd.vm.guest import GuestError
+from pyvirtiofsd.vm.migration import MigrationPair, Qmp, QmpError, Vm
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 11, "minor": 1}}, "capabilities": []}}
 
@@ -111,3 +113,31 @@ def test_connect_waits_for_the_socket_and_gives_up(tmp_path: Path) -> None:
     client.close()
     t.join(10)
     listener.close()
+
+
+def _vm(client: Qmp, tmp_path: Path) -> Vm:
+    return Vm("destination", None, tmp_path / "console", tmp_path / "stderr", qmp=client)  # type: ignore[arg-type]
+
+
+def test_wait_running_waits_for_the_destinations_load(
+    qmp: Callable[..., Qmp], tmp_path: Path
+) -> None:
+    """A precopy source says "completed" before the destination has loaded the devices'
+    state: the destination is "inmigrate" a while longer."""
+    statuses = iter(["inmigrate", "inmigrate", "running"])
+    client = qmp(lambda request: [{"return": {"status": next(statuses, "running")}}])
+    MigrationPair.wait_running(object.__new__(MigrationPair), _vm(client, tmp_path))
+    assert next(statuses, None) is None
+
+
+def test_wait_running_gives_up_on_a_destination_that_cannot_run(
+    qmp: Callable[..., Qmp], tmp_path: Path
+) -> None:
+    client = qmp(lambda request: [{"return": {"status": "internal-error"}}])
+    with pytest.raises(GuestError, match="the destination is internal-error"):
+        MigrationPair.wait_running(object.__new__(MigrationPair), _vm(client, tmp_path))
+    stuck = qmp(lambda request: [{"return": {"status": "inmigrate"}}])
+    with pytest.raises(GuestError, match="still inmigrate after 0 s"):
+        MigrationPair.wait_running(
+            object.__new__(MigrationPair), _vm(stuck, tmp_path), timeout=0.05
+        )

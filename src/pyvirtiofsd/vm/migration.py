@@ -338,6 +338,22 @@ class MigrationPair:
                 )
             time.sleep(_POLL)
 
+    def wait_running(self, vm: Vm, timeout: float = 120.0) -> None:
+        """Wait until ``vm`` runs. A precopy source reports "completed" once it has sent
+        everything; the destination may still be loading the devices' state then."""
+        qmp = self.qmp(vm)
+        deadline = time.monotonic() + timeout
+        while (status := qmp.command("query-status")["status"]) != "running":
+            if status not in ("inmigrate", "paused", "prelaunch", "finish-migrate"):
+                raise GuestError(f"the {vm.name} is {status}", vm.console(), vm.stderr())
+            if time.monotonic() > deadline:
+                raise GuestError(
+                    f"the {vm.name} is still {status} after {timeout:.0f} s",
+                    vm.console(),
+                    vm.stderr(),
+                )
+            time.sleep(_POLL)
+
     def status(self, vm: Vm, timeout: float = 300.0) -> int:
         """Wait for the script's exit status on ``vm``'s console."""
         return int(vm.wait_for(self._status.pattern, timeout).group(1))
