@@ -111,6 +111,8 @@ def test_print_capabilities() -> None:
     assert len(set(features)) == len(features)
     # The one feature libvirt acts upon for a daemon it starts with <binary path>.
     assert "separate-options" in features
+    # libvirt refuses to migrate a domain with a virtiofs share unless the daemon has it.
+    assert "migrate-precopy" in features
 
 
 def test_print_capabilities_needs_no_other_option(work: Path) -> None:
@@ -199,9 +201,9 @@ INVALID = {
     "security-label-mode": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                              "--security-label=sometimes"],
                             "argument --security-label: invalid choice: 'sometimes'"),
-    "unsupported-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
-                            "--migration-confirm-paths"],
-                           "--migration-confirm-paths is not supported"),
+    "switch-with-a-value": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                             "--migration-confirm-paths=yes"],
+                            "argument --migration-confirm-paths: ignored explicit argument 'yes'"),
     "translate-form": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                         "--translate-uid", "map:1:2"], "expected map:GUEST:HOST:COUNT"),
     "translate-type": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
@@ -279,6 +281,23 @@ INVALID = {
     "unknown-socket-group": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                               "--socket-group", "no-such-group-here"],
                              "no group named 'no-such-group-here'"),
+    "bad-migration-mode": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                            "--migration-mode", "guess"],
+                           "argument --migration-mode: invalid choice: 'guess'"),
+    "bad-migration-on-error": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                "--migration-on-error", "ignore"],
+                               "argument --migration-on-error: invalid choice: 'ignore'"),
+    "verify-handles-with-handles": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                     "--migration-mode", "file-handles",
+                                     "--migration-verify-handles"],
+                                    "--migration-verify-handles goes with --migration-mode "
+                                    "find-paths only"),
+    "migration-and-opendal": (["--socket-path", "{sock}", "--opendal", "memory",
+                               "--migration-on-error", "guest-error"],
+                              "--migration-on-error needs a --shared-dir served over vhost-user"),
+    "migration-and-mount": (["--mount", "{dir}", "--shared-dir", "{dir}",
+                             "--migration-mode", "file-handles"],
+                            "--migration-mode needs a --shared-dir served over vhost-user"),
 }  # fmt: skip
 
 
@@ -652,7 +671,7 @@ def test_every_option_names_a_config_field() -> None:
     dests = {
         a.dest
         for a in cli.build_parser()._actions
-        if a.dest not in own and not a.dest.startswith(("ignored_", "unsupported_"))
+        if a.dest not in own and not a.dest.startswith("ignored_")
     }
     assert dests - fields == set()
     compat = {
@@ -682,6 +701,36 @@ def test_options_not_given_leave_the_configs_defaults(shared: Path, work: Path) 
     assert config.backend == PassthroughConfig(str(shared))
     assert config.server == ServerConfig()
     assert config.process == ProcessConfig()
+
+
+def test_migration_options_fill_the_passthrough_config(shared: Path, work: Path) -> None:
+    from pyvirtiofsd.backends.passthrough import PassthroughConfig
+    from pyvirtiofsd.backends.passthrough.config import MigrationMode, MigrationOnError
+    from pyvirtiofsd.cli import parse_args
+
+    sock = str(work / "s.sock")
+    base = ["--socket-path", sock, "--shared-dir", str(shared)]
+    config = parse_args(base)
+    assert config is not None and isinstance(config.backend, PassthroughConfig)
+    assert config.backend.migration_mode is MigrationMode.FIND_PATHS
+    assert config.backend.migration_on_error is MigrationOnError.ABORT
+    config = parse_args(
+        [
+            *base,
+            "--migration-mode",
+            "file-handles",
+            "--migration-on-error",
+            "guest-error",
+            "--migration-confirm-paths",
+        ]
+    )
+    assert config is not None and isinstance(config.backend, PassthroughConfig)
+    assert config.backend.migration_mode is MigrationMode.FILE_HANDLES
+    assert config.backend.migration_on_error is MigrationOnError.GUEST_ERROR
+    assert config.backend.migration_confirm_paths
+    config = parse_args([*base, "--migration-verify-handles"])
+    assert config is not None and isinstance(config.backend, PassthroughConfig)
+    assert config.backend.migration_verify_handles
 
 
 def test_keep_listening_is_the_transports(shared: Path, work: Path) -> None:

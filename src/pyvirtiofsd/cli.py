@@ -25,7 +25,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyvirtiofsd import accel
-from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig, SecurityLabel
+from pyvirtiofsd.backends.passthrough.config import (
+    FileHandles,
+    MigrationMode,
+    MigrationOnError,
+    PassthroughConfig,
+    SecurityLabel,
+)
 from pyvirtiofsd.backends.passthrough.idmap import IdMap, IdMapError, IdRule, parse_rule
 from pyvirtiofsd.backends.passthrough.xattrmap import XattrMap, XattrMapError
 from pyvirtiofsd.daemon import DaemonConfig, ProcessConfig
@@ -55,10 +61,11 @@ CACHE_MODES = ("never", "none", "auto", "always", "metadata")
 SANDBOXES = ("namespace", "chroot", "none")
 #: What libvirt reads from --print-capabilities. "separate-options" makes libvirt pass
 #: --shared-dir/--cache/... rather than -o; "security-label-negotiation-mode" says that
-#: --security-label takes never|auto|always. Migration is not offered: we have no device state.
+#: --security-label takes never|auto|always; "migrate-precopy" lets it migrate a domain with the
+#: share mounted (the daemon logs dirty pages and carries its state over).
 CAPABILITIES = {
     "type": "fs",
-    "features": ["security-label-negotiation-mode", "separate-options"],
+    "features": ["migrate-precopy", "security-label-negotiation-mode", "separate-options"],
 }
 #: Request threads of an object-storage daemon when --thread-pool-size does not say: served
 #: inline, one slow store call would hold up every request behind it, even those the local
@@ -68,14 +75,6 @@ OPENDAL_THREADS = 8
 #: virtiofsd options we accept and ignore, because what they tune does not exist here.
 _IGNORED_WITH_VALUE = ("--seccomp", "--modcaps")
 _IGNORED_FLAGS = ("--preserve-noatime", "-f")
-#: virtiofsd options we refuse rather than silently run without.
-_UNSUPPORTED = (
-    "--migration-mode",
-    "--migration-on-error",
-    "--migration-verify-handles",
-    "--migration-confirm-paths",
-)
-
 #: virtiofsd's ``-o`` switches and the option each sets; ``no_`` in front clears it.
 _COMPAT_SWITCHES = {
     "xattr": "xattr",
@@ -108,6 +107,8 @@ _NO_LABEL = (None, False, "never")
 _CONVERT: dict[str, Any] = {
     "cache": CachePolicy.parse,
     "inode_file_handles": FileHandles.parse,
+    "migration_mode": MigrationMode,
+    "migration_on_error": MigrationOnError,
     "uid_map": tuple,
     "gid_map": tuple,
     "translate_uid": tuple,
@@ -115,6 +116,14 @@ _CONVERT: dict[str, Any] = {
     "xattrmap": XattrMap.parse,
     "security_label": SecurityLabel.parse,
 }
+
+#: The options of live migration (config fields of the passthrough).
+_MIGRATION_OPTIONS = (
+    "migration_mode",
+    "migration_on_error",
+    "migration_verify_handles",
+    "migration_confirm_paths",
+)
 
 _C = TypeVar("_C")
 
@@ -259,6 +268,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --mount: let the kernel read and write files directly (FUSE_PASSTHROUGH)",
     )
 
+    mig = p.add_argument_group("live migration")
+    mig.add_argument(
+        "--migration-mode",
+        choices=[m.value for m in MigrationMode],
+        help="as a migration source, how the destination finds each file the guest holds: by "
+        "its path in the share (find-paths, the default; an unlinked open file by file handle) "
+        "or by its file handle (file-handles: the same file system must be mounted there)",
+    )
+    mig.add_argument(
+        "--migration-on-error",
+        choices=[m.value for m in MigrationOnError],
+        help="as a migration destination, what to do when a file the guest holds can't be "
+        "found: refuse the migration (abort, the default; the source goes on) or let it go on "
+        "with that file failing with EIO in the guest (guest-error)",
+    )
+    mig.add_argument(
+        "--migration-verify-handles",
+        action="store_true",
+        help="with find-paths: send each file's handle too, and refuse a file the destination "
+        "finds by that path whose handle differs (same file system on both sides)",
+    )
+    mig.add_argument(
+        "--migration-confirm-paths",
+        action="store_true",
+        help="accepted for virtiofsd's sake: paths are always taken while the guest is "
+        "stopped, so there is nothing left to confirm",
+    )
+
     dax = p.add_argument_group("DAX window")
     dax.add_argument(
         "--dax-window",
@@ -328,15 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
             dest="ignored_" + opt.strip("-").replace("-", "_"),
             help=argparse.SUPPRESS,
         )
-    for opt in _UNSUPPORTED:
-        run.add_argument(
-            opt,
-            dest="unsupported_" + opt.strip("-").replace("-", "_"),
-            nargs="?",
-            const="",
-            action="append",
-            help=argparse.SUPPRESS,
-        )
     return p
 
 
@@ -375,9 +403,6 @@ def parse_args(argv: Sequence[str] | None = None, *, own_fs: bool = False) -> Da
     if getattr(ns, "print_capabilities", False):
         print(json.dumps(CAPABILITIES, indent=2))
         return None
-    for opt in _UNSUPPORTED:
-        if getattr(ns, "unsupported_" + opt.strip("-").replace("-", "_"), None):
-            p.error(f"{opt} is not supported by pyvirtiofsd")
     given: dict[str, Any] = vars(ns)
     notices: list[str] = []
     if given.pop("debug", False):
@@ -497,6 +522,14 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
                 check_map(kind, ranges)
             except ValueError as e:
                 p.error(str(e))
+    migration = [k for k in _MIGRATION_OPTIONS if k in o]
+    if migration and (shared_dir is None or mountpoint is not None):
+        p.error(
+            f"--{migration[0].replace('_', '-')} needs a --shared-dir served over vhost-user "
+            "(only a passthrough share migrates)"
+        )
+    if o.get("migration_verify_handles") and o.get("migration_mode") == "file-handles":
+        p.error("--migration-verify-handles goes with --migration-mode find-paths only")
     translate = {kind: o.get(f"translate_{kind}") or [] for kind in ("uid", "gid")}
     if translate["uid"] or translate["gid"]:
         if scheme is not None or own_fs:

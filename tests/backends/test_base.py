@@ -68,6 +68,35 @@ def test_numbers_count_up_and_unknown_ones_are_ebadf() -> None:
     assert t.remove(1) is None
 
 
+def test_a_migrated_table_keeps_the_guests_numbers() -> None:
+    t, closed = table()
+    a, b = H("a"), H("b")
+    t.insert(5, a)
+    t.insert(2, b)
+    t.mark_lost(3)
+    t.reserve(9)
+    items, lost, next_fh = t.items()
+    assert items == [(2, b), (5, a)] and lost == [3] and next_fh == 9
+    assert t.use(5) is a
+    t.done(a)
+    with pytest.raises(ValueError, match="taken"):
+        t.insert(5, H("again"))
+    with pytest.raises(ValueError, match="taken"):
+        t.insert(3, H("lost one"))
+    # A lost number answers EIO until released; then it is unknown (EBADF).
+    with pytest.raises(OSError) as e:
+        t.use(3)
+    assert e.value.errno == errno.EIO
+    assert t.lost(3) and t.remove(3) is None and not t.lost(3)
+    with pytest.raises(OSError) as e:
+        t.use(3)
+    assert e.value.errno == errno.EBADF
+    assert t.add(H("new")) == 9
+    for h in t.remove_all():
+        t.done(h)
+    assert sorted(h.name for h in closed) == ["a", "b", "new"]  # type: ignore[attr-defined]
+
+
 def test_uses_are_counted() -> None:
     t, closed = table()
     h = H("a")

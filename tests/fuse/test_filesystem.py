@@ -27,12 +27,15 @@ from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 
 #: Operations whose default is not ENOSYS, and why: the connection's hooks have nothing to do,
-#: FORGET never fails, releasing what was never opened gives nothing back, and an empty file
-#: system still has a statfs.
+#: FORGET never fails, releasing what was never opened gives nothing back, an empty file
+#: system still has a statfs, and the live-migration hooks are no FUSE operations (a file
+#: system that does not implement them is not migratable).
 NOT_ENOSYS = {
     "init",
     "destroy",
     "shutdown",
+    "save_state",
+    "load_state",
     "forget",
     "batch_forget",
     "release",
@@ -162,3 +165,12 @@ def test_entries_that_do_not_fit_come_in_the_next_readdir(plus: bool) -> None:
         offset = batch[-1][0]
     assert seen == fs.names  # each once, in order, none lost where a reply was full
     assert fs.refused and set(fs.refused) <= set(fs.names)
+
+
+def test_a_file_system_is_not_migratable_unless_it_says_so() -> None:
+    fs = Filesystem()
+    assert fs.migratable is False
+    with pytest.raises(NotImplementedError, match="cannot save its state"):
+        fs.save_state()
+    with pytest.raises(NotImplementedError, match="cannot load"):
+        fs.load_state(b"")

@@ -21,6 +21,7 @@ from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock, SecurityContext
 from pyvirtiofsd.fuse.server import OPS, LockWaiters, Server, ServerConfig, TransportCaps
+from pyvirtiofsd.fuse.state import StateError, StateWriter
 from pyvirtiofsd.testing.fuse_client import (
     FuseClient,
     decode_reply,
@@ -675,3 +676,121 @@ def test_many_creates_with_a_tiny_reply_buffer(session: tuple[Server, Recorder, 
         assert decode_reply(reply).error == errno.EINVAL
     assert os.listdir(env.share) == []
     assert fd_count() == fds
+
+
+# --- live migration: the negotiated session -------------------------------------------------
+
+
+class XattrFs(Filesystem):
+    """Wants SETXATTR_EXT (or not), and records what SETXATTR it gets."""
+
+    def __init__(self, ext: bool = True) -> None:
+        self.ext = ext
+        self.inits = 0
+        self.calls: list[tuple[bytes, bytes, int, int]] = []
+
+    def init(self, conn: Any) -> None:
+        self.inits += 1
+        if self.ext:
+            conn.want |= abi.InitFlag.SETXATTR_EXT
+
+    def setxattr(
+        self, ctx: Context, ino: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+    ) -> None:
+        self.calls.append((name, value, flags, setxattr_flags))
+
+
+OFFERED = abi.InitFlag.INIT_EXT | abi.InitFlag.SETXATTR_EXT | abi.InitFlag.POSIX_LOCKS
+
+
+def test_a_session_goes_on_elsewhere_without_init() -> None:
+    source = Server(XattrFs())
+    c = FuseClient(direct(source))
+    c.init(flags=OFFERED)
+    saved = source.save_state()
+    assert source.initialized  # the source keeps its session
+
+    fs = XattrFs()
+    destination = Server(fs)
+    destination.load_state(saved)
+    assert destination.initialized and fs.inits == 1
+    assert destination.flags == source.flags and destination.proto_minor == source.proto_minor
+    assert destination.flags & abi.InitFlag.SETXATTR_EXT
+    # The guest's kernel goes on with the long SETXATTR layout it agreed on with the source.
+    c2 = FuseClient(direct(destination))
+    c2.flags = source.flags
+    c2.setxattr(ROOT, b"user.x", b"value", flags=1)
+    assert fs.calls == [(b"user.x", b"value", 1, 0)]
+
+
+def test_a_session_never_started_stays_so() -> None:
+    destination = Server(XattrFs())
+    destination.load_state(Server(XattrFs()).save_state())
+    assert not destination.initialized
+    status, _, _ = raw(
+        destination, encode_request(abi.Opcode.GETATTR, ROOT, abi.GETATTR_IN.pack(0, 0, 0))
+    )
+    assert status == errno.EIO
+
+
+def test_a_destination_with_other_options_refuses_the_session() -> None:
+    source = Server(XattrFs())
+    FuseClient(direct(source)).init(flags=OFFERED)
+    destination = Server(XattrFs(ext=False))
+    with pytest.raises(StateError, match="only on the source: SETXATTR_EXT; only here: none"):
+        destination.load_state(source.save_state())
+    assert not destination.initialized
+
+
+def test_a_session_is_only_taken_over_by_a_fresh_server() -> None:
+    source = Server(XattrFs())
+    FuseClient(direct(source)).init(flags=OFFERED)
+    with pytest.raises(StateError, match="serves a FUSE session already"):
+        source.load_state(source.save_state())
+    small = Server(XattrFs(), caps=TransportCaps(max_write=4096))
+    with pytest.raises(StateError, match="largest write is 1048576 bytes"):
+        small.load_state(source.save_state())
+    with pytest.raises(StateError, match="section b'virtio-fs'"):
+        Server(XattrFs()).load_state(StateWriter().section(b"virtio-fs", 1, b"").getvalue())
+
+
+def _session(*fields: int) -> bytes:
+    body = StateWriter()
+    for f in fields:
+        body.uint(f)
+    return StateWriter().section(b"fuse-session", 1, body).getvalue()
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        (_session(2), "mounted 2 out of range"),
+        (_session(1, 7, 1 << 32, 0, 0, 0, 4096), "INIT field 4294967296 out of range"),
+        (_session(1, 8, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 4096), "speaks FUSE 8."),
+        (_session(1, 7, 1, 0, 0, 0, 4096), r"speaks FUSE 7\.1$"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 0), "largest write is 0 bytes"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 1 << 40), "largest write 1099"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0), "truncated"),
+        (_session(1, 7, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 4096, 0), "past the end"),
+    ],
+)
+def test_a_hostile_session_is_a_state_error(saved: bytes, message: str) -> None:
+    """The saved session passed through the front-end: each field out of its range is
+    refused, and the server is left as it was (no session, its own largest write)."""
+    fs = XattrFs()
+    destination = Server(fs)
+    own = destination.max_write
+    with pytest.raises(StateError, match=message):
+        destination.load_state(saved)
+    assert not destination.initialized and destination.max_write == own
+    assert fs.inits == 0
+
+
+def test_a_reset_forgets_the_largest_write_a_session_brought() -> None:
+    source = Server(XattrFs(), caps=TransportCaps(max_write=8192))
+    FuseClient(direct(source)).init(flags=OFFERED)
+    destination = Server(XattrFs())
+    destination.load_state(source.save_state())
+    assert destination.max_write == 8192
+    destination.reset()
+    assert destination.max_write == destination.caps.max_write > 8192

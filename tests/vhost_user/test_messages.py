@@ -6,13 +6,19 @@ import struct
 import pytest
 
 from pyvirtiofsd.vhost_user.messages import (
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_NO_FD,
+    DEVICE_STATE_SAVE,
     HEADER,
     MAX_PAYLOAD,
+    OWN_REPLY,
     VHOST_USER_FLAG_NEED_REPLY,
     VHOST_USER_FLAG_REPLY,
     BackendReq,
     ConfigSpace,
+    DeviceStateRequest,
     FrontendReq,
+    LogDescription,
     MemoryRegionDesc,
     Message,
     MessageError,
@@ -216,3 +222,20 @@ def test_parser_close_closes_pending_fds() -> None:
     parser.close()
     with pytest.raises(OSError):
         os.fstat(r)
+
+
+def test_live_migration_payloads() -> None:
+    assert FrontendReq.SET_LOG_BASE == 6
+    assert FrontendReq.SET_DEVICE_STATE_FD == 42 and FrontendReq.CHECK_DEVICE_STATE == 43
+    assert ProtocolFeature.LOG_SHMFD == 1 and ProtocolFeature.DEVICE_STATE == 19
+    log = LogDescription(0x4000, 0)
+    assert log.encode() == struct.pack("=QQ", 0x4000, 0)
+    assert LogDescription.decode(log.encode()) == log
+    with pytest.raises(MessageError):
+        LogDescription.decode(bytes(8))
+    state = DeviceStateRequest(DEVICE_STATE_LOAD, 0)
+    assert state.encode() == struct.pack("=II", 1, 0)
+    assert DeviceStateRequest.decode(state.encode()) == state
+    assert DEVICE_STATE_SAVE == 0 and DEVICE_STATE_NO_FD == 0x100
+    # Both have a u64 reply of their own, whatever happens.
+    assert {FrontendReq.SET_DEVICE_STATE_FD, FrontendReq.CHECK_DEVICE_STATE} <= OWN_REPLY

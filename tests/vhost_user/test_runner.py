@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import queue
 import signal
@@ -19,10 +20,12 @@ from pyvirtiofsd.testing.testdevice import UppercaseDevice
 from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.messages import (
     HEADER,
+    VHOST_F_LOG_ALL,
     FrontendReq,
     MemoryRegionDesc,
     Message,
     MMapRequest,
+    VringAddr,
     VringState,
     encode_mem_table,
     encode_u64,
@@ -34,6 +37,7 @@ from pyvirtiofsd.virtio.chain import (
     VRING_DESC_F_WRITE,
 )
 from pyvirtiofsd.virtio.device import Completion, later
+from pyvirtiofsd.virtio.dirtylog import word_masks
 from tests.vhost_user.conftest import DaemonFactory
 
 MiB = 1 << 20
@@ -706,3 +710,108 @@ def test_set_features_refusal_over_the_socket(daemon: DaemonFactory) -> None:
     with pytest.raises(FrontendError):
         fe.set_features(1 << 50)
     assert fe.status_of(FrontendReq.SET_FEATURES, encode_u64(fe.features)) == 0
+
+
+# -- dirty logging --------------------------------------------------------------------------------
+
+
+class GatedDevice(UppercaseDevice):
+    """Holds each request in its handler until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__(num_queues=2, migratable=True)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+
+    def handler(self, queue_index: int):  # type: ignore[no-untyped-def]
+        inner = super().handler(queue_index)
+
+        def handle(chain):  # type: ignore[no-untyped-def]
+            self.entered.set()
+            assert self.go.wait(GUARD)
+            return inner(chain)
+
+        return handle
+
+
+GUARD = 30.0
+
+
+def start_logging(fe: Frontend, q: DriverQueue) -> mmap.mmap:
+    """Share a dirty log as QEMU does when a migration begins; return a view of it."""
+    assert fe.ram is not None
+    size = fe.ram.size // 4096 // 8
+    fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    view = mmap.mmap(fd, size)
+    fe.set_log_base(fd, size)
+    os.close(fd)
+    fe.set_features(fe.features | 1 << VHOST_F_LOG_ALL)
+    ua = fe.ram.user_addr
+    fe.set_vring_addr(
+        q.index,
+        ua(q.desc_addr),
+        ua(q.avail_addr),
+        ua(q.used_addr),
+        VringAddr.LOG_FLAG,
+        q.used_addr,
+    )
+    return view
+
+
+def logged_pages(view: mmap.mmap) -> set[int]:
+    words = memoryview(view).cast("Q").tolist()
+    return {64 * w + b for w, m in enumerate(words) for b in range(64) if m >> b & 1}
+
+
+def pages_of(ranges: list[tuple[int, int]]) -> set[int]:
+    return {64 * w + b for w, m in word_masks(ranges).items() for b in range(64) if m >> b & 1}
+
+
+def test_pages_written_while_logging_are_marked(daemon: DaemonFactory) -> None:
+    d = daemon(UppercaseDevice(num_queues=2, migratable=True))
+    fe = d.connect()
+    q = fe.setup(queues=(1,), queue_size=1024)[1]
+    check_serves(q)
+    view = start_logging(fe, q)
+    assert logged_pages(view) == set()
+    head = q.submit([b"abcdef"], [8192])
+    reply_gpa = q._pending[head].buffers[1][0]
+    q.kick()
+    q.wait(head)
+    assert q.result(head) == (6, b"ABCDEF")
+    slot = 1  # the second chain of the ring
+    expected = pages_of(
+        [
+            (reply_gpa, 6),  # the reply: its 6 bytes, not the whole 8 KiB buffer
+            (q.used_addr + 4 + 8 * slot, 8),  # the used entry
+            (q.used_addr + 2, 2),  # used->idx
+            (q.used_addr + 4 + 8 * 1024, 2),  # avail_event
+        ]
+    )
+    # Set once the reply is pushed; the worker re-arms notifications after that.
+    fe.stop_queue(1)
+    assert logged_pages(view) == expected
+    view.close()
+
+
+def test_a_reply_to_a_request_taken_before_logging_began_is_marked(
+    daemon: DaemonFactory,
+) -> None:
+    device = GatedDevice()
+    d = daemon(device)
+    fe = d.connect()
+    q = fe.setup(queues=(1,), queue_size=256)[1]
+    device.go.clear()
+    head = q.submit([b"xyz"], [64])
+    reply_gpa = q._pending[head].buffers[1][0]
+    q.kick()
+    assert device.entered.wait(GUARD)  # the chain was walked without logging
+    view = start_logging(fe, q)
+    device.go.set()
+    q.wait(head)
+    assert q.result(head) == (3, b"XYZ")
+    fe.stop_queue(1)
+    assert pages_of([(reply_gpa, 3)]) <= logged_pages(view)
+    view.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -12,9 +13,14 @@ import pytest
 from pyvirtiofsd.testing.frontend import DriverQueue, GuestRam
 from pyvirtiofsd.testing.testdevice import UppercaseDevice
 from pyvirtiofsd.vhost_user.messages import (
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_SAVE,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    DeviceStateRequest,
     FrontendReq,
+    LogDescription,
     MemoryRegionDesc,
     Message,
     MessageParser,
@@ -608,3 +614,195 @@ def test_close_unmaps_and_closes(h: Harness) -> None:
     h.session.close()
     assert_closed(kick)
     assert len(h.session.memory) == 0
+
+
+# -- live migration ------------------------------------------------------------------------------
+
+LOG_ALL = 1 << VHOST_F_LOG_ALL
+
+
+def memfd(size: int) -> int:
+    fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.fixture
+def m() -> Iterator[Harness]:
+    """A harness whose device is migratable."""
+    harness = Harness(UppercaseDevice(num_queues=2, max_queue_size=256, migratable=True))
+    yield harness
+    harness.close()
+
+
+def ring_addr(h: Harness, index: int, flags: int = 0) -> VringAddr:
+    dq = h.drivers[-1]
+    ua = h.ram.user_addr
+    return VringAddr(index, flags, ua(dq.desc_addr), ua(dq.used_addr), ua(dq.avail_addr), 0x5000)
+
+
+def test_migration_is_offered_only_by_a_migratable_device(h: Harness, m: Harness) -> None:
+    assert not h.u64(R.GET_FEATURES) & LOG_ALL
+    proto = h.u64(R.GET_PROTOCOL_FEATURES)
+    assert not proto >> ProtocolFeature.LOG_SHMFD & 1
+    assert not proto >> ProtocolFeature.DEVICE_STATE & 1
+    assert m.u64(R.GET_FEATURES) == STANDARD | LOG_ALL
+    proto = m.u64(R.GET_PROTOCOL_FEATURES)
+    assert proto >> ProtocolFeature.LOG_SHMFD & 1 and proto >> ProtocolFeature.DEVICE_STATE & 1
+
+
+def test_a_log_is_mapped_replied_to_and_replaced(m: Harness) -> None:
+    m.negotiate()
+    m.share_ram()
+    m.start_ring(1)
+    first = memfd(4096)
+    # QEMU sends it without NEED_REPLY and waits for the reply all the same.
+    reply = m.send(R.SET_LOG_BASE, LogDescription(4096, 0).encode(), [first])
+    assert reply is not None and LogDescription.decode(reply.payload) == LogDescription(4096, 0)
+    assert_closed(first)
+    old = m.session.log
+    assert old is not None and old.pages == 4096 * 8
+    assert m.ack(R.SET_FEATURES, encode_u64(STANDARD | LOG_ALL)) == 0
+    queue = m.session.vrings[1].queue
+    assert queue is not None and queue.data_log is old
+    second = memfd(8192)
+    reply = m.send(R.SET_LOG_BASE, LogDescription(8192, 0).encode(), [second])
+    assert reply is not None
+    # The ring writes to the new log before the reply; the old one is unmapped.
+    assert queue.data_log is m.session.log and m.session.log is not old
+    assert old.closed
+
+
+def test_logging_switches_on_and_off_on_running_rings(m: Harness) -> None:
+    m.negotiate()
+    m.share_ram()
+    m.start_ring(1)
+    vring = m.session.vrings[1]
+    queue = vring.queue
+    assert queue is not None
+    queue.next_avail = 9  # as if nine chains had been served
+    m.send(R.SET_LOG_BASE, LogDescription(4096, 0).encode(), [memfd(4096)])
+    dirty = m.session.log
+    # A migration begins: LOG_ALL, then the used ring's logging, ring by ring (as QEMU does).
+    assert m.ack(R.SET_FEATURES, encode_u64(STANDARD | LOG_ALL)) == 0
+    assert m.ack(R.SET_VRING_ADDR, ring_addr(m, 1, VringAddr.LOG_FLAG).encode()) == 0
+    assert vring.queue is queue and queue.next_avail == 9  # the ring ran on undisturbed
+    assert queue.data_log is dirty and queue._used_log is dirty and queue._used_gpa == 0x5000
+    assert m.runner.calls == [("start", 1)]
+    # Moving a running ring is still refused.
+    moved = ring_addr(m, 1, VringAddr.LOG_FLAG)
+    moved = VringAddr(1, moved.flags, moved.desc, moved.used + 64, moved.avail, moved.log)
+    assert m.ack(R.SET_VRING_ADDR, moved.encode()) == 1
+    # The migration is cancelled: LOG_ALL goes, then each ring's logging; the log is unmapped.
+    assert m.ack(R.SET_FEATURES, encode_u64(STANDARD)) == 0
+    assert queue.data_log is None and queue._used_log is dirty
+    assert m.session.log is dirty
+    assert m.ack(R.SET_VRING_ADDR, ring_addr(m, 1).encode()) == 0
+    assert not queue.logging and m.session.log is None
+    assert dirty is not None and dirty.closed
+
+
+def test_logging_asked_before_the_log_starts_with_the_log(m: Harness) -> None:
+    m.negotiate()
+    m.share_ram()
+    m.start_ring(1)
+    queue = m.session.vrings[1].queue
+    assert queue is not None
+    assert m.ack(R.SET_FEATURES, encode_u64(STANDARD | LOG_ALL)) == 0
+    assert m.ack(R.SET_VRING_ADDR, ring_addr(m, 1, VringAddr.LOG_FLAG).encode()) == 0
+    assert not queue.logging
+    m.send(R.SET_LOG_BASE, LogDescription(4096, 0).encode(), [memfd(4096)])
+    assert queue.data_log is m.session.log and queue._used_log is m.session.log
+
+
+def test_a_log_that_cannot_be_mapped(m: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    m.negotiate()
+    with caplog.at_level(logging.WARNING):
+        reply = m.send(R.SET_LOG_BASE, LogDescription(8192, 0).encode(), [memfd(4096)])
+    assert reply is not None and reply.payload == b""  # answered: the front-end waits for it
+    assert "holds 4096 bytes" in caplog.text
+    # Logging without a log would lose pages: the front-end learns it here.
+    assert m.ack(R.SET_FEATURES, encode_u64(STANDARD | LOG_ALL)) == 1
+
+
+def test_reset_ends_logging(m: Harness) -> None:
+    m.negotiate()
+    m.send(R.SET_LOG_BASE, LogDescription(4096, 0).encode(), [memfd(4096)])
+    assert m.ack(R.SET_FEATURES, encode_u64(STANDARD | LOG_ALL)) == 0
+    dirty = m.session.log
+    assert m.ack(R.RESET_DEVICE) == 0
+    assert m.session.log is None and dirty is not None and dirty.closed
+
+
+def state_fd(m: Harness, direction: int, fd: int, phase: int = 0) -> int:
+    reply = m.send(R.SET_DEVICE_STATE_FD, DeviceStateRequest(direction, phase).encode(), [fd])
+    assert reply is not None
+    return decode_u64(reply.payload)
+
+
+def test_device_state_save_and_load(m: Harness) -> None:
+    m.negotiate()
+    m.session.device.state = b"the state" * 20000  # more than a pipe holds
+    r, w = os.pipe()
+    assert state_fd(m, DEVICE_STATE_SAVE, w) == 0x100  # done, no fd in the reply
+    saved = b""
+    while chunk := os.read(r, 65536):
+        saved += chunk
+    os.close(r)
+    assert m.u64(R.CHECK_DEVICE_STATE) == 0
+    assert saved == b"the state" * 20000
+
+    other = Harness(UppercaseDevice(num_queues=2, migratable=True))
+    try:
+        other.negotiate()
+        r, w = os.pipe()
+        assert state_fd(other, DEVICE_STATE_LOAD, r) == 0x100
+        writer = threading.Thread(target=lambda: (os.write(w, saved), os.close(w)))
+        writer.start()
+        assert other.u64(R.CHECK_DEVICE_STATE) == 0
+        writer.join()
+        assert other.session.device.state == saved
+    finally:
+        other.close()
+
+
+def test_a_load_that_fails_fails_the_check(m: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    m.negotiate()
+    r, w = os.pipe()
+    assert state_fd(m, DEVICE_STATE_LOAD, r) == 0x100
+    os.write(w, b"!not this")
+    os.close(w)
+    with caplog.at_level(logging.ERROR):
+        assert m.u64(R.CHECK_DEVICE_STATE) == 1
+    assert "device state load failed: state refused" in caplog.text
+    assert m.u64(R.CHECK_DEVICE_STATE) == 1  # nothing more to check
+
+
+@pytest.mark.parametrize("case", ["running", "phase", "no-feature"])
+def test_device_state_transfers_that_are_refused(m: Harness, case: str) -> None:
+    if case == "no-feature":
+        m.send(R.SET_PROTOCOL_FEATURES, encode_u64(1 << ProtocolFeature.REPLY_ACK))
+    else:
+        m.negotiate()
+    if case == "running":
+        m.share_ram()
+        m.start_ring(1)
+    r, w = os.pipe()
+    assert state_fd(m, DEVICE_STATE_SAVE, w, phase=1 if case == "phase" else 0) == 0x101
+    assert_closed(w)
+    assert os.read(r, 10) == b""  # our end is closed: nothing comes
+    os.close(r)
+
+
+def test_a_request_before_the_check_abandons_the_transfer(
+    m: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    m.negotiate()
+    m.session.device.state = b"x" * (1 << 20)
+    r, w = os.pipe()
+    assert state_fd(m, DEVICE_STATE_SAVE, w) == 0x100
+    with caplog.at_level(logging.WARNING):
+        assert m.ack(R.RESET_DEVICE) == 0  # the front-end never read the pipe
+    assert "device state save abandoned" in caplog.text
+    assert m.u64(R.CHECK_DEVICE_STATE) == 1
+    os.close(r)

@@ -45,8 +45,15 @@ class Guest:
         for i, entry in enumerate(entries):
             DESC.pack_into(self.lo, at + 16 * i, *entry)
 
-    def read(self, head: int = 0, *, indirect: bool = True, size: int = SIZE) -> Chain:
-        return read_chain(self.memory, self.table, size, head, indirect=indirect)
+    def read(
+        self,
+        head: int = 0,
+        *,
+        indirect: bool = True,
+        size: int = SIZE,
+        gpas: list[tuple[int, int]] | None = None,
+    ) -> Chain:
+        return read_chain(self.memory, self.table, size, head, indirect=indirect, gpas=gpas)
 
 
 @pytest.fixture
@@ -209,7 +216,7 @@ def _walk_only(g: Guest, monkeypatch: pytest.MonkeyPatch, head: int = 0) -> Chai
     with monkeypatch.context() as m:
         m.setattr(chain_module, "_linux_table", lambda *args: None)
         try:
-            return g.read(head)
+            return g.read(head, gpas=[])
         except InvalidChain as e:
             return e
 
@@ -222,6 +229,7 @@ def _same(a: Chain | InvalidChain, b: Chain | InvalidChain) -> None:
     assert [bytes(v) for v in a.readable] == [bytes(v) for v in b.readable]
     assert [bytes(v) for v in a.writable] == [bytes(v) for v in b.writable]
     assert a.writable_len == b.writable_len and a.head == b.head
+    assert a.gpas == b.gpas
 
 
 @pytest.mark.pure_python
@@ -268,7 +276,7 @@ def test_bulk_table_decoding_is_the_walk(
     g.indirect(at, table)
     g.desc(0, at, 16 * n, INDIRECT)
     try:
-        fast: Chain | InvalidChain = g.read()
+        fast: Chain | InvalidChain = g.read(gpas=[])
     except InvalidChain as e:
         fast = e
     _same(fast, _walk_only(g, monkeypatch))
@@ -300,3 +308,41 @@ def test_bulk_decoding_is_used_for_linux_tables(
     assert decoded == [c]
     assert [len(v) for v in c.readable] == [40, 40]
     assert len(c.writable) == 257 and c.writable_len == 16 + 256 * 1024
+
+
+# --- guest-physical ranges, for the dirty log ---------------------------------------------------
+
+
+def test_writable_ranges_are_kept_only_when_asked(g: Guest) -> None:
+    g.desc(0, DATA, 5, NEXT, 1)
+    g.desc(1, DATA + 100, 7, NEXT | WRITE, 2)
+    g.desc(2, DATA + 200, 0, NEXT | WRITE, 3)  # empty: nothing to log
+    g.desc(3, MiB - 2, 4, WRITE)  # spans two regions: one guest-physical range
+    assert g.read().gpas is None
+    chain = g.read(gpas=[])
+    assert chain.gpas == [(DATA + 100, 7), (MiB - 2, 4)]
+    assert chain.written(0) == []
+    assert chain.written(5) == [(DATA + 100, 5)]
+    assert chain.written(9) == [(DATA + 100, 7), (MiB - 2, 2)]
+    assert chain.written(11) == [(DATA + 100, 7), (MiB - 2, 4)]
+
+
+def test_writable_ranges_of_an_indirect_table(g: Guest) -> None:
+    entries = [(DATA, 40, NEXT, 1)] + [
+        (MiB + 4096 * i, 1024, WRITE | (NEXT if i < 19 else 0), 2 + i) for i in range(20)
+    ]
+    g.indirect(0x20000, entries)
+    g.desc(0, 0x20000, 16 * len(entries), INDIRECT)
+    chain = g.read(gpas=[])  # the bulk path: a Linux-shaped table of 21 entries
+    assert chain.gpas == [(MiB + 4096 * i, 1024) for i in range(20)]
+    assert chain.written(1500) == [(MiB, 1024), (MiB + 4096, 476)]
+
+
+def test_a_partly_reachable_chain_keeps_the_ranges_it_reached(g: Guest) -> None:
+    g.desc(0, DATA, 40, NEXT, 1)
+    g.desc(1, DATA + 64, 16, NEXT | WRITE, 2)
+    g.desc(2, 8 * MiB, 4096, WRITE)  # outside guest memory
+    with pytest.raises(InvalidChain) as e:
+        g.read(gpas=[])
+    assert e.value.partial is not None
+    assert e.value.partial.gpas == [(DATA + 64, 16)]

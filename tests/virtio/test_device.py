@@ -101,13 +101,16 @@ def test_the_projects_devices_implement_the_interface() -> None:
         "fault",
         "handler",
         "interrupt_waits",
+        "load_state",
         "reset",
+        "save_state",
         "set_backend_channel",
         "shmem_sizes",
     ]
     for device in devices:
         for name in ("device_id", "num_queues", "max_queue_size", "features"):
             assert isinstance(getattr(device, name), int), (device, name)
+        assert isinstance(device.migratable, bool), device
         for name in methods:
             want = list(inspect.signature(getattr(VirtioDevice, name)).parameters)[1:]
             got = list(inspect.signature(getattr(device, name)).parameters)

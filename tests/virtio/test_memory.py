@@ -185,3 +185,21 @@ def test_close_unmaps(ram: GuestRam) -> None:
     view = GuestMemory([region]).translate(0, 16)
     view.release()
     assert region.close() is True
+
+
+def test_guest_ranges_from_views() -> None:
+    lo, hi = bytearray(1 << 20), bytearray(1 << 20)
+    memory = GuestMemory(
+        [
+            MappedRegion.from_buffer(0, lo, name="lo"),
+            MappedRegion.from_buffer(4 << 20, hi, name="hi"),
+        ]
+    )
+    views = [memory.translate(0x1000, 100), memory.translate((4 << 20) + 0x2345, 50)]
+    views.insert(1, memoryview(bytearray(10)))  # not guest memory: skipped
+    assert memory.guest_ranges(views, 0) == []
+    assert memory.guest_ranges(views, 110) == [(0x1000, 100)]
+    assert memory.guest_ranges(views, 120) == [(0x1000, 100), ((4 << 20) + 0x2345, 10)]
+    assert memory.guest_ranges(views, 1000) == [(0x1000, 100), ((4 << 20) + 0x2345, 50)]
+    for v in views:
+        v.release()

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pyvirtiofsd.testing.frontend import DriverQueue, GuestRam
 from pyvirtiofsd.virtio.chain import VRING_DESC_F_NEXT, InvalidChain
+from pyvirtiofsd.virtio.dirtylog import LOG_PAGE_SIZE, DirtyLog, word_masks
 from pyvirtiofsd.virtio.memory import GuestMemory
 from pyvirtiofsd.virtio.queue import (
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -195,3 +198,85 @@ def test_release_lets_memory_be_unmapped(ram: GuestRam, make_driver: MakeDriver)
     q.push_used(head, 0)
     q.release()
     assert all(region.close() for region in memory.regions)
+
+
+# --- dirty logging ------------------------------------------------------------------------------
+
+
+def _log(ram: GuestRam) -> DirtyLog:
+    fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC)
+    try:
+        size = ram.size // LOG_PAGE_SIZE // 8
+        os.ftruncate(fd, size)
+        return DirtyLog(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _pages(ranges: list[tuple[int, int]]) -> set[int]:
+    return {64 * w + b for w, m in word_masks(ranges).items() for b in range(64) if m >> b & 1}
+
+
+def _logged(log: DirtyLog) -> set[int]:
+    return {64 * w + b for w, m in enumerate(log.words()) for b in range(64) if m >> b & 1}
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_what_the_device_writes_is_logged(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver, event_idx: bool
+) -> None:
+    dq = make_driver(ram, size=1024, event_idx=event_idx)
+    q = device_queue(memory, ram, dq)
+    log = _log(ram)
+    q.set_logging(log, log, dq.used_addr)
+    dq.submit([b"x" * 5000], [3000, 6000])
+    dq.kick()
+    q.disable_notification()
+    chain = q.pop()
+    assert chain is not None and chain.gpas is not None and len(chain.gpas) == 2
+    data = b"y" * 5000
+    chain.writable[0][:] = data[:3000]
+    chain.writable[1][:2000] = data[3000:]
+    written = chain.written(5000)
+    q.push_used(chain.head, 5000, written)
+    assert q.enable_notification() is False
+    used = [(dq.used_addr + 4, 8), (dq.used_addr + 2, 2)]
+    if event_idx:
+        used.append((dq.used_addr + 4 + 8 * 1024, 2))  # avail_event
+    else:
+        used.append((dq.used_addr, 2))  # flags
+    # Exactly those pages: nothing the driver wrote (the request, the rings' other parts).
+    assert _logged(log) == _pages(written + used)
+    log.close()
+
+
+def test_nothing_is_logged_when_logging_is_off(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram, event_idx=True)
+    q = device_queue(memory, ram, dq)
+    log = _log(ram)
+    q.set_logging(log, log, dq.used_addr)
+    q.set_logging(None, None)
+    dq.submit([b"abc"], [16])
+    chain = q.pop()
+    assert chain is not None and chain.gpas is None
+    q.push_used(chain.head, 3)
+    q.enable_notification()
+    assert _logged(log) == set()
+    log.close()
+
+
+def test_used_ring_logging_without_data_logging(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram, event_idx=True)
+    q = device_queue(memory, ram, dq)
+    log = _log(ram)
+    q.set_logging(None, log, dq.used_addr)
+    dq.submit([b"abc"], [16])
+    chain = q.pop()
+    assert chain is not None and chain.gpas is None  # no data log: the walk keeps nothing
+    q.push_used(chain.head, 3, [(0x12345000, 3)])
+    assert _logged(log) == _pages([(dq.used_addr + 2, 10)])
+    log.close()

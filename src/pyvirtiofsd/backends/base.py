@@ -23,6 +23,10 @@ at the same time as a RELEASE of it, so the table keeps these rules:
   ``close`` is not called for it.
 * :meth:`remove_all` empties the table when the session ends, handing over the table's count
   of each handle as :meth:`remove` does.
+* Live migration: a destination puts the source's handles in under the source's numbers
+  (:meth:`insert`) and never gives out a number the source did (:meth:`reserve`). A number whose
+  file could not be opened again is *lost* (:meth:`mark_lost`): using it is EIO, releasing it
+  forgets it.
 * The table's one lock guards the numbers and the counts only: no I/O and no ``close`` runs
   under it. READ and WRITE pay for two acquisitions of it and nothing more, taken with
   ``acquire``/``release`` rather than ``with`` (on Python 3.11 the context-manager protocol costs
@@ -104,7 +108,7 @@ H = TypeVar("H", bound=Handle)
 class HandleTable(Generic[H]):
     """The open files and directories of one session: see the module's rules."""
 
-    __slots__ = ("_close", "_handles", "_idle", "_lock", "_next")
+    __slots__ = ("_close", "_handles", "_idle", "_lock", "_lost", "_next")
 
     def __init__(self, close: Callable[[H], None] | None = None) -> None:
         #: Called for a removed handle when its last user is done (not after remove_idle).
@@ -114,6 +118,8 @@ class HandleTable(Generic[H]):
         self._next = 1
         #: Handles a remove_idle() waits for, by id(), with what wakes it.
         self._idle: dict[int, threading.Event] = {}
+        #: Numbers a migration could not open again (EIO until released).
+        self._lost: set[int] = set()
 
     def add(self, h: H) -> int:
         """Put ``h`` in the table (counted once, for the table); returns its number."""
@@ -133,6 +139,8 @@ class HandleTable(Generic[H]):
             h.users += 1
         lock.release()
         if h is None:
+            if fh in self._lost:
+                raise oserror(errno.EIO, f"file handle {fh} was lost in a migration")
             raise oserror(errno.EBADF, f"unknown file handle {fh}")
         return h
 
@@ -163,6 +171,7 @@ class HandleTable(Generic[H]):
         with self._lock:
             h = self._handles.get(fh)
             if h is None or (kind is not None and not isinstance(h, kind)):
+                self._lost.discard(fh)
                 return None
             del self._handles[fh]
         return h
@@ -190,7 +199,37 @@ class HandleTable(Generic[H]):
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
+            self._lost.clear()
         return handles
+
+    def items(self) -> tuple[list[tuple[int, H]], list[int], int]:
+        """The handles by number, the lost numbers, and the next number (live migration)."""
+        with self._lock:
+            return sorted(self._handles.items()), sorted(self._lost), self._next
+
+    def insert(self, fh: int, h: H) -> None:
+        """Put ``h`` in under the number ``fh`` the guest already has (live migration)."""
+        h.users = 1
+        with self._lock:
+            if fh in self._handles or fh in self._lost or fh <= 0:
+                raise ValueError(f"file handle {fh} is taken")
+            self._handles[fh] = h
+            self._next = max(self._next, fh + 1)
+
+    def mark_lost(self, fh: int) -> None:
+        """The guest holds ``fh``, whose file could not be opened here: EIO until released."""
+        with self._lock:
+            if fh not in self._handles and fh > 0:
+                self._lost.add(fh)
+                self._next = max(self._next, fh + 1)
+
+    def reserve(self, next_fh: int) -> None:
+        """Numbers given from now on start at ``next_fh`` or later."""
+        with self._lock:
+            self._next = max(self._next, next_fh)
+
+    def lost(self, fh: int) -> bool:
+        return fh in self._lost
 
     def __contains__(self, fh: object) -> bool:
         return fh in self._handles

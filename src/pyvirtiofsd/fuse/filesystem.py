@@ -20,6 +20,16 @@ left; ``destroy`` is called instead.
 
 File handles returned by ``open``/``opendir``/``create`` are opaque 64-bit numbers that come back
 in later calls on the same open file until ``release``/``releasedir``.
+
+Live migration
+--------------
+A file system that can move to another daemon with its guest sets ``migratable`` and implements
+``save_state`` and ``load_state``: what the guest holds (its inode numbers and their lookup
+counts, its open file handles, its locks) as bytes, and the same taken over on the other side,
+where the guest goes on with the numbers it has. Both run while no request does. ``load_state``
+runs after ``init`` (the server replays the source's INIT first) and raises with a message
+saying what could not be found. A file system that is not migratable makes the transport offer
+no migration at all.
 """
 
 from __future__ import annotations
@@ -374,6 +384,9 @@ class Filesystem:
     Methods may be called from several threads at once; implementations do their own locking.
     """
 
+    #: Whether :meth:`save_state` and :meth:`load_state` are implemented (live migration).
+    migratable: bool = False
+
     # --- connection ----------------------------------------------------------------------
 
     def init(self, conn: ConnectionInfo) -> None:
@@ -387,6 +400,16 @@ class Filesystem:
         (descriptors, staging files). Called once, after the transport has ended; requests
         stuck in the file system may still be running (the daemon waits a grace period for
         this call, then exits without it)."""
+
+    def save_state(self) -> bytes:
+        """What the guest holds, for another daemon to take over (no request runs); the file
+        system keeps it all (the source may go on serving)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save its state")
+
+    def load_state(self, data: bytes) -> None:
+        """Take over what :meth:`save_state` gave on the source (after :meth:`init`); raise,
+        with a message naming what could not be restored, when it can't."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a saved state")
 
     # --- names and inodes ----------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from pyvirtiofsd.fuse.filesystem import (
     SecurityContext,
     SetAttr,
 )
+from pyvirtiofsd.fuse.state import StateError, StateReader, StateWriter
 
 __all__ = [
     "DEFAULT_FLAGS",
@@ -249,6 +250,8 @@ _SECCTX_OPS = frozenset(
 #: Longest xattr name and value Linux takes (XATTR_NAME_MAX, XATTR_SIZE_MAX).
 _XATTR_NAME_MAX: Final = 255
 _XATTR_SIZE_MAX: Final = 1 << 16
+#: The smallest largest-write a kernel agrees on (it raises a smaller max_write to this).
+_MIN_MAX_WRITE: Final = 4096
 
 
 def _secctx(block: Any, count: int) -> SecurityContext | None:
@@ -283,6 +286,19 @@ def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
     ev, evn = _timeout(entry.entry_timeout)
     av, avn = _timeout(entry.attr_timeout)
     out.pack(_ENTRY_OUT, entry.ino, entry.generation, ev, av, evn, avn, *entry.attr.values())
+
+
+def _flag_names(flags: int) -> str:
+    if not flags:
+        return "none"
+    names = []
+    for bit in range(64):
+        if flags >> bit & 1:
+            try:
+                names.append(abi.InitFlag(1 << bit).name or hex(1 << bit))
+            except ValueError:
+                names.append(hex(1 << bit))
+    return ", ".join(names)
 
 
 def _pack_open(out: ReplyWriter, opened: Opened) -> None:
@@ -377,6 +393,8 @@ class Server:
         self.initialized = False
         self.proto_minor = 0
         self.flags = 0
+        #: What the kernel offered at INIT: (major, minor, max_readahead, flags).
+        self._offered = (0, 0, 0, 0)
         #: Requests being served, by unique, so that INTERRUPT can reach them.
         self._inflight: dict[int, Context] = {}
         #: Requests answered later (blocking locks), which a reset or shutdown interrupts.
@@ -538,6 +556,8 @@ class Server:
         """The session ended without DESTROY (the guest's driver reset the device): forget
         it, and expect a new INIT."""
         self.interrupt_waiting()
+        # A session taken over (live migration) may have brought its own.
+        self.max_write = self.caps.max_write
         if self.initialized:
             self.initialized = False
             self.fs.destroy()
@@ -613,30 +633,7 @@ class Server:
                 "kernel speaks FUSE 7.%d; 7.%d or newer needed", minor, abi.MIN_KERNEL_MINOR_VERSION
             )
             raise OSError(errno.EPROTO, "FUSE minor version too old")
-        caps = self.caps
-        capable = flags | (flags2 << 32)
-        conn = ConnectionInfo(
-            major=major,
-            minor=min(minor, abi.KERNEL_MINOR_VERSION),
-            capable=capable,
-            want=capable & DEFAULT_FLAGS,
-            max_readahead=max_readahead,
-            max_write=self.max_write,
-            map_alignment=caps.map_alignment or 0,
-            backing_open=caps.backing_open,
-            backing_close=caps.backing_close,
-            dax_window=caps.dax_window,
-        )
-        if caps.map_alignment is not None:
-            conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT
-        with self._init_lock:
-            self.fs.init(conn)
-            want = conn.want & capable & ~self.config.disabled_flags
-            if not flags & abi.InitFlag.INIT_EXT:
-                want &= 0xFFFFFFFF
-            self.flags = want
-            self.proto_minor = conn.minor
-            self.initialized = True
+        conn, want = self._negotiate(major, minor, max_readahead, flags | (flags2 << 32))
         max_stack_depth = 1 if want & abi.InitFlag.PASSTHROUGH else 0
         reply = abi.INIT_OUT.pack(
             abi.KERNEL_VERSION,
@@ -660,6 +657,91 @@ class Server:
             reply = reply[: abi.COMPAT_22_INIT_OUT_SIZE]
         out.write(reply)
         log.info("FUSE session 7.%d, flags %#x, max_write %d", conn.minor, want, self.max_write)
+
+    def _negotiate(
+        self, major: int, minor: int, max_readahead: int, capable: int
+    ) -> tuple[ConnectionInfo, int]:
+        """Agree on a session with the file system from what the kernel offered at INIT (or
+        what a saved session says it offered); the flags in force."""
+        caps = self.caps
+        conn = ConnectionInfo(
+            major=major,
+            minor=min(minor, abi.KERNEL_MINOR_VERSION),
+            capable=capable,
+            want=capable & DEFAULT_FLAGS,
+            max_readahead=max_readahead,
+            max_write=self.max_write,
+            map_alignment=caps.map_alignment or 0,
+            backing_open=caps.backing_open,
+            backing_close=caps.backing_close,
+            dax_window=caps.dax_window,
+        )
+        if caps.map_alignment is not None:
+            conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT
+        with self._init_lock:
+            self.fs.init(conn)
+            want = conn.want & capable & ~self.config.disabled_flags
+            if not capable & abi.InitFlag.INIT_EXT:
+                want &= 0xFFFFFFFF
+            self.flags = want
+            self.proto_minor = conn.minor
+            self._offered = (major, minor, max_readahead, capable)
+            self.initialized = True
+        return conn, want
+
+    # --- live migration ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """The negotiated session (what INIT agreed, and what the kernel offered), for a server
+        on another daemon to go on with it without an INIT (live migration). The file system's
+        own state is apart (:meth:`Filesystem.save_state`)."""
+        body = StateWriter()
+        if not self.initialized:
+            body.uint(0)
+        else:
+            major, minor, max_readahead, capable = self._offered
+            body.uint(1).uint(major).uint(minor).uint(max_readahead).uint(capable)
+            body.uint(self.flags).uint(self.max_write)
+        return StateWriter().section(b"fuse-session", 1, body).getvalue()
+
+    def load_state(self, data: bytes) -> None:
+        """Take over a session :meth:`save_state` gave: the file system is initialised as the
+        source's was by INIT, and the flags that agrees on must be the source's (StateError
+        otherwise: the two daemons run with different options). Call it before the file
+        system's own :meth:`Filesystem.load_state`, on a server that has no session yet."""
+        if self.initialized:
+            raise StateError("this daemon serves a FUSE session already")
+        reader = StateReader(data, "FUSE session")
+        _, body = reader.section(b"fuse-session", (1,))
+        reader.end()
+        if not body.uint_below(2, "mounted"):
+            body.end()
+            return  # the guest had not mounted the file system
+        major, minor, max_readahead = (body.uint_below(1 << 32, "INIT field") for _ in range(3))
+        capable, flags = body.uint(), body.uint()
+        max_write = body.uint_below(1 << 32, "largest write")
+        body.end()
+        if major != abi.KERNEL_VERSION or minor < abi.MIN_KERNEL_MINOR_VERSION:
+            raise StateError(f"the saved session speaks FUSE {major}.{minor}")
+        if not _MIN_MAX_WRITE <= max_write <= self.caps.max_write:
+            raise StateError(
+                f"the source's largest write is {max_write} bytes; this transport takes "
+                f"{_MIN_MAX_WRITE} to {self.caps.max_write}"
+            )
+        self.max_write = max_write
+        try:
+            _, want = self._negotiate(major, minor, max_readahead, capable)
+        except BaseException:
+            self.max_write = self.caps.max_write
+            raise
+        if want != flags:
+            self.reset()
+            raise StateError(
+                "the destination's options agree on other FUSE flags than the source's did "
+                f"(only on the source: {_flag_names(flags & ~want)}; only here: "
+                f"{_flag_names(want & ~flags)}): start both daemons with the same options"
+            )
+        log.info("FUSE session 7.%d taken over, flags %#x", self.proto_minor, want)
 
     @_op(abi.Opcode.DESTROY)
     def _destroy(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any) -> None:

@@ -43,7 +43,9 @@ from pyvirtiofsd.vhost_user.messages import (
     OWN_REPLY,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    DeviceStateRequest,
     FrontendReq,
+    LogDescription,
     MemoryRegionDesc,
     Message,
     MessageError,
@@ -690,10 +692,13 @@ class Frontend:
     def set_vring_base(self, index: int, base: int) -> None:
         self.checked(FrontendReq.SET_VRING_BASE, VringState(index, base).encode())
 
-    def set_vring_addr(self, index: int, desc: int, avail: int, used: int, flags: int = 0) -> None:
-        """Ring addresses in the front-end's address space (user addresses)."""
+    def set_vring_addr(
+        self, index: int, desc: int, avail: int, used: int, flags: int = 0, log: int = 0
+    ) -> None:
+        """Ring addresses in the front-end's address space (user addresses); ``log`` is the
+        used ring's guest-physical address, for dirty logging (``flags`` VringAddr.LOG_FLAG)."""
         self.checked(
-            FrontendReq.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, 0).encode()
+            FrontendReq.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, log).encode()
         )
 
     def get_vring_base(self, index: int) -> int:
@@ -718,6 +723,30 @@ class Frontend:
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         self.checked(FrontendReq.SET_VRING_ENABLE, VringState(index, int(enable)).encode())
+
+    # -- live migration ------------------------------------------------------------------------
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> bytes:
+        """SET_LOG_BASE with LOG_SHMFD: share the dirty log; QEMU waits for the reply (whatever
+        its flags said), and so do we. Returns the reply's payload."""
+        with self._lock:
+            self.send(FrontendReq.SET_LOG_BASE, LogDescription(size, offset).encode(), [fd])
+            reply = self.recv()
+        if reply.request != FrontendReq.SET_LOG_BASE or not reply.is_reply:
+            raise FrontendError(f"SET_LOG_BASE answered with request {reply.request}")
+        return reply.payload
+
+    def set_device_state_fd(self, direction: int, fd: int, phase: int = 0) -> int:
+        """SET_DEVICE_STATE_FD; the reply's u64 (status in bits 0-7, bit 8: no fd back)."""
+        reply = self.call(
+            FrontendReq.SET_DEVICE_STATE_FD, DeviceStateRequest(direction, phase).encode(), [fd]
+        )
+        assert reply is not None
+        return decode_u64(reply.payload)
+
+    def check_device_state(self) -> int:
+        """CHECK_DEVICE_STATE: 0 when the transfer succeeded."""
+        return self._u64(FrontendReq.CHECK_DEVICE_STATE)
 
     # -- the back-end channel ----------------------------------------------------------------
 

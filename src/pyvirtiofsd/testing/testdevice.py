@@ -5,6 +5,10 @@ copied into the writable buffers with ASCII letters upper-cased, as far as they 
 request whose first readable byte is ``!`` gets no reply (used length 0), standing in for
 FUSE FORGET. Nothing here allocates per byte beyond ``bytes.upper``.
 
+Made ``migratable``, its state is the bytes in :attr:`UppercaseDevice.state`, saved and loaded
+as they are; a load of state starting with ``!`` fails, standing in for a destination that
+can't take the state over.
+
 ``python -m pyvirtiofsd.testing.testdevice SOCKET`` serves it over vhost-user to one
 front-end (QEMU, or :mod:`pyvirtiofsd.testing.frontend`), for benchmarks and front-end
 experiments without FUSE.
@@ -39,8 +43,13 @@ class UppercaseDevice:
         shmem_sizes: Sequence[int] = (),
         delay: float = 0.0,
         barrier: threading.Barrier | None = None,
+        migratable: bool = False,
     ) -> None:
         self.device_id = device_id
+        self.migratable = migratable
+        #: What save_state gives and load_state takes.
+        self.state = b""
+        self.saves = 0
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.features = 0
@@ -100,6 +109,19 @@ class UppercaseDevice:
 
     def interrupt_waits(self, queue_index: int) -> None:
         pass
+
+    def save_state(self) -> bytes:
+        if not self.migratable:
+            raise ValueError("this device is not migratable")
+        self.saves += 1
+        return self.state
+
+    def load_state(self, data: bytes) -> None:
+        if not self.migratable:
+            raise ValueError("this device is not migratable")
+        if data[:1] == b"!":
+            raise ValueError("state refused: it starts with '!'")
+        self.state = bytes(data)
 
 
 def _main(argv: list[str] | None = None) -> int:

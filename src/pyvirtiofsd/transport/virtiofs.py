@@ -7,12 +7,17 @@ written to, guest memory in place. The device makes its FUSE server and gives it
 it offers: the DAX window and a way to answer a request later (the chain is the request's
 token, and :func:`~pyvirtiofsd.virtio.device.later` keeps it in flight).
 
+Live migration: the device is migratable when its file system is and it has no DAX window (the
+window's mappings live in the VMM's memory and no front-end carries them over). Its state is
+the FUSE session the server negotiated (so the guest goes on without a new INIT) and the file
+system's, in one versioned envelope.
+
 With ``keep_listening`` the transport serves one front-end after another on the same socket
 (a VMM that reconnects after each guest reboot, as cloud-hypervisor does), each from a clean
-slate: the vhost-user side drops everything of the front-end that left, and the device reset
-ends the FUSE session (the file system forgets every inode and handle, the DAX window its
-mappings, and the next driver must start with INIT). Without it, the daemon exits when its one
-front-end leaves, as virtiofsd does.
+slate: the vhost-user side drops everything of the front-end that left (its dirty log and any
+state transfer included), and the device reset ends the FUSE session (the file system forgets
+every inode and handle, the DAX window its mappings, and the next driver must start with INIT).
+Without it, the daemon exits when its one front-end leaves, as virtiofsd does.
 
 Rules: everything this transport is told is in :class:`VhostUserConfig` (frozen; filled from
 the command line by field name). The listening socket is not the transport's:
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 
 from pyvirtiofsd.fuse.filesystem import Filesystem
 from pyvirtiofsd.fuse.server import Server, ServerConfig, TransportCaps
+from pyvirtiofsd.fuse.state import StateReader, StateWriter
 from pyvirtiofsd.transport.dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
 from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.runner import VhostUserServer
@@ -119,6 +125,13 @@ class VirtioFsDevice:
             later=later,
         )
         self.server = Server(fs, server_config, caps)
+        #: Why the device can't be migrated (None: it can).
+        self.migration_blocker: str | None = None
+        if not fs.migratable:
+            self.migration_blocker = f"{type(fs).__name__} cannot save its state"
+        elif self.window is not None:
+            self.migration_blocker = "a DAX window is not carried over"
+        self.migratable = self.migration_blocker is None
 
     def config(self) -> bytes:
         """virtio_fs_config; offered only with a tag (QEMU 7.1 to 8.0 crash on CONFIG, and
@@ -156,6 +169,31 @@ class VirtioFsDevice:
         self.channel = channel
         if self.window is not None:
             self.window.mapper = channel
+
+    def save_state(self) -> bytes:
+        """The FUSE session and the file system's state (the rings are stopped)."""
+        if self.migration_blocker is not None:
+            raise ValueError(f"no live migration: {self.migration_blocker}")
+        body = StateWriter().bytes(self.server.save_state()).bytes(self.server.fs.save_state())
+        return StateWriter().section(b"virtio-fs", 1, body).getvalue()
+
+    def load_state(self, data: bytes) -> None:
+        """Go on with the source's FUSE session: the server's, then the file system's."""
+        if self.migration_blocker is not None:
+            raise ValueError(f"no live migration: {self.migration_blocker}")
+        reader = StateReader(data, "virtio-fs state")
+        _, body = reader.section(b"virtio-fs", (1,))
+        reader.end()
+        session, fs_state = body.bytes(), body.bytes()
+        body.end()
+        self.server.load_state(session)
+        if not self.server.initialized:
+            return  # nothing mounted on the source
+        try:
+            self.server.fs.load_state(fs_state)
+        except BaseException:
+            self.server.reset()
+            raise
 
     def reset(self) -> None:
         """The driver reset the device (guest reboot, driver unload), or its front-end left
@@ -214,6 +252,8 @@ class VhostUserTransport:
             self.config.num_request_queues,
             "; serving one after another" if self.config.keep_listening else "",
         )
+        if self.device.migration_blocker is not None:
+            log.info("live migration not offered: %s", self.device.migration_blocker)
         served = self._loop.run()
         if self.config.keep_listening:
             log.info("stopped after %d front-end(s)", self._loop.front_ends)

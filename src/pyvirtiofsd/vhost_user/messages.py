@@ -23,6 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DEVICE_STATE_LOAD",
+    "DEVICE_STATE_NO_FD",
+    "DEVICE_STATE_PHASE_STOPPED",
+    "DEVICE_STATE_SAVE",
     "HEADER",
     "MAX_FDS",
     "MAX_MEM_REGIONS",
@@ -36,7 +40,9 @@ __all__ = [
     "VRING_NOFD",
     "BackendReq",
     "ConfigSpace",
+    "DeviceStateRequest",
     "FrontendReq",
+    "LogDescription",
     "MMapRequest",
     "MemoryRegionDesc",
     "Message",
@@ -74,6 +80,13 @@ VHOST_USER_F_PROTOCOL_FEATURES = 30
 # SET_VRING_KICK/CALL/ERR: bits 0-7 are the ring index, bit 8 says "no fd attached".
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 0x100
+
+# SET_DEVICE_STATE_FD: the direction of the transfer, the phase the device is in, and the
+# reply's "no fd in this reply" bit (bits 0-7 of the reply are the status, 0 = success).
+DEVICE_STATE_SAVE = 0
+DEVICE_STATE_LOAD = 1
+DEVICE_STATE_PHASE_STOPPED = 0
+DEVICE_STATE_NO_FD = 0x100
 
 MAX_MEM_REGIONS = 8  # regions in one SET_MEM_TABLE
 MAX_FDS = 32  # more than any message carries; extra fds are closed
@@ -196,6 +209,8 @@ OWN_REPLY = frozenset(
         FrontendReq.GET_MAX_MEM_SLOTS,
         FrontendReq.GET_STATUS,
         FrontendReq.GET_SHMEM_CONFIG,
+        FrontendReq.SET_DEVICE_STATE_FD,
+        FrontendReq.CHECK_DEVICE_STATE,
     }
 )
 
@@ -224,6 +239,7 @@ _MEM_TABLE_HDR = struct.Struct("=II")
 _CONFIG_HDR = struct.Struct("=III")
 _MMAP = struct.Struct("=B7xQQQQ")
 _SHMEM_CONFIG = struct.Struct("=II256Q")
+_LOG = struct.Struct("=QQ")
 
 
 def _need(payload: bytes, size: int, what: str) -> None:
@@ -340,6 +356,39 @@ class VringAddr:
 
     def encode(self) -> bytes:
         return _VRING_ADDR.pack(self.index, self.flags, self.desc, self.used, self.avail, self.log)
+
+
+@dataclass(frozen=True, slots=True)
+class LogDescription:
+    """SET_LOG_BASE (with LOG_SHMFD): ``u64 mmap_size | u64 mmap_offset`` of the log's fd. The
+    back-end's reply echoes it (QEMU reads and ignores whatever the reply carries)."""
+
+    size: int
+    offset: int
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LogDescription:
+        _need(payload, _LOG.size, "log description")
+        return cls(*_LOG.unpack_from(payload))
+
+    def encode(self) -> bytes:
+        return _LOG.pack(self.size, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateRequest:
+    """SET_DEVICE_STATE_FD: ``u32 direction | u32 phase`` (and the pipe's fd)."""
+
+    direction: int
+    phase: int
+
+    @classmethod
+    def decode(cls, payload: bytes) -> DeviceStateRequest:
+        _need(payload, _VRING_STATE.size, "device state transfer")
+        return cls(*_VRING_STATE.unpack_from(payload))
+
+    def encode(self) -> bytes:
+        return _VRING_STATE.pack(self.direction, self.phase)
 
 
 @dataclass(frozen=True, slots=True)

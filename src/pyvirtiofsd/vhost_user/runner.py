@@ -376,10 +376,11 @@ class _QueueWorker:
                 chain.writable_len,
             )
             used = 0
+        written = _written(self.queue, chain, used) if used and self.queue.logging else None
         # Drop the views now, not when the chain object happens to be collected: once
         # the entry is used the driver may reuse the buffers and the memory may go away.
         chain.release()
-        self._complete(chain.head, used)
+        self._complete(chain.head, used, written)
 
     def _invalid(self, e: InvalidChain) -> None:
         """Return an unservable chain; when parts of it were reachable the device may
@@ -394,7 +395,10 @@ class _QueueWorker:
                 log.exception("vring %d: fault handler failed", self.vring.index)
             if not 0 <= used <= partial.writable_len:
                 used = 0
+        written = None
         if partial is not None:
+            if used and self.queue.logging:
+                written = _written(self.queue, partial, used)
             partial.release()
         log.warning(
             "vring %d: %s; %s",
@@ -402,7 +406,7 @@ class _QueueWorker:
             e,
             f"answered with a {used}-byte reply" if used else "returned unused",
         )
-        self._complete(e.head, used)
+        self._complete(e.head, used, written)
 
     def _serve_pooled(self, chain: Chain) -> None:
         try:
@@ -413,13 +417,13 @@ class _QueueWorker:
                 if not self._inflight:
                     self._idle.notify_all()
 
-    def _complete(self, head: int, used: int) -> None:
+    def _complete(self, head: int, used: int, written: list[tuple[int, int]] | None = None) -> None:
         vring = self.vring
         queue = self.queue
         with vring.lock:
             if self.abandoned:
                 return  # the front-end has the ring back (or is gone): not ours to touch
-            queue.push_used(head, used)
+            queue.push_used(head, used, written)
             self.served[vring.index] += 1
             if queue.needs_notification():
                 vring.signal_call_locked()
@@ -610,6 +614,16 @@ class VhostUserServer:
             connection.shutdown()
 
 
+def _written(queue: SplitQueue, chain: Chain, used: int) -> list[tuple[int, int]] | None:
+    """The guest-physical ranges of a reply of ``used`` bytes, while the queue logs its data:
+    from the walk, or for a chain popped before logging began, from its views."""
+    if queue.data_log is None:
+        return None
+    if chain.gpas is not None:
+        return chain.written(used)
+    return queue.memory.guest_ranges(chain.writable, used)
+
+
 def _hung_up(sock: socket.socket) -> bool:
     """Whether the peer of ``sock`` has closed the connection (without reading from it)."""
     poller = select.poll()
@@ -618,4 +632,3 @@ def _hung_up(sock: socket.socket) -> bool:
         return any(events & (select.POLLRDHUP | _POLL_ERR) for _, events in poller.poll(0))
     except (OSError, ValueError):
         return True
-

@@ -22,6 +22,20 @@ Ring lifecycle (vhost-user "ring states"): a ring starts on SET_VRING_KICK and s
 GET_VRING_BASE, which waits for in-flight requests. It is processed only while started
 *and* enabled; without VHOST_USER_F_PROTOCOL_FEATURES all rings are enabled by
 SET_FEATURES, otherwise by SET_VRING_ENABLE.
+
+Live migration is offered (VHOST_F_LOG_ALL, LOG_SHMFD, DEVICE_STATE) only for a device that
+can save its state; a front-end (QEMU) then refuses to migrate and says why. With it:
+
+* Dirty log. SET_LOG_BASE maps the log (a new one replaces the old: rings switch to it before
+  the reply, which the front-end waits for, and the old one is unmapped after). Reply data is
+  logged while LOG_ALL is acked, used-ring stores while the ring's address carries
+  VHOST_VRING_F_LOG; both switch on running rings (SET_FEATURES, and SET_VRING_ADDR with the
+  ring's addresses unchanged), without touching the ring's indices. Asked before a log is
+  mapped, logging starts with the log. When neither is asked any more (a cancelled migration),
+  the log is unmapped.
+* Device state. SET_DEVICE_STATE_FD (stopped phase only, every ring stopped) replies at once and
+  leaves the bytes to a :class:`~.transfer.StateTransfer` thread; CHECK_DEVICE_STATE waits for
+  it and answers its verdict. Any other request in between abandons the transfer.
 """
 
 from __future__ import annotations
@@ -33,10 +47,15 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pyvirtiofsd.vhost_user.messages import (
+    DEVICE_STATE_NO_FD,
+    DEVICE_STATE_PHASE_STOPPED,
     OWN_REPLY,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    DeviceStateRequest,
     FrontendReq,
+    LogDescription,
     Message,
     MessageError,
     ProtocolFeature,
@@ -50,8 +69,10 @@ from pyvirtiofsd.vhost_user.messages import (
     encode_reply,
     encode_u64,
 )
+from pyvirtiofsd.vhost_user.transfer import StateTransfer, TransferError
 from pyvirtiofsd.vhost_user.vring import Vring, check_notifier_fd
 from pyvirtiofsd.virtio.device import SharedMemoryMapper, VirtioDevice
+from pyvirtiofsd.virtio.dirtylog import DirtyLog, DirtyLogError
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion, RegionSpec
 from pyvirtiofsd.virtio.queue import (
     MAX_QUEUE_SIZE,
@@ -61,7 +82,14 @@ from pyvirtiofsd.virtio.queue import (
     SplitQueue,
 )
 
-__all__ = ["Channel", "ChannelFactory", "QueueRunner", "RequestError", "Session"]
+__all__ = [
+    "Channel",
+    "ChannelFactory",
+    "QueueRunner",
+    "RequestError",
+    "Session",
+    "TransferFactory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +125,22 @@ class Channel(SharedMemoryMapper, Protocol):
 ChannelFactory = Callable[[int, int], Channel]
 """``factory(fd, acked_protocol_features)``: wrap the SET_BACKEND_REQ_FD socket."""
 
+TransferFactory = Callable[[VirtioDevice, int, int], StateTransfer]
+"""``factory(device, direction, fd)``: start moving the device's state through ``fd``."""
+
 
 class RequestError(Exception):
     """A well-formed request that we refuse (bad index, wrong state, unsupported)."""
 
 
-# Requests of features we never offer whose senders wait for a u64: answer "failed".
-_U64_REFUSAL = frozenset(
-    {
-        FrontendReq.IOTLB_MSG,
-        FrontendReq.POSTCOPY_END,
-        FrontendReq.SET_DEVICE_STATE_FD,
-        FrontendReq.CHECK_DEVICE_STATE,
-    }
-)
+# What a request whose sender waits for a u64 of its own gets when it fails.
+_U64_FAILURE = {
+    FrontendReq.IOTLB_MSG: 1,
+    FrontendReq.POSTCOPY_END: 1,
+    # status 1, and "no fd in this reply" (an error reply must not carry one)
+    FrontendReq.SET_DEVICE_STATE_FD: DEVICE_STATE_NO_FD | 1,
+    FrontendReq.CHECK_DEVICE_STATE: 1,
+}
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -127,10 +157,19 @@ class Session:
         *,
         channel_factory: ChannelFactory | None = None,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+        transfer_factory: TransferFactory = StateTransfer,
     ) -> None:
         self.device = device
         self.runner = runner
         self._channel_factory = channel_factory
+        self._transfer_factory = transfer_factory
+        #: The dirty log (SET_LOG_BASE), while one is mapped; whether a ring or LOG_ALL has
+        #: used it since (it is unmapped when they stop); whether the last SET_LOG_BASE failed.
+        self.log: DirtyLog | None = None
+        self._log_used = False
+        self._log_failed = False
+        #: The device state transfer between SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE.
+        self._transfer: StateTransfer | None = None
         self.max_mem_slots = max_mem_slots
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.memory = GuestMemory()
@@ -145,6 +184,7 @@ class Session:
         for shmid, size in enumerate(self._shmem_sizes):
             if size % mmap.PAGESIZE:
                 raise ValueError(f"shared memory region {shmid}: {size} is not a page multiple")
+        self.migratable = bool(getattr(device, "migratable", False))
         self.offered_features = (
             device.features
             | 1 << VIRTIO_F_VERSION_1
@@ -152,6 +192,8 @@ class Session:
             | 1 << VIRTIO_F_RING_EVENT_IDX
             | 1 << VHOST_USER_F_PROTOCOL_FEATURES
         )
+        if self.migratable:
+            self.offered_features |= 1 << VHOST_F_LOG_ALL
         offered = [
             ProtocolFeature.MQ,
             ProtocolFeature.REPLY_ACK,
@@ -165,6 +207,8 @@ class Session:
             offered.append(ProtocolFeature.CONFIG)
         if self._shmem_sizes:
             offered.append(ProtocolFeature.SHMEM)
+        if self.migratable:
+            offered += [ProtocolFeature.LOG_SHMFD, ProtocolFeature.DEVICE_STATE]
         self.offered_protocol_features = sum(1 << b for b in offered)
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             FrontendReq.GET_FEATURES: self._get_features,
@@ -172,8 +216,8 @@ class Session:
             FrontendReq.SET_OWNER: self._set_owner,
             FrontendReq.RESET_OWNER: self._reset_owner,
             FrontendReq.SET_MEM_TABLE: self._set_mem_table,
-            FrontendReq.SET_LOG_BASE: self._set_log,
-            FrontendReq.SET_LOG_FD: self._set_log,
+            FrontendReq.SET_LOG_BASE: self._set_log_base,
+            FrontendReq.SET_LOG_FD: self._set_log_fd,
             FrontendReq.SET_VRING_NUM: self._set_vring_num,
             FrontendReq.SET_VRING_ADDR: self._set_vring_addr,
             FrontendReq.SET_VRING_BASE: self._set_vring_base,
@@ -195,6 +239,8 @@ class Session:
             FrontendReq.SET_STATUS: self._set_status,
             FrontendReq.GET_STATUS: self._get_status,
             FrontendReq.GET_SHMEM_CONFIG: self._get_shmem_config,
+            FrontendReq.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            FrontendReq.CHECK_DEVICE_STATE: self._check_device_state,
         }
 
     # -- entry point ---------------------------------------------------------------------
@@ -213,6 +259,8 @@ class Session:
             if handler is None:
                 raise RequestError("not supported by this back-end")
             log.debug("vhost-user %s (%d bytes, %d fds)", name, len(msg.payload), len(msg.fds))
+            if self._transfer is not None and msg.request != FrontendReq.CHECK_DEVICE_STATE:
+                self._abandon_transfer(name)
             reply = handler(msg)
             ok = True
         except (RequestError, MessageError, GuestMemoryError) as e:
@@ -223,20 +271,28 @@ class Session:
             msg.close_fds()
         if reply is not None:
             return encode_reply(msg.request, reply)
+        if msg.request in _U64_FAILURE:
+            return encode_reply(msg.request, encode_u64(_U64_FAILURE[msg.request]))
         if msg.request in OWN_REPLY:
             return encode_reply(msg.request)
-        if msg.request in _U64_REFUSAL:
-            return encode_reply(msg.request, encode_u64(1))
+        if msg.request == FrontendReq.SET_LOG_BASE and self._has_protocol(
+            ProtocolFeature.LOG_SHMFD
+        ):
+            # The front-end waits for this reply whatever happened (it reads no status).
+            return encode_reply(msg.request)
         if msg.need_reply and self._has_protocol(ProtocolFeature.REPLY_ACK):
             return encode_reply(msg.request, encode_u64(0 if ok else 1))
         return None
 
     def close(self) -> None:
         """The front-end went away: stop every ring, unmap memory, close every fd."""
+        if self._transfer is not None:
+            self._abandon_transfer("the end of the connection")
         for vring in self.vrings:
             if vring.queue is not None:
                 self._detach(vring)
             vring.reset()
+        self._set_log(None)
         self._set_channel(None)
         for region in self.memory.regions:
             if not region.device_owned:
@@ -319,6 +375,7 @@ class Session:
             raise RequestError(f"ring {vring.index}: {e}") from None
         vring.queue = queue
         vring.broken = False
+        self._apply_logging(vring)
         self.runner.start_queue(vring)
 
     def _detach(self, vring: Vring) -> None:
@@ -390,7 +447,16 @@ class Session:
         extra = features & ~self.offered_features
         if extra:
             raise RequestError(f"features {extra:#x} were not offered")
+        if features >> VHOST_F_LOG_ALL & 1 and self._log_failed:
+            raise RequestError("LOG_ALL, but the last SET_LOG_BASE could not be mapped")
+        logging_changed = (features ^ self.acked_features) >> VHOST_F_LOG_ALL & 1
         self.acked_features = features
+        if logging_changed:
+            log.info(
+                "vhost-user: dirty-page logging %s",
+                "on" if features >> VHOST_F_LOG_ALL & 1 else "off",
+            )
+            self._update_logging()
         if not features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             for vring in self.vrings:
                 vring.enabled = True
@@ -434,6 +500,7 @@ class Session:
             vring.reset()
         self.acked_features = 0
         self.status = 0
+        self._update_logging()
         self.device.reset()
 
     # -- memory --------------------------------------------------------------------------
@@ -464,8 +531,109 @@ class Session:
             sum(r.size for r in mapped) >> 20,
         )
 
-    def _set_log(self, msg: Message) -> None:
-        raise RequestError("dirty-page logging (live migration) is not supported")
+    # -- dirty log -------------------------------------------------------------------------
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise RequestError("dirty-page logging (live migration) was not negotiated")
+        desc = LogDescription.decode(msg.payload)
+        fd = self._single_fd(msg)
+        try:
+            new = DirtyLog(fd, desc.size, desc.offset)
+        except DirtyLogError as e:
+            self._log_failed = True
+            raise RequestError(str(e)) from None
+        finally:
+            _close_quietly(fd)
+        self._log_failed = False
+        # The front-end harvests the old log a last time once we reply, then frees it: every
+        # ring writes to the new one before that.
+        self._set_log(new)
+        log.info("vhost-user: dirty log of %d KiB (%s)", desc.size >> 10, new.method)
+        return desc.encode()
+
+    def _set_log_fd(self, msg: Message) -> None:
+        # An eventfd to signal after logging (the spec's optional "log modified" notifier);
+        # nothing needs it: QEMU reads the log when it wants. handle() closes it.
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise RequestError("dirty-page logging (live migration) was not negotiated")
+
+    def _set_log(self, new: DirtyLog | None) -> None:
+        """Replace the log: rings switch first, then the old one is unmapped (after any mark
+        in progress)."""
+        old, self.log = self.log, new
+        self._log_used = False
+        self._update_logging()
+        if old is not None:
+            old.close()
+
+    def _update_logging(self) -> None:
+        """Give every running ring the logging it is asked for; unmap the log once nothing
+        asks for it any more (a migration was cancelled)."""
+        for vring in self.vrings:
+            self._apply_logging(vring)
+        wanted = self._has_feature(VHOST_F_LOG_ALL) or any(
+            v.addr is not None and v.addr.flags & VringAddr.LOG_FLAG for v in self.vrings
+        )
+        if wanted:
+            self._log_used = True
+        elif self._log_used and self.log is not None:
+            log.info("vhost-user: dirty logging ended; log unmapped")
+            self._set_log(None)
+
+    def _apply_logging(self, vring: Vring) -> None:
+        queue = vring.queue
+        if queue is None:
+            return
+        dirty = self.log
+        data = dirty if self._has_feature(VHOST_F_LOG_ALL) else None
+        addr = vring.addr
+        if dirty is not None and addr is not None and addr.flags & VringAddr.LOG_FLAG:
+            queue.set_logging(data, dirty, addr.log)
+        else:
+            queue.set_logging(data, None)
+
+    # -- device state ----------------------------------------------------------------------
+
+    def _set_device_state_fd(self, msg: Message) -> bytes:
+        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
+            raise RequestError("DEVICE_STATE was not negotiated")
+        req = DeviceStateRequest.decode(msg.payload)
+        fd = self._single_fd(msg)
+        if req.phase != DEVICE_STATE_PHASE_STOPPED:
+            _close_quietly(fd)
+            raise RequestError(f"transfer phase {req.phase} (only the stopped phase, 0)")
+        running = [v.index for v in self.vrings if v.queue is not None]
+        if running:
+            _close_quietly(fd)
+            raise RequestError(f"the device is not stopped: rings {running} run")
+        try:
+            self._transfer = self._transfer_factory(self.device, req.direction, fd)
+        except TransferError as e:
+            raise RequestError(str(e)) from None
+        log.info("vhost-user: device state %s begins", self._transfer.what)
+        # We give no fd back: the bytes go through the front-end's pipe.
+        return encode_u64(DEVICE_STATE_NO_FD)
+
+    def _check_device_state(self, msg: Message) -> bytes:
+        transfer, self._transfer = self._transfer, None
+        if transfer is None:
+            raise RequestError("no device state transfer to check")
+        error = transfer.result()
+        if error is not None:
+            log.error("vhost-user: device state %s failed: %s", transfer.what, error)
+            return encode_u64(1)
+        return encode_u64(0)
+
+    def _abandon_transfer(self, why: str) -> None:
+        transfer, self._transfer = self._transfer, None
+        assert transfer is not None
+        log.warning(
+            "vhost-user: device state %s abandoned (%s came before CHECK_DEVICE_STATE)",
+            transfer.what,
+            why,
+        )
+        transfer.cancel()
 
     def _get_max_mem_slots(self, msg: Message) -> bytes:
         return encode_u64(self.max_mem_slots)
@@ -513,15 +681,20 @@ class Session:
     def _set_vring_addr(self, msg: Message) -> None:
         addr = VringAddr.decode(msg.payload)
         vring = self._vring(addr.index)
-        if vring.started:
-            raise RequestError(f"ring {addr.index} is running")
         if addr.flags & ~VringAddr.LOG_FLAG:
             raise RequestError(f"unknown ring address flags {addr.flags:#x}")
-        if addr.flags & VringAddr.LOG_FLAG:
-            log.warning(
-                "vhost-user: ring %d asks for used-ring logging, which we don't do", addr.index
-            )
+        if vring.started:
+            # A running ring only switches the logging of its used ring (QEMU does so when a
+            # migration begins or is cancelled); its place and indices stay as they are.
+            old = vring.addr
+            if old is None or (old.desc, old.used, old.avail) != (addr.desc, addr.used, addr.avail):
+                raise RequestError(f"ring {addr.index} is running")
+            vring.addr = addr
+            self._update_logging()
+            return
         vring.addr = addr
+        if addr.flags & VringAddr.LOG_FLAG:
+            self._update_logging()
 
     def _set_vring_base(self, msg: Message) -> None:
         state = VringState.decode(msg.payload)

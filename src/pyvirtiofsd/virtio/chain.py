@@ -19,6 +19,11 @@ The driver is hostile, so the walk enforces:
 
 Any violation raises :class:`InvalidChain` carrying the head, so the caller can log it
 and return the chain with used length 0.
+
+While the front-end migrates the guest, the device must log every page it writes, by
+guest-physical address: the walk then also keeps the address and length of each writable
+buffer (``gpas``), and :meth:`Chain.written` says which ranges a reply of so many bytes
+covered. Otherwise (``gpas`` None, the usual case) it keeps nothing more.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class Chain:
     to answer it later (:func:`pyvirtiofsd.virtio.device.later`); None outside of that.
     """
 
-    __slots__ = ("head", "owner", "readable", "readable_len", "writable", "writable_len")
+    __slots__ = ("gpas", "head", "owner", "readable", "readable_len", "writable", "writable_len")
 
     def __init__(
         self,
@@ -84,6 +89,7 @@ class Chain:
         writable: list[memoryview],
         writable_len: int | None = None,
         readable_len: int | None = None,
+        gpas: list[tuple[int, int]] | None = None,
     ) -> None:
         self.head = head
         self.owner: object | None = None
@@ -92,6 +98,22 @@ class Chain:
         #: Bytes the buffers hold (counted during the walk, not summed again).
         self.writable_len = sum(map(len, writable)) if writable_len is None else writable_len
         self.readable_len = sum(map(len, readable)) if readable_len is None else readable_len
+        #: The writable buffers' guest-physical ``(address, length)``, in order, when the walk
+        #: was asked to keep them (dirty logging); None otherwise.
+        self.gpas = gpas
+
+    def written(self, used: int) -> list[tuple[int, int]]:
+        """The guest-physical ranges the first ``used`` bytes of the writable buffers occupy
+        (the walk must have kept ``gpas``)."""
+        assert self.gpas is not None
+        out = []
+        for addr, length in self.gpas:
+            if used <= 0:
+                break
+            n = min(length, used)
+            out.append((addr, n))
+            used -= n
+        return out
 
     def release(self) -> None:
         """Drop the chain's views now. They are the only references to them unless a handler
@@ -126,7 +148,13 @@ def _linux_words(entries: int, readable: int) -> list[int]:
     return words
 
 
-def _linux_table(memory: GuestMemory, table: memoryview, entries: int, head: int) -> Chain | None:
+def _linux_table(
+    memory: GuestMemory,
+    table: memoryview,
+    entries: int,
+    head: int,
+    gpas: list[tuple[int, int]] | None,
+) -> Chain | None:
     """The chain of an indirect table laid out as Linux (and QEMU) lay them out, decoded in
     bulk: entries in order (``next`` is i + 1 in every entry but the last, whose ``next`` means
     nothing without NEXT: Linux writes i + 1 there, other drivers 0), NEXT on all but the last,
@@ -161,8 +189,10 @@ def _linux_table(memory: GuestMemory, table: memoryview, entries: int, head: int
     view = region.view
     base = region.guest_addr
     views = [view[a - base : a - base + n] for a, n in zip(addrs, lens, strict=True)]
+    if gpas is not None:
+        gpas.extend(zip(addrs[readable:], lens[readable:], strict=True))
     return Chain(
-        head, views[:readable], views[readable:], sum(lens[readable:]), sum(lens[:readable])
+        head, views[:readable], views[readable:], sum(lens[readable:]), sum(lens[:readable]), gpas
     )
 
 
@@ -173,10 +203,12 @@ def read_chain(
     head: int,
     *,
     indirect: bool,
+    gpas: list[tuple[int, int]] | None = None,
 ) -> Chain:
     """Walk the chain starting at ``head`` of ``table`` (``queue_size`` descriptors).
 
-    ``head`` must already be known to be below ``queue_size``.
+    ``head`` must already be known to be below ``queue_size``. With ``gpas`` (an empty list)
+    the walk keeps the writable buffers' guest-physical ranges there (:attr:`Chain.gpas`).
     """
     readable: list[memoryview] = []
     writable: list[memoryview] = []
@@ -197,7 +229,7 @@ def read_chain(
         except GuestMemoryError as e:
             raise InvalidChain(head, f"indirect table: {e}") from None
         if limit >= _BULK:
-            chain = _linux_table(memory, table, limit, head)
+            chain = _linux_table(memory, table, limit, head, gpas)
             if chain is not None:
                 return chain
         addr, length, flags, nxt = _unpack_desc(table, 0)
@@ -223,10 +255,14 @@ def read_chain(
                 if length and off >= 0 and off + length <= size:
                     writable.append(view[off : off + length])  # type: ignore[index]
                     wlen += length
+                    if gpas is not None:
+                        gpas.append((addr, length))
                 else:
                     try:
                         memory.translate_into(addr, length, writable)
                         wlen += length
+                        if gpas is not None and length:
+                            gpas.append((addr, length))
                     except GuestMemoryError as e:
                         fault = fault or str(e)
                         wfault = True
@@ -245,8 +281,8 @@ def read_chain(
                     rfault = True
         if not flags & VRING_DESC_F_NEXT:
             if fault is not None:
-                raise InvalidChain(head, fault, Chain(head, readable, writable, wlen, rlen))
-            return Chain(head, readable, writable, wlen, rlen)
+                raise InvalidChain(head, fault, Chain(head, readable, writable, wlen, rlen, gpas))
+            return Chain(head, readable, writable, wlen, rlen, gpas)
         if nxt >= limit:
             raise InvalidChain(head, f"next index {nxt} outside a table of {limit}")
         count += 1

@@ -16,6 +16,12 @@ Rules:
   chain, returns None, and answers through the :class:`Completion` it got, from any thread;
   the chain's buffers stay valid until then. A transport stopping the queue first calls the
   device's :meth:`VirtioDevice.interrupt_waits`, so that such waits end.
+* Live migration: a device that can be migrated (``migratable``) gives its state as bytes
+  (:meth:`VirtioDevice.save_state`) and takes it back on another instance
+  (:meth:`VirtioDevice.load_state`), both only while every queue is stopped. Saving leaves the
+  device as it was (the front-end may resume it). A device that is not migratable makes the
+  transport offer the front-end no migration at all. The transport logs the pages the device
+  writes through its chains; the device does nothing for that.
 """
 
 from __future__ import annotations
@@ -95,12 +101,14 @@ class VirtioDevice(Protocol):
         max_queue_size: the largest queue size the device accepts.
         features: device-specific virtio feature bits (none for virtio-fs); the transport
             adds the ring and version bits itself.
+        migratable: whether :meth:`save_state` and :meth:`load_state` work.
     """
 
     device_id: int
     num_queues: int
     max_queue_size: int
     features: int
+    migratable: bool
 
     def config(self) -> bytes:
         """The device config space; empty if the device has none to expose."""
@@ -132,4 +140,15 @@ class VirtioDevice(Protocol):
 
     def interrupt_waits(self, queue_index: int) -> None:
         """The queue stops: end the waits of chains answered later (:func:`later`)."""
+        ...
+
+    def save_state(self) -> bytes:
+        """The device's state, for a copy of it elsewhere to go on from (every queue is
+        stopped; the device keeps its state). Raises with a message saying why it can't."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Take over the state :meth:`save_state` gave on the source (every queue is stopped,
+        no memory table may exist yet). Raises with a message saying what could not be
+        restored."""
         ...

@@ -21,17 +21,23 @@ retires a region, and :meth:`MappedRegion.close` reports views that are still al
 
 Besides front-end regions, *device-owned* regions can be added: buffers the daemon maps
 itself at a guest-physical range (e.g. a DAX window), which translation also consults.
+
+Translation also goes backwards, for dirty logging only: :meth:`GuestMemory.guest_ranges`
+finds the guest-physical ranges of views handed out earlier from where they lie in our own
+address space (the chain walk keeps the addresses itself while logging is on; this serves the
+chains that were already in flight when it was switched on).
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import mmap
 import os
 import stat
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -85,6 +91,7 @@ class MappedRegion:
     """
 
     __slots__ = (
+        "_host_addr",
         "_mmap",
         "device_owned",
         "guest_addr",
@@ -118,6 +125,14 @@ class MappedRegion:
         self._mmap = mapping
         self.device_owned = device_owned
         self.name = name
+        self._host_addr = -1
+
+    @property
+    def host_addr(self) -> int:
+        """Where the region lies in our own address space."""
+        if self._host_addr < 0:
+            self._host_addr = _address_of(self.view)
+        return self._host_addr
 
     @classmethod
     def map_fd(cls, spec: RegionSpec, fd: int) -> MappedRegion:
@@ -322,8 +337,33 @@ class GuestMemory:
                 return r.guest_addr + (user_addr - r.user_addr)
         raise GuestMemoryError(f"front-end address {user_addr:#x} is not in shared memory")
 
+    def guest_ranges(self, views: Sequence[memoryview], used: int) -> list[tuple[int, int]]:
+        """The guest-physical ``(address, length)`` ranges of the first ``used`` bytes of
+        ``views``, views of this memory's regions (a view of none is skipped)."""
+        out = []
+        for v in views:
+            if used <= 0:
+                break
+            n = min(len(v), used)
+            used -= n
+            if not n:
+                continue
+            addr = _address_of(v)
+            for r in self._regions:
+                base = r.host_addr
+                if base <= addr and addr + n <= base + r.size:
+                    out.append((r.guest_addr + addr - base, n))
+                    break
+        return out
+
     def __len__(self) -> int:
         return len(self._regions)
 
     def __repr__(self) -> str:
         return f"GuestMemory({list(self._regions)!r})"
+
+
+def _address_of(view: memoryview) -> int:
+    """The address of a writable, non-empty view's first byte (the ctypes object that tells
+    pins the buffer only until it goes, at once)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))

@@ -22,6 +22,13 @@ little-endian host, like the rest of the daemon.
 A queue is not thread-safe: pop from one thread; serialise :meth:`push_used` and
 :meth:`needs_notification` (the device runner holds a per-queue lock).
 
+Dirty logging (live migration, :mod:`.dirtylog`): :meth:`SplitQueue.set_logging` may switch it
+on and off while the queue runs. With a data log, chains are walked keeping their writable
+buffers' guest-physical ranges, and :meth:`push_used` marks the ranges of the reply it returns;
+with a used-ring log, every store to the used ring (entries, index, flags, ``avail_event``) is
+marked after it is made, by the ring's guest-physical address. Off, neither costs more than a
+test of one attribute.
+
 Packed virtqueues (VIRTIO_F_RING_PACKED, section 2.8) are a later step: they would get
 their own class with the same pop/push_used/needs_notification surface, and the
 vhost-user layer would choose between the two at ring start.
@@ -35,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from pyvirtiofsd.virtio.chain import DESC_SIZE, Chain, read_chain
+from pyvirtiofsd.virtio.dirtylog import DirtyLog
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError
 
 __all__ = [
@@ -97,9 +105,13 @@ class SplitQueue:
         "_used",
         "_used32",
         "_used_event_i",
+        "_used_gpa",
+        "_used_log",
         "_used_mv",
+        "data_log",
         "event_idx",
         "indirect",
+        "logging",
         "memory",
         "next_avail",
         "next_used",
@@ -141,6 +153,24 @@ class SplitQueue:
         # seen, so it is the place to continue from.
         self.next_used = self._used[1]
         self._signalled_used = self.next_used
+        #: Dirty logging (see the module's rules): the log of reply data, the log of used-ring
+        #: stores and the used ring's guest-physical address, and whether either is on.
+        self.data_log: DirtyLog | None = None
+        self._used_log: DirtyLog | None = None
+        self._used_gpa = 0
+        self.logging = False
+
+    def set_logging(
+        self, data_log: DirtyLog | None, used_log: DirtyLog | None, used_gpa: int = 0
+    ) -> None:
+        """Log reply data in ``data_log`` and used-ring stores in ``used_log`` at the used
+        ring's guest-physical address ``used_gpa`` (None: don't). Safe while the queue runs:
+        a chain popped before the data log was set has no ranges of its own, and its
+        completer finds them from its views (:meth:`GuestMemory.guest_ranges`)."""
+        self._used_gpa = used_gpa
+        self._used_log = used_log
+        self.data_log = data_log
+        self.logging = data_log is not None or used_log is not None
 
     @classmethod
     def from_guest(
@@ -224,12 +254,17 @@ class SplitQueue:
         self.next_avail = (next_avail + 1) & 0xFFFF
         if head >= self.size:
             raise QueueBroken(f"available ring names head {head} in a queue of {self.size}")
-        return read_chain(self.memory, self._desc, self.size, head, indirect=self.indirect)
+        if self.data_log is None:
+            return read_chain(self.memory, self._desc, self.size, head, indirect=self.indirect)
+        return read_chain(self.memory, self._desc, self.size, head, indirect=self.indirect, gpas=[])
 
     # -- device -> driver ------------------------------------------------------------------
 
-    def push_used(self, head: int, length: int) -> None:
-        """Return chain ``head`` with ``length`` bytes written."""
+    def push_used(
+        self, head: int, length: int, written: list[tuple[int, int]] | None = None
+    ) -> None:
+        """Return chain ``head`` with ``length`` bytes written; ``written`` are the
+        guest-physical ranges of those bytes, for the dirty log."""
         idx = self.next_used
         slot = 1 + 2 * (idx & self._mask)
         used32 = self._used32
@@ -238,6 +273,27 @@ class SplitQueue:
         idx = (idx + 1) & 0xFFFF
         self.next_used = idx
         self._used[1] = idx
+        if self.logging:
+            self._log_push(slot, written)
+
+    def _log_push(self, slot: int, written: list[tuple[int, int]] | None) -> None:
+        """Mark what a push stored: the reply's bytes, the used entry and the used index."""
+        data_log, used_log = self.data_log, self._used_log
+        ranges = list(written) if written and data_log is not None else []
+        if used_log is not None:
+            used = [(self._used_gpa + 4 * slot, 8), (self._used_gpa + 2, 2)]
+            if used_log is data_log or data_log is None:
+                ranges += used
+            else:
+                used_log.mark(used)
+        if ranges:
+            (data_log or used_log).mark(ranges)  # type: ignore[union-attr]
+
+    def _log_used_field(self, index: int) -> None:
+        """Mark the 16-bit used-ring field ``index`` (flags 0, avail_event), just stored."""
+        used_log = self._used_log
+        if used_log is not None:
+            used_log.mark([(self._used_gpa + 2 * index, 2)])
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call."""
@@ -256,6 +312,8 @@ class SplitQueue:
         """Ask the driver not to kick while we are draining the ring anyway."""
         if not self.event_idx:
             self._used[0] = VRING_USED_F_NO_NOTIFY
+            if self.logging:
+                self._log_used_field(0)
 
     def enable_notification(self) -> bool:
         """Ask for a kick on the next available chain; True if one is already there.
@@ -265,8 +323,12 @@ class SplitQueue:
         """
         if self.event_idx:
             self._used[self._avail_event_i] = self.next_avail
+            if self.logging:
+                self._log_used_field(self._avail_event_i)
         else:
             self._used[0] = 0
+            if self.logging:
+                self._log_used_field(0)
         full_fence()
         return self._avail[1] != self.next_avail
 

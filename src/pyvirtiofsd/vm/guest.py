@@ -153,8 +153,10 @@ def qemu_args(
     smp: int,
     kernel_args: str = KERNEL_ARGS,
     tcg_threads: str = "multi",
+    console_file: Path | None = None,
 ) -> list[str]:
-    """QEMU's arguments (without the program) for a TCG guest with these devices.
+    """QEMU's arguments (without the program) for a TCG guest with these devices; the serial
+    console goes to QEMU's stdout, or to ``console_file``.
 
     `tcg_threads` is "multi" (one host thread per vCPU) or "single" (see :data:`TCG_THREADS`).
     """
@@ -184,7 +186,9 @@ def qemu_args(
         kernel_args,
         # The console comes back on QEMU's stdout; signal=off leaves Ctrl-C to the harness.
         "-chardev",
-        "stdio,id=console,signal=off",
+        "stdio,id=console,signal=off"
+        if console_file is None
+        else f"file,id=console,path={console_file}",
         "-serial",
         "chardev:console",
     ]

@@ -22,6 +22,7 @@ from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 from tests.backends.passthrough.conftest import (
     GUARD,
+    OFFSET_MAX,
     Daemon,
     Pause,
     errno_of,
@@ -151,3 +152,46 @@ def test_forget_while_setlk_uses_its_lock_fd_never_reaches_another_file(
             os.close(planted)
     assert daemon.fs.inodes.count() == 1
     assert fd_count() == base
+
+
+# --- live migration ---------------------------------------------------------------------------
+
+
+def test_restored_and_lost_inodes(tmp_path: Path) -> None:
+    from pyvirtiofsd.backends.passthrough.config import FileHandles
+    from pyvirtiofsd.backends.passthrough.inodes import InodeStore
+
+    (tmp_path / "a").write_bytes(b"")
+    store = InodeStore(str(tmp_path), FileHandles.NEVER)
+    try:
+        fd = os.open(tmp_path / "a", os.O_PATH)
+        inode = store.restore(40, fd, os.fstat(fd), 3)
+        assert store.get(40) is inode and inode.refcount == 3
+        again = os.open(tmp_path / "a", os.O_PATH)
+        with pytest.raises(ValueError, match="inode 41 is the same file here as inode 40"):
+            store.restore(41, again, os.fstat(again), 1)
+        store.mark_lost(50, 2)
+        with pytest.raises(OSError) as e:
+            store.get(50)
+        assert e.value.errno == errno.EIO
+        store.forget(50, 1)
+        assert errno_of(store.get, 50) == errno.EIO
+        store.forget(50, 1)
+        assert errno_of(store.get, 50) == errno.EBADF
+        # New numbers come after every number the guest holds.
+        os.mkdir(tmp_path / "b")
+        b = store.add(os.open(tmp_path / "b", os.O_PATH), os.stat(tmp_path / "b"))
+        assert b.nodeid == 51
+    finally:
+        store.close_all()
+
+
+def test_granted_locks_are_recorded_until_their_owner_goes(daemon: Daemon) -> None:
+    ino = daemon.ino("file")
+    lk(daemon.c, abi.Opcode.SETLK, ino, 5, fcntl.F_WRLCK)
+    store = daemon.fs.inodes
+    inode = store.get(ino)
+    assert store.held_locks(inode) == [(5, 4242, [(0, OFFSET_MAX, fcntl.F_WRLCK)])]
+    fh = daemon.c.open(ino, os.O_RDWR).fh
+    daemon.c.flush(ino, fh, lock_owner=5)  # the owner closes its file: its locks go
+    assert store.held_locks(inode) == []

@@ -17,6 +17,8 @@ from pyvirtiofsd.fuse.policy import CachePolicy
 
 __all__ = [
     "FileHandles",
+    "MigrationMode",
+    "MigrationOnError",
     "PassthroughConfig",
     "SecurityLabel",
 ]
@@ -33,6 +35,22 @@ class FileHandles(enum.Enum):
     def parse(cls, value: str) -> FileHandles:
         # virtiofsd's "fallback" is what "prefer" became.
         return cls("prefer" if value == "fallback" else value)
+
+
+class MigrationMode(enum.Enum):
+    """How a migration source tells the destination which file each inode is (virtiofsd's
+    ``--migration-mode``): by its path in the share, or by its file handle."""
+
+    FIND_PATHS = "find-paths"
+    FILE_HANDLES = "file-handles"
+
+
+class MigrationOnError(enum.Enum):
+    """What a migration destination does with an inode it cannot find (virtiofsd's
+    ``--migration-on-error``): refuse the migration, or let the guest get EIO for it."""
+
+    ABORT = "abort"
+    GUEST_ERROR = "guest-error"
 
 
 class SecurityLabel(enum.Enum):
@@ -76,6 +94,14 @@ class PassthroughConfig:
     #: share, a device node is a host device that any host user who can reach the share
     #: could open. (The daemon itself never opens one either way.)
     allow_devices: bool = False
+    #: Live migration, as a source: identify inodes by path or by file handle; attach file
+    #: handles to paths for the destination to check (find-paths only); the paths are taken
+    #: while the guest is stopped, so "confirm paths" holds anyway (accepted, no more to do).
+    migration_mode: MigrationMode = MigrationMode.FIND_PATHS
+    migration_verify_handles: bool = False
+    migration_confirm_paths: bool = False
+    #: Live migration, as a destination: what to do with an inode that can't be found.
+    migration_on_error: MigrationOnError = MigrationOnError.ABORT
     #: ``--translate-uid``/``--translate-gid`` rules: guest ids to host ids and back, inside
     #: the daemon (:mod:`.idmap`). A set that collides is refused here.
     translate_uid: tuple[IdRule, ...] = ()

@@ -53,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -63,7 +64,7 @@ from typing import Final
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
-from pyvirtiofsd.backends.passthrough import locks
+from pyvirtiofsd.backends.passthrough import locks, migration
 from pyvirtiofsd.backends.passthrough.config import PassthroughConfig, SecurityLabel
 from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
 from pyvirtiofsd.backends.passthrough.idmap import IdMap
@@ -128,19 +129,24 @@ class _Handle(Handle):
     """An open file or directory of the guest's: its fd is closed when the last user of the
     handle is done (see :mod:`..base`)."""
 
-    __slots__ = ("backing_id", "fd", "flags", "inode", "lock")
+    __slots__ = ("backing_id", "fd", "flags", "flock", "inode", "lock")
 
     def __init__(self, fd: int, inode: Inode, flags: int, backing_id: int = 0) -> None:
         self.fd = fd
         self.inode = inode
+        #: The guest's open flags (O_DIRECTORY for OPENDIR's handles).
         self.flags = flags
         self.backing_id = backing_id
         #: Held while the fd's offset matters (lseek, readdir).
         self.lock = threading.Lock()
+        #: The flock() the guest holds through this handle (LOCK_SH, LOCK_EX; 0: none).
+        self.flock = 0
 
 
 class PassthroughFs(Backend):
     def __init__(self, config: PassthroughConfig) -> None:
+        #: Live migration: see :mod:`.migration`.
+        self.migratable = True
         self.cfg = config
         self.inodes = InodeStore(config.shared_dir, config.inode_file_handles)
         self._handles: HandleTable[_Handle] = HandleTable(self._close_handle)
@@ -149,6 +155,9 @@ class PassthroughFs(Backend):
         self._stopping = False
         self._conn = ConnectionInfo()
         self._passthrough = False
+        #: fh -> flock() type a migration brought and not yet taken again (see .migration).
+        self.pending_flocks: dict[int, int] = {}
+        self.retaker: threading.Thread | None = None
         self._uids = IdMap("uid", config.translate_uid)
         self._gids = IdMap("gid", config.translate_gid)
         self._translate = not (self._uids.identity and self._gids.identity)
@@ -216,16 +225,60 @@ class PassthroughFs(Backend):
         conn.want = want & conn.capable
 
     def destroy(self) -> None:
-        """The session ended: its open files and inode references are gone with it."""
+        """The session ended: its open files and inode references are gone with it, and so
+        are the locks a migration brought and had not taken again yet."""
+        with self.inodes.lock_book:
+            self.pending_flocks.clear()
+            self.inodes.pending_locks.clear()
+        retaker, self.retaker = self.retaker, None
+        if retaker is not None and retaker is not threading.current_thread():
+            # It ends at its next look, finding nothing pending; no session after this one
+            # may share it.
+            retaker.join()
         for h in self._handles.remove_all():
             self._handles.done(h)
         self.inodes.forget_all()
+
+    # --- live migration (see .migration) ---------------------------------------------------
+
+    @property
+    def handle_table(self) -> HandleTable[_Handle]:
+        return self._handles
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def reopen(self, inode: Inode, guest_flags: int) -> int:
+        """A new fd of ``inode`` for a handle the guest opened with ``guest_flags`` elsewhere:
+        as OPEN (or OPENDIR) opened it, less what happened once already (O_TRUNC)."""
+        if guest_flags & os.O_DIRECTORY:
+            return self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
+        flags = guest_flags & ~(os.O_TRUNC | _O_TMPFILE_BIT)
+        if self.cfg.readonly and policy.may_write(flags):
+            raise oserror(errno.EROFS)
+        return self.inodes.open(inode, self._open_flags(flags))
+
+    def insert_handle(self, fh: int, fd: int, inode: Inode, guest_flags: int) -> _Handle:
+        """Put a reopened handle in under the number the guest has (ValueError if taken)."""
+        h = _Handle(fd, inode, guest_flags)
+        self._handles.insert(fh, h)
+        return h
+
+    def lock_opener(self, inode: Inode):  # type: ignore[no-untyped-def]
+        return self._lock_opener(inode)
 
     def shutdown(self) -> None:
         """Release every fd (the daemon is exiting)."""
         self._stopping = True
         self.destroy()
         self.inodes.close_all()
+
+    def save_state(self) -> bytes:
+        return migration.save(self)
+
+    def load_state(self, data: bytes) -> None:
+        migration.load(self, data)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -843,8 +896,11 @@ class PassthroughFs(Backend):
         flush: bool,
         flock_release: bool,
     ) -> None:
+        lost = self._handles.lost(fh)
         h = self._handles.remove(fh)
         if h is None:
+            if lost:
+                return
             raise oserror(errno.EBADF)
         try:
             dax_flush(self._conn.dax_window, ino)
@@ -917,7 +973,7 @@ class PassthroughFs(Backend):
         if not inode.is_dir():
             raise oserror(errno.ENOTDIR)
         fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
-        opened = self._handles.add(_Handle(fd, inode, flags))
+        opened = self._handles.add(_Handle(fd, inode, flags | os.O_DIRECTORY))
         return Opened(opened, policy.dir_open_flags(self.cfg.cache))
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
@@ -1117,7 +1173,13 @@ class PassthroughFs(Backend):
         if flock:
             h = self._handles.use(fh)
             try:
+                if self.pending_flocks:
+                    # The guest's own call decides over one a migration brought.
+                    with self.inodes.lock_book:
+                        self.pending_flocks.pop(fh, None)
                 locks.flock(ctx, h.fd, lock, sleep, self._is_stopping)
+                op = locks.flock_op(lock.type)
+                h.flock = 0 if op == fcntl.LOCK_UN else op
             finally:
                 self._handles.done(h)
         else:

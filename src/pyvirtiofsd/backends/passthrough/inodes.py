@@ -21,6 +21,11 @@ Rules:
   are closed, under the lock, when the last pin goes. No descriptor is ever closed while a
   request may still use its number, and none outlives its last user: once the guest has
   forgotten everything, the daemon is back to the descriptors it started with.
+* Live migration. A destination takes over the source's inode numbers and lookup counts
+  (:meth:`InodeStore.restore`); an inode it could not find is *lost*: its number stays the
+  guest's until forgotten, and every request naming it gets EIO. The POSIX lock ranges each
+  owner holds are recorded as they are granted (:meth:`InodeStore.record_lock`), so that a
+  destination can take them again; ``lock_book`` serialises each lock call with its record.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Final
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.passthrough.config import FileHandles
+from pyvirtiofsd.backends.passthrough.lockranges import LockRanges
 
 __all__ = [
     "Inode",
@@ -77,6 +83,7 @@ class Inode:
         "key",
         "lock_fds",
         "lock_pids",
+        "lock_ranges",
         "mode",
         "mount_id",
         "nodeid",
@@ -112,6 +119,8 @@ class Inode:
         #: POSIX lock owner -> the open file description holding that owner's locks.
         self.lock_fds: dict[int, int] | None = None
         self.lock_pids: dict[int, int] | None = None
+        #: POSIX lock owner -> the ranges it holds (for live migration).
+        self.lock_ranges: dict[int, LockRanges] | None = None
         #: Lock files of owners that are gone, closed with the last pin.
         self.retired: list[int] | None = None
 
@@ -170,6 +179,13 @@ class InodeStore:
         self._closed = False
         #: st_dev -> a regular file or directory the guest holds there, for SYNCFS.
         self._on_dev: dict[int, Inode] = {}
+        #: Inodes a migration could not find on this side: nodeid -> lookups the guest holds.
+        self._lost: dict[int, int] = {}
+        #: Held around a lock call and its record, so that records follow the kernel's order.
+        self.lock_book = threading.Lock()
+        #: (nodeid, owner) -> lock ranges a migration brought that are not taken again yet
+        #: (guarded by ``lock_book``).
+        self.pending_locks: dict[tuple[int, int], LockRanges] = {}
         fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         handle, mount_id = self._handle_of(fd)
@@ -223,6 +239,8 @@ class InodeStore:
         try:
             return self._by_id[nodeid]
         except KeyError:
+            if nodeid in self._lost:
+                raise OSError(errno.EIO, f"inode {nodeid} was lost in a migration") from None
             raise OSError(errno.EBADF, f"unknown inode {nodeid}") from None
 
     def add(self, fd: int, st: os.stat_result) -> Inode:
@@ -257,7 +275,15 @@ class InodeStore:
     def forget(self, nodeid: int, count: int) -> None:
         with self._lock:
             inode = self._by_id.get(nodeid)
-            if inode is None or inode.refcount >= _PINNED:
+            if inode is None:
+                lost = self._lost.get(nodeid)
+                if lost is not None:
+                    if lost > count:
+                        self._lost[nodeid] = lost - count
+                    else:
+                        del self._lost[nodeid]
+                return
+            if inode.refcount >= _PINNED:
                 return
             inode.refcount -= min(count, inode.refcount)
             if inode.refcount:
@@ -280,7 +306,7 @@ class InodeStore:
         """Close what a dead, unpinned inode holds (lock held)."""
         fds = list((inode.lock_fds or {}).values())
         fds += inode.retired or ()
-        inode.lock_fds = inode.lock_pids = inode.retired = None
+        inode.lock_fds = inode.lock_pids = inode.retired = inode.lock_ranges = None
         if inode.fd >= 0:
             fds.append(inode.fd)
             inode.fd = -1
@@ -292,6 +318,7 @@ class InodeStore:
         with self._lock:
             for inode in [i for i in self._by_id.values() if i is not self.root]:
                 self._bury(inode)
+            self._lost.clear()
 
     def count(self) -> int:
         return len(self._by_id)
@@ -385,6 +412,29 @@ class InodeStore:
             if inode.lock_pids is not None and inode.lock_fds and owner in inode.lock_fds:
                 inode.lock_pids[owner] = pid
 
+    def record_lock(self, inode: Inode, owner: int, start: int, end: int, ltype: int) -> None:
+        """The kernel granted ``owner`` a lock (or an unlock) of [start, end] on ``inode``."""
+        with self._lock:
+            if inode.lock_fds is None or owner not in inode.lock_fds:
+                return  # the owner's lock file is gone, and its locks with it
+            if inode.lock_ranges is None:
+                inode.lock_ranges = {}
+            ranges = inode.lock_ranges.get(owner)
+            if ranges is None:
+                ranges = inode.lock_ranges[owner] = LockRanges()
+            ranges.set(start, end, ltype)
+            if not ranges:
+                del inode.lock_ranges[owner]
+
+    def held_locks(self, inode: Inode) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+        """Every owner's lock ranges on ``inode``: (owner, pid, [(start, end, type)])."""
+        with self._lock:
+            pids = inode.lock_pids or {}
+            return [
+                (owner, pids.get(owner, 0), list(ranges.ranges))
+                for owner, ranges in (inode.lock_ranges or {}).items()
+            ]
+
     def retire_owner(self, inode: Inode, owner: int) -> int | None:
         """Detach ``owner``'s lock file (the caller has pinned ``inode``): it is closed with the
         last pin, as another request may be using it. Returns it, still open, or None."""
@@ -392,11 +442,96 @@ class InodeStore:
             fd = inode.lock_fds.pop(owner, None) if inode.lock_fds else None
             if inode.lock_pids:
                 inode.lock_pids.pop(owner, None)
+            if inode.lock_ranges:
+                inode.lock_ranges.pop(owner, None)
             if fd is not None:
                 if inode.retired is None:
                     inode.retired = []
                 inode.retired.append(fd)
             return fd
+
+    # --- live migration --------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[Inode], list[tuple[int, int]], int]:
+        """The inodes the guest holds (the root first), the lost ones (nodeid, lookups), and
+        the next inode number."""
+        with self._lock:
+            inodes = sorted(self._by_id.values(), key=lambda i: i.nodeid)
+            return inodes, sorted(self._lost.items()), self._next_id
+
+    def handle_of(self, inode: Inode) -> tuple[bytes, int] | None:
+        """``inode``'s file handle and mount id, when its file system gives one."""
+        if inode.handle is not None:
+            return inode.handle, inode.mount_id
+        try:
+            with self.path(inode) as fd:
+                return linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
+        except OSError:
+            return None
+
+    def restore(self, nodeid: int, fd: int, st: os.stat_result, refcount: int) -> Inode:
+        """Take over the source's inode ``nodeid``, with the guest's ``refcount`` lookups,
+        found here as ``fd`` (an O_PATH fd this call consumes). ValueError when that file is
+        already another number's."""
+        handle, mount_id = self._handle_of(fd)
+        with self._lock:
+            if handle is not None and not self._remember_mount(fd, st, mount_id):
+                handle = None
+            key = self._key(st, handle, mount_id)
+            other = self._by_key.get(key)
+            if other is not None or nodeid in self._by_id or nodeid in self._lost:
+                os.close(fd)
+                name = other.nodeid if other is not None else nodeid
+                raise ValueError(f"inode {nodeid} is the same file here as inode {name}")
+            keep_fd = handle is None
+            inode = Inode(nodeid, key, fd if keep_fd else -1, handle, mount_id, st)
+            inode.refcount = refcount
+            self._by_id[nodeid] = inode
+            self._by_key[key] = inode
+            if inode.openable():
+                self._on_dev.setdefault(inode.dev, inode)
+            self._next_id = max(self._next_id, nodeid + 1)
+        if not keep_fd:
+            os.close(fd)
+        return inode
+
+    def mark_lost(self, nodeid: int, refcount: int) -> None:
+        """The guest holds ``nodeid`` (``refcount`` lookups), which could not be found here:
+        every request naming it gets EIO until it is forgotten."""
+        with self._lock:
+            if nodeid not in self._by_id:
+                self._lost[nodeid] = self._lost.get(nodeid, 0) + refcount
+                self._next_id = max(self._next_id, nodeid + 1)
+
+    def reserve_ids(self, next_id: int) -> None:
+        """New inode numbers start at ``next_id`` or later (never one the source gave out)."""
+        with self._lock:
+            self._next_id = max(self._next_id, next_id)
+
+    def register_mount(self, fd: int) -> int | None:
+        """Keep a descriptor on the mount of ``fd`` (O_PATH) for opening handles; its id."""
+        try:
+            _, mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        with self._lock:
+            return mount_id if self._remember_mount(fd, st, mount_id) else None
+
+    def drop_borrowed_mounts(self) -> None:
+        """A store that keeps no handles keeps no mount descriptors either: close those a
+        migration opened its handles with."""
+        if self._mode is FileHandles.NEVER:
+            with self._lock:
+                self._close_mount_fds()
+
+    def open_on_mount(self, mount_id: int, handle: bytes, flags: int) -> int:
+        """``open_by_handle_at`` on a mount this store keeps a descriptor of."""
+        try:
+            mount_fd = self._mount_fds[mount_id]
+        except KeyError:
+            raise OSError(errno.ESTALE, "no descriptor on that mount") from None
+        return linux.open_by_handle_at(mount_fd, handle, flags)
 
     # --- the end ---------------------------------------------------------------------------
 

@@ -15,6 +15,12 @@ it. The caller opens them (only regular files and directories ever are).
 Waiting for a lock polls with a growing sleep rather than blocking in the kernel, so that an
 INTERRUPT from the guest (a signal to the waiting process) or the end of the connection can stop
 the wait. The inode is pinned for each attempt, not across the sleeps.
+
+Each granted lock or unlock is recorded (:meth:`InodeStore.record_lock`, under the store's
+``lock_book`` together with the call, so the record follows the kernel's order): a live
+migration carries the ranges to the destination, which takes them again (:func:`retake`). Until
+it has, a range still to take again is *pending*; the guest's own later call on that owner's
+range settles it (what the guest asks last is what holds).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from pyvirtiofsd.fuse.filesystem import Context, Lock
 __all__ = [
     "OFFSET_MAX",
     "flock",
+    "flock_op",
     "getlk",
     "release_owner",
+    "retake",
     "setlk",
 ]
 
@@ -100,7 +108,12 @@ def setlk(
             fd = store.owner_fd(inode, owner, None if unlock else opener)
             if fd is None:
                 return  # nothing of this owner's to unlock
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+            with store.lock_book:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+                store.record_lock(inode, owner, lock.start, lock.end, lock.type)
+                pending = store.pending_locks.get((inode.nodeid, owner))
+                if pending is not None:
+                    pending.set(lock.start, lock.end, fcntl.F_UNLCK)
             if not unlock:
                 store.set_lock_pid(inode, owner, lock.pid)
         finally:
@@ -109,13 +122,55 @@ def setlk(
     _retry(attempt, ctx, sleep and not unlock, stopping)
 
 
+def flock_op(ltype: int) -> int:
+    """The flock() operation for a lock type (F_RDLCK, F_WRLCK, F_UNLCK)."""
+    if ltype == fcntl.F_UNLCK:
+        return fcntl.LOCK_UN
+    return fcntl.LOCK_EX if ltype == fcntl.F_WRLCK else fcntl.LOCK_SH
+
+
 def flock(ctx: Context, fd: int, lock: Lock, sleep: bool, stopping: Callable[[], bool]) -> None:
     """flock() on ``fd``, an open file the caller keeps open for the span of the call."""
-    if lock.type == fcntl.F_UNLCK:
+    op = flock_op(lock.type)
+    if op == fcntl.LOCK_UN:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return
-    op = fcntl.LOCK_EX if lock.type == fcntl.F_WRLCK else fcntl.LOCK_SH
     _retry(lambda: fcntl.flock(fd, op | fcntl.LOCK_NB), ctx, sleep, stopping)
+
+
+def retake(store: InodeStore, inode: Inode, owner: int) -> bool:
+    """Try once, without waiting, to take again the pending ranges of ``owner`` on ``inode``
+    (a migration brought them); True when nothing is left pending (taken, or settled by the
+    guest, or the owner or inode gone)."""
+    key = (inode.nodeid, owner)
+    try:
+        store.pin(inode)
+    except OSError:
+        with store.lock_book:
+            store.pending_locks.pop(key, None)
+        return True
+    try:
+        fd = store.owner_fd(inode, owner, None)
+        with store.lock_book:
+            pending = store.pending_locks.get(key)
+            if pending is None or fd is None:
+                store.pending_locks.pop(key, None)
+                return True
+            for start, end, ltype in list(pending.ranges):
+                try:
+                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_bytes(Lock(start, end, ltype, 0)))
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    continue
+                store.record_lock(inode, owner, start, end, ltype)
+                pending.set(start, end, fcntl.F_UNLCK)
+            if pending:
+                return False
+            del store.pending_locks[key]
+            return True
+    finally:
+        store.unpin(inode)
 
 
 def _retry(
