@@ -146,6 +146,14 @@ def shares(workdir: Path) -> tuple[Path, Path]:
     return src, workdir / "copy"
 
 
+def without_the_held_file(shares: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The share, and a copy of it for the destination that lacks the file the guest holds."""
+    share, copy = shares
+    shutil.copytree(share, copy)
+    (copy / "held.txt").unlink()
+    return share, copy
+
+
 def migrate_while_growing(pair: MigrationPair, held: Path) -> tuple[dict[str, Any], list[int]]:
     """Migrate while the guest appends to ``held``; the file's length at each poll of an
     active migration."""
@@ -220,9 +228,7 @@ def test_a_256_mib_copy_in_flight_moves_over(
 def test_a_destination_without_the_held_file_refuses_and_the_source_goes_on(
     workdir: Path, start_daemon: DaemonFactory, shares: tuple[Path, Path]
 ) -> None:
-    share, copy = shares
-    shutil.copytree(share, copy)
-    (copy / "held.txt").unlink()
+    share, copy = without_the_held_file(shares)
     src = start_daemon(share)
     dst = start_daemon(copy)
     with MigrationPair(workdir, script(SEQUENCE_SCRIPT), src.socket, dst.socket) as pair:
@@ -256,9 +262,7 @@ def test_a_destination_without_the_held_file_refuses_and_the_source_goes_on(
 def test_guest_error_gives_eio_for_the_lost_file_and_the_rest_works(
     workdir: Path, start_daemon: DaemonFactory, shares: tuple[Path, Path]
 ) -> None:
-    share, copy = shares
-    shutil.copytree(share, copy)
-    (copy / "held.txt").unlink()
+    share, copy = without_the_held_file(shares)
     src = start_daemon(share)
     dst = start_daemon(copy, "--migration-on-error", "guest-error")
     body = script(SEQUENCE_SCRIPT, expect="lost")

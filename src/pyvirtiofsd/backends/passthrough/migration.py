@@ -855,6 +855,15 @@ def _restore_handle(
     return None
 
 
+def _cannot_retake(owner: int, nodeid: int, e: OSError) -> None:
+    log.error(
+        "migration: the locks of owner %#x on inode %d can't be taken again: %s",
+        owner,
+        nodeid,
+        e.strerror,
+    )
+
+
 def _restore_locks(
     fs: PassthroughFs,
     found: dict[int, Inode],
@@ -879,12 +888,7 @@ def _restore_locks(
             finally:
                 store.unpin(inode)
         except OSError as e:
-            log.error(
-                "migration: the locks of owner %#x on inode %d can't be taken again: %s",
-                owner,
-                nodeid,
-                e.strerror,
-            )
+            _cannot_retake(owner, nodeid, e)
             continue
         store.set_lock_pid(inode, owner, pid)
         with store.lock_book:
@@ -892,12 +896,7 @@ def _restore_locks(
         try:
             taken = locks.retake(store, inode, owner)
         except OSError as e:
-            log.error(
-                "migration: the locks of owner %#x on inode %d can't be taken again: %s",
-                owner,
-                nodeid,
-                e.strerror,
-            )
+            _cannot_retake(owner, nodeid, e)
             with store.lock_book:
                 store.pending_locks.pop((nodeid, owner), None)
             continue
