@@ -1,10 +1,17 @@
-"""Pieces the host-side benchmarks share (run them as scripts: bench/ is then on sys.path)."""
+"""Pieces the benchmarks share: host helpers and the progress line.
+
+The scripts in bench/ run as scripts (bench/ is then on sys.path) and import each other as
+modules; `compare.py` drives several of them in one run. Nothing here asserts on speed.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 BLOCK = 1 << 20
 
@@ -33,3 +40,112 @@ def seq_write(root: Path, size_mib: int) -> float:
     os.fsync(fd)
     os.close(fd)
     return size_mib * BLOCK / 1e6 / (time.perf_counter() - t)
+
+
+def rounds_order(daemons: list[str], round_index: int) -> list[str]:
+    """The daemons' turn order in a round: reversed every other round, so that neither always
+    goes first (a change in the machine's load over a run then favours neither)."""
+    return daemons if round_index % 2 == 0 else daemons[::-1]
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+@dataclass
+class _Step:
+    key: str
+    group: str  # steps of one group take about as long as each other (same daemon, workload)
+    family: str  # a wider group (the same workload on any daemon), the next best guess
+    prior: float  # the guess until a step of its group or family has run
+    done: bool = False
+
+
+class Progress:
+    """One status line: what runs now (part, daemon, workload) and about how long is left.
+
+    A run plans its steps first, each with a guessed duration; the guess for a step is replaced
+    by what the last finished step of its group took (the same workload on the same daemon in
+    an earlier round), or failing that of its family (the same workload on another daemon).
+    On a terminal the line is rewritten in place; otherwise each step gets a line of its own,
+    so that a log shows the run's course.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, quiet: bool = False) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self._steps: dict[str, _Step] = {}
+        self._actual: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+        self._started = time.monotonic()
+
+    def plan(self, key: str, group: str, prior: float, family: str | None = None) -> None:
+        self._steps[key] = _Step(key, group, family or group, prior)
+
+    def abandon(self, prefix: str) -> None:
+        """Forget the steps not run yet under ``prefix`` (a part that failed)."""
+        if self._current is not None and self._current[0].startswith(prefix):
+            self._current = None
+        for key in [k for k, s in self._steps.items() if k.startswith(prefix) and not s.done]:
+            del self._steps[key]
+
+    def start(self, key: str, text: str) -> None:
+        if self._current is not None:
+            self.finish(self._current[0])
+        self._current = (key, time.monotonic())
+        self._show(text)
+
+    def finish(self, key: str) -> None:
+        if self._current is None or self._current[0] != key:
+            return
+        step = self._steps.get(key)
+        if step is not None:
+            step.done = True
+            took = time.monotonic() - self._current[1]
+            self._actual[step.group] = self._actual[step.family] = took
+        self._current = None
+
+    def left(self) -> float:
+        total = 0.0
+        for step in self._steps.values():
+            if not step.done:
+                total += self._guess(step)
+        if self._current is not None:
+            total -= min(
+                time.monotonic() - self._current[1],
+                self._estimate(self._current[0]),
+            )
+        return max(total, 0.0)
+
+    def _guess(self, step: _Step) -> float:
+        return self._actual.get(step.group, self._actual.get(step.family, step.prior))
+
+    def _estimate(self, key: str) -> float:
+        step = self._steps.get(key)
+        return 0.0 if step is None else self._guess(step)
+
+    def _show(self, text: str) -> None:
+        if self.quiet:
+            return
+        elapsed = format_seconds(time.monotonic() - self._started)
+        line = f"[{elapsed}] {text}; ~{format_seconds(self.left())} left"
+        if self.tty:
+            self.stream.write(f"\r\x1b[K{line}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self.finish(self._current[0])
+        if self.tty and not self.quiet:
+            self.stream.write(
+                f"\r\x1b[Kdone in {format_seconds(time.monotonic() - self._started)}\n"
+            )
+            self.stream.flush()

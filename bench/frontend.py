@@ -5,6 +5,7 @@ daemon's CPU time per request and its request rate, side by side.
     .venv/bin/python bench/frontend.py                      # every workload, 5 rounds
     .venv/bin/python bench/frontend.py --rounds 3 --seconds 1 --workload read4k
     .venv/bin/python bench/frontend.py --json results.json
+    (bench/compare.py runs it with the other benchmarks: see docs/benchmarks.md)
 
 Needs the VM assets for virtiofsd 1.14 (`.ci/install-vm-assets`; `--daemon pyvirtiofsd` runs
 without them). There is no guest kernel: the front-end is a Python process with its own guest
@@ -29,11 +30,9 @@ Nothing here asserts on speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import cpu_seconds
+from common import Progress, cpu_seconds, rounds_order
+from report import CPU_TARGET, PY, VIRTIOFSD, Row, table, write_json
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
@@ -65,7 +65,10 @@ WORKLOADS = {
     "read1m": "1 MiB READ (259 desc)",
     "write1m": "1 MiB WRITE (260 desc)",
 }
-DAEMONS = {"pyvirtiofsd": "pyvirtiofsd", "virtiofsd": "virtiofsd 1.14"}
+DAEMONS = {PY: "pyvirtiofsd", VIRTIOFSD: "virtiofsd 1.14"}
+#: Issue 10: at Q16, at least 0.8x virtiofsd's 4 KiB READs per second.
+RATE_TARGET = 0.8
+TITLE = "daemon alone: project front-end, guest-shaped chains (CPU per request and rate)"
 
 
 # --- chains shaped as the guest sends them ------------------------------------------------------
@@ -210,13 +213,12 @@ class Daemon:
     queue: DriverQueue
     files: Files
     chains: dict[tuple[str, int], ChainSet] = field(default_factory=dict)
-    results: dict[tuple[str, int], list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def start_daemon(name: str, share: Path, work: Path) -> Daemon:
     sock = str(work / f"{name}.sock")
     env = None
-    if name == "pyvirtiofsd":
+    if name == PY:
         argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
     else:
         command = assets.rust_virtiofsd_command()
@@ -267,55 +269,48 @@ def measure(d: Daemon, workload: str, depth: int, seconds: float) -> tuple[float
     return cpu / count * 1e6, count / wall
 
 
-# --- report -------------------------------------------------------------------------------------
+# --- the run -----------------------------------------------------------------------------------
 
 
-def print_table(daemons: list[Daemon], workloads: list[str], rounds: int, seconds: float) -> dict:
-    names = [d.name for d in daemons]
-    report: dict = {"rounds": rounds, "seconds": seconds, "results": []}
-    head = f"{'request':<24}{'depth':>6}"
-    for n in names:
-        head += f"{DAEMONS[n] + ' µs':>18}{'req/s':>10}"
-    if len(names) == 2:
-        head += f"{'CPU ratio':>11}{'rate ratio':>11}"
-    print()
-    print(head)
-    print("-" * len(head))
+def rows_for(workloads: list[str]) -> list[Row]:
+    """Two rows per workload and depth: CPU per request, and requests per second."""
+    rows = []
     for w in workloads:
         for depth in DEPTHS:
-            line = f"{WORKLOADS[w]:<24}{depth:>6}"
-            row: dict = {"workload": w, "depth": depth}
-            for d in daemons:
-                samples = d.results[(w, depth)]
-                us = statistics.median(s[0] for s in samples)
-                rate = statistics.median(s[1] for s in samples)
-                row[d.name] = {"cpu_us_per_request": us, "requests_per_second": rate}
-                line += f"{us:>18.1f}{rate:>10,.0f}"
-            if len(names) == 2:
-                a, b = (row[n] for n in names)
-                cpu_ratio = a["cpu_us_per_request"] / b["cpu_us_per_request"]
-                rate_ratio = a["requests_per_second"] / b["requests_per_second"]
-                row["cpu_ratio"], row["rate_ratio"] = cpu_ratio, rate_ratio
-                line += f"{cpu_ratio:>10.2f}x{rate_ratio:>10.2f}x"
-            report["results"].append(row)
-            print(line)
-    print(
-        f"\nmedians of {rounds} rounds of {seconds:g} s; CPU ratio = pyvirtiofsd / virtiofsd "
-        "(lower is better), rate ratio = pyvirtiofsd / virtiofsd (higher is better)"
-    )
-    return report
+            rows.append(
+                Row("frontend", f"{w}-q{depth}-cpu", f"{WORKLOADS[w]} Q{depth} CPU", "us/req",
+                    "lower", VIRTIOFSD, CPU_TARGET)
+            )  # fmt: skip
+            rate_target = RATE_TARGET if (w, depth) == ("read4k", 16) else None
+            rows.append(
+                Row("frontend", f"{w}-q{depth}-rate", f"{WORKLOADS[w]} Q{depth} rate", "req/s",
+                    "higher", VIRTIOFSD, rate_target)
+            )  # fmt: skip
+    return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--workload", action="append", choices=list(WORKLOADS))
-    p.add_argument("--daemon", action="append", choices=list(DAEMONS))
-    p.add_argument("--json", type=Path, help="write the results here as JSON")
-    args = p.parse_args()
-    workloads = args.workload or list(WORKLOADS)
-    names = args.daemon or list(DAEMONS)
+def plan(progress: Progress, workloads: list[str], names: list[str], rounds: int,
+         seconds: float) -> None:  # fmt: skip
+    for r in range(rounds):
+        for w in workloads:
+            for depth in DEPTHS:
+                for n in names:
+                    progress.plan(
+                        f"frontend/{r}/{n}/{w}/{depth}", f"frontend/{n}/{w}/{depth}", seconds + 0.3
+                    )
+
+
+def run(
+    workloads: list[str],
+    names: list[str],
+    rounds: int,
+    seconds: float,
+    progress: Progress,
+) -> list[Row]:
+    """Every workload at each depth on each daemon, in interleaved rounds; the rows.
+
+    Call :func:`plan` with the same arguments first so that the progress line knows the run."""
+    rows = {r.key: r for r in rows_for(workloads)}
     with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-frontend-bench-") as tmp:
         work = Path(tmp)
         share = work / "share"
@@ -323,34 +318,50 @@ def main() -> None:
         with open(share / "data", "wb") as f:
             f.truncate(FILE_SIZE)
             f.write(os.urandom(1 << 20) * (FILE_SIZE >> 20))
-        daemons = [start_daemon(n, share, work) for n in names]
+        daemons: list[Daemon] = []
         try:
-            steps = args.rounds * len(workloads) * len(DEPTHS) * len(daemons)
-            step = 0
-            started = time.monotonic()
-            for r in range(args.rounds):
+            for n in names:
+                daemons.append(start_daemon(n, share, work))
+            for r in range(rounds):
                 for w in workloads:
                     for depth in DEPTHS:
-                        order = daemons if r % 2 == 0 else daemons[::-1]
-                        for d in order:
-                            step += 1
-                            left = (time.monotonic() - started) / step * (steps - step)
-                            print(
-                                f"\r[{step}/{steps}] round {r + 1}: {DAEMONS[d.name]}, "
-                                f"{WORKLOADS[w]}, depth {depth}; ~{left:.0f} s left   ",
-                                end="",
-                                file=sys.stderr,
-                                flush=True,
+                        for d in rounds_order(daemons, r):
+                            key = f"frontend/{r}/{d.name}/{w}/{depth}"
+                            progress.start(
+                                key,
+                                f"front-end bench, round {r + 1}/{rounds}: {DAEMONS[d.name]}, "
+                                f"{WORKLOADS[w]} at depth {depth}",
                             )
-                            result = measure(d, w, depth, args.seconds)
-                            d.results.setdefault((w, depth), []).append(result)
-            print(file=sys.stderr)
+                            us, rate = measure(d, w, depth, seconds)
+                            progress.finish(key)
+                            rows[f"{w}-q{depth}-cpu"].add(d.name, us)
+                            rows[f"{w}-q{depth}-rate"].add(d.name, rate)
         finally:
             for d in daemons:
                 stop_daemon(d)
-        report = print_table(daemons, workloads, args.rounds, args.seconds)
+    return list(rows.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0, help="per daemon, workload and round")
+    p.add_argument("--workload", action="append", choices=list(WORKLOADS))
+    p.add_argument("--daemon", action="append", choices=list(DAEMONS))
+    p.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    args = p.parse_args()
+    workloads = args.workload or list(WORKLOADS)
+    names = args.daemon or list(DAEMONS)
+    progress = Progress()
+    plan(progress, workloads, names, args.rounds, args.seconds)
+    rows = run(workloads, names, args.rounds, args.seconds, progress)
+    progress.close()
+    print(table(rows, {"frontend": TITLE}))
+    print(f"medians of {args.rounds} rounds of {args.seconds:g} s per daemon and workload")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, rows, {"parts": {"frontend": vars(args) | {"json": str(args.json)}}})
         print(f"results written to {args.json}")
 
 
