@@ -7,7 +7,9 @@
  *   guestprobe lock flock|posix wait|try FILE SECONDS
  *                                       take an exclusive lock (waiting, or failing at once),
  *                                       print "locked", hold it SECONDS, print "unlocked"
- *   guestprobe as UID GID PROG [ARG...]  run PROG as UID:GID, without supplementary groups
+ *   guestprobe as UID GID[,GROUP...] PROG [ARG...]
+ *                                       run PROG as UID:GID with those supplementary groups
+ *                                       (none without the commas)
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -98,13 +100,21 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc >= 5 && strcmp(argv[1], "as") == 0) {
-        if (setgroups(0, NULL)) return fail("setgroups");
+        gid_t groups[64];
+        size_t n = 0;
+        char *rest = strchr(argv[3], ',');
+        while (rest != NULL && n < 64) {
+            groups[n++] = (gid_t)strtoul(rest + 1, NULL, 10);
+            rest = strchr(rest + 1, ',');
+        }
+        if (setgroups(n, n ? groups : NULL)) return fail("setgroups");
         if (setgid((gid_t)atol(argv[3]))) return fail("setgid");
         if (setuid((uid_t)atol(argv[2]))) return fail("setuid");
         execvp(argv[4], argv + 4);
         return fail("exec");
     }
     fprintf(stderr, "usage: guestprobe write FILE OFFSET TEXT | attr FILE | sum FILE"
-                    " | lock flock|posix wait|try FILE SECONDS | as UID GID PROG [ARG...]\n");
+                    " | lock flock|posix wait|try FILE SECONDS"
+                    " | as UID GID[,GROUP...] PROG [ARG...]\n");
     return 2;
 }

@@ -169,10 +169,70 @@ INVALID = {
                   "--tag must be 1 to 36 bytes long"),
     "unknown-o-option": (["--socket-path", "{sock}", "-o", "source={dir},frobnicate"],
                          "unknown -o option 'frobnicate'"),
-    "unsupported-o-option": (["--socket-path", "{sock}", "-o", "source={dir},xattrmap=:x:"],
-                             "-o xattrmap is not supported"),
+    "o-xattrmap-bad-type": (["--socket-path", "{sock}", "-o", "source={dir},xattrmap=:x:"],
+                            "--xattrmap: rule 1: unknown type 'x'"),
+    "xattrmap-bad-scope": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                            ":ok:all::: :ok:guest:::"], "rule 2: unknown scope 'guest'"),
+    "xattrmap-unclosed": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                           ":ok:all:::  /bad/all//"], "rule 2 (at character 13) has no closing"),
+    "xattrmap-empty": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                        " \n "], "--xattrmap: no rules"),
+    "xattrmap-map-not-last": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                               "--xattrmap", ":map::user.virtiofs.: :ok:all:::"],
+                              "rule 1: a map rule must be the last rule"),
+    # virtiofsd 1.14 starts with these and panics on the first name no rule matches.
+    "xattrmap-undecided": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--xattrmap",
+                            ":prefix:client:trusted.:user.virtiofs.:"],
+                           "no rule decides every guest name (one of scope client or all with "
+                           "an empty key, such as ':ok:all:::' or ':bad:all:::' at the end); "
+                           "no rule decides every host name"),
+    "xattrmap-guest-undecided": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                  "--xattrmap", "/prefix/all/trusted./u.v./ /ok/server///"],
+                                 "does not always decide"),
+    "xattrmap-host-undecided": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                 "--xattrmap", "/prefix/all//user.virtiofs./ /ok/client///"],
+                                "undecided: no rule decides every host name (one of scope server"),
+    "xattrmap-opendal": (["--socket-path", "{sock}", "--opendal", "memory", "--xattrmap",
+                          ":map::user.virtiofs.:"], "--security-label serve a --shared-dir, not"),
+    "security-label-opendal": (["--socket-path", "{sock}", "--opendal", "memory",
+                                "--security-label=auto"], "serve a --shared-dir, not --opendal"),
+    "security-label-mode": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                             "--security-label=sometimes"],
+                            "argument --security-label: invalid choice: 'sometimes'"),
     "unsupported-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
-                            "--translate-uid", "map:0:0:1"], "--translate-uid is not supported"),
+                            "--migration-confirm-paths"],
+                           "--migration-confirm-paths is not supported"),
+    "translate-form": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                        "--translate-uid", "map:1:2"], "expected map:GUEST:HOST:COUNT"),
+    "translate-type": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                        "--translate-gid=swap:1:2:3"], "the rule's type must be one of map"),
+    "translate-wraps": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                         "--translate-uid", "forbid-guest:6000:4294967295"],
+                        "'forbid-guest:6000:4294967295' runs past id 4294967295: the last number "
+                        "is a count"),
+    "translate-to-no-id": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                            "--translate-uid", "map:0:4294967295:1"], "(uid_t)-1"),
+    # virtiofsd's work item 198: the second number read as an end
+    "translate-overlap": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                           "--translate-uid=forbid-guest:0:999", "--translate-uid=map:1000:1000:1",
+                           "--translate-uid=forbid-guest:1001:1999",
+                           "--translate-uid=map:2000:2000:1"],
+                          "--translate-uid rules 'forbid-guest:1001:1999' (guest uids 1001-2999) "
+                          "and 'map:2000:2000:1' (guest uid 2000) both match guest uid 2000"),
+    "translate-shared-ids": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                              "--translate-gid", "map:0:5000:10", "--translate-gid",
+                              "host:6000:5:1"],
+                             "--translate-gid rules 'map:0:5000:10' and 'host:6000:5:1' both make "
+                             "guest gid 5"),
+    "translate-posix-acl": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                             "--translate-uid", "map:0:100000:65536", "--posix-acl"],
+                            "--posix-acl exclude each other"),
+    "translate-o-posix-acl": (["--socket-path", "{sock}", "-o", "source={dir},posix_acl",
+                               "--translate-gid", "map:0:100000:65536"],
+                              "--posix-acl exclude each other"),
+    "translate-opendal": (["--socket-path", "{sock}", "--opendal", "memory",
+                           "--translate-uid", "map:0:100000:65536"],
+                          "translate the ids of a --shared-dir"),
     "uid-map-form": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--uid-map",
                       "0:1000:1", "--gid-map", ":0:1000:1:"], "expected :inside:outside:count:"),
     "uid-map-count": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--uid-map",
@@ -186,6 +246,11 @@ INVALID = {
                          ":5:200000:10:"], "--gid-map ranges overlap inside"),
     "uid-map-and-mount": (["--mount", "{dir}", "--shared-dir", "{dir}", "--uid-map",
                            ":0:1000:1:", "--gid-map", ":0:1000:1:"], "not --mount"),
+    "keep-listening-and-mount": (["--mount", "{dir}", "--shared-dir", "{dir}",
+                                  "--keep-listening"], "--keep-listening needs a vhost-user"),
+    "keep-listening-and-opendal": (["--socket-path", "{sock}", "--opendal", "memory",
+                                    "--keep-listening"],
+                                   "--keep-listening does not work with --opendal"),
     "unknown-option": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--frobnicate"],
                        "unrecognized arguments: --frobnicate"),
     "socket-and-fd": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--fd", "0"],
@@ -374,6 +439,69 @@ def test_libvirt_command_line_without_xattr_refuses_xattrs(work: Path, shared: P
     check_clean_log(log)
 
 
+# -- Incus's shape: --translate-uid/--translate-gid around its idmap -----------------------------
+
+
+def incus_translation(kind: str, entries: list[tuple[int, int, int]]) -> list[str]:
+    """The arguments Incus (internal/server/device/device_utils_disk.go) passes for a VM's
+    sorted idmap entries (nsid, hostid, range), spelled as it spells them."""
+    args, last = [], 0
+    for nsid, hostid, count in entries:
+        args.append(f"--translate-{kind}=map:{nsid}:{hostid}:{count}")
+        args.append(f"--translate-{kind}=forbid-guest:{last}:{nsid - last}")
+        last = nsid + count
+    if last < 4294967295:
+        args.append(f"--translate-{kind}=forbid-guest:{last}:{4294967295 - last}")
+    return args
+
+
+def test_incus_command_line_serves_translated_ids(work: Path, shared: Path) -> None:
+    """Incus's argv unchanged (a count-0 forbid-guest included): guest ids are the map's host
+    ids, the host's own ids show as no one, ids past the map are EPERM."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as the caller needs root")
+    shared.chmod(0o777)
+    os.chown(shared / "hello.txt", 1001000, 1001000)
+    (shared / "hosts").write_text("host root's")
+    entries = [(0, 1000000, 1000000000)]
+    path = work / "incus.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    fd = listener.fileno()
+    args = [f"--fd={fd}", "--cache=never", f"--shared-dir={shared}",
+            *incus_translation("uid", entries), *incus_translation("gid", entries)]  # fmt: skip
+    assert "--translate-uid=forbid-guest:0:0" in args
+    log = work / "daemon.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*DAEMON, *args], pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    listener.close()
+    try:
+        with Frontend.connect(str(path)) as fe:
+            fuse = fuse_over(fe.setup(queues=(0, 1), queue_size=64)[1])
+            fuse.init()
+            hello = fuse.lookup(abi.ROOT_ID, b"hello.txt")
+            hosts = fuse.lookup(abi.ROOT_ID, b"hosts")
+            made = fuse.create(abi.ROOT_ID, b"by-1000", uid=1000, gid=1000)[0]
+            with pytest.raises(PermissionError):
+                fuse.create(abi.ROOT_ID, b"by-2000000000", uid=2000000000, gid=1000)
+        rc = wait_exit(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = check_clean_log(log)
+    assert rc == 0, text
+    assert (hello.uid, hello.gid) == (1000, 1000)
+    assert (hosts.uid, hosts.gid) == (0xFFFFFFFF, 0xFFFFFFFF)
+    assert (made.uid, made.gid) == (1000, 1000)
+    st = os.stat(shared / "by-1000")
+    assert (st.st_uid, st.st_gid) == (1001000, 1001000)
+    assert not (shared / "by-2000000000").exists()
+
+
 # -- stopping ---------------------------------------------------------------------------------
 
 
@@ -450,6 +578,47 @@ def test_lock_options_of_the_old_form(shared: Path, work: Path) -> None:
     assert not (work / "s.sock").exists()
 
 
+def test_xattrmap_and_security_label_forms(shared: Path, work: Path) -> None:
+    """virtiofsd's spellings: --security-label alone is "always", -o security_label and
+    no_security_label are switches, -o xattrmap= is the map; each implies --xattr."""
+    from pyvirtiofsd.backends.passthrough import PassthroughConfig, SecurityLabel, XattrMap
+    from pyvirtiofsd.cli import parse_args
+
+    sock = str(work / "s.sock")
+
+    def backend(*args: str) -> PassthroughConfig:
+        config = parse_args(["--socket-path", sock, *args])
+        assert config is not None and isinstance(config.backend, PassthroughConfig)
+        return config.backend
+
+    d = f"--shared-dir={shared}"
+    assert backend(d).security_label is SecurityLabel.NEVER
+    assert not backend(d).xattr
+    for args, mode in [
+        ((d, "--security-label"), SecurityLabel.ALWAYS),
+        ((d, "--security-label", "--readonly"), SecurityLabel.ALWAYS),
+        ((d, "--security-label=auto"), SecurityLabel.AUTO),
+        ((d, "--security-label=always"), SecurityLabel.ALWAYS),
+        (("-o", f"source={shared},security_label"), SecurityLabel.ALWAYS),
+        (("-o", f"source={shared},security_label,no_security_label"), SecurityLabel.NEVER),
+    ]:
+        config = backend(*args)
+        assert config.security_label is mode, args
+        assert config.xattr is (mode is not SecurityLabel.NEVER), args
+    assert backend(d, "--security-label=never").security_label is SecurityLabel.NEVER
+    rules = "/prefix/all/trusted./user.virtiofs./ /ok/all///"
+    for args in [(d, "--xattrmap", rules), ("-o", f"source={shared},xattrmap={rules}")]:
+        config = backend(*args)
+        assert config.xattrmap == XattrMap.parse(rules)
+        assert config.xattr
+    assert not (work / "s.sock").exists()
+
+
+def test_capabilities_offer_the_security_label_modes() -> None:
+    # libvirt and others read this before passing --security-label=auto|always|never.
+    assert "security-label-negotiation-mode" in capabilities()["features"]
+
+
 # -- options and the configs they set -----------------------------------------------------------
 
 
@@ -513,6 +682,17 @@ def test_options_not_given_leave_the_configs_defaults(shared: Path, work: Path) 
     assert config.backend == PassthroughConfig(str(shared))
     assert config.server == ServerConfig()
     assert config.process == ProcessConfig()
+
+
+def test_keep_listening_is_the_transports(shared: Path, work: Path) -> None:
+    from pyvirtiofsd.cli import parse_args
+    from pyvirtiofsd.transport.virtiofs import VhostUserConfig
+
+    sock = str(work / "s.sock")
+    config = parse_args(["--socket-path", sock, "--shared-dir", str(shared), "--keep-listening"])
+    assert config is not None
+    assert config.transport == VhostUserConfig(socket_path=sock, keep_listening=True)
+    assert "--keep-listening" in run_cli("--help").stdout
 
 
 # -- --queue-size ------------------------------------------------------------------------------

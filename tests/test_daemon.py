@@ -103,7 +103,9 @@ def test_counters_count_requests_by_opcode(
 
 
 def test_open_file_limit() -> None:
-    """In a child process: the limit is this process's own."""
+    """In a child process: the limit is this process's own. As virtiofsd: a limit given is set
+    as given, lower than the current one too (libvirt's ``<openfiles max='N'/>`` becomes
+    ``--rlimit-nofile=N``); none given raises it to min(1M, fs.nr_open) but never lowers it."""
     script = """
 import resource
 from pyvirtiofsd.daemon import raise_fd_limit
@@ -113,10 +115,48 @@ raise_fd_limit(0)  # leave it alone
 left = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 raise_fd_limit(512)
 raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-raise_fd_limit(300)  # never lowers it
-print(left, raised, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+raise_fd_limit(300)  # set as given, even lower
+lowered = resource.getrlimit(resource.RLIMIT_NOFILE)
+print(left, raised, *lowered)
 """
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
-    assert out == ["256", "512", "512"]
+    assert out == ["256", "512", "300", "300"]
+
+
+EARLY_SIGNALS = """
+import os, signal, sys
+from pyvirtiofsd import daemon
+from pyvirtiofsd.cli import parse_args
+
+build = daemon.build_filesystem
+
+
+def signalled_while_building(config):
+    # The socket listens already; there is no transport yet to stop.
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return build(config)
+
+
+daemon.build_filesystem = signalled_while_building
+sys.exit(daemon.run(parse_args(["--socket-path", sys.argv[1], "--shared-dir", sys.argv[2]])))
+"""
+
+
+def test_signals_before_there_is_a_transport(tmp_path: Path) -> None:
+    """A stop signal between listening and serving still stops the daemon cleanly (status 0,
+    socket file removed) rather than killing it by default action, and SIGUSR1 then is
+    harmless: a daemon that listens handles its signals."""
+    sock = tmp_path / "vhost.sock"
+    result = subprocess.run(
+        [sys.executable, "-c", EARLY_SIGNALS, str(sock), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert "signal 15: stopping" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not sock.exists(), "the socket outlived the daemon"

@@ -24,7 +24,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig
+from pyvirtiofsd.backends.passthrough.config import FileHandles, PassthroughConfig, SecurityLabel
+from pyvirtiofsd.backends.passthrough.idmap import IdMap, IdMapError, IdRule, parse_rule
+from pyvirtiofsd.backends.passthrough.xattrmap import XattrMap, XattrMapError
 from pyvirtiofsd.daemon import DaemonConfig, ProcessConfig
 from pyvirtiofsd.fuse.policy import CachePolicy
 from pyvirtiofsd.fuse.server import ServerConfig
@@ -51,8 +53,12 @@ LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 CACHE_MODES = ("never", "none", "auto", "always", "metadata")
 SANDBOXES = ("namespace", "chroot", "none")
 #: What libvirt reads from --print-capabilities. "separate-options" makes libvirt pass
-#: --shared-dir/--cache/... rather than -o. Migration is not offered: we have no device state.
-CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+#: --shared-dir/--cache/... rather than -o; "security-label-negotiation-mode" says that
+#: --security-label takes never|auto|always. Migration is not offered: we have no device state.
+CAPABILITIES = {
+    "type": "fs",
+    "features": ["security-label-negotiation-mode", "separate-options"],
+}
 #: Request threads of an object-storage daemon when --thread-pool-size does not say: served
 #: inline, one slow store call would hold up every request behind it, even those the local
 #: cache answers at once.
@@ -63,10 +69,6 @@ _IGNORED_WITH_VALUE = ("--seccomp", "--modcaps")
 _IGNORED_FLAGS = ("--preserve-noatime", "-f")
 #: virtiofsd options we refuse rather than silently run without.
 _UNSUPPORTED = (
-    "--xattrmap",
-    "--security-label",
-    "--translate-uid",
-    "--translate-gid",
     "--migration-mode",
     "--migration-on-error",
     "--migration-verify-handles",
@@ -83,6 +85,7 @@ _COMPAT_SWITCHES = {
     "killpriv_v2": "killpriv_v2",
     "flock": "flock_locks",
     "posix_lock": "posix_locks",
+    "security_label": "security_label",
 }
 #: ``-o`` switches that only turn something on.
 _COMPAT_ON = {"allow_direct_io": "allow_direct_io"}
@@ -92,10 +95,13 @@ _COMPAT_VALUES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "cache": ("cache", CACHE_MODES),
     "sandbox": ("sandbox", SANDBOXES),
     "loglevel": ("log_level", LOG_LEVELS),
+    # As in virtiofsd, the map ends at the next comma: -o splits there first.
+    "xattrmap": ("xattrmap", None),
 }
 _COMPAT_ALIASES = {"log_level": "loglevel"}
 _COMPAT_IGNORED = ("modcaps", "timeout")
-_COMPAT_UNSUPPORTED = ("xattrmap", "security_label")
+#: --security-label values that ask for nothing (-o no_security_label gives False).
+_NO_LABEL = (None, False, "never")
 
 #: Options whose value the config holds in another type than the command line's text.
 _CONVERT: dict[str, Any] = {
@@ -103,6 +109,10 @@ _CONVERT: dict[str, Any] = {
     "inode_file_handles": FileHandles.parse,
     "uid_map": tuple,
     "gid_map": tuple,
+    "translate_uid": tuple,
+    "translate_gid": tuple,
+    "xattrmap": XattrMap.parse,
+    "security_label": SecurityLabel.parse,
 }
 
 _C = TypeVar("_C")
@@ -158,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fd", type=_nonneg, metavar="FD", help="an already listening socket (libvirt)"
     )
     conn.add_argument("--socket-group", metavar="GROUP", help="group owning the socket")
+    conn.add_argument(
+        "--keep-listening",
+        action="store_true",
+        help="when the front-end disconnects, serve the next one on the same socket (one at a "
+        "time, each from a clean FUSE session) instead of exiting; for VMMs that reconnect on "
+        "every guest reboot (cloud-hypervisor). virtiofsd has no such option",
+    )
     conn.add_argument("--tag", help="virtio-fs tag (config space; 36 bytes at most)")
     conn.add_argument(
         "--mount",
@@ -186,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--no-readdirplus", dest="readdirplus", action="store_false")
     fs.add_argument("--xattr", action="store_true")
     fs.add_argument("--posix-acl", action="store_true", help="POSIX ACLs (implies --xattr)")
+    fs.add_argument(
+        "--xattrmap",
+        metavar="RULES",
+        help="rename, pass, hide or refuse xattr names between guest and host, with "
+        "virtiofsd's rules (e.g. ':map::user.virtiofs.:'; implies --xattr). A map that leaves "
+        "some name undecided is refused here (virtiofsd stops serving on it)",
+    )
+    fs.add_argument(
+        "--security-label",
+        nargs="?",
+        const="always",
+        choices=[m.value for m in SecurityLabel],
+        metavar="never|auto|always",
+        help="label each file the guest makes with the security context it sends "
+        "(FUSE_SECURITY_CTX; implies --xattr), under the name the xattr map gives it: "
+        "always (the default without a value) fails the guest's mount if its kernel does not "
+        "send them, auto takes them when it does",
+    )
     fs.add_argument("--readonly", action="store_true")
     fs.add_argument("--announce-submounts", action="store_true")
     fs.add_argument("--no-announce-submounts", dest="announce_submounts", action="store_false")
@@ -204,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
         "root in the share is a host device that any host user who can reach the share could "
         "open, so here it takes asking",
     )
+    for kind in ("uid", "gid"):
+        fs.add_argument(
+            f"--translate-{kind}",
+            action="append",
+            type=_id_rule,
+            metavar="TYPE:A:B:COUNT",
+            help=f"translate {kind}s between guest and host inside the daemon (repeatable): "
+            "map:GUEST:HOST:COUNT (both ways), guest:GUEST:HOST:COUNT, host:HOST:GUEST:COUNT, "
+            "squash-guest:GUEST:HOST:COUNT, squash-host:HOST:GUEST:COUNT, "
+            "forbid-guest:GUEST:COUNT (EPERM). The last number is a COUNT, not the end of the "
+            f"range. Rules may not overlap; unmatched {kind}s stay as they are unless that "
+            "would alias a translated one (see the README). Not with --posix-acl",
+        )
     fs.add_argument(
         "--fuse-passthrough",
         action="store_true",
@@ -311,8 +359,6 @@ def _apply_compat(p: argparse.ArgumentParser, given: dict[str, Any], notices: li
                 given[_COMPAT_ON[key]] = True
             elif key in _COMPAT_IGNORED:
                 notices.append(f"ignoring option {item}")
-            elif key in _COMPAT_UNSUPPORTED:
-                p.error(f"-o {key} is not supported")
             else:
                 p.error(f"unknown -o option {key!r}")
 
@@ -405,6 +451,16 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
         p.error("--socket-path, --fd and --mount exclude each other")
     if "fd" in o:
         _check_listening_fd(p, o["fd"])
+    if o.get("keep_listening"):
+        if mountpoint is not None:
+            p.error("--keep-listening needs a vhost-user front-end, not --mount")
+        if scheme is not None:
+            # Its destroy() keeps a session's open files and lookups: the next front-end
+            # would not start clean.
+            p.error(
+                "--keep-listening does not work with --opendal yet (the object-storage "
+                "backend keeps a departed guest's open files)"
+            )
     if mountpoint is not None and not os.path.isdir(mountpoint):
         p.error(f"mount point {mountpoint!r} is not a directory")
     tag = o.get("tag")
@@ -438,6 +494,27 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
                 check_map(kind, ranges)
             except ValueError as e:
                 p.error(str(e))
+    translate = {kind: o.get(f"translate_{kind}") or [] for kind in ("uid", "gid")}
+    if translate["uid"] or translate["gid"]:
+        if scheme is not None or own_fs:
+            p.error("--translate-uid/--translate-gid translate the ids of a --shared-dir")
+        if o.get("posix_acl"):
+            p.error(
+                "--translate-uid/--translate-gid and --posix-acl exclude each other: "
+                "the ids inside ACLs are not translated"
+            )
+        for kind, rules in translate.items():
+            try:
+                IdMap(kind, rules)
+            except IdMapError as e:
+                p.error(str(e))
+    if "xattrmap" in o:
+        try:
+            XattrMap.parse(o["xattrmap"])
+        except XattrMapError as e:
+            p.error(f"--xattrmap: {e}")
+    if scheme is not None and ("xattrmap" in o or o.get("security_label") not in _NO_LABEL):
+        p.error("--xattrmap and --security-label serve a --shared-dir, not --opendal")
     if o.get("fuse_passthrough") and mountpoint is None:
         p.error("--fuse-passthrough only works with --mount")
     group = o.get("socket_group")
@@ -477,6 +554,13 @@ def _id_range(text: str) -> IdRange:
     try:
         return parse_range(text)
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _id_rule(text: str) -> IdRule:
+    try:
+        return parse_rule(text)
+    except IdMapError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

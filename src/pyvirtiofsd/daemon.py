@@ -16,7 +16,10 @@ deadline closes it too, as nothing else runs after its ``os._exit``.)
 A transport is an object with ``serve()``, which returns the exit status, and ``stop()``,
 which the signal handler calls.
 
-SIGTERM (SIGINT, SIGHUP) always ends the daemon within seconds. The transports wait a short
+SIGTERM (SIGINT, SIGHUP) always ends the daemon within seconds, from the moment its socket
+listens: the handlers are installed before, and a stop signal that comes before there is a
+transport stops the transport as soon as it exists (SIGUSR1, the counters, is harmless as
+early). With ``--keep-listening`` a signal is the only end. The transports wait a short
 grace for requests still running, then leave behind those stuck in the backend (a stat on a
 hung mount never returns): their threads are daemon threads. The file system's shutdown then
 runs without a limit, unless requests were left behind (it gets :data:`SHUTDOWN_GRACE`, as
@@ -92,9 +95,14 @@ def setup_logging(level: str, use_syslog: bool) -> None:
 
 
 def raise_fd_limit(wanted: int | None) -> None:
-    """Raise RLIMIT_NOFILE as virtiofsd does: to min(1M, fs.nr_open) unless told otherwise."""
+    """Set RLIMIT_NOFILE as virtiofsd does: to ``wanted`` when given, soft and hard, lower than
+    now too (libvirt's ``<openfiles max='N'/>`` becomes ``--rlimit-nofile=N``); by default to
+    min(1M, fs.nr_open) unless it is higher already; 0 leaves it alone. A limit the process may
+    not reach falls back to its hard limit (with a warning, when it was given)."""
     if wanted == 0:
         return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    asked = wanted is not None
     if wanted is None:
         try:
             with open("/proc/sys/fs/nr_open") as f:
@@ -102,16 +110,23 @@ def raise_fd_limit(wanted: int | None) -> None:
         except OSError:
             nr_open = 1 << 20
         wanted = min(1 << 20, nr_open)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return
+        if soft >= wanted:
+            return
+        target = (wanted, max(hard, wanted))
+    else:
+        target = (wanted, wanted)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+        resource.setrlimit(resource.RLIMIT_NOFILE, target)
     except (ValueError, OSError):
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
         except (ValueError, OSError) as e:
             log.warning("could not raise the open file limit: %s", e)
+        else:
+            if asked:  # the default is a wish; a limit given is not
+                log.warning(
+                    "could not set the open file limit to %d; it is %d", wanted, min(wanted, hard)
+                )
 
 
 #: Seconds the file system's shutdown may take when requests were left running in the backend.
@@ -208,6 +223,10 @@ def _run(config: DaemonConfig, fs: Filesystem | None) -> int:
     for notice in process.notices:
         log.info("%s", notice)
     raise_fd_limit(process.rlimit_nofile)
+    # Before anything exists that a signal's default action would leave behind (the socket
+    # file): from here on a stop signal is remembered until there is a transport to stop.
+    signals = _Signals()
+    signals.install()
     listener = None
     if isinstance(config.transport, VhostUserConfig):
         try:
@@ -218,15 +237,19 @@ def _run(config: DaemonConfig, fs: Filesystem | None) -> int:
             else:
                 log.error("cannot listen: %s", e)
             return 1
+    signals.listener = listener
     try:
-        return _prepare_and_serve(config, fs, listener)
+        if signals.signalled:
+            return 0
+        return _prepare_and_serve(config, fs, listener, signals)
     finally:
+        signals.ended.set()
         if listener is not None:
             listener.close()
 
 
 def _prepare_and_serve(
-    config: DaemonConfig, fs: Filesystem | None, listener: Listener | None
+    config: DaemonConfig, fs: Filesystem | None, listener: Listener | None, signals: _Signals
 ) -> int:
     process = config.process
     if process.uid_map:
@@ -257,7 +280,7 @@ def _prepare_and_serve(
             what = backend.shared_dir if isinstance(backend, PassthroughConfig) else backend.scheme
             log.error("cannot serve %s: %s", what, e)
             return 1
-    return _serve(fs, config, listener)
+    return _serve(fs, config, listener, signals)
 
 
 def _show(ranges: tuple[IdRange, ...]) -> str:
@@ -272,42 +295,78 @@ def _transport(fs: Filesystem, config: DaemonConfig, listener: Listener | None) 
     return VhostUserTransport(fs, config.transport, listener, config.server)
 
 
-def _serve(fs: Filesystem, config: DaemonConfig, listener: Listener | None) -> int:
+class _Signals:
+    """The daemon's signal handlers, installed before it listens: SIGTERM, SIGINT and SIGHUP
+    stop it, SIGUSR1 logs the counters. A stop signal that comes before there is a transport
+    is remembered, and stops the transport as soon as there is one (its default action would
+    end the process with the socket file left behind). The exit deadline starts with the first
+    stop signal once a transport serves: before, the process may still need to be the one
+    thread it is (to enter a user namespace or the sandbox)."""
+
+    def __init__(self) -> None:
+        self.signalled: list[int] = []
+        self.listener: Listener | None = None
+        self.transport: Transport | None = None
+        #: Set once the transport has ended.
+        self.ended = threading.Event()
+        self._deadline = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_term)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def attach(self, transport: Transport) -> None:
+        """``transport`` serves from now on: stop it if a signal asked already."""
+        self.transport = transport
+        if self.signalled:
+            transport.stop()
+            self._start_deadline()
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        self.signalled.append(signum)
+        transport = self.transport
+        if transport is not None:
+            transport.stop()
+            self._start_deadline()
+
+    def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
+        transport = self.transport
+        if transport is not None:
+            log_counters(transport.server)
+
+    def _start_deadline(self) -> None:
+        if self._deadline:
+            return
+        self._deadline = True
+        threading.Thread(
+            target=_exit_deadline,
+            args=(self.ended, self.listener),
+            name="exit-deadline",
+            daemon=True,
+        ).start()
+
+
+def _serve(
+    fs: Filesystem, config: DaemonConfig, listener: Listener | None, signals: _Signals
+) -> int:
     """Serve ``fs`` on the configured transport until the end; the exit status."""
     transport = _transport(fs, config, listener)
     server = transport.server
-    transport_ended = threading.Event()
-    signalled: list[int] = []
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        first = not signalled
-        signalled.append(signum)
-        transport.stop()
-        if first:
-            threading.Thread(
-                target=_exit_deadline,
-                args=(transport_ended, listener),
-                name="exit-deadline",
-                daemon=True,
-            ).start()
-
-    def on_usr1(signum: int, frame: FrameType | None) -> None:
-        log_counters(server)
-
     # Requests allocate many small, short-lived, acyclic objects; the cyclic collector's
     # default of a pass every 700 allocations costs several microseconds per request.
     # Startup objects never die: take them out of its sight altogether.
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    signal.signal(signal.SIGUSR1, on_usr1)
+    signals.attach(transport)
     try:
+        if signals.signalled:
+            return 0  # stopped before there was anything to serve
         return transport.serve()
     finally:
-        transport_ended.set()
+        signals.ended.set()
         log_counters(server)
         stuck = server.in_flight()
         if stuck:

@@ -19,9 +19,16 @@ import pytest
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock
+from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock, SecurityContext
 from pyvirtiofsd.fuse.server import OPS, LockWaiters, Server, ServerConfig, TransportCaps
-from pyvirtiofsd.testing.fuse_client import FuseClient, decode_reply, direct, encode_request
+from pyvirtiofsd.testing.fuse_client import (
+    FuseClient,
+    decode_reply,
+    direct,
+    encode_request,
+    groups_extension,
+    secctx_extension,
+)
 from tests.memfs import MemFs
 from tests.reply_room import CASES, HEADER, NO_REPLY, Env, host_state
 
@@ -324,6 +331,173 @@ def test_lock_waits_are_bounded() -> None:
     assert decode_reply(setlkw(11)[1]).error == errno.ENOLCK
     free.set()
     assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [7, 8, 9, 10]
+
+
+# --- extensions: supplementary groups and security contexts --------------------------------
+
+
+class LabelFs(MemFs):
+    """Agrees to FUSE_SECURITY_CTX when ``labels`` and records, for every create-like
+    request that reaches it, the context and groups the server decoded (then fails it with
+    EDQUOT, which no malformed request gets)."""
+
+    def __init__(self, labels: bool = True) -> None:
+        super().__init__()
+        self.labels = labels
+        self.seen: list[tuple[str, Any, tuple[int, ...]]] = []
+
+    def init(self, conn: Any) -> None:
+        if self.labels:
+            conn.want |= conn.capable & abi.InitFlag.SECURITY_CTX
+
+    def _record(self, op: str, ctx: Context) -> Any:
+        self.seen.append((op, ctx.secctx, ctx.groups))
+        raise OSError(errno.EDQUOT, "recorded")
+
+    def create(self, ctx, *args):  # type: ignore[no-untyped-def]
+        return self._record("create", ctx)
+
+    def mknod(self, ctx, *args):  # type: ignore[no-untyped-def]
+        return self._record("mknod", ctx)
+
+    def mkdir(self, ctx, *args):  # type: ignore[no-untyped-def]
+        return self._record("mkdir", ctx)
+
+    def symlink(self, ctx, *args):  # type: ignore[no-untyped-def]
+        return self._record("symlink", ctx)
+
+    def tmpfile(self, ctx, *args):  # type: ignore[no-untyped-def]
+        return self._record("tmpfile", ctx)
+
+    def lookup(self, ctx, *args):  # type: ignore[no-untyped-def]
+        return self._record("lookup", ctx)
+
+
+LABEL = (b"security.selinux", b"system_u:object_r:etc_t:s0\0")
+#: A create-like request of each kind, with its fixed arguments and names.
+MAKERS = {
+    "create": (abi.Opcode.CREATE, abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o644, 0, 0) + b"f\0"),
+    "mknod": (abi.Opcode.MKNOD, abi.MKNOD_IN.pack(stat.S_IFIFO | 0o644, 0, 0, 0) + b"p\0"),
+    "mkdir": (abi.Opcode.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + b"d\0"),
+    "symlink": (abi.Opcode.SYMLINK, b"l\0target\0"),
+    "tmpfile": (abi.Opcode.TMPFILE, abi.CREATE_IN.pack(os.O_RDWR, 0o600, 0, 0)),
+}
+
+
+def labelled(labels: bool = True) -> tuple[Server, FuseClient, LabelFs]:
+    fs = LabelFs(labels)
+    server = Server(fs)
+    c = FuseClient(direct(server))
+    c.init(abi.InitFlag.SECURITY_CTX | abi.InitFlag.CREATE_SUPP_GROUP)
+    assert bool(c.flags & abi.InitFlag.SECURITY_CTX) is labels
+    return server, c, fs
+
+
+def make(server: Server, op: str, ext: bytes) -> int:
+    opcode, payload = MAKERS[op]
+    return raw(server, encode_request(opcode, ROOT, payload, unique=5, ext=ext))[0]
+
+
+@pytest.mark.parametrize("op", list(MAKERS))
+def test_security_context_reaches_the_file_system(op: str) -> None:
+    server, _, fs = labelled()
+    assert make(server, op, secctx_extension([LABEL])) == errno.EDQUOT
+    assert fs.seen == [(op, SecurityContext(*LABEL), ())]
+
+
+@pytest.mark.parametrize("op", list(MAKERS))
+def test_no_context_is_none(op: str) -> None:
+    # A guest without a security module sends the header with nr_secctx = 0.
+    server, _, fs = labelled()
+    assert make(server, op, secctx_extension([])) == errno.EDQUOT
+    assert make(server, op, b"") == errno.EDQUOT
+    assert fs.seen == [(op, None, ()), (op, None, ())]
+
+
+def test_context_and_groups_in_either_order() -> None:
+    server, _, fs = labelled()
+    ctx, groups = secctx_extension([LABEL]), groups_extension([7, 8])
+    assert make(server, "mkdir", ctx + groups) == errno.EDQUOT
+    assert make(server, "mkdir", groups + ctx) == errno.EDQUOT
+    assert fs.seen == [("mkdir", SecurityContext(*LABEL), (7, 8))] * 2
+
+
+def test_context_sizes_as_the_kernel_pads_them() -> None:
+    # Name and value lengths that land on every padding: the block is always a multiple of 8.
+    server, _, fs = labelled()
+    for n in range(1, 17):
+        label = (b"security." + b"n" * n, b"v" * n)
+        ext = secctx_extension([label])
+        assert len(ext) % 8 == 0
+        assert make(server, "create", ext) == errno.EDQUOT
+        assert fs.seen[-1][1] == SecurityContext(*label)
+
+
+def _with(block: bytes, **fields: int) -> bytes:
+    """``block`` with header fields (size, nr) or the first context's (ctxlen) rewritten."""
+    out = bytearray(block)
+    size, nr = abi.SECCTX_HEADER.unpack(out)
+    abi.SECCTX_HEADER.struct.pack_into(out, 0, fields.get("size", size), fields.get("nr", nr))
+    if "ctxlen" in fields:
+        abi.SECCTX.struct.pack_into(out, 8, fields["ctxlen"], 0)
+    return bytes(out)
+
+
+ONE = secctx_extension([LABEL])
+#: What a hostile guest may send instead of a kernel's security context.
+HOSTILE = {
+    "two-contexts": secctx_extension([LABEL, LABEL]),
+    "count-says-two": _with(ONE, nr=2),
+    "count-31": _with(secctx_extension([LABEL] * 2), nr=31),
+    "zero-size-value": secctx_extension([(b"security.selinux", b"")]),
+    "value-overruns-block": _with(ONE, ctxlen=len(LABEL[1]) + 64),
+    "value-shorter-than-block": _with(ONE, ctxlen=1),
+    "huge-value": _with(ONE, ctxlen=0xFFFFFFFF),
+    "block-overruns-extensions": _with(ONE, size=len(ONE) + 8),
+    "block-size-unaligned": _with(ONE, size=len(ONE) - 4),
+    "block-size-below-header": _with(ONE, size=4),
+    "block-size-zero": _with(ONE, size=0),
+    "count-without-context": _with(secctx_extension([]) + bytes(8), size=16, nr=1),
+    "empty-block-with-room": _with(ONE, nr=0),
+    "empty-name": secctx_extension([(b"", b"value")]),
+    "name-without-nul": abi.SECCTX_HEADER.pack(24, 1) + abi.SECCTX.pack(3, 0) + b"x" * 8,
+    "name-too-long": secctx_extension([(b"security." + b"n" * 300, b"v")]),
+    "two-blocks": ONE + ONE,
+    "empty-block-twice": secctx_extension([]) * 2,
+    "header-cut": ONE + bytes(4),  # 4 bytes: not even an extension header
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize("op", ["create", "mkdir", "symlink"])
+def test_hostile_context_shapes_are_refused_before_the_file_system(op: str, case: str) -> None:
+    server, client, fs = labelled()
+    assert make(server, op, HOSTILE[case]) == errno.EINVAL
+    assert fs.seen == []
+    _still_serves(client)
+
+
+def test_context_without_security_ctx_agreed_is_refused() -> None:
+    server, client, fs = labelled(labels=False)
+    for op in MAKERS:
+        assert make(server, op, ONE) == errno.EINVAL
+        assert make(server, op, secctx_extension([])) == errno.EINVAL
+    assert fs.seen == []
+    # Groups alone still come through.
+    assert make(server, "mkdir", groups_extension([3])) == errno.EDQUOT
+    assert fs.seen == [("mkdir", None, (3,))]
+    _still_serves(client)
+
+
+def test_context_on_a_request_that_makes_nothing_is_refused() -> None:
+    server, client, fs = labelled()
+    err, _, _ = raw(server, encode_request(abi.Opcode.LOOKUP, ROOT, b"f\0", ext=ONE))
+    assert err == errno.EINVAL
+    payload = abi.LINK_IN.pack(ROOT) + b"hard\0"
+    err, _, _ = raw(server, encode_request(abi.Opcode.LINK, ROOT, payload, ext=ONE))
+    assert err == errno.EINVAL
+    assert fs.seen == []
+    _still_serves(client)
 
 
 # --- reply room -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,3 +256,143 @@ def test_oversized_message_ends_the_loop(
 def test_shutdown_ends_the_loop(running: Running) -> None:
     running.connection.shutdown()
     assert running.ended()
+
+
+# -- keeping the socket listening (--keep-listening) -----------------------------------------
+
+
+def test_accept_can_keep_listening(tmp_path: Path) -> None:
+    path = tmp_path / "vhost.sock"
+    with Listener.bind(str(path)) as listener:
+        ident = path.stat().st_ino
+        for _ in range(3):
+            client = _connect(path)
+            conn = listener.accept(keep_listening=True)
+            client.sendall(b"x")
+            assert conn.recv(1) == b"x"
+            conn.close()
+            client.close()
+            # The same socket file, still bound and listening: never unlinked or rebound.
+            assert path.stat().st_ino == ident
+    assert not path.exists()
+
+
+def test_an_inherited_socket_kept_listening_stays_open(tmp_path: Path) -> None:
+    path = tmp_path / "libvirt.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    fd = sock.detach()
+    listener = Listener.inherit(fd)
+    for _ in range(2):
+        client = _connect(path)
+        listener.accept(keep_listening=True).close()
+        client.close()
+        os.fstat(fd)  # still open, for the next front-end
+    listener.close()
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF
+    assert path.is_socket(), "removed the socket file of an inherited fd"
+
+
+class Served:
+    """A front-end served by a Connection that watches its listener for others."""
+
+    def __init__(self, path: Path) -> None:
+        self.listener = Listener.bind(str(path))
+        self.client = _connect(path)
+        self.conn = self.listener.accept(keep_listening=True)
+        self.handler = Recorder()
+        self.connection = Connection(self.conn, self.handler, refuse=self.listener)
+        self.thread = threading.Thread(target=self.connection.run, daemon=True)
+
+    def ask(self) -> bytes:
+        send_with_fds(self.client, encode_message(FrontendReq.GET_QUEUE_NUM))
+        reply = recv_message(self.client, deadline=deadline_after(10))
+        assert reply is not None
+        return reply.payload
+
+    def close(self) -> None:
+        self.connection.shutdown()
+        self.thread.join(10)
+        self.client.close()
+        self.conn.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path / "vhost.sock")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_a_second_front_end_is_refused_while_one_is_served(
+    served: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.thread.start()
+    assert served.ask() == encode_u64(4)
+    with caplog.at_level(logging.WARNING):
+        other = _connect(tmp_path / "vhost.sock")
+        other.settimeout(10)
+        try:
+            # Closed at once, rather than left waiting in the backlog for a reply.
+            assert other.recv(1) == b""
+        finally:
+            other.close()
+        assert served.ask() == encode_u64(4)  # the first is still served
+    assert "another front-end connected" in caplog.text
+    served.client.shutdown(socket.SHUT_WR)
+    served.thread.join(10)
+    assert not served.thread.is_alive()
+
+
+def test_a_front_end_that_hung_up_and_came_back_is_not_refused(
+    served: Served, tmp_path: Path
+) -> None:
+    # The VMM closes its connection and connects again (a guest reboot) before the loop looks:
+    # both sockets are readable at once, and the hang-up is seen first.
+    served.client.close()
+    again = _connect(tmp_path / "vhost.sock")
+    try:
+        served.thread.start()
+        served.thread.join(10)
+        assert not served.thread.is_alive(), "the hang-up did not end the loop"
+        assert served.handler.seen == []
+        conn = served.listener.accept(keep_listening=True)  # the new one waited in the backlog
+        try:
+            again.sendall(b"x")
+            assert conn.recv(1) == b"x"
+        finally:
+            conn.close()
+    finally:
+        again.close()
+
+
+def test_a_shut_down_listener_is_no_longer_watched(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks: list[bool] = []
+    refuse_waiting = served.listener.refuse_waiting
+
+    def counted() -> bool:
+        looks.append(refuse_waiting())
+        return looks[-1]
+
+    monkeypatch.setattr(served.listener, "refuse_waiting", counted)
+    served.listener.shutdown()  # a stop signal: the listener reads as ready from now on
+    served.thread.start()
+    # Nothing sent yet: the loop finds only the listener ready, once.
+    deadline = time.monotonic() + 10
+    while not looks:
+        assert time.monotonic() < deadline, "the loop never looked at the listener"
+        time.sleep(0.01)
+    assert served.ask() == encode_u64(4)
+    assert served.ask() == encode_u64(4)
+    assert looks == [False], "the loop kept looking at a listener that can accept nothing"
+    served.client.shutdown(socket.SHUT_WR)
+    served.thread.join(10)
+    assert not served.thread.is_alive()

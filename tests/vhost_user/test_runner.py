@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -282,11 +282,12 @@ def test_stop_while_serving(tmp_path: Path) -> None:
     listener.close()
 
 
+@pytest.mark.parametrize("keep_listening", [False, True], ids=["once", "keep_listening"])
 @pytest.mark.parametrize("connected", [False, True], ids=["accepting", "connected"])
-def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool) -> None:
+def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool, keep_listening: bool) -> None:
     path = str(tmp_path / "s")
     listener = Listener.bind(path)
-    daemon = VhostUserServer(UppercaseDevice(), listener)
+    daemon = VhostUserServer(UppercaseDevice(), listener, keep_listening=keep_listening)
     frontends: list[Frontend] = []
     if connected:
         threading.Thread(target=lambda: frontends.append(Frontend.connect(path))).start()
@@ -301,6 +302,106 @@ def test_stop_from_a_signal_handler(tmp_path: Path, connected: bool) -> None:
             fe.close()
         listener.close()
     assert len(frontends) == int(connected)
+
+
+# -- one front-end after another (--keep-listening) -------------------------------------------
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.01)
+
+
+class _KeepLoop:
+    """A server that keeps listening, run on a thread of the test."""
+
+    def __init__(self, path: Path, device: UppercaseDevice, thread_pool_size: int = 0) -> None:
+        self.path = str(path)
+        self.device = device
+        self.listener = Listener.bind(self.path)
+        self.server = VhostUserServer(
+            device, self.listener, thread_pool_size=thread_pool_size, keep_listening=True
+        )
+        self.result: list[list[int]] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(self.server.run()), daemon=True
+        )
+
+    def stop(self) -> list[int]:
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.listener.close()
+        return self.result[0]
+
+
+def test_keep_listening_serves_one_front_end_after_another(tmp_path: Path) -> None:
+    device = UppercaseDevice(num_queues=3)
+    loop = _KeepLoop(tmp_path / "s", device, thread_pool_size=2)
+    ident = os.stat(loop.path).st_ino
+    fds, threads = _fds(), threading.active_count()
+    loop.thread.start()
+    for _ in range(3):
+        with Frontend.connect(loop.path) as fe:
+            qs = fe.setup(queues=(0, 1, 2), queue_size=64)
+            fe.open_backend_channel()
+            err = os.eventfd(0)
+            fe.set_vring_err(1, err)
+            os.close(err)  # the daemon has its own
+            check_serves(qs[1])
+            check_serves(qs[2])
+            assert device.channel is not None
+        # Gone: the device is reset once everything of that front-end is.
+        _until(lambda: device.resets == loop.server.front_ends, "the device reset")
+        assert device.channel is None
+        assert _fds() == fds, "a front-end's fds outlived it"
+        assert threading.active_count() == threads + 1, "a front-end's threads outlived it"
+        assert os.stat(loop.path).st_ino == ident, "the socket was made anew"
+    assert loop.server.front_ends == 3
+    assert loop.stop() == [0, 3, 3]
+    assert device.resets == 3  # none for the stop
+
+
+def test_keep_listening_refuses_a_second_front_end_while_one_is_served(
+    tmp_path: Path,
+) -> None:
+    loop = _KeepLoop(tmp_path / "s", UppercaseDevice())
+    loop.thread.start()
+    with Frontend.connect(loop.path) as first:
+        q = first.setup(queues=(1,))[1]
+        # Closed at once, not left waiting in the backlog: a hang-up or a reset, depending on
+        # whether its first message had arrived.
+        with (
+            Frontend.connect(loop.path, timeout=10) as second,
+            pytest.raises((FrontendError, ConnectionError)),
+        ):
+            second.get_queue_num()
+        check_serves(q)
+    with Frontend.connect(loop.path) as third:  # served once the first has gone
+        check_serves(third.setup(queues=(1,))[1])
+    assert loop.stop() == [0, 2]
+    assert loop.server.front_ends == 2
+
+
+def test_keep_listening_stops_while_waiting_for_the_next(tmp_path: Path) -> None:
+    device = UppercaseDevice()
+    loop = _KeepLoop(tmp_path / "s", device)
+    loop.thread.start()
+    with Frontend.connect(loop.path) as fe:
+        check_serves(fe.setup(queues=(1,))[1])
+    _until(lambda: device.resets == 1, "the device reset after the front-end left")
+    loop.server.stop()
+    loop.thread.join(10)
+    assert not loop.thread.is_alive()
+    assert loop.result == [[0, 1]]
+    assert Path(loop.path).is_socket(), "the loop removed a socket it does not own"
+    loop.listener.close()
 
 
 # -- hostile front-ends and drivers ----------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "Filesystem",
     "Lock",
     "Opened",
+    "SecurityContext",
     "SetAttr",
     "StatVfs",
     "dtype_of_mode",
@@ -59,6 +60,14 @@ def _enosys() -> OSError:
     return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
 
+class SecurityContext(NamedTuple):
+    """The label the guest's security module chose for a file it creates (FUSE_SECURITY_CTX):
+    the xattr to store it in, as the guest names it (``security.selinux``), and its value."""
+
+    name: bytes
+    value: bytes
+
+
 @dataclass(slots=True)
 class Context:
     """Who sent a request: the caller's ids in the guest (or on the host for /dev/fuse)."""
@@ -69,6 +78,9 @@ class Context:
     unique: int = 0
     #: Supplementary groups sent with create-like requests (FUSE_CREATE_SUPP_GROUP).
     groups: tuple[int, ...] = ()
+    #: The new file's security context, sent with create-like requests once FUSE_SECURITY_CTX
+    #: is agreed (None: none came, or the guest has no security module that labels files).
+    secctx: SecurityContext | None = None
     #: Set when the kernel interrupts this request (the caller got a signal).
     interrupted: bool = False
 

@@ -25,7 +25,10 @@ Rules the server keeps for a hostile guest:
   parts (READ data, READDIR entries, READLINK, xattr values, IOCTL data) are fitted to the room
   by their handlers and have no side effects.
 * Arguments shorter than their layout, lengths that disagree, names without a NUL, unknown
-  opcodes: an error reply and a log line; the server keeps serving.
+  opcodes: an error reply and a log line; the server keeps serving. Extensions are checked
+  whole before the file system sees the request: a security context comes only once
+  FUSE_SECURITY_CTX is agreed, only with requests that make a file, at most one, laid out
+  exactly as the kernel lays it out; anything else is EINVAL and nothing is made.
 * Requests that wait do so on the threads of one bounded pool per connection
   (:data:`MAX_LOCK_WAITERS`); beyond it the request gets ENOLCK at once.
 """
@@ -53,6 +56,7 @@ from pyvirtiofsd.fuse.filesystem import (
     Filesystem,
     Lock,
     Opened,
+    SecurityContext,
     SetAttr,
 )
 
@@ -230,6 +234,49 @@ def _names(raw: bytes, count: int) -> list[bytes]:
         out.append(raw[pos:end])
         pos = end + 1
     return out
+
+
+#: Requests the kernel sends a security context with (those that make a file).
+_SECCTX_OPS = frozenset(
+    (
+        abi.Opcode.CREATE,
+        abi.Opcode.MKNOD,
+        abi.Opcode.MKDIR,
+        abi.Opcode.SYMLINK,
+        abi.Opcode.TMPFILE,
+    )
+)
+#: Longest xattr name and value Linux takes (XATTR_NAME_MAX, XATTR_SIZE_MAX).
+_XATTR_NAME_MAX = 255
+_XATTR_SIZE_MAX = 1 << 16
+
+
+def _secctx(block: Any, count: int) -> SecurityContext | None:
+    """The context in a security-context extension (``fuse_secctx_header``, then per context
+    a ``fuse_secctx``, the xattr name with its NUL, the value, zeroes to 8 bytes), exactly as
+    the kernel lays it out: at most one context, and nothing before, after or inside it that
+    the layout does not account for."""
+    size = len(block)
+    if count == 0:
+        if size != abi.SECCTX_HEADER.size:
+            raise MalformedRequest(f"empty security context block of {size} bytes")
+        return None
+    if count > 1:
+        raise MalformedRequest(f"{count} security contexts; the kernel sends one")
+    start = abi.SECCTX_HEADER.size + abi.SECCTX.size
+    if size < start:
+        raise MalformedRequest("security context shorter than its header")
+    (length, _) = abi.SECCTX.struct.unpack_from(block, abi.SECCTX_HEADER.size)
+    end = bytes(block[start : start + _XATTR_NAME_MAX + 1]).find(b"\0")
+    if end <= 0:
+        raise MalformedRequest("security context name empty, too long or without NUL")
+    name = bytes(block[start : start + end])
+    if not 0 < length <= _XATTR_SIZE_MAX:
+        raise MalformedRequest(f"security context of {length} bytes")
+    value_at = start + end + 1
+    if size != abi.SECCTX_HEADER.size + ((abi.SECCTX.size + end + 1 + length + 7) & ~7):
+        raise MalformedRequest(f"security context of {length} bytes in a block of {size}")
+    return SecurityContext(name, bytes(block[value_at : value_at + length]))
 
 
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
@@ -412,7 +459,7 @@ class Server:
             if extlen and not op.tail:
                 # Extensions follow the arguments (only create-like requests carry them).
                 reader.remaining = extlen * 8
-                ctx.groups = self._groups(reader.read(extlen * 8))
+                self._extensions(ctx, opcode, reader.read(extlen * 8))
             result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
             inflight.pop(unique, None)
@@ -501,24 +548,40 @@ class Server:
         out.reset()
         return out.finish(_OUT_HEADER, -err, unique)
 
-    @staticmethod
-    def _groups(ext: Any) -> tuple[int, ...]:
-        """Supplementary groups from the request's extension headers."""
+    def _extensions(self, ctx: Context, opcode: int, ext: Any) -> None:
+        """The request's extensions, into ``ctx``: supplementary groups, and the new file's
+        security context. Each is a ``fuse_ext_header`` and its body, 8-byte aligned; types
+        other than these are ignored."""
         pos = 0
-        while pos + abi.EXT_HEADER.size <= len(ext):
+        secctx_seen = False
+        groups_seen = False
+        while pos < len(ext):
+            if pos + abi.EXT_HEADER.size > len(ext):
+                raise MalformedRequest("extension header overruns the extensions")
             size, kind = abi.EXT_HEADER.struct.unpack_from(ext, pos)
-            if size < abi.EXT_HEADER.size or pos + size > len(ext):
-                raise MalformedRequest("bad extension header")
-            if kind == abi.EXT_GROUPS:
+            if size < abi.EXT_HEADER.size or size % 8 or size > len(ext) - pos:
+                raise MalformedRequest(f"extension of {size} bytes at {pos} of {len(ext)}")
+            if kind <= abi.EXT_MAX_NR_SECCTX:
+                # The secctx header shares its layout with fuse_ext_header: "type" is the
+                # number of contexts.
+                if not self.flags & abi.InitFlag.SECURITY_CTX:
+                    raise MalformedRequest("security context without FUSE_SECURITY_CTX")
+                if opcode not in _SECCTX_OPS:
+                    raise MalformedRequest(f"security context on opcode {opcode}")
+                if secctx_seen:
+                    raise MalformedRequest("two security context blocks")
+                secctx_seen = True
+                ctx.secctx = _secctx(ext[pos : pos + size], kind)
+            elif kind == abi.EXT_GROUPS and not groups_seen:
+                groups_seen = True
                 (count,) = abi.SUPP_GROUPS.struct.unpack_from(ext, pos + 8)
                 if 12 + 4 * count > size:
                     raise MalformedRequest("supplementary groups overrun their extension")
-                return tuple(
+                ctx.groups = tuple(
                     int.from_bytes(ext[pos + 12 + 4 * i : pos + 16 + 4 * i], "little")
                     for i in range(count)
                 )
             pos += size
-        return ()
 
     # --- session ---------------------------------------------------------------------------
 

@@ -52,6 +52,17 @@ def groups_extension(groups: list[int]) -> bytes:
     return abi.EXT_HEADER.pack(padded, abi.EXT_GROUPS) + body + b"\0" * (padded - size)
 
 
+def secctx_extension(contexts: list[tuple[bytes, bytes]]) -> bytes:
+    """A security-context extension as the kernel lays it out (one context at most, from a
+    kernel; any number here): the header, then per context a ``fuse_secctx``, the xattr
+    name with its NUL and the value, zero-padded to 8 bytes."""
+    body = b""
+    for name, value in contexts:
+        record = abi.SECCTX.pack(len(value), 0) + name + b"\0" + value
+        body += record + b"\0" * (-len(record) % 8)
+    return abi.SECCTX_HEADER.pack(abi.SECCTX_HEADER.size + len(body), len(contexts)) + body
+
+
 def _z(name: bytes) -> bytes:
     return name + b"\0"
 
@@ -129,12 +140,15 @@ class FuseClient:
     def readlink(self, nodeid: int) -> bytes:
         return self.call(abi.Opcode.READLINK, nodeid)
 
-    def symlink(self, parent: int, name: bytes, target: bytes) -> Any:
-        return abi.ENTRY_OUT.unpack(self.call(abi.Opcode.SYMLINK, parent, _z(name) + _z(target)))
+    def symlink(self, parent: int, name: bytes, target: bytes, **kw: Any) -> Any:
+        payload = _z(name) + _z(target)
+        return abi.ENTRY_OUT.unpack(self.call(abi.Opcode.SYMLINK, parent, payload, **kw))
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, umask: int = 0) -> Any:
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int = 0, umask: int = 0, **kw: Any
+    ) -> Any:
         payload = abi.MKNOD_IN.pack(mode, rdev, umask, 0) + _z(name)
-        return abi.ENTRY_OUT.unpack(self.call(abi.Opcode.MKNOD, parent, payload))
+        return abi.ENTRY_OUT.unpack(self.call(abi.Opcode.MKNOD, parent, payload, **kw))
 
     def mkdir(self, parent: int, name: bytes, mode: int = 0o755, umask: int = 0, **kw: Any) -> Any:
         payload = abi.MKDIR_IN.pack(mode, umask) + _z(name)
@@ -170,6 +184,16 @@ class FuseClient:
     ) -> tuple[Any, Any]:
         payload = abi.CREATE_IN.pack(flags | os.O_CREAT, mode, umask, 0) + _z(name)
         raw = self.call(abi.Opcode.CREATE, parent, payload, **kw)
+        return (
+            abi.ENTRY_OUT.unpack(raw),
+            abi.OPEN_OUT.unpack(raw, abi.ENTRY_OUT.size),
+        )
+
+    def tmpfile(
+        self, parent: int, mode: int = 0o600, flags: int = os.O_RDWR, umask: int = 0, **kw: Any
+    ) -> tuple[Any, Any]:
+        payload = abi.CREATE_IN.pack(flags, mode, umask, 0)
+        raw = self.call(abi.Opcode.TMPFILE, parent, payload, **kw)
         return (
             abi.ENTRY_OUT.unpack(raw),
             abi.OPEN_OUT.unpack(raw, abi.ENTRY_OUT.size),
@@ -239,6 +263,16 @@ class FuseClient:
         payload = head + _z(name) + value
         self.call(abi.Opcode.SETXATTR, nodeid, payload)
 
+    def listxattr(self, nodeid: int, size: int = 4096) -> list[bytes] | int:
+        """The names (size 0: the byte count the server says a list needs)."""
+        raw = self.call(abi.Opcode.LISTXATTR, nodeid, abi.GETXATTR_IN.pack(size, 0))
+        if size == 0:
+            return int(abi.GETXATTR_OUT.unpack(raw).size)
+        return raw.split(b"\0")[:-1]
+
+    def removexattr(self, nodeid: int, name: bytes) -> None:
+        self.call(abi.Opcode.REMOVEXATTR, nodeid, _z(name))
+
     def setupmapping(
         self, nodeid: int, fh: int, foffset: int, length: int, flags: int, moffset: int
     ) -> None:
@@ -263,4 +297,12 @@ def direct(server: Any) -> Callable[[bytes, int], bytes]:
     return transact
 
 
-__all__ = ["FuseClient", "Reply", "decode_reply", "direct", "encode_request"]
+__all__ = [
+    "FuseClient",
+    "Reply",
+    "decode_reply",
+    "direct",
+    "encode_request",
+    "groups_extension",
+    "secctx_extension",
+]

@@ -7,6 +7,13 @@ written to, guest memory in place. The device makes its FUSE server and gives it
 it offers: the DAX window and a way to answer a request later (the chain is the request's
 token, and :func:`~pyvirtiofsd.virtio.device.later` keeps it in flight).
 
+With ``keep_listening`` the transport serves one front-end after another on the same socket
+(a VMM that reconnects after each guest reboot, as cloud-hypervisor does), each from a clean
+slate: the vhost-user side drops everything of the front-end that left, and the device reset
+ends the FUSE session (the file system forgets every inode and handle, the DAX window its
+mappings, and the next driver must start with INIT). Without it, the daemon exits when its one
+front-end leaves, as virtiofsd does.
+
 Rules: everything this transport is told is in :class:`VhostUserConfig` (frozen; filled from
 the command line by field name). The listening socket is not the transport's:
 :meth:`VhostUserConfig.listen` makes the :class:`~..vhost_user.connection.Listener` for its
@@ -68,6 +75,8 @@ class VhostUserConfig:
     thread_pool_size: int = 0
     #: Size of the DAX window (shared memory region 0); 0: none.
     dax_window: int = 0
+    #: Serve the next front-end on the same socket when one leaves, rather than exit.
+    keep_listening: bool = False
 
     def listen(self) -> Listener:
         """The listening socket: ours at ``socket_path``, or the inherited ``fd``."""
@@ -149,9 +158,9 @@ class VirtioFsDevice:
             self.window.mapper = channel
 
     def reset(self) -> None:
-        """The driver reset the device (guest reboot, driver unload): a new FUSE session will
-        start with INIT, knowing none of the old inodes or handles, and the front-end has
-        dropped every DAX mapping."""
+        """The driver reset the device (guest reboot, driver unload), or its front-end left
+        and another may come: a new FUSE session will start with INIT, knowing none of the old
+        inodes or handles, and the front-end has dropped every DAX mapping."""
         self.server.reset()
         if self.window is not None:
             self.window.reset()
@@ -177,14 +186,18 @@ class VhostUserTransport:
             max_queue_size=config.queue_size,
         )
         self._loop = VhostUserServer(
-            self.device, listener, thread_pool_size=config.thread_pool_size
+            self.device,
+            listener,
+            thread_pool_size=config.thread_pool_size,
+            keep_listening=config.keep_listening,
         )
         #: The FUSE server behind the device.
         self.server = self.device.server
         self._stopped = False
 
     def serve(self) -> int:
-        """Serve until the front-end disconnects or :meth:`stop`; the exit status."""
+        """Serve until the front-end disconnects or :meth:`stop` (with ``keep_listening``, until
+        :meth:`stop` only); the exit status."""
         if self._stopped:
             return 0
         window = self.device.window
@@ -196,11 +209,14 @@ class VhostUserTransport:
                 MAX_REGIONS,
             )
         log.info(
-            "waiting for a vhost-user front-end on %s (%d request queue(s))",
+            "waiting for a vhost-user front-end on %s (%d request queue(s))%s",
             self._loop.listener.where,
             self.config.num_request_queues,
+            "; serving one after another" if self.config.keep_listening else "",
         )
         served = self._loop.run()
+        if self.config.keep_listening:
+            log.info("stopped after %d front-end(s)", self._loop.front_ends)
         log.info("front-end gone; requests per queue: %s", served)
         if window is not None:
             log.info("DAX window: %s", " ".join(f"{k}={v}" for k, v in window.stats.items()))

@@ -6,12 +6,20 @@ already-listening fd inherited from libvirt), and its file is removed only by
 :meth:`Listener.close`, called by whoever made it; an inherited socket's file is never ours to
 remove. The loop that serves a front-end takes a Listener and never creates a socket.
 
+One front-end at a time: by default :meth:`Listener.accept` stops listening once one came, so a
+second is refused at connect. A daemon that serves one front-end after another
+(``--keep-listening``) keeps the same socket listening for as long as it runs (never unlinked
+or bound again, so no front-end ever finds the path missing or another socket there); while
+one front-end is served, another that connects is accepted and closed at once
+(:meth:`Listener.refuse_waiting`), so that it fails at its first message instead of hanging in
+the backlog.
+
 :class:`Connection` is the receive loop: each message read with its fds
 (:func:`~.wire.recv_message`), put through the state machine, its reply sent back
 (:func:`~.wire.send_with_fds`). The loop returns when the front-end disconnects; the daemon
-then exits, as virtiofsd does. It also returns, after a log line, when the front-end sends
-something that can't be a vhost-user message (a header announcing a payload larger than any
-message has): nothing after it can be read in step.
+then exits, as virtiofsd does, or waits for the next front-end. It also returns, after a log
+line, when the front-end sends something that can't be a vhost-user message (a header
+announcing a payload larger than any message has): nothing after it can be read in step.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import errno
 import grp
 import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -48,7 +57,8 @@ class Listener:
     :meth:`bind` makes the socket at a path (replacing a stale socket file there, never
     anything else); :meth:`inherit` wraps a listening socket handed down to us (libvirt's
     ``--fd``), after checking it is one. :meth:`accept` takes the one front-end a device serves
-    and stops listening, so that a second one is refused rather than left in the backlog.
+    and stops listening, so that a second one is refused rather than left in the backlog; or,
+    asked to keep listening, leaves the socket as it is for the next front-end.
     :meth:`shutdown` wakes a thread blocked in :meth:`accept`; it takes no lock, so a signal
     handler may call it. :meth:`close` stops listening and removes the socket file, if we made
     it and it is still ours: through a descriptor of its directory taken at :meth:`bind`, which
@@ -124,17 +134,40 @@ class Listener:
             raise ValueError("the vhost-user socket is not listening")
         return cls(sock, f"fd {fd}")
 
-    def accept(self) -> socket.socket:
-        """Wait for the front-end, then stop listening (whether it came or the wait failed)."""
+    def accept(self, *, keep_listening: bool = False) -> socket.socket:
+        """Wait for the front-end, then stop listening (whether it came or the wait failed),
+        unless ``keep_listening``: the socket then stays as it is, for the next front-end."""
         sock = self.sock
         if sock is None:
             raise OSError(errno.EBADF, "the listener is closed")
         try:
             conn, _ = sock.accept()
         finally:
-            self._stop_listening()
+            if not keep_listening:
+                self._stop_listening()
         conn.setblocking(True)
         return conn
+
+    def refuse_waiting(self) -> bool:
+        """Take a front-end that connected while another is served and close its connection
+        at once. Call it when the socket polls readable; False when there was none to take,
+        because the socket is shut down or closed (it then stays readable: stop watching it)."""
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            # poll() said one is waiting, and no other thread accepts while a front-end is
+            # served, so this does not block (the socket's own flags stay untouched).
+            conn, _ = sock.accept()
+        except OSError:
+            return False
+        conn.close()
+        log.warning(
+            "vhost-user: another front-end connected on %s while one is being served; "
+            "closed its connection (one front-end at a time)",
+            self.where,
+        )
+        return True
 
     def shutdown(self) -> None:
         """Make a blocked :meth:`accept` fail (from another thread or a signal handler)."""
@@ -173,15 +206,44 @@ class Listener:
 
 
 class Connection:
-    """Drives one front-end connection until it closes."""
+    """Drives one front-end connection until it closes.
 
-    def __init__(self, sock: socket.socket, handler: MessageHandler) -> None:
+    With ``refuse``, the listener that stays listening while this front-end is served, the loop
+    also watches it and closes every connection that arrives there meanwhile
+    (:meth:`Listener.refuse_waiting`). The front-end's own socket is looked at first: a
+    front-end that hung up and came back (a VMM reconnecting after a guest reboot) is never
+    the one refused, as its hang-up is already readable when its new connection arrives; the
+    new connection waits in the backlog for the next accept.
+    """
+
+    def __init__(
+        self, sock: socket.socket, handler: MessageHandler, *, refuse: Listener | None = None
+    ) -> None:
         self.sock = sock
         self.handler = handler
+        self.refuse = refuse
+
+    def _watch(self) -> select.poll | None:
+        listener = self.refuse
+        if listener is None or listener.sock is None:
+            return None
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(listener.sock, select.POLLIN)
+        return poller
 
     def run(self) -> None:
         """Serve requests until the front-end disconnects (or :meth:`shutdown`)."""
+        poller = self._watch()
+        own = self.sock.fileno()
         while True:
+            if poller is not None:
+                ready = [fd for fd, _ in poller.poll()]
+                if own not in ready:
+                    assert self.refuse is not None
+                    if not self.refuse.refuse_waiting():
+                        poller = None  # shut down or closed: we are stopping
+                    continue
             try:
                 msg = recv_message(self.sock)
             except MessageTooLarge as e:

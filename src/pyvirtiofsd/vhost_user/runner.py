@@ -29,9 +29,16 @@ The kick, call and err fds are the front-end's open file descriptions too: their
 never changed (see :mod:`.vring`).
 
 :class:`VhostUserServer` glues the pieces: one :class:`~.connection.Listener` (made and
-closed by the caller: the loop never creates or removes a socket), one connection, one
-:class:`~.session.Session`, one runner; it returns when the front-end disconnects or when
-:meth:`VhostUserServer.stop` is called.
+closed by the caller: the loop never creates or removes a socket), and per front-end one
+connection, one :class:`~.session.Session` and one runner; it returns when the front-end
+disconnects or when :meth:`VhostUserServer.stop` is called. Asked to keep listening, it serves
+one front-end after another on the same listener instead, until stopped; each starts from a
+clean slate. Everything the last one set up is gone before the next is accepted: its rings
+stopped, their kick, call and err fds closed, guest memory unmapped, the back-end channel
+closed (:meth:`~.session.Session.close`), the queue threads ended or, stuck in the backend,
+left behind as at exit; and the device reset
+(:meth:`~pyvirtiofsd.virtio.device.VirtioDevice.reset`), which drops whatever the device kept
+for that driver.
 """
 
 from __future__ import annotations
@@ -488,7 +495,9 @@ class VhostUserServer:
     """One device served to one front-end: accept, run until the front-end leaves.
 
     ``listener`` is where the front-end connects; it belongs to the caller, who closes it
-    (which removes its socket file). :meth:`run` blocks; :meth:`stop` makes it return and may
+    (which removes its socket file). With ``keep_listening`` the next front-end is served on the
+    same listener once one leaves (one at a time; one that connects meanwhile is refused), and
+    only :meth:`stop` ends :meth:`run`. :meth:`run` blocks; :meth:`stop` makes it return and may
     be called from another thread or a signal handler.
     """
 
@@ -498,52 +507,93 @@ class VhostUserServer:
         listener: Listener,
         *,
         thread_pool_size: int = 0,
+        keep_listening: bool = False,
     ) -> None:
         self.device = device
         self.listener = listener
+        self.thread_pool_size = thread_pool_size
+        self.keep_listening = keep_listening
+        #: The runner of the current (or last) front-end's queues.
         self.runner = DeviceRunner(device, thread_pool_size=thread_pool_size)
         self.connection: Connection | None = None
+        #: Front-ends served so far (the current one included).
+        self.front_ends = 0
+        # Counts of the runners of front-ends gone, for the totals.
+        self._served_before = [0] * device.num_queues
+        self._abandoned_before = 0
         self._stopped = False
         self._ran = False
 
     @property
     def served(self) -> list[int]:
-        """Chains returned so far, per queue."""
-        return list(self.runner.served)
+        """Chains returned so far, per queue, over every front-end."""
+        return [a + b for a, b in zip(self._served_before, self.runner.served, strict=True)]
 
     def run(self) -> list[int]:
-        """Serve one front-end; return the per-queue request counts when it is gone."""
+        """Serve one front-end (with ``keep_listening``: one after another, until
+        :meth:`stop`); return the per-queue request counts when done."""
         if self._ran:
             raise RuntimeError("run() can only be called once")
         self._ran = True
-        if self._stopped:
-            return self.served
-        try:
-            sock = self.listener.accept()
-        except OSError:
-            if self._stopped:  # stop() shut the listener down
-                return self.served
-            raise
-        session = Session(self.device, self.runner, channel_factory=BackendChannel.from_fd)
-        self.connection = Connection(sock, session)
-        self.runner.peer_gone = lambda: _hung_up(sock)
+        while not self._stopped:
+            try:
+                sock = self.listener.accept(keep_listening=self.keep_listening)
+            except OSError:
+                if self._stopped:  # stop() shut the listener down
+                    break
+                raise
+            if self.front_ends:
+                self._fresh_runner()
+            self.front_ends += 1
+            self._serve(sock)
+            if not self.keep_listening or self._stopped:
+                break
+            # The driver went with its front-end: whatever the device kept for it goes too.
+            try:
+                self.device.reset()
+            except Exception:
+                log.exception(
+                    "vhost-user: resetting the device after front-end %d failed", self.front_ends
+                )
+            log.info(
+                "vhost-user: front-end %d gone (%d requests); waiting for the next on %s",
+                self.front_ends,
+                sum(self.runner.served),
+                self.listener.where,
+            )
+        return self.served
+
+    def _fresh_runner(self) -> None:
+        """Count the last front-end's runner in the totals, and make the next one's."""
+        old = self.runner
+        self._served_before = [a + b for a, b in zip(self._served_before, old.served, strict=True)]
+        self._abandoned_before += old.abandoned
+        self.runner = DeviceRunner(self.device, thread_pool_size=self.thread_pool_size)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Serve the front-end on ``sock`` until it leaves (or :meth:`stop`); then nothing it
+        set up is left but what is stuck in the backend."""
+        runner = self.runner
+        session = Session(self.device, runner, channel_factory=BackendChannel.from_fd)
+        refuse = self.listener if self.keep_listening else None
+        self.connection = Connection(sock, session, refuse=refuse)
+        runner.peer_gone = lambda: _hung_up(sock)
         try:
             if not self._stopped:
                 self.connection.run()
         finally:
             # The front-end is gone (or we are stopping): requests stuck in the backend get
             # a few seconds, then are left behind.
-            self.runner.limit_waits()
-            self.runner.close()
+            runner.limit_waits()
+            runner.close()
             session.close()  # the rings are stopped already; it unmaps and closes the rest
-            self.runner.peer_gone = lambda: True
+            runner.peer_gone = lambda: True
             sock.close()
-        return self.served
 
     @property
     def abandoned(self) -> int:
         """Rings left behind with requests still running in the backend."""
-        return self.runner.abandoned
+        return self._abandoned_before + self.runner.abandoned
 
     def stop(self) -> None:
         """Make :meth:`run` return: stop accepting, or end the connection (requests stuck in

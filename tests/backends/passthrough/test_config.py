@@ -63,3 +63,15 @@ def test_the_cache_modes_timeout_reaches_the_kernel(tmp_path: Path, cache: Cache
         assert entry.attr_valid + entry.attr_valid_nsec / 1e9 == config.timeout
     finally:
         fs.shutdown()
+
+
+def test_id_translation_is_checked_with_the_config() -> None:
+    from pyvirtiofsd.backends.passthrough.idmap import IdMapError, parse_rule
+
+    rules = (parse_rule("map:0:100000:65536"),)
+    assert PassthroughConfig("/s", translate_uid=rules).translate_uid == rules
+    # ACLs carry ids in their values, which are not translated: virtiofsd refuses both too
+    with pytest.raises(ValueError, match="--posix-acl exclude each other"):
+        PassthroughConfig("/s", translate_gid=rules, posix_acl=True)
+    with pytest.raises(IdMapError, match="both match guest uids 0-9"):
+        PassthroughConfig("/s", translate_uid=(parse_rule("map:0:0:10"), parse_rule("map:0:5:10")))

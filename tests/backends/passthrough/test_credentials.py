@@ -124,3 +124,25 @@ def test_other_threads_keep_their_ids_and_umask(scratch: Path) -> None:
     finally:
         go_on.set()
         t.join(60)
+
+
+@pytest.mark.parametrize(
+    "caller",
+    [
+        Context(uid=0xFFFFFFFF, gid=5678, pid=1),
+        Context(uid=1234, gid=0xFFFFFFFF, pid=1),
+        Context(uid=1234, gid=5678, pid=1, groups=(0xFFFFFFFF,)),
+    ],
+    ids=["uid", "gid", "group"],
+)
+def test_the_id_that_is_no_id_is_refused(scratch: Path, caller: Context) -> None:
+    """(uid_t)-1 is no id: setfsuid/setfsgid ignore it without an error, so a caller sending
+    it would act as the daemon (root). A hostile guest can send it; it gets EPERM."""
+
+    def work() -> None:
+        with Credentials(caller, True):
+            (scratch / "made").touch()
+
+    with pytest.raises(PermissionError):
+        on_a_worker(work)
+    assert not (scratch / "made").exists()

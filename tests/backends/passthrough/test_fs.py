@@ -11,16 +11,25 @@ import errno
 import fcntl
 import os
 import stat
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
+from pyvirtiofsd.backends.passthrough import (
+    PassthroughConfig,
+    PassthroughFs,
+    SecurityLabel,
+    XattrMap,
+)
+from pyvirtiofsd.backends.passthrough import fs as passthrough_fs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server, TransportCaps
-from pyvirtiofsd.testing.fuse_client import FuseClient, direct
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct, groups_extension, secctx_extension
 from tests.backends.passthrough.conftest import (
     GUARD,
     SPECIAL,
@@ -311,5 +320,633 @@ def test_readonly_share_maps_from_a_read_only_fd(tmp_path: Path) -> None:
         assert window.modes == [os.O_RDONLY]
         write = read | abi.SETUPMAPPING_FLAG_WRITE
         assert errno_of(c.setupmapping, ino, abi.INVALID_FH, 0, 8192, write, 0) == errno.EROFS
+    finally:
+        fs.shutdown()
+
+
+# --- security labels (FUSE_SECURITY_CTX) and the xattr map -----------------------------------
+
+SELINUX = ":map:security.selinux:trusted.virtiofs.:"  # virtiofsd's rules for SELinux guests
+EVERYTHING = ":map::user.virtiofs.:"  # its rules for a daemon without CAP_SYS_ADMIN
+CONTEXT = (b"security.selinux", b"system_u:object_r:container_file_t:s0\0")
+
+
+class Labelled:
+    """A passthrough with --security-label (and a map), its raw FUSE client, and the share."""
+
+    def __init__(self, share: Path, rules: str | None = SELINUX, **cfg: Any) -> None:
+        self.share = share
+        xmap = None if rules is None else XattrMap.parse(rules)
+        cfg.setdefault("security_label", SecurityLabel.ALWAYS)
+        self.fs = PassthroughFs(PassthroughConfig(str(share), xattrmap=xmap, **cfg))
+        self.c = FuseClient(direct(Server(self.fs)))
+        self.c.init(abi.InitFlag.SECURITY_CTX | abi.InitFlag.SETXATTR_EXT)
+        assert self.c.flags & abi.InitFlag.SECURITY_CTX
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.share))
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Iterator[Callable[..., Labelled]]:
+    made: list[Labelled] = []
+
+    def make(rules: str | None = SELINUX, **cfg: Any) -> Labelled:
+        share = tmp_path / f"share{len(made)}"
+        share.mkdir(mode=0o777)
+        share.chmod(0o777)
+        made.append(Labelled(share, rules, **cfg))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.fs.shutdown()
+
+
+def ext(*contexts: tuple[bytes, bytes]) -> dict[str, bytes]:
+    return {"ext": secctx_extension(list(contexts))}
+
+
+#: Each request that makes a file, with a context, as the kernel sends them: what it made.
+def make_one(c: FuseClient, op: str, name: bytes, **kw: Any) -> Any:
+    if op == "create":
+        entry, opened = c.create(ROOT, name, 0o640, os.O_RDWR, **kw)
+        c.release(entry.nodeid, opened.fh)
+        return entry
+    if op == "mkdir":
+        return c.mkdir(ROOT, name, 0o750, **kw)
+    if op == "fifo":
+        return c.mknod(ROOT, name, stat.S_IFIFO | 0o640, **kw)
+    if op == "socket":
+        return c.mknod(ROOT, name, stat.S_IFSOCK | 0o640, **kw)
+    if op == "mknod-file":
+        return c.mknod(ROOT, name, stat.S_IFREG | 0o640, **kw)
+    if op == "symlink":
+        return c.symlink(ROOT, name, b"somewhere", **kw)
+    if op == "tmpfile":
+        entry, opened = c.tmpfile(ROOT, 0o640, **kw)
+        c.link(entry.nodeid, ROOT, name)  # named only now, labelled all along
+        c.release(entry.nodeid, opened.fh)
+        return entry
+    raise AssertionError(op)
+
+
+MAKE_OPS = ["create", "mkdir", "fifo", "socket", "mknod-file", "symlink", "tmpfile"]
+
+
+def host_xattrs(path: Path) -> dict[str, bytes]:
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False)
+        for n in os.listxattr(path, follow_symlinks=False)
+    }
+
+
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_label_is_stored_under_the_mapped_name(labelled: Callable[..., Labelled], op: str) -> None:
+    d = labelled()
+    entry = make_one(d.c, op, b"new", **ext(CONTEXT))
+    assert d.names() == ["new"]  # nothing else: no temporary name left
+    assert host_xattrs(d.share / "new") == {"trusted.virtiofs.security.selinux": CONTEXT[1]}
+    # The guest sees it under its own name.
+    assert d.c.listxattr(entry.nodeid) == [b"security.selinux"]
+    assert d.c.getxattr(entry.nodeid, b"security.selinux") == CONTEXT[1]
+
+
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_without_a_map_the_label_keeps_its_name(labelled: Callable[..., Labelled], op: str) -> None:
+    d = labelled(rules=None)
+    make_one(d.c, op, b"new", **ext(CONTEXT))
+    assert host_xattrs(d.share / "new") == {"security.selinux": CONTEXT[1]}
+
+
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_no_context_no_label(labelled: Callable[..., Labelled], op: str) -> None:
+    # What a guest kernel without a security module sends: the header, no context.
+    d = labelled()
+    make_one(d.c, op, b"new", **ext())
+    make_one(d.c, op, b"new2")
+    assert d.names() == ["new", "new2"]
+    assert host_xattrs(d.share / "new") == host_xattrs(d.share / "new2") == {}
+
+
+def test_label_of_a_users_new_file_is_set_whatever_its_mode(
+    labelled: Callable[..., Labelled],
+) -> None:
+    """Made as the caller (a user who may not write a 0444 file's user.* xattrs), labelled
+    by the daemon; the guest's read-only open stays read-only."""
+    d = labelled(EVERYTHING)
+    user = {"uid": 1000, "gid": 1000, **ext(CONTEXT)}
+    payload = abi.CREATE_IN.pack(os.O_RDONLY | os.O_CREAT, 0o444, 0, 0) + b"ro\0"
+    raw = d.c.call(abi.Opcode.CREATE, ROOT, payload, **user)
+    entry, opened = abi.ENTRY_OUT.unpack(raw), abi.OPEN_OUT.unpack(raw, abi.ENTRY_OUT.size)
+    st = os.lstat(d.share / "ro")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o444)
+    assert host_xattrs(d.share / "ro") == {"user.virtiofs.security.selinux": CONTEXT[1]}
+    assert errno_of(d.c.write, entry.nodeid, opened.fh, 0, b"x") == errno.EBADF
+    payload = abi.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o444, 0, 0) + b"wo\0"
+    raw = d.c.call(abi.Opcode.CREATE, ROOT, payload, **user)
+    entry, opened = abi.ENTRY_OUT.unpack(raw), abi.OPEN_OUT.unpack(raw, abi.ENTRY_OUT.size)
+    assert d.c.write(entry.nodeid, opened.fh, 0, b"x") == 1
+    made = d.c.mkdir(ROOT, b"d", 0o500, **user)
+    assert os.lstat(d.share / "d").st_uid == 1000
+    assert d.c.getxattr(made.nodeid, b"security.selinux") == CONTEXT[1]
+
+
+@pytest.mark.parametrize("op", ["symlink", "fifo", "socket"])
+def test_label_the_host_refuses_makes_nothing(labelled: Callable[..., Labelled], op: str) -> None:
+    """user.* xattrs exist only on regular files and directories: with everything mapped
+    under user.virtiofs., labelling a symlink or a node fails (EPERM, as with virtiofsd),
+    and what was made is taken back."""
+    d = labelled(EVERYTHING)
+    before = fd_count()
+    assert errno_of(make_one, d.c, op, b"new", **ext(CONTEXT)) == errno.EPERM
+    assert d.names() == []
+    assert fd_count() == before
+
+
+@pytest.mark.parametrize(
+    ("rules", "name", "err"),
+    [
+        ("/bad/all/security./security./ /ok/all///", b"security.selinux", errno.EPERM),
+        (":unsupported:client:security.:: :ok:all:::", b"security.selinux", errno.EOPNOTSUPP),
+        (SELINUX, b"trusted.virtiofs.x", errno.EPERM),  # may not name the target directly
+        (None, b"system.posix_acl_access", errno.EOPNOTSUPP),  # ACLs are off
+    ],
+)
+@pytest.mark.parametrize("op", MAKE_OPS)
+def test_label_name_refused_by_the_map_makes_nothing(
+    labelled: Callable[..., Labelled], op: str, rules: str | None, name: bytes, err: int
+) -> None:
+    d = labelled(rules)
+    assert errno_of(make_one, d.c, op, b"new", **ext((name, b"v"))) == err
+    assert d.names() == []
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        secctx_extension([CONTEXT, CONTEXT]),
+        secctx_extension([(b"security.selinux", b"")]),
+        secctx_extension([CONTEXT])[:-8],
+    ],
+    ids=["two-contexts", "zero-size", "overrun"],
+)
+@pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink", "tmpfile"])
+def test_hostile_context_makes_nothing(
+    labelled: Callable[..., Labelled], op: str, shape: bytes
+) -> None:
+    d = labelled()
+    before = fd_count()
+    assert errno_of(make_one, d.c, op, b"new", ext=shape) == errno.EINVAL
+    assert d.names() == []
+    assert fd_count() == before
+
+
+@pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink"])
+def test_taken_name_is_eexist_and_untouched(labelled: Callable[..., Labelled], op: str) -> None:
+    d = labelled()
+    (d.share / "new").mkdir() if op == "mkdir" else (d.share / "new").write_bytes(b"old")
+    payload_flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+    if op == "create":
+        payload = abi.CREATE_IN.pack(payload_flags, 0o644, 0, 0) + b"new\0"
+        err = errno_of(d.c.call, abi.Opcode.CREATE, ROOT, payload, **ext(CONTEXT))
+    else:
+        err = errno_of(make_one, d.c, op, b"new", **ext(CONTEXT))
+    assert err == errno.EEXIST
+    assert d.names() == ["new"]
+    assert host_xattrs(d.share / "new") == {}
+
+
+def test_create_of_a_taken_name_without_o_excl_opens_it_unlabelled(
+    labelled: Callable[..., Labelled],
+) -> None:
+    d = labelled()
+    (d.share / "old").write_bytes(b"contents")
+    entry, opened = d.c.create(ROOT, b"old", 0o644, os.O_RDWR, **ext(CONTEXT))
+    assert d.c.read(entry.nodeid, opened.fh, 0, 100) == b"contents"
+    assert d.names() == ["old"]
+    assert host_xattrs(d.share / "old") == {}
+
+
+def pause_label(monkeypatch: pytest.MonkeyPatch) -> Pause:
+    """Stop the next label being stored, the new file made but not yet labelled."""
+    pause = Pause(lambda *args: True)  # disarmed once it has stopped one
+    monkeypatch.setattr(passthrough_fs, "_set_label", pause.wrap(passthrough_fs._set_label))
+    return pause
+
+
+def _while_labelling(
+    d: Labelled, monkeypatch: pytest.MonkeyPatch, op: str
+) -> tuple[list[str], bool]:
+    """Make ``new`` with a label, and look at the share while the label is being stored:
+    the names there, and whether ``new`` exists."""
+    pause = pause_label(monkeypatch)
+    t, result = in_thread(lambda: make_one(d.c, op, b"new", **ext(CONTEXT)))
+    pause.wait()
+    seen = d.names()
+    exists = os.path.lexists(d.share / "new")
+    pause.go()
+    t.join(GUARD)
+    assert "error" not in result, result
+    assert d.names() == ["new"]
+    assert host_xattrs(d.share / "new") == {"trusted.virtiofs.security.selinux": CONTEXT[1]}
+    return seen, exists
+
+
+@pytest.mark.parametrize("op", ["create", "mkdir", "fifo", "symlink", "mknod-file"])
+def test_the_name_never_exists_without_its_label(
+    labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    d = labelled()
+    seen, exists = _while_labelling(d, monkeypatch, op)
+    assert not exists
+    if op == "create":
+        assert seen == []  # unnamed until labelled (O_TMPFILE)
+    else:
+        assert len(seen) == 1 and seen[0].startswith(".pyvirtiofsd-label-")
+
+
+def test_create_without_unnamed_files_uses_a_temporary_name(
+    labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without O_TMPFILE, CREATE takes the temporary-name way."""
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & _O_TMPFILE_BIT:
+            raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
+        return real_open(path, flags, *args, **kw)
+
+    module = type("os", (), {})()
+    for name in dir(os):
+        setattr(module, name, getattr(os, name))
+    module.open = no_tmpfile  # type: ignore[attr-defined]
+    monkeypatch.setattr(passthrough_fs, "os", module)
+    d = labelled()
+    seen, exists = _while_labelling(d, monkeypatch, "create")
+    assert not exists and len(seen) == 1 and seen[0].startswith(".pyvirtiofsd-label-")
+
+
+@pytest.mark.parametrize("op", ["mkdir", "fifo", "symlink"])
+def test_without_rename_noreplace_the_label_follows_the_name(
+    labelled: Callable[..., Labelled], monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """Where renameat2(RENAME_NOREPLACE) is refused, virtiofsd's way: the name first, the
+    label right after (and the file removed if the label fails)."""
+
+    def no_noreplace(*args: Any) -> None:
+        raise OSError(errno.EINVAL, "no RENAME_NOREPLACE here")
+
+    monkeypatch.setattr(passthrough_fs.linux, "renameat2", no_noreplace)
+    d = labelled()
+    # The first try learns that the file system can't, and takes virtiofsd's way.
+    make_one(d.c, op, b"first", **ext(CONTEXT))
+    assert host_xattrs(d.share / "first") == {"trusted.virtiofs.security.selinux": CONTEXT[1]}
+    os.rmdir(d.share / "first") if op == "mkdir" else os.unlink(d.share / "first")
+    # The next goes that way at once.
+    seen, exists = _while_labelling(d, monkeypatch, op)
+    assert exists and seen == ["new"]
+    if op != "mkdir":
+        # A label the host refuses there: the file made under its name is taken back.
+        d2 = labelled(EVERYTHING)
+        make_one(d2.c, "mkdir", b"learn", **ext(CONTEXT))
+        assert errno_of(make_one, d2.c, op, b"new", **ext(CONTEXT)) == errno.EPERM
+        assert d2.names() == ["learn"]
+
+
+def test_security_label_negotiation(tmp_path: Path) -> None:
+    def init(mode: SecurityLabel, offer: int) -> tuple[int, int]:
+        fs = PassthroughFs(PassthroughConfig(str(tmp_path), security_label=mode))
+        c = FuseClient(direct(Server(fs)))
+        try:
+            return 0, int(c.init(offer).flags2 << 32) & abi.InitFlag.SECURITY_CTX
+        except OSError as e:
+            return e.errno or 0, 0
+        finally:
+            fs.shutdown()
+
+    ctx = abi.InitFlag.SECURITY_CTX
+    assert init(SecurityLabel.ALWAYS, ctx) == (0, ctx)
+    assert init(SecurityLabel.ALWAYS, 0) == (errno.EPROTO, 0)
+    assert init(SecurityLabel.AUTO, ctx) == (0, ctx)
+    assert init(SecurityLabel.AUTO, 0) == (0, 0)
+    assert init(SecurityLabel.NEVER, ctx) == (0, 0)
+
+
+#: A valid file-capability value (VFS_CAP_REVISION_2, cap_net_bind_service permitted): the
+#: daemon stores it as opaque bytes under the renamed name.
+FILE_CAPS = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+RENAMED_CAPS = "user.virtiofs.security.capability"
+
+
+@pytest.mark.parametrize(
+    "operation", ["write", "truncate", "chown", "setxattr", "open-trunc", "create-trunc"]
+)
+def test_renamed_capability_is_stripped_where_the_kernel_strips_the_real_one(
+    tmp_path: Path, operation: str
+) -> None:
+    """With security.capability renamed, the host kernel no longer knows the xattr for a
+    file capability: the daemon strips it itself (no guest kernel involved here)."""
+    (tmp_path / "f").write_bytes(b"binary")
+    (tmp_path / "d").mkdir()
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path), xattrmap=XattrMap.parse(EVERYTHING)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT)
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        d = c.lookup(ROOT, b"d").nodeid
+        c.setxattr(ino, b"security.capability", FILE_CAPS)
+        c.setxattr(d, b"security.capability", FILE_CAPS)
+        assert os.getxattr(tmp_path / "f", RENAMED_CAPS) == FILE_CAPS
+        if operation == "write":
+            opened = c.open(ino, os.O_WRONLY)
+            c.write(ino, opened.fh, 0, b"B")
+        elif operation == "truncate":
+            c.setattr(ino, valid=abi.FATTR_SIZE, size=3)
+        elif operation == "chown":
+            c.setattr(ino, valid=abi.FATTR_UID | abi.FATTR_GID, uid=0, gid=0)
+        elif operation == "setxattr":
+            c.setxattr(ino, b"user.other", b"o")
+        elif operation == "open-trunc":
+            c.open(ino, os.O_WRONLY | os.O_TRUNC)
+        else:
+            c.create(ROOT, b"f", 0o644, os.O_WRONLY | os.O_TRUNC)
+        assert RENAMED_CAPS not in os.listxattr(tmp_path / "f")
+        # Only regular files carry file capabilities.
+        c.setattr(d, valid=abi.FATTR_UID, uid=0)
+        assert os.getxattr(tmp_path / "d", RENAMED_CAPS) == FILE_CAPS
+    finally:
+        fs.shutdown()
+
+
+def test_capability_left_alone_when_the_map_keeps_its_name(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"binary")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path), xattrmap=XattrMap.parse(SELINUX)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT)
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        os.setxattr(tmp_path / "f", "user.virtiofs.security.capability", b"not-a-cap")
+        opened = c.open(ino, os.O_WRONLY)
+        c.write(ino, opened.fh, 0, b"B")
+        assert "user.virtiofs.security.capability" in os.listxattr(tmp_path / "f")
+    finally:
+        fs.shutdown()
+
+
+@pytest.mark.parametrize("acls", [False, True])
+def test_acl_names_are_decided_before_the_map(tmp_path: Path, acls: bool) -> None:
+    """Without --posix-acl, the ACL xattrs are ENOTSUP and left out of lists whatever the map
+    says; with it, they are names like any other, and the map renames them."""
+    (tmp_path / "f").write_text("x")
+    fs = PassthroughFs(
+        PassthroughConfig(str(tmp_path), posix_acl=acls, xattrmap=XattrMap.parse(EVERYTHING))
+    )
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT | abi.InitFlag.POSIX_ACL | abi.InitFlag.DONT_MASK)
+    acl = b"system.posix_acl_access"
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        os.setxattr(tmp_path / "f", "user.virtiofs." + acl.decode(), b"opaque")
+        if acls:
+            assert c.getxattr(ino, acl) == b"opaque"
+            assert c.listxattr(ino) == [acl]
+            c.removexattr(ino, acl)
+            assert os.listxattr(tmp_path / "f") == []
+        else:
+            for call in (c.getxattr, c.removexattr):
+                assert errno_of(call, ino, acl) == errno.EOPNOTSUPP
+            assert errno_of(c.setxattr, ino, acl, b"x") == errno.EOPNOTSUPP
+            assert c.listxattr(ino) == []
+            assert c.listxattr(ino, size=0) == 0
+    finally:
+        fs.shutdown()
+
+
+def test_listxattr_size_and_erange_are_of_the_guests_list(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    for i in range(20):
+        os.setxattr(tmp_path / "f", f"user.hidden{i:02}", b"h")
+    os.setxattr(tmp_path / "f", "user.virtiofs.user.shown", b"s")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path), xattrmap=XattrMap.parse(EVERYTHING)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.SETXATTR_EXT)
+    try:
+        ino = c.lookup(ROOT, b"f").nodeid
+        needed = len(b"user.shown\0")
+        assert c.listxattr(ino, size=0) == needed
+        # The host's list would not fit; the guest's does.
+        assert c.listxattr(ino, size=needed) == [b"user.shown"]
+        assert errno_of(c.listxattr, ino, needed - 1) == errno.ERANGE
+    finally:
+        fs.shutdown()
+
+
+# --- --translate-uid / --translate-gid --------------------------------------------------------
+
+#: guest 1000-1009 <-> host 5000-5009 both ways; guest 2001-2100 refused; host 7000-7009 shows
+#: as guest 4242 (uids only).
+TRANSLATE_UID = ("map:1000:5000:10", "forbid-guest:2001:100", "squash-host:7000:4242:10")
+TRANSLATE_GID = ("map:1000:5000:10", "forbid-guest:2001:100")
+NOBODY = 0xFFFFFFFF
+
+
+class Translated:
+    """The passthrough with the rules above, driven by raw requests as any guest caller."""
+
+    def __init__(self, share: Path) -> None:
+        from pyvirtiofsd.backends.passthrough.idmap import parse_rule
+
+        self.share = share
+        self.fs = PassthroughFs(
+            PassthroughConfig(
+                str(share),
+                translate_uid=tuple(parse_rule(r) for r in TRANSLATE_UID),
+                translate_gid=tuple(parse_rule(r) for r in TRANSLATE_GID),
+            )
+        )
+        self.c = FuseClient(direct(Server(self.fs)))
+        self.c.init()
+
+    def call(self, op: int, nodeid: int, payload: bytes, uid: int, gid: int, groups=()) -> bytes:  # type: ignore[no-untyped-def]
+        ext = groups_extension(list(groups)) if groups else b""
+        return self.c.call(op, nodeid, payload, uid=uid, gid=gid, ext=ext)
+
+    def entry(self, raw: bytes) -> tuple[int, int]:
+        e = abi.ENTRY_OUT.unpack(raw)
+        return e.uid, e.gid
+
+    def making(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> dict[str, object]:
+        """Every create-like request as the caller: what each answered (ids or errno)."""
+        z = b"\0"
+        requests = {
+            "create": (abi.Opcode.CREATE,
+                       abi.CREATE_IN.pack(os.O_CREAT | os.O_RDWR, 0o644, 0, 0) + b"c" + z),
+            "mkdir": (abi.Opcode.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + b"d" + z),
+            "mknod": (abi.Opcode.MKNOD,
+                      abi.MKNOD_IN.pack(stat.S_IFIFO | 0o644, 0, 0, 0) + b"p" + z),
+            "symlink": (abi.Opcode.SYMLINK, b"l" + z + b"target" + z),
+            "tmpfile": (abi.Opcode.TMPFILE, abi.CREATE_IN.pack(os.O_RDWR, 0o600, 0, 0)),
+        }  # fmt: skip
+        out: dict[str, object] = {}
+        for name, (op, payload) in requests.items():
+            try:
+                out[name] = self.entry(self.call(op, ROOT, payload, uid, gid, groups))
+            except OSError as e:
+                out[name] = errno.errorcode[e.errno]
+        return out
+
+    def close(self) -> None:
+        self.fs.shutdown()
+
+
+@pytest.fixture
+def translated(tmp_path: Path) -> Iterator[Translated]:
+    if os.geteuid() != 0:
+        pytest.skip("acting as the caller needs root")
+    share = tmp_path / "share"
+    share.mkdir()
+    share.chmod(0o777)
+    for name, uid, gid in [("mapped", 5003, 5004), ("aliased", 1003, 1003),
+                           ("squashed", 7005, 7005), ("root", 0, 0)]:  # fmt: skip
+        (share / name).write_text(name)
+        os.chown(share / name, uid, gid)
+    t = Translated(share)
+    yield t
+    t.close()
+
+
+def test_attribute_replies_show_guest_ids(translated: Translated) -> None:
+    c = translated.c
+    expected = {b"mapped": (1003, 1004), b"aliased": (NOBODY, NOBODY),
+                b"squashed": (4242, 7005), b"root": (0, 0)}  # fmt: skip
+    for name, ids in expected.items():
+        e = c.lookup(ROOT, name)
+        assert (e.uid, e.gid) == ids, name
+        a = c.getattr(e.nodeid)
+        assert (a.uid, a.gid) == ids, name
+    os.chown(translated.share, 5001, 5002)
+    root = c.lookup(ROOT, b".")
+    assert (root.uid, root.gid) == (1001, 1002)
+    dh = c.opendir(ROOT).fh
+    plus = {name: (e.uid, e.gid) for e, name in c.readdirplus(ROOT, dh, size=65536)}
+    c.releasedir(ROOT, dh)
+    assert {k: plus[k] for k in expected} == expected
+    e = c.lookup(ROOT, b"mapped")
+    a = c.setattr(e.nodeid, valid=abi.FATTR_MODE, mode=0o600)
+    assert (a.uid, a.gid) == (1003, 1004)
+
+
+def test_files_are_made_as_the_translated_caller(translated: Translated) -> None:
+    made = translated.making(1001, 1002)
+    assert made == dict.fromkeys(["create", "mkdir", "mknod", "symlink", "tmpfile"], (1001, 1002))
+    share = translated.share
+    for name in ("c", "d", "p", "l"):
+        st = os.lstat(share / name)
+        assert (st.st_uid, st.st_gid) == (5001, 5002), name
+    # guest root is no rule's: it stays root
+    assert translated.making(0, 0)["tmpfile"] == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "groups"),
+    [(2050, 1002, ()), (1001, 2100, ()), (1001, 1002, (2001,)),
+     (5003, 1002, ()),  # guest 5003 would act as host 5003, which is guest 1003
+     (NOBODY, 1002, ())],
+    ids=["forbidden-uid", "forbidden-gid", "forbidden-group", "aliasing-uid", "no-id"],
+)  # fmt: skip
+def test_a_refused_caller_gets_eperm_and_makes_nothing(
+    translated: Translated, uid: int, gid: int, groups: tuple[int, ...]
+) -> None:
+    before = sorted(os.listdir(translated.share))
+    made = translated.making(uid, gid, groups)
+    assert made == dict.fromkeys(["create", "mkdir", "mknod", "symlink", "tmpfile"], "EPERM")
+    assert sorted(os.listdir(translated.share)) == before
+
+
+def test_supplementary_groups_are_translated(translated: Translated) -> None:
+    """The kernel sends the parent's group when the caller is in it (CREATE_SUPP_GROUP); the
+    host checks the caller against the host group it stands for."""
+    team = translated.share / "team"
+    team.mkdir()
+    team.chmod(0o770)
+    os.chown(team, 0, 5007)  # host group 5007: guest group 1007
+    c = translated.c
+    t = c.lookup(ROOT, b"team")
+    assert (t.uid, t.gid) == (0, 1007)
+    payload = abi.MKDIR_IN.pack(0o755, 0) + b"mine\0"
+    with pytest.raises(PermissionError):
+        translated.call(abi.Opcode.MKDIR, t.nodeid, payload, 1001, 1001)
+    made = translated.entry(translated.call(abi.Opcode.MKDIR, t.nodeid, payload, 1001, 1001,
+                                            groups=(1007,)))  # fmt: skip
+    assert made == (1001, 1001)
+    st = os.stat(team / "mine")
+    assert (st.st_uid, st.st_gid) == (5001, 5001)
+
+
+def test_chown_gives_the_translated_owner(translated: Translated) -> None:
+    c = translated.c
+    e = c.lookup(ROOT, b"root")
+    fields = abi.FATTR_UID | abi.FATTR_GID
+    a = c.setattr(e.nodeid, valid=fields, uid=1003, gid=1004)
+    assert (a.uid, a.gid) == (1003, 1004)
+    st = os.stat(translated.share / "root")
+    assert (st.st_uid, st.st_gid) == (5003, 5004)
+    a = c.setattr(e.nodeid, valid=abi.FATTR_UID, uid=4242)  # unmatched: itself
+    assert (a.uid, a.gid) == (4242, 1004) and os.stat(translated.share / "root").st_uid == 4242
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid"),
+    [(2050, None), (None, 2100), (5003, None), (1003, 5004)],
+    ids=["forbidden-uid", "forbidden-gid", "aliasing-uid", "aliasing-gid"],
+)
+def test_chown_to_a_refused_id_is_eperm_and_changes_nothing(
+    translated: Translated, uid: int | None, gid: int | None
+) -> None:
+    c = translated.c
+    e = c.lookup(ROOT, b"mapped")
+    path = translated.share / "mapped"
+    path.chmod(0o644)
+    valid = abi.FATTR_MODE | (abi.FATTR_UID if uid is not None else 0)
+    valid |= abi.FATTR_GID if gid is not None else 0
+    assert errno_of(c.setattr, e.nodeid, valid=valid, mode=0o600, uid=uid or 0,
+                    gid=gid or 0) == errno.EPERM  # fmt: skip
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (5003, 5004, 0o644)
+
+
+def test_access_is_checked_for_the_translated_caller(translated: Translated) -> None:
+    path = translated.share / "mapped"
+    path.chmod(0o600)  # host 5003: guest 1003's alone
+    e = translated.c.lookup(ROOT, b"mapped")
+
+    def access(uid: int, mask: int = os.R_OK | os.W_OK) -> str:
+        try:
+            translated.call(abi.Opcode.ACCESS, e.nodeid, abi.ACCESS_IN.pack(mask, 0), uid, uid)
+        except OSError as err:
+            return errno.errorcode[err.errno]
+        return "ok"
+
+    assert access(1003) == "ok"
+    assert access(1002) == "EACCES"
+    assert access(5003) == "EPERM"  # would be host 5003 itself: refused, not let in
+    assert access(2050, os.F_OK) == "EPERM"
+    assert access(0) == "ok"
+
+
+def test_no_rules_change_nothing(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_text("f")
+    os.chown(share / "f", 5003, 5004)
+    fs = PassthroughFs(PassthroughConfig(str(share)))
+    c = FuseClient(direct(Server(fs)))
+    c.init()
+    try:
+        e = c.lookup(ROOT, b"f")
+        assert (e.uid, e.gid) == (5003, 5004)
+        a = c.setattr(e.nodeid, valid=abi.FATTR_UID, uid=2050)
+        assert a.uid == 2050
     finally:
         fs.shutdown()

@@ -4,6 +4,11 @@ File-system uid/gid (setfsuid/setfsgid) and the group list are per thread in Lin
 worker thread can act for a different caller at once. While the fsuid is not 0 the kernel also
 drops the file capabilities of root (DAC override, fowner, fsetid, ...), so ownership of new files
 and every permission check are the host kernel's, as for a local process.
+
+A switch that does not take must never leave the thread acting as the daemon: setfsuid and
+setfsgid ignore an id the kernel cannot take without failing, so such ids are refused (EPERM)
+before the switch, or the switch is checked after it. (uid_t)-1 is never an id; in a user
+namespace that maps only some ids, an unmapped one isn't either.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ __all__ = [
 ]
 
 _local = threading.local()
+#: (uid_t)-1, which chown and setfsuid read as "leave it alone".
+_NO_ID = 0xFFFFFFFF
 
 
 def _thread_fs_unshared() -> None:
@@ -60,7 +67,8 @@ def _settled() -> _Process:
 class Credentials:
     """``with Credentials(ctx, enabled, umask):`` switches and restores the thread's ids.
 
-    A caller whose ids the daemon can't take (unmapped in its user namespace) gets EPERM."""
+    A caller whose ids the daemon can't take ((uid_t)-1, or unmapped in its user namespace)
+    gets EPERM."""
 
     __slots__ = ("_ctx", "_switch", "_umask")
 
@@ -75,6 +83,9 @@ class Credentials:
             os.umask(self._umask)
         if self._switch:
             ctx = self._ctx
+            if _NO_ID in (ctx.uid, ctx.gid) or _NO_ID in ctx.groups:
+                self._umask_off()
+                raise PermissionError(errno.EPERM, "(uid_t)-1 is no id to act as")
             proc = _settled()
             try:
                 linux.setfsgid(ctx.gid)
@@ -88,8 +99,7 @@ class Credentials:
                     raise PermissionError(errno.EPERM, "caller's ids are not mapped here")
             except OSError as e:
                 self._restore(proc)
-                if self._umask is not None:
-                    os.umask(0)
+                self._umask_off()
                 if proc.partial:
                     raise PermissionError(errno.EPERM, os.strerror(errno.EPERM)) from e
                 raise
@@ -97,6 +107,9 @@ class Credentials:
     def __exit__(self, *exc: object) -> None:
         if self._switch:
             self._restore(_settled())
+        self._umask_off()
+
+    def _umask_off(self) -> None:
         if self._umask is not None:
             os.umask(0)
 

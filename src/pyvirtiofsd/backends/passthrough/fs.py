@@ -22,6 +22,26 @@ a device node is one any host user who can reach the share could open). Lock fil
 for directories and on a read-only share, and so is the fd of a read-only DAX mapping wherever
 a writable one would be refused.
 
+Ids cross between guest and host in few places, and with ``--translate-uid``/``--translate-gid``
+(:mod:`.idmap`) each goes through its table: the caller's uid, gid and supplementary groups
+guest → host before the daemon acts as the caller (creating, and ACCESS, which the host kernel
+checks for the translated caller), the owner a SETATTR gives guest → host before anything is
+changed, and the owner and group of every attribute reply host → guest (:meth:`_attr`). A
+refused guest id is EPERM.
+
+Extended attributes pass through the xattr map when there is one (:mod:`.xattrmap`): a guest's
+name becomes the host's name or is refused before the host is asked, and a listxattr shows the
+guest only the names the map lets through, renamed back. A map that renames
+``security.capability`` makes the daemon strip the renamed xattr wherever the kernel would strip
+the real one (a write, a truncation, a chown, any setxattr), on regular files.
+
+A new file's security label (FUSE_SECURITY_CTX) is there as soon as its name is: the file is
+made unnamed (O_TMPFILE, for CREATE) or under a temporary dot-name, labelled, and only then
+linked or renamed (RENAME_NOREPLACE) into its place, as the caller. Only where the file system
+can do neither is it made under its name and labelled after, as virtiofsd does; whatever the
+way, a file whose label fails is removed and the request fails. The label's name goes through
+the map first, so a name the map refuses makes nothing at all.
+
 Descriptors live as long as their users. File handles are reference-counted
 (:class:`~pyvirtiofsd.backends.base.HandleTable`): RELEASE takes a handle out of the table, and
 the last request using it (a READ, WRITE, READDIR, FSYNC, ... on another queue) closes its fd.
@@ -31,9 +51,11 @@ Inodes pin their descriptors the same way (:mod:`.inodes`).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
+import secrets
 import stat
 import struct
 import threading
@@ -41,9 +63,11 @@ import threading
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.base import Backend, Handle, HandleTable, dax_flush, dax_resized, oserror
 from pyvirtiofsd.backends.passthrough import locks
-from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
+from pyvirtiofsd.backends.passthrough.config import PassthroughConfig, SecurityLabel
 from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
+from pyvirtiofsd.backends.passthrough.idmap import IdMap
 from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
+from pyvirtiofsd.backends.passthrough.xattrmap import Kind
 from pyvirtiofsd.fuse import abi, policy
 from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
 from pyvirtiofsd.fuse.filesystem import (
@@ -78,6 +102,20 @@ _DROPPED_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_PAT
 _CREATE_TRIES = 3
 #: Why opening a file for writing fails for root where opening it for reading may not.
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.ETXTBSY, errno.EPERM)
+#: Where a labelled file is made before it takes its name (followed by 16 random hex digits).
+_LABEL_TEMP = b".pyvirtiofsd-label-"
+#: open(O_TMPFILE) on a file system that has no unnamed files.
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR)
+#: renameat2(RENAME_NOREPLACE) on a file system (or kernel) that can't.
+_NO_NOREPLACE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+#: Flags that make a file; a file made another way is opened without them.
+_MAKING_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
+
+
+def _set_label(target: int | str, name: bytes, value: bytes) -> None:
+    """Store a new file's security label (the one place it is done, where tests stop a
+    create to look at the share)."""
+    os.setxattr(target, name, value)
 
 
 def _check_name(name: bytes) -> None:
@@ -110,6 +148,25 @@ class PassthroughFs(Backend):
         self._stopping = False
         self._conn = ConnectionInfo()
         self._passthrough = False
+        self._uids = IdMap("uid", config.translate_uid)
+        self._gids = IdMap("gid", config.translate_gid)
+        self._translate = not (self._uids.identity and self._gids.identity)
+        if self._translate:
+            log.info(
+                "translating ids: %d uid and %d gid rules",
+                len(config.translate_uid),
+                len(config.translate_gid),
+            )
+            for line in self._uids.describe() + self._gids.describe():
+                log.debug("  %s", line)
+        self._xmap = config.xattrmap
+        #: The host name of security.capability when the map renames it (see the module doc).
+        self._capability = None if self._xmap is None else self._xmap.capability_name
+        if self._xmap is not None:
+            log.info("xattr map: %s", self._xmap)
+        #: File systems (st_dev) found to refuse RENAME_NOREPLACE: labels there go virtiofsd's
+        #: way at once.
+        self._no_noreplace: set[int] = set()
         # Modes arrive already masked by the guest's umask (unless POSIX ACLs hand that job to
         # us); ours must not mask them a second time.
         os.umask(0)
@@ -138,6 +195,14 @@ class PassthroughFs(Backend):
             want |= abi.InitFlag.HAS_INODE_DAX
         if cfg.readonly:
             want &= ~abi.InitFlag.WRITEBACK_CACHE
+        if cfg.security_label is not SecurityLabel.NEVER:
+            if conn.capable & abi.InitFlag.SECURITY_CTX:
+                want |= abi.InitFlag.SECURITY_CTX
+            elif cfg.security_label is SecurityLabel.ALWAYS:
+                log.error("--security-label: the guest's kernel does not offer FUSE_SECURITY_CTX")
+                raise oserror(errno.EPROTO, "no FUSE_SECURITY_CTX")
+            else:
+                log.info("--security-label=auto: the guest's kernel does not send labels")
         self._passthrough = False
         if cfg.fuse_passthrough:
             if conn.backing_open is None or not conn.capable & abi.InitFlag.PASSTHROUGH:
@@ -181,6 +246,34 @@ class PassthroughFs(Backend):
             flags |= abi.ATTR_DAX
         return flags
 
+    def _attr(self, st: os.stat_result, flags: int = 0) -> Attr:
+        """The attributes of ``st`` as the guest sees them: owner and group translated."""
+        attr = Attr.from_stat(st, flags=flags)
+        if self._translate:
+            attr.uid = self._uids.to_guest(st.st_uid)
+            attr.gid = self._gids.to_guest(st.st_gid)
+        return attr
+
+    def _caller(self, ctx: Context) -> Context:
+        """``ctx`` with the host ids its caller acts as; EPERM if one of them is refused."""
+        if not self._translate:
+            return ctx
+        try:
+            return dataclasses.replace(
+                ctx,
+                uid=self._uids.to_host(ctx.uid),
+                gid=self._gids.to_host(ctx.gid),
+                groups=tuple(self._gids.to_host(g) for g in ctx.groups),
+            )
+        except PermissionError as e:
+            log.debug("request %d: %s", ctx.unique, e.strerror)
+            raise
+
+    def _creds(self, ctx: Context, umask: int | None = None) -> Credentials:
+        """Acting as the caller (its translated ids), with the guest's umask where the kernel
+        left applying it to us (POSIX ACLs)."""
+        return Credentials(self._caller(ctx), self._switch, umask if self.cfg.posix_acl else None)
+
     def _entry(self, parent: Inode, fd: int) -> tuple[Inode, Entry]:
         """The inode behind ``fd`` (an O_PATH fd this call consumes), with one more lookup,
         and its entry."""
@@ -190,7 +283,7 @@ class PassthroughFs(Backend):
             os.close(fd)
             raise
         inode = self.inodes.add(fd, st)
-        attr = Attr.from_stat(st, flags=self._attr_flags(inode, st, parent.dev))
+        attr = self._attr(st, self._attr_flags(inode, st, parent.dev))
         return inode, Entry(inode.nodeid, attr, self._timeout, self._timeout)
 
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
@@ -234,7 +327,7 @@ class PassthroughFs(Backend):
             self.inodes.ref(pinode)
             with self.inodes.path(pinode) as pfd:
                 st = os.fstat(pfd)
-            return Entry(pinode.nodeid, Attr.from_stat(st), self._timeout, self._timeout)
+            return Entry(pinode.nodeid, self._attr(st), self._timeout, self._timeout)
         if name != b"..":
             _check_name(name)
         return self._lookup(pinode, name)
@@ -254,23 +347,47 @@ class PassthroughFs(Backend):
             with self.inodes.path(inode) as fd:
                 st = os.fstat(fd)
         dax_resized(self._conn.dax_window, ino, st.st_size)
-        return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
+        return self._attr(st, self._attr_flags(inode, st, None)), self._timeout
 
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()
+        # Before anything changes: a refused owner changes nothing.
+        owner = self._new_owner(changes)
         inode = self.inodes.get(ino)
         handle = self._handles.use_if(changes.fh)
         try:
-            return self._setattr(ino, inode, handle, changes)
+            return self._setattr(ino, inode, handle, changes, owner)
         finally:
             if handle is not None:
                 self._handles.done(handle)
 
+    def _new_owner(self, changes: SetAttr) -> tuple[int, int] | None:
+        """The host (uid, gid) a chown gives, -1 for the one it leaves; None: no chown."""
+        if changes.uid is None and changes.gid is None:
+            return None
+        try:
+            uid = _NO_ID if changes.uid is None else self._host_id(self._uids, changes.uid)
+            gid = _NO_ID if changes.gid is None else self._host_id(self._gids, changes.gid)
+        except PermissionError as e:
+            log.debug("chown: %s", e.strerror)
+            raise
+        return uid, gid
+
+    def _host_id(self, ids: IdMap, guest_id: int) -> int:
+        return ids.to_host(guest_id) if self._translate else guest_id
+
     def _setattr(
-        self, ino: int, inode: Inode, handle: _Handle | None, changes: SetAttr
+        self,
+        ino: int,
+        inode: Inode,
+        handle: _Handle | None,
+        changes: SetAttr,
+        owner: tuple[int, int] | None,
     ) -> tuple[Attr, float]:
         with self.inodes.path(inode) as pfd:
             proc = self._proc(pfd)
+            if changes.size is not None or changes.uid is not None or changes.gid is not None:
+                self._drop_capability(inode, proc if handle is None else handle.fd)
             if changes.mode is not None:
                 if handle is not None:
                     os.fchmod(handle.fd, changes.mode)
@@ -278,9 +395,8 @@ class PassthroughFs(Backend):
                     raise oserror(errno.EOPNOTSUPP)
                 else:
                     os.chmod(proc, changes.mode)
-            if changes.uid is not None or changes.gid is not None:
-                uid = _NO_ID if changes.uid is None else changes.uid
-                gid = _NO_ID if changes.gid is None else changes.gid
+            if owner is not None:
+                uid, gid = owner
                 linux.fchownat(pfd, b"", uid, gid, linux.AT_EMPTY_PATH | linux.AT_SYMLINK_NOFOLLOW)
             if changes.size is not None:
                 dax_flush(self._conn.dax_window, ino)
@@ -304,7 +420,7 @@ class PassthroughFs(Backend):
             st = os.fstat(pfd) if handle is None else os.fstat(handle.fd)
         if changes.size is not None:
             dax_resized(self._conn.dax_window, ino, st.st_size)
-        return Attr.from_stat(st, flags=self._attr_flags(inode, st, None)), self._timeout
+        return self._attr(st, self._attr_flags(inode, st, None)), self._timeout
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
         inode = self.inodes.get(ino)
@@ -314,19 +430,28 @@ class PassthroughFs(Backend):
             # readlinkat() with an empty name reads the symlink an O_PATH fd refers to.
             return os.readlink(b"", dir_fd=fd)
 
-    def _create_entry(self, ctx: Context, parent: int, name: bytes, umask: int, make) -> Entry:  # type: ignore[no-untyped-def]
+    def _create_entry(  # type: ignore[no-untyped-def]
+        self, ctx: Context, parent: int, name: bytes, umask: int, kind: int, make
+    ) -> Entry:
+        """Make ``name`` (of type ``kind``) in ``parent`` with ``make(dir_fd, name)``, as the
+        caller, labelled if the guest sent a label; its entry."""
         self._rofs()
         _check_name(name)
+        label = self._label(ctx)
         pinode = self.inodes.get(parent)
+        creds = self._creds(ctx, umask)
         with self.inodes.path(pinode) as pfd:
-            with Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None):
-                make(pfd)
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            if label is not None:
+                fd = self._make_labelled(pfd, name, kind, creds, make, label, pinode.dev)
+            else:
+                with creds:
+                    make(pfd, name)
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         return self._entry(pinode, fd)[1]
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         return self._create_entry(
-            ctx, parent, name, 0, lambda pfd: os.symlink(target, name, dir_fd=pfd)
+            ctx, parent, name, 0, stat.S_IFLNK, lambda d, n: os.symlink(target, n, dir_fd=d)
         )
 
     def mknod(
@@ -339,13 +464,159 @@ class PassthroughFs(Backend):
         if kind in (stat.S_IFCHR, stat.S_IFBLK) and not whiteout and not self.cfg.allow_devices:
             raise oserror(errno.EPERM, "device nodes need --allow-devices")
         return self._create_entry(
-            ctx, parent, name, umask, lambda pfd: os.mknod(name, mode, rdev, dir_fd=pfd)
+            ctx,
+            parent,
+            name,
+            umask,
+            kind or stat.S_IFREG,  # mknod(2) makes a regular file of a mode without a type
+            lambda d, n: os.mknod(n, mode, rdev, dir_fd=d),
         )
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         return self._create_entry(
-            ctx, parent, name, umask, lambda pfd: os.mkdir(name, mode, dir_fd=pfd)
+            ctx, parent, name, umask, stat.S_IFDIR, lambda d, n: os.mkdir(n, mode, dir_fd=d)
         )
+
+    # --- security labels -------------------------------------------------------------------
+
+    def _label(self, ctx: Context) -> tuple[bytes, bytes] | None:
+        """The xattr (its host name) and value that label the file ``ctx`` makes, or None.
+        A name the map or the ACL setting refuses fails the request here, before anything is
+        made."""
+        sec = ctx.secctx
+        if sec is None:
+            return None
+        return self._host_xattr(sec.name, errno.EPERM), sec.value
+
+    def _open_made(self, pfd: int, name: bytes, kind: int) -> int:
+        """An O_PATH fd of the ``kind`` of file just made under ``name``; ENOENT if the name
+        now holds something else (swapped meanwhile: never labelled, never opened)."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        if stat.S_IFMT(os.fstat(fd).st_mode) != kind:
+            os.close(fd)
+            raise oserror(errno.ENOENT, "the new file was replaced before it was labelled")
+        return fd
+
+    def _open_made_or_remove(self, pfd: int, name: bytes, kind: int) -> int:
+        """:meth:`_open_made`, removing the new file if it can't be opened; not when the
+        name is gone or holds something else, which this request did not make."""
+        try:
+            return self._open_made(pfd, name, kind)
+        except BaseException as e:
+            if not (isinstance(e, OSError) and e.errno == errno.ENOENT):
+                self._remove(pfd, name, kind)
+            raise
+
+    def _remove(self, pfd: int, name: bytes, kind: int) -> None:
+        """Take back a file this request made and could not finish."""
+        try:
+            if kind == stat.S_IFDIR:
+                os.rmdir(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        except OSError as e:
+            log.warning("could not remove %r after a failed label: %s", name, e)
+
+    def _make_labelled(  # type: ignore[no-untyped-def]
+        self, pfd: int, name: bytes, kind: int, creds: Credentials, make, label, dev: int
+    ) -> int:
+        """Make ``name`` as :meth:`_create_entry` does, with its label in place before the
+        name exists: made (as the caller) under a temporary name, labelled (as the daemon: the
+        caller may lack write permission on what it just made), renamed into place (as the
+        caller) without replacing anything. An O_PATH fd of the new file. Where the file
+        system ``dev`` refuses such a rename, :meth:`_make_then_label` (from then on)."""
+        if dev in self._no_noreplace:
+            return self._make_then_label(pfd, name, kind, creds, make, label)
+        host_name, value = label
+        temp = b""
+        for _ in range(_CREATE_TRIES):
+            temp = _LABEL_TEMP + secrets.token_hex(8).encode()
+            try:
+                with creds:
+                    make(pfd, temp)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise oserror(errno.EEXIST, "no free temporary name")
+        fd = self._open_made_or_remove(pfd, temp, kind)
+        try:
+            _set_label(self._proc(fd), host_name, value)
+        except BaseException:
+            os.close(fd)
+            self._remove(pfd, temp, kind)
+            raise
+        try:
+            with creds:
+                linux.renameat2(pfd, temp, pfd, name, linux.RENAME_NOREPLACE)
+        except BaseException as e:
+            os.close(fd)
+            self._remove(pfd, temp, kind)
+            if not (isinstance(e, OSError) and e.errno in _NO_NOREPLACE):
+                raise
+            log.info("no RENAME_NOREPLACE on device %#x: labels follow their file there", dev)
+            self._no_noreplace.add(dev)
+            return self._make_then_label(pfd, name, kind, creds, make, label)
+        return fd
+
+    def _make_then_label(  # type: ignore[no-untyped-def]
+        self, pfd: int, name: bytes, kind: int, creds: Credentials, make, label
+    ) -> int:
+        """virtiofsd's way, where the file system can't rename without replacing: make
+        ``name``, label it, remove it again if the label fails."""
+        with creds:
+            make(pfd, name)
+        fd = self._open_made_or_remove(pfd, name, kind)
+        try:
+            _set_label(self._proc(fd), *label)
+        except BaseException:
+            os.close(fd)
+            self._remove(pfd, name, kind)
+            raise
+        return fd
+
+    def _create_labelled(  # type: ignore[no-untyped-def]
+        self, pfd: int, name: bytes, oflags: int, mode: int, creds: Credentials, label, dev: int
+    ) -> int:
+        """CREATE of a labelled file: an fd of it open with ``oflags`` (less what makes a
+        file). It is made unnamed (O_TMPFILE, as the caller), labelled, and linked under
+        ``name`` (as the caller; EEXIST if taken), so it never has a name without its label.
+        Where the file system has no unnamed files, as :meth:`_make_labelled` does."""
+        flags = oflags & ~_MAKING_FLAGS
+        read_only = flags & os.O_ACCMODE == os.O_RDONLY
+        # O_TMPFILE needs write access; a file the guest opens read-only is reopened so.
+        tmp_flags = (flags & ~os.O_ACCMODE) | os.O_RDWR if read_only else flags
+        try:
+            with creds:
+                fd = os.open(self._proc(pfd), tmp_flags | os.O_TMPFILE, mode)
+        except OSError as e:
+            if e.errno not in _NO_TMPFILE:
+                raise
+            path_fd = self._make_labelled(
+                pfd,
+                name,
+                stat.S_IFREG,
+                creds,
+                lambda d, n: os.mknod(n, stat.S_IFREG | stat.S_IMODE(mode), dir_fd=d),
+                label,
+                dev,
+            )
+            try:
+                return os.open(self._proc(path_fd), flags)
+            finally:
+                os.close(path_fd)
+        try:
+            _set_label(fd, *label)
+            with creds:
+                os.link(self._proc(fd), name, dst_dir_fd=pfd, follow_symlinks=True)
+            if read_only:
+                reopened = os.open(self._proc(fd), flags)
+                os.close(fd)
+                fd = reopened
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         self._rofs()
@@ -431,6 +702,7 @@ class PassthroughFs(Backend):
             if flags & os.O_TRUNC:
                 if kill_suidgid:
                     self._kill_suidgid(fd, False)
+                self._drop_capability(inode, fd)
                 dax_resized(self._conn.dax_window, inode.nodeid, 0)
             return self._opened(fd, inode, flags)
         except BaseException:
@@ -450,12 +722,19 @@ class PassthroughFs(Backend):
         self._rofs()
         _check_name(name)
         oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        label = self._label(ctx)
         pinode = self.inodes.get(parent)
-        creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
+        creds = self._creds(ctx, umask)
         for _ in range(_CREATE_TRIES):
             try:
-                with self.inodes.path(pinode) as pfd, creds:
-                    fd = os.open(name, oflags, mode, dir_fd=pfd)
+                with self.inodes.path(pinode) as pfd:
+                    if label is not None:
+                        fd = self._create_labelled(
+                            pfd, name, oflags, mode, creds, label, pinode.dev
+                        )
+                    else:
+                        with creds:
+                            fd = os.open(name, oflags, mode, dir_fd=pfd)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -493,17 +772,21 @@ class PassthroughFs(Backend):
         self, ctx: Context, parent: int, mode: int, flags: int, umask: int
     ) -> tuple[Entry, Opened]:
         self._rofs()
+        label = self._label(ctx)
         pinode = self.inodes.get(parent)
         if not pinode.is_dir():
             raise oserror(errno.ENOTDIR)
         oflags = self._open_flags(flags & ~os.O_TMPFILE) | os.O_TMPFILE
         if oflags & os.O_ACCMODE == os.O_RDONLY:
             oflags |= os.O_RDWR
-        creds = Credentials(ctx, self._switch, umask if self.cfg.posix_acl else None)
+        creds = self._creds(ctx, umask)
         with self.inodes.path(pinode) as pfd, creds:
             # O_TMPFILE opens the directory only to make a new regular file in it.
             fd = os.open(self._proc(pfd), oflags, mode)
         try:
+            if label is not None:
+                # Unnamed until the guest links it: labelled before anyone can see it.
+                _set_label(fd, *label)
             inode, entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
@@ -529,6 +812,7 @@ class PassthroughFs(Backend):
         h = handles.use(fh)
         try:
             dax_flush(self._conn.dax_window, ino)
+            self._drop_capability(h.inode, h.fd)
             written = data.to_fd(h.fd, offset)
             if flags & abi.WRITE_KILL_SUIDGID:
                 self._kill_suidgid(h.fd, False)
@@ -715,7 +999,8 @@ class PassthroughFs(Backend):
 
     def access(self, ctx: Context, ino: int, mask: int) -> None:
         inode = self.inodes.get(ino)
-        with self.inodes.path(inode) as fd, Credentials(ctx, self._switch):
+        creds = Credentials(self._caller(ctx), self._switch)
+        with self.inodes.path(inode) as fd, creds:
             if not os.access(self._proc(fd), mask, effective_ids=True):
                 raise oserror(errno.EACCES)
 
@@ -727,37 +1012,66 @@ class PassthroughFs(Backend):
         if name is not None and name in _ACL_XATTRS and not self.cfg.posix_acl:
             raise oserror(errno.EOPNOTSUPP)
 
+    def _host_xattr(self, name: bytes, bad: int) -> bytes:
+        """The host's name for the guest's xattr ``name``. ACL names with ACLs off are
+        ENOTSUP (checked first, on the guest's name, as virtiofsd does); then the map decides:
+        a ``bad`` rule is ``bad`` (EPERM, or ENODATA for getxattr), ``unsupported`` ENOTSUP."""
+        self._xattr_allowed(name)
+        if self._xmap is None:
+            return name
+        host = self._xmap.to_host(name)
+        if isinstance(host, bytes):
+            return host
+        raise oserror(bad if host is Kind.BAD else errno.EOPNOTSUPP, f"xattr map: {host.value}")
+
+    def _drop_capability(self, inode: Inode, target: int | str) -> None:
+        """Strip the renamed ``security.capability`` from a regular file where the kernel
+        would strip the real one: the kernel only knows the real name."""
+        name = self._capability
+        if name is None or inode.mode != stat.S_IFREG:
+            return
+        try:
+            os.removexattr(target, name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+
     def setxattr(
         self, ctx: Context, ino: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
     ) -> None:
-        self._xattr_allowed(name)
+        host = self._host_xattr(name, errno.EPERM)
         self._rofs()
         inode = self.inodes.get(ino)
         with self.inodes.path(inode) as fd:
-            os.setxattr(self._proc(fd), name, value, flags)
+            self._drop_capability(inode, self._proc(fd))
+            os.setxattr(self._proc(fd), host, value, flags)
             if setxattr_flags & abi.SETXATTR_ACL_KILL_SGID and inode.mode != stat.S_IFLNK:
                 mode = os.stat(self._proc(fd)).st_mode
                 if mode & stat.S_ISGID:
                     os.chmod(self._proc(fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def getxattr(self, ctx: Context, ino: int, name: bytes) -> bytes:
-        self._xattr_allowed(name)
+        host = self._host_xattr(name, errno.ENODATA)
         with self.inodes.path(self.inodes.get(ino)) as fd:
-            return os.getxattr(self._proc(fd), name)
+            return os.getxattr(self._proc(fd), host)
 
     def listxattr(self, ctx: Context, ino: int) -> list[bytes]:
+        """The names the guest may see, under its names. The server answers a size query
+        with this list's exact length (virtiofsd answers with the host list's, unmapped)."""
         self._xattr_allowed(None)
         with self.inodes.path(self.inodes.get(ino)) as fd:
             names = [os.fsencode(n) for n in os.listxattr(self._proc(fd))]
+        if self._xmap is not None:
+            names = self._xmap.list_to_guest(names)
         if not self.cfg.posix_acl:
             names = [n for n in names if n not in _ACL_XATTRS]
         return names
 
     def removexattr(self, ctx: Context, ino: int, name: bytes) -> None:
-        self._xattr_allowed(name)
+        host = self._host_xattr(name, errno.EPERM)
         self._rofs()
         with self.inodes.path(self.inodes.get(ino)) as fd:
-            os.removexattr(self._proc(fd), name)
+            os.removexattr(self._proc(fd), host)
 
     # --- locks -----------------------------------------------------------------------------
 
