@@ -1,4 +1,4 @@
-"""Pieces the benchmarks share: host helpers and the progress line.
+"""Pieces the benchmarks share: host helpers, the progress line and py-spy profiles.
 
 The scripts in bench/ run as scripts (bench/ is then on sys.path) and import each other as
 modules; `compare.py` drives several of them in one run. Nothing here asserts on speed.
@@ -7,8 +7,15 @@ modules; `compare.py` drives several of them in one run. Nothing here asserts on
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -55,6 +62,36 @@ def format_seconds(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class LoadSampler:
+    """The host's 1-minute load average, sampled every ``interval`` seconds while a run goes
+    on (a thread), so that the figures can say how busy the machine was meanwhile."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"min": min(s), "median": statistics.median(s), "max": max(s)}
 
 
 @dataclass
@@ -149,3 +186,74 @@ class Progress:
                 f"\r\x1b[Kdone in {format_seconds(time.monotonic() - self._started)}\n"
             )
             self.stream.flush()
+
+
+# --- py-spy: where pyvirtiofsd's time goes ------------------------------------------------------
+
+
+def prepare_profile(directory: Path | None) -> Path | None:
+    """The directory for py-spy's stack files (made if missing), or None: no profiling."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def start_profiler(pid: int, out: Path, *, gil: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy sampling a running daemon (without pausing it) into a raw stack file. With
+    ``gil`` only the thread holding the GIL is sampled: where the Python work goes."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+            "--format", "raw", "--output", str(out)]  # fmt: skip
+    if gil:
+        argv.append("--gil")
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file on the way out
+    try:
+        spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+_LINE_NO = re.compile(r":\d+\)$")
+
+
+def profile_summary(files: Sequence[Path], top: int = 15) -> list[str]:
+    """The functions where the sampled daemon spent its time, from py-spy's raw stacks: the
+    share of samples with the function on top of the stack (self) and anywhere in it."""
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    total = 0
+    for f in files:
+        if not f.exists():
+            continue
+        for line in f.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = [_LINE_NO.sub(")", fr) for fr in stack.split(";")]
+            # py-spy puts the process and the thread first; they are not functions.
+            frames = [fr for fr in frames if not fr.startswith(("process ", "thread "))]
+            if not frames:
+                continue
+            n = int(count)
+            total += n
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for fr in set(frames):
+                anywhere[fr] = anywhere.get(fr, 0) + n
+    if not total:
+        return ["no profile samples"]
+    lines = [f"{total} samples; self % / total %, by self time:"]
+    for fr, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f} {100 * anywhere[fr] / total:5.1f}  {fr}")
+    return lines
+
+
+def print_profile(directory: Path | None, pattern: str, title: str) -> None:
+    """The summary of the stack files in ``directory`` matching ``pattern``, if profiling."""
+    if directory is not None:
+        print(f"\nwhere pyvirtiofsd's time went ({title}, py-spy):")
+        print("\n".join(profile_summary(sorted(directory.glob(pattern)))))

@@ -24,7 +24,9 @@ Each workload runs at queue depth 1 (one request in flight: submit, kick, wait) 
 chains kept in flight; every completed chain is resubmitted at once). Daemons take turns within
 each round (the order alternates between rounds), each for ``--seconds``; the figures are the
 medians over ``--rounds``. CPU is the daemon's utime+stime from /proc over the same span.
-Nothing here asserts on speed.
+With ``--profile DIR``, py-spy samples pyvirtiofsd's GIL holder during each of its spans
+(``py-spy record --gil --format raw``) and the run ends with where its time went per workload;
+the sampling costs CPU, so figures come from runs without it. Nothing here asserts on speed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import Progress, cpu_seconds, rounds_order
+from common import (
+    Progress,
+    cpu_seconds,
+    prepare_profile,
+    print_profile,
+    rounds_order,
+    start_profiler,
+    stop_profiler,
+)
 from report import CPU_TARGET, PY, VIRTIOFSD, Row, table, write_json
 
 from pyvirtiofsd.fuse import abi
@@ -306,10 +316,12 @@ def run(
     rounds: int,
     seconds: float,
     progress: Progress,
+    profile: Path | None = None,
 ) -> list[Row]:
     """Every workload at each depth on each daemon, in interleaved rounds; the rows.
 
-    Call :func:`plan` with the same arguments first so that the progress line knows the run."""
+    Call :func:`plan` with the same arguments first so that the progress line knows the run.
+    With ``profile`` (a directory), py-spy samples pyvirtiofsd during each of its spans."""
     rows = {r.key: r for r in rows_for(workloads)}
     with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-frontend-bench-") as tmp:
         work = Path(tmp)
@@ -332,7 +344,15 @@ def run(
                                 f"front-end bench, round {r + 1}/{rounds}: {DAEMONS[d.name]}, "
                                 f"{WORKLOADS[w]} at depth {depth}",
                             )
-                            us, rate = measure(d, w, depth, seconds)
+                            spy = None
+                            if profile is not None and d.name == PY:
+                                out = profile / f"frontend-{w}-q{depth}-r{r}.txt"
+                                spy = start_profiler(d.proc.pid, out, gil=True)
+                            try:
+                                us, rate = measure(d, w, depth, seconds)
+                            finally:
+                                if spy is not None:
+                                    stop_profiler(spy)
                             progress.finish(key)
                             rows[f"{w}-q{depth}-cpu"].add(d.name, us)
                             rows[f"{w}-q{depth}-rate"].add(d.name, rate)
@@ -340,6 +360,13 @@ def run(
             for d in daemons:
                 stop_daemon(d)
     return list(rows.values())
+
+
+def print_profiles(directory: Path | None, workloads: list[str]) -> None:
+    """Where pyvirtiofsd's time went, per workload and depth (after a run with a profile)."""
+    for w in workloads:
+        for depth in DEPTHS:
+            print_profile(directory, f"frontend-{w}-q{depth}-*.txt", f"{WORKLOADS[w]} Q{depth}")
 
 
 def main() -> None:
@@ -351,17 +378,26 @@ def main() -> None:
     p.add_argument("--workload", action="append", choices=list(WORKLOADS))
     p.add_argument("--daemon", action="append", choices=list(DAEMONS))
     p.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample pyvirtiofsd with py-spy (GIL holder) into DIR and print where its time went",
+    )
     args = p.parse_args()
     workloads = args.workload or list(WORKLOADS)
     names = args.daemon or list(DAEMONS)
     progress = Progress()
     plan(progress, workloads, names, args.rounds, args.seconds)
-    rows = run(workloads, names, args.rounds, args.seconds, progress)
+    profile = prepare_profile(args.profile)
+    rows = run(workloads, names, args.rounds, args.seconds, progress, profile)
     progress.close()
     print(table(rows, {"frontend": TITLE}))
     print(f"medians of {args.rounds} rounds of {args.seconds:g} s per daemon and workload")
+    print_profiles(profile, workloads)
     if args.json:
-        write_json(args.json, rows, {"parts": {"frontend": vars(args) | {"json": str(args.json)}}})
+        params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        write_json(args.json, rows, {"parts": {"frontend": params}})
         print(f"results written to {args.json}")
 
 

@@ -40,7 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Progress, cpu_seconds, rounds_order
+from common import (
+    Progress,
+    cpu_seconds,
+    prepare_profile,
+    print_profile,
+    rounds_order,
+    start_profiler,
+    stop_profiler,
+)
 from report import CPU_TARGET, PY, THROUGHPUT_TARGET, VIRTIOFSD, Row, label, table
 
 from pyvirtiofsd.vm import FsDevice, GuestError, assets, missing_assets, run_guest
@@ -340,11 +348,14 @@ def run_session(
     prepare: Callable[[Path], None] | None = None,
     timeout: float = 3600.0,
     keep_logs: bool = False,
+    profile: Path | None = None,
 ) -> dict[str, Phase]:
     """One daemon, one guest running ``steps``; each timed step's Phase, by step name.
 
     ``prepare`` fills the fresh share before the daemon starts. Progress keys are
-    ``{prefix}/{step name}`` (see :func:`plan_session`); ``title`` starts the progress text."""
+    ``{prefix}/{step name}`` (see :func:`plan_session`); ``title`` starts the progress text.
+    With ``profile`` (a file name), py-spy samples pyvirtiofsd for the whole session and
+    writes its stacks there (see :func:`common.profile_summary`)."""
     base.mkdir(parents=True)
     share = base / "share"
     share.mkdir()
@@ -371,8 +382,11 @@ def run_session(
     with log.open("wb") as out:
         proc = spawn_child(command, env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     phases: dict[str, Phase] = {}
+    spy: subprocess.Popen[bytes] | None = None
     try:
         wait_for_socket(sock, proc)
+        if profile is not None and kind == PY:
+            spy = start_profiler(proc.pid, profile)
         sampler = Sampler(proc, share, log if kind == PY else None, on_end)
         result = run_guest(
             guest_script(steps),
@@ -396,6 +410,8 @@ def run_session(
             threads = {tid: cpu - t0.get(tid, 0.0) for tid, cpu in t1.items()}
             phases[r["name"]] = Phase(end_cpu - begin_cpu, requests, r, threads)
     finally:
+        if spy is not None:
+            stop_profiler(spy)
         kill_child(proc, grace=10.0)
         if keep_logs:
             print(f"--- {who} log ---\n{log.read_text(errors='replace')[-4000:]}")
@@ -418,6 +434,7 @@ class Options:
     daemons: list[str] = field(default_factory=lambda: list(DAEMONS))
     timeout: float = 3600.0
     keep_logs: bool = False
+    profile: Path | None = None  # a directory for py-spy's stacks of pyvirtiofsd
 
 
 def steps(opts: Options) -> list[Step]:
@@ -489,6 +506,7 @@ def run(opts: Options, progress: Progress) -> list[Row]:
                     prepare=lambda share: prepare_file(share / "fio.dat", opts.size_mib),
                     timeout=opts.timeout,
                     keep_logs=opts.keep_logs,
+                    profile=opts.profile and opts.profile / f"guest-{kind}-{n}.txt",
                 )
                 for step_name, p in phases.items():
                     extra = {"cpu_s": p.cpu, "requests": p.requests, "guest_ops": p.ops,
@@ -520,6 +538,13 @@ def add_common_arguments(ap: argparse.ArgumentParser, rounds: int, timeout: floa
     ap.add_argument("--timeout", type=float, default=timeout, help="per guest, seconds")
     ap.add_argument("--keep-logs", action="store_true", help="print the daemons' log tails")
     ap.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample pyvirtiofsd with py-spy into DIR and print where its time went "
+        "(the sampling costs CPU: take figures from runs without it)",
+    )
 
 
 def main() -> None:
@@ -544,7 +569,8 @@ def main() -> None:
     add_common_arguments(ap, defaults.rounds, defaults.timeout)
     args = ap.parse_args()
     opts = Options(args.rounds, args.runtime, args.size_mib, args.files,
-                   args.daemon or list(DAEMONS), args.timeout, args.keep_logs)  # fmt: skip
+                   args.daemon or list(DAEMONS), args.timeout, args.keep_logs,
+                   prepare_profile(args.profile))  # fmt: skip
     load = os.getloadavg()
     progress = Progress()
     plan(progress, opts)
@@ -556,6 +582,7 @@ def main() -> None:
         "round(s); daemons with default options (cache=auto)."
     )
     print(f"host load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    print_profile(opts.profile, "guest-*.txt", "guest")
     write_json_if(args.json, result, "guest", vars(args))
 
 

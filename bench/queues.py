@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import Progress, rounds_order
+from common import Progress, prepare_profile, print_profile, rounds_order
 from guest import (
     FIO_JOBS,
     add_common_arguments,
@@ -55,6 +55,7 @@ class Options:
     configs: list[str] = field(default_factory=lambda: [c[0] for c in CONFIGS])
     timeout: float = 3600.0
     keep_logs: bool = False
+    profile: Path | None = None  # a directory for py-spy's stacks of pyvirtiofsd
 
 
 def steps(opts: Options) -> list:
@@ -113,6 +114,8 @@ def run(opts: Options, progress: Progress) -> list[Row]:
                     prepare=lambda share: prepare_file(share / "fio.dat", opts.size_mib),
                     timeout=opts.timeout,
                     keep_logs=opts.keep_logs,
+                    profile=opts.profile
+                    and opts.profile / f"queues-{name}-{n}.txt".replace(" ", "-"),
                 )
                 for job, p in phases.items():
                     value = fio_value(units[job], p)
@@ -172,7 +175,7 @@ def main() -> None:
     args = ap.parse_args()
     configs = [c[0] for c in CONFIGS if args.daemon is None or c[1] in args.daemon]
     opts = Options(args.rounds, args.runtime, args.size_mib, configs, args.timeout,
-                   args.keep_logs)  # fmt: skip
+                   args.keep_logs, prepare_profile(args.profile))  # fmt: skip
     load = os.getloadavg()
     progress = Progress()
     plan(progress, opts)
@@ -181,6 +184,7 @@ def main() -> None:
     print(table(result, {"queues": TITLE}))
     print("\n".join(scaling_lines(result)))
     print(f"host load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    print_profile(opts.profile, "queues-*.txt", "queues")
     write_json_if(args.json, result, "queues", vars(args))
 
 

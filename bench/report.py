@@ -52,7 +52,6 @@ class Row:
     samples: dict[str, list[float]] = field(default_factory=dict)  # daemon -> one per round
     # daemon -> name -> one sample per round (CPU seconds, requests: context for the value)
     extra: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    note: str = ""
     # Daemons shown for context (the plain directory, a ceiling) but not compared.
     context: tuple[str, ...] = ()
 
@@ -122,9 +121,19 @@ class Row:
             "better": self.better,
             "reference": self.reference,
             "target": self.target,
-            "note": self.note,
             "daemons": daemons,
         }
+
+
+def _round(v: Any) -> Any:
+    """Six significant digits: more than any figure here can claim."""
+    if isinstance(v, float) and math.isfinite(v):
+        return float(f"{v:.6g}")
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
 
 
 def label(daemon: str) -> str:
@@ -214,7 +223,7 @@ def table(rows: list[Row], titles: dict[str, str] | None = None) -> str:
 
 
 def to_json(rows: list[Row], meta: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": SCHEMA, **meta, "workloads": [r.to_json() for r in rows]}
+    return {"schema": SCHEMA, **meta, "workloads": [_round(r.to_json()) for r in rows]}
 
 
 def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:

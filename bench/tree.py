@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import Progress, rounds_order
+from common import Progress, prepare_profile, print_profile, rounds_order
 from guest import (
     DAEMONS,
     Step,
@@ -128,6 +128,7 @@ class Options:
     daemons: list[str] = field(default_factory=lambda: list(DAEMONS))
     timeout: float = 3600.0
     keep_logs: bool = False
+    profile: Path | None = None  # a directory for py-spy's stacks of pyvirtiofsd
 
 
 def steps(scale: float = 1.0) -> list[Step]:
@@ -178,6 +179,9 @@ def run(opts: Options, progress: Progress) -> tuple[list[Row], Tree]:
     missing = missing_assets(qemu="sid", rootfs="sid")
     if missing:
         raise RuntimeError("\n".join(missing))
+    if not (assets.sid_root() / "usr/bin/git").exists():
+        # Found now rather than by the guest, minutes into the run.
+        raise RuntimeError("git is missing from the sid chroot: run .ci/install-vm-assets")
     by_key = {r.key: r for r in rows()}
     with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-tree-bench-") as tmp:
         tree = make_tarball(opts.trees or default_tree(), Path(tmp) / "tree.tar")
@@ -198,6 +202,7 @@ def run(opts: Options, progress: Progress) -> tuple[list[Row], Tree]:
                     prepare=prepare,
                     timeout=opts.timeout,
                     keep_logs=opts.keep_logs,
+                    profile=opts.profile and opts.profile / f"tree-{kind}-{n}.txt",
                 )
                 for name, p in phases.items():
                     by_key[name].add(kind, p.result["seconds"], cpu_s=p.cpu, requests=p.requests)
@@ -214,13 +219,14 @@ def main() -> None:
     add_common_arguments(ap, defaults.rounds, defaults.timeout)
     args = ap.parse_args()
     opts = Options(args.rounds, args.tree or [], args.daemon or list(DAEMONS), args.timeout,
-                   args.keep_logs)  # fmt: skip
+                   args.keep_logs, prepare_profile(args.profile))  # fmt: skip
     progress = Progress()
     plan(progress, opts)
     result, tree = run(opts, progress)
     progress.close()
     print(table(result, {"tree": TITLE}))
     print(f"tree: {tree.describe()}; medians of {opts.rounds} round(s); CPU in the JSON")
+    print_profile(opts.profile, "tree-*.txt", "tree")
     write_json_if(args.json, result, "tree", vars(args) | {"tree": tree.describe()})
 
 
