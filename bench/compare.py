@@ -1,8 +1,9 @@
 """The whole comparison in one command: pyvirtiofsd beside its references, every benchmark in
 one run, one table of ratios, the results as JSON and a chart.
 
-    .venv/bin/python bench/compare.py            # the real figures (about an hour under TCG)
+    .venv/bin/python bench/compare.py            # the real figures (about 45 minutes under TCG)
     .venv/bin/python bench/compare.py --quick    # a look in a few minutes (1 round, short)
+    .venv/bin/python bench/compare.py --smoke --part frontend   # does it run? (seconds)
     .venv/bin/python bench/compare.py --part frontend --part fusedev --rounds 2
 
 Parts, each comparing pyvirtiofsd with its reference in interleaved rounds (medians):
@@ -16,8 +17,10 @@ Parts, each comparing pyvirtiofsd with its reference in interleaved rounds (medi
 - queues: two fio jobs on two vCPUs with one and two request queues (bench/queues.py);
 - fusedev: the /dev/fuse mount on the host beside libfuse's passthrough_ll (bench/fusedev.py).
 
-Writes ``compare.json`` and ``compare.svg`` (``compare-quick.*`` with --quick) into --out
-(default: bench/results/). Needs root (fusedev mounts FUSE and drops caches), the VM assets
+Writes ``compare.json`` and ``compare.svg`` (``compare-quick.*`` with --quick,
+``compare-smoke.*`` with --smoke) into --out (default: bench/results/). --smoke runs every
+step at the least size that still exercises it: its figures mean nothing (CI runs it to prove
+the machinery works). Needs root (fusedev mounts FUSE and drops caches), the VM assets
 (`.ci/install-vm-assets`) and libfuse3-dev; a part that cannot run is reported and skipped.
 The JSON schema and how to read the figures: docs/benchmarks.md. Nothing here asserts on speed.
 """
@@ -42,7 +45,7 @@ import fusedev
 import guest
 import queues
 import tree
-from common import Progress, format_seconds
+from common import LoadSampler, Progress, format_seconds, prepare_profile, print_profile
 from report import Row, chart_svg, table, write_json
 
 from pyvirtiofsd.vm import assets
@@ -72,8 +75,14 @@ class Preset:
     fusedev: fusedev.Options
 
 
-def preset(quick: bool) -> Preset:
-    if not quick:
+#: How long each preset's steps take compared with the full run's guesses (the tree's size).
+TREE_SCALE = {"full": 1.0, "quick": 0.4, "smoke": 0.05}
+MODE_TEXT = {"full": "full run", "quick": "quick look", "smoke": "smoke run (no figures)"}
+
+
+def preset(mode: str) -> Preset:
+    """The sizes of a run: "full" (the figures), "quick" (a look), "smoke" (does it run)."""
+    if mode == "full":
         return Preset(
             FrontendOptions(),
             guest.Options(),
@@ -81,13 +90,22 @@ def preset(quick: bool) -> Preset:
             queues.Options(),
             fusedev.Options(),
         )
-    # A look, not figures: one round, short jobs, a smaller tree (Python's library alone).
+    if mode == "quick":
+        # A look, not figures: one round, short jobs, a smaller tree (Python's library alone).
+        return Preset(
+            FrontendOptions(rounds=1, seconds=0.5),
+            guest.Options(rounds=1, runtime=3, size_mib=64, files=300),
+            tree.Options(rounds=1, trees=tree.default_tree()[:1]),
+            queues.Options(rounds=1, runtime=3, size_mib=64),
+            fusedev.Options(rounds=1, size_mib=64, files=300),
+        )
+    # Every step once at the least size: proof that the machinery works, no figures.
     return Preset(
-        FrontendOptions(rounds=1, seconds=0.5),
-        guest.Options(rounds=1, runtime=3, size_mib=64, files=300),
-        tree.Options(rounds=1, trees=tree.default_tree()[:1]),
-        queues.Options(rounds=1, runtime=3, size_mib=64),
-        fusedev.Options(rounds=1, size_mib=64, files=300),
+        FrontendOptions(rounds=1, seconds=0.1),
+        guest.Options(rounds=1, runtime=1, size_mib=8, files=20),
+        tree.Options(rounds=1, trees=[t / "json" for t in tree.default_tree()[:1]]),
+        queues.Options(rounds=1, runtime=1, size_mib=8),
+        fusedev.Options(rounds=1, size_mib=8, files=20),
     )
 
 
@@ -131,7 +149,6 @@ def host_facts() -> dict[str, Any]:
         "cpu_model": cpu,
         "memory_bytes": mem,
         "python": platform.python_version(),
-        "kvm": os.path.exists("/dev/kvm"),
     }
 
 
@@ -156,7 +173,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="one short round of everything")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="one short round of everything")
+    size.add_argument(
+        "--smoke", action="store_true", help="every step once at the least size (no figures)"
+    )
     ap.add_argument("--part", action="append", choices=PARTS, help="only this part (repeatable)")
     ap.add_argument("--rounds", type=int, help="rounds for every part (default: the preset's)")
     ap.add_argument(
@@ -166,11 +187,21 @@ def main() -> None:
         help="directory for the JSON and the chart (default: bench/results)",
     )
     ap.add_argument("--keep-logs", action="store_true", help="print the daemons' log tails")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample pyvirtiofsd with py-spy (into DIR) in the front-end and guest parts and "
+        "print where its time went; the sampling costs CPU, so take figures from runs without it",
+    )
     args = ap.parse_args()
     parts = args.part or PARTS
-    p = with_rounds(preset(args.quick), args.rounds)
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    p = with_rounds(preset(mode), args.rounds)
     if args.keep_logs:
         p.guest.keep_logs = p.tree.keep_logs = p.queues.keep_logs = True
+    profile = prepare_profile(args.profile)
+    p.guest.profile = p.tree.profile = p.queues.profile = profile
 
     progress = Progress()
     runners: dict[str, Callable[[], list[Row]]] = {}
@@ -182,7 +213,7 @@ def main() -> None:
         fo = p.frontend
         frontend.plan(progress, workloads, names, fo.rounds, fo.seconds)
         runners["frontend"] = lambda: frontend.run(
-            workloads, names, fo.rounds, fo.seconds, progress
+            workloads, names, fo.rounds, fo.seconds, progress, profile
         )
         params["frontend"] = vars(fo) | {"depths": list(frontend.DEPTHS)}
     if "guest" in parts:
@@ -190,7 +221,7 @@ def main() -> None:
         runners["guest"] = lambda: guest.run(p.guest, progress)
         params["guest"] = vars(p.guest)
     if "tree" in parts:
-        tree.plan(progress, p.tree, 0.4 if args.quick else 1.0)
+        tree.plan(progress, p.tree, TREE_SCALE[mode])
 
         def run_tree() -> list[Row]:
             rows, t = tree.run(p.tree, progress)
@@ -208,57 +239,73 @@ def main() -> None:
         runners["fusedev"] = lambda: fusedev.run(p.fusedev, progress)
         params["fusedev"] = vars(p.fusedev)
 
+    # Before the run: the commit measured is the one checked out when it started.
+    run_versions = versions()
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
     load_before = os.getloadavg()
     rows: list[Row] = []
     errors: dict[str, str] = {}
-    for part, runner in runners.items():
-        try:
-            rows += runner()
-        except Exception as exc:  # a part that fails must not lose the others' figures
-            errors[part] = f"{type(exc).__name__}: {exc}"
-            progress.abandon(f"{part}/")
-            print(f"\n{part}: failed, skipped:", file=sys.stderr)
-            traceback.print_exc()
+    with LoadSampler() as load:
+        for part, runner in runners.items():
+            try:
+                rows += runner()
+            except Exception as exc:  # a part that fails must not lose the others' figures
+                errors[part] = f"{type(exc).__name__}: {exc}"
+                progress.abandon(f"{part}/")
+                print(f"\n{part}: failed, skipped:", file=sys.stderr)
+                traceback.print_exc()
     progress.close()
     load_after = os.getloadavg()
+    during = load.summary()
 
     print(table(rows, TITLES))
     if any(r.part == "queues" for r in rows):
         print("\n".join(queues.scaling_lines(rows)))
     duration = time.monotonic() - t0
     print(
-        f"\n{'quick look' if args.quick else 'full run'} of {format_seconds(duration)}; "
-        f"host load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}"
+        f"\n{MODE_TEXT[mode]} of {format_seconds(duration)}; "
+        f"host load average (1 min) before {load_before[0]:.2f}, during {during['min']:.2f} to "
+        f"{during['max']:.2f} (median {during['median']:.2f}), after {load_after[0]:.2f}"
     )
     if "tree" in facts:
         print(f"tree: {facts['tree']}")
+    if "frontend" in runners:
+        frontend.print_profiles(profile, list(frontend.WORKLOADS))
+    for part in ("guest", "tree", "queues"):
+        if part in runners:
+            print_profile(profile, f"{part}-*.txt", part)
     for part, error in errors.items():
         print(f"NOT MEASURED: {part}: {error}")
 
     meta = {
         "date": started.isoformat(timespec="seconds"),
-        "quick": args.quick,
+        "mode": mode,
         "duration_seconds": round(duration),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "host": host_facts(),
-        "load_average": {"before": list(load_before), "after": list(load_after)},
-        "versions": versions(),
+        "load_average": {
+            "before": list(load_before),
+            "during": during,  # the 1-minute figure, sampled every 10 s
+            "after": list(load_after),
+        },
+        "versions": run_versions,
         "parts": {part: params[part] for part in runners},
         "facts": facts,
         "errors": errors,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "compare-quick" if args.quick else "compare"
+    stem = "compare" if mode == "full" else f"compare-{mode}"
     json_path, svg_path = args.out / f"{stem}.json", args.out / f"{stem}.svg"
     write_json(json_path, rows, _jsonable(meta))
     subtitle = (
-        f"{started:%Y-%m-%d}, {'quick look' if args.quick else 'full run'}, "
+        f"{started:%Y-%m-%d}, {MODE_TEXT[mode]}, "
         f"{meta['host']['cpus']} host cores, guest under TCG; medians of interleaved rounds"
     )
     svg_path.write_text(chart_svg(rows, "pyvirtiofsd against its references", subtitle, TITLES))
     print(f"results: {json_path}\nchart:   {svg_path}")
+    # Figures of the other parts are written all the same; the status says one is missing.
+    sys.exit(1 if errors else 0)
 
 
 def _jsonable(value: Any) -> Any:
