@@ -155,7 +155,9 @@ def host_facts() -> dict[str, Any]:
 def versions() -> dict[str, str]:
     here = Path(__file__).resolve().parent
     commit = _version(["git", "-C", str(here), "rev-parse", "--short", "HEAD"])
-    dirty = _version(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"])
+    # Modified: the code measured (the package, the benchmarks) differs from the commit.
+    status = ["status", "--porcelain", "--untracked-files=no", "--", "src", "bench"]
+    dirty = _version(["git", "-C", str(here.parent), *status])
     out = {"pyvirtiofsd": commit + ("" if dirty in ("", "unknown") else " (modified)")}
     try:
         for name, command in (

@@ -160,8 +160,8 @@ def _target_text(row: Row) -> str:
         return ""
     # State the bound as issue 10 does: on the ratio itself.
     if row.better == "higher":
-        return f">={row.target:.2g}x"
-    return f"<={1 / row.target:.2g}x"
+        return f">={row.target:.3g}x"
+    return f"<={1 / row.target:.3g}x"
 
 
 def table(rows: list[Row], titles: dict[str, str] | None = None) -> str:
