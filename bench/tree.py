@@ -54,8 +54,8 @@ from pyvirtiofsd.vm import assets, missing_assets
 
 TITLE = "guest: a source tree (extract, find, grep, git, rm; QEMU 11.1 TCG)"
 TAR = ".bench/tree.tar"  # in the share, copied to the guest's /tmp before timing
-# No garbage collection in any step; objects stored without compression: under TCG, zlib in
-# the emulated guest CPU took two thirds of a commit's time and hid the daemons' part of it.
+# No garbage collection in any step. Objects are stored without compression: deflating is the
+# guest's own CPU, not file-system work.
 GIT = "git -c user.name=bench -c user.email=bench@localhost -c gc.auto=0 -c core.compression=0"
 
 #: (name, label, command run in the share's root); the order and set-up are in `steps`.
