@@ -137,6 +137,19 @@ def shape(workload: str, files: Files, slot: int, unique: int) -> Shape:
     raise ValueError(workload)
 
 
+def indirect_table(s: Shape, gpas: list[int]) -> bytearray:
+    """The indirect table of request ``s`` whose buffers are at ``gpas``, filled as Linux fills
+    one (``virtqueue_add_split`` into a table from ``alloc_indirect_split``): entries in order,
+    readable first, NEXT on all but the last, and ``next`` = i + 1 in every entry, the last one
+    included (where NEXT is clear and the field means nothing)."""
+    lengths = [(len(data), 0) for data in s.readable] + [(n, WRITE_FLAG) for n in s.writable]
+    table = bytearray(16 * len(lengths))
+    for i, ((n, writable), gpa) in enumerate(zip(lengths, gpas, strict=True)):
+        more = VRING_DESC_F_NEXT if i + 1 < len(lengths) else 0
+        DESC.pack_into(table, 16 * i, gpa, n, writable | more, i + 1)
+    return table
+
+
 class ChainSet:
     """Chains built once in guest RAM, each an indirect table, published again and again.
 
@@ -149,20 +162,14 @@ class ChainSet:
         self.blocks: list[int] = []
         ram = q.ram
         for s in shapes:
-            parts = [(data, len(data), False) for data in s.readable]
-            parts += [(None, n, True) for n in s.writable]
-            table_gpa = self._alloc(16 * len(parts))
-            table = ram.view(table_gpa, 16 * len(parts))
-            for i, (data, n, writable) in enumerate(parts):
-                gpa = self._alloc(2 * PAGE)
-                if data is not None:
-                    ram.write(gpa, data)
-                more = i + 1 < len(parts)
-                flags = (WRITE_FLAG if writable else 0) | (VRING_DESC_F_NEXT if more else 0)
-                DESC.pack_into(table, 16 * i, gpa, n, flags, i + 1 if more else 0)
-            table.release()
+            count = len(s.readable) + len(s.writable)
+            table_gpa = self._alloc(16 * count)
+            gpas = [self._alloc(2 * PAGE) for _ in range(count)]
+            for gpa, data in zip(gpas, s.readable, strict=False):
+                ram.write(gpa, data)
+            ram.write(table_gpa, bytes(indirect_table(s, gpas)))
             head = q.reserve_descs(1)[0]
-            q.write_desc(head, table_gpa, 16 * len(parts), VRING_DESC_F_INDIRECT, 0)
+            q.write_desc(head, table_gpa, 16 * count, VRING_DESC_F_INDIRECT, 0)
             self.heads.append(head)
 
     def _alloc(self, size: int) -> int:

@@ -9,6 +9,7 @@ is that every figure is there, is a number, and reaches the table, the JSON and 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import io
 import json
@@ -21,6 +22,9 @@ from types import ModuleType
 
 import pytest
 
+import pyvirtiofsd.virtio.chain as chain_module
+from pyvirtiofsd.virtio.chain import read_chain
+from pyvirtiofsd.virtio.memory import GuestMemory, MappedRegion
 from pyvirtiofsd.vm import assets
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -37,6 +41,15 @@ def bench_module(name: str) -> ModuleType:
         sys.modules[full] = module  # dataclasses look their module up while they are made
         spec.loader.exec_module(module)
     return sys.modules[full]
+
+
+def bench_script(name: str) -> ModuleType:
+    """A script of bench/ that imports its neighbours by their plain names (common, report)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def bars(svg_text: str) -> list[ET.Element]:
@@ -90,6 +103,38 @@ def test_compare_smoke_runs_the_frontend_part_end_to_end(tmp_path: Path) -> None
         assert f"{w['daemons']['pyvirtiofsd']['ratio']:.2f}x" in line
     assert len(bars((out / "compare-smoke.svg").read_text())) == len(keys)
     assert not (out / "compare.json").exists()  # a smoke run never replaces real figures
+
+
+# --- the requests, shaped as the guest shapes them ----------------------------------------------
+
+
+@pytest.mark.parametrize("workload", ["read1m", "write1m"])
+def test_frontend_tables_take_the_path_of_a_linux_guests_tables(
+    workload: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front-end bench measures the daemon on the chains a Linux guest sends: a big request's
+    indirect table is decoded by the daemon's bulk path for Linux's tables, not by the walk it
+    keeps for any other shape (a bench whose tables differ measures the wrong path)."""
+    frontend = bench_script("frontend")
+    ram = bytearray(4 << 20)
+    memory = GuestMemory([MappedRegion.from_buffer(0, ram, name="ram")])
+    s = frontend.shape(workload, frontend.Files(5, 7, b"data"), 0, 1)
+    count = len(s.readable) + len(s.writable)
+    gpas = [0x10000 + 2 * frontend.PAGE * i for i in range(count)]  # one page apart
+    table = frontend.indirect_table(s, gpas)
+    ram[: len(table)] = table
+    ring = bytearray(16)
+    chain_module.DESC.pack_into(ring, 0, 0, len(table), chain_module.VRING_DESC_F_INDIRECT, 0)
+
+    bulk = chain_module._linux_table
+    decoded: list[object] = []
+    monkeypatch.setattr(
+        chain_module, "_linux_table", lambda *args: decoded.append(bulk(*args)) or decoded[-1]
+    )
+    chain = read_chain(memory, memoryview(ring), 1, 0, indirect=True)
+    assert decoded == [chain]
+    assert [len(v) for v in chain.readable] == [len(d) for d in s.readable]
+    assert [len(v) for v in chain.writable] == s.writable
 
 
 # --- the report on recorded samples --------------------------------------------------------------
