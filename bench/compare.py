@@ -1,7 +1,7 @@
 """The whole comparison in one command: pyvirtiofsd beside its references, every benchmark in
 one run, one table of ratios, the results as JSON and a chart.
 
-    .venv/bin/python bench/compare.py            # the real figures (about 45 minutes under TCG)
+    .venv/bin/python bench/compare.py            # the real figures (45-50 minutes under TCG)
     .venv/bin/python bench/compare.py --quick    # a look in a few minutes (1 round, short)
     .venv/bin/python bench/compare.py --smoke --part frontend   # does it run? (seconds)
     .venv/bin/python bench/compare.py --part frontend --part fusedev --rounds 2
@@ -284,7 +284,7 @@ def main() -> None:
         "date": started.isoformat(timespec="seconds"),
         "mode": mode,
         "duration_seconds": round(duration),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": command_line(sys.argv),
         "host": host_facts(),
         "load_average": {
             "before": list(load_before),
@@ -308,6 +308,22 @@ def main() -> None:
     print(f"results: {json_path}\nchart:   {svg_path}")
     # Figures of the other parts are written all the same; the status says one is missing.
     sys.exit(1 if errors else 0)
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """The command as run, but where the results went (a path on this machine, and nothing
+    to do with the figures)."""
+    out = [Path(argv[0]).name]
+    skip = False
+    for arg in argv[1:]:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        out.append(arg)
+    return out
 
 
 def _jsonable(value: Any) -> Any:

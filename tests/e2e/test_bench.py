@@ -86,6 +86,7 @@ def test_compare_smoke_runs_the_frontend_part_end_to_end(tmp_path: Path) -> None
     result = json.loads((out / "compare-smoke.json").read_text())
     assert result["schema"] == "pyvirtiofsd-bench/1"
     assert result["mode"] == "smoke" and result["errors"] == {}
+    assert result["command"] == ["compare.py", "--smoke", "--part", "frontend"]  # not --out
     assert set(result["load_average"]["during"]) == {"min", "median", "max"}
     workloads = {w["workload"]: w for w in result["workloads"] if w["part"] == "frontend"}
     assert sorted(workloads) == sorted(keys)
