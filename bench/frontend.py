@@ -5,6 +5,7 @@ daemon's CPU time per request and its request rate, side by side.
     .venv/bin/python bench/frontend.py                      # every workload, 5 rounds
     .venv/bin/python bench/frontend.py --rounds 3 --seconds 1 --workload read4k
     .venv/bin/python bench/frontend.py --json results.json
+    (bench/compare.py runs it with the other benchmarks: see docs/benchmarks.md)
 
 Needs the VM assets for virtiofsd 1.14 (`.ci/install-vm-assets`; `--daemon pyvirtiofsd` runs
 without them). There is no guest kernel: the front-end is a Python process with its own guest
@@ -23,17 +24,17 @@ Each workload runs at queue depth 1 (one request in flight: submit, kick, wait) 
 chains kept in flight; every completed chain is resubmitted at once). Daemons take turns within
 each round (the order alternates between rounds), each for ``--seconds``; the figures are the
 medians over ``--rounds``. CPU is the daemon's utime+stime from /proc over the same span.
-Nothing here asserts on speed.
+With ``--profile DIR``, py-spy samples pyvirtiofsd's GIL holder during each of its spans
+(``py-spy record --gil --format raw``) and the run ends with where its time went per workload;
+the sampling costs CPU, so figures come from runs without it. Nothing here asserts on speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import cpu_seconds
+from common import (
+    Progress,
+    cpu_seconds,
+    prepare_profile,
+    print_profile,
+    rounds_order,
+    start_profiler,
+    stop_profiler,
+)
+from report import CPU_TARGET, PY, VIRTIOFSD, Row, table, write_json
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
@@ -65,7 +75,10 @@ WORKLOADS = {
     "read1m": "1 MiB READ (259 desc)",
     "write1m": "1 MiB WRITE (260 desc)",
 }
-DAEMONS = {"pyvirtiofsd": "pyvirtiofsd", "virtiofsd": "virtiofsd 1.14"}
+DAEMONS = {PY: "pyvirtiofsd", VIRTIOFSD: "virtiofsd 1.14"}
+#: Issue 10: at Q16, at least 0.8x virtiofsd's 4 KiB READs per second.
+RATE_TARGET = 0.8
+TITLE = "daemon alone: project front-end, guest-shaped chains (CPU per request and rate)"
 
 
 # --- chains shaped as the guest sends them ------------------------------------------------------
@@ -124,6 +137,19 @@ def shape(workload: str, files: Files, slot: int, unique: int) -> Shape:
     raise ValueError(workload)
 
 
+def indirect_table(s: Shape, gpas: list[int]) -> bytearray:
+    """The indirect table of request ``s`` whose buffers are at ``gpas``, filled as Linux fills
+    one (``virtqueue_add_split`` into a table from ``alloc_indirect_split``): entries in order,
+    readable first, NEXT on all but the last, and ``next`` = i + 1 in every entry, the last one
+    included (where NEXT is clear and the field means nothing)."""
+    lengths = [(len(data), 0) for data in s.readable] + [(n, WRITE_FLAG) for n in s.writable]
+    table = bytearray(16 * len(lengths))
+    for i, ((n, writable), gpa) in enumerate(zip(lengths, gpas, strict=True)):
+        more = VRING_DESC_F_NEXT if i + 1 < len(lengths) else 0
+        DESC.pack_into(table, 16 * i, gpa, n, writable | more, i + 1)
+    return table
+
+
 class ChainSet:
     """Chains built once in guest RAM, each an indirect table, published again and again.
 
@@ -136,20 +162,14 @@ class ChainSet:
         self.blocks: list[int] = []
         ram = q.ram
         for s in shapes:
-            parts = [(data, len(data), False) for data in s.readable]
-            parts += [(None, n, True) for n in s.writable]
-            table_gpa = self._alloc(16 * len(parts))
-            table = ram.view(table_gpa, 16 * len(parts))
-            for i, (data, n, writable) in enumerate(parts):
-                gpa = self._alloc(2 * PAGE)
-                if data is not None:
-                    ram.write(gpa, data)
-                more = i + 1 < len(parts)
-                flags = (WRITE_FLAG if writable else 0) | (VRING_DESC_F_NEXT if more else 0)
-                DESC.pack_into(table, 16 * i, gpa, n, flags, i + 1 if more else 0)
-            table.release()
+            count = len(s.readable) + len(s.writable)
+            table_gpa = self._alloc(16 * count)
+            gpas = [self._alloc(2 * PAGE) for _ in range(count)]
+            for gpa, data in zip(gpas, s.readable, strict=False):
+                ram.write(gpa, data)
+            ram.write(table_gpa, bytes(indirect_table(s, gpas)))
             head = q.reserve_descs(1)[0]
-            q.write_desc(head, table_gpa, 16 * len(parts), VRING_DESC_F_INDIRECT, 0)
+            q.write_desc(head, table_gpa, 16 * count, VRING_DESC_F_INDIRECT, 0)
             self.heads.append(head)
 
     def _alloc(self, size: int) -> int:
@@ -210,13 +230,12 @@ class Daemon:
     queue: DriverQueue
     files: Files
     chains: dict[tuple[str, int], ChainSet] = field(default_factory=dict)
-    results: dict[tuple[str, int], list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def start_daemon(name: str, share: Path, work: Path) -> Daemon:
     sock = str(work / f"{name}.sock")
     env = None
-    if name == "pyvirtiofsd":
+    if name == PY:
         argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
     else:
         command = assets.rust_virtiofsd_command()
@@ -267,55 +286,50 @@ def measure(d: Daemon, workload: str, depth: int, seconds: float) -> tuple[float
     return cpu / count * 1e6, count / wall
 
 
-# --- report -------------------------------------------------------------------------------------
+# --- the run -----------------------------------------------------------------------------------
 
 
-def print_table(daemons: list[Daemon], workloads: list[str], rounds: int, seconds: float) -> dict:
-    names = [d.name for d in daemons]
-    report: dict = {"rounds": rounds, "seconds": seconds, "results": []}
-    head = f"{'request':<24}{'depth':>6}"
-    for n in names:
-        head += f"{DAEMONS[n] + ' µs':>18}{'req/s':>10}"
-    if len(names) == 2:
-        head += f"{'CPU ratio':>11}{'rate ratio':>11}"
-    print()
-    print(head)
-    print("-" * len(head))
+def rows_for(workloads: list[str]) -> list[Row]:
+    """Two rows per workload and depth: CPU per request, and requests per second."""
+    rows = []
     for w in workloads:
         for depth in DEPTHS:
-            line = f"{WORKLOADS[w]:<24}{depth:>6}"
-            row: dict = {"workload": w, "depth": depth}
-            for d in daemons:
-                samples = d.results[(w, depth)]
-                us = statistics.median(s[0] for s in samples)
-                rate = statistics.median(s[1] for s in samples)
-                row[d.name] = {"cpu_us_per_request": us, "requests_per_second": rate}
-                line += f"{us:>18.1f}{rate:>10,.0f}"
-            if len(names) == 2:
-                a, b = (row[n] for n in names)
-                cpu_ratio = a["cpu_us_per_request"] / b["cpu_us_per_request"]
-                rate_ratio = a["requests_per_second"] / b["requests_per_second"]
-                row["cpu_ratio"], row["rate_ratio"] = cpu_ratio, rate_ratio
-                line += f"{cpu_ratio:>10.2f}x{rate_ratio:>10.2f}x"
-            report["results"].append(row)
-            print(line)
-    print(
-        f"\nmedians of {rounds} rounds of {seconds:g} s; CPU ratio = pyvirtiofsd / virtiofsd "
-        "(lower is better), rate ratio = pyvirtiofsd / virtiofsd (higher is better)"
-    )
-    return report
+            rows.append(
+                Row("frontend", f"{w}-q{depth}-cpu", f"{WORKLOADS[w]} Q{depth} CPU", "us/req",
+                    "lower", VIRTIOFSD, CPU_TARGET)
+            )  # fmt: skip
+            rate_target = RATE_TARGET if (w, depth) == ("read4k", 16) else None
+            rows.append(
+                Row("frontend", f"{w}-q{depth}-rate", f"{WORKLOADS[w]} Q{depth} rate", "req/s",
+                    "higher", VIRTIOFSD, rate_target)
+            )  # fmt: skip
+    return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--workload", action="append", choices=list(WORKLOADS))
-    p.add_argument("--daemon", action="append", choices=list(DAEMONS))
-    p.add_argument("--json", type=Path, help="write the results here as JSON")
-    args = p.parse_args()
-    workloads = args.workload or list(WORKLOADS)
-    names = args.daemon or list(DAEMONS)
+def plan(progress: Progress, workloads: list[str], names: list[str], rounds: int,
+         seconds: float) -> None:  # fmt: skip
+    for r in range(rounds):
+        for w in workloads:
+            for depth in DEPTHS:
+                for n in names:
+                    progress.plan(
+                        f"frontend/{r}/{n}/{w}/{depth}", f"frontend/{n}/{w}/{depth}", seconds + 0.3
+                    )
+
+
+def run(
+    workloads: list[str],
+    names: list[str],
+    rounds: int,
+    seconds: float,
+    progress: Progress,
+    profile: Path | None = None,
+) -> list[Row]:
+    """Every workload at each depth on each daemon, in interleaved rounds; the rows.
+
+    Call :func:`plan` with the same arguments first so that the progress line knows the run.
+    With ``profile`` (a directory), py-spy samples pyvirtiofsd during each of its spans."""
+    rows = {r.key: r for r in rows_for(workloads)}
     with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-frontend-bench-") as tmp:
         work = Path(tmp)
         share = work / "share"
@@ -323,34 +337,74 @@ def main() -> None:
         with open(share / "data", "wb") as f:
             f.truncate(FILE_SIZE)
             f.write(os.urandom(1 << 20) * (FILE_SIZE >> 20))
-        daemons = [start_daemon(n, share, work) for n in names]
+        daemons: list[Daemon] = []
         try:
-            steps = args.rounds * len(workloads) * len(DEPTHS) * len(daemons)
-            step = 0
-            started = time.monotonic()
-            for r in range(args.rounds):
+            for n in names:
+                daemons.append(start_daemon(n, share, work))
+            for r in range(rounds):
                 for w in workloads:
                     for depth in DEPTHS:
-                        order = daemons if r % 2 == 0 else daemons[::-1]
-                        for d in order:
-                            step += 1
-                            left = (time.monotonic() - started) / step * (steps - step)
-                            print(
-                                f"\r[{step}/{steps}] round {r + 1}: {DAEMONS[d.name]}, "
-                                f"{WORKLOADS[w]}, depth {depth}; ~{left:.0f} s left   ",
-                                end="",
-                                file=sys.stderr,
-                                flush=True,
+                        for d in rounds_order(daemons, r):
+                            key = f"frontend/{r}/{d.name}/{w}/{depth}"
+                            progress.start(
+                                key,
+                                f"front-end bench, round {r + 1}/{rounds}: {DAEMONS[d.name]}, "
+                                f"{WORKLOADS[w]} at depth {depth}",
                             )
-                            result = measure(d, w, depth, args.seconds)
-                            d.results.setdefault((w, depth), []).append(result)
-            print(file=sys.stderr)
+                            spy = None
+                            if profile is not None and d.name == PY:
+                                out = profile / f"frontend-{w}-q{depth}-r{r}.txt"
+                                spy = start_profiler(d.proc.pid, out, gil=True)
+                            try:
+                                us, rate = measure(d, w, depth, seconds)
+                            finally:
+                                if spy is not None:
+                                    stop_profiler(spy)
+                            progress.finish(key)
+                            rows[f"{w}-q{depth}-cpu"].add(d.name, us)
+                            rows[f"{w}-q{depth}-rate"].add(d.name, rate)
         finally:
             for d in daemons:
                 stop_daemon(d)
-        report = print_table(daemons, workloads, args.rounds, args.seconds)
+    return list(rows.values())
+
+
+def print_profiles(directory: Path | None, workloads: list[str]) -> None:
+    """Where pyvirtiofsd's time went, per workload and depth (after a run with a profile)."""
+    for w in workloads:
+        for depth in DEPTHS:
+            print_profile(directory, f"frontend-{w}-q{depth}-*.txt", f"{WORKLOADS[w]} Q{depth}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0, help="per daemon, workload and round")
+    p.add_argument("--workload", action="append", choices=list(WORKLOADS))
+    p.add_argument("--daemon", action="append", choices=list(DAEMONS))
+    p.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample pyvirtiofsd with py-spy (GIL holder) into DIR and print where its time went",
+    )
+    args = p.parse_args()
+    workloads = args.workload or list(WORKLOADS)
+    names = args.daemon or list(DAEMONS)
+    progress = Progress()
+    plan(progress, workloads, names, args.rounds, args.seconds)
+    profile = prepare_profile(args.profile)
+    rows = run(workloads, names, args.rounds, args.seconds, progress, profile)
+    progress.close()
+    print(table(rows, {"frontend": TITLE}))
+    print(f"medians of {args.rounds} rounds of {args.seconds:g} s per daemon and workload")
+    print_profiles(profile, workloads)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        write_json(args.json, rows, {"parts": {"frontend": params}})
         print(f"results written to {args.json}")
 
 

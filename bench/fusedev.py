@@ -1,11 +1,14 @@
 """Host /dev/fuse benchmark: pyvirtiofsd's mount beside the plain source directory and libfuse's
 passthrough_ll example, in one run.
 
-    sudo .venv/bin/python bench/fusedev.py [--size-mib 512] [--files 2000]
+    sudo .venv/bin/python bench/fusedev.py [--size-mib 512] [--files 2000] [--rounds 3]
 
 Needs root, /dev/fuse, gcc and Debian's libfuse3-dev (whose examples include passthrough_ll.c);
-the example is compiled once into the cache directory. Figures are MB/s and operations/s; each
-is the best of ``--repeat`` runs. Nothing here asserts on speed.
+the example is compiled once into the cache directory. The daemon is mounted plainly and with
+--fuse-passthrough; the source directory itself is measured too, as the ceiling. The targets
+take turns within each round (the order reversed every other round), each on a fresh mount of
+an empty directory; figures are MB/s and operations/s, medians of ``--rounds``, with each
+daemon's CPU seconds per workload in the JSON. Nothing here asserts on speed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import BLOCK, cpu_seconds, drop_caches, seq_write
+from common import BLOCK, Progress, cpu_seconds, drop_caches, rounds_order, seq_write
+from report import LABELS, PY, THROUGHPUT_TARGET, Row, table, write_json
 
 CACHE = Path(os.environ.get("PYVIRTIOFSD_CACHE", "/var/cache/pyvirtiofsd"))
 EXAMPLE = Path("/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c")
@@ -105,77 +110,123 @@ def passthrough_ll() -> Path:
     return binary
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size-mib", type=int, default=512)
-    ap.add_argument("--files", type=int, default=2000)
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (mounts FUSE, drops caches)")
+REFERENCE = "passthrough_ll"
+SOURCE = "source dir"
+PY_PASSTHROUGH = "pyvirtiofsd --fuse-passthrough"
+LABELS[REFERENCE] = "passthrough_ll (libfuse)"
+TITLE = "host: /dev/fuse mount, beside libfuse's passthrough_ll"
+#: Targets, in the order they take turns within a round; the source directory is no mount.
+TARGETS = [SOURCE, PY, PY_PASSTHROUGH, REFERENCE]
 
-    workloads: list[tuple[str, Callable[[Path], float], str]] = [
-        ("seq write 1M", lambda r: seq_write(r, args.size_mib), "MB/s"),
-        ("seq read 1M (cold)", lambda r: seq_read(r, args.size_mib), "MB/s"),
-        ("rand read 4K (cached)", lambda r: rand_read_4k(r, args.size_mib), "IOPS"),
-        ("create+stat+unlink", lambda r: metadata(r, args.files), "ops/s"),
-    ]
+
+@dataclass
+class Options:
+    rounds: int = 3
+    size_mib: int = 512
+    files: int = 2000
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+
+
+#: (key, label, unit, issue 10's target (target 4) or None)
+WORKLOADS = [
+    ("seqwrite", "seq write 1M", "MB/s", None),
+    ("seqread", "seq read 1M (cold)", "MB/s", None),
+    ("randread", "rand read 4K (cached)", "IOPS", THROUGHPUT_TARGET),
+    ("meta", "create+stat+unlink", "ops/s", THROUGHPUT_TARGET),
+]
+
+
+def workload_fns(opts: Options) -> dict[str, Callable[[Path], float]]:
+    return {
+        "seqwrite": lambda r: seq_write(r, opts.size_mib),
+        "seqread": lambda r: seq_read(r, opts.size_mib),
+        "randread": lambda r: rand_read_4k(r, opts.size_mib),
+        "meta": lambda r: metadata(r, opts.files),
+    }
+
+
+def command(target: str, src: Path, mnt: Path) -> list[str]:
+    if target == REFERENCE:
+        return [str(passthrough_ll()), "-f", "-o", f"source={src}", str(mnt)]
+    argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
+    if target == PY_PASSTHROUGH:
+        argv.append("--fuse-passthrough")
+    return [*argv, "--shared-dir", str(src), "--mount", str(mnt)]
+
+
+def plan(progress: Progress, opts: Options) -> None:
+    # A guess from the figures in docs/benchmarks.md; the first round corrects it.
+    prior = 2 + opts.size_mib / 300 + opts.files / 1000
+    for r in range(opts.rounds):
+        for t in opts.targets:
+            progress.plan(f"fusedev/{r}/{t}", f"fusedev/{t}", prior, "fusedev")
+
+
+def run(opts: Options, progress: Progress) -> list[Row]:
+    """Interleaved rounds: in each, every target in turn, mounted afresh on an empty source
+    directory, runs every workload once. The rows hold the medians."""
+    if os.geteuid() != 0:
+        raise RuntimeError("run as root (mounts FUSE, drops caches)")
+    if REFERENCE in opts.targets:
+        passthrough_ll()  # compile it before anything is timed
+    rows = {
+        key: Row("fusedev", key, text, unit, "higher", REFERENCE, target, context=(SOURCE,))
+        for key, text, unit, target in WORKLOADS
+    }
+    fns = workload_fns(opts)
     base = Path(tempfile.mkdtemp(prefix="pyvirtiofsd-bench-"))
-    results: dict[str, dict[str, float]] = {}
-    cpu: dict[str, float] = {}
     try:
-        targets: list[tuple[str, list[str] | None]] = [
-            ("source dir", None),
-            ("pyvirtiofsd", [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]),
-            (
-                "pyvirtiofsd --fuse-passthrough",
-                [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error", "--fuse-passthrough"],
-            ),
-            ("passthrough_ll (libfuse)", [str(passthrough_ll())]),
-        ]
-        for name, cmd in targets:
-            src = base / "src"
-            mnt = base / "mnt"
-            shutil.rmtree(src, ignore_errors=True)
-            src.mkdir()
-            mnt.mkdir(exist_ok=True)
-            if cmd is None:
-                results[name] = {
-                    w: max(fn(src) for _ in range(args.repeat)) for w, fn, _ in workloads
-                }
-                continue
-            if "passthrough_ll" in cmd[0]:
-                full = [*cmd, "-f", "-o", f"source={src}", str(mnt)]
-            else:
-                full = [*cmd, "--shared-dir", str(src), "--mount", str(mnt)]
-            with mounted(full, mnt) as proc:
-                before = cpu_seconds(proc.pid)
-                results[name] = {
-                    w: max(fn(mnt) for _ in range(args.repeat)) for w, fn, _ in workloads
-                }
-                cpu[name] = cpu_seconds(proc.pid) - before
+        for r in range(opts.rounds):
+            for target in rounds_order(opts.targets, r):
+                key = f"fusedev/{r}/{target}"
+                progress.start(key, f"/dev/fuse bench, round {r + 1}/{opts.rounds}: {target}")
+                src = base / "src"
+                mnt = base / "mnt"
+                shutil.rmtree(src, ignore_errors=True)
+                src.mkdir()
+                mnt.mkdir(exist_ok=True)
+                if target == SOURCE:
+                    for w, fn in fns.items():
+                        rows[w].add(target, fn(src))
+                else:
+                    with mounted(command(target, src, mnt), mnt) as proc:
+                        for w, fn in fns.items():
+                            before = cpu_seconds(proc.pid)
+                            value = fn(mnt)
+                            rows[w].add(target, value, cpu_s=cpu_seconds(proc.pid) - before)
+                progress.finish(key)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    return list(rows.values())
 
-    print_table(workloads, results, cpu)
 
-
-def print_table(
-    workloads: list[tuple[str, Callable[[Path], float], str]],
-    results: dict[str, dict[str, float]],
-    cpu: dict[str, float],
-) -> None:
-    names = list(results)
-    widths = [max(len(n), 8) + 2 for n in names]
-    print(f"{'workload':<26}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True)))
-    for label, _, unit in workloads:
-        cells = "".join(f"{results[n][label]:>{w}.0f}" for n, w in zip(names, widths, strict=True))
-        print(f"{label + ' (' + unit + ')':<26}{cells}")
-    cells = "".join(
-        f"{cpu[n]:>{w}.1f}" if n in cpu else f"{'-':>{w}}"
-        for n, w in zip(names, widths, strict=True)
+def main() -> None:
+    defaults = Options()
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    print(f"{'daemon CPU seconds':<26}{cells}")
+    ap.add_argument("--size-mib", type=int, default=defaults.size_mib)
+    ap.add_argument("--files", type=int, default=defaults.files)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help=f"interleaved rounds; figures are medians (default {defaults.rounds})",
+    )
+    ap.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    args = ap.parse_args()
+    opts = Options(args.rounds, args.size_mib, args.files)
+    progress = Progress()
+    plan(progress, opts)
+    try:
+        result = run(opts, progress)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    progress.close()
+    print(table(result, {"fusedev": TITLE}))
+    if args.json:
+        write_json(args.json, result, {"parts": {"fusedev": vars(args) | {"json": str(args.json)}}})
+        print(f"results written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
-"""Guest benchmark: one fio workload in a real guest (QEMU 11.1, TCG) against pyvirtiofsd and the
-Rust virtiofsd 1.14, in one run, side by side, with each daemon's own CPU time per request.
+"""Guest benchmark: fio in a real guest (QEMU 11.1, TCG) on pyvirtiofsd and on the Rust virtiofsd
+1.14, in interleaved rounds, side by side, with each daemon's own CPU time per guest operation.
 
-    .venv/bin/python bench/guest.py [--runtime 20] [--size-mib 256] [--files 5000] [--rounds 1]
+    .venv/bin/python bench/guest.py                  # 3 rounds, 10 s per fio job, ~12 min
+    .venv/bin/python bench/guest.py --rounds 1 --runtime 3 --size-mib 64 --files 500
 
 Needs the VM assets (`.ci/install-vm-assets`): the guest runs in the sid rootfs, where fio and
-python3 live. For each daemon a fresh directory is shared with default options (cache=auto) and
-one guest runs, in order: fio sequential 1 MiB write and read, 4 KiB random read at queue depth
-1 (psync) and 16 (libaio), all with O_DIRECT so that every I/O reaches the daemon, then
+python3 live. For each daemon and round a fresh directory is shared with default options
+(cache=auto) and one guest runs, in order, each fio job with O_DIRECT (every I/O reaches the
+daemon) and then buffered (through the guest's page cache, as most programs do): sequential
+1 MiB write and read, 4 KiB random read at queue depth 1 (psync) and 16 (libaio); then
 create, stat and unlink of ``--files`` files from Python.
 
-Around each workload the guest prints a marker and waits for the host's acknowledgement (a
-file on the share). At each marker the host reads the daemon's utime+stime from /proc and, for
-pyvirtiofsd, sends SIGUSR1 and waits for the request counters it logs. A workload's CPU per
-request is the daemon's CPU time during the workload divided by the requests it served then:
-pyvirtiofsd's own count, and for virtiofsd (which prints no counts) the operations the guest
-issued. Under TCG the guest itself is the bottleneck (see docs/benchmarks.md): throughput
-figures compare the daemons only roughly; CPU per request is the daemon's own cost.
+This module also holds what the other guest benchmarks (bench/tree.py, bench/queues.py) share:
+a driver that runs a list of steps in the guest and a host side that samples the daemon
+around each step. Around each step the guest prints a marker and waits for the host's
+acknowledgement (a file on the share). At each marker the host reads the daemon's
+utime+stime from /proc and, for pyvirtiofsd, sends SIGUSR1 and waits for the request counters
+it logs. A step's CPU per operation is the daemon's CPU time during the step divided by the
+operations the guest issued (fio's I/Os, or files x 3); pyvirtiofsd's own request count is
+kept beside it. Under TCG the guest itself is the bottleneck (see docs/benchmarks.md):
+throughput compares the daemons only roughly; CPU per operation is the daemon's own cost.
 Nothing here asserts on speed.
 """
 
@@ -31,10 +35,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from common import cpu_seconds
+from common import (
+    Progress,
+    cpu_seconds,
+    prepare_profile,
+    print_profile,
+    rounds_order,
+    start_profiler,
+    stop_profiler,
+)
+from report import CPU_TARGET, PY, THROUGHPUT_TARGET, VIRTIOFSD, Row, label, table
 
 from pyvirtiofsd.vm import FsDevice, GuestError, assets, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
@@ -45,6 +60,10 @@ MOUNT = "/mnt/share"
 MARKER = "@@BENCH"
 _MARKER_RE = re.compile(rf"^{MARKER} (\d+) (begin|end) (\S+)\n", re.MULTILINE)
 _SERVED_RE = re.compile(r"requests served: ?(.*)$", re.MULTILINE)
+DAEMONS = [PY, VIRTIOFSD]
+TITLE = "guest: fio and create/stat/unlink (QEMU 11.1 TCG, 2 vCPUs)"
+#: Seconds a guest takes to boot and mount under TCG, for the progress line.
+BOOT_SECONDS = 8.0
 
 #: (name, label, unit, fio arguments); the guest adds filename, size, runtime and output.
 FIO_JOBS = [
@@ -58,15 +77,15 @@ FIO_JOBS = [
         "--rw=randread --bs=4k --ioengine=libaio --iodepth=16",
     ),
 ]
-META = ("meta", "create/stat/unlink", "ops/s")
+MODES = [("direct", "O_DIRECT", 1), ("buffered", "buffered", 0)]
 
-# Runs in the guest (python3 of the sid rootfs). Markers are followed by a line of padding: the
-# harness passes script output on once 128 more characters have arrived.
+# Runs in the guest (python3 of the sid rootfs): the steps of a JSON plan, in order. Markers
+# are followed by a line of padding: the harness passes script output on once 128 more
+# characters have arrived.
 GUEST_DRIVER = r"""
 import json, os, subprocess, sys, time
 
-mount, size_mib, runtime, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-jobs = json.loads(sys.argv[5])
+mount, tag, plan = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
 seq = 0
 
 def marker(event, name):
@@ -74,58 +93,132 @@ def marker(event, name):
     seq += 1
     print(f"\n__MARKER__ {seq} {event} {name}\n" + " " * 200, flush=True)
     ack = f"{mount}/.bench-ack-{seq}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not os.path.exists(ack):
         if time.monotonic() > deadline:
             sys.exit(f"no acknowledgement for marker {seq}")
         time.sleep(0.01)
 
-for name, args in jobs:
-    out = f"/tmp/{name}.json"
-    cmd = ["fio", f"--name={name}", f"--filename={mount}/fio.dat", f"--size={size_mib}M",
-           "--direct=1", "--eta=never", "--time_based", f"--runtime={runtime}",
-           "--output-format=json", f"--output={out}", *args.split()]
-    marker("begin", name)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    marker("end", name)
-    job = json.load(open(out))["jobs"][0]
-    side = job["write"] if "write" in args else job["read"]
-    print("RESULT " + json.dumps({"name": name, "bw": side["bw_bytes"], "iops": side["iops"],
-                                  "ops": side["total_ios"]}), flush=True)
+def sh(cmd):
+    subprocess.run(["sh", "-ec", cmd], check=True, cwd=mount, stdout=subprocess.DEVNULL)
 
-d = f"{mount}/meta"
-os.mkdir(d)
-paths = [f"{d}/f{i}" for i in range(files)]
-marker("begin", "meta")
-t = time.perf_counter()
-for p in paths:
-    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
-for p in paths:
-    os.stat(p)
-for p in paths:
-    os.unlink(p)
-elapsed = time.perf_counter() - t
-marker("end", "meta")
-print("RESULT " + json.dumps({"name": "meta", "rate": 3 * files / elapsed, "ops": 3 * files}),
-      flush=True)
+def remount():
+    # A fresh mount: the guest forgets every dentry, inode and page of the share.
+    subprocess.run(["umount", mount], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+    subprocess.run(["mount", "-t", "virtiofs", tag, mount], check=True)
+
+def meta(d, files):
+    os.mkdir(d)
+    paths = [f"{d}/f{i}" for i in range(files)]
+    for p in paths:
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+    for p in paths:
+        os.stat(p)
+    for p in paths:
+        os.unlink(p)
+    os.rmdir(d)
+    return {"ops": 3 * files}
+
+def fio(name, args, side):
+    out = f"/tmp/{name}.json"
+    subprocess.run(["fio", f"--name={name}", "--eta=never", "--output-format=json",
+                    f"--output={out}", *args], check=True, stdout=subprocess.DEVNULL)
+    jobs = json.load(open(out))["jobs"]
+    total = lambda key: sum(j[side][key] for j in jobs)
+    return {"bw": total("bw_bytes"), "iops": total("iops"), "ops": total("total_ios")}
+
+for step in plan:
+    if step.get("remount"):
+        remount()
+    for cmd in step.get("setup", []):
+        sh(cmd)
+    if step["kind"] == "setup":
+        continue
+    name = step["name"]
+    marker("begin", name)
+    t = time.perf_counter()
+    if step["kind"] == "fio":
+        result = fio(name, step["args"], step["side"])
+    elif step["kind"] == "meta":
+        result = meta(f"{mount}/{name}", step["files"])
+    else:
+        sh(step["cmd"])
+        result = {}
+    elapsed = time.perf_counter() - t
+    marker("end", name)
+    print("RESULT " + json.dumps({"name": name, "seconds": elapsed, **result}), flush=True)
 print("DONE", flush=True)
 """
 
 
+# --- what the guest runs --------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One step of a guest session. Timed steps ("fio", "meta", "sh") get markers, so the host
+    samples the daemon around them; "setup" steps run untimed. Any step may first remount the
+    share (a cold start) and run untimed shell commands (``setup``, in the share's root)."""
+
+    name: str
+    label: str
+    kind: str
+    prior: float = 10.0  # a guess at its seconds, for the progress line
+    remount: bool = False
+    setup: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    def plan(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "remount": self.remount,
+            "setup": self.setup,
+            **self.spec,
+        }
+
+
+def fio_step(name: str, label: str, args: str, *, size_mib: int, runtime: int,
+             direct: int, numjobs: int = 1, extra: Sequence[str] = ()) -> Step:  # fmt: skip
+    argv = [
+        f"--filename={MOUNT}/fio.dat", f"--size={size_mib}M", f"--direct={direct}",
+        "--time_based", f"--runtime={runtime}", *args.split(), *extra,
+    ]  # fmt: skip
+    if numjobs > 1:
+        # One job per vCPU, each pinned to its own.
+        argv += [f"--numjobs={numjobs}", "--cpus_allowed_policy=split",
+                 f"--cpus_allowed=0-{numjobs - 1}"]  # fmt: skip
+    side = "write" if "write" in args else "read"
+    return Step(name, label, "fio", runtime + 2.0, spec={"args": argv, "side": side})
+
+
 @dataclass
 class Phase:
-    cpu: float = 0.0  # daemon CPU seconds during the workload
-    requests: int | None = None  # requests the daemon says it served (pyvirtiofsd only)
-    guest_ops: int = 0
-    value: float = 0.0  # MB/s, IOPS or ops/s
+    """What one timed step gave: the daemon's CPU seconds and request count (pyvirtiofsd only)
+    during it, and what the guest reported (seconds, and bw/iops/ops for fio)."""
 
+    cpu: float
+    requests: int | None
+    result: dict[str, Any]
+    threads: dict[int, float] = field(default_factory=dict)  # CPU seconds per daemon thread
 
-@dataclass
-class DaemonRun:
-    name: str
-    phases: dict[str, Phase] = field(default_factory=dict)
-    boot_seconds: float = 0.0
-    script_seconds: float = 0.0
+    @property
+    def cores(self) -> float:
+        """Host cores the daemon kept busy on average during the step."""
+        return self.cpu / self.result["seconds"] if self.result.get("seconds") else 0.0
+
+    @property
+    def busiest_thread(self) -> float:
+        """The share of a core its busiest thread took (1.0: a thread that never waited)."""
+        if not self.threads or not self.result.get("seconds"):
+            return 0.0
+        return max(self.threads.values()) / self.result["seconds"]
+
+    @property
+    def ops(self) -> int:
+        return int(self.result.get("ops", 0))
 
 
 def served_totals(log: Path) -> list[int]:
@@ -139,13 +232,21 @@ def served_totals(log: Path) -> list[int]:
 class Sampler:
     """Sees the guest's markers go by, samples the daemon, and lets the guest go on."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], share: Path, log: Path | None) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        share: Path,
+        log: Path | None,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None:
         self.proc = proc
         self.share = share
         self.log = log  # pyvirtiofsd's log, where SIGUSR1 puts its counters
+        self.on_end = on_end
         self.text = ""
         self.handled = 0
         self.samples: dict[tuple[str, str], tuple[float, int | None]] = {}
+        self.threads: dict[tuple[str, str], dict[int, float]] = {}
 
     def __call__(self, chunk: str) -> None:
         self.text += chunk
@@ -155,7 +256,10 @@ class Sampler:
                 continue
             self.handled = seq
             self.samples[(event, name)] = self.sample()
+            self.threads[(event, name)] = thread_cpu_seconds(self.proc.pid)
             (self.share / f".bench-ack-{seq}").touch()
+            if event == "end" and self.on_end is not None:
+                self.on_end(name)
         # Keep only an unfinished last line; markers are whole lines.
         self.text = self.text[self.text.rfind("\n") + 1 :]
 
@@ -174,30 +278,204 @@ class Sampler:
             time.sleep(0.005)
 
 
-def daemon_argv(kind: str, sock: str, share: Path) -> list[str]:
-    if kind == "pyvirtiofsd":
-        return [
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of a process so far, by thread id."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def daemon_argv(kind: str, sock: str, share: Path, queues: int = 1) -> list[str]:
+    if kind == PY:
+        argv = [
             sys.executable, "-m", "pyvirtiofsd",
             "--socket-path", sock, "--shared-dir", str(share),
         ]  # fmt: skip
+        if queues > 1:
+            argv += ["--num-request-queues", str(queues)]
+        return argv
     return [
         *assets.rust_virtiofsd_command().argv,
         "--socket-path", sock, "--shared-dir", str(share), "--sandbox", "none",
     ]  # fmt: skip
 
 
-def guest_script(args: argparse.Namespace) -> str:
+def guest_script(steps: Sequence[Step]) -> str:
     device = FsDevice("", TAG)
-    jobs = json.dumps([(name, fio) for name, _, _, fio in FIO_JOBS])
     driver = GUEST_DRIVER.replace("__MARKER__", MARKER)
-    argv = shlex.join(
-        ["python3", "/tmp/bench.py", MOUNT, str(args.size_mib), str(args.runtime),
-         str(args.files), jobs]
-    )  # fmt: skip
+    plan = json.dumps([s.plan() for s in steps])
+    argv = shlex.join(["python3", "/tmp/bench.py", MOUNT, TAG, "/tmp/plan.json"])
     return (
         f"set -e\n{device.mount_command(MOUNT)}\n"
-        f"cat > /tmp/bench.py <<'EOF'\n{driver}\nEOF\n{argv}\n"
+        f"cat > /tmp/bench.py <<'EOF'\n{driver}\nEOF\n"
+        f"cat > /tmp/plan.json <<'EOF'\n{plan}\nEOF\n{argv}\n"
     )
+
+
+def plan_session(
+    progress: Progress, prefix: str, group: str, steps: Sequence[Step], family: str
+) -> None:
+    """Tell the progress line about one session's timed steps (the boot goes with the first).
+
+    Keys are ``{prefix}/{step}``, groups ``{group}/{step}`` (one daemon), families
+    ``{family}/{step}`` (any daemon)."""
+    timed = [s for s in steps if s.kind != "setup"]
+    for i, s in enumerate(timed):
+        prior = s.prior + (BOOT_SECONDS if i == 0 else 0.0)
+        progress.plan(f"{prefix}/{s.name}", f"{group}/{s.name}", prior, f"{family}/{s.name}")
+
+
+def run_session(
+    kind: str,
+    steps: Sequence[Step],
+    base: Path,
+    *,
+    progress: Progress,
+    prefix: str,
+    title: str,
+    queues: int = 1,
+    display: str | None = None,
+    prepare: Callable[[Path], None] | None = None,
+    timeout: float = 3600.0,
+    keep_logs: bool = False,
+    profile: Path | None = None,
+) -> dict[str, Phase]:
+    """One daemon, one guest running ``steps``; each timed step's Phase, by step name.
+
+    ``prepare`` fills the fresh share before the daemon starts. Progress keys are
+    ``{prefix}/{step name}`` (see :func:`plan_session`); ``title`` starts the progress text.
+    With ``profile`` (a file name), py-spy samples pyvirtiofsd for the whole session and
+    writes its stacks there (see :func:`common.profile_summary`)."""
+    base.mkdir(parents=True)
+    share = base / "share"
+    share.mkdir()
+    if prepare is not None:
+        prepare(share)
+    sock = str(base / "daemon.sock")
+    log = base / "daemon.log"
+    command = daemon_argv(kind, sock, share, queues)
+    env = None if kind == PY else assets.rust_virtiofsd_command().environ()
+    timed = [s for s in steps if s.kind != "setup"]
+    who = display or label(kind)
+
+    def announce(i: int) -> None:
+        if i < len(timed):
+            progress.start(f"{prefix}/{timed[i].name}", f"{title}: {who}, {timed[i].label}")
+
+    def on_end(name: str) -> None:
+        progress.finish(f"{prefix}/{name}")
+        names = [s.name for s in timed]
+        if name in names:
+            announce(names.index(name) + 1)
+
+    announce(0)
+    with log.open("wb") as out:
+        proc = spawn_child(command, env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    phases: dict[str, Phase] = {}
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for_socket(sock, proc)
+        if profile is not None and kind == PY:
+            spy = start_profiler(proc.pid, profile)
+        sampler = Sampler(proc, share, log if kind == PY else None, on_end)
+        result = run_guest(
+            guest_script(steps),
+            [FsDevice(sock, TAG, num_request_queues=queues)],
+            qemu="sid",
+            rootfs="sid",
+            timeout=timeout,
+            on_output=sampler,
+        )
+        if result.status != 0 or "DONE" not in result.output:
+            raise GuestError(f"{who}: guest script failed:\n{result.output[-3000:]}")
+        for line in result.output.splitlines():
+            if not line.startswith("RESULT "):
+                continue
+            r = json.loads(line[len("RESULT ") :])
+            begin_cpu, begin_req = sampler.samples[("begin", r["name"])]
+            end_cpu, end_req = sampler.samples[("end", r["name"])]
+            requests = None if begin_req is None or end_req is None else end_req - begin_req
+            t0 = sampler.threads[("begin", r["name"])]
+            t1 = sampler.threads[("end", r["name"])]
+            threads = {tid: cpu - t0.get(tid, 0.0) for tid, cpu in t1.items()}
+            phases[r["name"]] = Phase(end_cpu - begin_cpu, requests, r, threads)
+    finally:
+        if spy is not None:
+            stop_profiler(spy)
+        kill_child(proc, grace=10.0)
+        if keep_logs:
+            print(f"--- {who} log ---\n{log.read_text(errors='replace')[-4000:]}")
+    return phases
+
+
+def fio_value(unit: str, phase: Phase) -> float:
+    return phase.result["bw"] / 1e6 if unit == "MB/s" else phase.result["iops"]
+
+
+# --- this benchmark: fio buffered and O_DIRECT, create/stat/unlink --------------------------------
+
+
+@dataclass
+class Options:
+    rounds: int = 3
+    runtime: int = 10
+    size_mib: int = 256
+    files: int = 2000
+    daemons: list[str] = field(default_factory=lambda: list(DAEMONS))
+    timeout: float = 3600.0
+    keep_logs: bool = False
+    profile: Path | None = None  # a directory for py-spy's stacks of pyvirtiofsd
+
+
+def steps(opts: Options) -> list[Step]:
+    out = []
+    for name, job_label, _, args in FIO_JOBS:
+        for mode, mode_label, direct in MODES:
+            out.append(
+                fio_step(f"{name}-{mode}", f"{job_label} {mode_label}", args,
+                         size_mib=opts.size_mib, runtime=opts.runtime, direct=direct)
+            )  # fmt: skip
+    out.append(
+        Step("meta", f"create/stat/unlink {opts.files}", "meta", opts.files * 3 / 800,
+             spec={"files": opts.files})
+    )  # fmt: skip
+    return out
+
+
+def rows(opts: Options) -> list[Row]:
+    out = []
+    for name, job_label, unit, _ in FIO_JOBS:
+        for mode, mode_label, _ in MODES:
+            out.append(
+                Row("guest", f"{name}-{mode}", f"{job_label} {mode_label}", unit, "higher",
+                    VIRTIOFSD, THROUGHPUT_TARGET)
+            )  # fmt: skip
+    meta = f"create/stat/unlink {opts.files}"
+    out.append(Row("guest", "meta", meta, "ops/s", "higher", VIRTIOFSD, THROUGHPUT_TARGET))
+    # CPU per guest operation wherever every operation reaches the daemon.
+    for name, job_label, _, _ in FIO_JOBS:
+        out.append(
+            Row("guest", f"{name}-direct-cpu", f"{job_label} O_DIRECT CPU", "us/op", "lower",
+                VIRTIOFSD, CPU_TARGET)
+        )  # fmt: skip
+    out.append(Row("guest", "meta-cpu", f"{meta} CPU", "us/op", "lower", VIRTIOFSD, CPU_TARGET))
+    return out
+
+
+def plan(progress: Progress, opts: Options) -> None:
+    for r in range(opts.rounds):
+        for kind in opts.daemons:
+            plan_session(progress, f"guest/{r}/{kind}", f"guest/{kind}", steps(opts), "guest")
 
 
 def prepare_file(path: Path, size_mib: int) -> None:
@@ -208,154 +486,114 @@ def prepare_file(path: Path, size_mib: int) -> None:
             f.write(block)
 
 
-def run_one(kind: str, label: str, base: Path, args: argparse.Namespace) -> DaemonRun:
-    base.mkdir()
-    share = base / "share"
-    share.mkdir()
-    prepare_file(share / "fio.dat", args.size_mib)
-    sock = str(base / "daemon.sock")
-    log = base / "daemon.log"
-    command = daemon_argv(kind, sock, share)
-    env = None if kind == "pyvirtiofsd" else assets.rust_virtiofsd_command().environ()
-    with log.open("wb") as out:
-        proc = spawn_child(command, env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    run = DaemonRun(label)
-    try:
-        wait_for_socket(sock, proc)
-        sampler = Sampler(proc, share, log if kind == "pyvirtiofsd" else None)
-        result = run_guest(
-            guest_script(args),
-            [FsDevice(sock, TAG)],
-            qemu="sid",
-            rootfs="sid",
-            timeout=args.timeout,
-            on_output=sampler,
-        )
-        if result.status != 0 or "DONE" not in result.output:
-            raise GuestError(f"{label}: guest script failed:\n{result.output[-3000:]}")
-        run.boot_seconds, run.script_seconds = result.boot_seconds, result.script_seconds
-        for line in result.output.splitlines():
-            if not line.startswith("RESULT "):
-                continue
-            r = json.loads(line[len("RESULT ") :])
-            begin_cpu, begin_req = sampler.samples[("begin", r["name"])]
-            end_cpu, end_req = sampler.samples[("end", r["name"])]
-            unit = next((u for n, _, u, _ in FIO_JOBS if n == r["name"]), META[2])
-            value = r["bw"] / 1e6 if unit == "MB/s" else r.get("iops", r.get("rate", 0.0))
-            requests = None if begin_req is None or end_req is None else end_req - begin_req
-            run.phases[r["name"]] = Phase(end_cpu - begin_cpu, requests, r["ops"], value)
-    finally:
-        kill_child(proc, grace=10.0)
-        if args.keep_logs:
-            print(f"--- {label} log ---\n{log.read_text(errors='replace')[-4000:]}")
-    return run
+def run(opts: Options, progress: Progress) -> list[Row]:
+    """Interleaved rounds of one guest per daemon; the rows (medians over the rounds)."""
+    missing = missing_assets(qemu="sid", rootfs="sid")
+    if missing:
+        raise RuntimeError("\n".join(missing))
+    by_key = {r.key: r for r in rows(opts)}
+    units = {name: unit for name, _, unit, _ in FIO_JOBS}
+    with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-bench-") as tmp:
+        for n in range(opts.rounds):
+            for kind in rounds_order(opts.daemons, n):
+                phases = run_session(
+                    kind,
+                    steps(opts),
+                    Path(tmp) / f"{kind}-{n}",
+                    progress=progress,
+                    prefix=f"guest/{n}/{kind}",
+                    title=f"guest bench, round {n + 1}/{opts.rounds}",
+                    prepare=lambda share: prepare_file(share / "fio.dat", opts.size_mib),
+                    timeout=opts.timeout,
+                    keep_logs=opts.keep_logs,
+                    profile=opts.profile and opts.profile / f"guest-{kind}-{n}.txt",
+                )
+                for step_name, p in phases.items():
+                    extra = {"cpu_s": p.cpu, "requests": p.requests, "guest_ops": p.ops,
+                             "cores": p.cores}  # fmt: skip
+                    if step_name == "meta":
+                        by_key["meta"].add(kind, p.ops / p.result["seconds"], **extra)
+                        by_key["meta-cpu"].add(kind, 1e6 * p.cpu / p.ops)
+                        continue
+                    job = step_name.rsplit("-", 1)[0]
+                    by_key[step_name].add(kind, fio_value(units[job], p), **extra)
+                    if step_name.endswith("-direct") and p.ops:
+                        by_key[f"{job}-direct-cpu"].add(kind, 1e6 * p.cpu / p.ops)
+    return list(by_key.values())
 
 
-def best_of(runs: list[DaemonRun]) -> DaemonRun:
-    """Each workload from the round where it went fastest (the least disturbed one)."""
-    best = DaemonRun(runs[0].name)
-    for name in runs[0].phases:
-        best.phases[name] = max((r.phases[name] for r in runs), key=lambda p: p.value)
-    best.boot_seconds = min(r.boot_seconds for r in runs)
-    best.script_seconds = min(r.script_seconds for r in runs)
-    return best
-
-
-def print_table(runs: list[DaemonRun], args: argparse.Namespace) -> None:
-    rows = [(name, label, unit) for name, label, unit, _ in FIO_JOBS] + [
-        (META[0], f"{META[1]} {args.files}", META[2])
-    ]
-    width = 32
-    col = 52
-    print()
-    print(f"{'':<{width}}" + "".join(f"{r.name:>{col}}" for r in runs))
-    heading = f"{'result':>10}{'guest ops':>10}{'requests':>10}{'CPU us/op':>11}{'CPU us/req':>11}"
-    print(f"{'workload':<{width}}" + heading * len(runs))
-    for name, label, unit in rows:
-        cells = []
-        for r in runs:
-            p = r.phases[name]
-            req = p.requests if p.requests is not None else p.guest_ops
-            shown = f"{req}" if p.requests is not None else f"{req}*"
-            per_op = 1e6 * p.cpu / p.guest_ops if p.guest_ops else float("nan")
-            per_req = 1e6 * p.cpu / req if req else float("nan")
-            cells.append(
-                f"{p.value:>10.1f}{p.guest_ops:>10}{shown:>10}{per_op:>11.1f}{per_req:>11.1f}"
-            )
-        print(f"{label + ' (' + unit + ')':<{width}}" + "".join(cells))
-    print()
-    print(f"{'all workloads':<{width}}" + "".join(f"{r.name:>{col}}" for r in runs))
-    totals = []
-    for r in runs:
-        cpu = sum(p.cpu for p in r.phases.values())
-        req = sum(p.requests if p.requests is not None else p.guest_ops for p in r.phases.values())
-        ops = sum(p.guest_ops for p in r.phases.values())
-        totals.append((cpu, req, ops))
-
-    def row(label: str, cells: list[str]) -> None:
-        print(f"{label:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
-
-    row("daemon CPU seconds", [f"{c:.2f}" for c, _, _ in totals])
-    row("guest ops", [str(o) for _, _, o in totals])
-    row("requests", [str(q) for _, q, _ in totals])
-    row("CPU seconds per request", [f"{c / q:.2e}" if q else "-" for c, q, _ in totals])
-    row("CPU us per request", [f"{1e6 * c / q:.1f}" if q else "-" for c, q, _ in totals])
-    row("CPU us per guest op", [f"{1e6 * c / o:.1f}" if o else "-" for c, _, o in totals])
-    row(
-        "guest boot / script seconds",
-        [f"{r.boot_seconds:.1f} / {r.script_seconds:.0f}" for r in runs],
+def add_common_arguments(ap: argparse.ArgumentParser, rounds: int, timeout: float) -> None:
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=rounds,
+        help=f"interleaved rounds; figures are medians (default {rounds})",
     )
-    print()
-    print(
-        "* virtiofsd prints no request counts: its requests are the guest's operations. "
-        "Compare the daemons by CPU us/op; us/req is pyvirtiofsd's exact cost per request."
+    ap.add_argument(
+        "--daemon",
+        action="append",
+        choices=DAEMONS,
+        help="only this daemon (repeatable; default: both)",
     )
-    print(
-        f"fio: O_DIRECT, {args.size_mib} MiB file, {args.runtime} s per job; "
-        f"best of {args.rounds} round(s); "
-        "guest: QEMU 11.1 TCG, 2 vCPUs, 2 GiB; daemons with default options (cache=auto)."
+    ap.add_argument("--timeout", type=float, default=timeout, help="per guest, seconds")
+    ap.add_argument("--keep-logs", action="store_true", help="print the daemons' log tails")
+    ap.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample pyvirtiofsd with py-spy into DIR and print where its time went "
+        "(the sampling costs CPU: take figures from runs without it)",
     )
 
 
 def main() -> None:
+    defaults = Options()
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--runtime", type=int, default=20, help="seconds per fio job (default 20)")
-    ap.add_argument("--size-mib", type=int, default=256, help="fio file size (default 256)")
-    ap.add_argument("--files", type=int, default=5000, help="files to create/stat/unlink")
     ap.add_argument(
-        "--daemon",
-        action="append",
-        choices=("pyvirtiofsd", "rust"),
-        help="only this daemon (repeatable; default: both)",
-    )
-    ap.add_argument(
-        "--rounds",
+        "--runtime",
         type=int,
-        default=1,
-        help="run the daemons in turn this many times; each workload's best round is shown",
+        default=defaults.runtime,
+        help=f"seconds per fio job (default {defaults.runtime})",
     )
-    ap.add_argument("--timeout", type=float, default=1800.0, help="per guest, seconds")
-    ap.add_argument("--keep-logs", action="store_true", help="print the daemons' log tails")
+    ap.add_argument(
+        "--size-mib",
+        type=int,
+        default=defaults.size_mib,
+        help=f"fio file size (default {defaults.size_mib})",
+    )
+    ap.add_argument("--files", type=int, default=defaults.files,
+                    help=f"files to create/stat/unlink (default {defaults.files})")  # fmt: skip
+    add_common_arguments(ap, defaults.rounds, defaults.timeout)
     args = ap.parse_args()
-    missing = missing_assets(qemu="sid", rootfs="sid")
-    if missing:
-        raise SystemExit("\n".join(missing))
-
-    labels = {"pyvirtiofsd": "pyvirtiofsd", "rust": "virtiofsd 1.14 (Rust)"}
-    kinds = args.daemon or ["pyvirtiofsd", "rust"]
+    opts = Options(args.rounds, args.runtime, args.size_mib, args.files,
+                   args.daemon or list(DAEMONS), args.timeout, args.keep_logs,
+                   prepare_profile(args.profile))  # fmt: skip
     load = os.getloadavg()
-    rounds: dict[str, list[DaemonRun]] = {kind: [] for kind in kinds}
-    with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-bench-") as tmp:
-        for n in range(args.rounds):
-            # In turn rather than one daemon's rounds after the other's, so that a change in
-            # the machine's load over time does not favour one of them.
-            for kind in kinds:
-                print(f"round {n + 1}: the workload against {labels[kind]} ...", flush=True)
-                rounds[kind].append(run_one(kind, labels[kind], Path(tmp) / f"{kind}-{n}", args))
-    print_table([best_of(r) for r in rounds.values()], args)
+    progress = Progress()
+    plan(progress, opts)
+    result = run(opts, progress)
+    progress.close()
+    print(table(result, {"guest": TITLE}))
+    print(
+        f"fio: {opts.size_mib} MiB file, {opts.runtime} s per job; medians of {opts.rounds} "
+        "round(s); daemons with default options (cache=auto)."
+    )
     print(f"host load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    print_profile(opts.profile, "guest-*.txt", "guest")
+    write_json_if(args.json, result, "guest", vars(args))
+
+
+def write_json_if(path: Path | None, result: list[Row], part: str, args: dict) -> None:
+    if path is None:
+        return
+    from report import write_json
+
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
+    write_json(path, result, {"parts": {part: params}})
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":
