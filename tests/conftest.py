@@ -13,10 +13,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +171,23 @@ def guest_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = Path(__file__).with_name("guestprobe.c")
     subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(source)], check=True)
     return out
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """``fn``'s value, computed on a thread of its own (whose ids and fs struct it may change,
+    as the file system's workers do per request)."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert not t.is_alive()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import termios
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from pyvirtiofsd import linux
+from tests.conftest import in_thread
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -28,25 +28,6 @@ def errno_of(fn: Callable[..., Any], *args: Any, **kw: Any) -> int:
     with pytest.raises(OSError) as e:
         fn(*args, **kw)
     return e.value.errno
-
-
-def in_thread(fn: Callable[[], Any]) -> Any:
-    """``fn``'s value, computed on a thread of its own (whose ids and fs struct it may change)."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as e:
-            result["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(60)
-    assert not t.is_alive()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 @pytest.fixture
@@ -80,9 +61,7 @@ def test_renameat2_noreplace_and_exchange(tree: Path) -> None:
     d = os.open(tree / "d", os.O_PATH | os.O_DIRECTORY)
     try:
         (tree / "d" / "g").write_bytes(b"other")
-        assert (
-            errno_of(linux.renameat2, d, b"f", d, b"g", linux.RENAME_NOREPLACE) == errno.EEXIST
-        )
+        assert errno_of(linux.renameat2, d, b"f", d, b"g", linux.RENAME_NOREPLACE) == errno.EEXIST
         linux.renameat2(d, b"f", d, b"g", linux.RENAME_EXCHANGE)
         assert (tree / "d" / "f").read_bytes() == b"other"
         assert (tree / "d" / "g").read_bytes() == b"data"

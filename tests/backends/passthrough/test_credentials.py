@@ -8,37 +8,17 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
 from pyvirtiofsd.fuse.filesystem import Context
+from tests.conftest import in_thread
 
 pytestmark = pytest.mark.skipif(not can_switch(), reason="only root can become the caller")
 
 CALLER = Context(uid=1234, gid=5678, pid=1, groups=(4321,))
-
-
-def on_a_worker(fn: Callable[[], Any]) -> Any:
-    """``fn`` on a thread of its own, as the file system's workers run requests."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as e:
-            result["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(60)
-    assert not t.is_alive()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 @pytest.fixture
@@ -62,7 +42,7 @@ def test_files_are_made_as_the_caller_with_its_umask(scratch: Path) -> None:
         os.close(os.open(scratch / "after", os.O_CREAT | os.O_WRONLY, 0o666))
         return os.umask(0)
 
-    assert on_a_worker(work) == 0  # the thread's umask is back to 0, as the daemon keeps it
+    assert in_thread(work) == 0  # the thread's umask is back to 0, as the daemon keeps it
     assert owner(scratch / "file") == (1234, 5678, 0o640)
     assert owner(scratch / "dir") == (1234, 5678, 0o750)
     assert owner(scratch / "after") == (0, 0, 0o666)
@@ -85,7 +65,7 @@ def test_permissions_are_checked_against_the_caller(scratch: Path) -> None:
             # readable through a supplementary group the request carried
             return refused, (scratch / "group").read_text()
 
-    assert on_a_worker(work) == (True, "g")
+    assert in_thread(work) == (True, "g")
 
 
 def test_no_switch_when_disabled_or_the_caller_is_root(scratch: Path) -> None:
@@ -95,7 +75,7 @@ def test_no_switch_when_disabled_or_the_caller_is_root(scratch: Path) -> None:
         with Credentials(Context(0, 0, 1), True):
             (scratch / "root").touch()
 
-    on_a_worker(work)
+    in_thread(work)
     assert owner(scratch / "disabled")[:2] == (0, 0)
     assert owner(scratch / "root")[:2] == (0, 0)
 
@@ -144,5 +124,5 @@ def test_the_id_that_is_no_id_is_refused(scratch: Path, caller: Context) -> None
             (scratch / "made").touch()
 
     with pytest.raises(PermissionError):
-        on_a_worker(work)
+        in_thread(work)
     assert not (scratch / "made").exists()
