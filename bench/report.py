@@ -29,9 +29,12 @@ SCHEMA = "pyvirtiofsd-bench/1"
 
 #: Daemon names as they appear in rows and in the JSON.
 PY = "pyvirtiofsd"
+#: The same daemon, its request path compiled with mypyc (bench/compiled.py).
+PYC = "pyvirtiofsd compiled"
 VIRTIOFSD = "virtiofsd"
 LABELS = {
     PY: "pyvirtiofsd",
+    PYC: "pyvirtiofsd (mypyc)",
     VIRTIOFSD: "virtiofsd 1.14",
 }
 
