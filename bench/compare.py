@@ -17,6 +17,12 @@ Parts, each comparing pyvirtiofsd with its reference in interleaved rounds (medi
 - queues: two fio jobs on two vCPUs with one and two request queues (bench/queues.py);
 - fusedev: the /dev/fuse mount on the host beside libfuse's passthrough_ll (bench/fusedev.py).
 
+The frontend and fusedev parts, where the daemon's own cost shows, also measure the compiled
+build (mypyc) as a daemon of its own, ``pyvirtiofsd compiled``: its tree is found or built
+once per run by bench/compiled.py (``--compiled DIR`` names one, ``--no-compiled`` leaves it
+out). If it can't be had (no gcc, no Python headers), its column is reported as not measured
+and the rest goes on. The guest parts run the pure build only.
+
 Writes ``compare.json`` and ``compare.svg`` (``compare-quick.*`` with --quick,
 ``compare-smoke.*`` with --smoke) into --out (default: bench/results/). --smoke runs every
 step at the least size that still exercises it: its figures mean nothing (CI runs it to prove
@@ -40,13 +46,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import compiled
 import frontend
 import fusedev
 import guest
 import queues
 import tree
 from common import LoadSampler, Progress, format_seconds, prepare_profile, print_profile
-from report import Row, chart_svg, table, write_json
+from report import PYC, Row, chart_svg, table, write_json
 
 from pyvirtiofsd.vm import assets
 
@@ -189,6 +196,7 @@ def main() -> None:
         help="directory for the JSON and the chart (default: bench/results)",
     )
     ap.add_argument("--keep-logs", action="store_true", help="print the daemons' log tails")
+    compiled.add_arguments(ap)
     ap.add_argument(
         "--profile",
         type=Path,
@@ -205,17 +213,30 @@ def main() -> None:
     profile = prepare_profile(args.profile)
     p.guest.profile = p.tree.profile = p.queues.profile = profile
 
+    facts: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    # The compiled tree before the run (a build takes a minute or two, shown apart from it).
+    built: compiled.Tree | None = None
+    if {"frontend", "fusedev"} & set(parts):
+        built, why_not = compiled.resolve(args)
+        if built is not None:
+            facts["compiled"] = built.describe()
+        elif why_not is not None:
+            errors[PYC] = why_not
+    tree_path = built.path if built else None
+    if built is None:
+        p.fusedev.targets = [t for t in p.fusedev.targets if t != PYC]
+
     progress = Progress()
     runners: dict[str, Callable[[], list[Row]]] = {}
     params: dict[str, Any] = {}
-    facts: dict[str, Any] = {}
     if "frontend" in parts:
-        names = list(frontend.DAEMONS)
+        names = [n for n in frontend.DAEMONS if n != PYC or built is not None]
         workloads = list(frontend.WORKLOADS)
         fo = p.frontend
         frontend.plan(progress, workloads, names, fo.rounds, fo.seconds)
         runners["frontend"] = lambda: frontend.run(
-            workloads, names, fo.rounds, fo.seconds, progress, profile
+            workloads, names, fo.rounds, fo.seconds, progress, profile, tree_path
         )
         params["frontend"] = vars(fo) | {"depths": list(frontend.DEPTHS)}
     if "guest" in parts:
@@ -238,7 +259,7 @@ def main() -> None:
         params["queues"] = vars(p.queues)
     if "fusedev" in parts:
         fusedev.plan(progress, p.fusedev)
-        runners["fusedev"] = lambda: fusedev.run(p.fusedev, progress)
+        runners["fusedev"] = lambda: fusedev.run(p.fusedev, progress, tree_path)
         params["fusedev"] = vars(p.fusedev)
 
     # Before the run: the commit measured is the one checked out when it started.
@@ -247,7 +268,6 @@ def main() -> None:
     t0 = time.monotonic()
     load_before = os.getloadavg()
     rows: list[Row] = []
-    errors: dict[str, str] = {}
     with LoadSampler() as load:
         for part, runner in runners.items():
             try:
@@ -272,6 +292,8 @@ def main() -> None:
     )
     if "tree" in facts:
         print(f"tree: {facts['tree']}")
+    if built is not None:
+        print(f"compiled build: {built.summary()}")
     if "frontend" in runners:
         frontend.print_profiles(profile, list(frontend.WORKLOADS))
     for part in ("guest", "tree", "queues"):

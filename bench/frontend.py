@@ -8,8 +8,9 @@ daemon's CPU time per request and its request rate, side by side.
     (bench/compare.py runs it with the other benchmarks: see docs/benchmarks.md)
 
 Needs the VM assets for virtiofsd 1.14 (`.ci/install-vm-assets`; `--daemon pyvirtiofsd` runs
-without them). There is no guest kernel: the front-end is a Python process with its own guest
-RAM (a memfd) and split virtqueues, so what is measured is the daemon's own work per request.
+without them), and for the compiled column gcc and Python's headers (or a compiled tree).
+There is no guest kernel: the front-end is a Python process with its own guest RAM (a memfd)
+and split virtqueues, so what is measured is the daemon's own work per request.
 
 Request shapes follow the Linux virtio-fs driver. It puts every argument of a FUSE request in a
 scatter-gather element of its own and, once VIRTIO_F_INDIRECT_DESC is negotiated, sends any
@@ -19,6 +20,11 @@ read_in, then the out header and 256 page-sized buffers (259 descriptors); a 1 M
 header, write_in and 256 pages, then out header and write_out (260). The pages of a big request
 are scattered through guest RAM, one page apart, as a guest's page cache hands them out, so
 nothing can be gained by merging neighbours.
+
+The compiled build (mypyc) runs as a third daemon, ``pyvirtiofsd compiled``: the same command
+with a compiled tree alone on PYTHONPATH (bench/compiled.py finds or builds it; ``--compiled
+DIR`` names one, ``--no-compiled`` leaves it out), measured only once its /proc maps show the
+compiled modules loaded.
 
 Each workload runs at queue depth 1 (one request in flight: submit, kick, wait) and 16 (16
 chains kept in flight; every completed chain is resubmitted at once). Daemons take turns within
@@ -42,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import compiled
 from common import (
     Progress,
     cpu_seconds,
@@ -51,7 +58,7 @@ from common import (
     start_profiler,
     stop_profiler,
 )
-from report import CPU_TARGET, PY, VIRTIOFSD, Row, table, write_json
+from report import CPU_TARGET, LABELS, PY, PYC, VIRTIOFSD, Row, table, write_json
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
@@ -75,7 +82,8 @@ WORKLOADS = {
     "read1m": "1 MiB READ (259 desc)",
     "write1m": "1 MiB WRITE (260 desc)",
 }
-DAEMONS = {PY: "pyvirtiofsd", VIRTIOFSD: "virtiofsd 1.14"}
+#: The daemons, in their turns' order within a round.
+DAEMONS = {d: LABELS[d] for d in (PY, VIRTIOFSD, PYC)}
 #: Issue 10: at Q16, at least 0.8x virtiofsd's 4 KiB READs per second.
 RATE_TARGET = 0.8
 TITLE = "daemon alone: project front-end, guest-shaped chains (CPU per request and rate)"
@@ -232,11 +240,18 @@ class Daemon:
     chains: dict[tuple[str, int], ChainSet] = field(default_factory=dict)
 
 
-def start_daemon(name: str, share: Path, work: Path) -> Daemon:
+def start_daemon(name: str, share: Path, work: Path, tree: Path | None = None) -> Daemon:
+    """Start daemon ``name`` on ``share`` and open the data file through it; ``tree`` is the
+    compiled tree that the compiled daemon runs from."""
     sock = str(work / f"{name}.sock")
     env = None
     if name == PY:
         argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
+    elif name == PYC:
+        if tree is None:
+            raise ValueError("the compiled daemon needs a compiled tree")
+        argv = [*compiled.command(), "--log-level", "error"]
+        env = compiled.environ(tree)
     else:
         command = assets.rust_virtiofsd_command()
         argv = [*command.argv, "--sandbox", "none", "--log-level", "error"]
@@ -259,6 +274,9 @@ def start_daemon(name: str, share: Path, work: Path) -> Daemon:
     entry = client.lookup(ROOT, b"data")
     opened = client.open(entry.nodeid, os.O_RDWR)
     files = Files(entry.nodeid, opened.fh, b"data")
+    if name == PYC:
+        assert tree is not None
+        compiled.check_running(proc.pid, tree)  # before any figure is trusted
     return Daemon(name, proc, frontend, q, files)
 
 
@@ -324,11 +342,13 @@ def run(
     seconds: float,
     progress: Progress,
     profile: Path | None = None,
+    tree: Path | None = None,
 ) -> list[Row]:
     """Every workload at each depth on each daemon, in interleaved rounds; the rows.
 
     Call :func:`plan` with the same arguments first so that the progress line knows the run.
-    With ``profile`` (a directory), py-spy samples pyvirtiofsd during each of its spans."""
+    With ``profile`` (a directory), py-spy samples pyvirtiofsd during each of its spans;
+    ``tree`` is the compiled tree, needed when ``names`` has the compiled daemon."""
     rows = {r.key: r for r in rows_for(workloads)}
     with tempfile.TemporaryDirectory(prefix="pyvirtiofsd-frontend-bench-") as tmp:
         work = Path(tmp)
@@ -340,7 +360,7 @@ def run(
         daemons: list[Daemon] = []
         try:
             for n in names:
-                daemons.append(start_daemon(n, share, work))
+                daemons.append(start_daemon(n, share, work, tree))
             for r in range(rounds):
                 for w in workloads:
                     for depth in DEPTHS:
@@ -385,6 +405,7 @@ def main() -> None:
     p.add_argument("--workload", action="append", choices=list(WORKLOADS))
     p.add_argument("--daemon", action="append", choices=list(DAEMONS))
     p.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    compiled.add_arguments(p)
     p.add_argument(
         "--profile",
         type=Path,
@@ -394,17 +415,26 @@ def main() -> None:
     args = p.parse_args()
     workloads = args.workload or list(WORKLOADS)
     names = args.daemon or list(DAEMONS)
+    tree, why_not = compiled.resolve(args) if PYC in names else (None, None)
+    if tree is None:
+        names = [n for n in names if n != PYC]
     progress = Progress()
     plan(progress, workloads, names, args.rounds, args.seconds)
     profile = prepare_profile(args.profile)
-    rows = run(workloads, names, args.rounds, args.seconds, progress, profile)
+    path = tree.path if tree else None
+    rows = run(workloads, names, args.rounds, args.seconds, progress, profile, path)
     progress.close()
     print(table(rows, {"frontend": TITLE}))
     print(f"medians of {args.rounds} rounds of {args.seconds:g} s per daemon and workload")
     print_profiles(profile, workloads)
+    if why_not is not None:
+        print(f"NOT MEASURED: {PYC}: {why_not}")
     if args.json:
         params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        write_json(args.json, rows, {"parts": {"frontend": params}})
+        meta: dict = {"parts": {"frontend": params}}
+        if tree is not None:
+            meta["facts"] = {"compiled": tree.describe()}
+        write_json(args.json, rows, meta)
         print(f"results written to {args.json}")
 
 

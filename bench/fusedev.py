@@ -4,8 +4,11 @@ passthrough_ll example, in one run.
     sudo .venv/bin/python bench/fusedev.py [--size-mib 512] [--files 2000] [--rounds 3]
 
 Needs root, /dev/fuse, gcc and Debian's libfuse3-dev (whose examples include passthrough_ll.c);
-the example is compiled once into the cache directory. The daemon is mounted plainly and with
---fuse-passthrough; the source directory itself is measured too, as the ceiling. The targets
+the example is compiled once into the cache directory. The daemon is mounted plainly, with
+--fuse-passthrough, and as the compiled build (mypyc: the same command with a compiled tree
+alone on PYTHONPATH, found or built by bench/compiled.py; ``--compiled DIR`` names one,
+``--no-compiled`` leaves it out; measured only once its /proc maps show the compiled modules
+loaded); the source directory itself is measured too, as the ceiling. The targets
 take turns within each round (the order reversed every other round), each on a fresh mount of
 an empty directory; figures are MB/s and operations/s, medians of ``--rounds``, with each
 daemon's CPU seconds per workload in the JSON. Nothing here asserts on speed.
@@ -26,8 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import compiled
 from common import BLOCK, Progress, cpu_seconds, drop_caches, rounds_order, seq_write
-from report import LABELS, PY, THROUGHPUT_TARGET, Row, table, write_json
+from report import LABELS, PY, PYC, THROUGHPUT_TARGET, Row, label, table, write_json
 
 CACHE = Path(os.environ.get("PYVIRTIOFSD_CACHE", "/var/cache/pyvirtiofsd"))
 EXAMPLE = Path("/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c")
@@ -83,8 +87,10 @@ def wait_mounted(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def mounted(cmd: list[str], mnt: Path) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def mounted(
+    cmd: list[str], mnt: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_mounted(mnt, proc)
         yield proc
@@ -116,7 +122,7 @@ PY_PASSTHROUGH = "pyvirtiofsd --fuse-passthrough"
 LABELS[REFERENCE] = "passthrough_ll (libfuse)"
 TITLE = "host: /dev/fuse mount, beside libfuse's passthrough_ll"
 #: Targets, in the order they take turns within a round; the source directory is no mount.
-TARGETS = [SOURCE, PY, PY_PASSTHROUGH, REFERENCE]
+TARGETS = [SOURCE, PY, PY_PASSTHROUGH, PYC, REFERENCE]
 
 
 @dataclass
@@ -148,7 +154,10 @@ def workload_fns(opts: Options) -> dict[str, Callable[[Path], float]]:
 def command(target: str, src: Path, mnt: Path) -> list[str]:
     if target == REFERENCE:
         return [str(passthrough_ll()), "-f", "-o", f"source={src}", str(mnt)]
-    argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
+    if target == PYC:
+        argv = [*compiled.command(), "--log-level", "error"]
+    else:
+        argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
     if target == PY_PASSTHROUGH:
         argv.append("--fuse-passthrough")
     return [*argv, "--shared-dir", str(src), "--mount", str(mnt)]
@@ -162,11 +171,14 @@ def plan(progress: Progress, opts: Options) -> None:
             progress.plan(f"fusedev/{r}/{t}", f"fusedev/{t}", prior, "fusedev")
 
 
-def run(opts: Options, progress: Progress) -> list[Row]:
+def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row]:
     """Interleaved rounds: in each, every target in turn, mounted afresh on an empty source
-    directory, runs every workload once. The rows hold the medians."""
+    directory, runs every workload once. The rows hold the medians. ``tree`` is the compiled
+    tree, needed when the targets have the compiled daemon."""
     if os.geteuid() != 0:
         raise RuntimeError("run as root (mounts FUSE, drops caches)")
+    if PYC in opts.targets and tree is None:
+        raise ValueError("the compiled daemon needs a compiled tree")
     if REFERENCE in opts.targets:
         passthrough_ll()  # compile it before anything is timed
     rows = {
@@ -179,7 +191,8 @@ def run(opts: Options, progress: Progress) -> list[Row]:
         for r in range(opts.rounds):
             for target in rounds_order(opts.targets, r):
                 key = f"fusedev/{r}/{target}"
-                progress.start(key, f"/dev/fuse bench, round {r + 1}/{opts.rounds}: {target}")
+                text = f"/dev/fuse bench, round {r + 1}/{opts.rounds}: {label(target)}"
+                progress.start(key, text)
                 src = base / "src"
                 mnt = base / "mnt"
                 shutil.rmtree(src, ignore_errors=True)
@@ -189,7 +202,10 @@ def run(opts: Options, progress: Progress) -> list[Row]:
                     for w, fn in fns.items():
                         rows[w].add(target, fn(src))
                 else:
-                    with mounted(command(target, src, mnt), mnt) as proc:
+                    env = compiled.environ(tree) if target == PYC and tree else None
+                    with mounted(command(target, src, mnt), mnt, env) as proc:
+                        if target == PYC and tree is not None:
+                            compiled.check_running(proc.pid, tree)  # before any figure
                         for w, fn in fns.items():
                             before = cpu_seconds(proc.pid)
                             value = fn(mnt)
@@ -214,18 +230,28 @@ def main() -> None:
         help=f"interleaved rounds; figures are medians (default {defaults.rounds})",
     )
     ap.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
+    compiled.add_arguments(ap)
     args = ap.parse_args()
     opts = Options(args.rounds, args.size_mib, args.files)
+    tree, why_not = compiled.resolve(args)
+    if tree is None:
+        opts.targets.remove(PYC)
     progress = Progress()
     plan(progress, opts)
     try:
-        result = run(opts, progress)
+        result = run(opts, progress, tree.path if tree else None)
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from None
     progress.close()
     print(table(result, {"fusedev": TITLE}))
+    if why_not is not None:
+        print(f"NOT MEASURED: {PYC}: {why_not}")
     if args.json:
-        write_json(args.json, result, {"parts": {"fusedev": vars(args) | {"json": str(args.json)}}})
+        params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        meta: dict = {"parts": {"fusedev": params}}
+        if tree is not None:
+            meta["facts"] = {"compiled": tree.describe()}
+        write_json(args.json, result, meta)
         print(f"results written to {args.json}")
 
 
