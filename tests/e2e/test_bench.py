@@ -1,6 +1,12 @@
 """The benchmark machinery in bench/ runs: `compare.py --smoke` end to end on the daemon-alone
-part (both daemons, the progress line, the table, the JSON, the chart), and the report, the
-progress line and the profile summary on recorded samples.
+part (every daemon, the compiled build's included, the progress line, the table, the JSON, the
+chart), a run whose compiled build can't be had, where to find a compiled tree, and the report,
+the progress line and the profile summary on recorded samples.
+
+The compiled column needs a compiled tree of the sources as they are: `build/compiled` when
+`.ci/test` has just built it, else a build cached under $PYVIRTIOFSD_CACHE/bench, made by the
+first run (a minute or two; later runs of the same sources reuse it). On a machine that can't
+compile (no gcc or Python headers) the smoke run leaves the column out.
 
 Nothing here looks at a figure's size: a benchmark's numbers are for reading (docs/
 benchmarks.md), and a test that asserted on them would fail on a busy machine. What is checked
@@ -9,11 +15,14 @@ is that every figure is there, is a number, and reaches the table, the JSON and 
 
 from __future__ import annotations
 
+import _ctypes
 import importlib
 import importlib.util
 import io
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -28,6 +37,7 @@ from pyvirtiofsd.virtio.memory import GuestMemory, MappedRegion
 from pyvirtiofsd.vm import assets
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+SRC = BENCH.parent / "src"
 SVG = "{http://www.w3.org/2000/svg}"
 
 
@@ -61,24 +71,33 @@ def bars(svg_text: str) -> list[ET.Element]:
 # --- the whole command, at its smoke size ---------------------------------------------------------
 
 
-def test_compare_smoke_runs_the_frontend_part_end_to_end(tmp_path: Path) -> None:
+def smoke(out: Path, *options: str | Path) -> subprocess.CompletedProcess[str]:
     try:
         assets.rust_virtiofsd_command()
     except assets.AssetsMissing as exc:
         pytest.skip(str(exc))
-    out = tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, BENCH / "compare.py", "--smoke", "--part", "frontend", "--out", out],
+    return subprocess.run(
+        [sys.executable, BENCH / "compare.py", "--smoke", "--part", "frontend", *options,
+         "--out", out],
         capture_output=True,
         text=True,
-        timeout=120,
-    )
+        timeout=420,  # a first build of the compiled tree takes one to two minutes
+    )  # fmt: skip
+
+
+def test_compare_smoke_runs_the_frontend_part_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    cannot = bench_module("compiled").cannot_compile()
+    run = smoke(out, *(["--no-compiled"] if cannot else []))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    daemons = ["pyvirtiofsd", "virtiofsd"] + ([] if cannot else ["pyvirtiofsd compiled"])
 
     # Progress: which daemon, which workload, how long is left.
     progress = run.stderr.splitlines()
     assert any("pyvirtiofsd, GETATTR at depth 1" in line and "left" in line for line in progress)
     assert any("virtiofsd 1.14, 1 MiB WRITE" in line for line in progress)
+    if not cannot:
+        assert any("pyvirtiofsd (mypyc), LOOKUP at depth 16" in line for line in progress)
 
     # Issue 10's requests, each at queue depth 1 and 16, with CPU per request and a rate.
     requests = ("getattr", "lookup", "read4k", "write4k", "read1m", "write1m")
@@ -86,24 +105,109 @@ def test_compare_smoke_runs_the_frontend_part_end_to_end(tmp_path: Path) -> None
     result = json.loads((out / "compare-smoke.json").read_text())
     assert result["schema"] == "pyvirtiofsd-bench/1"
     assert result["mode"] == "smoke" and result["errors"] == {}
-    assert result["command"] == ["compare.py", "--smoke", "--part", "frontend"]  # not --out
+    command = ["compare.py", "--smoke", "--part", "frontend"]
+    assert result["command"] == command + (["--no-compiled"] if cannot else [])  # not --out
     assert set(result["load_average"]["during"]) == {"min", "median", "max"}
     workloads = {w["workload"]: w for w in result["workloads"] if w["part"] == "frontend"}
     assert sorted(workloads) == sorted(keys)
     for w in workloads.values():
-        py, ref = w["daemons"]["pyvirtiofsd"], w["daemons"]["virtiofsd"]
-        assert len(py["rounds"]) == len(ref["rounds"]) == 1
-        assert py["value"] > 0 and ref["value"] > 0
-        assert math.isclose(py["ratio"], py["value"] / ref["value"], rel_tol=1e-4)
-        assert ref["ratio"] is None
-        assert (py["met"] is None) == (w["target"] is None)
+        assert sorted(w["daemons"]) == sorted(daemons)
+        ref = w["daemons"]["virtiofsd"]
+        assert len(ref["rounds"]) == 1 and ref["value"] > 0 and ref["ratio"] is None
+        for name in daemons:
+            if name == "virtiofsd":
+                continue
+            py = w["daemons"][name]
+            assert len(py["rounds"]) == 1 and py["value"] > 0
+            assert math.isclose(py["ratio"], py["value"] / ref["value"], rel_tol=1e-4)
+            assert (py["met"] is None) == (w["target"] is None)
+    if not cannot:
+        # The column is the compiled build of these very sources, and says how it was had.
+        facts = result["facts"]["compiled"]
+        assert "compiled with mypyc" in facts["version"] and facts["same_sources"] is True
+        assert facts["origin"] in ("build/compiled", "cache", "built")
+        assert "compiled build: pyvirtiofsd" in run.stdout
 
-    # The table has every row with its ratio; the chart a bar per row.
+    # The table has every row with each ratio; the chart a bar per row and compared daemon.
     for w in workloads.values():
         line = next(s for s in run.stdout.splitlines() if s.startswith(w["label"] + " "))
-        assert f"{w['daemons']['pyvirtiofsd']['ratio']:.2f}x" in line
-    assert len(bars((out / "compare-smoke.svg").read_text())) == len(keys)
+        for name in daemons:
+            if name != "virtiofsd":
+                assert f"{w['daemons'][name]['ratio']:.2f}x" in line
+    compared = len(daemons) - 1
+    assert len(bars((out / "compare-smoke.svg").read_text())) == compared * len(keys)
     assert not (out / "compare.json").exists()  # a smoke run never replaces real figures
+
+
+def test_compare_goes_on_without_a_compiled_build_it_cannot_have(tmp_path: Path) -> None:
+    """A compiled tree that is not compiled (here the pure sources themselves) is refused: the
+    compiled column is reported not measured, with the reason, and the others are measured."""
+    out = tmp_path / "results"
+    run = smoke(out, "--compiled", SRC)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / "compare-smoke.json").read_text())
+    assert list(result["errors"]) == ["pyvirtiofsd compiled"]
+    assert "pure Python" in result["errors"]["pyvirtiofsd compiled"]
+    assert "NOT MEASURED: pyvirtiofsd compiled: " in run.stdout
+    assert "compiled" not in result["facts"]
+    for w in result["workloads"]:
+        assert sorted(w["daemons"]) == ["pyvirtiofsd", "virtiofsd"]
+        assert w["daemons"]["pyvirtiofsd"]["value"] > 0
+
+
+# --- where the compiled tree comes from -----------------------------------------------------------
+
+
+def pure_tree(root: Path) -> Path:
+    """A tree laid out as a compiled one is (the package, the test helpers copied in), but of
+    the pure sources."""
+    shutil.copytree(SRC / "pyvirtiofsd", root / "pyvirtiofsd",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    return root
+
+
+def test_a_tree_is_of_the_same_sources_only_while_every_module_is(tmp_path: Path) -> None:
+    compiled = bench_module("compiled")
+    tree = pure_tree(tmp_path)
+    assert compiled.same_sources(tree)
+    # The test helpers are no part of a wheel: a tree may have them or not.
+    shutil.rmtree(tree / "pyvirtiofsd" / "testing")
+    assert compiled.same_sources(tree)
+    cli = tree / "pyvirtiofsd" / "cli.py"
+    cli.write_text(cli.read_text() + "\n# edited\n")
+    assert not compiled.same_sources(tree)
+    cli.unlink()
+    assert not compiled.same_sources(tree)
+
+
+def test_a_tree_that_is_not_compiled_is_refused(tmp_path: Path) -> None:
+    compiled = bench_module("compiled")
+    tree = pure_tree(tmp_path)
+    with pytest.raises(compiled.Unavailable, match="pure Python"):
+        compiled.find(tree)
+    with pytest.raises(compiled.Unavailable, match="no pyvirtiofsd package"):
+        compiled.find(tree / "pyvirtiofsd" / "fuse")
+
+
+def test_a_daemon_counts_as_compiled_only_with_its_trees_modules_loaded(tmp_path: Path) -> None:
+    compiled = bench_module("compiled")
+    ext = Path(_ctypes.__file__)  # any extension module stands for a compiled one
+    shutil.copy(ext, tmp_path / ext.name)
+    code = "import ctypes, sys; ctypes.CDLL(sys.argv[1]); print(flush=True); sys.stdin.read()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, tmp_path / ext.name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "\n"
+        compiled.check_running(proc.pid, tmp_path)
+        # This process loaded its extension modules from elsewhere.
+        with pytest.raises(RuntimeError, match="none of its tree's modules"):
+            compiled.check_running(os.getpid(), tmp_path)
+    finally:
+        proc.communicate(timeout=60)
 
 
 # --- the requests, shaped as the guest shapes them ----------------------------------------------
