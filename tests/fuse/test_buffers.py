@@ -1,11 +1,13 @@
 """Scatter-gather reads and writes across buffer boundaries."""
 
+import ctypes
 import os
 
 import pytest
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
+from pyvirtiofsd.iovec import IOVEC, Iovecs
 
 
 def _split(data: bytes, cuts: list[int]) -> list[memoryview]:
@@ -78,3 +80,53 @@ def test_write_data_to_fd(tmp_path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == b"\0" * 10 + payload
+
+
+def _as_iovecs(sizes: list[int]) -> tuple[bytearray, Iovecs]:
+    """Buffers of ``sizes`` bytes laid out back to front in one bytearray, as an Iovecs."""
+    memory = bytearray(sum(sizes) + 64 * len(sizes))
+    view = memoryview(memory)
+    host = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    raw, at = b"", len(memory)
+    for n in sizes:
+        at -= n + 64
+        raw += IOVEC.pack(host + at, n)
+    return memory, Iovecs(raw, view[:], host)
+
+
+@pytest.mark.parametrize(("offset", "size"), [(100, 3 * 4096), (0, 3 * 4096), (7000, 3 * 4096)])
+def test_writer_reads_from_fd_into_an_iovec_array(tmp_path, offset: int, size: int) -> None:
+    """A READ's pages held as an Iovecs get the same bytes as views would, short at the end
+    of the file too."""
+    path = tmp_path / "f"
+    payload = os.urandom(10000)
+    path.write_bytes(payload)
+    _, bufs = _as_iovecs([16, 4096, 4096, 4096])
+    w = ReplyWriter(bufs)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = w.read_from_fd(fd, offset, size)
+    finally:
+        os.close(fd)
+    assert got == len(payload[offset : offset + size])
+    n = w.finish(abi.OUT_HEADER.struct, 0, 1)
+    assert n == 16 + got
+    assert b"".join(bytes(b) for b in bufs)[16:n] == payload[offset : offset + size]
+
+
+def test_write_data_from_an_iovec_array(tmp_path) -> None:
+    path = tmp_path / "f"
+    payload = os.urandom(5000)
+    _, bufs = _as_iovecs([40, 1, 4096, 863])
+    for view, part in zip(bufs, _split(payload, [40, 41, 4137]), strict=True):
+        view[:] = part
+    reader = RequestReader(bufs)
+    assert bytes(reader.read(40)) == payload[:40]
+    data = reader.views(4960)
+    assert isinstance(data, Iovecs)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert WriteData(data, 4960).to_fd(fd, 10) == 4960
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 10 + payload[40:]

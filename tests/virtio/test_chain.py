@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyvirtiofsd.virtio.chain as chain_module
+from pyvirtiofsd.iovec import Iovecs
 from pyvirtiofsd.virtio.chain import (
     DESC,
     MAX_INDIRECT,
@@ -280,6 +281,71 @@ def test_bulk_table_decoding_is_the_walk(
     except InvalidChain as e:
         fast = e
     _same(fast, _walk_only(g, monkeypatch))
+
+
+def _linux_read(g: Guest, base: int, pages: int = 256, page: int = 1024) -> list[list[int]]:
+    """A READ shaped as Linux sends it: in header, read_in | out header, ``pages`` pages from
+    ``base`` on (every other slot: scattered), the headers after them."""
+    at = base + 2 * page * pages
+    entries = [[at, 40, NEXT, 1], [at + 0x40, 40, NEXT, 2], [at + 0x80, 16, NEXT | WRITE, 3]]
+    entries += [[base + 2 * page * i, page, NEXT | WRITE, 4 + i] for i in range(pages)]
+    entries[-1][2] = WRITE
+    return entries
+
+
+@pytest.mark.pure_python
+@pytest.mark.parametrize(
+    ("entry", "addr", "length"),
+    [
+        (100, 2**64 - 1, 2),  # past the end of the address space: a carry out of the lane
+        (100, 2**64 - 1, 2**32 - 1),
+        (258, 2**64 - 4096, 4096),
+        (5, 2**63, 4096),
+        (3, MiB - 1, 2),  # across the two regions: two views from the walk
+        (200, 2 * MiB - 1024, 1024),  # ends at the end of memory exactly
+        (200, 2 * MiB - 1023, 1024),  # one byte past it
+        (7, 0, 1024),  # in the other region than the rest
+        (0, 0, 1),
+        (9, 0x40000, 0),  # empty
+        (258, MiB, 0),
+    ],
+)
+@pytest.mark.parametrize("base", [0x40000, MiB])
+def test_bulk_decoding_of_buffers_at_the_edges(
+    g: Guest, monkeypatch: pytest.MonkeyPatch, base: int, entry: int, addr: int, length: int
+) -> None:
+    """Buffers at the edges of the regions and of the address space, where the bulk check's
+    arithmetic could carry from one descriptor into the next: the same chain as the walk, or
+    the same refusal, whether the rest lies in the first region or the second."""
+    entries = _linux_read(g, base, page=1024 if base == MiB else 512)
+    entries[entry][:2] = [addr, length]
+    g.indirect(0x20000, [tuple(e) for e in entries])  # type: ignore[misc]
+    g.desc(0, 0x20000, 16 * len(entries), INDIRECT)
+    try:
+        fast: Chain | InvalidChain = g.read(gpas=[])
+    except InvalidChain as e:
+        fast = e
+    _same(fast, _walk_only(g, monkeypatch))
+
+
+@pytest.mark.parametrize("base", [0x40000, MiB])
+def test_a_bulk_chain_holds_its_pages_as_an_iovec_array(g: Guest, base: int) -> None:
+    """The pages of a big request come as an Iovecs (its headers as views), built from a copy
+    of the table: a driver rewriting the table afterwards changes nothing."""
+    entries = _linux_read(g, base, page=1024 if base == MiB else 512)
+    g.indirect(0x20000, [tuple(e) for e in entries])  # type: ignore[misc]
+    g.desc(0, 0x20000, 16 * len(entries), INDIRECT)
+    chain = g.read()
+    assert isinstance(chain.readable, list) and isinstance(chain.writable, Iovecs)
+    before = [bytes(v) for v in chain.writable]
+    g.indirect(0x20000, [(0, 2**32 - 1, WRITE, 0)] * len(entries))
+    assert [len(v) for v in chain.writable] == [16] + [entries[3][1]] * 256
+    assert [bytes(v) for v in chain.writable] == before
+    region = g.memory.regions[base // MiB]
+    page = entries[5]
+    chain.writable[3][:4] = b"page"
+    at = page[0] - region.guest_addr
+    assert region.view[at : at + 4] == b"page"
 
 
 @pytest.mark.pure_python

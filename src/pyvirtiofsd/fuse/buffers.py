@@ -3,7 +3,9 @@
 A request arrives as a list of readable memoryviews and its reply goes into a list of writable
 ones: a single buffer for /dev/fuse, the descriptors of a chain for virtio. Small structures are
 read and written through these classes; file data moves between the views and a file descriptor
-with ``os.preadv``/``os.pwritev`` so that it is never copied in Python.
+with ``os.preadv``/``os.pwritev`` so that it is never copied in Python; buffers given as an
+:class:`~pyvirtiofsd.iovec.Iovecs` (a big request's pages) go to the kernel as the iovec array
+they already are.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from typing import Any, Final
+
+from pyvirtiofsd.iovec import Iovecs
 
 __all__ = [
     "Buffer",
@@ -116,14 +120,15 @@ class RequestReader:
         )
         return b"".join(parts)
 
-    def views(self, size: int) -> list[memoryview]:
+    def views(self, size: int) -> Sequence[memoryview]:
         """The next ``size`` bytes as views into the request (no copy)."""
         if size > self.remaining:
             raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
         self.remaining -= size
         if size == self._avail and not self._offset:
-            # The rest of the buffers, whole (a WRITE's pages): no view is looked at.
-            out = list(self._views[self._index :])
+            # The rest of the buffers, whole (a WRITE's pages): no view is looked at, and an
+            # Iovecs stays one.
+            out = self._views[self._index :]
             self._index = len(self._views)
             self._avail = 0
             return out
@@ -233,13 +238,14 @@ class ReplyWriter:
         """Payload bytes that still fit."""
         return self.capacity - self.length
 
-    def views(self, size: int) -> list[memoryview]:
+    def views(self, size: int) -> Sequence[memoryview]:
         """Views over the next ``size`` payload bytes (clipped to what fits), for a fill in place;
         :meth:`advance` then accounts for what was filled."""
         space = self.capacity - self.length
         if size >= space and not self._offset:
-            # The rest of the buffers, whole (a READ's pages): no view is looked at.
-            return list(self._views[self._index :])
+            # The rest of the buffers, whole (a READ's pages): no view is looked at, and an
+            # Iovecs stays one.
+            return self._views[self._index :]
         out, _, _ = _slice_views(self._views, self._index, self._offset, min(size, space))
         return out
 
@@ -258,7 +264,10 @@ class ReplyWriter:
             views = self.views(size - done)
             if not views:
                 break
-            n = os.preadv(fd, views, offset + done)
+            if type(views) is Iovecs:
+                n = views.preadv(fd, offset + done)
+            else:
+                n = os.preadv(fd, views, offset + done)
             if n <= 0:
                 break
             self.advance(n)
@@ -285,11 +294,11 @@ class WriteData:
 
     __slots__ = ("_views", "size")
 
-    def __init__(self, views: list[memoryview], size: int) -> None:
+    def __init__(self, views: Sequence[memoryview], size: int) -> None:
         self._views = views
         self.size = size
 
-    def views(self) -> list[memoryview]:
+    def views(self) -> Sequence[memoryview]:
         return self._views
 
     def to_fd(self, fd: int, offset: int) -> int:
@@ -297,18 +306,22 @@ class WriteData:
         views = self._views
         done = 0
         while done < self.size:
-            n = os.pwritev(fd, views, offset + done)
+            if type(views) is Iovecs:
+                n = views.pwritev(fd, offset + done)
+            else:
+                n = os.pwritev(fd, views, offset + done)
             if n <= 0:
                 break
             done += n
-            views = _skip(self._views, done)
+            if done < self.size:
+                views = _skip(self._views, done)
         return done
 
     def tobytes(self) -> bytes:
         return b"".join(self._views)
 
 
-def _skip(views: list[memoryview], count: int) -> list[memoryview]:
+def _skip(views: Sequence[memoryview], count: int) -> list[memoryview]:
     out = []
     for view in views:
         if count >= len(view):

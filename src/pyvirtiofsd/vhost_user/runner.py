@@ -50,7 +50,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from pyvirtiofsd.vhost_user.channel import BackendChannel
@@ -133,7 +133,7 @@ class _Later:
         self._done = False
 
     @property
-    def writable(self) -> list[memoryview]:
+    def writable(self) -> Sequence[memoryview]:
         return self._chain.writable
 
     def complete(self, used: int) -> None:

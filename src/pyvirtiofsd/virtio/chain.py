@@ -28,12 +28,14 @@ covered. Otherwise (``gpas`` None, the usual case) it keeps nothing more.
 
 from __future__ import annotations
 
+import array
 import functools
-import operator
 import struct
+from collections.abc import Sequence
 from typing import Final
 
-from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError
+from pyvirtiofsd.iovec import IOVEC, Iovecs
+from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion
 
 __all__ = [
     "DESC_SIZE",
@@ -85,8 +87,8 @@ class Chain:
     def __init__(
         self,
         head: int,
-        readable: list[memoryview],
-        writable: list[memoryview],
+        readable: Sequence[memoryview],
+        writable: Sequence[memoryview],
         writable_len: int | None = None,
         readable_len: int | None = None,
         gpas: list[tuple[int, int]] | None = None,
@@ -134,18 +136,71 @@ _unpack_desc = DESC.unpack_from
 
 #: Tables this long or longer are decoded in bulk; below, walking them costs less.
 _BULK: Final = 16
+#: A side of a bulk-decoded chain with at most this many buffers gets a list of views (looked at
+#: piece by piece: headers, arguments); a longer one (pages of file data) gets an Iovecs.
+_AS_VIEWS: Final = 8
+
+_U64: Final = 1 << 64
+_LOW64: Final = _U64 - 1
+_LOW32: Final = (1 << 32) - 1
 
 
 @functools.lru_cache(maxsize=1024)
-def _linux_words(entries: int, readable: int) -> list[int]:
-    """The flags and next fields (as one 32-bit word each) of a table Linux builds with
-    ``entries`` descriptors, the first ``readable`` of them device-readable."""
-    words = [
-        (VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if i >= readable else 0)) | (i + 1) << 16
-        for i in range(entries)
-    ]
-    words[-1] &= ~VRING_DESC_F_NEXT
-    return words
+def _linux_words(entries: int, readable: int) -> memoryview:
+    """The flags and next fields (as one 32-bit word each) of all but the last entry of a table
+    Linux builds with ``entries`` descriptors, the first ``readable`` of them device-readable."""
+    words = array.array(
+        "I",
+        [
+            (VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if i >= readable else 0)) | (i + 1) << 16
+            for i in range(entries - 1)
+        ],
+    )
+    return memoryview(words)
+
+
+class _Lanes:
+    """Constants for reading a table of ``entries`` descriptors as one integer.
+
+    ``int.from_bytes(table, "little")`` puts descriptor i in bits 128i..128i+127: its address
+    in the low 64, its length in the next 32. Sums, masks and comparisons of that integer with
+    the same value repeated in every 128-bit lane act on all descriptors at once, in C, as long
+    as no lane carries into the next: each use below keeps every lane under 2**66.
+    """
+
+    __slots__ = ("_region", "addr", "carry", "iovec", "length", "one", "top")
+
+    def __init__(self, entries: int) -> None:
+        #: 1 in every lane; ``v * one`` repeats v (< 2**128) in every lane.
+        one = int.from_bytes((b"\1" + bytes(15)) * entries, "little")
+        self.one = one
+        self.addr = _LOW64 * one
+        self.length = _LOW32 * one
+        #: The address and length of every lane: the bits of a ``struct iovec``.
+        self.iovec = ((1 << 96) - 1) * one
+        #: Bit 64 of every lane: where "at least 2**64" shows after an addition.
+        self.top = _U64 * one
+        #: Bits 64 and 65 of every lane: a sum of three 64-bit values reaches either.
+        self.carry = 3 * _U64 * one
+        self._region: tuple[int, int, int, int, int, int] = (-1, -1, -1, 0, 0, 0)
+
+    def region(self, start: int, end: int, host: int) -> tuple[int, int, int]:
+        """For a region of guest addresses ``start``..``end`` mapped at ``host``: the lanes to add
+        so that bit 64 tells "address >= start" and "address + length > end", and the (signed)
+        lanes that turn guest addresses into host ones."""
+        cached = self._region
+        if cached[0] != start or cached[1] != end or cached[2] != host:
+            one = self.one
+            delta = host - start
+            shift = delta * one if delta >= 0 else -((-delta) * one)
+            cached = (start, end, host, (_U64 - start) * one, (_LOW64 - end) * one, shift)
+            self._region = cached
+        return cached[3], cached[4], cached[5]
+
+
+@functools.lru_cache(maxsize=64)
+def _lanes(entries: int) -> _Lanes:
+    return _Lanes(entries)
 
 
 def _linux_table(
@@ -158,42 +213,100 @@ def _linux_table(
     """The chain of an indirect table laid out as Linux (and QEMU) lay them out, decoded in
     bulk: entries in order (``next`` is i + 1 in every entry but the last, whose ``next`` means
     nothing without NEXT: Linux writes i + 1 there, other drivers 0), NEXT on all but the last,
-    readable before writable, no empty buffer, all in one guest memory region. None for any
-    other table: the general walk then decides, so both give the same chain or the same
-    refusal."""
-    words = table.cast("I")
-    flags_next = words[3::4].tolist()
-    flags_next[-1] = (flags_next[-1] & 0xFFFF) | entries << 16
-    if flags_next[-1] & VRING_DESC_F_WRITE:
+    readable before writable, no empty buffer, all in one region of guest memory. None for
+    any other table: the general walk then decides, so both give the same chain or the same
+    refusal.
+
+    Everything is decided on one private copy of the table, so the guest can't change a buffer
+    between its check and its use; the long side of the chain (a READ's or WRITE's pages) is an
+    :class:`~pyvirtiofsd.iovec.Iovecs` built from that copy without a Python step per buffer.
+    """
+    main = memory.main
+    if main is None:
+        return None
+    raw = bytes(table)
+    words = memoryview(raw).cast("I")
+    last = words[-1] & 0xFFFF  # the flags of the last entry
+    if last & VRING_DESC_F_WRITE:
         # The first writable entry, by bisection; a table of another shape fails the
         # comparison below whatever this finds.
         lo, hi = 0, entries - 1
         while lo < hi:
             mid = (lo + hi) >> 1
-            if flags_next[mid] & VRING_DESC_F_WRITE:
+            if words[4 * mid + 3] & VRING_DESC_F_WRITE:
                 hi = mid
             else:
                 lo = mid + 1
         readable = lo
     else:
         readable = entries
-    if flags_next != _linux_words(entries, readable):
+    if last != (VRING_DESC_F_WRITE if readable < entries else 0):
         return None
-    lens = words[2::4].tolist()
-    if 0 in lens:
+    if words[3:-4:4] != _linux_words(entries, readable):
         return None
-    addrs = table.cast("Q")[0::2].tolist()
-    region = memory.region_of(min(addrs), max(map(operator.add, addrs, lens)))
-    if region is None:
+    lanes = _lanes(entries)
+    whole = int.from_bytes(raw, "little")
+    addrs = whole & lanes.addr
+    lens = (whole >> 64) & lanes.length
+    if (lens + lanes.addr) & lanes.top != lanes.top:  # an empty buffer
         return None
-    view = region.view
-    base = region.guest_addr
-    views = [view[a - base : a - base + n] for a, n in zip(addrs, lens, strict=True)]
+    region = main
+    to_host = _in_region(lanes, addrs, lens, region)
+    if to_host is None:
+        # Not all in guest RAM: perhaps all in the region of the first buffer.
+        first = words[0] | words[1] << 32
+        other = memory.region_of(first, first + 1)
+        if other is None or other is main:
+            return None
+        region = other
+        to_host = _in_region(lanes, addrs, lens, region)
+        if to_host is None:
+            return None
+    # The address moved to the host's, the flags and next gone: the lane is a struct iovec.
+    iov = ((whole & lanes.iovec) + to_host).to_bytes(16 * entries, "little")
+    lengths = words[2::4].tolist()
+    total = sum(lengths)
     if gpas is not None:
-        gpas.extend(zip(addrs[readable:], lens[readable:], strict=True))
+        addresses = memoryview(raw).cast("Q")[2 * readable :: 2].tolist()
+        gpas.extend(zip(addresses, lengths[readable:], strict=True))
+    if 2 * readable <= entries:
+        readable_len = sum(lengths[:readable])
+        writable_len = total - readable_len
+    else:
+        writable_len = sum(lengths[readable:])
+        readable_len = total - writable_len
+    split = 16 * readable
+    view = region.view
+    host = region.host_addr
     return Chain(
-        head, views[:readable], views[readable:], sum(lens[readable:]), sum(lens[:readable]), gpas
+        head,
+        _buffers(iov[:split], view, host),
+        _buffers(iov[split:], view, host),
+        writable_len,
+        readable_len,
+        gpas,
     )
+
+
+def _in_region(lanes: _Lanes, addrs: int, lens: int, region: MappedRegion) -> int | None:
+    """The lanes that turn the guest addresses ``addrs`` into host ones, if every buffer
+    (``addrs``, ``lens``) lies inside ``region``; None if one does not."""
+    start, end = region.guest_addr, region.guest_end
+    if end > _LOW64:
+        return None
+    at_start, past_end, to_host = lanes.region(start, end, region.host_addr)
+    top = lanes.top
+    if (addrs + at_start) & top != top or (addrs + lens + past_end) & lanes.carry:
+        return None
+    return to_host
+
+
+def _buffers(iov: bytes, view: memoryview, host: int) -> Sequence[memoryview]:
+    """The buffers of an iovec array inside ``view`` (at host address ``host``): a list of views
+    when they are few, else an Iovecs (with a view of its own, so the mapping stays)."""
+    if len(iov) <= 16 * _AS_VIEWS:
+        return [view[b - host : b - host + n] for b, n in IOVEC.iter_unpack(iov)]
+    return Iovecs(iov, view[:], host)
 
 
 def read_chain(
