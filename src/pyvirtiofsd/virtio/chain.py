@@ -20,6 +20,13 @@ The driver is hostile, so the walk enforces:
 Any violation raises :class:`InvalidChain` carrying the head, so the caller can log it
 and return the chain with used length 0.
 
+An indirect table of 16 or more entries laid out as Linux lays them out (a big READ or WRITE:
+headers, then a page per descriptor) is decoded in bulk instead, with the same outcome as the
+walk: one private copy of the table is checked as a whole, and the long side of the chain
+becomes an :class:`~pyvirtiofsd.iovec.Iovecs`, the pages as a ``struct iovec`` array the kernel
+reads directly. Any other table, or one failing a check, goes through the walk, which then
+decides, so a table's outcome never depends on the path it took.
+
 While the front-end migrates the guest, the device must log every page it writes, by
 guest-physical address: the walk then also keeps the address and length of each writable
 buffer (``gpas``), and :meth:`Chain.written` says which ranges a reply of so many bytes
