@@ -23,7 +23,7 @@ def mapping() -> mmap.mmap:
 def _iovecs(view: memoryview, layout: list[tuple[int, int]] = LAYOUT) -> Iovecs:
     host = _address_of(view)
     raw = b"".join(IOVEC.pack(host + off, n) for off, n in layout)
-    return Iovecs(raw, view[:], host)
+    return Iovecs(raw, ((host, view[:]),))
 
 
 def _views(view: memoryview, layout: list[tuple[int, int]] = LAYOUT) -> list[memoryview]:

@@ -11,10 +11,10 @@ Rules:
   stands for: code that indexes, slices or iterates it gets views, made on demand (one slice of
   the mapping each, never cached). Only :meth:`Iovecs.preadv` and :meth:`Iovecs.pwritev`, which
   callers that move file data try first (:mod:`pyvirtiofsd.fuse.buffers`), take the short way.
-* Every entry lies inside ``view``. The maker checks that, from data the other side can no
-  longer change (a private copy); nothing here checks it again, since the kernel is handed the
-  addresses as they are.
-* ``view`` is a view of the mapping of its own (an export), so the mapping stays mapped while an
+* Every entry lies inside one of its mappings. The maker checks that, from data the other side
+  can no longer change (a private copy); nothing here checks it again, since the kernel is
+  handed the addresses as they are.
+* Its views of the mappings are its own (exports), so a mapping stays mapped while an
   :class:`Iovecs` over it lives, whatever its owner releases meanwhile.
 """
 
@@ -54,18 +54,18 @@ def _raise(result: int) -> int:
 
 
 class Iovecs(Sequence[memoryview]):
-    """Buffers inside one mapping, as a packed iovec array.
+    """Buffers inside a few mappings, as a packed iovec array.
 
-    ``raw`` is the array (16 bytes per buffer, host addresses); ``view`` the mapping (a view of
-    its own), whose first byte is at host address ``host``.
+    ``raw`` is the array (16 bytes per buffer, host addresses); ``spans`` the mappings, each as
+    the host address of its first byte and a view of it of its own. Every buffer lies inside one
+    of them.
     """
 
-    __slots__ = ("_host", "_raw", "_view")
+    __slots__ = ("_raw", "_spans")
 
-    def __init__(self, raw: bytes, view: memoryview, host: int) -> None:
+    def __init__(self, raw: bytes, spans: tuple[tuple[int, memoryview], ...]) -> None:
         self._raw = raw
-        self._view = view
-        self._host = host
+        self._spans = spans
 
     def __len__(self) -> int:
         return len(self._raw) >> 4
@@ -82,19 +82,24 @@ class Iovecs(Sequence[memoryview]):
             start, stop, step = index.indices(count)
             if step != 1:
                 return [self[i] for i in range(start, stop, step)]
-            return Iovecs(self._raw[start << 4 : max(start, stop) << 4], self._view, self._host)
+            return Iovecs(self._raw[start << 4 : max(start, stop) << 4], self._spans)
         if index < 0:
             index += count
         if not 0 <= index < count:
             raise IndexError("Iovecs index out of range")
         base, length = IOVEC.unpack_from(self._raw, index << 4)
-        start = base - self._host
-        return self._view[start : start + length]
+        return self._view(base, length)
+
+    def _view(self, base: int, length: int) -> memoryview:
+        for host, view in self._spans:
+            start = base - host
+            if 0 <= start < len(view):
+                return view[start : start + length]
+        raise ValueError(f"buffer at {base:#x} outside the mappings")  # broken maker
 
     def __iter__(self) -> Iterator[memoryview]:
-        view, host = self._view, self._host
         for base, length in IOVEC.iter_unpack(self._raw):
-            yield view[base - host : base - host + length]
+            yield self._view(base, length)
 
     @property
     def nbytes(self) -> int:

@@ -91,7 +91,7 @@ def _as_iovecs(sizes: list[int]) -> tuple[bytearray, Iovecs]:
     for n in sizes:
         at -= n + 64
         raw += IOVEC.pack(host + at, n)
-    return memory, Iovecs(raw, view[:], host)
+    return memory, Iovecs(raw, ((host, view[:]),))
 
 
 @pytest.mark.parametrize(("offset", "size"), [(100, 3 * 4096), (0, 3 * 4096), (7000, 3 * 4096)])

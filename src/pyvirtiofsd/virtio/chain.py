@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import array
 import functools
+import itertools
 import struct
 from collections.abc import Sequence
 from typing import Final
 
-from pyvirtiofsd.iovec import IOVEC, Iovecs
+from pyvirtiofsd.iovec import Iovecs
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion
 
 __all__ = [
@@ -166,16 +167,25 @@ def _linux_words(entries: int, readable: int) -> memoryview:
     return memoryview(words)
 
 
+#: Guest memory of more regions than this is not decoded in bulk (QEMU gives a guest's RAM in
+#: one to three).
+_BULK_REGIONS: Final = 8
+#: Added to every lane while guest addresses become host ones, so that a step down (a region
+#: mapped below its guest address) never borrows from the next lane.
+_BIAS: Final = 1 << 80
+
+
 class _Lanes:
     """Constants for reading a table of ``entries`` descriptors as one integer.
 
     ``int.from_bytes(table, "little")`` puts descriptor i in bits 128i..128i+127: its address
     in the low 64, its length in the next 32. Sums, masks and comparisons of that integer with
     the same value repeated in every 128-bit lane act on all descriptors at once, in C, as long
-    as no lane carries into the next: each use below keeps every lane under 2**66.
+    as no lane carries into the next or borrows from it: each use below keeps every lane between
+    0 and 2**82.
     """
 
-    __slots__ = ("_region", "addr", "carry", "iovec", "length", "one", "top")
+    __slots__ = ("_layout", "_memory", "addr", "bias", "carry", "iovec", "length", "one", "top")
 
     def __init__(self, entries: int) -> None:
         #: 1 in every lane; ``v * one`` repeats v (< 2**128) in every lane.
@@ -189,20 +199,71 @@ class _Lanes:
         self.top = _U64 * one
         #: Bits 64 and 65 of every lane: a sum of three 64-bit values reaches either.
         self.carry = 3 * _U64 * one
-        self._region: tuple[int, int, int, int, int, int] = (-1, -1, -1, 0, 0, 0)
+        self.bias = _BIAS * one
+        self._memory: GuestMemory | None = None
+        self._layout: _Layout | None = None
 
-    def region(self, start: int, end: int, host: int) -> tuple[int, int, int]:
-        """For a region of guest addresses ``start``..``end`` mapped at ``host``: the lanes to add
-        so that bit 64 tells "address >= start" and "address + length > end", and the (signed)
-        lanes that turn guest addresses into host ones."""
-        cached = self._region
-        if cached[0] != start or cached[1] != end or cached[2] != host:
-            one = self.one
-            delta = host - start
-            shift = delta * one if delta >= 0 else -((-delta) * one)
-            cached = (start, end, host, (_U64 - start) * one, (_LOW64 - end) * one, shift)
-            self._region = cached
-        return cached[3], cached[4], cached[5]
+    def layout(self, memory: GuestMemory) -> _Layout | None:
+        """The lanes for ``memory``'s regions (the last memory's are kept: it changes only with
+        the front-end's memory table); None if it can't be decoded in bulk."""
+        if self._memory is not memory:
+            regions = memory.regions
+            layout = None
+            if 0 < len(regions) <= _BULK_REGIONS and regions[-1].guest_end <= _LOW64:
+                layout = _Layout(self.one, regions)
+            self._layout = layout
+            self._memory = memory
+        return self._layout
+
+
+class _Layout:
+    """The lanes that place every buffer of a table in guest memory of a few regions.
+
+    A buffer belongs to the last region starting at or below its address (the regions are in
+    guest address order): one carry bit per region past the first says, for every lane at once,
+    whether the address is at or past that region's start, and each such bit moves the lane's
+    end limit and its guest-to-host shift from one region's to the next one's. A buffer must
+    then end by its region's end, which also refuses one starting in a gap between regions or
+    running from one region into the next (the walk splits that one in two views).
+    """
+
+    __slots__ = ("at_start", "past_end", "spans", "steps", "to_host")
+
+    def __init__(self, one: int, regions: tuple[MappedRegion, ...]) -> None:
+        first = regions[0]
+        #: Lanes that make bit 64 say "at or past the first region's start".
+        self.at_start = (_U64 - first.guest_addr) * one
+        #: Lanes that make bits 64-65 of address + length + this say "past the region's end".
+        self.past_end = (_LOW64 - first.guest_end) * one
+        #: Lanes that turn a guest address of the first region into a host one (plus _BIAS).
+        self.to_host = (_BIAS + first.host_addr - first.guest_addr) * one
+        #: Per further region: its at_start lanes, and how far the end and the shift move.
+        self.steps = tuple(
+            (
+                (_U64 - r.guest_addr) * one,
+                r.guest_end - prev.guest_end,
+                (r.host_addr - r.guest_addr) - (prev.host_addr - prev.guest_addr),
+            )
+            for prev, r in itertools.pairwise(regions)
+        )
+        #: The regions' host addresses and views, in order.
+        self.spans = tuple((r.host_addr, r.view) for r in regions)
+
+    def host_lanes(self, lanes: _Lanes, addrs: int, lens: int) -> int | None:
+        """What to add to each lane to turn its guest address into a host one (with _BIAS
+        more), if every buffer lies inside one region; None if one does not."""
+        top = lanes.top
+        if (addrs + self.at_start) & top != top:
+            return None
+        past_end = self.past_end
+        to_host = self.to_host
+        for at_start, end_step, host_step in self.steps:
+            above = ((addrs + at_start) & top) >> 64
+            past_end -= above * end_step
+            to_host += above * host_step
+        if (addrs + lens + past_end) & lanes.carry:
+            return None
+        return to_host
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,16 +281,17 @@ def _linux_table(
     """The chain of an indirect table laid out as Linux (and QEMU) lay them out, decoded in
     bulk: entries in order (``next`` is i + 1 in every entry but the last, whose ``next`` means
     nothing without NEXT: Linux writes i + 1 there, other drivers 0), NEXT on all but the last,
-    readable before writable, no empty buffer, all in one region of guest memory. None for
-    any other table: the general walk then decides, so both give the same chain or the same
-    refusal.
+    readable before writable, no empty buffer, each buffer inside one region of guest memory.
+    None for any other table: the general walk then decides, so both give the same chain or the
+    same refusal.
 
     Everything is decided on one private copy of the table, so the guest can't change a buffer
     between its check and its use; the long side of the chain (a READ's or WRITE's pages) is an
     :class:`~pyvirtiofsd.iovec.Iovecs` built from that copy without a Python step per buffer.
     """
-    main = memory.main
-    if main is None:
+    lanes = _lanes(entries)
+    layout = lanes.layout(memory)
+    if layout is None:
         return None
     raw = bytes(table)
     words = memoryview(raw).cast("I")
@@ -251,26 +313,16 @@ def _linux_table(
         return None
     if words[3:-4:4] != _linux_words(entries, readable):
         return None
-    lanes = _lanes(entries)
     whole = int.from_bytes(raw, "little")
     addrs = whole & lanes.addr
     lens = (whole >> 64) & lanes.length
     if (lens + lanes.addr) & lanes.top != lanes.top:  # an empty buffer
         return None
-    region = main
-    to_host = _in_region(lanes, addrs, lens, region)
+    to_host = layout.host_lanes(lanes, addrs, lens)
     if to_host is None:
-        # Not all in guest RAM: perhaps all in the region of the first buffer.
-        first = words[0] | words[1] << 32
-        other = memory.region_of(first, first + 1)
-        if other is None or other is main:
-            return None
-        region = other
-        to_host = _in_region(lanes, addrs, lens, region)
-        if to_host is None:
-            return None
+        return None
     # The address moved to the host's, the flags and next gone: the lane is a struct iovec.
-    iov = ((whole & lanes.iovec) + to_host).to_bytes(16 * entries, "little")
+    iov = ((whole & lanes.iovec) + to_host - lanes.bias).to_bytes(16 * entries, "little")
     lengths = words[2::4].tolist()
     total = sum(lengths)
     if gpas is not None:
@@ -283,37 +335,22 @@ def _linux_table(
         writable_len = sum(lengths[readable:])
         readable_len = total - writable_len
     split = 16 * readable
-    view = region.view
-    host = region.host_addr
     return Chain(
         head,
-        _buffers(iov[:split], view, host),
-        _buffers(iov[split:], view, host),
+        _buffers(iov[:split], layout.spans),
+        _buffers(iov[split:], layout.spans),
         writable_len,
         readable_len,
         gpas,
     )
 
 
-def _in_region(lanes: _Lanes, addrs: int, lens: int, region: MappedRegion) -> int | None:
-    """The lanes that turn the guest addresses ``addrs`` into host ones, if every buffer
-    (``addrs``, ``lens``) lies inside ``region``; None if one does not."""
-    start, end = region.guest_addr, region.guest_end
-    if end > _LOW64:
-        return None
-    at_start, past_end, to_host = lanes.region(start, end, region.host_addr)
-    top = lanes.top
-    if (addrs + at_start) & top != top or (addrs + lens + past_end) & lanes.carry:
-        return None
-    return to_host
-
-
-def _buffers(iov: bytes, view: memoryview, host: int) -> Sequence[memoryview]:
-    """The buffers of an iovec array inside ``view`` (at host address ``host``): a list of views
-    when they are few, else an Iovecs (with a view of its own, so the mapping stays)."""
+def _buffers(iov: bytes, spans: tuple[tuple[int, memoryview], ...]) -> Sequence[memoryview]:
+    """The buffers of an iovec array inside the mappings ``spans`` (host address, view): a list
+    of views when they are few, else an Iovecs (with views of its own, so the mappings stay)."""
     if len(iov) <= 16 * _AS_VIEWS:
-        return [view[b - host : b - host + n] for b, n in IOVEC.iter_unpack(iov)]
-    return Iovecs(iov, view[:], host)
+        return list(Iovecs(iov, spans))
+    return Iovecs(iov, tuple((host, view[:]) for host, view in spans))
 
 
 def read_chain(
