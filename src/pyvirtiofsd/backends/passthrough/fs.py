@@ -51,7 +51,6 @@ Inodes pin their descriptors the same way (:mod:`.inodes`).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -336,11 +335,14 @@ class PassthroughFs(Backend):
         if not self._translate:
             return ctx
         try:
-            return dataclasses.replace(
-                ctx,
-                uid=self._uids.to_host(ctx.uid),
-                gid=self._gids.to_host(ctx.gid),
-                groups=tuple(self._gids.to_host(g) for g in ctx.groups),
+            return Context(
+                self._uids.to_host(ctx.uid),
+                self._gids.to_host(ctx.gid),
+                ctx.pid,
+                ctx.unique,
+                tuple(self._gids.to_host(g) for g in ctx.groups),
+                ctx.secctx,
+                ctx.interrupted,
             )
         except PermissionError as e:
             log.debug("request %d: %s", ctx.unique, e.strerror)
