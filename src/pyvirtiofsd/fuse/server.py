@@ -49,6 +49,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import (
+    Attr,
     ConnectionInfo,
     Context,
     DaxWindow,
@@ -560,11 +561,16 @@ class Server:
             inflight.pop(unique, None)
             log.exception("request %d (opcode %d) failed", unique, opcode)
             return self._error(out, errno.EIO, unique)
-        if result == _LATER:
-            # The waiter removes the request from _inflight when it is done.
-            return None
+        if result is not None:
+            # Only the few handlers that answer later or not at all return anything.
+            if result == _LATER:
+                # The waiter removes the request from _inflight when it is done.
+                return None
+            if result == _SILENT:
+                inflight.pop(unique, None)
+                return 0
         inflight.pop(unique, None)
-        if result == _SILENT or not room:
+        if not room:
             return 0
         assert out is not None
         return out.finish(_OUT_HEADER, 0, unique)
@@ -872,7 +878,7 @@ class Server:
     def _lookup(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
         _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
 
-    def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Any, float]) -> None:
+    def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
         a, timeout = attr_and_timeout
         av, avn = _timeout(timeout)
         # As _pack_entry: the fields one by one, in Attr.values() order.
