@@ -37,6 +37,7 @@ COMPILED: Final = (
     "pyvirtiofsd.virtio.queue",
     "pyvirtiofsd.virtio.memory",
     "pyvirtiofsd.fuse.abi",
+    "pyvirtiofsd.fuse.records",
     "pyvirtiofsd.fuse.buffers",
     "pyvirtiofsd.fuse.server",
     "pyvirtiofsd.vhost_user.runner",

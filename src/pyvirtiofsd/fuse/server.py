@@ -49,6 +49,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import (
+    Attr,
     ConnectionInfo,
     Context,
     DaxWindow,
@@ -67,6 +68,7 @@ __all__ = [
     "MAX_WRITE",
     "OPS",
     "REPLY_ROOM",
+    "Carried",
     "Completion",
     "LockWaiters",
     "MalformedRequest",
@@ -130,6 +132,23 @@ class Completion(Protocol):
     def complete(self, length: int) -> None: ...
 
 
+class Carried(Protocol):
+    """A request as a transport carries it (a virtqueue's descriptor chain): its buffers,
+    their sizes, and itself as the request's token (see :meth:`Server.handle_carried`)."""
+
+    @property
+    def readable(self) -> Sequence[memoryview]: ...
+
+    @property
+    def writable(self) -> Sequence[memoryview]: ...
+
+    @property
+    def readable_len(self) -> int: ...
+
+    @property
+    def writable_len(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class TransportCaps:
     """What the transport carrying the requests offers the server."""
@@ -185,6 +204,10 @@ class Op(NamedTuple):
     pad: bool
 
 
+#: A row of the server's dispatch table (see :meth:`Server.__init__`).
+_Dispatch = tuple[Op, Callable[..., Any], struct.Struct | None, int, int]
+_INIT: Final = int(abi.Opcode.INIT)
+
 #: A handler's return value: the reply comes later, through a Completion.
 _LATER: Final = 1
 #: A handler's return value: no reply at all (FORGET, an INTERRUPT that found its target).
@@ -217,11 +240,27 @@ def _op(
     return mark
 
 
-def _timeout(seconds: float) -> tuple[int, int]:
+def _split(seconds: float) -> tuple[int, int]:
     if seconds <= 0:
         return 0, 0
     whole = int(seconds)
     return whole, int((seconds - whole) * 1_000_000_000)
+
+
+#: Timeouts split into (seconds, nanoseconds), as replies carry them: a file system answers
+#: with the few it was configured with, so each is split once.
+_TIMEOUTS: dict[float, tuple[int, int]] = {}
+#: Beyond this many distinct timeouts (a file system that computes them), split each time.
+_TIMEOUTS_KEPT: Final = 64
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    split = _TIMEOUTS.get(seconds)
+    if split is None:
+        split = _split(seconds)
+        if len(_TIMEOUTS) < _TIMEOUTS_KEPT:
+            _TIMEOUTS[seconds] = split
+    return split
 
 
 def _names(raw: bytes, count: int) -> list[bytes]:
@@ -285,7 +324,33 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
     ev, evn = _timeout(entry.entry_timeout)
     av, avn = _timeout(entry.attr_timeout)
-    out.pack(_ENTRY_OUT, entry.ino, entry.generation, ev, av, evn, avn, *entry.attr.values())
+    a = entry.attr
+    # The fields one by one (Attr.values() order): no tuple of them made and unpacked.
+    out.pack(
+        _ENTRY_OUT,
+        entry.ino,
+        entry.generation,
+        ev,
+        av,
+        evn,
+        avn,
+        a.ino,
+        a.size,
+        a.blocks,
+        a.atime,
+        a.mtime,
+        a.ctime,
+        a.atimensec,
+        a.mtimensec,
+        a.ctimensec,
+        a.mode,
+        a.nlink,
+        a.uid,
+        a.gid,
+        a.rdev,
+        a.blksize,
+        a.flags,
+    )
 
 
 def _flag_names(flags: int) -> str:
@@ -404,11 +469,18 @@ class Server:
         #: Where requests that wait are served.
         self.lock_waiters = LockWaiters()
         self._init_lock = threading.Lock()
-        #: opcode -> (decoding, bound handler); the one table requests are dispatched by.
-        self._table: list[tuple[Op, Callable[..., Any]] | None] = [None] * 64
+        #: opcode -> (decoding, bound handler, the layout of requests that are exactly their
+        #: fixed arguments or None, its size or -1, the reply's room); the one table requests
+        #: are dispatched by. The decoding's fields are copied out once here: a request
+        #: then reads plain tuple items rather than a NamedTuple's attributes.
+        self._table: list[_Dispatch | None] = [None] * 64
         for opcode, (op, method, bind) in _OPS.items():
             handler = getattr(self, method)
-            self._table[opcode] = (op, functools.partial(handler, *bind) if bind else handler)
+            if bind:
+                handler = functools.partial(handler, *bind)
+            fixed = op.args if not op.names and not op.tail else None
+            size = -1 if fixed is None else fixed.size
+            self._table[opcode] = (op, handler, fixed, size, op.room)
 
     # --- entry point -----------------------------------------------------------------------
 
@@ -448,11 +520,10 @@ class Server:
             log.debug("unsupported opcode %d", opcode)
             return self._error(out, errno.ENOSYS, unique)
         self.counts[opcode] += 1
-        op, handler = entry
-        if not self.initialized and opcode != abi.Opcode.INIT:
+        op, handler, fixed, fixed_size, room = entry
+        if not self.initialized and opcode != _INIT:
             log.warning("opcode %d before INIT", opcode)
             return self._error(out, errno.EIO, unique)
-        room = op.room
         if room and (out is None or out.capacity < room):
             # Refused before it runs: whatever it did, the guest could not be told.
             log.warning(
@@ -468,10 +539,10 @@ class Server:
         inflight = self._inflight
         inflight[unique] = ctx
         try:
-            layout = op.args
-            if layout is not None and args_len == layout.size and not op.names and not op.tail:
+            if args_len == fixed_size and fixed is not None:
                 # Most requests: exactly their fixed arguments, unpacked in place.
-                args: Sequence[Any] = layout.unpack_from(*reader.take(args_len))
+                buf, pos = reader.take(args_len)
+                args: Sequence[Any] = fixed.unpack_from(buf, pos)
             else:
                 args = self._decode(op, reader, args_len)
             if extlen and not op.tail:
@@ -490,14 +561,31 @@ class Server:
             inflight.pop(unique, None)
             log.exception("request %d (opcode %d) failed", unique, opcode)
             return self._error(out, errno.EIO, unique)
-        if result == _LATER:
-            # The waiter removes the request from _inflight when it is done.
-            return None
+        if result is not None:
+            # Only the few handlers that answer later or not at all return anything.
+            if result == _LATER:
+                # The waiter removes the request from _inflight when it is done.
+                return None
+            if result == _SILENT:
+                inflight.pop(unique, None)
+                return 0
         inflight.pop(unique, None)
-        if result == _SILENT or not room:
+        if not room:
             return 0
         assert out is not None
         return out.finish(_OUT_HEADER, 0, unique)
+
+    def handle_carried(self, request: Carried) -> int | None:
+        """:meth:`handle` for a request that carries its buffers and is its own token: a
+        transport passes this method itself as its per-request handler, so that no function
+        of its own runs between the ring and the server for each request."""
+        return self.handle(
+            request.readable,
+            request.writable,
+            request,
+            request.readable_len,
+            request.writable_len,
+        )
 
     @staticmethod
     def _decode(op: Op, reader: RequestReader, args_len: int) -> list[Any]:
@@ -790,10 +878,32 @@ class Server:
     def _lookup(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
         _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
 
-    def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Any, float]) -> None:
-        attr, timeout = attr_and_timeout
+    def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
+        a, timeout = attr_and_timeout
         av, avn = _timeout(timeout)
-        out.pack(_ATTR_OUT, av, avn, 0, *attr.values())
+        # As _pack_entry: the fields one by one, in Attr.values() order.
+        out.pack(
+            _ATTR_OUT,
+            av,
+            avn,
+            0,
+            a.ino,
+            a.size,
+            a.blocks,
+            a.atime,
+            a.mtime,
+            a.ctime,
+            a.atimensec,
+            a.mtimensec,
+            a.ctimensec,
+            a.mode,
+            a.nlink,
+            a.uid,
+            a.gid,
+            a.rdev,
+            a.blksize,
+            a.flags,
+        )
 
     @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
     def _getattr(

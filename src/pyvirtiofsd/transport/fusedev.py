@@ -233,9 +233,14 @@ class FuseMount:
         inview = memoryview(inbuf)
         outview = memoryview(outbuf)
         handle = self.server.handle
+        # Made once: the server keeps neither list past handle() (a reply answered later
+        # has a buffer of its own), and it is told their sizes rather than left to sum them.
+        inbufs = [inbuf]
+        outviews = [outview]
+        outlen = len(outbuf)
         while True:
             try:
-                n = os.readv(fd, [inbuf])
+                n = os.readv(fd, inbufs)
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     break
@@ -246,7 +251,7 @@ class FuseMount:
             if n == 0:
                 break
             # None: the reply comes later, from its own buffer (_later); this one is free.
-            reply = handle([inview[:n]], [outview])
+            reply = handle([inview[:n]], outviews, None, n, outlen)
             if reply:
                 self._send(outview[:reply])
         log.debug("worker %s ends", threading.current_thread().name)

@@ -40,7 +40,6 @@ from pyvirtiofsd.fuse.state import StateReader, StateWriter
 from pyvirtiofsd.transport.dax import MAP_ALIGNMENT, MAX_REGIONS, WINDOW_GRANULE, DaxWindow
 from pyvirtiofsd.vhost_user.connection import Listener
 from pyvirtiofsd.vhost_user.runner import VhostUserServer
-from pyvirtiofsd.virtio.chain import Chain
 from pyvirtiofsd.virtio.device import VIRTIO_ID_FS, RequestHandler, SharedMemoryMapper, later
 
 __all__ = [
@@ -145,14 +144,8 @@ class VirtioFsDevice:
         return [self.window.size] if self.window is not None else []
 
     def handler(self, queue_index: int) -> RequestHandler:
-        handle = self.server.handle
-
-        def serve(chain: Chain) -> int | None:
-            return handle(
-                chain.readable, chain.writable, chain, chain.readable_len, chain.writable_len
-            )
-
-        return serve
+        # The server's own method: nothing of this (uncompiled) module runs per request.
+        return self.server.handle_carried
 
     def fault(
         self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]

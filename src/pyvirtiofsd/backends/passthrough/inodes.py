@@ -358,6 +358,22 @@ class InodeStore:
         """An O_PATH fd of ``inode`` for a ``with`` block."""
         return PathFd(self, inode)
 
+    def stat(self, inode: Inode) -> os.stat_result:
+        """``inode``'s fstat(), pinned as :meth:`path` pins it (without the ``with`` block's
+        object: GETATTR asks this for every request)."""
+        self.pin(inode)
+        try:
+            fd = inode.fd
+            if fd >= 0:
+                return os.fstat(fd)
+            fd = self.open_handle(inode, os.O_PATH | os.O_NOFOLLOW)
+            try:
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
+        finally:
+            self.unpin(inode)
+
     def open_handle(self, inode: Inode, flags: int) -> int:
         if inode.handle is None:
             raise OSError(errno.EBADF, "inode has neither fd nor handle")

@@ -1,0 +1,88 @@
+"""The values requests carry (:mod:`pyvirtiofsd.fuse.records`), made and read on every request
+and compiled in a compiled build: they keep the behaviour they had as plain dataclasses and
+classes of :mod:`pyvirtiofsd.fuse.filesystem`, and the server packs them field for field,
+whatever timeouts a file system answers with."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from pyvirtiofsd.fuse import abi, filesystem, records
+from pyvirtiofsd.fuse.filesystem import ROOT, Attr, Context, Entry, Filesystem, SecurityContext
+from pyvirtiofsd.fuse.server import Server
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct
+
+
+def test_filesystem_still_exports_them() -> None:
+    for name in ("Attr", "Context", "Entry", "SecurityContext"):
+        assert getattr(filesystem, name) is getattr(records, name)
+
+
+def test_context_defaults_equality_and_repr() -> None:
+    ctx = Context(1, 2, 3)
+    assert (ctx.uid, ctx.gid, ctx.pid, ctx.unique) == (1, 2, 3, 0)
+    assert (ctx.groups, ctx.secctx, ctx.interrupted) == ((), None, False)
+    label = SecurityContext(b"security.selinux", b"label")
+    full = Context(1, 2, 3, unique=9, groups=(4, 5), secctx=label, interrupted=True)
+    assert full == Context(1, 2, 3, 9, (4, 5), label, True)
+    assert full != Context(1, 2, 3, 9, (4, 5), label, False)
+    assert ctx != (1, 2, 3)
+    assert repr(ctx) == (
+        "Context(uid=1, gid=2, pid=3, unique=0, groups=(), secctx=None, interrupted=False)"
+    )
+    ctx.interrupted = True  # the server sets it on an INTERRUPT
+    ctx.groups = (7,)
+    assert ctx.interrupted and ctx.groups == (7,)
+
+
+class _Timeouts(Filesystem):
+    """Answers GETATTR and LOOKUP with the timeout the test sets."""
+
+    def __init__(self) -> None:
+        self.timeout = 1.0
+        self.attr = Attr(
+            ino=7, size=1 << 40, blocks=3, atime=4, mtime=5, ctime=6, atimensec=7,
+            mtimensec=8, ctimensec=9, mode=stat.S_IFREG | 0o640, nlink=2, uid=11, gid=12,
+            rdev=13, blksize=512, flags=abi.ATTR_SUBMOUNT,
+        )  # fmt: skip
+
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
+        return self.attr, self.timeout
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        return Entry(7, self.attr, self.timeout, self.timeout / 2, generation=3)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, 0.25, 1, 1.5, 86400.000000001, 1e9])
+def test_replies_carry_every_field_and_the_timeout(timeout: float) -> None:
+    fs = _Timeouts()
+    client = FuseClient(direct(Server(fs)))
+    client.init()
+    fs.timeout = timeout
+
+    def split(t: float) -> tuple[int, int]:
+        return (0, 0) if t <= 0 else (int(t), int((t - int(t)) * 1_000_000_000))
+
+    fields = (7, 1 << 40, 3, 4, 5, 6, 7, 8, 9, stat.S_IFREG | 0o640, 2, 11, 12, 13, 512)
+    attr = client.getattr(ROOT)
+    assert (attr.attr_valid, attr.attr_valid_nsec) == split(timeout)
+    assert tuple(attr)[3:] == (*fields, abi.ATTR_SUBMOUNT)
+    entry = client.lookup(ROOT, b"x")
+    assert (entry.nodeid, entry.generation) == (7, 3)
+    assert (entry.entry_valid, entry.entry_valid_nsec) == split(timeout)
+    assert (entry.attr_valid, entry.attr_valid_nsec) == split(timeout / 2)
+    assert tuple(entry)[6:] == (*fields, abi.ATTR_SUBMOUNT)
+
+
+def test_many_distinct_timeouts_stay_exact() -> None:
+    """The server splits each timeout it sees once and keeps a bounded number of them: a file
+    system that computes its timeouts gets every one exact, past that bound too."""
+    fs = _Timeouts()
+    client = FuseClient(direct(Server(fs)))
+    client.init()
+    for i in range(200):
+        fs.timeout = 2 + i / 8
+        attr = client.getattr(ROOT)
+        assert (attr.attr_valid, attr.attr_valid_nsec) == (2 + i // 8, (i % 8) * 125_000_000)
