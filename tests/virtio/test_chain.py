@@ -714,9 +714,11 @@ _FLIPPER = textwrap.dedent(
     while True:
         # Byte by byte, so that a copy may catch any mixture of the two tables.
         for i in range(0, len(a), 7):
-            m[at + i : at + i + 7] = a[i : i + 7]
+            piece = a[i : i + 7]
+            m[at + i : at + i + len(piece)] = piece
         for i in range(0, len(b), 5):
-            m[at + i : at + i + 5] = b[i : i + 5]
+            piece = b[i : i + 5]
+            m[at + i : at + i + len(piece)] = piece
     """
 )
 
@@ -725,7 +727,7 @@ def test_a_table_rewritten_while_it_is_decoded() -> None:
     """Another process (a vCPU) rewrites the table byte by byte while it is decoded, between a
     table in the region and one far outside it: whatever mixture the copy catches, every buffer
     handed out lies inside guest memory, where its guest address says."""
-    size = 1 << 20
+    size = 4 << 20  # the inside table's 260 pages fit
     fd = os.memfd_create("guest")
     os.ftruncate(fd, size)
     region = MappedRegion.map_fd(RegionSpec(1 << 32, size, 0x7000_0000, 0), fd)
@@ -754,6 +756,7 @@ def test_a_table_rewritten_while_it_is_decoded() -> None:
         served = 0
         low, high = region.host_addr, region.host_addr + size
         for _ in range(3000):
+            assert child.poll() is None, "the process rewriting the table died"
             gpas: list[tuple[int, int]] = []
             try:
                 chain = read_chain(memory, memoryview(ring), 1, 0, indirect=True, gpas=gpas)
