@@ -161,15 +161,7 @@ def _check(tree: Path) -> str:
 def _cache() -> Path:
     """Where built trees are kept: beside the VM assets, or the user's cache if that is not
     writable (the front-end part runs without root)."""
-    preferred = assets.cache_dir() / "bench"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return home / "pyvirtiofsd" / "bench"
+    return assets.writable_cache("bench")
 
 
 def _build(dest: Path, log: Callable[[str], None]) -> tuple[str, float]:

@@ -5,12 +5,14 @@ whatever timeouts a file system answers with."""
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
 
 from pyvirtiofsd.fuse import abi, filesystem, records
 from pyvirtiofsd.fuse.filesystem import ROOT, Attr, Context, Entry, Filesystem, SecurityContext
+from pyvirtiofsd.fuse.records import split_timeout
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 
@@ -86,3 +88,25 @@ def test_many_distinct_timeouts_stay_exact() -> None:
         fs.timeout = 2 + i / 8
         attr = client.getattr(ROOT)
         assert (attr.attr_valid, attr.attr_valid_nsec) == (2 + i // 8, (i % 8) * 125_000_000)
+
+
+def test_attr_from_stat_takes_the_ids_it_is_given_and_packs_in_fuse_attr_order() -> None:
+    st = os.stat("/")
+    own = Attr.from_stat(st)
+    other = Attr.from_stat(st, 7, 1, uid=1234, gid=5678)
+    assert (own.uid, own.gid) == (st.st_uid, st.st_gid)
+    assert (other.ino, other.flags, other.uid, other.gid) == (7, 1, 1234, 5678)
+
+    class Out:
+        def pack(self, layout: object, *values: int) -> None:
+            self.got = (layout, values)
+
+    out = Out()
+    other.pack(out, "layout", 1, 2)
+    assert out.got == ("layout", (1, 2, *other.values()))
+
+
+def test_split_timeout() -> None:
+    assert split_timeout(0) == (0, 0) and split_timeout(-1) == (0, 0)
+    assert split_timeout(1.5) == (1, 500_000_000)
+    assert split_timeout(86400.25) == (86400, 250_000_000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import Entry
+from pyvirtiofsd.fuse.records import split_timeout
 
 __all__ = ["DirentWriter"]
 
@@ -63,8 +64,8 @@ class DirentWriter:
         if entry is None:
             out.pack(abi.DIRENTPLUS.struct, *((0,) * 22), ino, offset, len(name), dtype)
         else:
-            ev, evn = _split_timeout(entry.entry_timeout)
-            av, avn = _split_timeout(entry.attr_timeout)
+            ev, evn = split_timeout(entry.entry_timeout)
+            av, avn = split_timeout(entry.attr_timeout)
             out.pack(
                 abi.DIRENTPLUS.struct,
                 entry.ino,
@@ -84,10 +85,3 @@ class DirentWriter:
         if pad:
             out.write(b"\0" * pad)
         return True
-
-
-def _split_timeout(seconds: float) -> tuple[int, int]:
-    if seconds <= 0:
-        return 0, 0
-    whole = int(seconds)
-    return whole, int((seconds - whole) * 1e9)

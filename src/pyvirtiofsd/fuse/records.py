@@ -10,9 +10,9 @@ Nothing here subclasses them, and nothing may: a compiled class takes no Python 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, Final, NamedTuple
 
-__all__ = ["Attr", "Context", "Entry", "SecurityContext"]
+__all__ = ["Attr", "Context", "Entry", "SecurityContext", "split_timeout"]
 
 
 class SecurityContext(NamedTuple):
@@ -136,7 +136,15 @@ class Attr:
         self.flags = flags
 
     @classmethod
-    def from_stat(cls, st: os.stat_result, ino: int | None = None, flags: int = 0) -> Attr:
+    def from_stat(
+        cls,
+        st: os.stat_result,
+        ino: int | None = None,
+        flags: int = 0,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Attr:
+        """The attributes of ``st``; ``ino``, ``uid`` and ``gid`` replace its own if given."""
         a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         return cls(
             st.st_ino if ino is None else ino,
@@ -150,8 +158,8 @@ class Attr:
             c % 1_000_000_000,
             st.st_mode,
             st.st_nlink,
-            st.st_uid,
-            st.st_gid,
+            st.st_uid if uid is None else uid,
+            st.st_gid if gid is None else gid,
             st.st_rdev & 0xFFFFFFFF,
             st.st_blksize,
             flags,
@@ -160,6 +168,31 @@ class Attr:
     def values(self) -> tuple[int, ...]:
         """The fields in fuse_attr order, for packing."""
         return (
+            self.ino,
+            self.size,
+            self.blocks,
+            self.atime,
+            self.mtime,
+            self.ctime,
+            self.atimensec,
+            self.mtimensec,
+            self.ctimensec,
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            self.rdev,
+            self.blksize,
+            self.flags,
+        )
+
+    def pack(self, out: Any, layout: Any, *head: int) -> None:
+        """Pack ``layout`` into the reply ``out``: ``head``, then the fields in fuse_attr order
+        (passed one by one: no tuple of them made and unpacked, as this runs for every reply
+        that carries attributes)."""
+        out.pack(
+            layout,
+            *head,
             self.ino,
             self.size,
             self.blocks,
@@ -205,3 +238,28 @@ class Entry:
     def negative(cls, timeout: float) -> Entry:
         """A cacheable "no such name" (inode 0), answered instead of ENOENT."""
         return cls(0, Attr(), timeout, 0.0)
+
+
+def _split(seconds: float) -> tuple[int, int]:
+    if seconds <= 0:
+        return 0, 0
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1_000_000_000)
+
+
+#: Timeouts split into (seconds, nanoseconds), as replies carry them: a file system answers
+#: with the few it was configured with, so each is split once.
+_TIMEOUTS: dict[float, tuple[int, int]] = {}
+#: Beyond this many distinct timeouts (a file system that computes them), split each time.
+_TIMEOUTS_KEPT: Final = 64
+
+
+def split_timeout(seconds: float) -> tuple[int, int]:
+    """A timeout in seconds as a reply carries it: whole seconds and nanoseconds (0, 0 for
+    none)."""
+    split = _TIMEOUTS.get(seconds)
+    if split is None:
+        split = _split(seconds)
+        if len(_TIMEOUTS) < _TIMEOUTS_KEPT:
+            _TIMEOUTS[seconds] = split
+    return split

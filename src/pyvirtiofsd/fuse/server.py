@@ -60,6 +60,7 @@ from pyvirtiofsd.fuse.filesystem import (
     SecurityContext,
     SetAttr,
 )
+from pyvirtiofsd.fuse.records import split_timeout
 from pyvirtiofsd.fuse.state import StateError, StateReader, StateWriter
 
 __all__ = [
@@ -240,29 +241,6 @@ def _op(
     return mark
 
 
-def _split(seconds: float) -> tuple[int, int]:
-    if seconds <= 0:
-        return 0, 0
-    whole = int(seconds)
-    return whole, int((seconds - whole) * 1_000_000_000)
-
-
-#: Timeouts split into (seconds, nanoseconds), as replies carry them: a file system answers
-#: with the few it was configured with, so each is split once.
-_TIMEOUTS: dict[float, tuple[int, int]] = {}
-#: Beyond this many distinct timeouts (a file system that computes them), split each time.
-_TIMEOUTS_KEPT: Final = 64
-
-
-def _timeout(seconds: float) -> tuple[int, int]:
-    split = _TIMEOUTS.get(seconds)
-    if split is None:
-        split = _split(seconds)
-        if len(_TIMEOUTS) < _TIMEOUTS_KEPT:
-            _TIMEOUTS[seconds] = split
-    return split
-
-
 def _names(raw: bytes, count: int) -> list[bytes]:
     """``count`` NUL-terminated names from the start of ``raw``."""
     out = []
@@ -322,35 +300,9 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 
 
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
-    ev, evn = _timeout(entry.entry_timeout)
-    av, avn = _timeout(entry.attr_timeout)
-    a = entry.attr
-    # The fields one by one (Attr.values() order): no tuple of them made and unpacked.
-    out.pack(
-        _ENTRY_OUT,
-        entry.ino,
-        entry.generation,
-        ev,
-        av,
-        evn,
-        avn,
-        a.ino,
-        a.size,
-        a.blocks,
-        a.atime,
-        a.mtime,
-        a.ctime,
-        a.atimensec,
-        a.mtimensec,
-        a.ctimensec,
-        a.mode,
-        a.nlink,
-        a.uid,
-        a.gid,
-        a.rdev,
-        a.blksize,
-        a.flags,
-    )
+    ev, evn = split_timeout(entry.entry_timeout)
+    av, avn = split_timeout(entry.attr_timeout)
+    entry.attr.pack(out, _ENTRY_OUT, entry.ino, entry.generation, ev, av, evn, avn)
 
 
 def _flag_names(flags: int) -> str:
@@ -879,31 +831,9 @@ class Server:
         _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
 
     def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
-        a, timeout = attr_and_timeout
-        av, avn = _timeout(timeout)
-        # As _pack_entry: the fields one by one, in Attr.values() order.
-        out.pack(
-            _ATTR_OUT,
-            av,
-            avn,
-            0,
-            a.ino,
-            a.size,
-            a.blocks,
-            a.atime,
-            a.mtime,
-            a.ctime,
-            a.atimensec,
-            a.mtimensec,
-            a.ctimensec,
-            a.mode,
-            a.nlink,
-            a.uid,
-            a.gid,
-            a.rdev,
-            a.blksize,
-            a.flags,
-        )
+        attr, timeout = attr_and_timeout
+        av, avn = split_timeout(timeout)
+        attr.pack(out, _ATTR_OUT, av, avn, 0)
 
     @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
     def _getattr(
@@ -979,7 +909,7 @@ class Server:
     ) -> None:
         fh_or_none = fh if getattr_flags & abi.GETATTR_FH else None
         fields, timeout = self.fs.statx(ctx, nodeid, fh_or_none, sx_flags, sx_mask)
-        av, avn = _timeout(timeout)
+        av, avn = split_timeout(timeout)
         out.write(abi.STATX_OUT.pack(attr_valid=av, attr_valid_nsec=avn, **fields))
 
     @_op(abi.Opcode.READLINK)

@@ -46,6 +46,7 @@ __all__ = [
     "rust_virtiofsd_command",
     "sid_program",
     "sid_root",
+    "writable_cache",
 ]
 
 CACHE_ENV = "PYVIRTIOFSD_CACHE"
@@ -328,9 +329,10 @@ poweroff -f
 """
 
 
-def initramfs_dir() -> Path:
-    """A writable directory for built initramfs images: the asset cache if writable."""
-    preferred = cache_dir() / "initramfs"
+def writable_cache(name: str) -> Path:
+    """A writable directory ``name`` for things built from the assets: in the asset cache if
+    that is writable, else in the user's cache (a run without root)."""
+    preferred = cache_dir() / name
     try:
         preferred.mkdir(parents=True, exist_ok=True)
         if os.access(preferred, os.W_OK):
@@ -338,8 +340,14 @@ def initramfs_dir() -> Path:
     except OSError:
         pass
     fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyvirtiofsd"
+    fallback /= name
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
+
+
+def initramfs_dir() -> Path:
+    """A writable directory for built initramfs images."""
+    return writable_cache("initramfs")
 
 
 def _applet_links(busybox_path: Path) -> list[str]:

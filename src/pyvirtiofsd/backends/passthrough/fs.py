@@ -309,26 +309,7 @@ class PassthroughFs(Backend):
         if self._translate:
             uid = self._uids.to_guest(uid)
             gid = self._gids.to_guest(gid)
-        # Attr.from_stat's fields, made here: one call less on every attribute reply.
-        a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        return Attr(
-            st.st_ino,
-            st.st_size,
-            st.st_blocks,
-            a // 1_000_000_000,
-            m // 1_000_000_000,
-            c // 1_000_000_000,
-            a % 1_000_000_000,
-            m % 1_000_000_000,
-            c % 1_000_000_000,
-            st.st_mode,
-            st.st_nlink,
-            uid,
-            gid,
-            st.st_rdev & 0xFFFFFFFF,
-            st.st_blksize,
-            flags,
-        )
+        return Attr.from_stat(st, None, flags, uid, gid)
 
     def _caller(self, ctx: Context) -> Context:
         """``ctx`` with the host ids its caller acts as; EPERM if one of them is refused."""
