@@ -102,8 +102,11 @@ def test_attr_from_stat_takes_the_ids_it_is_given_and_packs_in_fuse_attr_order()
             self.got = (layout, values)
 
     out = Out()
-    other.pack(out, "layout", 1, 2)
-    assert out.got == ("layout", (1, 2, *other.values()))
+    other.pack(out, "layout", 1, 2, tail=(3,))
+    fields = (other.ino, other.size, other.blocks, other.atime, other.mtime, other.ctime)
+    fields += (other.atimensec, other.mtimensec, other.ctimensec, other.mode, other.nlink)
+    fields += (other.uid, other.gid, other.rdev, other.blksize, other.flags)
+    assert out.got == ("layout", (1, 2, *fields, 3))
 
 
 def test_split_timeout() -> None:

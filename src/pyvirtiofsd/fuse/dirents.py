@@ -66,7 +66,8 @@ class DirentWriter:
         else:
             ev, evn = split_timeout(entry.entry_timeout)
             av, avn = split_timeout(entry.attr_timeout)
-            out.pack(
+            entry.attr.pack(
+                out,
                 abi.DIRENTPLUS.struct,
                 entry.ino,
                 entry.generation,
@@ -74,11 +75,7 @@ class DirentWriter:
                 av,
                 evn,
                 avn,
-                *entry.attr.values(),
-                entry.attr.ino,
-                offset,
-                len(name),
-                dtype,
+                tail=(entry.attr.ino, offset, len(name), dtype),
             )
         out.write(name)
         pad = -len(name) & 7

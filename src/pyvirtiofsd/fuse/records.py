@@ -165,31 +165,10 @@ class Attr:
             flags,
         )
 
-    def values(self) -> tuple[int, ...]:
-        """The fields in fuse_attr order, for packing."""
-        return (
-            self.ino,
-            self.size,
-            self.blocks,
-            self.atime,
-            self.mtime,
-            self.ctime,
-            self.atimensec,
-            self.mtimensec,
-            self.ctimensec,
-            self.mode,
-            self.nlink,
-            self.uid,
-            self.gid,
-            self.rdev,
-            self.blksize,
-            self.flags,
-        )
-
-    def pack(self, out: Any, layout: Any, *head: int) -> None:
-        """Pack ``layout`` into the reply ``out``: ``head``, then the fields in fuse_attr order
-        (passed one by one: no tuple of them made and unpacked, as this runs for every reply
-        that carries attributes)."""
+    def pack(self, out: Any, layout: Any, *head: int, tail: tuple[int, ...] = ()) -> None:
+        """Pack ``layout`` into the reply ``out``: ``head``, the fields in fuse_attr order, then
+        ``tail`` (the fields passed one by one: no tuple of them made and unpacked, as this runs
+        for every reply that carries attributes)."""
         out.pack(
             layout,
             *head,
@@ -209,6 +188,7 @@ class Attr:
             self.rdev,
             self.blksize,
             self.flags,
+            *tail,
         )
 
     def __repr__(self) -> str:
