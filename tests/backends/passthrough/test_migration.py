@@ -241,21 +241,6 @@ def test_verify_handles_refuses_a_different_file_by_the_same_path(
     side(sides, copy).load(src2.save())
 
 
-def crafted(*records: tuple[int, ...] | tuple[int, int, int, int, bytes]) -> bytes:
-    """A passthrough state naming the root and then ``records`` (nodeid, refcount, type, how,
-    fields...), no handles, no locks."""
-    body = StateWriter().uint(0).uint(100).uint(100).uint(0)
-    body.uint(1 + len(records))
-    body.uint(1).uint(1).uint(0o04).uint(0).uint(0)
-    for nodeid, refcount, kind, how, *fields in records:
-        body.uint(nodeid).uint(refcount).uint(kind).uint(how)
-        for f in fields:
-            body.bytes(f) if isinstance(f, bytes) else body.uint(f)
-        body.uint(0)
-    body.uint(0).uint(0)
-    return StateWriter().section(b"passthrough", 1, body).getvalue()
-
-
 REG, DIR, LNK = 0o10, 0o04, 0o12
 
 
@@ -278,7 +263,7 @@ def test_nothing_outside_the_share_is_reached(
     dst.c.init()
     dst.server.reset()
     with pytest.raises(StateError, match="inode 2: ") as e:
-        dst.fs.load_state(crafted(record))
+        dst.fs.load_state(state((record,)))
     assert why in str(e.value)
     assert dst.fs.inodes.count() == 1
 
@@ -286,11 +271,11 @@ def test_nothing_outside_the_share_is_reached(
 def test_a_crafted_state_that_contradicts_itself_is_refused(sides: list[Side], share: Path) -> None:
     dst = side(sides, share)
     with pytest.raises(StateError, match="a second root"):
-        dst.fs.load_state(crafted((1, 1, DIR, 0)))
+        dst.fs.load_state(state(((1, 1, DIR, 0),)))
     with pytest.raises(StateError, match="found in way 9"):
-        dst.fs.load_state(crafted((2, 1, REG, 9)))
+        dst.fs.load_state(state(((2, 1, REG, 9),)))
     with pytest.raises(StateError, match="is the same file here as inode 2"):
-        dst.fs.load_state(crafted((2, 1, REG, 2, b"file"), (3, 1, REG, 2, b"file")))
+        dst.fs.load_state(state(((2, 1, REG, 2, b"file"), (3, 1, REG, 2, b"file"))))
 
 
 def test_every_truncation_of_a_state_is_a_state_error(sides: list[Side], share: Path) -> None:
