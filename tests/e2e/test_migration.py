@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtiofsd.vm.migration import MigrationPair
+from pyvirtiofsd.vm.migration import MigrationPair, Vm
 from tests.e2e.conftest import (
     DaemonFactory,
     DaemonProcess,
@@ -166,6 +166,16 @@ def migrate_while_growing(pair: MigrationPair, held: Path) -> tuple[dict[str, An
     return pair.migrate(on_poll=on_poll), sizes
 
 
+def guest_done(pair: MigrationPair, vm: Vm, share: Path) -> str:
+    """Tell the guest on ``vm`` the migration is over (``go-check`` in its share), wait for it
+    to end well and return its output."""
+    (share / "go-check").write_bytes(b"")
+    status = pair.status(vm)
+    output = pair.output(vm)
+    assert status == 0, output
+    return output
+
+
 # Five times in a row in every run: a migration that works only most of the time fails here.
 @pytest.mark.parametrize("attempt", range(1, 6))
 def test_a_guest_writing_a_file_it_holds_open_moves_over(
@@ -180,10 +190,7 @@ def test_a_guest_writing_a_file_it_holds_open_moves_over(
         assert info["status"] == "completed", info
         assert len(set(sizes)) > 1, f"the file did not grow during the migration: {sizes}"
         pair.wait_running(pair.dst)  # the destination may still be loading the state
-        (share / "go-check").write_bytes(b"")
-        status = pair.status(pair.dst)
-        output = pair.output(pair.dst)
-        assert status == 0, output
+        output = guest_done(pair, pair.dst, share)
         pair.qmp(pair.src).command("quit")
     report = parse_report(output)
     assert "WRITE_FAILED" not in report, output
@@ -242,10 +249,7 @@ def test_a_destination_without_the_held_file_refuses_and_the_source_goes_on(
         src_qmp = pair.qmp(pair.src)
         assert src_qmp.command("query-status")["running"] is False
         src_qmp.command("cont")
-        (share / "go-check").write_bytes(b"")
-        status = pair.status(pair.src)
-        output = pair.output(pair.src)
-        assert status == 0, output
+        output = guest_done(pair, pair.src, share)
     report = parse_report(output)
     assert "WRITE_FAILED" not in report, output
     assert report["TREE_OK"] == "", output
@@ -272,10 +276,7 @@ def test_guest_error_gives_eio_for_the_lost_file_and_the_rest_works(
         assert info["status"] == "completed", info
         # The guest's next write through the held file, now on the destination, fails.
         pair.dst.wait_for("^WRITE_FAILED ")
-        (copy / "go-check").write_bytes(b"")
-        status = pair.status(pair.dst)
-        output = pair.output(pair.dst)
-        assert status == 0, output
+        output = guest_done(pair, pair.dst, copy)
         pair.qmp(pair.src).command("quit")
     report = parse_report(output)
     assert "Input/output error" in report.get("WRITE_FAILED", ""), output
