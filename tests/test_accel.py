@@ -37,8 +37,25 @@ def test_the_build_ci_asked_for_runs() -> None:
     if wanted is None:
         pytest.skip("PYVIRTIOFSD_TEST_BUILD not set (CI sets it to pure or mypyc)")
     assert wanted in ("pure", "mypyc")
-    assert accel.compiled() == ([] if wanted == "pure" else list(accel.COMPILED))
+    assert accel.compiled() == ([] if wanted == "pure" else [*accel.COMPILED, *accel.NATIVE])
     assert accel.build() == ("pure Python" if wanted == "pure" else "compiled with mypyc")
+
+
+def test_each_c_module_lies_beside_the_python_module_that_uses_it() -> None:
+    """A C module is an accelerator of one Python module, which does without it: its source is
+    ``name.c`` in that module's package, and that module imports it (so a pure build runs)."""
+    root = Path(__file__).resolve().parents[1] / "src"
+    for name in accel.NATIVE:
+        package, _, leaf = name.rpartition(".")
+        source = root.joinpath(*name.split(".")).with_suffix(".c")
+        assert source.is_file(), source
+        users = [
+            p
+            for p in root.joinpath(*package.split(".")).glob("*.py")
+            if f"from {package}.{leaf} import" in p.read_text()
+        ]
+        assert len(users) == 1, (name, users)
+        assert "except ImportError" in users[0].read_text(), users[0]
 
 
 def _sources() -> list[tuple[str, ast.Module]]:

@@ -3,8 +3,11 @@
 A plain install is pure Python. Installing with ``PYVIRTIOFSD_MYPYC=1`` in the environment (see
 ``setup.py``) also compiles the modules of :data:`COMPILED` from the same sources with mypyc, the
 compiler that ships with mypy; each compiled module is an extension module next to its source,
-and Python loads it in the source's place. Both builds behave the same: CI runs the whole suite
-on the pure build and the unit, attack and /dev/fuse suites again on the compiled one.
+and Python loads it in the source's place. The same build adds the C modules of :data:`NATIVE`:
+each serves one Python module, which uses it when it is there and does without it otherwise, and
+answers a request only as that module's Python code would (or leaves it to that code). Both
+builds behave the same: CI runs the whole suite on the pure build and the unit, attack and
+/dev/fuse suites again on the compiled one.
 ``pyvirtiofsd --version`` and the daemon's first log line say which build runs.
 
 mypyc holds the compiled modules to their annotations at run time, so in them:
@@ -29,7 +32,7 @@ import importlib.machinery
 import importlib.util
 from typing import Final
 
-__all__ = ["COMPILED", "build", "compiled"]
+__all__ = ["COMPILED", "NATIVE", "build", "compiled"]
 
 #: The modules a compiled build compiles: the per-request path, from the ring to the backend.
 COMPILED: Final = (
@@ -47,11 +50,15 @@ COMPILED: Final = (
     "pyvirtiofsd.backends.passthrough.inodes",
 )
 
+#: Hand-written C modules the compiled build adds (``name.c`` beside the module that uses it).
+NATIVE: Final = ("pyvirtiofsd.virtio._walk",)
+
 
 def compiled() -> list[str]:
-    """The modules of :data:`COMPILED` that run (or, not imported yet, will run) compiled."""
+    """The modules of :data:`COMPILED` and :data:`NATIVE` that are (or, not imported yet, will
+    be) extension modules."""
     out = []
-    for name in COMPILED:
+    for name in COMPILED + NATIVE:
         spec = importlib.util.find_spec(name)
         if spec is not None and isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
             out.append(name)
@@ -64,6 +71,6 @@ def build() -> str:
     n = len(compiled())
     if n == 0:
         return "pure Python"
-    if n == len(COMPILED):
+    if n == len(COMPILED) + len(NATIVE):
         return "compiled with mypyc"
-    return f"partly compiled with mypyc ({n} of {len(COMPILED)} modules)"
+    return f"partly compiled with mypyc ({n} of {len(COMPILED) + len(NATIVE)} modules)"

@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pyvirtiofsd.virtio.chain as chain_module
@@ -870,3 +870,238 @@ def test_mmap_region_pages_through_the_kernel(tmp_path) -> None:
         os.close(f)
         os.close(w)
         region.close()
+
+
+# --- the C walk of the compiled build (``_walk.c``) --------------------------------------------
+#
+# It must answer only what the walk in Python answers: the same buffers at the same places, or
+# nothing (None), leaving the chain to the Python walk. The Python walk is reached on any build by
+# asking for the writable ranges (``gpas``), which the C walk never serves.
+
+native = pytest.mark.skipif(
+    chain_module._native_walk is None, reason="pure build: no C walk (it comes with mypyc's)"
+)
+
+
+def c_walk(
+    mem: Memory, ring: memoryview, size: int, head: int, *, indirect: bool = True
+) -> Chain | None:
+    main = mem.memory.main
+    assert main is not None and chain_module._native_walk is not None
+    found = chain_module._native_walk(
+        ring, size, head, indirect, main.guest_addr, main.size, main.view, chain_module._BULK, Chain
+    )
+    assert found is None or isinstance(found, Chain)
+    return found
+
+
+def python_walk(
+    mem: Memory, ring: memoryview, size: int, head: int, *, indirect: bool = True
+) -> Chain | InvalidChain:
+    try:
+        return read_chain(mem.memory, ring, size, head, indirect=indirect, gpas=[])
+    except InvalidChain as e:
+        return e
+
+
+SHORT_RING = 8
+
+
+def main_index(mem: Memory) -> int:
+    main = mem.memory.main
+    assert main is not None
+    return [at for at, _ in mem.layout].index(main.guest_addr)
+
+
+@native
+@settings(max_examples=400, deadline=None)
+@given(
+    layout=st.sampled_from(sorted(LAYOUTS)),
+    as_table=st.integers(0, 17),
+    negotiated=st.booleans(),
+    n=st.integers(1, SHORT_RING),
+    readable=st.integers(0, SHORT_RING),
+    region=st.one_of(st.just(-1), st.integers(0, 2)),
+    table_at=st.sampled_from(["main", "first", "last"]),
+    start=st.integers(0, 1 << 20),
+    head=st.integers(0, SHORT_RING - 1),
+    damage=st.one_of(st.just([]), damage_strategy),
+)
+def test_the_c_walk_answers_only_as_the_python_walk_does(
+    layout: str,
+    as_table: int,
+    negotiated: bool,
+    n: int,
+    readable: int,
+    region: int,
+    table_at: str,
+    start: int,
+    head: int,
+    damage: list[tuple[str, int, int, int]],
+) -> None:
+    """Chains a Linux driver sends for small requests, direct or through an indirect table of up
+    to 17 entries (across the bulk threshold), in the main region or another (or the last bytes
+    of one), over every layout, with fields overwritten by a hostile driver (the bulk attacks'
+    damage: addresses at region edges and at the top of the address space, empty and 4 GiB
+    lengths, stray flags and ``next`` fields): where the C walk answers, the Python walk gives
+    the same buffers at the same places."""
+    mem = Memory(LAYOUTS[layout])
+    region = main_index(mem) if region < 0 else region % len(mem.layout)
+    entries_n = as_table if as_table else n
+    shape = linux_table(mem, entries_n, min(readable, entries_n), region, 64, 4160, start)
+    entries = [list(e) for e in shape]
+    for kind, index, value, length in damage:
+        entry = entries[index % len(entries)]
+        if kind == "addr":
+            candidates = special_addresses(mem, max(length, 1))
+            entry[0], entry[1] = candidates[value % len(candidates)], length
+        elif kind == "raw":
+            entry[0], entry[1] = value, length
+        elif kind == "flags":
+            entry[2] = value
+        else:
+            entry[3] = (index + value) % 0x10000
+    ring = memoryview(bytearray(16 * SHORT_RING))
+    if as_table:
+        # The ring holds the one indirect descriptor; the table lies in the main region (where
+        # Linux puts it), in the tables' place, or in the last bytes of the last region.
+        at, size = mem.layout[{"main": main_index(mem), "first": 0, "last": -1}[table_at]]
+        where = at + 0x2000 if table_at != "last" else at + size - 16 * as_table
+        mem.memory.translate(where, 16 * as_table)[:] = b"".join(
+            DESC.pack(*e)  # type: ignore[misc]
+            for e in entries
+        )
+        DESC.pack_into(ring, 16 * head, where, 16 * as_table, INDIRECT, 0)
+    else:
+        # A direct chain: its entries are the ring, starting at the head.
+        for i, e in enumerate(entries):
+            e[3] = (e[3] + head) % SHORT_RING if e[2] & NEXT else e[3]
+            DESC.pack_into(ring, 16 * ((head + i) % SHORT_RING), *e)
+    fast = c_walk(mem, ring, SHORT_RING, head, indirect=negotiated)
+    slow = python_walk(mem, ring, SHORT_RING, head, indirect=negotiated)
+    event("served in C" if fast is not None else "left to Python")
+    if fast is None:
+        return
+    assert isinstance(slow, Chain), slow
+    assert places(fast.readable) == places(slow.readable)
+    assert places(fast.writable) == places(slow.writable)
+    assert (fast.readable_len, fast.writable_len) == (slow.readable_len, slow.writable_len)
+    assert fast.gpas is None and fast.head == head
+
+
+#: Short chains, as (ring entries, indirect table entries placed at ``T``), each breaking one
+#: rule or leaving the main region (``M`` is where it starts, ``E`` where it ends): the C walk
+#: must leave every one to the Python walk, whatever that then decides.
+M, E = 256 * KiB, 768 * KiB  # the "adjacent" layout's main region
+T = M + 0x1000
+Desc = tuple[int, int, int, int]
+LEFT_TO_PYTHON: dict[str, tuple[list[Desc], list[Desc]]] = {
+    "readable after writable": ([(M, 16, NEXT | WRITE, 1), (M + 64, 16, 0, 0)], []),
+    "next just past the ring": ([(M, 16, NEXT, SHORT_RING)], []),
+    "next just past the table": (
+        [(T, 32, INDIRECT, 0)],
+        [(M, 16, NEXT, 1), (M + 64, 16, NEXT, 2), (M + 128, 16, WRITE, 0)],
+    ),
+    "a loop": ([(M, 16, NEXT, 1), (M + 64, 16, NEXT, 0)], []),
+    "a self loop in a table": ([(T, 16, INDIRECT, 0)], [(M, 16, NEXT, 0)]),
+    "an empty buffer": ([(M, 0, NEXT, 1), (M + 64, 16, WRITE, 0)], []),
+    "a buffer a byte past the main region": ([(E - 15, 16, WRITE, 0)], []),
+    "a buffer a byte before it": ([(M - 1, 16, WRITE, 0)], []),
+    "a buffer in another region": ([(0x8000, 16, 0, 0)], []),
+    "a buffer at the top of the address space": ([(TOP - 8, 16, 0, 0)], []),
+    "a 4 GiB buffer": ([(M, (1 << 32) - 1, 0, 0)], []),
+    "indirect not negotiated": ([(T, 16, INDIRECT, 0)], [(M, 16, 0, 0)]),
+    "indirect chained on": ([(T, 16, INDIRECT | NEXT, 1), (M, 16, 0, 0)], [(M, 16, 0, 0)]),
+    "indirect of 15 bytes": ([(T, 15, INDIRECT, 0)], [(M, 16, 0, 0)]),
+    "an empty indirect table": ([(T, 0, INDIRECT, 0)], []),
+    "a table a byte past the main region": ([(E - 15, 16, INDIRECT, 0)], []),
+    "a table in another region": ([(0x1000, 16, INDIRECT, 0)], []),
+    "indirect inside a table": ([(T, 16, INDIRECT, 0)], [(T, 16, INDIRECT, 0)]),
+    "indirect further in a table": (
+        [(T, 32, INDIRECT, 0)],
+        [(M, 16, NEXT, 1), (T, 16, INDIRECT, 0)],
+    ),
+    "indirect further in the ring": ([(M, 16, NEXT, 1), (T, 16, INDIRECT, 0)], []),
+    "a table of 16 entries (the bulk path's)": ([(T, 256, INDIRECT, 0)], [(M, 16, 0, 0)] * 16),
+}
+
+
+@native
+@pytest.mark.parametrize("case", sorted(LEFT_TO_PYTHON))
+def test_the_c_walk_leaves_every_other_chain_to_python(case: str) -> None:
+    ring_entries, table_entries = LEFT_TO_PYTHON[case]
+    mem = Memory(LAYOUTS["adjacent"])
+    assert mem.memory.main is not None and mem.memory.main.guest_addr == M
+    # Past the end of the ring and of the table lies a descriptor that would end the chain
+    # well: a walk reading one entry too far would serve it.
+    sentinel = DESC.pack(M + 4096, 16, WRITE, 0)
+    table = b"".join(DESC.pack(*e) for e in table_entries) + sentinel
+    mem.memory.translate(T, len(table))[:] = table
+    ring = memoryview(bytearray(16 * SHORT_RING) + sentinel)
+    for i, e in enumerate(ring_entries):
+        DESC.pack_into(ring, 16 * i, *e)
+    negotiated = case != "indirect not negotiated"
+    assert c_walk(mem, ring, SHORT_RING, 0, indirect=negotiated) is None
+    # The same chain made well shows the C walk would have served it otherwise.
+    DESC.pack_into(ring, 0, M, 16, 0, 0)
+    assert c_walk(mem, ring, SHORT_RING, 0, indirect=negotiated) is not None
+
+
+@native
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_c_walk_serves_the_everyday_chain(layout: str, direct: bool) -> None:
+    """A GETATTR as Linux sends it (header and arguments readable, then two writable buffers),
+    direct or as a 4-entry indirect table, in the main region: the C walk serves it (so the
+    compiled build gains from it) with the Python walk's buffers; anywhere else it stays out."""
+    mem = Memory(LAYOUTS[layout])
+    main = mem.memory.main
+    assert main is not None
+    for region, (at, _) in enumerate(mem.layout):
+        entries = linux_table(mem, 4, 2, region, 64, 4160, 3)
+        ring = memoryview(bytearray(16 * SHORT_RING))
+        if direct:
+            for i, e in enumerate(entries):
+                DESC.pack_into(ring, 16 * i, *e)
+        else:
+            mem.put(entries)
+            DESC.pack_into(ring, 0, TABLE_AT, 16 * 4, INDIRECT, 0)
+        fast = c_walk(mem, ring, SHORT_RING, 0)
+        slow = python_walk(mem, ring, SHORT_RING, 0)
+        assert isinstance(slow, Chain)
+        in_main = at == main.guest_addr and (direct or TABLE_AT in range(at, at + main.size))
+        if not in_main:
+            assert fast is None
+            continue
+        assert fast is not None
+        assert places(fast.readable) == places(slow.readable)
+        assert places(fast.writable) == places(slow.writable)
+        assert [len(v) for v in fast.readable] == [64, 64]
+
+
+@native
+def test_read_chain_takes_the_c_walk_and_its_views_hold_the_mapping(tmp_path) -> None:
+    """read_chain serves the everyday chain through the C walk (a region's views counted as
+    its exports), and those views keep the mapping alive as every view of guest memory must:
+    the region can't be unmapped under them."""
+    fd = os.memfd_create("ram")
+    try:
+        os.ftruncate(fd, MiB)
+        region = MappedRegion.map_fd(RegionSpec(0, MiB, 0, 0), fd)
+        memory = GuestMemory([region])
+        ring = memoryview(bytearray(16 * SHORT_RING))
+        DESC.pack_into(ring, 0, 0x10000, 40, NEXT, 1)
+        DESC.pack_into(ring, 16, 0x20000, 16, WRITE, 0)
+        assert chain_module._native_walk is not None
+        assert chain_module._native_walk(
+            ring, SHORT_RING, 0, True, 0, MiB, region.view, chain_module._BULK, Chain
+        )
+        chain = read_chain(memory, ring, SHORT_RING, 0, indirect=True)
+        assert [len(v) for v in chain.readable] == [40]
+        assert [len(v) for v in chain.writable] == [16]
+        assert not region.close(quiet=True)  # the chain's views still hold it
+        chain.readable[0][:4] = b"abcd"
+        chain.release()
+        assert region.close(quiet=True)
+    finally:
+        os.close(fd)

@@ -27,6 +27,11 @@ becomes an :class:`~pyvirtiofsd.iovec.Iovecs`, the pages as a ``struct iovec`` a
 reads directly. Any other table, or one failing a check, goes through the walk, which then
 decides, so a table's outcome never depends on the path it took.
 
+The compiled variant also walks the everyday chain in C (``_walk.c``): a direct chain or a
+table shorter than the bulk threshold, whose buffers all lie in the main region. The C walk
+answers only what this module's walk would answer the same way, and leaves everything else
+(an empty buffer, another region, any violation) to it.
+
 While the front-end migrates the guest, the device must log every page it writes, by
 guest-physical address: the walk then also keeps the address and length of each writable
 buffer (``gpas``), and :meth:`Chain.written` says which ranges a reply of so many bytes
@@ -44,6 +49,11 @@ from typing import Final
 
 from pyvirtiofsd.iovec import Iovecs
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion
+
+try:
+    from pyvirtiofsd.virtio._walk import walk as _native_walk
+except ImportError:  # a pure build: no C at all
+    _native_walk = None
 
 __all__ = [
     "DESC_SIZE",
@@ -367,6 +377,13 @@ def read_chain(
     ``head`` must already be known to be below ``queue_size``. With ``gpas`` (an empty list)
     the walk keeps the writable buffers' guest-physical ranges there (:attr:`Chain.gpas`).
     """
+    main = memory.main
+    if _native_walk is not None and gpas is None and main is not None:
+        found = _native_walk(
+            table, queue_size, head, indirect, main.guest_addr, main.size, main.view, _BULK, Chain
+        )
+        if found is not None:
+            return found  # type: ignore[no-any-return]
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     addr, length, flags, nxt = _unpack_desc(table, head * 16)
@@ -400,7 +417,6 @@ def read_chain(
     wlen = rlen = 0
     # Most buffers lie in the largest region (guest RAM): they are sliced here, the rest go
     # through the general translation.
-    main = memory.main
     if main is not None:
         base, size, view = main.guest_addr, main.size, main.view
     else:

@@ -1,0 +1,194 @@
+/*
+ * pyvirtiofsd.virtio._walk: the common descriptor chain, walked in C.
+ *
+ * An optional accelerator of pyvirtiofsd.virtio.chain.read_chain, built only with the compiled
+ * variant (setup.py). It serves the chains a Linux driver sends for everyday requests (a direct
+ * chain, or one indirect table shorter than the bulk decoding's threshold) whose buffers all lie
+ * in the main region of guest memory, and gives up (returns None) on anything else: then the
+ * walk in Python runs and decides, so a chain's outcome never depends on which walk took it.
+ *
+ * Rules:
+ * - It answers only what the Python walk would answer in the same way: a Chain of the same
+ *   views, each a slice of the main region's memoryview (so each one holds the mapping, as
+ *   every view of guest memory must). Any violation, an empty buffer, a buffer or a table
+ *   outside the main region: None, never an error of its own.
+ * - Guest memory changes under it: every descriptor is copied out once, behind a compiler
+ *   barrier, and only the copy is looked at.
+ * - It holds the GIL throughout and calls nothing that could run Python code but the Chain
+ *   class it is given.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define F_NEXT 1u
+#define F_WRITE 2u
+#define F_INDIRECT 4u
+
+struct desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+/* One descriptor out of guest memory (little-endian host, as the queue module requires). */
+static inline void
+load(const unsigned char *at, struct desc *d)
+{
+    memcpy(d, at, sizeof *d);
+    /* The compiler may not read guest memory again in place of the copy. */
+    __asm__ __volatile__("" ::: "memory");
+}
+
+/* Whether [addr, addr+len) lies inside the main region [base, base+size); off is where. */
+static inline int
+inside(uint64_t addr, uint64_t len, uint64_t base, uint64_t size, uint64_t *off)
+{
+    if (addr < base)
+        return 0;
+    *off = addr - base;
+    return *off <= size && len <= size - *off;
+}
+
+static int
+append_slice(PyObject *list, PyObject *view, uint64_t off, uint64_t len)
+{
+    PyObject *piece = PySequence_GetSlice(view, (Py_ssize_t)off, (Py_ssize_t)(off + len));
+    if (piece == NULL)
+        return -1;
+    int rc = PyList_Append(list, piece);
+    Py_DECREF(piece);
+    return rc;
+}
+
+/*
+ * walk(table, queue_size, head, indirect, base, size, view, short, chain_type)
+ *
+ * table: the descriptor table (a buffer of queue_size entries); head: below queue_size;
+ * indirect: whether VIRTIO_F_RING_INDIRECT_DESC was negotiated; base, size, view: the main
+ * region's guest address, length and memoryview; short: indirect tables of this many entries
+ * or more are not walked here; chain_type: called as chain_type(head, readable, writable,
+ * writable_len, readable_len).
+ */
+static PyObject *
+walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "walk() takes 9 arguments");
+        return NULL;
+    }
+    Py_ssize_t queue_size = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t head = PyLong_AsSsize_t(args[2]);
+    int indirect = PyObject_IsTrue(args[3]);
+    uint64_t base = PyLong_AsUnsignedLongLong(args[4]);
+    uint64_t size = PyLong_AsUnsignedLongLong(args[5]);
+    PyObject *view = args[6];
+    Py_ssize_t short_table = PyLong_AsSsize_t(args[7]);
+    PyObject *chain_type = args[8];
+    if (PyErr_Occurred())
+        return NULL;
+
+    Py_buffer tb, mb;
+    if (PyObject_GetBuffer(args[0], &tb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(view, &mb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&tb);
+        return NULL;
+    }
+    PyObject *result = Py_None;
+    PyObject *readable = NULL, *writable = NULL;
+    if (queue_size <= 0 || head < 0 || head >= queue_size || tb.len < 16 * queue_size
+        || (uint64_t)mb.len < size)
+        goto give_up;
+
+    const unsigned char *table = tb.buf;
+    uint64_t limit = (uint64_t)queue_size;
+    uint64_t off;
+    struct desc d;
+    load(table + 16 * head, &d);
+    if (d.flags & F_INDIRECT) {
+        if (!indirect || d.flags & F_NEXT || d.len == 0 || d.len % 16)
+            goto give_up;
+        limit = d.len / 16;
+        if (limit >= (uint64_t)short_table || !inside(d.addr, d.len, base, size, &off))
+            goto give_up;
+        table = (const unsigned char *)mb.buf + off;
+        load(table, &d);
+        if (d.flags & F_INDIRECT)
+            goto give_up;
+    }
+    readable = PyList_New(0);
+    writable = PyList_New(0);
+    if (readable == NULL || writable == NULL)
+        goto fail;
+    uint64_t rlen = 0, wlen = 0, count = 1;
+    for (;;) {
+        if (d.len == 0 || !inside(d.addr, d.len, base, size, &off))
+            goto give_up;
+        if (d.flags & F_WRITE) {
+            if (append_slice(writable, view, off, d.len) < 0)
+                goto fail;
+            wlen += d.len;
+        } else {
+            if (PyList_GET_SIZE(writable))
+                goto give_up;
+            if (append_slice(readable, view, off, d.len) < 0)
+                goto fail;
+            rlen += d.len;
+        }
+        if (!(d.flags & F_NEXT))
+            break;
+        if (d.next >= limit || ++count > limit)
+            goto give_up;
+        load(table + 16 * (uint64_t)d.next, &d);
+        if (d.flags & F_INDIRECT)
+            goto give_up;
+    }
+    /* The views hold their own exports of the region: the buffers can go before the call. */
+    PyBuffer_Release(&mb);
+    PyBuffer_Release(&tb);
+    PyObject *call[5] = {args[2], readable, writable, NULL, NULL};
+    call[3] = PyLong_FromUnsignedLongLong(wlen);
+    call[4] = PyLong_FromUnsignedLongLong(rlen);
+    result = NULL;
+    if (call[3] != NULL && call[4] != NULL)
+        result = PyObject_Vectorcall(chain_type, call, 5, NULL);
+    Py_XDECREF(call[3]);
+    Py_XDECREF(call[4]);
+    Py_DECREF(readable);
+    Py_DECREF(writable);
+    return result;
+
+give_up:
+    result = Py_None;
+    goto out;
+fail:
+    result = NULL;
+out:
+    Py_XDECREF(readable);
+    Py_XDECREF(writable);
+    PyBuffer_Release(&mb);
+    PyBuffer_Release(&tb);
+    return Py_XNewRef(result);
+}
+
+static PyMethodDef methods[] = {
+    {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
+     "walk(table, queue_size, head, indirect, base, size, view, short, chain_type): a Chain "
+     "of the main region's views, or None to leave the chain to the walk in Python."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pyvirtiofsd.virtio._walk",
+    "The common descriptor chain, walked in C (see pyvirtiofsd.virtio.chain).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__walk(void)
+{
+    return PyModule_Create(&module);
+}
