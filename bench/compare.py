@@ -17,11 +17,11 @@ Parts, each comparing pyvirtiofsd with its reference in interleaved rounds (medi
 - queues: two fio jobs on two vCPUs with one and two request queues (bench/queues.py);
 - fusedev: the /dev/fuse mount on the host beside libfuse's passthrough_ll (bench/fusedev.py).
 
-The frontend and fusedev parts, where the daemon's own cost shows, also measure the compiled
-build (mypyc) as a daemon of its own, ``pyvirtiofsd compiled``: its tree is found or built
-once per run by bench/compiled.py (``--compiled DIR`` names one, ``--no-compiled`` leaves it
-out). If it can't be had (no gcc, no Python headers), its column is reported as not measured
-and the rest goes on. The guest parts run the pure build only.
+The frontend, fusedev, guest and tree parts also measure the compiled build (mypyc, with its C
+modules) as a daemon of its own, ``pyvirtiofsd compiled``: its tree is found or built once per
+run by bench/compiled.py (``--compiled DIR`` names one, ``--no-compiled`` leaves it out). If it
+can't be had (no gcc, no Python headers), its column is reported as not measured and the rest
+goes on. The queues part runs the pure build only.
 
 Writes ``compare.json`` and ``compare.svg`` (``compare-quick.*`` with --quick,
 ``compare-smoke.*`` with --smoke) into --out (default: bench/results/). --smoke runs every
@@ -217,7 +217,7 @@ def main() -> None:
     errors: dict[str, str] = {}
     # The compiled tree before the run (a build takes a minute or two, shown apart from it).
     built: compiled.Tree | None = None
-    if {"frontend", "fusedev"} & set(parts):
+    if {"frontend", "fusedev", "guest", "tree"} & set(parts):
         built, why_not = compiled.resolve(args)
         if built is not None:
             facts["compiled"] = built.describe()
@@ -226,6 +226,9 @@ def main() -> None:
     tree_path = built.path if built else None
     if built is None:
         p.fusedev.targets = [t for t in p.fusedev.targets if t != PYC]
+        p.guest.daemons = [d for d in p.guest.daemons if d != PYC]
+        p.tree.daemons = [d for d in p.tree.daemons if d != PYC]
+    p.guest.compiled = p.tree.compiled = tree_path
 
     progress = Progress()
     runners: dict[str, Callable[[], list[Row]]] = {}

@@ -291,6 +291,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def select(
+    args: argparse.Namespace, daemons: list[str], name: str
+) -> tuple[list[str], Tree | None, str | None]:
+    """The daemons to run (``name``, the compiled one, left out when it can't be had), its tree
+    and why not (see :func:`resolve`); the tree is looked for only when ``name`` is asked for."""
+    tree, why_not = resolve(args) if name in daemons else (None, None)
+    return [d for d in daemons if d != name or tree is not None], tree, why_not
+
+
 def resolve(args: argparse.Namespace) -> tuple[Tree | None, str | None]:
     """The tree the options ask for: (tree, None), (None, why not), or (None, None) when the
     compiled build was left out. Says on stderr which tree it is, or why there is none."""

@@ -414,10 +414,7 @@ def main() -> None:
     )
     args = p.parse_args()
     workloads = args.workload or list(WORKLOADS)
-    names = args.daemon or list(DAEMONS)
-    tree, why_not = compiled.resolve(args) if PYC in names else (None, None)
-    if tree is None:
-        names = [n for n in names if n != PYC]
+    names, tree, why_not = compiled.select(args, args.daemon or list(DAEMONS), PYC)
     progress = Progress()
     plan(progress, workloads, names, args.rounds, args.seconds)
     profile = prepare_profile(args.profile)

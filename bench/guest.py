@@ -5,8 +5,12 @@
     .venv/bin/python bench/guest.py --rounds 1 --runtime 3 --size-mib 64 --files 500
 
 Needs the VM assets (`.ci/install-vm-assets`): the guest runs in the sid rootfs, where fio and
-python3 live. For each daemon and round a fresh directory is shared with default options
-(cache=auto) and one guest runs, in order, each fio job with O_DIRECT (every I/O reaches the
+python3 live. pyvirtiofsd runs as both builds: pure, and compiled (mypyc with its C modules: a
+compiled tree found or built by bench/compiled.py, as the front-end bench does; ``--compiled
+DIR``, ``--no-compiled``), which counts only once its /proc maps show the tree's modules.
+
+For each daemon and round a fresh directory is shared with default options (cache=auto) and
+one guest runs, in order, each fio job with O_DIRECT (every I/O reaches the
 daemon) and then buffered (through the guest's page cache, as most programs do): sequential
 1 MiB write and read, 4 KiB random read at queue depth 1 (psync) and 16 (libaio); then
 create, stat and unlink of ``--files`` files from Python.
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import compiled
 from common import (
     Progress,
     cpu_seconds,
@@ -49,7 +54,7 @@ from common import (
     start_profiler,
     stop_profiler,
 )
-from report import CPU_TARGET, PY, THROUGHPUT_TARGET, VIRTIOFSD, Row, label, table
+from report import CPU_TARGET, PY, PYC, THROUGHPUT_TARGET, VIRTIOFSD, Row, label, table
 
 from pyvirtiofsd.vm import FsDevice, GuestError, assets, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
@@ -60,7 +65,9 @@ MOUNT = "/mnt/share"
 MARKER = "@@BENCH"
 _MARKER_RE = re.compile(rf"^{MARKER} (\d+) (begin|end) (\S+)\n", re.MULTILINE)
 _SERVED_RE = re.compile(r"requests served: ?(.*)$", re.MULTILINE)
-DAEMONS = [PY, VIRTIOFSD]
+DAEMONS = [PY, VIRTIOFSD, PYC]
+#: pyvirtiofsd in either build (it logs its request counters on SIGUSR1).
+OURS = (PY, PYC)
 TITLE = "guest: fio and create/stat/unlink (QEMU 11.1 TCG, 2 vCPUs)"
 #: Seconds a guest takes to boot and mount under TCG, for the progress line.
 BOOT_SECONDS = 8.0
@@ -296,11 +303,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def daemon_argv(kind: str, sock: str, share: Path, queues: int = 1) -> list[str]:
-    if kind == PY:
-        argv = [
-            sys.executable, "-m", "pyvirtiofsd",
-            "--socket-path", sock, "--shared-dir", str(share),
-        ]  # fmt: skip
+    if kind in OURS:
+        command = [sys.executable, "-m", "pyvirtiofsd"] if kind == PY else compiled.command()
+        argv = [*command, "--socket-path", sock, "--shared-dir", str(share)]
         if queues > 1:
             argv += ["--num-request-queues", str(queues)]
         return argv
@@ -349,13 +354,17 @@ def run_session(
     timeout: float = 3600.0,
     keep_logs: bool = False,
     profile: Path | None = None,
+    compiled_tree: Path | None = None,
 ) -> dict[str, Phase]:
     """One daemon, one guest running ``steps``; each timed step's Phase, by step name.
 
     ``prepare`` fills the fresh share before the daemon starts. Progress keys are
     ``{prefix}/{step name}`` (see :func:`plan_session`); ``title`` starts the progress text.
     With ``profile`` (a file name), py-spy samples pyvirtiofsd for the whole session and
-    writes its stacks there (see :func:`common.profile_summary`)."""
+    writes its stacks there (see :func:`common.profile_summary`). The compiled daemon runs from
+    ``compiled_tree`` and counts only once its modules are seen loaded."""
+    if kind == PYC and compiled_tree is None:
+        raise ValueError("the compiled daemon needs a compiled tree")
     base.mkdir(parents=True)
     share = base / "share"
     share.mkdir()
@@ -364,7 +373,10 @@ def run_session(
     sock = str(base / "daemon.sock")
     log = base / "daemon.log"
     command = daemon_argv(kind, sock, share, queues)
-    env = None if kind == PY else assets.rust_virtiofsd_command().environ()
+    if kind == PYC:
+        env = compiled.environ(compiled_tree)  # type: ignore[arg-type]
+    else:
+        env = None if kind == PY else assets.rust_virtiofsd_command().environ()
     timed = [s for s in steps if s.kind != "setup"]
     who = display or label(kind)
 
@@ -385,9 +397,11 @@ def run_session(
     spy: subprocess.Popen[bytes] | None = None
     try:
         wait_for_socket(sock, proc)
+        if kind == PYC:
+            compiled.check_running(proc.pid, compiled_tree)  # type: ignore[arg-type]
         if profile is not None and kind == PY:
             spy = start_profiler(proc.pid, profile)
-        sampler = Sampler(proc, share, log if kind == PY else None, on_end)
+        sampler = Sampler(proc, share, log if kind in OURS else None, on_end)
         result = run_guest(
             guest_script(steps),
             [FsDevice(sock, TAG, num_request_queues=queues)],
@@ -435,6 +449,7 @@ class Options:
     timeout: float = 3600.0
     keep_logs: bool = False
     profile: Path | None = None  # a directory for py-spy's stacks of pyvirtiofsd
+    compiled: Path | None = None  # the compiled tree, when daemons has the compiled one
 
 
 def steps(opts: Options) -> list[Step]:
@@ -507,6 +522,7 @@ def run(opts: Options, progress: Progress) -> list[Row]:
                     timeout=opts.timeout,
                     keep_logs=opts.keep_logs,
                     profile=opts.profile and opts.profile / f"guest-{kind}-{n}.txt",
+                    compiled_tree=opts.compiled,
                 )
                 for step_name, p in phases.items():
                     extra = {"cpu_s": p.cpu, "requests": p.requests, "guest_ops": p.ops,
@@ -522,7 +538,11 @@ def run(opts: Options, progress: Progress) -> list[Row]:
     return list(by_key.values())
 
 
-def add_common_arguments(ap: argparse.ArgumentParser, rounds: int, timeout: float) -> None:
+def add_common_arguments(
+    ap: argparse.ArgumentParser, rounds: int, timeout: float, daemons: Sequence[str] = DAEMONS
+) -> None:
+    """The options every guest benchmark takes; with the compiled daemon among ``daemons``,
+    also where its tree comes from (bench/compiled.py)."""
     ap.add_argument(
         "--rounds",
         type=int,
@@ -532,9 +552,11 @@ def add_common_arguments(ap: argparse.ArgumentParser, rounds: int, timeout: floa
     ap.add_argument(
         "--daemon",
         action="append",
-        choices=DAEMONS,
-        help="only this daemon (repeatable; default: both)",
+        choices=daemons,
+        help="only this daemon (repeatable; default: all)",
     )
+    if PYC in daemons:
+        compiled.add_arguments(ap)
     ap.add_argument("--timeout", type=float, default=timeout, help="per guest, seconds")
     ap.add_argument("--keep-logs", action="store_true", help="print the daemons' log tails")
     ap.add_argument("--json", type=Path, help="write the results here (docs/benchmarks.md)")
@@ -568,9 +590,10 @@ def main() -> None:
                     help=f"files to create/stat/unlink (default {defaults.files})")  # fmt: skip
     add_common_arguments(ap, defaults.rounds, defaults.timeout)
     args = ap.parse_args()
-    opts = Options(args.rounds, args.runtime, args.size_mib, args.files,
-                   args.daemon or list(DAEMONS), args.timeout, args.keep_logs,
-                   prepare_profile(args.profile))  # fmt: skip
+    names, tree, why_not = compiled.select(args, args.daemon or list(DAEMONS), PYC)
+    opts = Options(args.rounds, args.runtime, args.size_mib, args.files, names, args.timeout,
+                   args.keep_logs, prepare_profile(args.profile),
+                   tree and tree.path)  # fmt: skip
     load = os.getloadavg()
     progress = Progress()
     plan(progress, opts)
@@ -583,16 +606,30 @@ def main() -> None:
     )
     print(f"host load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
     print_profile(opts.profile, "guest-*.txt", "guest")
-    write_json_if(args.json, result, "guest", vars(args))
+    write_json_if(args.json, result, "guest", vars(args), tree, why_not)
 
 
-def write_json_if(path: Path | None, result: list[Row], part: str, args: dict) -> None:
+def write_json_if(
+    path: Path | None,
+    result: list[Row],
+    part: str,
+    args: dict,
+    tree: compiled.Tree | None = None,
+    why_not: str | None = None,
+) -> None:
+    """Say what the compiled column could not measure, and write the results to ``path``
+    (if given) with the compiled tree's facts."""
+    if why_not is not None:
+        print(f"NOT MEASURED: {label(PYC)}: {why_not}")
     if path is None:
         return
     from report import write_json
 
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
-    write_json(path, result, {"parts": {part: params}})
+    meta: dict[str, Any] = {"parts": {part: params}}
+    if tree is not None:
+        meta["facts"] = {"compiled": tree.describe()}
+    write_json(path, result, meta)
     print(f"results written to {path}")
 
 

@@ -171,7 +171,7 @@ def main() -> None:
     )
     ap.add_argument("--size-mib", type=int, default=defaults.size_mib,
                     help=f"fio file size (default {defaults.size_mib})")  # fmt: skip
-    add_common_arguments(ap, defaults.rounds, defaults.timeout)
+    add_common_arguments(ap, defaults.rounds, defaults.timeout, [PY, VIRTIOFSD])
     args = ap.parse_args()
     configs = [c[0] for c in CONFIGS if args.daemon is None or c[1] in args.daemon]
     opts = Options(args.rounds, args.runtime, args.size_mib, configs, args.timeout,

@@ -2,7 +2,8 @@
 11.1, TCG) on pyvirtiofsd and on the Rust virtiofsd 1.14, in interleaved rounds: extract a
 tar of it, `find -ls`, `grep -r`, `git add -A && git commit`, `git status` and `rm -rf`, each
 cold (right after a fresh mount) and warm. The figure is the wall time of each command in the
-guest, with the daemon's CPU time beside it.
+guest, with the daemon's CPU time beside it. pyvirtiofsd runs as both builds, pure and
+compiled (see bench/guest.py).
 
     .venv/bin/python bench/tree.py                    # 3 rounds
     .venv/bin/python bench/tree.py --rounds 1 --tree /some/dir
@@ -39,6 +40,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import compiled
 from common import Progress, prepare_profile, print_profile, rounds_order
 from guest import (
     DAEMONS,
@@ -48,7 +50,7 @@ from guest import (
     run_session,
     write_json_if,
 )
-from report import THROUGHPUT_TARGET, VIRTIOFSD, Row, table
+from report import PYC, THROUGHPUT_TARGET, VIRTIOFSD, Row, table
 
 from pyvirtiofsd.vm import assets, missing_assets
 
@@ -131,6 +133,7 @@ class Options:
     timeout: float = 3600.0
     keep_logs: bool = False
     profile: Path | None = None  # a directory for py-spy's stacks of pyvirtiofsd
+    compiled: Path | None = None  # the compiled tree, when daemons has the compiled one
 
 
 def steps(scale: float = 1.0) -> list[Step]:
@@ -205,6 +208,7 @@ def run(opts: Options, progress: Progress) -> tuple[list[Row], Tree]:
                     timeout=opts.timeout,
                     keep_logs=opts.keep_logs,
                     profile=opts.profile and opts.profile / f"tree-{kind}-{n}.txt",
+                    compiled_tree=opts.compiled,
                 )
                 for name, p in phases.items():
                     by_key[name].add(kind, p.result["seconds"], cpu_s=p.cpu, requests=p.requests)
@@ -220,8 +224,9 @@ def main() -> None:
                     help="a directory to tar and use (repeatable; default: see above)")  # fmt: skip
     add_common_arguments(ap, defaults.rounds, defaults.timeout)
     args = ap.parse_args()
-    opts = Options(args.rounds, args.tree or [], args.daemon or list(DAEMONS), args.timeout,
-                   args.keep_logs, prepare_profile(args.profile))  # fmt: skip
+    names, built, why_not = compiled.select(args, args.daemon or list(DAEMONS), PYC)
+    opts = Options(args.rounds, args.tree or [], names, args.timeout, args.keep_logs,
+                   prepare_profile(args.profile), built and built.path)  # fmt: skip
     progress = Progress()
     plan(progress, opts)
     result, tree = run(opts, progress)
@@ -229,7 +234,8 @@ def main() -> None:
     print(table(result, {"tree": TITLE}))
     print(f"tree: {tree.describe()}; medians of {opts.rounds} round(s); CPU in the JSON")
     print_profile(opts.profile, "tree-*.txt", "tree")
-    write_json_if(args.json, result, "tree", vars(args) | {"tree": tree.describe()})
+    params = vars(args) | {"tree": tree.describe()}
+    write_json_if(args.json, result, "tree", params, built, why_not)
 
 
 if __name__ == "__main__":
