@@ -1,5 +1,5 @@
 /*
- * pyvirtiofsd.virtio._walk: the common descriptor chain, walked in C.
+ * pyvirtiofsd.virtio._walk: the everyday descriptor chain, walked in C.
  *
  * An optional accelerator of pyvirtiofsd.virtio.chain.read_chain, built only with the compiled
  * variant (setup.py). It serves the chains a Linux driver sends for everyday requests (a direct
@@ -183,8 +183,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "pyvirtiofsd.virtio._walk",
-    "The common descriptor chain, walked in C (see pyvirtiofsd.virtio.chain).", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pyvirtiofsd.virtio._walk",
+    .m_doc = "The everyday descriptor chain, walked in C (see pyvirtiofsd.virtio.chain).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC
