@@ -585,6 +585,30 @@ damage_strategy = st.lists(
 )
 
 
+def apply_damage(
+    mem: Memory,
+    entries: list[list[int]],
+    damage: list[tuple[str, int, int, int]],
+    *,
+    wrap: bool = False,
+) -> None:
+    """Overwrite fields of ``entries`` as a hostile driver would (``damage_strategy``'s items);
+    an item for an entry past the table is skipped, or with ``wrap`` applied modulo its length."""
+    for kind, index, value, length in damage:
+        if index >= len(entries) and not wrap:
+            continue
+        entry = entries[index % len(entries)]
+        if kind == "addr":
+            candidates = special_addresses(mem, max(length, 1))
+            entry[0], entry[1] = candidates[value % len(candidates)], length
+        elif kind == "raw":
+            entry[0], entry[1] = value, length
+        elif kind == "flags":
+            entry[2] = value
+        else:
+            entry[3] = (index + value) % 0x10000
+
+
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -617,19 +641,7 @@ def test_bulk_decoding_puts_every_buffer_where_the_walk_does(
     region %= len(mem.layout)
     readable = round(readable_part * n)
     entries = [list(e) for e in linux_table(mem, n, readable, region, page, stride, start)]
-    for kind, index, value, length in damage:
-        if index >= n:
-            continue
-        entry = entries[index]
-        if kind == "addr":
-            candidates = special_addresses(mem, max(length, 1))
-            entry[0], entry[1] = candidates[value % len(candidates)], length
-        elif kind == "raw":
-            entry[0], entry[1] = value, length
-        elif kind == "flags":
-            entry[2] = value
-        else:
-            entry[3] = (index + value) % 0x10000
+    apply_damage(mem, entries, damage)
     mem.put([tuple(e) for e in entries])  # type: ignore[misc]
     fast_gpas: list[tuple[int, int]] = []
     slow_gpas: list[tuple[int, int]] = []
@@ -950,17 +962,7 @@ def test_the_c_walk_answers_only_as_the_python_walk_does(
     entries_n = as_table if as_table else n
     shape = linux_table(mem, entries_n, min(readable, entries_n), region, 64, 4160, start)
     entries = [list(e) for e in shape]
-    for kind, index, value, length in damage:
-        entry = entries[index % len(entries)]
-        if kind == "addr":
-            candidates = special_addresses(mem, max(length, 1))
-            entry[0], entry[1] = candidates[value % len(candidates)], length
-        elif kind == "raw":
-            entry[0], entry[1] = value, length
-        elif kind == "flags":
-            entry[2] = value
-        else:
-            entry[3] = (index + value) % 0x10000
+    apply_damage(mem, entries, damage, wrap=True)
     ring = memoryview(bytearray(16 * SHORT_RING))
     if as_table:
         # The ring holds the one indirect descriptor; the table lies in the main region (where
