@@ -1223,3 +1223,67 @@ def test_the_c_walk_guards_its_table_whatever_it_is_told() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert (done.returncode, done.stdout.split()) == (0, ["None"] * 3), done
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_a_short_chain_rewritten_while_it_is_walked(indirect: bool) -> None:
+    """Another process (a vCPU) rewrites a short chain byte by byte while it is walked (the
+    ring itself, or a 4-entry indirect table), between a chain in the region and one leaving it,
+    looping and putting readable buffers after writable ones: whatever mixture a walk catches,
+    every buffer it hands out lies inside guest memory, readable ones first, and once the chains
+    are gone the region unmaps (no walk kept a view)."""
+    size = 1 << 20
+    base = 1 << 32
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    region = MappedRegion.map_fd(RegionSpec(base, size, 0x7000_0000, 0), fd)
+    memory = GuestMemory([region])
+    n, at = 4, 0x1000
+    well = b"".join(
+        DESC.pack(
+            base + 0x10000 + 4096 * i, 100 + i, (NEXT if i + 1 < n else 0) | WRITE * (i > 1), i + 1
+        )
+        for i in range(n)
+    )
+    hostile = b"".join(
+        DESC.pack(TOP - 4096 * (i + 1), (1 << 32) - 1, NEXT | WRITE * (i % 2 == 0), (i + 1) % n)
+        for i in range(n)
+    )
+    if indirect:
+        ring = memoryview(bytearray(16))
+        DESC.pack_into(ring, 0, base + at, 16 * n, INDIRECT, 0)
+        queue_size = 1
+    else:
+        ring = memory.translate(base + at, 16 * n)
+        queue_size = n
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FLIPPER, str(fd), str(size), str(at), well.hex(), hostile.hex()],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    served = 0
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "go\n"
+        low, high = region.host_addr, region.host_addr + size
+        for _ in range(3000):
+            assert child.poll() is None, "the process rewriting the chain died"
+            try:
+                chain = read_chain(memory, ring, queue_size, 0, indirect=True)
+            except InvalidChain:
+                continue
+            served += 1
+            readable, writable = places(chain.readable), places(chain.writable)
+            assert all(low <= a and a + k <= high for a, k in readable + writable)
+            assert sum(k for _, k in readable) == chain.readable_len
+            assert sum(k for _, k in writable) == chain.writable_len
+            chain.release()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+        os.close(fd)
+    assert served
+    del chain
+    ring.release()
+    assert region.close()
