@@ -699,6 +699,7 @@ def start_daemon(
     *args: str,
     queues: int = 3,
     name: str = "daemon",
+    regions: int = 1,
 ) -> AttackDaemon:
     sock = workdir / f"{name}.sock"
     log_path = workdir / f"{name}.log"
@@ -725,7 +726,11 @@ def start_daemon(
         ) from None
     frontend = Frontend.connect(str(sock))
     qs = frontend.setup(
-        queues=tuple(range(queues + 1)), queue_size=128, ram_size=64 << 20, arena_size=4 << 20
+        queues=tuple(range(queues + 1)),
+        queue_size=128,
+        ram_size=64 << 20,
+        regions=regions,
+        arena_size=4 << 20,
     )
     has_window = frontend.has_protocol(ProtocolFeature.SHMEM)
     window = FrontendDaxWindow(frontend.get_shmem_config()[0] if has_window else 64 << 20)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -1107,3 +1108,184 @@ def test_read_chain_takes_the_c_walk_and_its_views_hold_the_mapping(tmp_path) ->
         assert region.close(quiet=True)
     finally:
         os.close(fd)
+
+
+def _either(walk: Callable[[], Chain]) -> Chain | InvalidChain | type[BaseException]:
+    """A walk's outcome: its chain, its refusal, or the type of anything else it raised."""
+    try:
+        return walk()
+    except InvalidChain as e:
+        return e
+    except Exception as e:  # the outcome compared, whatever it is
+        return type(e)
+
+
+@pytest.mark.parametrize("where", ["other region", "main region", "indirect in main"])
+def test_a_walk_on_a_retired_main_region(where: str) -> None:
+    """A worker walking on the snapshot it read before the front-end retired the largest region
+    (the rings live elsewhere, so the session swaps snapshots without stopping them): the main
+    region's view is released under it. Either walk serves the chain when it lies in the region
+    that stays, and refuses it (InvalidChain: returned unused, the ring goes on) when it touches
+    the retired one, rather than raising the released view's ValueError, which would end the
+    queue's worker."""
+    mem = Memory(LAYOUTS["adjacent"])
+    main = mem.memory.main
+    assert main is not None and main.guest_addr == M
+    ring = memoryview(bytearray(16 * SHORT_RING))
+    if where == "other region":
+        DESC.pack_into(ring, 0, 0x8000, 40, NEXT, 1)
+        DESC.pack_into(ring, 16, 0x9000, 16, WRITE, 0)
+    elif where == "main region":
+        DESC.pack_into(ring, 0, M + 0x8000, 40, NEXT, 1)
+        DESC.pack_into(ring, 16, 0x9000, 16, WRITE, 0)
+    else:
+        DESC.pack_into(ring, 0, T, 32, INDIRECT, 0)
+    assert main.close(quiet=True)
+    outcome = _either(lambda: read_chain(mem.memory, ring, SHORT_RING, 0, indirect=True))
+    python = _either(lambda: read_chain(mem.memory, ring, SHORT_RING, 0, indirect=True, gpas=[]))
+    if where == "other region":
+        assert isinstance(outcome, Chain) and isinstance(python, Chain), (outcome, python)
+        assert places(outcome.readable) == places(python.readable)
+        assert places(outcome.writable) == places(python.writable)
+    else:
+        assert isinstance(outcome, InvalidChain) and isinstance(python, InvalidChain), (
+            outcome,
+            python,
+        )
+        assert outcome.partial is None and outcome.reason == python.reason
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_region_retired_by_code_the_walk_runs_can_go(direct: bool) -> None:
+    """The walk allocates, so the garbage collector may run in it, hence Python code, hence
+    another thread retiring the main region (a gc callback stands for both here): the region's
+    view must be releasable then, as under the Python walk, which holds no export of it; the
+    walk then serves the chain or refuses it as the Python walk does on a released view."""
+    mem = Memory(LAYOUTS["adjacent"])
+    main = mem.memory.main
+    assert main is not None
+    entries = [(M + 0x8000, 40, NEXT, 1), (M + 0x9000, 16, NEXT | WRITE, 2), (M, 8, WRITE, 0)]
+    ring = memoryview(bytearray(16 * SHORT_RING))
+    if direct:
+        for i, e in enumerate(entries):
+            DESC.pack_into(ring, 16 * i, *e)
+    else:
+        mem.memory.translate(T, 48)[:] = b"".join(DESC.pack(*e) for e in entries)
+        DESC.pack_into(ring, 0, T, 48, INDIRECT, 0)
+    state: dict[str, object] = {"armed": False}
+
+    def retire(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and state["armed"] and "closed" not in state:
+            try:
+                state["closed"] = main.close(quiet=True)
+            except BufferError as e:
+                state["closed"] = e
+
+    # Everything the call needs is made first, so that the first collection after arming falls
+    # inside the walk (its first allocation of a tracked object), not before it.
+    def walk() -> Chain:
+        return read_chain(mem.memory, ring, SHORT_RING, 0, indirect=True)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(retire)
+    gc.set_threshold(1)
+    try:
+        state["armed"] = True
+        outcome = _either(walk)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(retire)
+    assert state.get("closed") is True, state
+    assert isinstance(outcome, Chain | InvalidChain), outcome
+
+
+@native
+def test_the_c_walk_guards_its_table_whatever_it_is_told() -> None:
+    """Arguments no queue passes (a size whose 16-fold overflows, a negative bulk threshold)
+    still keep the C walk inside its buffers: it leaves such a chain to the Python walk. Run in
+    a child, since a read out of bounds ends the process."""
+    code = textwrap.dedent(
+        """
+        from pyvirtiofsd.virtio.chain import Chain, DESC, _native_walk as walk
+        ring = bytearray(16)
+        mem = memoryview(bytearray(4096))
+        print(walk(ring, 1 << 60, (1 << 59) + 1, True, 0, 4096, mem, 16, Chain))
+        # 16 times this size is 16 modulo 2**64: the one descriptor there would be served.
+        DESC.pack_into(ring, 0, 0, 16, 0, 0)
+        print(walk(ring, (1 << 62) + 1, 1 << 62, True, 0, 4096, mem, 16, Chain))
+        # A table of 256 entries, which the walk in Python decodes in bulk.
+        DESC.pack_into(ring, 0, 0, 4096, 4, 0)
+        for i in range(256):
+            DESC.pack_into(mem, 16 * i, 16 * i, 16, 1 if i < 255 else 0, i + 1)
+        print(walk(ring, 1, 0, True, 0, 4096, mem, -1, Chain))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.split()) == (0, ["None"] * 3), done
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_a_short_chain_rewritten_while_it_is_walked(indirect: bool) -> None:
+    """Another process (a vCPU) rewrites a short chain byte by byte while it is walked (the
+    ring itself, or a 4-entry indirect table), between a chain in the region and one leaving it,
+    looping and putting readable buffers after writable ones: whatever mixture a walk catches,
+    every buffer it hands out lies inside guest memory, readable ones first, and once the chains
+    are gone the region unmaps (no walk kept a view)."""
+    size = 1 << 20
+    base = 1 << 32
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    region = MappedRegion.map_fd(RegionSpec(base, size, 0x7000_0000, 0), fd)
+    memory = GuestMemory([region])
+    n, at = 4, 0x1000
+    well = b"".join(
+        DESC.pack(
+            base + 0x10000 + 4096 * i, 100 + i, (NEXT if i + 1 < n else 0) | WRITE * (i > 1), i + 1
+        )
+        for i in range(n)
+    )
+    hostile = b"".join(
+        DESC.pack(TOP - 4096 * (i + 1), (1 << 32) - 1, NEXT | WRITE * (i % 2 == 0), (i + 1) % n)
+        for i in range(n)
+    )
+    if indirect:
+        ring = memoryview(bytearray(16))
+        DESC.pack_into(ring, 0, base + at, 16 * n, INDIRECT, 0)
+        queue_size = 1
+    else:
+        ring = memory.translate(base + at, 16 * n)
+        queue_size = n
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FLIPPER, str(fd), str(size), str(at), well.hex(), hostile.hex()],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    served = 0
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "go\n"
+        low, high = region.host_addr, region.host_addr + size
+        for _ in range(3000):
+            assert child.poll() is None, "the process rewriting the chain died"
+            try:
+                chain = read_chain(memory, ring, queue_size, 0, indirect=True)
+            except InvalidChain:
+                continue
+            served += 1
+            readable, writable = places(chain.readable), places(chain.writable)
+            assert all(low <= a and a + k <= high for a, k in readable + writable)
+            assert sum(k for _, k in readable) == chain.readable_len
+            assert sum(k for _, k in writable) == chain.writable_len
+            chain.release()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+        os.close(fd)
+    assert served
+    del chain
+    ring.release()
+    assert region.close()

@@ -13,9 +13,14 @@
  *   every view of guest memory must). Any violation, an empty buffer, a buffer or a table
  *   outside the main region: None, never an error of its own.
  * - Guest memory changes under it: every descriptor is copied out once, behind a compiler
- *   barrier, and only the copy is looked at.
- * - It holds the GIL throughout and calls nothing that could run Python code but the Chain
- *   class it is given.
+ *   barrier, and only the copy is looked at (an indirect table is copied out whole).
+ * - It holds the GIL, but what it allocates may start the garbage collector, hence Python code
+ *   and other threads, one of which may retire the main region: it holds no export of the
+ *   region's view by then (its slices are the views' own), so the region can be released as
+ *   under the Python walk, whose slicing then fails as this one's does. A ring or region
+ *   released before it starts is left to the Python walk.
+ * - Its arguments are checked as if they came from the guest: no size they give makes it read
+ *   outside the buffers it holds.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -63,6 +68,9 @@ append_slice(PyObject *list, PyObject *view, uint64_t off, uint64_t len)
     return rc;
 }
 
+/* The longest indirect table walked here (the bulk threshold, _BULK in chain.py, is one more). */
+#define TABLE_MAX 15
+
 /*
  * walk(table, queue_size, head, indirect, base, size, view, short, chain_type)
  *
@@ -91,31 +99,48 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred())
         return NULL;
 
+    /* A buffer that can't be had (a ring or region released: memory retired under a walk on an
+     * old snapshot) is not an error of ours: the Python walk meets it, or not, and decides. */
     Py_buffer tb, mb;
-    if (PyObject_GetBuffer(args[0], &tb, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(view, &mb, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&tb);
-        return NULL;
+    if (PyObject_GetBuffer(args[0], &tb, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
     }
     PyObject *result = Py_None;
     PyObject *readable = NULL, *writable = NULL;
-    if (queue_size <= 0 || head < 0 || head >= queue_size || tb.len < 16 * queue_size
-        || (uint64_t)mb.len < size)
+    /* Sizes compared by division: 16 * queue_size could overflow. */
+    if (queue_size <= 0 || queue_size > tb.len / 16 || head < 0 || head >= queue_size)
         goto give_up;
 
     const unsigned char *table = tb.buf;
     uint64_t limit = (uint64_t)queue_size;
     uint64_t off;
     struct desc d;
+    /* An indirect table, copied out whole: the walk then holds no export of the region while it
+     * builds the chain (allocation may run the garbage collector, hence Python code, hence
+     * another thread that retires the region: its view must then be releasable). */
+    unsigned char copy[16 * TABLE_MAX];
     load(table + 16 * head, &d);
     if (d.flags & F_INDIRECT) {
         if (!indirect || d.flags & F_NEXT || d.len == 0 || d.len % 16)
             goto give_up;
         limit = d.len / 16;
-        if (limit >= (uint64_t)short_table || !inside(d.addr, d.len, base, size, &off))
+        if (limit > TABLE_MAX || short_table <= 0 || limit >= (uint64_t)short_table)
             goto give_up;
-        table = (const unsigned char *)mb.buf + off;
+        if (PyObject_GetBuffer(view, &mb, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            goto give_up;
+        }
+        int in = (uint64_t)mb.len >= size && inside(d.addr, d.len, base, size, &off);
+        if (in) {
+            memcpy(copy, (const unsigned char *)mb.buf + off, d.len);
+            /* As in load(): only the copy is looked at from here on. */
+            __asm__ __volatile__("" ::: "memory");
+        }
+        PyBuffer_Release(&mb);
+        if (!in)
+            goto give_up;
+        table = copy;
         load(table, &d);
         if (d.flags & F_INDIRECT)
             goto give_up;
@@ -147,8 +172,6 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (d.flags & F_INDIRECT)
             goto give_up;
     }
-    /* The views hold their own exports of the region: the buffers can go before the call. */
-    PyBuffer_Release(&mb);
     PyBuffer_Release(&tb);
     PyObject *call[5] = {args[2], readable, writable, NULL, NULL};
     call[3] = PyLong_FromUnsignedLongLong(wlen);
@@ -170,7 +193,6 @@ fail:
 out:
     Py_XDECREF(readable);
     Py_XDECREF(writable);
-    PyBuffer_Release(&mb);
     PyBuffer_Release(&tb);
     return Py_XNewRef(result);
 }

@@ -18,7 +18,8 @@ The driver is hostile, so the walk enforces:
 * every buffer lies inside guest memory (several views when it spans adjacent regions).
 
 Any violation raises :class:`InvalidChain` carrying the head, so the caller can log it
-and return the chain with used length 0.
+and return the chain with used length 0. So does a chain walked on a snapshot of guest memory
+one of whose regions was retired meanwhile (its view released), when the walk touches it.
 
 An indirect table of 16 or more entries laid out as Linux lays them out (a big READ or WRITE:
 headers, then a page per descriptor) is decoded in bulk instead, with the same outcome as the
@@ -377,6 +378,36 @@ def read_chain(
     ``head`` must already be known to be below ``queue_size``. With ``gpas`` (an empty list)
     the walk keeps the writable buffers' guest-physical ranges there (:attr:`Chain.gpas`).
     """
+    try:
+        return _read_chain(memory, table, queue_size, head, indirect, gpas)
+    except ValueError as e:
+        # A worker may walk on the snapshot it read just before the front-end retired a region
+        # no ring lives in (the session then swaps snapshots without stopping the rings): the
+        # region's view, released meanwhile, refuses to be sliced. Memory gone is memory the
+        # chain can't use, not a failure of the queue.
+        if not _retired(memory):
+            raise
+        raise InvalidChain(head, f"guest memory retired under the walk ({e})") from None
+
+
+def _retired(memory: GuestMemory) -> bool:
+    """Whether a region of ``memory`` was closed (its view released)."""
+    for region in memory.regions:
+        try:
+            len(region.view)
+        except ValueError:
+            return True
+    return False
+
+
+def _read_chain(
+    memory: GuestMemory,
+    table: memoryview,
+    queue_size: int,
+    head: int,
+    indirect: bool,
+    gpas: list[tuple[int, int]] | None,
+) -> Chain:
     main = memory.main
     if _native_walk is not None and gpas is None and main is not None:
         found = _native_walk(
