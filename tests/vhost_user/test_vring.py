@@ -105,6 +105,29 @@ def test_notify_on_a_full_pipe_does_not_block() -> None:
         os.close(w)
 
 
+def test_a_non_blocking_notifier_is_written_without_a_poll_first() -> None:
+    """QEMU makes its eventfds non-blocking: the write alone then suffices, and on a saturated
+    counter it fails at once (EAGAIN, taken as a wake-up already pending), without blocking
+    and without touching the front-end's flags. A blocking one is still polled first."""
+    ring = Vring(0)
+    fast = os.eventfd(0, os.EFD_NONBLOCK)
+    ring.set_call_fd(fast)
+    assert ring._call_poll is None  # no poll() per interrupt
+    ring.signal_call()
+    ring.signal_call()
+    assert os.eventfd_read(fast) == 2
+    os.eventfd_write(fast, EVENTFD_MAX)
+    ring.signal_call()  # would block: fails with EAGAIN, which is no error
+    assert os.eventfd_read(fast) == EVENTFD_MAX
+    assert not os.get_blocking(fast)
+    ring.set_call_fd(os.eventfd(0))
+    assert ring._call_poll is not None
+    ring.set_err_fd(os.eventfd(0, os.EFD_NONBLOCK))
+    ring.signal_err()
+    assert os.eventfd_read(ring.err_fd) == 1  # type: ignore[arg-type]
+    ring.close_fds()
+
+
 def test_signal_call_notifies_the_current_call_fd() -> None:
     ring = Vring(0)
     ring.signal_call()  # no call fd yet: nothing to do

@@ -33,8 +33,8 @@ def check_notifier_fd(fd: int) -> None:
     Any other file type could make a worker spin (a regular file is always readable) or
     block for ever (a socket nobody reads). The fd's flags are left alone: its open file
     description is the front-end's too, and O_NONBLOCK set on it would make the front-end's
-    own blocking reads fail with EAGAIN. So reads and writes here never rely on it
-    (:func:`consume`, :func:`notify`).
+    own blocking reads fail with EAGAIN. So reads here never rely on it (:func:`consume`),
+    and writes rely on it only where the front-end set it itself (:func:`notify`).
     """
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode):
@@ -63,12 +63,15 @@ def consume(fd: int, scratch: bytearray) -> bool:
     return True
 
 
-def notify(fd: int, poller: select.poll) -> None:
-    """Add one to the eventfd (or 8 bytes to the pipe) ``fd``, registered in ``poller`` for
-    POLLOUT, unless that would block: a write blocks only when the counter is saturated or the
-    pipe full, and the driver then has a notification pending anyway. (An eventfd can't be
-    written with RWF_NOWAIT, and its flags are not ours to change, so poll first.)"""
-    if poller.poll(0):
+def notify(fd: int, poller: select.poll | None) -> None:
+    """Add one to the eventfd (or 8 bytes to the pipe) ``fd`` unless that would block: a write
+    blocks only when the counter is saturated or the pipe full, and the driver then has a
+    notification pending anyway. An eventfd can't be written with RWF_NOWAIT and its flags are
+    not ours to change, so a blocking ``fd`` is registered in ``poller`` for POLLOUT and polled
+    first. ``poller`` None says the front-end made ``fd`` non-blocking itself, as QEMU makes
+    every eventfd: the write alone then fails (EAGAIN) where it would block, a system call
+    fewer per interrupt."""
+    if poller is None or poller.poll(0):
         os.write(fd, _ONE)
 
 
@@ -80,7 +83,13 @@ def _close(fd: int | None) -> None:
             pass
 
 
-def _writable_poller(fd: int | None) -> select.poll:
+def _writable_poller(fd: int | None) -> select.poll | None:
+    """What :func:`notify` needs to write ``fd`` without blocking: None for a descriptor the
+    front-end made non-blocking. Its flags are looked at once, here: a front-end that cleared
+    O_NONBLOCK later could make a write wait, once it had saturated the counter itself, until
+    it reads the counter again; its own notifier, its own stall."""
+    if fd is not None and not os.get_blocking(fd):
+        return None
     poller = select.poll()
     if fd is not None:
         poller.register(fd, select.POLLOUT)
@@ -99,8 +108,8 @@ class Vring:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
-        self._call_poll = select.poll()
-        self._err_poll = select.poll()
+        self._call_poll: select.poll | None = select.poll()
+        self._err_poll: select.poll | None = select.poll()
         self.enabled = False
         self.started = False
         self.queue: SplitQueue | None = None
