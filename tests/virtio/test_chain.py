@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import gc
 import mmap
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -736,6 +737,31 @@ _FLIPPER = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def rewriting(fd: int, size: int, at: int, a: bytes, b: bytes) -> Iterator[Callable[[], None]]:
+    """Another process (a vCPU) rewriting the memfd ``fd`` at ``at``, byte by byte, between
+    ``a`` and ``b`` while the block runs; the block gets a check that it is still at it. The
+    memfd is closed afterwards."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FLIPPER, str(fd), str(size), str(at), a.hex(), b.hex()],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "go\n"
+
+        def alive() -> None:
+            assert child.poll() is None, "the process rewriting guest memory died"
+
+        yield alive
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+        os.close(fd)
+
+
 def test_a_table_rewritten_while_it_is_decoded() -> None:
     """Another process (a vCPU) rewrites the table byte by byte while it is decoded, between a
     table in the region and one far outside it: whatever mixture the copy catches, every buffer
@@ -758,18 +784,11 @@ def test_a_table_rewritten_while_it_is_decoded() -> None:
     outside = outside[:-4] + b"\x02\x00\x00\x00"
     ring = bytearray(16)
     DESC.pack_into(ring, 0, 1 << 32, 16 * n, INDIRECT, 0)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _FLIPPER, str(fd), str(size), "0", inside.hex(), outside.hex()],
-        pass_fds=(fd,),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "go\n"
+    with rewriting(fd, size, 0, inside, outside) as alive:
         served = 0
         low, high = region.host_addr, region.host_addr + size
         for _ in range(3000):
-            assert child.poll() is None, "the process rewriting the table died"
+            alive()
             gpas: list[tuple[int, int]] = []
             try:
                 chain = read_chain(memory, memoryview(ring), 1, 0, indirect=True, gpas=gpas)
@@ -781,11 +800,6 @@ def test_a_table_rewritten_while_it_is_decoded() -> None:
             written = places(chain.writable)
             assert [(a - low + (1 << 32), k) for a, k in written] == gpas
             assert sum(k for _, k in written) == chain.writable_len
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()  # type: ignore[union-attr]
-        os.close(fd)
     assert served
 
 
@@ -1258,18 +1272,11 @@ def test_a_short_chain_rewritten_while_it_is_walked(indirect: bool) -> None:
     else:
         ring = memory.translate(base + at, 16 * n)
         queue_size = n
-    child = subprocess.Popen(
-        [sys.executable, "-c", _FLIPPER, str(fd), str(size), str(at), well.hex(), hostile.hex()],
-        pass_fds=(fd,),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     served = 0
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "go\n"
+    with rewriting(fd, size, at, well, hostile) as alive:
         low, high = region.host_addr, region.host_addr + size
         for _ in range(3000):
-            assert child.poll() is None, "the process rewriting the chain died"
+            alive()
             try:
                 chain = read_chain(memory, ring, queue_size, 0, indirect=True)
             except InvalidChain:
@@ -1280,11 +1287,6 @@ def test_a_short_chain_rewritten_while_it_is_walked(indirect: bool) -> None:
             assert sum(k for _, k in readable) == chain.readable_len
             assert sum(k for _, k in writable) == chain.writable_len
             chain.release()
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()  # type: ignore[union-attr]
-        os.close(fd)
     assert served
     del chain
     ring.release()
