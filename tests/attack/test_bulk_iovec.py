@@ -20,21 +20,24 @@ import pytest
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.testing.fuse_client import encode_request
-from pyvirtiofsd.virtio.chain import (
-    DESC,
-    VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE,
+from pyvirtiofsd.virtio.chain import DESC
+from tests.attack.tools import (
+    INDIRECT,
+    NEXT,
+    ROOT,
+    TOP,
+    WRITE,
+    AttackDaemon,
+    entry_of,
+    open_of,
+    start_daemon,
 )
-from tests.attack.tools import ROOT, AttackDaemon, entry_of, open_of, start_daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs as root")
 
-NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 PAGE = 4096
 PAGES = 256
 CANARY = 0xA5
-TOP = 1 << 64
 FILE = os.urandom(2 * PAGES * PAGE)
 
 

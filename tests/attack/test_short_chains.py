@@ -25,23 +25,16 @@ import pytest
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.testing.frontend import DriverQueue
 from pyvirtiofsd.testing.fuse_client import encode_request
-from pyvirtiofsd.virtio.chain import (
-    DESC,
-    VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE,
-)
-from tests.attack.tools import ROOT, AttackDaemon, start_daemon
+from pyvirtiofsd.virtio.chain import DESC
+from tests.attack.tools import INDIRECT, NEXT, ROOT, TOP, WRITE, AttackDaemon, start_daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs as root")
 
-NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 MiB = 1 << 20
 #: Guest RAM: two adjacent regions of 32 MiB; the main one (the first of the largest) at 0.
 MAIN_END = 32 * MiB
 RAM_END = 64 * MiB
 HIGH = MAIN_END + MiB  # room in the other region
-TOP = 1 << 64
 REQUEST = abi.IN_HEADER.size + abi.GETATTR_IN.size
 HEADER = abi.OUT_HEADER.size
 REPLY = HEADER + abi.ATTR_OUT.size

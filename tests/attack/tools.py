@@ -38,6 +38,7 @@ from pyvirtiofsd.testing.dax_window import FrontendDaxWindow
 from pyvirtiofsd.testing.frontend import DriverQueue, Frontend, FrontendError
 from pyvirtiofsd.testing.fuse_client import decode_reply, encode_request
 from pyvirtiofsd.vhost_user.messages import BackendReq, Message, ProtocolFeature
+from pyvirtiofsd.virtio.chain import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
 
 #: Seconds a request may take before it counts as blocked in the daemon.
@@ -46,6 +47,10 @@ HANG_TIMEOUT = 3.0
 LATE_TIMEOUT = 20.0
 O_PATH = 0o10000000
 ROOT = abi.ROOT_ID
+#: Descriptor flags, as the tests that write descriptor tables by hand spell them.
+NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+#: One past the last guest-physical address.
+TOP = 1 << 64
 #: What a guest kernel offers at INIT (the daemon picks from these).
 INIT_FLAGS = (
     abi.InitFlag.ASYNC_READ
