@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from pyvirtiofsd.testing.frontend import DriverQueue, GuestRam
+from pyvirtiofsd.virtio import queue as queue_module
 from pyvirtiofsd.virtio.chain import VRING_DESC_F_NEXT, InvalidChain
 from pyvirtiofsd.virtio.dirtylog import LOG_PAGE_SIZE, DirtyLog, word_masks
 from pyvirtiofsd.virtio.memory import GuestMemory
@@ -13,6 +15,7 @@ from pyvirtiofsd.virtio.queue import (
     VRING_USED_F_NO_NOTIFY,
     QueueBroken,
     SplitQueue,
+    full_fence,
 )
 from tests.virtio.conftest import MakeDriver
 
@@ -280,3 +283,24 @@ def test_used_ring_logging_without_data_logging(
     q.push_used(chain.head, 3, [(0x12345000, 3)])
     assert _logged(log) == _pages([(dq.used_addr + 2, 10)])
     log.close()
+
+
+def test_the_fence_is_the_builds_own_and_waits_for_a_lock_held_elsewhere() -> None:
+    """The compiled build fences with one instruction (``_barrier.c``); the pure one takes a
+    lock, trying it first without blocking. A try that fails (another queue fencing) orders
+    nothing, so that fence waits for the lock rather than returning unordered."""
+    if os.environ.get("PYVIRTIOFSD_TEST_BUILD") == "mypyc":
+        assert queue_module._native_fence is not None
+    if queue_module._native_fence is not None:
+        full_fence()
+        return
+    done = threading.Event()
+    with queue_module._fence_lock:
+        fencer = threading.Thread(target=lambda: (full_fence(), done.set()))
+        fencer.start()
+        assert not done.wait(0.2)
+    assert done.wait(10)
+    fencer.join()
+    full_fence()
+    assert queue_module._fence_lock.acquire(False)
+    queue_module._fence_lock.release()

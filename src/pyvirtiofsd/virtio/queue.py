@@ -74,12 +74,24 @@ MAX_QUEUE_SIZE: Final = 32768
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
     raise ImportError("pyvirtiofsd's virtqueue code needs a little-endian host")
 
+try:
+    from pyvirtiofsd.virtio._barrier import fence as _native_fence
+except ImportError:  # a pure build: no C at all
+    _native_fence = None
+
 _fence_lock: Final = threading.Lock()
 
 
 def full_fence() -> None:
-    """A full memory barrier: taking a lock is an atomic read-modify-write on x86."""
-    _fence_lock.acquire()
+    """A full memory barrier: one fence instruction in the compiled build (``_barrier.c``);
+    otherwise taking a lock, an atomic read-modify-write on x86. The lock is tried first without
+    blocking, which spares computing a deadline; a try that fails because another queue holds
+    it may not order anything, so that one waits for the lock."""
+    if _native_fence is not None:
+        _native_fence()
+        return
+    if not _fence_lock.acquire(False):
+        _fence_lock.acquire()
     _fence_lock.release()
 
 
