@@ -51,7 +51,11 @@ COMPILED: Final = (
 )
 
 #: Hand-written C modules the compiled build adds (``name.c`` beside the module that uses it).
-NATIVE: Final = ("pyvirtiofsd.virtio._walk",)
+NATIVE: Final = (
+    "pyvirtiofsd.virtio._walk",
+    "pyvirtiofsd.virtio._barrier",
+    "pyvirtiofsd.backends.passthrough._stat",
+)
 
 
 def compiled() -> list[str]:

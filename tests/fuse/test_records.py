@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -98,15 +99,43 @@ def test_attr_from_stat_takes_the_ids_it_is_given_and_packs_in_fuse_attr_order()
     assert (other.ino, other.flags, other.uid, other.gid) == (7, 1, 1234, 5678)
 
     class Out:
-        def pack(self, layout: object, *values: int) -> None:
-            self.got = (layout, values)
+        def pack_then(self, layout: object, values: tuple[int, ...], tail: bytes) -> None:
+            self.got = (layout, values, tail)
 
     out = Out()
-    other.pack(out, "layout", 1, 2, tail=(3,))
+    other.pack(out, "layout", 1, 2)
     fields = (other.ino, other.size, other.blocks, other.atime, other.mtime, other.ctime)
     fields += (other.atimensec, other.mtimensec, other.ctimensec, other.mode, other.nlink)
     fields += (other.uid, other.gid, other.rdev, other.blksize, other.flags)
-    assert out.got == ("layout", (1, 2, *fields, 3))
+    assert out.got == ("layout", (1, 2), abi.ATTR.pack(*fields))
+    assert Attr(*fields) == other and Attr(raw=other.raw) == other
+    assert Attr(*fields[:-1]) != other and hash(Attr(*fields)) == hash(other)
+
+
+def test_attr_is_laid_out_as_the_abi_says() -> None:
+    assert records._ATTR.format == abi.ATTR.struct.format
+    assert records._ATTR_SIZE == abi.ATTR.size == 88
+
+
+def test_times_before_1970_are_the_kernels_signed_seconds(tmp_path: Path) -> None:
+    """A file from before 1970 has "negative" times: whole seconds below 0 and nanoseconds
+    above them, as a timespec has it, which fuse_attr carries in two's complement. (They once
+    made the reply's packing fail: such a file could not even be looked up.)"""
+    f = tmp_path / "old"
+    f.touch()
+    os.utime(f, ns=(-5_500_000_000, -1))
+    attr = Attr.from_stat(os.stat(f))
+    assert (attr.atime, attr.atimensec) == (-6, 500_000_000)
+    assert (attr.mtime, attr.mtimensec) == (-1, 999_999_999)
+    atime, mtime = abi.ATTR.unpack(attr.raw)[3:5]
+    assert (atime, mtime) == (2**64 - 6, 2**64 - 1)
+
+
+def test_the_link_count_and_device_are_cut_to_the_32_bits_the_kernel_reads() -> None:
+    attr = Attr(nlink=2**32 + 5, rdev=(7 << 32) | 0x1234_5678)
+    assert (attr.nlink, attr.rdev) == (5, 0x1234_5678)
+    with pytest.raises(ValueError):
+        Attr(raw=bytes(87))
 
 
 def test_split_timeout() -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "ATTR",
     "ATTR_DAX",
     "ATTR_OUT",
+    "ATTR_OUT_HEAD",
     "ATTR_SUBMOUNT",
     "BACKING_MAP",
     "BATCH_FORGET_IN",
@@ -39,6 +40,7 @@ __all__ = [
     "DIRENT",
     "DIRENTPLUS",
     "ENTRY_OUT",
+    "ENTRY_OUT_HEAD",
     "EXT_GROUPS",
     "EXT_HEADER",
     "EXT_MAX_NR_SECCTX",
@@ -460,7 +462,12 @@ FORGET_IN = Layout("ForgetIn", "u64 nlookup")
 FORGET_ONE = Layout("ForgetOne", "u64 nodeid, u64 nlookup")
 BATCH_FORGET_IN = Layout("BatchForgetIn", "u32 count, u32 dummy")
 GETATTR_IN = Layout("GetattrIn", "u32 getattr_flags, u32 dummy, u64 fh")
-ATTR_OUT = Layout("AttrOut", "u64 attr_valid, u32 attr_valid_nsec, u32 dummy, " + _ATTR_FIELDS)
+_ATTR_OUT_HEAD_FIELDS = "u64 attr_valid, u32 attr_valid_nsec, u32 dummy"
+ATTR_OUT = Layout("AttrOut", _ATTR_OUT_HEAD_FIELDS + ", " + _ATTR_FIELDS)
+#: The parts of fuse_attr_out and fuse_entry_out before their fuse_attr (replies pack these,
+#: then copy the attributes as they are: see :class:`pyvirtiofsd.fuse.records.Attr`).
+ATTR_OUT_HEAD = Layout("AttrOutHead", _ATTR_OUT_HEAD_FIELDS)
+ENTRY_OUT_HEAD = Layout("EntryOutHead", _ENTRY_FIELDS[: -len(_ATTR_FIELDS) - 2])
 SX_TIME = Layout("SxTime", "i64 tv_sec, u32 tv_nsec, i32 reserved")
 STATX = Layout("Statx", _STATX_FIELDS)
 STATX_IN = Layout("StatxIn", "u32 getattr_flags, u32 reserved, u64 fh, u32 sx_flags, u32 sx_mask")

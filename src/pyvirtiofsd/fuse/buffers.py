@@ -234,6 +234,27 @@ class ReplyWriter:
                 return
         self.write(layout_struct.pack(*values))
 
+    def pack_then(self, layout_struct: Any, values: tuple[int, ...], tail: bytes) -> None:
+        """Append one structure packed from ``values``, then the bytes ``tail`` (a reply's
+        fields, then the attributes it carries), in place when both fit the current view."""
+        size = layout_struct.size
+        end = size + len(tail)
+        index = self._index
+        if index < len(self._views):
+            view = self._views[index]
+            offset = self._offset
+            end += offset
+            if end <= len(view):
+                layout_struct.pack_into(view, offset, *values)
+                view[offset + size : end] = tail
+                self.length += end - offset
+                if end == len(view):
+                    self._index, self._offset = index + 1, 0
+                else:
+                    self._offset = end
+                return
+        self.write(layout_struct.pack(*values) + tail)
+
     def space(self) -> int:
         """Payload bytes that still fit."""
         return self.capacity - self.length

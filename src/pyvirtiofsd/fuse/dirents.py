@@ -66,17 +66,9 @@ class DirentWriter:
         else:
             ev, evn = split_timeout(entry.entry_timeout)
             av, avn = split_timeout(entry.attr_timeout)
-            entry.attr.pack(
-                out,
-                abi.DIRENTPLUS.struct,
-                entry.ino,
-                entry.generation,
-                ev,
-                av,
-                evn,
-                avn,
-                tail=(entry.attr.ino, offset, len(name), dtype),
-            )
+            attr = entry.attr
+            attr.pack(out, abi.ENTRY_OUT_HEAD.struct, entry.ino, entry.generation, ev, av, evn, avn)
+            out.pack(abi.DIRENT.struct, attr.ino, offset, len(name), dtype)
         out.write(name)
         pad = -len(name) & 7
         if pad:

@@ -10,9 +10,18 @@ Nothing here subclasses them, and nothing may: a compiled class takes no Python 
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, Final, NamedTuple
 
 __all__ = ["Attr", "Context", "Entry", "SecurityContext", "split_timeout"]
+
+#: fuse_attr, as :data:`pyvirtiofsd.fuse.abi.ATTR` lays it out (a test holds them equal; the
+#: compiled build's type check cannot type that Layout's struct from here).
+_ATTR: Final = struct.Struct("<QQQQQQIIIIIIIIII")
+_ATTR_SIZE: Final = 88
+_U32: Final = struct.Struct("<I")
+_U64_MASK: Final = (1 << 64) - 1
+_U32_MASK: Final = (1 << 32) - 1
 
 
 class SecurityContext(NamedTuple):
@@ -78,26 +87,18 @@ class Context:
 
 
 class Attr:
-    """The attributes of an inode, as the kernel caches them."""
+    """The attributes of an inode, as the kernel caches them.
 
-    __slots__ = (
-        "atime",
-        "atimensec",
-        "blksize",
-        "blocks",
-        "ctime",
-        "ctimensec",
-        "flags",
-        "gid",
-        "ino",
-        "mode",
-        "mtime",
-        "mtimensec",
-        "nlink",
-        "rdev",
-        "size",
-        "uid",
-    )
+    Kept as the kernel's ``fuse_attr`` itself (:attr:`raw`, 88 bytes, :data:`abi.ATTR
+    <pyvirtiofsd.fuse.abi.ATTR>`): every reply that carries attributes copies them whole, and a
+    backend that has them in that form already (the compiled build's fstat) hands them over as
+    they are. The fields read back from it. Times are the kernel's signed seconds in two's
+    complement (a file from before 1970 has them "negative"), their nanoseconds always in
+    0..999,999,999; the link count and the device number are cut to the 32 bits the kernel
+    reads, as it reads them.
+    """
+
+    __slots__ = ("raw",)
 
     def __init__(
         self,
@@ -117,23 +118,31 @@ class Attr:
         rdev: int = 0,
         blksize: int = 4096,
         flags: int = 0,
+        *,
+        raw: bytes | None = None,
     ) -> None:
-        self.ino = ino
-        self.size = size
-        self.blocks = blocks
-        self.atime = atime
-        self.mtime = mtime
-        self.ctime = ctime
-        self.atimensec = atimensec
-        self.mtimensec = mtimensec
-        self.ctimensec = ctimensec
-        self.mode = mode
-        self.nlink = nlink
-        self.uid = uid
-        self.gid = gid
-        self.rdev = rdev
-        self.blksize = blksize
-        self.flags = flags
+        if raw is None:
+            raw = _ATTR.pack(
+                ino,
+                size,
+                blocks,
+                atime & _U64_MASK,
+                mtime & _U64_MASK,
+                ctime & _U64_MASK,
+                atimensec,
+                mtimensec,
+                ctimensec,
+                mode,
+                nlink & _U32_MASK,
+                uid,
+                gid,
+                rdev & _U32_MASK,
+                blksize,
+                flags,
+            )
+        elif len(raw) != _ATTR_SIZE:
+            raise ValueError(f"a fuse_attr is {_ATTR_SIZE} bytes, not {len(raw)}")
+        self.raw = raw
 
     @classmethod
     def from_stat(
@@ -146,6 +155,8 @@ class Attr:
     ) -> Attr:
         """The attributes of ``st``; ``ino``, ``uid`` and ``gid`` replace its own if given."""
         a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        # Floor division: a time before 1970 is whole seconds below it plus nanoseconds
+        # above, as a timespec has it.
         return cls(
             st.st_ino if ino is None else ino,
             st.st_size,
@@ -160,39 +171,102 @@ class Attr:
             st.st_nlink,
             st.st_uid if uid is None else uid,
             st.st_gid if gid is None else gid,
-            st.st_rdev & 0xFFFFFFFF,
+            st.st_rdev,
             st.st_blksize,
             flags,
         )
 
-    def pack(self, out: Any, layout: Any, *head: int, tail: tuple[int, ...] = ()) -> None:
-        """Pack ``layout`` into the reply ``out``: ``head``, the fields in fuse_attr order, then
-        ``tail`` (the fields passed one by one: no tuple of them made and unpacked, as this runs
-        for every reply that carries attributes)."""
-        out.pack(
-            layout,
-            *head,
-            self.ino,
-            self.size,
-            self.blocks,
-            self.atime,
-            self.mtime,
-            self.ctime,
-            self.atimensec,
-            self.mtimensec,
-            self.ctimensec,
-            self.mode,
-            self.nlink,
-            self.uid,
-            self.gid,
-            self.rdev,
-            self.blksize,
-            self.flags,
-            *tail,
-        )
+    def with_flags(self, flags: int) -> Attr:
+        """These attributes with ``flags`` in place of their own."""
+        return Attr(raw=self.raw[:-4] + _U32.pack(flags))
+
+    def pack(self, out: Any, head: Any, *values: int) -> None:
+        """Append to the reply ``out`` the structure ``head`` (the reply's fields before its
+        ``fuse_attr``) packed from ``values``, then the attributes."""
+        out.pack_then(head, values, self.raw)
+
+    def _field(self, index: int) -> int:
+        value: int = _ATTR.unpack(self.raw)[index]
+        return value
+
+    @property
+    def ino(self) -> int:
+        return self._field(0)
+
+    @property
+    def size(self) -> int:
+        return self._field(1)
+
+    @property
+    def blocks(self) -> int:
+        return self._field(2)
+
+    @property
+    def atime(self) -> int:
+        return _signed(self._field(3))
+
+    @property
+    def mtime(self) -> int:
+        return _signed(self._field(4))
+
+    @property
+    def ctime(self) -> int:
+        return _signed(self._field(5))
+
+    @property
+    def atimensec(self) -> int:
+        return self._field(6)
+
+    @property
+    def mtimensec(self) -> int:
+        return self._field(7)
+
+    @property
+    def ctimensec(self) -> int:
+        return self._field(8)
+
+    @property
+    def mode(self) -> int:
+        return self._field(9)
+
+    @property
+    def nlink(self) -> int:
+        return self._field(10)
+
+    @property
+    def uid(self) -> int:
+        return self._field(11)
+
+    @property
+    def gid(self) -> int:
+        return self._field(12)
+
+    @property
+    def rdev(self) -> int:
+        return self._field(13)
+
+    @property
+    def blksize(self) -> int:
+        return self._field(14)
+
+    @property
+    def flags(self) -> int:
+        return self._field(15)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Attr):
+            return NotImplemented
+        return self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
 
     def __repr__(self) -> str:
         return f"Attr(ino={self.ino}, mode={self.mode:o}, size={self.size})"
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
 
 
 class Entry:

@@ -95,8 +95,8 @@ _IN_HEADER: Final = abi.IN_HEADER.struct
 _IN_SIZE: Final = abi.IN_HEADER.size
 _HEADER: Final = abi.OUT_HEADER.size
 _OUT_HEADER: Final = abi.OUT_HEADER.struct
-_ENTRY_OUT: Final = abi.ENTRY_OUT.struct
-_ATTR_OUT: Final = abi.ATTR_OUT.struct
+_ENTRY_OUT_HEAD: Final = abi.ENTRY_OUT_HEAD.struct
+_ATTR_OUT_HEAD: Final = abi.ATTR_OUT_HEAD.struct
 _OPEN_OUT: Final = abi.OPEN_OUT.struct
 _U32: Final = abi.GETXATTR_OUT.struct
 
@@ -302,7 +302,7 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
     ev, evn = split_timeout(entry.entry_timeout)
     av, avn = split_timeout(entry.attr_timeout)
-    entry.attr.pack(out, _ENTRY_OUT, entry.ino, entry.generation, ev, av, evn, avn)
+    entry.attr.pack(out, _ENTRY_OUT_HEAD, entry.ino, entry.generation, ev, av, evn, avn)
 
 
 def _flag_names(flags: int) -> str:
@@ -833,7 +833,7 @@ class Server:
     def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
         attr, timeout = attr_and_timeout
         av, avn = split_timeout(timeout)
-        attr.pack(out, _ATTR_OUT, av, avn, 0)
+        attr.pack(out, _ATTR_OUT_HEAD, av, avn, 0)
 
     @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
     def _getattr(

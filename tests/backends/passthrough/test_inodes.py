@@ -10,14 +10,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
+import stat
 import struct
 from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
+from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs, inodes
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.fuse.filesystem import ROOT, Attr
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 from tests.backends.passthrough.conftest import (
@@ -165,11 +167,11 @@ def test_restored_and_lost_inodes(tmp_path: Path) -> None:
     store = InodeStore(str(tmp_path), FileHandles.NEVER)
     try:
         fd = os.open(tmp_path / "a", os.O_PATH)
-        inode = store.restore(40, fd, os.fstat(fd), 3)
+        inode = store.restore(40, fd, inodes.ident_of(os.fstat(fd)), 3)
         assert store.get(40) is inode and inode.refcount == 3
         again = os.open(tmp_path / "a", os.O_PATH)
         with pytest.raises(ValueError, match="inode 41 is the same file here as inode 40"):
-            store.restore(41, again, os.fstat(again), 1)
+            store.restore(41, again, inodes.ident_of(os.fstat(again)), 1)
         store.mark_lost(50, 2)
         with pytest.raises(OSError) as e:
             store.get(50)
@@ -180,7 +182,7 @@ def test_restored_and_lost_inodes(tmp_path: Path) -> None:
         assert errno_of(store.get, 50) == errno.EBADF
         # New numbers come after every number the guest holds.
         os.mkdir(tmp_path / "b")
-        b = store.add(os.open(tmp_path / "b", os.O_PATH), os.stat(tmp_path / "b"))
+        b = store.add(os.open(tmp_path / "b", os.O_PATH), inodes.ident_of(os.stat(tmp_path / "b")))
         assert b.nodeid == 51
     finally:
         store.close_all()
@@ -195,3 +197,80 @@ def test_granted_locks_are_recorded_until_their_owner_goes(daemon: Daemon) -> No
     fh = daemon.c.open(ino, os.O_RDWR).fh
     daemon.c.flush(ino, fh, lock_owner=5)  # the owner closes its file: its locks go
     assert store.held_locks(inode) == []
+
+
+def _every_kind(root: Path) -> list[Path]:
+    """One file of each type, with times, sizes and link counts that differ."""
+    (root / "reg").write_bytes(b"x" * 5000)
+    os.link(root / "reg", root / "reg2")
+    (root / "dir").mkdir()
+    os.symlink("reg", root / "link")
+    os.mkfifo(root / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "sock"))
+    os.utime(root / "reg", ns=(-5_500_000_000, 2**40 * 1_000_000_000 + 7))
+    os.utime(root / "dir", ns=(0, 999_999_999))
+    return [root / n for n in ("reg", "dir", "link", "fifo", "sock")] + [Path("/dev/null")]
+
+
+@pytest.mark.parametrize("flags", [0, abi.ATTR_SUBMOUNT, 0xFFFF_FFFF])
+def test_attrs_of_an_fd_are_what_the_stat_result_gives(tmp_path: Path, flags: int) -> None:
+    """The compiled build makes attributes (and a lookup's identity) from fstat() in C,
+    without an os.stat_result: the same as the Python path for every file type (a device's
+    64-bit number, times before 1970 and far ahead, hard links), on the build under test."""
+    for path in _every_kind(tmp_path):
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            assert inodes.attr_of_fd(fd, flags) == Attr.from_stat(st, None, flags), path
+            attr, ident = inodes.entry_of_fd(fd)
+            assert attr.with_flags(flags) == Attr.from_stat(st, None, flags), path
+            assert ident == (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)), path
+        finally:
+            os.close(fd)
+    if inodes._native_fstat_attr is None or inodes._native_fstat_entry is None:
+        assert os.environ.get("PYVIRTIOFSD_TEST_BUILD") != "mypyc", "C module missing"
+
+
+def test_attr_of_fd_fails_as_fstat_does() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    for fd in (r, -1):
+        with pytest.raises(OSError) as got:
+            inodes.attr_of_fd(fd)
+        assert got.value.errno == errno.EBADF
+    native = inodes._native_fstat_attr
+    if native is not None:
+        for bad in ((2**40, 0), (0, 2**32), (0, -1)):
+            with pytest.raises(OverflowError):
+                native(*bad)
+        with pytest.raises(TypeError):
+            native(0)
+        entry = inodes._native_fstat_entry
+        with pytest.raises(OverflowError):
+            entry(2**40)
+        with pytest.raises(TypeError):
+            entry()
+    with pytest.raises(OSError) as got:
+        inodes.entry_of_fd(r)
+    assert got.value.errno == errno.EBADF
+
+
+def test_a_file_from_before_1970_is_looked_up_and_its_reference_kept(tmp_path: Path) -> None:
+    """Its times once made the reply fail to pack after the lookup had taken its reference:
+    EINVAL, and a reference the kernel would never forget."""
+    old = tmp_path / "old"
+    old.touch()
+    os.utime(old, ns=(-5_500_000_000, -1))
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(tmp_path)))
+    client = FuseClient(direct(Server(fs)))
+    client.init()
+    entry = client.lookup(ROOT, b"old")
+    assert (entry.atime, entry.atimensec) == (2**64 - 6, 500_000_000)
+    attr = client.getattr(entry.nodeid)
+    assert (attr.mtime, attr.mtimensec) == (2**64 - 1, 999_999_999)
+    client.forget(entry.nodeid, 1)  # the one reference the lookup took, and no other
+    assert errno_of(client.getattr, entry.nodeid) == errno.EBADF
+    assert stat.S_ISDIR(client.getattr(ROOT).mode)
+    fs.shutdown()

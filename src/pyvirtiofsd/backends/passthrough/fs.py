@@ -67,7 +67,13 @@ from pyvirtiofsd.backends.passthrough import locks, migration
 from pyvirtiofsd.backends.passthrough.config import PassthroughConfig, SecurityLabel
 from pyvirtiofsd.backends.passthrough.credentials import Credentials, can_switch
 from pyvirtiofsd.backends.passthrough.idmap import IdMap
-from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
+from pyvirtiofsd.backends.passthrough.inodes import (
+    Inode,
+    InodeStore,
+    attr_of_fd,
+    entry_of_fd,
+    ident_of,
+)
 from pyvirtiofsd.backends.passthrough.xattrmap import Kind
 from pyvirtiofsd.fuse import abi, policy
 from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
@@ -164,6 +170,8 @@ class PassthroughFs(Backend):
         self._uids = IdMap("uid", config.translate_uid)
         self._gids = IdMap("gid", config.translate_gid)
         self._translate = not (self._uids.identity and self._gids.identity)
+        #: GETATTR's attributes are fstat()'s as they are: no id translated, no DAX flag.
+        self._stat_is_attr = not self._translate and self._dax_file_size is None
         if self._translate:
             log.info(
                 "translating ids: %d uid and %d gid rules",
@@ -289,15 +297,18 @@ class PassthroughFs(Backend):
         if self._readonly:
             raise oserror(errno.EROFS)
 
-    def _attr_flags(self, inode: Inode, st: os.stat_result, parent_dev: int | None) -> int:
-        flags = 0
-        if (
+    def _submount(self, inode: Inode, parent_dev: int | None) -> bool:
+        """Whether ``inode``, reached from a directory on ``parent_dev``, is announced as the
+        root of another mount."""
+        return (
             parent_dev is not None
             and inode.mode == stat.S_IFDIR
-            and st.st_dev != parent_dev
+            and inode.dev != parent_dev
             and self._announce_submounts
-        ):
-            flags |= abi.ATTR_SUBMOUNT
+        )
+
+    def _attr_flags(self, inode: Inode, st: os.stat_result, parent_dev: int | None) -> int:
+        flags = abi.ATTR_SUBMOUNT if self._submount(inode, parent_dev) else 0
         size = self._dax_file_size
         if size is not None and inode.mode == stat.S_IFREG and st.st_size >= size:
             flags |= abi.ATTR_DAX
@@ -337,13 +348,21 @@ class PassthroughFs(Backend):
     def _entry(self, parent: Inode, fd: int) -> tuple[Inode, Entry]:
         """The inode behind ``fd`` (an O_PATH fd this call consumes), with one more lookup,
         and its entry."""
+        st: os.stat_result | None = None
         try:
-            st = os.fstat(fd)
+            if self._stat_is_attr:
+                attr, ident = entry_of_fd(fd)
+            else:
+                st = os.fstat(fd)
+                ident = ident_of(st)
         except BaseException:
             os.close(fd)
             raise
-        inode = self.inodes.add(fd, st)
-        attr = self._attr(st, self._attr_flags(inode, st, parent.dev))
+        inode = self.inodes.add(fd, ident)
+        if st is not None:
+            attr = self._attr(st, self._attr_flags(inode, st, parent.dev))
+        elif self._submount(inode, parent.dev):
+            attr = attr.with_flags(abi.ATTR_SUBMOUNT)
         return inode, Entry(inode.nodeid, attr, self._timeout, self._timeout)
 
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
@@ -398,17 +417,29 @@ class PassthroughFs(Backend):
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
         h = None if fh is None else self._handles.use_if(fh)
-        if h is not None:
-            try:
-                st = os.fstat(h.fd)
-            finally:
-                self._handles.done(h)
+        if self._stat_is_attr:
+            # Most shares: the attributes are the fstat's as they are, made without an
+            # os.stat_result in the compiled build.
+            if h is not None:
+                try:
+                    attr = attr_of_fd(h.fd)
+                finally:
+                    self._handles.done(h)
+            else:
+                attr = self.inodes.attr(inode)
         else:
-            st = self.inodes.stat(inode)
+            if h is not None:
+                try:
+                    st = os.fstat(h.fd)
+                finally:
+                    self._handles.done(h)
+            else:
+                st = self.inodes.stat(inode)
+            attr = self._attr(st, self._attr_flags(inode, st, None))
         window = self._conn.dax_window
         if window is not None:
-            dax_resized(window, ino, st.st_size)
-        return self._attr(st, self._attr_flags(inode, st, None)), self._timeout
+            dax_resized(window, ino, attr.size)
+        return attr, self._timeout
 
     def setattr(self, ctx: Context, ino: int, changes: SetAttr) -> tuple[Attr, float]:
         self._rofs()

@@ -36,17 +36,29 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.backends.passthrough.config import FileHandles
 from pyvirtiofsd.backends.passthrough.lockranges import LockRanges
+from pyvirtiofsd.fuse.filesystem import Attr
+
+try:
+    from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _native_fstat_attr
+    from pyvirtiofsd.backends.passthrough._stat import fstat_entry as _native_fstat_entry
+except ImportError:  # a pure build: no C at all
+    _native_fstat_attr = None
+    _native_fstat_entry = None
 
 __all__ = [
+    "Ident",
     "Inode",
     "InodeStore",
     "PathFd",
+    "attr_of_fd",
     "check_openable",
+    "entry_of_fd",
+    "ident_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,34 @@ log = logging.getLogger(__name__)
 _PINNED: Final = 1 << 62
 #: The only inode types the daemon opens (other than with O_PATH).
 _OPENABLE: Final = (stat.S_IFREG, stat.S_IFDIR)
+
+
+_T = TypeVar("_T")
+#: What fstat() says identifies an inode: (st_dev, st_ino, S_IFMT(st_mode)).
+Ident = tuple[int, int, int]
+
+
+def ident_of(st: os.stat_result) -> Ident:
+    return st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)
+
+
+def entry_of_fd(fd: int) -> tuple[Attr, Ident]:
+    """What a lookup needs of fstat(``fd``): the attributes as they are (flags 0, no id
+    translated) and the inode's identity; made in C in the compiled build, as
+    :func:`attr_of_fd` is."""
+    if _native_fstat_entry is not None:
+        raw, dev, ino, mode = _native_fstat_entry(fd)
+        return Attr(raw=raw), (dev, ino, mode)
+    st = os.fstat(fd)
+    return Attr.from_stat(st), ident_of(st)
+
+
+def attr_of_fd(fd: int, flags: int = 0) -> Attr:
+    """The attributes fstat(``fd``) gives, as they are (no id translated): the compiled build
+    makes them in C without an ``os.stat_result`` (``_stat.c``), the same bytes."""
+    if _native_fstat_attr is not None:
+        return Attr(raw=_native_fstat_attr(fd, flags))
+    return Attr.from_stat(os.fstat(fd), None, flags)
 
 
 def check_openable(mode: int) -> None:
@@ -99,7 +139,7 @@ class Inode:
         fd: int,
         handle: bytes | None,
         mount_id: int,
-        st: os.stat_result,
+        ident: Ident,
     ) -> None:
         self.nodeid = nodeid
         self.key = key
@@ -107,9 +147,7 @@ class Inode:
         self.fd = fd
         self.handle = handle
         self.mount_id = mount_id
-        self.dev = st.st_dev
-        self.ino = st.st_ino
-        self.mode = stat.S_IFMT(st.st_mode)
+        self.dev, self.ino, self.mode = ident
         #: Lookups the guest holds.
         self.refcount = 1
         #: Requests using the inode's descriptors now.
@@ -187,11 +225,11 @@ class InodeStore:
         #: (guarded by ``lock_book``).
         self.pending_locks: dict[tuple[int, int], LockRanges] = {}
         fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = os.fstat(fd)
+        ident = ident_of(os.fstat(fd))
         handle, mount_id = self._handle_of(fd)
-        if handle is not None and not self._remember_mount(fd, st, mount_id):
+        if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
             handle = None
-        root = Inode(1, self._key(st, handle, mount_id), fd, handle, mount_id, st)
+        root = Inode(1, self._key(ident, handle, mount_id), fd, handle, mount_id, ident)
         root.refcount = _PINNED
         self._by_id[1] = root
         self._by_key[root.key] = root
@@ -210,28 +248,26 @@ class InodeStore:
             log.debug("no file handle (%s); keeping an fd", e)
             return None, 0
 
-    def _remember_mount(self, fd: int, st: os.stat_result, mount_id: int) -> bool:
+    def _remember_mount(self, fd: int, mode: int, mount_id: int) -> bool:
         """Keep an fd on a newly seen mount, which open_by_handle_at needs (a real fd: it
         refuses O_PATH ones). False when this inode can't give one."""
         if mount_id in self._mount_fds:
             return True
-        if stat.S_IFMT(st.st_mode) not in _OPENABLE:
+        if mode not in _OPENABLE:
             return False
         try:
-            self._mount_fds[mount_id] = _reopen(
-                fd, stat.S_IFMT(st.st_mode), os.O_RDONLY | os.O_NONBLOCK
-            )
+            self._mount_fds[mount_id] = _reopen(fd, mode, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             log.debug("no fd on mount %d: %s", mount_id, e)
             return False
         return True
 
     @staticmethod
-    def _key(st: os.stat_result, handle: bytes | None, mount_id: int) -> object:
+    def _key(ident: Ident, handle: bytes | None, mount_id: int) -> object:
         # A handle carries the inode generation, so a recycled inode number gets a new key.
         if handle is not None:
             return (mount_id, handle)
-        return (st.st_dev, st.st_ino)
+        return (ident[0], ident[1])
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -243,19 +279,20 @@ class InodeStore:
                 raise OSError(errno.EIO, f"inode {nodeid} was lost in a migration") from None
             raise OSError(errno.EBADF, f"unknown inode {nodeid}") from None
 
-    def add(self, fd: int, st: os.stat_result) -> Inode:
-        """Take one reference on the inode behind ``fd`` (an O_PATH fd this call consumes)."""
+    def add(self, fd: int, ident: Ident) -> Inode:
+        """Take one reference on the inode behind ``fd`` (an O_PATH fd this call consumes),
+        which fstat() says is ``ident``."""
         handle, mount_id = self._handle_of(fd)
         with self._lock:
-            if handle is not None and not self._remember_mount(fd, st, mount_id):
+            if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
                 handle = None
-            key = self._key(st, handle, mount_id)
+            key = self._key(ident, handle, mount_id)
             inode = self._by_key.get(key)
             if inode is not None:
                 inode.refcount += 1
             else:
                 keep_fd = handle is None
-                inode = Inode(self._next_id, key, fd if keep_fd else -1, handle, mount_id, st)
+                inode = Inode(self._next_id, key, fd if keep_fd else -1, handle, mount_id, ident)
                 self._next_id += 1
                 self._by_id[inode.nodeid] = inode
                 self._by_key[key] = inode
@@ -361,14 +398,22 @@ class InodeStore:
     def stat(self, inode: Inode) -> os.stat_result:
         """``inode``'s fstat(), pinned as :meth:`path` pins it (without the ``with`` block's
         object: GETATTR asks this for every request)."""
+        return self._pinned(inode, os.fstat)
+
+    def attr(self, inode: Inode) -> Attr:
+        """``inode``'s attributes as its fstat() gives them (:func:`attr_of_fd`), pinned as
+        :meth:`stat` is."""
+        return self._pinned(inode, attr_of_fd)
+
+    def _pinned(self, inode: Inode, use: Callable[[int], _T]) -> _T:
         self.pin(inode)
         try:
             fd = inode.fd
             if fd >= 0:
-                return os.fstat(fd)
+                return use(fd)
             fd = self.open_handle(inode, os.O_PATH | os.O_NOFOLLOW)
             try:
-                return os.fstat(fd)
+                return use(fd)
             finally:
                 os.close(fd)
         finally:
@@ -485,22 +530,22 @@ class InodeStore:
         except OSError:
             return None
 
-    def restore(self, nodeid: int, fd: int, st: os.stat_result, refcount: int) -> Inode:
+    def restore(self, nodeid: int, fd: int, ident: Ident, refcount: int) -> Inode:
         """Take over the source's inode ``nodeid``, with the guest's ``refcount`` lookups,
-        found here as ``fd`` (an O_PATH fd this call consumes). ValueError when that file is
-        already another number's."""
+        found here as ``fd`` (an O_PATH fd this call consumes, which fstat() says is
+        ``ident``). ValueError when that file is already another number's."""
         handle, mount_id = self._handle_of(fd)
         with self._lock:
-            if handle is not None and not self._remember_mount(fd, st, mount_id):
+            if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
                 handle = None
-            key = self._key(st, handle, mount_id)
+            key = self._key(ident, handle, mount_id)
             other = self._by_key.get(key)
             if other is not None or nodeid in self._by_id or nodeid in self._lost:
                 os.close(fd)
                 name = other.nodeid if other is not None else nodeid
                 raise ValueError(f"inode {nodeid} is the same file here as inode {name}")
             keep_fd = handle is None
-            inode = Inode(nodeid, key, fd if keep_fd else -1, handle, mount_id, st)
+            inode = Inode(nodeid, key, fd if keep_fd else -1, handle, mount_id, ident)
             inode.refcount = refcount
             self._by_id[nodeid] = inode
             self._by_key[key] = inode
@@ -528,11 +573,11 @@ class InodeStore:
         """Keep a descriptor on the mount of ``fd`` (O_PATH) for opening handles; its id."""
         try:
             _, mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
-            st = os.fstat(fd)
+            mode = stat.S_IFMT(os.fstat(fd).st_mode)
         except OSError:
             return None
         with self._lock:
-            return mount_id if self._remember_mount(fd, st, mount_id) else None
+            return mount_id if self._remember_mount(fd, mode, mount_id) else None
 
     def drop_borrowed_mounts(self) -> None:
         """A store that keeps no handles keeps no mount descriptors either: close those a

@@ -67,7 +67,7 @@ from pyvirtiofsd.backends.passthrough.config import (
     MigrationOnError,
     PassthroughConfig,
 )
-from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore
+from pyvirtiofsd.backends.passthrough.inodes import Inode, InodeStore, ident_of
 from pyvirtiofsd.backends.passthrough.lockranges import LockRanges
 from pyvirtiofsd.fuse.state import StateError, StateReader, StateWriter
 
@@ -786,7 +786,7 @@ def _find(
         raise _NotFound(
             f"{_show(path)} is a {_kind(st.st_mode)} here, a {_kind(rec.mode)} on the source"
         )
-    return store.restore(rec.nodeid, fd, st, rec.refcount), path
+    return store.restore(rec.nodeid, fd, ident_of(st), rec.refcount), path
 
 
 def _check_handle(fd: int, handle: bytes, mount: _Mount) -> None:
