@@ -67,7 +67,8 @@ class DirentWriter:
             ev, evn = split_timeout(entry.entry_timeout)
             av, avn = split_timeout(entry.attr_timeout)
             attr = entry.attr
-            attr.pack(out, abi.ENTRY_OUT_HEAD.struct, entry.ino, entry.generation, ev, av, evn, avn)
+            head = (entry.ino, entry.generation, ev, av, evn, avn)
+            out.pack_then(abi.ENTRY_OUT_HEAD.struct, head, attr.raw)
             out.pack(abi.DIRENT.struct, attr.ino, offset, len(name), dtype)
         out.write(name)
         pad = -len(name) & 7

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 __all__ = ["Attr", "Context", "Entry", "SecurityContext", "split_timeout"]
 
@@ -90,7 +90,8 @@ class Attr:
     """The attributes of an inode, as the kernel caches them.
 
     Kept as the kernel's ``fuse_attr`` itself (:attr:`raw`, 88 bytes, :data:`abi.ATTR
-    <pyvirtiofsd.fuse.abi.ATTR>`): every reply that carries attributes copies them whole, and a
+    <pyvirtiofsd.fuse.abi.ATTR>`): every reply that carries attributes copies them whole (after
+    the fields before them: :meth:`~pyvirtiofsd.fuse.buffers.ReplyWriter.pack_then`), and a
     backend that has them in that form already (the compiled build's fstat) hands them over as
     they are. The fields read back from it. Times are the kernel's signed seconds in two's
     complement (a file from before 1970 has them "negative"), their nanoseconds always in
@@ -179,11 +180,6 @@ class Attr:
     def with_flags(self, flags: int) -> Attr:
         """These attributes with ``flags`` in place of their own."""
         return Attr(raw=self.raw[:-4] + _U32.pack(flags))
-
-    def pack(self, out: Any, head: Any, *values: int) -> None:
-        """Append to the reply ``out`` the structure ``head`` (the reply's fields before its
-        ``fuse_attr``) packed from ``values``, then the attributes."""
-        out.pack_then(head, values, self.raw)
 
     def _field(self, index: int) -> int:
         value: int = _ATTR.unpack(self.raw)[index]

@@ -302,7 +302,7 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
     ev, evn = split_timeout(entry.entry_timeout)
     av, avn = split_timeout(entry.attr_timeout)
-    entry.attr.pack(out, _ENTRY_OUT_HEAD, entry.ino, entry.generation, ev, av, evn, avn)
+    out.pack_then(_ENTRY_OUT_HEAD, (entry.ino, entry.generation, ev, av, evn, avn), entry.attr.raw)
 
 
 def _flag_names(flags: int) -> str:
@@ -833,7 +833,7 @@ class Server:
     def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
         attr, timeout = attr_and_timeout
         av, avn = split_timeout(timeout)
-        attr.pack(out, _ATTR_OUT_HEAD, av, avn, 0)
+        out.pack_then(_ATTR_OUT_HEAD, (av, avn, 0), attr.raw)
 
     @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
     def _getattr(

@@ -322,6 +322,15 @@ class PassthroughFs(Backend):
             gid = self._gids.to_guest(gid)
         return Attr.from_stat(st, None, flags, uid, gid)
 
+    def _fd_attr(self, inode: Inode, fd: int) -> Attr:
+        """``inode``'s attributes as the guest sees them, through ``fd``, one of its own
+        descriptors. Most shares take them from fstat() as they are (:attr:`_stat_is_attr`),
+        which the compiled build does without an os.stat_result."""
+        if self._stat_is_attr:
+            return attr_of_fd(fd)
+        st = os.fstat(fd)
+        return self._attr(st, self._attr_flags(inode, st, None))
+
     def _caller(self, ctx: Context) -> Context:
         """``ctx`` with the host ids its caller acts as; EPERM if one of them is refused."""
         if not self._translate:
@@ -417,24 +426,15 @@ class PassthroughFs(Backend):
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
         h = None if fh is None else self._handles.use_if(fh)
-        if self._stat_is_attr:
-            # Most shares: the attributes are the fstat's as they are, made without an
-            # os.stat_result in the compiled build.
-            if h is not None:
-                try:
-                    attr = attr_of_fd(h.fd)
-                finally:
-                    self._handles.done(h)
-            else:
-                attr = self.inodes.attr(inode)
+        if h is not None:
+            try:
+                attr = self._fd_attr(inode, h.fd)
+            finally:
+                self._handles.done(h)
+        elif self._stat_is_attr:
+            attr = self.inodes.attr(inode)
         else:
-            if h is not None:
-                try:
-                    st = os.fstat(h.fd)
-                finally:
-                    self._handles.done(h)
-            else:
-                st = self.inodes.stat(inode)
+            st = self.inodes.stat(inode)
             attr = self._attr(st, self._attr_flags(inode, st, None))
         window = self._conn.dax_window
         if window is not None:
@@ -509,10 +509,10 @@ class PassthroughFs(Backend):
                 )
             if changes.kill_suidgid and changes.mode is None:
                 self._kill_suidgid(pfd, True)
-            st = os.fstat(pfd) if handle is None else os.fstat(handle.fd)
+            attr = self._fd_attr(inode, pfd if handle is None else handle.fd)
         if changes.size is not None:
-            dax_resized(self._conn.dax_window, ino, st.st_size)
-        return self._attr(st, self._attr_flags(inode, st, None)), self._timeout
+            dax_resized(self._conn.dax_window, ino, attr.size)
+        return attr, self._timeout
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
         inode = self.inodes.get(ino)
