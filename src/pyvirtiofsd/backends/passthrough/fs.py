@@ -97,6 +97,8 @@ log = logging.getLogger(__name__)
 
 _DIRENT_HEAD: Final = struct.Struct("=QqHB")
 _GETDENTS_BUFSIZE: Final = 64 * 1024
+#: How a name is looked up: its own O_PATH descriptor, never following a symlink.
+_LOOKUP_FLAGS: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _ACL_XATTRS: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
 _NO_ID: Final = 0xFFFFFFFF
 
@@ -376,7 +378,7 @@ class PassthroughFs(Backend):
 
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
         with self.inodes.path(parent) as pfd:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            fd = os.open(name, _LOOKUP_FLAGS, dir_fd=pfd)
         return self._entry(parent, fd)
 
     def _lookup(self, parent: Inode, name: bytes) -> Entry:
@@ -538,7 +540,7 @@ class PassthroughFs(Backend):
             else:
                 with creds:
                     make(pfd, name)
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                fd = os.open(name, _LOOKUP_FLAGS, dir_fd=pfd)
         return self._entry(pinode, fd)[1]
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
@@ -583,7 +585,7 @@ class PassthroughFs(Backend):
     def _open_made(self, pfd: int, name: bytes, kind: int) -> int:
         """An O_PATH fd of the ``kind`` of file just made under ``name``; ENOENT if the name
         now holds something else (swapped meanwhile: never labelled, never opened)."""
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        fd = os.open(name, _LOOKUP_FLAGS, dir_fd=pfd)
         if stat.S_IFMT(os.fstat(fd).st_mode) != kind:
             os.close(fd)
             raise oserror(errno.ENOENT, "the new file was replaced before it was labelled")
@@ -1060,7 +1062,10 @@ class PassthroughFs(Backend):
                     if not out.fits(name):
                         return
                     try:
-                        entry = self._lookup(h.inode, name)
+                        # Through the open directory itself, which this handle keeps open
+                        # (no pin of the inode's own descriptor for each name).
+                        fd = os.open(name, _LOOKUP_FLAGS, dir_fd=h.fd)
+                        entry = self._entry(h.inode, fd)[1]
                     except OSError as e:
                         # Gone since getdents saw it: leave it out, like a later readdir would.
                         if e.errno in (errno.ENOENT, errno.ENOTDIR):
