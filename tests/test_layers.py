@@ -44,6 +44,10 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _native(name: str) -> bool:
+    return SRC.joinpath(*name.split(".")).with_suffix(".c").is_file()
+
+
 def _imports(name: str) -> Iterator[str]:
     """Every project module ``name`` imports (at any place in the file, type-checking-only
     imports included)."""
@@ -62,6 +66,8 @@ def _imports(name: str) -> Iterator[str]:
         else:
             continue
         for target in targets:
+            if _native(target):
+                continue  # a C module (accel.NATIVE) imports nothing of the project
             if target == PACKAGE or target.startswith(PACKAGE + "."):
                 while target not in MODULES and "." in target:
                     target = target.rsplit(".", 1)[0]
