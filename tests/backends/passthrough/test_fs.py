@@ -953,3 +953,64 @@ def test_no_rules_change_nothing(tmp_path: Path) -> None:
         assert a.uid == 2050
     finally:
         fs.shutdown()
+
+
+# --- attributes through a handle of another inode --------------------------------------------
+
+
+class _ResizeWindow(_RecordingWindow):
+    """A DAX window that maps every file and notes each size it is told a file now has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[object, int]] = []
+
+    def holds(self, owner: object) -> bool:
+        return True
+
+    def resized(self, owner: object, size: int) -> None:
+        self.sizes.append((owner, size))
+
+
+def _attr_of(raw: bytes) -> tuple[int, int, int]:
+    a = abi.ATTR_OUT.unpack(raw)
+    return a.ino, a.mode, a.size
+
+
+@pytest.mark.parametrize("dax", [None, 1], ids=["plain", "dax-file-size"])
+def test_a_handle_of_another_inode_gives_getattr_and_setattr_nothing_of_its_file(
+    share: Path, dax: int | None
+) -> None:
+    """GETATTR and SETATTR name an inode; a handle the guest pairs with it (FUSE_GETATTR_FH,
+    FATTR_FH) is of use only if it is that inode's. One of another file is ignored, as a
+    released one is: the reply is the inode's own attributes, a truncation truncates the
+    inode's file, and its DAX mappings are kept within its own size, never the other's."""
+    (share / "big").write_bytes(b"b" * 100_000)
+    fs = PassthroughFs(PassthroughConfig(str(share), dax_file_size=dax))
+    window = _ResizeWindow()
+    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
+    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    try:
+        big = c.lookup(ROOT, b"big").nodeid
+        fh = c.open(big, os.O_RDWR).fh
+        for name in ("file", "dir", "link", "fifo", "null"):
+            node = c.lookup(ROOT, name.encode()).nodeid
+            st = os.lstat(share / name)
+            window.sizes.clear()
+            raw = c.call(abi.Opcode.GETATTR, node, abi.GETATTR_IN.pack(abi.GETATTR_FH, 0, fh))
+            assert _attr_of(raw) == (st.st_ino, st.st_mode, st.st_size), name
+            assert window.sizes == [(node, st.st_size)], name
+        node = c.lookup(ROOT, b"file").nodeid
+        window.sizes.clear()
+        setattr_in = abi.SETATTR_IN.pack(valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=fh, size=4)
+        raw = c.call(abi.Opcode.SETATTR, node, setattr_in)
+        assert (share / "big").stat().st_size == 100_000
+        assert (share / "file").read_bytes() == b"file"
+        st = os.lstat(share / "file")
+        assert _attr_of(raw) == (st.st_ino, st.st_mode, 4)
+        assert window.sizes == [(node, 4)]
+        # Its own handle still counts.
+        raw = c.call(abi.Opcode.GETATTR, big, abi.GETATTR_IN.pack(abi.GETATTR_FH, 0, fh))
+        assert _attr_of(raw)[2] == 100_000
+    finally:
+        fs.shutdown()

@@ -376,6 +376,17 @@ class PassthroughFs(Backend):
             attr = attr.with_flags(abi.ATTR_SUBMOUNT)
         return inode, Entry(inode.nodeid, attr, self._timeout, self._timeout)
 
+    def _own_handle(self, inode: Inode, fh: int | None) -> _Handle | None:
+        """The handle ``fh``, counted as in use, if it is one of ``inode``'s file; None for no
+        handle, an unknown one or one of another file. A guest may pair any handle with any
+        inode: GETATTR and SETATTR, which answer with the inode's attributes (and keep its DAX
+        mappings within its size), then do without it, as without a released one."""
+        h = self._handles.use_if(fh)
+        if h is not None and h.inode.key != inode.key:
+            self._handles.done(h)
+            return None
+        return h
+
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
         with self.inodes.path(parent) as pfd:
             fd = os.open(name, _LOOKUP_FLAGS, dir_fd=pfd)
@@ -427,7 +438,7 @@ class PassthroughFs(Backend):
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
-        h = None if fh is None else self._handles.use_if(fh)
+        h = None if fh is None else self._own_handle(inode, fh)
         if h is not None:
             try:
                 attr = self._fd_attr(inode, h.fd)
@@ -448,7 +459,7 @@ class PassthroughFs(Backend):
         # Before anything changes: a refused owner changes nothing.
         owner = self._new_owner(changes)
         inode = self.inodes.get(ino)
-        handle = self._handles.use_if(changes.fh)
+        handle = self._own_handle(inode, changes.fh)
         try:
             return self._setattr(ino, inode, handle, changes, owner)
         finally:
