@@ -1014,3 +1014,59 @@ def test_a_handle_of_another_inode_gives_getattr_and_setattr_nothing_of_its_file
         assert _attr_of(raw)[2] == 100_000
     finally:
         fs.shutdown()
+
+
+class _OwnerWindow(_RecordingWindow):
+    """A DAX window that maps every file and notes which files it is told about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: set[object] = set()
+
+    def holds(self, owner: object) -> bool:
+        return True
+
+    def resized(self, owner: object, size: int) -> None:
+        self.told.add(owner)
+
+    def flush(self, owner: object) -> None:
+        self.told.add(owner)
+
+
+def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Path) -> None:
+    """READ, WRITE, FALLOCATE, COPY_FILE_RANGE, FSYNC, FLUSH and RELEASE act on the handle's
+    file, whatever inode the guest names with it: that file's window pages are put into it
+    first (else an fsync would acknowledge data still in the window) and its mappings follow
+    its new size. The named inode's are left alone (resized to the other file's size, they
+    would map past its end)."""
+    (share / "other").write_bytes(b"o" * 10)
+    fs = PassthroughFs(PassthroughConfig(str(share)))
+    window = _OwnerWindow()
+    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
+    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    try:
+        named = c.lookup(ROOT, b"file").nodeid
+        other = c.lookup(ROOT, b"other").nodeid
+        fh = c.open(other, os.O_RDWR).fh
+        requests = {
+            "read": lambda: c.read(named, fh, 0, 4096),
+            "write": lambda: c.write(named, fh, 0, b"x" * 8192),
+            "fallocate": lambda: c.call(
+                abi.Opcode.FALLOCATE, named, abi.FALLOCATE_IN.pack(fh, 0, 16384, 0, 0)
+            ),
+            "copy_file_range": lambda: c.call(
+                abi.Opcode.COPY_FILE_RANGE,
+                named,
+                abi.COPY_FILE_RANGE_IN.pack(fh, 0, named, fh, 20000, 100, 0),
+            ),
+            "fsync": lambda: c.fsync(named, fh),
+            "flush": lambda: c.flush(named, fh),
+            "release": lambda: c.release(named, fh),
+        }
+        for name, request in requests.items():
+            window.told.clear()
+            request()
+            assert window.told == {other}, name
+        assert (share / "file").read_bytes() == b"file contents"
+    finally:
+        fs.shutdown()

@@ -903,12 +903,13 @@ class PassthroughFs(Backend):
     ) -> None:
         # The window checks stay inline here and below: a call each costs as much as the
         # rest of a small request's Python work does (no window is the common case).
-        window = self._conn.dax_window
-        if window is not None:
-            dax_flush(window, ino)
         handles = self._handles
         h = handles.use(fh)
         try:
+            # The handle's file, whatever inode the guest names with it.
+            window = self._conn.dax_window
+            if window is not None:
+                dax_flush(window, h.inode.nodeid)
             out.read_from_fd(h.fd, offset, size)
         finally:
             handles.done(h)
@@ -923,14 +924,14 @@ class PassthroughFs(Backend):
         try:
             window = self._conn.dax_window
             if window is not None:
-                dax_flush(window, ino)
+                dax_flush(window, h.inode.nodeid)
             if self._capability is not None:
                 self._drop_capability(h.inode, h.fd)
             written = data.to_fd(h.fd, offset)
             if flags & abi.WRITE_KILL_SUIDGID:
                 self._kill_suidgid(h.fd, False)
             if window is not None:
-                dax_resized(window, ino, fd=h.fd)
+                dax_resized(window, h.inode.nodeid, fd=h.fd)
         finally:
             handles.done(h)
         return written
@@ -940,7 +941,7 @@ class PassthroughFs(Backend):
         try:
             window = self._conn.dax_window
             if window is not None:
-                dax_flush(window, ino)
+                dax_flush(window, h.inode.nodeid)
             locks.release_owner(self.inodes, h.inode, lock_owner)
             # Closing a duplicate is what close() in the guest means to the host: it flushes
             # what network file systems buffer, and ends POSIX locks held through this file.
@@ -967,7 +968,7 @@ class PassthroughFs(Backend):
         try:
             window = self._conn.dax_window
             if window is not None:
-                dax_flush(window, ino)
+                dax_flush(window, h.inode.nodeid)
             if flush:
                 locks.release_owner(self.inodes, h.inode, lock_owner)
         finally:
@@ -976,7 +977,7 @@ class PassthroughFs(Backend):
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         h = self._handles.use(fh)
         try:
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.inode.nodeid)
             if datasync:
                 os.fdatasync(h.fd)
             else:
@@ -991,7 +992,7 @@ class PassthroughFs(Backend):
         h = self._handles.use(fh)
         try:
             linux.fallocate(h.fd, mode, offset, length)
-            dax_resized(self._conn.dax_window, ino, fd=h.fd)
+            dax_resized(self._conn.dax_window, h.inode.nodeid, fd=h.fd)
         finally:
             self._handles.done(h)
 
@@ -1020,10 +1021,10 @@ class PassthroughFs(Backend):
         try:
             dst = self._handles.use(fh_out)
             try:
-                dax_flush(self._conn.dax_window, ino_in)
-                dax_flush(self._conn.dax_window, ino_out)
+                dax_flush(self._conn.dax_window, src.inode.nodeid)
+                dax_flush(self._conn.dax_window, dst.inode.nodeid)
                 copied = os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
-                dax_resized(self._conn.dax_window, ino_out, fd=dst.fd)
+                dax_resized(self._conn.dax_window, dst.inode.nodeid, fd=dst.fd)
             finally:
                 self._handles.done(dst)
         finally:
