@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import stat
 import struct
 from collections.abc import Callable, Iterator
@@ -1069,4 +1070,49 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Pat
             assert window.told == {other}, name
         assert (share / "file").read_bytes() == b"file contents"
     finally:
+        fs.shutdown()
+
+
+# --- READDIRPLUS that fails part way ----------------------------------------------------------
+
+
+def _free_fd_numbers_below(limit: int) -> int:
+    taken = {int(n) for n in os.listdir("/proc/self/fd")}
+    return sum(1 for n in range(limit) if n not in taken)
+
+
+def test_readdirplus_that_fails_part_way_answers_the_entries_it_looked_up(
+    tmp_path: Path,
+) -> None:
+    """Each READDIRPLUS entry is a lookup the kernel will forget. When a later lookup of the
+    same reply fails (here: the daemon out of descriptors, which a guest holding many inodes
+    brings about), the entries already looked up are answered, not thrown away with their
+    references, which the kernel would then never forget; the next READDIRPLUS starts at the
+    one that failed and gets the error."""
+    for i in range(12):
+        (tmp_path / f"f{i:02}").write_bytes(b"x")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.DO_READDIRPLUS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        fh = c.opendir(ROOT).fh
+        before = fs.inodes.count()
+        limit = 3
+        while _free_fd_numbers_below(limit) < 4:  # room for four lookups, not twelve
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            entries = c.readdirplus(ROOT, fh, 0, 65536)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        looked = [(e, n) for e, n in entries if n not in (b".", b"..")]
+        assert 0 < len(looked) < 12
+        assert fs.inodes.count() == before + len(looked)
+        # The rest comes with the next READDIRPLUS, once there is room again.
+        rest = c.readdirplus(ROOT, fh, entries[-1][0].d_off, 65536)
+        names = sorted(n for _, n in looked + rest if n not in (b".", b".."))
+        assert names == [f"f{i:02}".encode() for i in range(12)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         fs.shutdown()

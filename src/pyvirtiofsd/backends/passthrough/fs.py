@@ -1051,10 +1051,20 @@ class PassthroughFs(Backend):
     def _readdir(self, h: _Handle, offset: int, out: DirBuffer) -> None:
         buf = ctypes.create_string_buffer(_GETDENTS_BUFSIZE)
         plus = out.plus
+        # Once an entry of this reply took a lookup, a failure ends the reply with what it
+        # has rather than answering an error, which would throw those lookups away unseen
+        # (the kernel could never forget them). The next READDIRPLUS starts where this one
+        # stopped and gets the error.
+        looked_up = False
         with h.lock:
             os.lseek(h.fd, offset, os.SEEK_SET)
             while True:
-                n = linux.getdents64(h.fd, buf)
+                try:
+                    n = linux.getdents64(h.fd, buf)
+                except OSError:
+                    if looked_up:
+                        return
+                    raise
                 if n == 0:
                     return
                 raw = buf.raw[:n]
@@ -1082,8 +1092,11 @@ class PassthroughFs(Backend):
                         # Gone since getdents saw it: leave it out, like a later readdir would.
                         if e.errno in (errno.ENOENT, errno.ENOTDIR):
                             continue
+                        if looked_up:
+                            return
                         raise
                     out.add_plus(entry, d_off, dtype, name)
+                    looked_up = True
 
     def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
         h = self._handles.remove(fh)
