@@ -130,3 +130,39 @@ def test_write_data_from_an_iovec_array(tmp_path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == b"\0" * 10 + payload[40:]
+
+
+def _entry_reply(views: list[memoryview]) -> bytes:
+    """A LOOKUP-like reply (a head packed, then attribute bytes copied, then a dirent) into
+    ``views``; the bytes the views hold, header included."""
+    attr = bytes(range(1, abi.ATTR.size + 1))
+    w = ReplyWriter(views)
+    w.pack_then(abi.ENTRY_OUT_HEAD.struct, (7, 1, 2, 3, 4, 5), attr)
+    w.pack(abi.DIRENT.struct, 9, 10, 3, 4)
+    n = w.finish(abi.OUT_HEADER.struct, 0, 42)
+    return b"".join(bytes(v) for v in views)[:n]
+
+
+def test_pack_then_is_the_same_bytes_however_the_buffers_are_cut() -> None:
+    """The head and the attributes land in place when both fit the current buffer, else go
+    through the scattering path: every cut (and an empty buffer at it) gives the same reply."""
+    whole = _entry_reply([memoryview(bytearray(512))])
+    size = len(whole)
+    assert size == 16 + abi.ENTRY_OUT.size + abi.DIRENT.size
+    assert abi.ENTRY_OUT.unpack(whole, 16)[:6] == (7, 1, 2, 3, 4, 5)
+    assert whole[16 + abi.ENTRY_OUT_HEAD.size : 16 + abi.ENTRY_OUT.size] == bytes(
+        range(1, abi.ATTR.size + 1)
+    )
+    for cut in range(1, size):
+        for sizes in ((cut, 512), (cut, 0, 512), (cut, 1, 2, 512)):
+            views = [memoryview(bytearray(n)) for n in sizes]
+            assert _entry_reply(views) == whole, sizes
+
+
+def test_pack_then_that_does_not_fit_raises_and_writes_nothing_past_the_room() -> None:
+    for room in range(16, 16 + abi.ENTRY_OUT.size):
+        buf = bytearray(room + 8)
+        w = ReplyWriter([memoryview(buf)[: room // 2], memoryview(buf)[room // 2 : room]])
+        with pytest.raises(ShortBuffer):
+            w.pack_then(abi.ENTRY_OUT_HEAD.struct, (7, 1, 2, 3, 4, 5), b"\xff" * abi.ATTR.size)
+        assert buf[room:] == bytes(8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import stat
 import struct
 from collections.abc import Callable, Iterator
@@ -952,4 +953,166 @@ def test_no_rules_change_nothing(tmp_path: Path) -> None:
         a = c.setattr(e.nodeid, valid=abi.FATTR_UID, uid=2050)
         assert a.uid == 2050
     finally:
+        fs.shutdown()
+
+
+# --- attributes through a handle of another inode --------------------------------------------
+
+
+class _ResizeWindow(_RecordingWindow):
+    """A DAX window that maps every file and notes each size it is told a file now has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[object, int]] = []
+
+    def holds(self, owner: object) -> bool:
+        return True
+
+    def resized(self, owner: object, size: int) -> None:
+        self.sizes.append((owner, size))
+
+
+def _attr_of(raw: bytes) -> tuple[int, int, int]:
+    a = abi.ATTR_OUT.unpack(raw)
+    return a.ino, a.mode, a.size
+
+
+@pytest.mark.parametrize("dax", [None, 1], ids=["plain", "dax-file-size"])
+def test_a_handle_of_another_inode_gives_getattr_and_setattr_nothing_of_its_file(
+    share: Path, dax: int | None
+) -> None:
+    """GETATTR and SETATTR name an inode; a handle the guest pairs with it (FUSE_GETATTR_FH,
+    FATTR_FH) is of use only if it is that inode's. One of another file is ignored, as a
+    released one is: the reply is the inode's own attributes, a truncation truncates the
+    inode's file, and its DAX mappings are kept within its own size, never the other's."""
+    (share / "big").write_bytes(b"b" * 100_000)
+    fs = PassthroughFs(PassthroughConfig(str(share), dax_file_size=dax))
+    window = _ResizeWindow()
+    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
+    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    try:
+        big = c.lookup(ROOT, b"big").nodeid
+        fh = c.open(big, os.O_RDWR).fh
+        for name in ("file", "dir", "link", "fifo", "null"):
+            node = c.lookup(ROOT, name.encode()).nodeid
+            st = os.lstat(share / name)
+            window.sizes.clear()
+            raw = c.call(abi.Opcode.GETATTR, node, abi.GETATTR_IN.pack(abi.GETATTR_FH, 0, fh))
+            assert _attr_of(raw) == (st.st_ino, st.st_mode, st.st_size), name
+            assert window.sizes == [(node, st.st_size)], name
+        node = c.lookup(ROOT, b"file").nodeid
+        window.sizes.clear()
+        setattr_in = abi.SETATTR_IN.pack(valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=fh, size=4)
+        raw = c.call(abi.Opcode.SETATTR, node, setattr_in)
+        assert (share / "big").stat().st_size == 100_000
+        assert (share / "file").read_bytes() == b"file"
+        st = os.lstat(share / "file")
+        assert _attr_of(raw) == (st.st_ino, st.st_mode, 4)
+        assert window.sizes == [(node, 4)]
+        # Its own handle still counts.
+        raw = c.call(abi.Opcode.GETATTR, big, abi.GETATTR_IN.pack(abi.GETATTR_FH, 0, fh))
+        assert _attr_of(raw)[2] == 100_000
+    finally:
+        fs.shutdown()
+
+
+class _OwnerWindow(_RecordingWindow):
+    """A DAX window that maps every file and notes which files it is told about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: set[object] = set()
+
+    def holds(self, owner: object) -> bool:
+        return True
+
+    def resized(self, owner: object, size: int) -> None:
+        self.told.add(owner)
+
+    def flush(self, owner: object) -> None:
+        self.told.add(owner)
+
+
+def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Path) -> None:
+    """READ, WRITE, FALLOCATE, COPY_FILE_RANGE, FSYNC, FLUSH and RELEASE act on the handle's
+    file, whatever inode the guest names with it: that file's window pages are put into it
+    first (else an fsync would acknowledge data still in the window) and its mappings follow
+    its new size. The named inode's are left alone (resized to the other file's size, they
+    would map past its end)."""
+    (share / "other").write_bytes(b"o" * 10)
+    fs = PassthroughFs(PassthroughConfig(str(share)))
+    window = _OwnerWindow()
+    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
+    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    try:
+        named = c.lookup(ROOT, b"file").nodeid
+        other = c.lookup(ROOT, b"other").nodeid
+        fh = c.open(other, os.O_RDWR).fh
+        requests = {
+            "read": lambda: c.read(named, fh, 0, 4096),
+            "write": lambda: c.write(named, fh, 0, b"x" * 8192),
+            "fallocate": lambda: c.call(
+                abi.Opcode.FALLOCATE, named, abi.FALLOCATE_IN.pack(fh, 0, 16384, 0, 0)
+            ),
+            "copy_file_range": lambda: c.call(
+                abi.Opcode.COPY_FILE_RANGE,
+                named,
+                abi.COPY_FILE_RANGE_IN.pack(fh, 0, named, fh, 20000, 100, 0),
+            ),
+            "fsync": lambda: c.fsync(named, fh),
+            "flush": lambda: c.flush(named, fh),
+            "release": lambda: c.release(named, fh),
+        }
+        for name, request in requests.items():
+            window.told.clear()
+            request()
+            assert window.told == {other}, name
+        assert (share / "file").read_bytes() == b"file contents"
+    finally:
+        fs.shutdown()
+
+
+# --- READDIRPLUS that fails part way ----------------------------------------------------------
+
+
+def _free_fd_numbers_below(limit: int) -> int:
+    taken = {int(n) for n in os.listdir("/proc/self/fd")}
+    return sum(1 for n in range(limit) if n not in taken)
+
+
+def test_readdirplus_that_fails_part_way_answers_the_entries_it_looked_up(
+    tmp_path: Path,
+) -> None:
+    """Each READDIRPLUS entry is a lookup the kernel will forget. When a later lookup of the
+    same reply fails (here: the daemon out of descriptors, which a guest holding many inodes
+    brings about), the entries already looked up are answered, not thrown away with their
+    references, which the kernel would then never forget; the next READDIRPLUS starts at the
+    one that failed and gets the error."""
+    for i in range(12):
+        (tmp_path / f"f{i:02}").write_bytes(b"x")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.DO_READDIRPLUS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        fh = c.opendir(ROOT).fh
+        before = fs.inodes.count()
+        limit = 3
+        while _free_fd_numbers_below(limit) < 4:  # room for four lookups, not twelve
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            entries = c.readdirplus(ROOT, fh, 0, 65536)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        looked = [(e, n) for e, n in entries if n not in (b".", b"..")]
+        assert 0 < len(looked) < 12
+        assert fs.inodes.count() == before + len(looked)
+        # The rest comes with the next READDIRPLUS, once there is room again.
+        rest = c.readdirplus(ROOT, fh, entries[-1][0].d_off, 65536)
+        names = sorted(n for _, n in looked + rest if n not in (b".", b".."))
+        assert names == [f"f{i:02}".encode() for i in range(12)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         fs.shutdown()

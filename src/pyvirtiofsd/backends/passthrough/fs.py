@@ -376,6 +376,17 @@ class PassthroughFs(Backend):
             attr = attr.with_flags(abi.ATTR_SUBMOUNT)
         return inode, Entry(inode.nodeid, attr, self._timeout, self._timeout)
 
+    def _own_handle(self, inode: Inode, fh: int | None) -> _Handle | None:
+        """The handle ``fh``, counted as in use, if it is one of ``inode``'s file; None for no
+        handle, an unknown one or one of another file. A guest may pair any handle with any
+        inode: GETATTR and SETATTR, which answer with the inode's attributes (and keep its DAX
+        mappings within its size), then do without it, as without a released one."""
+        h = self._handles.use_if(fh)
+        if h is not None and h.inode.key != inode.key:
+            self._handles.done(h)
+            return None
+        return h
+
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
         with self.inodes.path(parent) as pfd:
             fd = os.open(name, _LOOKUP_FLAGS, dir_fd=pfd)
@@ -427,7 +438,7 @@ class PassthroughFs(Backend):
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
-        h = None if fh is None else self._handles.use_if(fh)
+        h = None if fh is None else self._own_handle(inode, fh)
         if h is not None:
             try:
                 attr = self._fd_attr(inode, h.fd)
@@ -448,7 +459,7 @@ class PassthroughFs(Backend):
         # Before anything changes: a refused owner changes nothing.
         owner = self._new_owner(changes)
         inode = self.inodes.get(ino)
-        handle = self._handles.use_if(changes.fh)
+        handle = self._own_handle(inode, changes.fh)
         try:
             return self._setattr(ino, inode, handle, changes, owner)
         finally:
@@ -892,12 +903,13 @@ class PassthroughFs(Backend):
     ) -> None:
         # The window checks stay inline here and below: a call each costs as much as the
         # rest of a small request's Python work does (no window is the common case).
-        window = self._conn.dax_window
-        if window is not None:
-            dax_flush(window, ino)
         handles = self._handles
         h = handles.use(fh)
         try:
+            # The handle's file, whatever inode the guest names with it.
+            window = self._conn.dax_window
+            if window is not None:
+                dax_flush(window, h.inode.nodeid)
             out.read_from_fd(h.fd, offset, size)
         finally:
             handles.done(h)
@@ -912,14 +924,14 @@ class PassthroughFs(Backend):
         try:
             window = self._conn.dax_window
             if window is not None:
-                dax_flush(window, ino)
+                dax_flush(window, h.inode.nodeid)
             if self._capability is not None:
                 self._drop_capability(h.inode, h.fd)
             written = data.to_fd(h.fd, offset)
             if flags & abi.WRITE_KILL_SUIDGID:
                 self._kill_suidgid(h.fd, False)
             if window is not None:
-                dax_resized(window, ino, fd=h.fd)
+                dax_resized(window, h.inode.nodeid, fd=h.fd)
         finally:
             handles.done(h)
         return written
@@ -929,7 +941,7 @@ class PassthroughFs(Backend):
         try:
             window = self._conn.dax_window
             if window is not None:
-                dax_flush(window, ino)
+                dax_flush(window, h.inode.nodeid)
             locks.release_owner(self.inodes, h.inode, lock_owner)
             # Closing a duplicate is what close() in the guest means to the host: it flushes
             # what network file systems buffer, and ends POSIX locks held through this file.
@@ -956,7 +968,7 @@ class PassthroughFs(Backend):
         try:
             window = self._conn.dax_window
             if window is not None:
-                dax_flush(window, ino)
+                dax_flush(window, h.inode.nodeid)
             if flush:
                 locks.release_owner(self.inodes, h.inode, lock_owner)
         finally:
@@ -965,7 +977,7 @@ class PassthroughFs(Backend):
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         h = self._handles.use(fh)
         try:
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.inode.nodeid)
             if datasync:
                 os.fdatasync(h.fd)
             else:
@@ -980,7 +992,7 @@ class PassthroughFs(Backend):
         h = self._handles.use(fh)
         try:
             linux.fallocate(h.fd, mode, offset, length)
-            dax_resized(self._conn.dax_window, ino, fd=h.fd)
+            dax_resized(self._conn.dax_window, h.inode.nodeid, fd=h.fd)
         finally:
             self._handles.done(h)
 
@@ -1009,10 +1021,10 @@ class PassthroughFs(Backend):
         try:
             dst = self._handles.use(fh_out)
             try:
-                dax_flush(self._conn.dax_window, ino_in)
-                dax_flush(self._conn.dax_window, ino_out)
+                dax_flush(self._conn.dax_window, src.inode.nodeid)
+                dax_flush(self._conn.dax_window, dst.inode.nodeid)
                 copied = os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
-                dax_resized(self._conn.dax_window, ino_out, fd=dst.fd)
+                dax_resized(self._conn.dax_window, dst.inode.nodeid, fd=dst.fd)
             finally:
                 self._handles.done(dst)
         finally:
@@ -1039,10 +1051,20 @@ class PassthroughFs(Backend):
     def _readdir(self, h: _Handle, offset: int, out: DirBuffer) -> None:
         buf = ctypes.create_string_buffer(_GETDENTS_BUFSIZE)
         plus = out.plus
+        # Once an entry of this reply took a lookup, a failure ends the reply with what it
+        # has rather than answering an error, which would throw those lookups away unseen
+        # (the kernel could never forget them). The next READDIRPLUS starts where this one
+        # stopped and gets the error.
+        looked_up = False
         with h.lock:
             os.lseek(h.fd, offset, os.SEEK_SET)
             while True:
-                n = linux.getdents64(h.fd, buf)
+                try:
+                    n = linux.getdents64(h.fd, buf)
+                except OSError:
+                    if looked_up:
+                        return
+                    raise
                 if n == 0:
                     return
                 raw = buf.raw[:n]
@@ -1070,8 +1092,11 @@ class PassthroughFs(Backend):
                         # Gone since getdents saw it: leave it out, like a later readdir would.
                         if e.errno in (errno.ENOENT, errno.ENOTDIR):
                             continue
+                        if looked_up:
+                            return
                         raise
                     out.add_plus(entry, d_off, dtype, name)
+                    looked_up = True
 
     def releasedir(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
         h = self._handles.remove(fh)
