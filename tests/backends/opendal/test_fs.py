@@ -9,15 +9,20 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import opendal
 import pytest
 
+from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.policy import CachePolicy
+from pyvirtiofsd.fuse.server import Server, TransportCaps
+from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 from tests.backends.opendal.conftest import CTX, CountingOperator, make_fs, read, write
 
 
@@ -104,3 +109,119 @@ def test_releasedir_of_a_file_handle_leaves_it_to_release(tmp_path: Path) -> Non
     assert out.length > ReplyWriter.HEADER
     fs.releasedir(CTX, ROOT, d.fh, 0)
     fs.shutdown()
+
+
+class _FailingList:
+    """A real Operator whose listings fail after ``good`` entries while ``failing`` is set,
+    as a store that drops the connection between two pages of a listing."""
+
+    def __init__(self, op: Any, good: int) -> None:
+        self._op = op
+        self.good = good
+        self.failing = True
+
+    def list(self, path: str, **kwargs: Any) -> Iterator[Any]:
+        for i, entry in enumerate(self._op.list(path, **kwargs)):
+            if self.failing and i >= self.good:
+                raise OSError(errno.ECONNRESET, "listing broke off")
+            yield entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._op, name)
+
+
+def _readdirplus(fs: Any, fh: int, offset: int) -> list[tuple[str, int]]:
+    """One READDIRPLUS reply: (name, d_off) of each entry."""
+    buf = bytearray(65536)
+    out = ReplyWriter([memoryview(buf)])
+    fs.readdir(CTX, ROOT, fh, offset, DirentWriter(out, len(buf), plus=True))
+    got = []
+    pos = ReplyWriter.HEADER
+    while pos < out.length:
+        d_off = int.from_bytes(buf[pos + 136 : pos + 144], "little")
+        namelen = int.from_bytes(buf[pos + 144 : pos + 148], "little")
+        got.append((bytes(buf[pos + 152 : pos + 152 + namelen]).decode(), d_off))
+        pos += (152 + namelen + 7) & ~7
+    return got
+
+
+def test_a_listing_that_fails_part_way_answers_what_it_has_and_goes_on_later(
+    tmp_path: Path,
+) -> None:
+    """A listing the store breaks off after some entries: the READDIRPLUS answers the entries it
+    looked up (answering the error instead threw their lookups away, which the kernel could
+    then never forget); the next one gets the error; once the store answers again, the one after
+    goes on from there to the end (the broken listing was kept and read as the end before)."""
+    op = _FailingList(opendal.Operator("memory"), good=4)
+    for i in range(10):
+        op.write(f"f{i}", b"x")
+    fs = make_fs(tmp_path, op)
+    fh = fs.opendir(CTX, ROOT, 0).fh
+    first = _readdirplus(fs, fh, 0)
+    assert [n for n, _ in first] == [".", ".."] + [f"f{i}" for i in range(4)]
+    assert len(fs.inodes) == 1 + 4  # the root, and a lookup the kernel holds for each
+    with pytest.raises(OSError) as got:
+        _readdirplus(fs, fh, first[-1][1])
+    assert got.value.errno == errno.ECONNRESET
+    assert len(fs.inodes) == 1 + 4
+    op.failing = False
+    rest = _readdirplus(fs, fh, first[-1][1])
+    assert [n for n, _ in rest] == [f"f{i}" for i in range(4, 10)]
+    assert len(fs.inodes) == 1 + 10
+    fs.releasedir(CTX, ROOT, fh, 0)
+    fs.shutdown()
+
+
+class _OwnerWindow:
+    """A DAX window that maps every file and notes which files it is told about."""
+
+    size = 64 << 20
+
+    def __init__(self) -> None:
+        self.told: set[object] = set()
+
+    def holds(self, owner: object) -> bool:
+        return True
+
+    def resized(self, owner: object, size: int) -> None:
+        self.told.add(owner)
+
+    def flush(self, owner: object) -> None:
+        self.told.add(owner)
+
+    def setup(self, *args: object) -> None:
+        pass
+
+    def remove(self, ranges: object) -> None:
+        pass
+
+
+def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(tmp_path: Path) -> None:
+    """READ, WRITE, FLUSH, FSYNC and RELEASE act on the handle's object, whatever inode the
+    guest names with it: its window pages go into it first (else an fsync would upload without
+    them) and its mappings follow its size; the named inode's are left alone."""
+    op = opendal.Operator("memory")
+    op.write("named", b"n" * 10)
+    op.write("other", b"o" * 10)
+    fs = make_fs(tmp_path, op)
+    window = _OwnerWindow()
+    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
+    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    try:
+        named = c.lookup(ROOT, b"named").nodeid
+        other = c.lookup(ROOT, b"other").nodeid
+        fh = c.open(other, os.O_RDWR).fh
+        requests = {
+            "read": lambda: c.read(named, fh, 0, 4096),
+            "write": lambda: c.write(named, fh, 0, b"x" * 8192),
+            "fsync": lambda: c.fsync(named, fh),
+            "flush": lambda: c.flush(named, fh),
+            "release": lambda: c.release(named, fh),
+        }
+        for name, request in requests.items():
+            window.told.clear()
+            request()
+            assert window.told == {other}, name
+        assert bytes(op.read("named")) == b"n" * 10
+    finally:
+        fs.shutdown()

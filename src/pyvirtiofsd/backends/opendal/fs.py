@@ -892,7 +892,7 @@ class OpendalFs(Backend):
             end = min(offset + size, blob.size)
             if end <= offset:
                 return
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.node.ino)
             with blob.pinned(offset):
                 blob.ensure(self.store, offset, end)
                 # Clamped again to the size at the copy: a write that grew the file meanwhile
@@ -907,7 +907,7 @@ class OpendalFs(Backend):
             if not h.writable:
                 raise oserror(errno.EBADF)
             before = h.blob.size
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.node.ino)
             n = h.blob.write(data, offset, h.append)
             if h.blob.size != before:
                 dax_resized(self._conn.dax_window, h.node.ino, h.blob.size)
@@ -915,7 +915,7 @@ class OpendalFs(Backend):
 
     def flush(self, ctx: Context, ino: int, fh: int, lock_owner: int) -> None:
         with self._using(fh) as h:
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.node.ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
 
@@ -940,7 +940,7 @@ class OpendalFs(Backend):
             with h.blob.lock:
                 h.blob.writers -= 1
         try:
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.node.ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
         except OSError as e:
@@ -953,7 +953,7 @@ class OpendalFs(Backend):
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         with self._using(fh) as h:
-            dax_flush(self._conn.dax_window, ino)
+            dax_flush(self._conn.dax_window, h.node.ino)
             if h.blob.needs_commit():
                 self._commit(h.blob)
 
@@ -1013,25 +1013,38 @@ class OpendalFs(Backend):
             self._handles.done(h)
 
     def _readdir(self, h: _DirHandle, offset: int, out: DirBuffer) -> None:
+        added = False
         with h.lock:
-            if h.source is None or offset != h.pos:
-                h.changes = self._changes
-                h.source = self._listing(h.node.path)
-                h.peeked = None
-                h.pos = 0
-                for _ in range(offset):
-                    if next(h.source, None) is None:
+            try:
+                if h.source is None or offset != h.pos:
+                    h.changes = self._changes
+                    h.source = self._listing(h.node.path)
+                    h.peeked = None
+                    h.pos = 0
+                    for _ in range(offset):
+                        if next(h.source, None) is None:
+                            return
+                        h.pos += 1
+                while True:
+                    item = h.peeked if h.peeked is not None else next(h.source, None)
+                    h.peeked = None
+                    if item is None:
+                        return
+                    if not self._add_entry(h, item, out):
+                        h.peeked = item
                         return
                     h.pos += 1
-            while True:
-                item = h.peeked if h.peeked is not None else next(h.source, None)
+                    added = True
+            except OSError:
+                # A listing that failed is over (a generator does not resume): the next
+                # READDIR lists again, from where this one stopped. A reply that has entries
+                # answers them rather than the error: in a READDIRPLUS they took lookups, which
+                # the kernel could otherwise never forget; the next READDIR gets the error.
+                h.source = None
                 h.peeked = None
-                if item is None:
+                if added:
                     return
-                if not self._add_entry(h, item, out):
-                    h.peeked = item
-                    return
-                h.pos += 1
+                raise
 
     def _add_entry(
         self, h: _DirHandle, item: tuple[str, bool, Listed | None], out: DirBuffer
