@@ -16,14 +16,12 @@ from typing import Any
 import opendal
 import pytest
 
-from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.policy import CachePolicy
-from pyvirtiofsd.fuse.server import Server, TransportCaps
-from pyvirtiofsd.testing.fuse_client import FuseClient, direct
 from tests.backends.opendal.conftest import CTX, CountingOperator, make_fs, read, write
+from tests.backends.windows import OwnerWindow, dax_client, owners_told
 
 
 def test_dax_fd_refused_when_readonly(tmp_path: Path) -> None:
@@ -172,30 +170,6 @@ def test_a_listing_that_fails_part_way_answers_what_it_has_and_goes_on_later(
     fs.shutdown()
 
 
-class _OwnerWindow:
-    """A DAX window that maps every file and notes which files it is told about."""
-
-    size = 64 << 20
-
-    def __init__(self) -> None:
-        self.told: set[object] = set()
-
-    def holds(self, owner: object) -> bool:
-        return True
-
-    def resized(self, owner: object, size: int) -> None:
-        self.told.add(owner)
-
-    def flush(self, owner: object) -> None:
-        self.told.add(owner)
-
-    def setup(self, *args: object) -> None:
-        pass
-
-    def remove(self, ranges: object) -> None:
-        pass
-
-
 def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(tmp_path: Path) -> None:
     """READ, WRITE, FLUSH, FSYNC and RELEASE act on the handle's object, whatever inode the
     guest names with it: its window pages go into it first (else an fsync would upload without
@@ -204,9 +178,8 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(tmp_path: 
     op.write("named", b"n" * 10)
     op.write("other", b"o" * 10)
     fs = make_fs(tmp_path, op)
-    window = _OwnerWindow()
-    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
-    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    window = OwnerWindow()
+    c = dax_client(fs, window)
     try:
         named = c.lookup(ROOT, b"named").nodeid
         other = c.lookup(ROOT, b"other").nodeid
@@ -218,10 +191,7 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(tmp_path: 
             "flush": lambda: c.flush(named, fh),
             "release": lambda: c.release(named, fh),
         }
-        for name, request in requests.items():
-            window.told.clear()
-            request()
-            assert window.told == {other}, name
+        assert owners_told(window, requests) == {name: {other} for name in requests}
         assert bytes(op.read("named")) == b"n" * 10
     finally:
         fs.shutdown()

@@ -29,7 +29,7 @@ from pyvirtiofsd.backends.passthrough import fs as passthrough_fs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
-from pyvirtiofsd.fuse.server import Server, TransportCaps
+from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.testing.fuse_client import FuseClient, direct, groups_extension, secctx_extension
 from tests.backends.passthrough.conftest import (
     GUARD,
@@ -46,6 +46,7 @@ from tests.backends.passthrough.conftest import (
     open_fds,
     unblock_fifo,
 )
+from tests.backends.windows import OwnerWindow, dax_client, owners_told
 
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
 
@@ -313,8 +314,7 @@ def test_readonly_share_maps_from_a_read_only_fd(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"r" * 8192)
     fs = PassthroughFs(PassthroughConfig(str(tmp_path), readonly=True))
     window = _RecordingWindow()
-    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
-    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    c = dax_client(fs, window)
     try:
         ino = c.lookup(ROOT, b"f").nodeid
         read = abi.SETUPMAPPING_FLAG_READ
@@ -989,8 +989,7 @@ def test_a_handle_of_another_inode_gives_getattr_and_setattr_nothing_of_its_file
     (share / "big").write_bytes(b"b" * 100_000)
     fs = PassthroughFs(PassthroughConfig(str(share), dax_file_size=dax))
     window = _ResizeWindow()
-    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
-    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    c = dax_client(fs, window)
     try:
         big = c.lookup(ROOT, b"big").nodeid
         fh = c.open(big, os.O_RDWR).fh
@@ -1017,23 +1016,6 @@ def test_a_handle_of_another_inode_gives_getattr_and_setattr_nothing_of_its_file
         fs.shutdown()
 
 
-class _OwnerWindow(_RecordingWindow):
-    """A DAX window that maps every file and notes which files it is told about."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.told: set[object] = set()
-
-    def holds(self, owner: object) -> bool:
-        return True
-
-    def resized(self, owner: object, size: int) -> None:
-        self.told.add(owner)
-
-    def flush(self, owner: object) -> None:
-        self.told.add(owner)
-
-
 def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Path) -> None:
     """READ, WRITE, FALLOCATE, COPY_FILE_RANGE, FSYNC, FLUSH and RELEASE act on the handle's
     file, whatever inode the guest names with it: that file's window pages are put into it
@@ -1042,9 +1024,8 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Pat
     would map past its end)."""
     (share / "other").write_bytes(b"o" * 10)
     fs = PassthroughFs(PassthroughConfig(str(share)))
-    window = _OwnerWindow()
-    c = FuseClient(direct(Server(fs, caps=TransportCaps(dax_window=window, map_alignment=12))))
-    c.init(abi.InitFlag.MAP_ALIGNMENT)
+    window = OwnerWindow()
+    c = dax_client(fs, window)
     try:
         named = c.lookup(ROOT, b"file").nodeid
         other = c.lookup(ROOT, b"other").nodeid
@@ -1064,10 +1045,7 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Pat
             "flush": lambda: c.flush(named, fh),
             "release": lambda: c.release(named, fh),
         }
-        for name, request in requests.items():
-            window.told.clear()
-            request()
-            assert window.told == {other}, name
+        assert owners_told(window, requests) == {name: {other} for name in requests}
         assert (share / "file").read_bytes() == b"file contents"
     finally:
         fs.shutdown()
