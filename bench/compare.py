@@ -229,6 +229,9 @@ def main() -> None:
         p.guest.daemons = [d for d in p.guest.daemons if d != PYC]
         p.tree.daemons = [d for d in p.tree.daemons if d != PYC]
     p.guest.compiled = p.tree.compiled = tree_path
+    # The JSON names the compiled tree by where it came from (facts.compiled describes it), not
+    # by its path, which is this machine's.
+    origin = {"compiled": built.origin if built else None}
 
     progress = Progress()
     runners: dict[str, Callable[[], list[Row]]] = {}
@@ -245,7 +248,7 @@ def main() -> None:
     if "guest" in parts:
         guest.plan(progress, p.guest)
         runners["guest"] = lambda: guest.run(p.guest, progress)
-        params["guest"] = vars(p.guest)
+        params["guest"] = vars(p.guest) | origin
     if "tree" in parts:
         tree.plan(progress, p.tree, TREE_SCALE[mode])
 
@@ -255,7 +258,8 @@ def main() -> None:
             return rows
 
         runners["tree"] = run_tree
-        params["tree"] = vars(p.tree) | {"trees": [str(t) for t in p.tree.trees] or "default"}
+        trees = {"trees": [str(t) for t in p.tree.trees] or "default"}
+        params["tree"] = vars(p.tree) | origin | trees
     if "queues" in parts:
         queues.plan(progress, p.queues)
         runners["queues"] = lambda: queues.run(p.queues, progress)
