@@ -438,7 +438,7 @@ class PassthroughFs(Backend):
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(ino)
-        h = None if fh is None else self._own_handle(inode, fh)
+        h = self._own_handle(inode, fh)
         if h is not None:
             try:
                 attr = self._fd_attr(inode, h.fd)
