@@ -299,6 +299,21 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
     return SecurityContext(name, bytes(block[value_at : value_at + length]))
 
 
+#: The head of an ATTR_OUT reply (validity, padding) per timeout, packed once: a file system
+#: answers with the few timeouts it was configured with. The attributes follow it.
+_ATTR_HEADS: dict[float, bytes] = {}
+
+
+def _attr_head(timeout: float) -> bytes:
+    head = _ATTR_HEADS.get(timeout)
+    if head is None:
+        av, avn = split_timeout(timeout)
+        head = _ATTR_OUT_HEAD.pack(av, avn, 0)
+        if len(_ATTR_HEADS) < 64:
+            _ATTR_HEADS[timeout] = head
+    return head
+
+
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
     ev, evn = split_timeout(entry.entry_timeout)
     av, avn = split_timeout(entry.attr_timeout)
@@ -832,8 +847,7 @@ class Server:
 
     def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
         attr, timeout = attr_and_timeout
-        av, avn = split_timeout(timeout)
-        out.pack_then(_ATTR_OUT_HEAD, (av, avn, 0), attr.raw)
+        out.write(_attr_head(timeout) + attr.raw)
 
     @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
     def _getattr(
