@@ -916,10 +916,13 @@ def c_walk(
     main = mem.memory.main
     assert main is not None and chain_module._native_walk is not None
     found = chain_module._native_walk(
-        ring, size, head, indirect, main.guest_addr, main.size, main.view, chain_module._BULK, Chain
+        ring, size, head, indirect, main.guest_addr, main.size, main.view, chain_module._BULK
     )
-    assert found is None or isinstance(found, Chain)
-    return found
+    if found is None:
+        return None
+    readable, writable, wlen, rlen = found
+    assert type(readable) is list and type(writable) is list
+    return Chain(head, readable, writable, wlen, rlen)
 
 
 def python_walk(
@@ -1111,7 +1114,7 @@ def test_read_chain_takes_the_c_walk_and_its_views_hold_the_mapping(tmp_path) ->
         DESC.pack_into(ring, 16, 0x20000, 16, WRITE, 0)
         assert chain_module._native_walk is not None
         assert chain_module._native_walk(
-            ring, SHORT_RING, 0, True, 0, MiB, region.view, chain_module._BULK, Chain
+            ring, SHORT_RING, 0, True, 0, MiB, region.view, chain_module._BULK
         )
         chain = read_chain(memory, ring, SHORT_RING, 0, indirect=True)
         assert [len(v) for v in chain.readable] == [40]
@@ -1122,6 +1125,59 @@ def test_read_chain_takes_the_c_walk_and_its_views_hold_the_mapping(tmp_path) ->
         assert region.close(quiet=True)
     finally:
         os.close(fd)
+
+
+VIEW_ATTRS = [
+    "format",
+    "itemsize",
+    "ndim",
+    "shape",
+    "strides",
+    "suboffsets",
+    "readonly",
+    "c_contiguous",
+    "f_contiguous",
+    "contiguous",
+    "nbytes",
+]
+
+
+@native
+@pytest.mark.parametrize("main_view", ["the region's own", "a view of bytes cast to words"])
+def test_the_c_walks_views_are_the_slices_the_python_walk_cuts(main_view: str) -> None:
+    """The C walk cuts a byte view of the region by hand, without a slice object: each piece must
+    be in every respect the slice ``view[off:off + len]`` (format, shape, strides, flags, bytes,
+    the mapping it exports from), reading and writing the same guest bytes. A region view it
+    can't cut so (not one dimension of bytes) leaves the chain to the walk in Python."""
+    mem = Memory(LAYOUTS["adjacent"])
+    main = mem.memory.main
+    assert main is not None and chain_module._native_walk is not None
+    mem.memory.translate(M, 4096)[:] = bytes(range(256)) * 16
+    ring = memoryview(bytearray(16 * SHORT_RING))
+    DESC.pack_into(ring, 0, M + 8, 40, NEXT, 1)
+    DESC.pack_into(ring, 16, M + 100, 16, NEXT | WRITE, 2)
+    DESC.pack_into(ring, 32, M + 4000, 96, WRITE, 0)
+    view = main.view if main_view == "the region's own" else main.view.cast("B").cast("H")
+    found = chain_module._native_walk(
+        ring, SHORT_RING, 0, True, main.guest_addr, main.size, view, chain_module._BULK
+    )
+    if main_view != "the region's own":
+        assert found is None
+        return
+    assert found is not None
+    readable, writable, wlen, rlen = found
+    assert (wlen, rlen) == (112, 40)
+    for piece, (off, n) in zip(readable + writable, [(8, 40), (100, 16), (4000, 96)], strict=True):
+        cut = main.view[off : off + n]
+        for attr in VIEW_ATTRS:
+            assert getattr(piece, attr) == getattr(cut, attr), attr
+        assert piece.obj is cut.obj and piece == cut and bytes(piece) == bytes(cut)
+        assert places([piece]) == places([cut])
+        piece[0] ^= 0xFF
+        assert cut[0] == piece[0]
+        assert len(piece[1:]) == n - 1 and piece[-1] == cut[-1]
+        with pytest.raises(IndexError):
+            piece[n]
 
 
 def _either(walk: Callable[[], Chain]) -> Chain | InvalidChain | type[BaseException]:
@@ -1221,18 +1277,18 @@ def test_the_c_walk_guards_its_table_whatever_it_is_told() -> None:
     a child, since a read out of bounds ends the process."""
     code = textwrap.dedent(
         """
-        from pyvirtiofsd.virtio.chain import Chain, DESC, _native_walk as walk
+        from pyvirtiofsd.virtio.chain import DESC, _native_walk as walk
         ring = bytearray(16)
         mem = memoryview(bytearray(4096))
-        print(walk(ring, 1 << 60, (1 << 59) + 1, True, 0, 4096, mem, 16, Chain))
+        print(walk(ring, 1 << 60, (1 << 59) + 1, True, 0, 4096, mem, 16))
         # 16 times this size is 16 modulo 2**64: the one descriptor there would be served.
         DESC.pack_into(ring, 0, 0, 16, 0, 0)
-        print(walk(ring, (1 << 62) + 1, 1 << 62, True, 0, 4096, mem, 16, Chain))
+        print(walk(ring, (1 << 62) + 1, 1 << 62, True, 0, 4096, mem, 16))
         # A table of 256 entries, which the walk in Python decodes in bulk.
         DESC.pack_into(ring, 0, 0, 4096, 4, 0)
         for i in range(256):
             DESC.pack_into(mem, 16 * i, 16 * i, 16, 1 if i < 255 else 0, i + 1)
-        print(walk(ring, 1, 0, True, 0, 4096, mem, -1, Chain))
+        print(walk(ring, 1, 0, True, 0, 4096, mem, -1))
         """
     )
     done = subprocess.run(

@@ -8,10 +8,11 @@
  * walk in Python runs and decides, so a chain's outcome never depends on which walk took it.
  *
  * Rules:
- * - It answers only what the Python walk would answer in the same way: a Chain of the same
- *   views, each a slice of the main region's memoryview (so each one holds the mapping, as
- *   every view of guest memory must). Any violation, an empty buffer, a buffer or a table
- *   outside the main region: None, never an error of its own.
+ * - It answers only what the Python walk would answer in the same way: the same views, each
+ *   what slicing the main region's byte view gives (a view onto its export, so each one holds
+ *   the mapping, as every view of guest memory must), and their lengths; the caller makes the
+ *   Chain. Any violation, an empty buffer, a buffer or a table outside the main region, a region
+ *   view other than one dimension of bytes: None, never an error of its own.
  * - Guest memory changes under it: every descriptor is copied out once, behind a compiler
  *   barrier, and only the copy is looked at (an indirect table is copied out whole).
  * - It holds the GIL, but what it allocates may start the garbage collector, hence Python code
@@ -57,12 +58,34 @@ inside(uint64_t addr, uint64_t len, uint64_t base, uint64_t size, uint64_t *off)
     return *off <= size && len <= size - *off;
 }
 
+/* Whether view is a memoryview of one contiguous dimension of single bytes, nothing more. */
 static int
-append_slice(PyObject *list, PyObject *view, uint64_t off, uint64_t len)
+plain_bytes(PyObject *view)
 {
-    PyObject *piece = PySequence_GetSlice(view, (Py_ssize_t)off, (Py_ssize_t)(off + len));
+    if (!PyMemoryView_Check(view))
+        return 0;
+    const Py_buffer *b = PyMemoryView_GET_BUFFER(view);
+    return b->ndim == 1 && b->itemsize == 1 && b->shape != NULL && b->strides != NULL &&
+           b->strides[0] == 1 && b->suboffsets == NULL;
+}
+
+/*
+ * Append to list the piece [off, off+len) of view, a plain byte view (plain_bytes) that holds it:
+ * a view of its own onto the same export, so it holds the mapping as a slice does. It is cut by
+ * hand, a new view of the whole narrowed, which is what slicing does less making a slice object
+ * and parsing it; the piece stays one contiguous dimension of bytes, so the flags the new view
+ * computed hold for it.
+ */
+static int
+append_piece(PyObject *list, PyObject *view, uint64_t off, uint64_t len)
+{
+    PyObject *piece = PyMemoryView_FromObject(view);
     if (piece == NULL)
         return -1;
+    Py_buffer *b = PyMemoryView_GET_BUFFER(piece);
+    b->buf = (char *)b->buf + off;
+    b->len = (Py_ssize_t)len;
+    b->shape[0] = (Py_ssize_t)len;
     int rc = PyList_Append(list, piece);
     Py_DECREF(piece);
     return rc;
@@ -72,20 +95,21 @@ append_slice(PyObject *list, PyObject *view, uint64_t off, uint64_t len)
 #define TABLE_MAX 15
 
 /*
- * walk(table, queue_size, head, indirect, base, size, view, short, chain_type)
+ * walk(table, queue_size, head, indirect, base, size, view, short)
  *
  * table: the descriptor table (a buffer of queue_size entries); head: below queue_size;
  * indirect: whether VIRTIO_F_RING_INDIRECT_DESC was negotiated; base, size, view: the main
  * region's guest address, length and memoryview; short: indirect tables of this many entries
- * or more are not walked here; chain_type: called as chain_type(head, readable, writable,
- * writable_len, readable_len).
+ * or more are not walked here. Returns (readable, writable, writable_len, readable_len), from
+ * which the caller makes its Chain (a compiled caller calls its class directly, with no argument
+ * parsing), or None.
  */
 static PyObject *
 walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "walk() takes 9 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "walk() takes 8 arguments");
         return NULL;
     }
     Py_ssize_t queue_size = PyLong_AsSsize_t(args[1]);
@@ -95,7 +119,6 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t size = PyLong_AsUnsignedLongLong(args[5]);
     PyObject *view = args[6];
     Py_ssize_t short_table = PyLong_AsSsize_t(args[7]);
-    PyObject *chain_type = args[8];
     if (PyErr_Occurred())
         return NULL;
 
@@ -145,6 +168,9 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (d.flags & F_INDIRECT)
             goto give_up;
     }
+    /* Anything but a byte view of the whole main region is left to the Python walk. */
+    if (!plain_bytes(view) || (uint64_t)PyMemoryView_GET_BUFFER(view)->len < size)
+        goto give_up;
     readable = PyList_New(0);
     writable = PyList_New(0);
     if (readable == NULL || writable == NULL)
@@ -154,13 +180,13 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (d.len == 0 || !inside(d.addr, d.len, base, size, &off))
             goto give_up;
         if (d.flags & F_WRITE) {
-            if (append_slice(writable, view, off, d.len) < 0)
+            if (append_piece(writable, view, off, d.len) < 0)
                 goto fail;
             wlen += d.len;
         } else {
             if (PyList_GET_SIZE(writable))
                 goto give_up;
-            if (append_slice(readable, view, off, d.len) < 0)
+            if (append_piece(readable, view, off, d.len) < 0)
                 goto fail;
             rlen += d.len;
         }
@@ -173,16 +199,21 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto give_up;
     }
     PyBuffer_Release(&tb);
-    PyObject *call[5] = {args[2], readable, writable, NULL, NULL};
-    call[3] = PyLong_FromUnsignedLongLong(wlen);
-    call[4] = PyLong_FromUnsignedLongLong(rlen);
-    result = NULL;
-    if (call[3] != NULL && call[4] != NULL)
-        result = PyObject_Vectorcall(chain_type, call, 5, NULL);
-    Py_XDECREF(call[3]);
-    Py_XDECREF(call[4]);
-    Py_DECREF(readable);
-    Py_DECREF(writable);
+    PyObject *w = PyLong_FromUnsignedLongLong(wlen);
+    PyObject *r = PyLong_FromUnsignedLongLong(rlen);
+    result = w != NULL && r != NULL ? PyTuple_New(4) : NULL;
+    if (result == NULL) {
+        Py_XDECREF(w);
+        Py_XDECREF(r);
+        Py_DECREF(readable);
+        Py_DECREF(writable);
+        return NULL;
+    }
+    /* The tuple takes the references. */
+    PyTuple_SET_ITEM(result, 0, readable);
+    PyTuple_SET_ITEM(result, 1, writable);
+    PyTuple_SET_ITEM(result, 2, w);
+    PyTuple_SET_ITEM(result, 3, r);
     return result;
 
 give_up:
@@ -199,8 +230,9 @@ out:
 
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
-     "walk(table, queue_size, head, indirect, base, size, view, short, chain_type): a Chain "
-     "of the main region's views, or None to leave the chain to the walk in Python."},
+     "walk(table, queue_size, head, indirect, base, size, view, short): the readable and "
+     "writable views of the main region and their lengths, or None to leave the chain to the "
+     "walk in Python."},
     {NULL, NULL, 0, NULL},
 };
 

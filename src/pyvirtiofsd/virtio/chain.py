@@ -410,11 +410,11 @@ def _read_chain(
 ) -> Chain:
     main = memory.main
     if _native_walk is not None and gpas is None and main is not None:
-        found = _native_walk(
-            table, queue_size, head, indirect, main.guest_addr, main.size, main.view, _BULK, Chain
+        found: tuple[list[memoryview], list[memoryview], int, int] | None = _native_walk(
+            table, queue_size, head, indirect, main.guest_addr, main.size, main.view, _BULK
         )
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            return Chain(head, found[0], found[1], found[2], found[3])
     readable: list[memoryview] = []
     writable: list[memoryview] = []
     addr, length, flags, nxt = _unpack_desc(table, head * 16)
