@@ -85,7 +85,7 @@ def test_readable_then_writable(g: Guest) -> None:
     chain.writable[0][:] = b"written"
     assert g.lo[DATA + 100 : DATA + 107] == b"written"
     chain.release()
-    assert chain.readable == [] and chain.writable == []
+    assert not chain.readable and not chain.writable
 
 
 def test_buffer_spanning_regions_gives_two_views(g: Guest) -> None:

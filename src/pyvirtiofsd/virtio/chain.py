@@ -94,6 +94,10 @@ class InvalidChain(Exception):
         self.partial = partial
 
 
+#: What a released chain's buffer lists become: one empty tuple for all, nothing allocated.
+_RELEASED: Final[tuple[memoryview, ...]] = ()
+
+
 class Chain:
     """One request: its head index and the buffers it carries.
 
@@ -141,8 +145,8 @@ class Chain:
         kept one (a bug), so they go at once; a kept one still pins its mapping, which is then
         unmapped only when it goes (see :class:`~.memory.MappedRegion`). Releasing each view
         by hand would cost a call per descriptor, 259 for a 1 MiB READ, for no more safety."""
-        self.readable = []
-        self.writable = []
+        self.readable = _RELEASED
+        self.writable = _RELEASED
 
     def __repr__(self) -> str:
         return (
