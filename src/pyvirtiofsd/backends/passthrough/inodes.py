@@ -402,7 +402,16 @@ class InodeStore:
 
     def attr(self, inode: Inode) -> Attr:
         """``inode``'s attributes as its fstat() gives them (:func:`attr_of_fd`), pinned as
-        :meth:`stat` is."""
+        :meth:`stat` is. Every GETATTR without a handle asks this, so the usual case (the
+        inode has its fd) calls :func:`attr_of_fd` itself, which a compiled build calls
+        directly rather than as any callable."""
+        self.pin(inode)
+        try:
+            fd = inode.fd
+            if fd >= 0:
+                return attr_of_fd(fd)
+        finally:
+            self.unpin(inode)
         return self._pinned(inode, attr_of_fd)
 
     def _pinned(self, inode: Inode, use: Callable[[int], _T]) -> _T:
