@@ -471,6 +471,11 @@ class Server:
         except ShortBuffer:
             log.warning("request shorter than the FUSE header (%d bytes)", total)
             return self._error(out, errno.EINVAL, 0)
+        # Typed, so that a compiled build checks and compares them as machine integers.
+        length: int
+        opcode: int
+        unique: int
+        extlen: int
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(buf, pos)
         args_len = length - _IN_SIZE - extlen * 8
         if length > total or args_len < 0:
