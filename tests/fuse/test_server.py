@@ -20,6 +20,7 @@ import pytest
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock, SecurityContext
+from pyvirtiofsd.fuse.records import Attr, Entry, split_timeout
 from pyvirtiofsd.fuse.server import OPS, LockWaiters, Server, ServerConfig, TransportCaps
 from pyvirtiofsd.fuse.state import StateError, StateWriter
 from pyvirtiofsd.testing.fuse_client import (
@@ -85,6 +86,45 @@ def test_init_negotiates(server: Server) -> None:
 def test_init_with_older_minor_keeps_its_minor(server: Server) -> None:
     FuseClient(direct(server)).init(minor=31)
     assert server.proto_minor == 31
+
+
+class _Timeouts(MemFs):
+    """Answers each LOOKUP and GETATTR with the timeouts it is told to (a file system that
+    computes them), for the replies' packing, which keeps what it packed per timeout."""
+
+    entry_timeout = 1.0
+    attr_timeout = 1.0
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        entry = super().lookup(ctx, parent, name)
+        entry.entry_timeout, entry.attr_timeout = self.entry_timeout, self.attr_timeout
+        return entry
+
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> tuple[Attr, float]:
+        return super().getattr(ctx, ino, fh)[0], self.attr_timeout
+
+
+def test_timeouts_reach_the_reply_as_the_file_system_gives_them() -> None:
+    """Whole, fractional, zero and negative timeouts, and more distinct ones than the server
+    keeps packed: each LOOKUP and GETATTR reply carries its own, split as the kernel reads them
+    (seconds, then nanoseconds), with the node's id and attributes around them intact."""
+    fs = _Timeouts()
+    client = FuseClient(direct(Server(fs)))
+    client.init()
+    ino = client.create(ROOT, b"f", 0o600)[0].nodeid
+    cases = [(1.0, 1.0), (0.0, 2.5), (-3.0, 0.25), (86400.0, 1e-9)]
+    cases += [(i / 7, 100 + i / 3) for i in range(150)]
+    for entry_timeout, attr_timeout in cases + cases[:5]:
+        fs.entry_timeout, fs.attr_timeout = entry_timeout, attr_timeout
+        ev, evn = split_timeout(entry_timeout)
+        av, avn = split_timeout(attr_timeout)
+        entry = client.lookup(ROOT, b"f")
+        assert (entry.nodeid, entry.generation, entry.ino) == (ino, 0, ino)
+        assert (entry.entry_valid, entry.entry_valid_nsec) == (ev, evn)
+        assert (entry.attr_valid, entry.attr_valid_nsec) == (av, avn)
+        attr = client.getattr(ino)
+        assert (attr.attr_valid, attr.attr_valid_nsec, attr.dummy) == (av, avn, 0)
+        assert attr.ino == ino and stat.S_ISREG(attr.mode)
 
 
 def test_file_round_trip(client: FuseClient) -> None:

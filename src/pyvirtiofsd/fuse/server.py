@@ -95,7 +95,6 @@ _IN_HEADER: Final = abi.IN_HEADER.struct
 _IN_SIZE: Final = abi.IN_HEADER.size
 _HEADER: Final = abi.OUT_HEADER.size
 _OUT_HEADER: Final = abi.OUT_HEADER.struct
-_ENTRY_OUT_HEAD: Final = abi.ENTRY_OUT_HEAD.struct
 _ATTR_OUT_HEAD: Final = abi.ATTR_OUT_HEAD.struct
 _OPEN_OUT: Final = abi.OPEN_OUT.struct
 _U32: Final = abi.GETXATTR_OUT.struct
@@ -314,10 +313,24 @@ def _attr_head(timeout: float) -> bytes:
     return head
 
 
+#: ENTRY_OUT's head (``abi.ENTRY_OUT_HEAD``) cut where its validity fields begin: the node's id
+#: and generation, then those fields, which depend on the two timeouts alone and so are packed
+#: once per pair, as :data:`_ATTR_HEADS` are.
+_NODE: Final = struct.Struct("<QQ")
+_TIMES: Final = struct.Struct("<QQII")
+_ENTRY_TIMES: dict[tuple[float, float], bytes] = {}
+
+
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
-    ev, evn = split_timeout(entry.entry_timeout)
-    av, avn = split_timeout(entry.attr_timeout)
-    out.pack_then(_ENTRY_OUT_HEAD, (entry.ino, entry.generation, ev, av, evn, avn), entry.attr.raw)
+    timeouts = (entry.entry_timeout, entry.attr_timeout)
+    times = _ENTRY_TIMES.get(timeouts)
+    if times is None:
+        ev, evn = split_timeout(entry.entry_timeout)
+        av, avn = split_timeout(entry.attr_timeout)
+        times = _TIMES.pack(ev, av, evn, avn)
+        if len(_ENTRY_TIMES) < 64:
+            _ENTRY_TIMES[timeouts] = times
+    out.write(_NODE.pack(entry.ino, entry.generation) + times + entry.attr.raw)
 
 
 def _flag_names(flags: int) -> str:
