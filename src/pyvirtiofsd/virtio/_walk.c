@@ -12,7 +12,7 @@
  *   what slicing the main region's byte view gives (a view onto its export, so each one holds
  *   the mapping, as every view of guest memory must), and their lengths; the caller makes the
  *   Chain. Any violation, an empty buffer, a buffer or a table outside the main region, a region
- *   view other than one dimension of bytes: None, never an error of its own.
+ *   view other than one contiguous dimension of one-byte items: None, never an error of its own.
  * - Guest memory changes under it: every descriptor is copied out once, behind a compiler
  *   barrier, and only the copy is looked at (an indirect table is copied out whole).
  * - It holds the GIL, but what it allocates may start the garbage collector, hence Python code
@@ -58,7 +58,8 @@ inside(uint64_t addr, uint64_t len, uint64_t base, uint64_t size, uint64_t *off)
     return *off <= size && len <= size - *off;
 }
 
-/* Whether view is a memoryview of one contiguous dimension of single bytes, nothing more. */
+/* Whether view is a memoryview of one contiguous dimension of one-byte items, nothing more (the
+ * item's format is not looked at: a piece of it is what slicing gives whatever the format). */
 static int
 plain_bytes(PyObject *view)
 {
