@@ -185,8 +185,9 @@ class ChainSet:
         self.blocks.append(addr)
         return addr
 
-    def run(self, seconds: float) -> int:
-        """Keep every chain in flight for ``seconds``; the requests completed."""
+    def run(self, seconds: float, requests: int | None = None) -> int:
+        """Keep every chain in flight for ``seconds``, or until ``requests`` have been sent;
+        the requests completed."""
         q = self.q
         poll = select.poll()
         poll.register(q.call_fd, select.POLLIN)
@@ -207,7 +208,10 @@ class ChainSet:
                         pass
                 continue
             done += len(heads)
-            if not draining and time.perf_counter() >= deadline:
+            if not draining and (
+                time.perf_counter() >= deadline
+                or (requests is not None and done + outstanding >= requests)
+            ):
                 draining = True
             if draining:
                 outstanding -= len(heads)
@@ -240,9 +244,16 @@ class Daemon:
     chains: dict[tuple[str, int], ChainSet] = field(default_factory=dict)
 
 
-def start_daemon(name: str, share: Path, work: Path, tree: Path | None = None) -> Daemon:
+def start_daemon(
+    name: str,
+    share: Path,
+    work: Path,
+    tree: Path | None = None,
+    wrap: list[str] | None = None,
+) -> Daemon:
     """Start daemon ``name`` on ``share`` and open the data file through it; ``tree`` is the
-    compiled tree that the compiled daemon runs from."""
+    compiled tree that the compiled daemon runs from; ``wrap`` runs it under a tool (valgrind,
+    for bench/instructions.py)."""
     sock = str(work / f"{name}.sock")
     env = None
     if name == PY:
@@ -257,9 +268,13 @@ def start_daemon(name: str, share: Path, work: Path, tree: Path | None = None) -
         argv = [*command.argv, "--sandbox", "none", "--log-level", "error"]
         env = command.environ()
     argv += ["--socket-path", sock, "--shared-dir", str(share)]
+    if wrap:
+        if name == VIRTIOFSD:
+            argv += ["--seccomp", "none"]  # a filter of its own would refuse the tool's calls
+        argv = [*wrap, *argv]
     log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + (120 if wrap else 20)
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not start: {(work / f'{name}.log').read_text()}")
