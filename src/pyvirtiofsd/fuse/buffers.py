@@ -26,6 +26,10 @@ __all__ = [
 
 Buffer = memoryview | bytes | bytearray
 
+#: A class of a module not compiled, bound Final so that a compiled build keeps it in a C
+#: variable rather than looking it up in this module's dictionary for each READ and WRITE.
+_IOVECS: Final = Iovecs
+
 
 class ShortBuffer(Exception):
     """A request or reply does not fit the buffers it was given."""
@@ -285,7 +289,7 @@ class ReplyWriter:
             views = self.views(size - done)
             if not views:
                 break
-            if type(views) is Iovecs:
+            if type(views) is _IOVECS:
                 n = views.preadv(fd, offset + done)
             else:
                 n = os.preadv(fd, views, offset + done)
@@ -327,7 +331,7 @@ class WriteData:
         views = self._views
         done = 0
         while done < self.size:
-            if type(views) is Iovecs:
+            if type(views) is _IOVECS:
                 n = views.pwritev(fd, offset + done)
             else:
                 n = os.pwritev(fd, views, offset + done)

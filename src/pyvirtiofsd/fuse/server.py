@@ -300,7 +300,7 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 
 #: The head of an ATTR_OUT reply (validity, padding) per timeout, packed once: a file system
 #: answers with the few timeouts it was configured with. The attributes follow it.
-_ATTR_HEADS: dict[float, bytes] = {}
+_ATTR_HEADS: Final[dict[float, bytes]] = {}
 
 
 def _attr_head(timeout: float) -> bytes:
@@ -318,7 +318,7 @@ def _attr_head(timeout: float) -> bytes:
 #: once per pair, as :data:`_ATTR_HEADS` are.
 _NODE: Final = struct.Struct("<QQ")
 _TIMES: Final = struct.Struct("<QQII")
-_ENTRY_TIMES: dict[tuple[float, float], bytes] = {}
+_ENTRY_TIMES: Final[dict[tuple[float, float], bytes]] = {}
 
 
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:

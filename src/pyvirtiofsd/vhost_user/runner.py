@@ -65,7 +65,7 @@ __all__ = ["DeviceRunner", "VhostUserServer"]
 
 log = logging.getLogger(__name__)
 
-_POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_POLL_ERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 #: Once the daemon is stopping, how long (seconds) stopping the rings waits in all for
 #: requests still running in the backend before leaving them behind.

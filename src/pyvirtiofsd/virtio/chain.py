@@ -52,9 +52,12 @@ from pyvirtiofsd.iovec import Iovecs
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion
 
 try:
-    from pyvirtiofsd.virtio._walk import walk as _native_walk
+    from pyvirtiofsd.virtio._walk import walk as _c_walk
 except ImportError:  # a pure build: no C at all
-    _native_walk = None
+    _c_walk = None
+#: Final, as each C function's name below: a compiled build reads it as a C variable rather
+#: than looking it up in the module's dictionary at every call.
+_native_walk: Final = _c_walk
 
 __all__ = [
     "DESC_SIZE",

@@ -75,9 +75,11 @@ if sys.byteorder != "little":  # pragma: no cover - every supported host is litt
     raise ImportError("pyvirtiofsd's virtqueue code needs a little-endian host")
 
 try:
-    from pyvirtiofsd.virtio._barrier import fence as _native_fence
+    from pyvirtiofsd.virtio._barrier import fence as _c_fence
 except ImportError:  # a pure build: no C at all
-    _native_fence = None
+    _c_fence = None
+#: Final: a compiled build reads it as a C variable, not from the module's dictionary.
+_native_fence: Final = _c_fence
 
 _fence_lock: Final = threading.Lock()
 

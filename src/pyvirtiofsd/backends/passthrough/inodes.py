@@ -44,11 +44,14 @@ from pyvirtiofsd.backends.passthrough.lockranges import LockRanges
 from pyvirtiofsd.fuse.filesystem import Attr
 
 try:
-    from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _native_fstat_attr
-    from pyvirtiofsd.backends.passthrough._stat import fstat_entry as _native_fstat_entry
+    from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _c_fstat_attr
+    from pyvirtiofsd.backends.passthrough._stat import fstat_entry as _c_fstat_entry
 except ImportError:  # a pure build: no C at all
-    _native_fstat_attr = None
-    _native_fstat_entry = None
+    _c_fstat_attr = None
+    _c_fstat_entry = None
+#: Final: a compiled build reads them as C variables, not from the module's dictionary.
+_native_fstat_attr: Final = _c_fstat_attr
+_native_fstat_entry: Final = _c_fstat_entry
 
 __all__ = [
     "Ident",
