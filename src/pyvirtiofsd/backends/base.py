@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ConnectionInfo, Context, Filesystem
+from pyvirtiofsd.mutex import Mutex, new_mutex
 
 if TYPE_CHECKING:
     from pyvirtiofsd.fuse.filesystem import DaxWindow
@@ -114,7 +115,7 @@ class HandleTable(Generic[H]):
         #: Called for a removed handle when its last user is done (not after remove_idle).
         self._close = close
         self._handles: dict[int, H] = {}
-        self._lock = threading.Lock()
+        self._lock: Mutex = new_mutex()
         self._next = 1
         #: Handles a remove_idle() waits for, by id(), with what wakes it.
         self._idle: dict[int, threading.Event] = {}

@@ -14,9 +14,9 @@ import logging
 import os
 import select
 import stat
-import threading
 from typing import Final
 
+from pyvirtiofsd.mutex import Mutex, new_mutex
 from pyvirtiofsd.vhost_user.messages import VringAddr
 from pyvirtiofsd.virtio.queue import SplitQueue
 
@@ -101,7 +101,7 @@ class Vring:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.lock = threading.Lock()
+        self.lock: Mutex = new_mutex()
         self.size = 0
         self.addr: VringAddr | None = None
         self.base = 0

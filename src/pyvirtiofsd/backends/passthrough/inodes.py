@@ -42,6 +42,7 @@ from pyvirtiofsd import linux
 from pyvirtiofsd.backends.passthrough.config import FileHandles
 from pyvirtiofsd.backends.passthrough.lockranges import LockRanges
 from pyvirtiofsd.fuse.filesystem import Attr
+from pyvirtiofsd.mutex import Mutex, new_mutex
 
 try:
     from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _c_fstat_attr
@@ -209,7 +210,7 @@ class PathFd:
 class InodeStore:
     def __init__(self, root_dir: str, mode: FileHandles) -> None:
         self._mode = mode
-        self._lock = threading.Lock()
+        self._lock: Mutex = new_mutex()
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[object, Inode] = {}
         self._next_id = 2

@@ -1,0 +1,51 @@
+"""The lock the request path takes: :func:`new_mutex`.
+
+Each request takes a few short locks: the used ring's, an inode's pin count, a file handle's
+count of users. CPython 3.11's ``threading.Lock`` parses ``acquire()``'s arguments and reads the
+monotonic clock for a deadline at every acquisition, a free lock included, which costs more than
+the few statements the lock guards. The compiled build adds ``_mutex.c``, a lock that is taken
+with one atomic operation when it is free and waited for, with the GIL released, only when
+another thread holds it.
+
+Rules: a lock from :func:`new_mutex` is used as ``threading.Lock`` is (``with``, ``acquire`` with
+``blocking`` and ``timeout``, ``release``, ``locked``), whichever build made it; it is not
+reentrant and any thread may release it. Code holding one never waits for I/O. Code annotates
+such a lock as :class:`Mutex` (a name apart from FUSE's POSIX locks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final, Protocol
+
+try:
+    from pyvirtiofsd._mutex import Mutex as _CMutex
+except ImportError:  # a pure build: no C at all
+    _CMutex = None
+
+__all__ = ["Mutex", "new_mutex"]
+
+
+class Mutex(Protocol):
+    """What the project asks of a lock (``threading.Lock`` is one)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def locked(self) -> bool: ...
+
+    def __enter__(self) -> bool: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+#: A new, free lock: the C one in the compiled build, ``threading.Lock`` otherwise.
+new_mutex: Final[Callable[[], Mutex]] = _CMutex if _CMutex is not None else threading.Lock
