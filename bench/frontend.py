@@ -58,7 +58,7 @@ from common import (
     start_profiler,
     stop_profiler,
 )
-from report import CPU_TARGET, LABELS, PY, PYC, VIRTIOFSD, Row, table, write_json
+from report import CPU_TARGET, LABELS, PY, PYC, VIRTIOFSD, Row, run_params, table, write_json
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
@@ -442,7 +442,7 @@ def main() -> None:
     if why_not is not None:
         print(f"NOT MEASURED: {PYC}: {why_not}")
     if args.json:
-        params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        params = run_params(vars(args))
         meta: dict = {"parts": {"frontend": params}}
         if tree is not None:
             meta["facts"] = {"compiled": tree.describe()}

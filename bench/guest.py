@@ -623,9 +623,9 @@ def write_json_if(
         print(f"NOT MEASURED: {label(PYC)}: {why_not}")
     if path is None:
         return
-    from report import write_json
+    from report import run_params, write_json
 
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
+    params = run_params(args)
     meta: dict[str, Any] = {"parts": {part: params}}
     if tree is not None:
         meta["facts"] = {"compiled": tree.describe()}

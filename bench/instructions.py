@@ -27,7 +27,7 @@ from pathlib import Path
 import compiled
 import frontend
 from common import Progress
-from report import LABELS, PY, PYC, VIRTIOFSD, Row, table, write_json
+from report import LABELS, PY, PYC, VIRTIOFSD, Row, run_params, table, write_json
 
 TITLE = "daemon alone, under valgrind: user-space instructions per request"
 #: Requests served in the short run, whose count is taken from the long one's.
@@ -106,7 +106,7 @@ def main() -> None:
     if why_not is not None:
         print(f"NOT MEASURED: {PYC}: {why_not}")
     if args.json:
-        params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        params = run_params(vars(args))
         meta: dict = {"parts": {"instructions": params}}
         if tree is not None:
             meta["facts"] = {"compiled": tree.describe()}

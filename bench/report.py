@@ -229,6 +229,12 @@ def to_json(rows: list[Row], meta: dict[str, Any]) -> dict[str, Any]:
     return {"schema": SCHEMA, **meta, "workloads": [_round(r.to_json()) for r in rows]}
 
 
+def run_params(args: dict[str, Any]) -> dict[str, Any]:
+    """A run's options as its JSON records them: paths left out (where the JSON went, which
+    compiled tree: the tree's own facts say what it was), since they are this machine's."""
+    return {k: v for k, v in args.items() if not isinstance(v, Path)}
+
+
 def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(to_json(rows, meta), indent=2, ensure_ascii=False) + "\n")
 
