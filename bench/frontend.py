@@ -58,7 +58,7 @@ from common import (
     start_profiler,
     stop_profiler,
 )
-from report import CPU_TARGET, LABELS, PY, PYC, VIRTIOFSD, Row, run_params, table, write_json
+from report import CPU_TARGET, LABELS, PY, PYC, VIRTIOFSD, Row, table, write_json_if
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT
@@ -439,15 +439,7 @@ def main() -> None:
     print(table(rows, {"frontend": TITLE}))
     print(f"medians of {args.rounds} rounds of {args.seconds:g} s per daemon and workload")
     print_profiles(profile, workloads)
-    if why_not is not None:
-        print(f"NOT MEASURED: {PYC}: {why_not}")
-    if args.json:
-        params = run_params(vars(args))
-        meta: dict = {"parts": {"frontend": params}}
-        if tree is not None:
-            meta["facts"] = {"compiled": tree.describe()}
-        write_json(args.json, rows, meta)
-        print(f"results written to {args.json}")
+    write_json_if(args.json, rows, "frontend", vars(args), tree, why_not)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import compiled
 from common import BLOCK, Progress, cpu_seconds, drop_caches, rounds_order, seq_write
-from report import LABELS, PY, PYC, THROUGHPUT_TARGET, Row, label, run_params, table, write_json
+from report import LABELS, PY, PYC, THROUGHPUT_TARGET, Row, label, table, write_json_if
 
 CACHE = Path(os.environ.get("PYVIRTIOFSD_CACHE", "/var/cache/pyvirtiofsd"))
 EXAMPLE = Path("/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c")
@@ -244,15 +244,7 @@ def main() -> None:
         raise SystemExit(str(exc)) from None
     progress.close()
     print(table(result, {"fusedev": TITLE}))
-    if why_not is not None:
-        print(f"NOT MEASURED: {PYC}: {why_not}")
-    if args.json:
-        params = run_params(vars(args))
-        meta: dict = {"parts": {"fusedev": params}}
-        if tree is not None:
-            meta["facts"] = {"compiled": tree.describe()}
-        write_json(args.json, result, meta)
-        print(f"results written to {args.json}")
+    write_json_if(args.json, result, "fusedev", vars(args), tree, why_not)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,17 @@ from common import (
     start_profiler,
     stop_profiler,
 )
-from report import CPU_TARGET, PY, PYC, THROUGHPUT_TARGET, VIRTIOFSD, Row, label, table
+from report import (
+    CPU_TARGET,
+    PY,
+    PYC,
+    THROUGHPUT_TARGET,
+    VIRTIOFSD,
+    Row,
+    label,
+    table,
+    write_json_if,
+)
 
 from pyvirtiofsd.vm import FsDevice, GuestError, assets, missing_assets, run_guest
 from pyvirtiofsd.vm.guest import kill_child, spawn_child, wait_for_socket
@@ -607,30 +617,6 @@ def main() -> None:
     print(f"host load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
     print_profile(opts.profile, "guest-*.txt", "guest")
     write_json_if(args.json, result, "guest", vars(args), tree, why_not)
-
-
-def write_json_if(
-    path: Path | None,
-    result: list[Row],
-    part: str,
-    args: dict,
-    tree: compiled.Tree | None = None,
-    why_not: str | None = None,
-) -> None:
-    """Say what the compiled column could not measure, and write the results to ``path``
-    (if given) with the compiled tree's facts."""
-    if why_not is not None:
-        print(f"NOT MEASURED: {label(PYC)}: {why_not}")
-    if path is None:
-        return
-    from report import run_params, write_json
-
-    params = run_params(args)
-    meta: dict[str, Any] = {"parts": {part: params}}
-    if tree is not None:
-        meta["facts"] = {"compiled": tree.describe()}
-    write_json(path, result, meta)
-    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

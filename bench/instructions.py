@@ -27,7 +27,7 @@ from pathlib import Path
 import compiled
 import frontend
 from common import Progress
-from report import LABELS, PY, PYC, VIRTIOFSD, Row, run_params, table, write_json
+from report import LABELS, PY, PYC, VIRTIOFSD, Row, table, write_json_if
 
 TITLE = "daemon alone, under valgrind: user-space instructions per request"
 #: Requests served in the short run, whose count is taken from the long one's.
@@ -103,15 +103,7 @@ def main() -> None:
             rows.append(row)
     progress.close()
     print(table(rows, {"instructions": TITLE}))
-    if why_not is not None:
-        print(f"NOT MEASURED: {PYC}: {why_not}")
-    if args.json:
-        params = run_params(vars(args))
-        meta: dict = {"parts": {"instructions": params}}
-        if tree is not None:
-            meta["facts"] = {"compiled": tree.describe()}
-        write_json(args.json, rows, meta)
-        print(f"results written to {args.json}")
+    write_json_if(args.json, rows, "instructions", vars(args), tree, why_not)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ from guest import (
     plan_session,
     prepare_file,
     run_session,
-    write_json_if,
 )
-from report import LABELS, PY, VIRTIOFSD, Row, table
+from report import LABELS, PY, VIRTIOFSD, Row, table, write_json_if
 
 from pyvirtiofsd.vm import missing_assets
 

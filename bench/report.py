@@ -239,6 +239,28 @@ def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(to_json(rows, meta), indent=2, ensure_ascii=False) + "\n")
 
 
+def write_json_if(
+    path: Path | None,
+    rows: list[Row],
+    part: str,
+    args: dict[str, Any],
+    tree: Any = None,
+    why_not: str | None = None,
+) -> None:
+    """The end of a script's run: say what the compiled column could not measure, and write
+    the rows to ``path`` (if given) with the run's options and the compiled tree's facts
+    (``tree``: a ``compiled.Tree``, or None)."""
+    if why_not is not None:
+        print(f"NOT MEASURED: {label(PYC)}: {why_not}")
+    if path is None:
+        return
+    meta: dict[str, Any] = {"parts": {part: run_params(args)}}
+    if tree is not None:
+        meta["facts"] = {"compiled": tree.describe()}
+    write_json(path, rows, meta)
+    print(f"results written to {path}")
+
+
 # --- chart ---------------------------------------------------------------------------------------
 
 _LO, _HI = 0.05, 20.0  # the log axis of `relative`

@@ -48,9 +48,8 @@ from guest import (
     add_common_arguments,
     plan_session,
     run_session,
-    write_json_if,
 )
-from report import PYC, THROUGHPUT_TARGET, VIRTIOFSD, Row, table
+from report import PYC, THROUGHPUT_TARGET, VIRTIOFSD, Row, table, write_json_if
 
 from pyvirtiofsd.vm import assets, missing_assets
 
