@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,13 @@ def test_with_acquire_release_and_locked(make: Callable[[], Mutex]) -> None:
         lock.acquire(timeout=-2)
     with pytest.raises(TypeError):
         lock.acquire(1, 2, 3)  # type: ignore[call-arg]
+    for refused, error in [
+        (math.nan, ValueError),
+        (math.inf, OverflowError),
+        (1e19, OverflowError),
+    ]:
+        with pytest.raises(error):
+            lock.acquire(timeout=refused)
 
 
 def test_an_exception_in_the_block_releases_it(make: Callable[[], Mutex]) -> None:
@@ -93,6 +102,55 @@ def test_a_waiter_lets_python_run_and_gets_the_lock_once_it_is_free(
     assert lock.acquire(timeout=0.1) is False
     assert time.monotonic() - start >= 0.09
     lock.release()
+
+
+class _Alarm(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["with", "acquire", "timed acquire"])
+def test_the_main_thread_runs_its_signal_handlers_while_it_waits(
+    make: Callable[[], Mutex], how: str
+) -> None:
+    """A lock may be held across a close() stuck on a hung mount: a signal (SIGTERM) must still
+    reach the main thread waiting for it, and the exception its handler raises ends the wait
+    without the lock."""
+    lock = make()
+    held = threading.Event()
+    free = threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            free.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+
+    def alarm(signum: int, frame: object) -> None:
+        raise _Alarm
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    start = time.monotonic()
+    try:
+        with pytest.raises(_Alarm):
+            if how == "with":
+                with lock:
+                    pass
+            elif how == "acquire":
+                lock.acquire()
+            else:
+                lock.acquire(timeout=30)
+        assert time.monotonic() - start < 5
+        assert lock.locked()  # still the other thread's
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        free.set()
+        t.join(10)
+    assert not lock.locked()
 
 
 def test_it_keeps_threads_apart(make: Callable[[], Mutex]) -> None:

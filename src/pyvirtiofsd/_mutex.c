@@ -9,12 +9,15 @@
  *
  * Rules: it behaves as threading.Lock does for everything the project uses (with, acquire with
  * blocking and timeout, release, locked): not reentrant, released by any thread, RuntimeError
- * for releasing a lock that is not held. A wait is not interrupted by signals (the locks it
- * serves are held for a few statements, never across I/O).
+ * for releasing a lock that is not held, ValueError or OverflowError for a timeout threading
+ * refuses. While the main thread waits, its signal handlers run, and an exception one raises
+ * ends the wait without the lock, as with threading.Lock: a lock can be held across a close()
+ * that hangs on a stuck mount, and a SIGTERM must still end the daemon.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <math.h>
 #include <semaphore.h>
 #include <time.h>
 
@@ -48,7 +51,9 @@ mutex_dealloc(Mutex *self)
 }
 
 /* Take the lock: at once if it is free, else waiting with the GIL released; timeout < 0 waits
- * for good. Returns 1 when taken, 0 when the timeout passed first. */
+ * for good. Returns 1 when taken, 0 when the timeout passed first, -1 with an exception set when
+ * a signal handler raised one meanwhile (the main thread runs its handlers while it waits, as
+ * threading.Lock lets it: a SIGTERM must never wait for a lock). */
 static int
 take(Mutex *self, double timeout)
 {
@@ -56,36 +61,53 @@ take(Mutex *self, double timeout)
         return 1;
     if (timeout == 0)
         return 0;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    if (timeout < 0) {
-        do {
-            rc = sem_wait(&self->sem);
-        } while (rc != 0 && errno == EINTR);
-    } else {
-        struct timespec until;
+    struct timespec until;
+    if (timeout > 0) {
         clock_gettime(CLOCK_MONOTONIC, &until);
-        double whole = (double)(time_t)timeout;
+        double whole = floor(timeout);
         until.tv_sec += (time_t)whole;
         until.tv_nsec += (long)((timeout - whole) * 1e9);
         if (until.tv_nsec >= 1000000000L) {
             until.tv_sec += 1;
             until.tv_nsec -= 1000000000L;
         }
-        do {
-            rc = sem_clockwait(&self->sem, CLOCK_MONOTONIC, &until);
-        } while (rc != 0 && errno == EINTR);
     }
-    Py_END_ALLOW_THREADS
-    return rc == 0;
+    for (;;) {
+        int rc, err;
+        Py_BEGIN_ALLOW_THREADS
+        rc = timeout < 0 ? sem_wait(&self->sem)
+                         : sem_clockwait(&self->sem, CLOCK_MONOTONIC, &until);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc == 0)
+            return 1;
+        if (err == ETIMEDOUT)
+            return 0;
+        if (err != EINTR) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        /* Only the main thread runs handlers; elsewhere this does nothing. */
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
 }
 
 static PyObject *
 mutex_enter(Mutex *self, PyObject *unused)
 {
     (void)unused;
-    take(self, -1);
+    if (take(self, -1) < 0)
+        return NULL;
     Py_RETURN_TRUE;
+}
+
+/* acquire()'s answer from take(): True, False, or the exception a signal handler raised. */
+static PyObject *
+taken(int rc)
+{
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
 }
 
 static PyObject *
@@ -118,18 +140,23 @@ mutex_acquire(Mutex *self, PyObject *args, PyObject *kwds)
     double timeout = -1;
     /* acquire() as the request path calls it: nothing to parse. */
     if (PyTuple_GET_SIZE(args) == 0 && (kwds == NULL || PyDict_GET_SIZE(kwds) == 0))
-        return PyBool_FromLong(take(self, -1));
+        return taken(take(self, -1));
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pd:acquire", names, &blocking, &timeout))
         return NULL;
     if (!blocking && timeout != -1) {
         PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
         return NULL;
     }
-    if (timeout < 0 && timeout != -1) {
+    if (isnan(timeout) || (timeout < 0 && timeout != -1)) {
         PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
         return NULL;
     }
-    return PyBool_FromLong(take(self, blocking ? timeout : 0));
+    /* threading.TIMEOUT_MAX: the longest wait threading.Lock takes. */
+    if (timeout > (double)PY_TIMEOUT_MAX / 1e6) {
+        PyErr_SetString(PyExc_OverflowError, "timeout value is too large");
+        return NULL;
+    }
+    return taken(take(self, blocking ? timeout : 0));
 }
 
 static PyObject *

@@ -9,8 +9,10 @@ another thread holds it.
 
 Rules: a lock from :func:`new_mutex` is used as ``threading.Lock`` is (``with``, ``acquire`` with
 ``blocking`` and ``timeout``, ``release``, ``locked``), whichever build made it; it is not
-reentrant and any thread may release it. Code holding one never waits for I/O. Code annotates
-such a lock as :class:`Mutex` (a name apart from FUSE's POSIX locks).
+reentrant and any thread may release it. A wait lets the main thread's signal handlers run, as
+``threading.Lock``'s does: a holder may be stuck (a close() on a hung mount), and a signal must
+still reach the daemon. Code annotates such a lock as :class:`Mutex` (a name apart from FUSE's
+POSIX locks).
 """
 
 from __future__ import annotations
