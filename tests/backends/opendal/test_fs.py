@@ -18,7 +18,7 @@ import pytest
 
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.dirents import DirentWriter
-from pyvirtiofsd.fuse.filesystem import ROOT
+from pyvirtiofsd.fuse.filesystem import ROOT, SetAttr
 from pyvirtiofsd.fuse.policy import CachePolicy
 from tests.backends.opendal.conftest import CTX, CountingOperator, make_fs, read, write
 from tests.backends.windows import OwnerWindow, dax_client, owners_told
@@ -195,3 +195,38 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(tmp_path: 
         assert bytes(op.read("named")) == b"n" * 10
     finally:
         fs.shutdown()
+
+
+@pytest.mark.parametrize("change", ["truncate", "chmod"])
+def test_a_change_through_a_handle_whose_copy_was_replaced_goes_to_the_file(
+    tmp_path: Path, change: str
+) -> None:
+    """A read-only handle keeps its copy when another client changes the object and a later
+    open takes a fresh one. A SETATTR through that handle (ftruncate, fchmod) changes the file
+    the name holds, as on any file system, and reaches the store; it was made on the handle's
+    detached copy, acknowledged, and lost."""
+    op = opendal.Operator("memory")
+    # No attribute cache: the open after the other client revalidates at once.
+    fs = make_fs(tmp_path, op, cache=CachePolicy.NEVER)
+    entry, opened = fs.create(CTX, ROOT, b"a", 0o644, os.O_RDWR, 0, False)
+    write(fs, entry.ino, opened.fh, 0, b"\xa8" * 11)
+    fs.release(CTX, entry.ino, opened.fh, 0, 0, True, False)
+    old = fs.open(CTX, entry.ino, os.O_RDONLY, False)
+    op.write("a", b"XXXXX")  # another client
+    fs.getattr(CTX, entry.ino, None)
+    fresh = fs.open(CTX, entry.ino, os.O_RDONLY, False)
+    assert read(fs, entry.ino, fresh.fh, 0, 20) == b"XXXXX"
+    if change == "truncate":
+        attr, _ = fs.setattr(CTX, entry.ino, SetAttr(size=1, fh=old.fh))
+        assert attr.size == 1
+        assert bytes(op.read("a")) == b"X"
+        assert read(fs, entry.ino, fresh.fh, 0, 20) == b"X"
+    else:
+        attr, _ = fs.setattr(CTX, entry.ino, SetAttr(mode=0o600, fh=old.fh))
+        assert stat.S_IMODE(attr.mode) == 0o600
+        assert stat.S_IMODE(fs.getattr(CTX, entry.ino, None)[0].mode) == 0o600
+        assert bytes(op.read("a")) == b"XXXXX"
+    for h in (old, fresh):
+        fs.release(CTX, entry.ino, h.fh, 0, 0, False, False)
+    assert bytes(op.read("a")) == (b"X" if change == "truncate" else b"XXXXX")
+    fs.shutdown()

@@ -448,6 +448,12 @@ class OpendalFs(Backend):
         held = False
         try:
             with self._node_locked(node) as path:
+                if blob is not None and path is not None and blob.path != path:
+                    # The handle's copy is no longer the name's (a fresh one replaced it after
+                    # the object changed in the store): the change is the file's, so it goes
+                    # to the current copy, as through the path; made on the detached one, it
+                    # would be acknowledged and never stored.
+                    blob = None
                 if path is None and blob is None and changes.size is not None:
                     raise oserror(errno.ENOENT)
                 if blob is None and path is not None and self._local_state(self.cache.peek(path)):
