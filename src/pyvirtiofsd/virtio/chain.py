@@ -55,8 +55,8 @@ try:
     from pyvirtiofsd.virtio._walk import walk as _c_walk
 except ImportError:  # a pure build: no C at all
     _c_walk = None
-#: Final, as each C function's name below: a compiled build reads it as a C variable rather
-#: than looking it up in the module's dictionary at every call.
+#: Final: a compiled build reads it as a C variable rather than looking it up in the module's
+#: dictionary for every chain.
 _native_walk: Final = _c_walk
 
 __all__ = [
