@@ -31,6 +31,21 @@ def test_reader_contiguous_and_split() -> None:
     assert bytes(r.read(45)) == data[55:]
 
 
+@pytest.mark.parametrize("cuts", [[], [40], [10, 11, 50], [40, 40, 56], [1, 2, 3, 99]])
+def test_skip_moves_the_cursor_as_reading_does(cuts: list[int]) -> None:
+    data = bytes(range(100))
+    for first in range(0, 101, 7):
+        skipped = RequestReader(_split(data, cuts))
+        skipped.skip(first)
+        assert skipped.remaining == 100 - first
+        assert bytes(skipped.read(100 - first)) == data[first:]
+    r = RequestReader(_split(data, cuts), length=60)
+    r.skip(50)
+    with pytest.raises(ShortBuffer):
+        r.skip(11)
+    assert bytes(r.read(10)) == data[50:60]
+
+
 def test_reader_length_limit() -> None:
     r = RequestReader([memoryview(b"abcdef")], length=3)
     with pytest.raises(ShortBuffer):

@@ -5,10 +5,12 @@ against the real passthrough, whose effects on the host show."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse import server as server_module
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock, SecurityContext
 from pyvirtiofsd.fuse.records import Attr, Entry, split_timeout
 from pyvirtiofsd.fuse.server import OPS, LockWaiters, Server, ServerConfig, TransportCaps
@@ -834,3 +839,136 @@ def test_a_reset_forgets_the_largest_write_a_session_brought() -> None:
     assert destination.max_write == 8192
     destination.reset()
     assert destination.max_write == destination.caps.max_write > 8192
+
+
+# --- where a request's bytes lie, and the C decoding of the compiled build (``_request.c``) ----
+#
+# A request is answered the same however its bytes are cut into buffers: in one, header and
+# arguments apart (as a Linux driver sends them), or cut anywhere. The compiled build decodes the
+# header and fixed arguments in C where they lie whole; everywhere else the server decodes them
+# in Python, and both must give what one buffer gives.
+
+
+def _cuts(request: bytes, cuts: list[int]) -> list[memoryview]:
+    at = sorted({c for c in cuts if 0 < c < len(request)})
+    bounds = [0, *at, len(request)]
+    return [memoryview(request[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _answers(request: bytes, cuts: list[int], reply_size: int = 4096) -> tuple[int, ...]:
+    server = Server(MemFs())
+    FuseClient(direct(server)).init()
+    out = bytearray(reply_size)
+    n = server.handle(_cuts(request, cuts), [memoryview(out)])
+    assert n is not None
+    if not n:
+        return 0, 0, 0, 0
+    error, unique, payload = decode_reply(bytes(out[:n]))
+    # Not the payload itself: each server's file system has its own times.
+    return n, error, unique, len(payload)
+
+
+def _requests() -> list[bytes]:
+    getattr_in = abi.GETATTR_IN.pack(0, 0, 0)
+    read_in = abi.READ_IN.pack(0, 0, 4096, 0, 0, 0, 0)
+    write_in = abi.WRITE_IN.pack(7, 0, 5, 0, 0, 0, 0)
+    return [
+        encode_request(abi.Opcode.GETATTR, abi.ROOT_ID, getattr_in),
+        encode_request(abi.Opcode.GETATTR, abi.ROOT_ID, getattr_in[:8]),
+        encode_request(abi.Opcode.GETATTR, abi.ROOT_ID, getattr_in + b"newer"),
+        encode_request(abi.Opcode.GETATTR, 99, getattr_in),
+        encode_request(abi.Opcode.READ, abi.ROOT_ID, read_in),
+        encode_request(abi.Opcode.WRITE, abi.ROOT_ID, write_in + b"hello"),
+        encode_request(abi.Opcode.WRITE, abi.ROOT_ID, write_in),
+        encode_request(abi.Opcode.WRITE, abi.ROOT_ID, write_in[:20]),
+        encode_request(abi.Opcode.LOOKUP, abi.ROOT_ID, b"nothing\0"),
+        encode_request(abi.Opcode.MKDIR, abi.ROOT_ID, abi.MKDIR_IN.pack(0o755, 0) + b"d\0"),
+        encode_request(abi.Opcode.OPENDIR, abi.ROOT_ID, abi.OPEN_IN.pack(0, 0)),
+        encode_request(abi.Opcode.SETATTR, abi.ROOT_ID, bytes(abi.SETATTR_IN.size)),
+        encode_request(abi.Opcode.FORGET, 5, abi.FORGET_IN.pack(1)),
+        encode_request(abi.Opcode.BATCH_FORGET, 0, abi.BATCH_FORGET_IN.pack(0, 0)),
+        encode_request(63, abi.ROOT_ID, getattr_in),
+        encode_request(4000, abi.ROOT_ID, getattr_in),
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    which=st.integers(0, len(_requests()) - 1),
+    cuts=st.lists(st.integers(1, 120), max_size=4),
+    extlen=st.integers(0, 3),
+    length_delta=st.sampled_from([0, 0, 0, -1, 1, -40]),
+)
+def test_a_request_is_answered_the_same_however_its_bytes_are_cut(
+    which: int, cuts: list[int], extlen: int, length_delta: int
+) -> None:
+    request = bytearray(_requests()[which])
+    # Hostile headers too: extensions the request may not have room for, a wrong length.
+    request[36:38] = extlen.to_bytes(2, "little")
+    request += bytes(8 * extlen)
+    request[0:4] = max(0, len(request) + length_delta).to_bytes(4, "little")
+    whole = _answers(bytes(request), [])
+    assert _answers(bytes(request), cuts) == whole
+    assert _answers(bytes(request), [abi.IN_HEADER.size, *cuts]) == whole
+
+
+native_split = pytest.mark.skipif(
+    server_module._native_split is None, reason="pure build: no C decoding (it comes with mypyc's)"
+)
+
+
+@native_split
+@settings(max_examples=500, deadline=None)
+@given(
+    data=st.binary(min_size=0, max_size=200),
+    opcode=st.sampled_from([*OPS, 0, 7, 63, 64, 1 << 31]),
+    cut=st.integers(0, 200),
+    third=st.booleans(),
+)
+def test_the_c_decoding_answers_only_what_struct_reads(
+    data: bytes, opcode: int, cut: int, third: bool
+) -> None:
+    server = Server(MemFs())
+    layouts = server._layouts
+    raw = bytearray(data.ljust(abi.IN_HEADER.size, b"\0"))
+    raw[4:8] = (opcode & 0xFFFFFFFF).to_bytes(4, "little")
+    raw = bytes(raw)
+    pieces = [raw[:cut], raw[cut:]] + ([b"tail"] if third else [])
+    split = server_module._native_split([memoryview(p) for p in pieces], layouts)
+    if cut < abi.IN_HEADER.size:
+        assert split is None
+        return
+    assert split is not None
+    header = abi.IN_HEADER.struct.unpack_from(raw)
+    assert split[:8] == header[:8]
+    layout = layouts[opcode] if opcode < 64 else None
+    if layout is None:
+        assert split[8] is None
+        return
+    size = struct.calcsize(layout)
+    where = raw[abi.IN_HEADER.size : cut] if cut > abi.IN_HEADER.size else pieces[1]
+    if len(where) >= size:
+        assert split[8] == struct.unpack_from(layout, where)
+    else:
+        assert split[8] is None
+
+
+@native_split
+def test_the_c_decoding_leaves_what_it_cannot_read_to_python() -> None:
+    server = Server(MemFs())
+    layouts = server._layouts
+    request = encode_request(abi.Opcode.GETATTR, 1, abi.GETATTR_IN.pack(0, 0, 0))
+    released = memoryview(bytearray(request))
+    released.release()
+    for readable in (
+        [],
+        [released],
+        [memoryview(request)[::2]],
+        [object()],
+        iter([memoryview(request)]),
+        (memoryview(request),),
+    ):
+        got = server_module._native_split(readable, layouts)
+        assert got is None or readable.__class__ is tuple
+    with pytest.raises(TypeError):
+        server_module._native_split([memoryview(request)], layouts[:10])

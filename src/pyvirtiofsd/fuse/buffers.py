@@ -104,6 +104,21 @@ class RequestReader:
                 return view, start
         return self.read(size), 0
 
+    def skip(self, size: int) -> None:
+        """Move the cursor past ``size`` bytes, decoded already by other means."""
+        if size > self.remaining:
+            raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
+        self.remaining -= size
+        self._avail -= size
+        views = self._views
+        index = self._index
+        offset = self._offset + size
+        while index < len(views) and offset >= len(views[index]):
+            offset -= len(views[index])
+            index += 1
+        self._index = index
+        self._offset = offset
+
     def read(self, size: int) -> Buffer:
         """The next ``size`` bytes: a view when they lie in one buffer, else a copy."""
         if size > self.remaining:

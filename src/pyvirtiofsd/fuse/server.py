@@ -8,7 +8,9 @@ descriptors without being copied in Python. Nothing here does I/O of its own.
 Decoding is table-driven: each opcode has one entry (:class:`Op`) giving the layout of its fixed
 arguments, how many NUL-terminated names follow them, whether the handler takes the rest of the
 request (WRITE data, xattr values, batches), and the room its reply needs. The handler receives
-the decoded fields as arguments, in the layout's order.
+the decoded fields as arguments, in the layout's order. The compiled build decodes the header and
+the fixed arguments in C (``_request.c``) where they lie whole in the buffers, and leaves every
+other request to the decoding in Python, so that both builds answer alike.
 
 What a transport gives the server, it gives once, at construction (:class:`TransportCaps`): the
 largest write, the DAX window and its alignment, FUSE_PASSTHROUGH's backing files, and a way to
@@ -98,6 +100,18 @@ _OUT_HEADER: Final = abi.OUT_HEADER.struct
 _ATTR_OUT_HEAD: Final = abi.ATTR_OUT_HEAD.struct
 _OPEN_OUT: Final = abi.OPEN_OUT.struct
 _U32: Final = abi.GETXATTR_OUT.struct
+
+try:
+    from pyvirtiofsd.fuse._request import split as _c_split
+except ImportError:  # the pure build
+    _c_split = None
+#: Final: a compiled build reads it as a C variable, not from the module's dictionary.
+_native_split: Final = _c_split
+
+_GETATTR: Final = int(abi.Opcode.GETATTR)
+_LOOKUP: Final = int(abi.Opcode.LOOKUP)
+_READ: Final = int(abi.Opcode.READ)
+_WRITE: Final = int(abi.Opcode.WRITE)
 
 #: Flags the server offers whenever the kernel does; file systems add or remove in init().
 DEFAULT_FLAGS = (
@@ -205,7 +219,9 @@ class Op(NamedTuple):
 
 
 #: A row of the server's dispatch table (see :meth:`Server.__init__`).
-_Dispatch = tuple[Op, Callable[..., Any], struct.Struct | None, int, int]
+_Dispatch = tuple[Op, Callable[..., Any], struct.Struct | None, int, int, int]
+#: What the C decoding gives: the header's fields, then the fixed arguments or None.
+_Split = tuple[int, int, int, int, int, int, int, int, "tuple[Any, ...] | None"]
 _INIT: Final = int(abi.Opcode.INIT)
 
 #: A handler's return value: the reply comes later, through a Completion.
@@ -450,17 +466,24 @@ class Server:
         self.lock_waiters = LockWaiters()
         self._init_lock = threading.Lock()
         #: opcode -> (decoding, bound handler, the layout of requests that are exactly their
-        #: fixed arguments or None, its size or -1, the reply's room); the one table requests
+        #: fixed arguments or None, its size or -1, the size of the fixed arguments before the
+        #: rest a handler reads itself or -1, the reply's room); the one table requests
         #: are dispatched by. The decoding's fields are copied out once here: a request
         #: then reads plain tuple items rather than a NamedTuple's attributes.
         self._table: list[_Dispatch | None] = [None] * 64
+        layouts: list[bytes | None] = [None] * 64
         for opcode, (op, method, bind) in _OPS.items():
             handler = getattr(self, method)
             if bind:
                 handler = functools.partial(handler, *bind)
             fixed = op.args if not op.names and not op.tail else None
             size = -1 if fixed is None else fixed.size
-            self._table[opcode] = (op, handler, fixed, size, op.room)
+            tail = op.args.size if op.tail and op.args is not None else -1
+            self._table[opcode] = (op, handler, fixed, size, tail, op.room)
+            if op.args is not None and not op.names and not op.pad:
+                layouts[opcode] = op.args.format.encode()
+        #: The fixed arguments the C decoding decodes with the header (see _request.c).
+        self._layouts = tuple(layouts)
 
     # --- entry point -----------------------------------------------------------------------
 
@@ -476,20 +499,30 @@ class Server:
         None when the reply will come later through ``caps.later(token)``. A transport that
         knows how many bytes the buffers hold says so (``readable_len``, ``writable_len``),
         sparing the server a pass over them."""
-        out = ReplyWriter(writable, writable_len) if writable else None
-        reader = RequestReader(readable, None, readable_len)
-        total = reader.remaining
-        try:
-            buf, pos = reader.take(_IN_SIZE)
-        except ShortBuffer:
-            log.warning("request shorter than the FUSE header (%d bytes)", total)
-            return self._error(out, errno.EINVAL, 0)
+        out: ReplyWriter | None = ReplyWriter(writable, writable_len) if writable else None
+        total = readable_len if readable_len is not None else sum(map(len, readable))
         # Typed, so that a compiled build checks and compares them as machine integers.
         length: int
         opcode: int
         unique: int
         extlen: int
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_HEADER.unpack_from(buf, pos)
+        nodeid: int
+        reader: RequestReader | None = None
+        split: _Split | None = None
+        if _native_split is not None:
+            split = _native_split(readable, self._layouts)
+        if split is not None:
+            length, opcode, unique, nodeid, uid, gid, pid, extlen, in_place = split
+        else:
+            in_place = None
+            reader = RequestReader(readable, None, total)
+            try:
+                buf, pos = reader.take(_IN_SIZE)
+            except ShortBuffer:
+                log.warning("request shorter than the FUSE header (%d bytes)", total)
+                return self._error(out, errno.EINVAL, 0)
+            header = _IN_HEADER.unpack_from(buf, pos)
+            length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = header
         args_len = length - _IN_SIZE - extlen * 8
         if length > total or args_len < 0:
             log.warning(
@@ -505,7 +538,7 @@ class Server:
             log.debug("unsupported opcode %d", opcode)
             return self._error(out, errno.ENOSYS, unique)
         self.counts[opcode] += 1
-        op, handler, fixed, fixed_size, room = entry
+        op, handler, fixed, fixed_size, tail_size, room = entry
         if not self.initialized and opcode != _INIT:
             log.warning("opcode %d before INIT", opcode)
             return self._error(out, errno.EIO, unique)
@@ -524,17 +557,53 @@ class Server:
         inflight = self._inflight
         inflight[unique] = ctx
         try:
-            if args_len == fixed_size and fixed is not None:
-                # Most requests: exactly their fixed arguments, unpacked in place.
-                buf, pos = reader.take(args_len)
-                args: Sequence[Any] = fixed.unpack_from(buf, pos)
+            args: tuple[Any, ...]
+            if in_place is not None and args_len == fixed_size:
+                # Most requests: exactly their fixed arguments, decoded with the header.
+                args = in_place
+            elif in_place is not None and 0 <= tail_size <= args_len:
+                # WRITE and the others whose handler reads the rest of the request itself.
+                reader = RequestReader(readable, None, total)
+                reader.skip(_IN_SIZE + tail_size)
+                reader.remaining = args_len - tail_size
+                args = (*in_place, reader)
             else:
-                args = self._decode(op, reader, args_len)
+                if reader is None:
+                    reader = RequestReader(readable, None, total)
+                    reader.skip(_IN_SIZE)
+                if args_len == fixed_size and fixed is not None:
+                    buf, pos = reader.take(args_len)
+                    args = fixed.unpack_from(buf, pos)
+                else:
+                    args = self._decode(op, reader, args_len)
             if extlen and not op.tail:
                 # Extensions follow the arguments (only create-like requests carry them).
+                if reader is None:
+                    reader = RequestReader(readable, None, total)
+                    reader.skip(_IN_SIZE + args_len)
                 reader.remaining = extlen * 8
                 self._extensions(ctx, opcode, reader.read(extlen * 8))
-            result = handler(ctx, nodeid, out, token, *args)
+            # The requests a guest sends most are called by name, which a compiled build makes
+            # a direct call: through the table each would pack its arguments into a tuple.
+            if out is None:
+                result = handler(ctx, nodeid, out, token, *args)
+            elif opcode == _GETATTR:
+                flags, pad, fh = args
+                result = self._getattr(ctx, nodeid, out, token, flags, pad, fh)
+            elif opcode == _READ:
+                fh, offset, size, flags, owner, open_flags, pad = args
+                result = self._read(
+                    ctx, nodeid, out, token, fh, offset, size, flags, owner, open_flags, pad
+                )
+            elif opcode == _WRITE:
+                fh, offset, size, flags, owner, open_flags, pad, rest = args
+                result = self._write(
+                    ctx, nodeid, out, token, fh, offset, size, flags, owner, open_flags, pad, rest
+                )
+            elif opcode == _LOOKUP:
+                result = self._lookup(ctx, nodeid, out, token, args[0])
+            else:
+                result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
             inflight.pop(unique, None)
             return self._error(out, e.errno or errno.EIO, unique)
@@ -573,7 +642,7 @@ class Server:
         )
 
     @staticmethod
-    def _decode(op: Op, reader: RequestReader, args_len: int) -> list[Any]:
+    def _decode(op: Op, reader: RequestReader, args_len: int) -> tuple[Any, ...]:
         """The handler's arguments after (ctx, nodeid, out, token): the fixed fields, the
         names, and the reader over the rest, as the opcode's :class:`Op` says."""
         layout = op.args
@@ -599,7 +668,7 @@ class Server:
             args.append(reader)
         elif rest:
             reader.read(rest)  # arguments newer than ours: ignored
-        return args
+        return tuple(args)
 
     def fail(self, readable: Sequence[memoryview], writable: Sequence[memoryview], err: int) -> int:
         """Answer a request that can't be served (some of its buffers are out of reach)

@@ -1,0 +1,221 @@
+/*
+ * pyvirtiofsd.fuse._request: a request's header and fixed arguments, decoded in C.
+ *
+ * An optional accelerator of pyvirtiofsd.fuse.server, built only with the compiled variant
+ * (setup.py). split(readable, layouts) decodes the in header and the opcode's fixed arguments
+ * in one call, where the server would otherwise make a reader and two struct calls, and returns
+ * (length, opcode, unique, nodeid, uid, gid, pid, total_extlen, args): args is the tuple of the
+ * fixed arguments, or None when the opcode has none in ``layouts`` or they don't lie whole in the
+ * buffer after the header (or at the start of the next one, as a Linux driver puts them).
+ *
+ * Rules:
+ * - It decodes; it judges nothing. Lengths, opcodes and whether the arguments are the ones the
+ *   request declares are the server's to check, exactly as for what its own decoding gives.
+ * - None for what it does not handle (a header not whole in the first buffer, buffers that are
+ *   not a list or tuple of contiguous byte buffers, a layout it can't read): the server then
+ *   decodes in Python, so a request's outcome never depends on which decoding took it.
+ * - Guest memory changes under it: what it decodes is copied out once, behind a compiler
+ *   barrier, and every field comes from the copy. It holds no buffer export while it
+ *   allocates (what it allocates may start the garbage collector, hence Python code).
+ * - ``layouts`` is the server's: a tuple of 64 entries, None or a struct format of the
+ *   characters I, Q and q after "<"; anything else there is treated as no layout.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "FUSE on virtio is little-endian; this module reads it in place"
+#endif
+
+#define HEADER 40
+#define OPCODES 64
+/* Longer than any fixed argument layout (SETATTR's 88 bytes). */
+#define MAX_ARGS 128
+
+/* The size of a layout "<..." of I, Q and q, or -1. */
+static Py_ssize_t
+layout_size(PyObject *layout)
+{
+    if (!PyBytes_CheckExact(layout))
+        return -1;
+    const char *f = PyBytes_AS_STRING(layout);
+    Py_ssize_t n = PyBytes_GET_SIZE(layout), size = 0;
+    if (n < 2 || f[0] != '<')
+        return -1;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        if (f[i] == 'I')
+            size += 4;
+        else if (f[i] == 'Q' || f[i] == 'q')
+            size += 8;
+        else
+            return -1;
+    }
+    return size <= MAX_ARGS ? size : -1;
+}
+
+/* Copies n bytes at off of buffer object obj into dst; 0 when it isn't a buffer that long. */
+static int
+copy_out(PyObject *obj, Py_ssize_t off, Py_ssize_t n, unsigned char *dst, Py_ssize_t *len)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(obj, &b, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    *len = b.len;
+    int ok = b.len >= off && b.len - off >= n;
+    if (ok) {
+        memcpy(dst, (const unsigned char *)b.buf + off, n);
+        /* The compiler may not read guest memory again in place of the copy. */
+        __asm__ __volatile__("" ::: "memory");
+    }
+    PyBuffer_Release(&b);
+    return ok;
+}
+
+static inline uint32_t
+u32(const unsigned char *at)
+{
+    uint32_t v;
+    memcpy(&v, at, sizeof v);
+    return v;
+}
+
+static inline uint64_t
+u64(const unsigned char *at)
+{
+    uint64_t v;
+    memcpy(&v, at, sizeof v);
+    return v;
+}
+
+static PyObject *
+decode_args(const char *f, Py_ssize_t count, const unsigned char *at)
+{
+    PyObject *args = PyTuple_New(count);
+    if (args == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v;
+        if (f[i] == 'I') {
+            v = PyLong_FromUnsignedLong(u32(at));
+            at += 4;
+        } else if (f[i] == 'Q') {
+            v = PyLong_FromUnsignedLongLong(u64(at));
+            at += 8;
+        } else {
+            v = PyLong_FromLongLong((int64_t)u64(at));
+            at += 8;
+        }
+        if (v == NULL) {
+            Py_DECREF(args);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(args, i, v);
+    }
+    return args;
+}
+
+static PyObject *
+split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    (void)module;
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "split(readable, layouts) takes two arguments");
+        return NULL;
+    }
+    PyObject *readable = argv[0], *layouts = argv[1];
+    if (!PyTuple_CheckExact(layouts) || PyTuple_GET_SIZE(layouts) != OPCODES) {
+        PyErr_SetString(PyExc_TypeError, "layouts must be a tuple of 64 entries");
+        return NULL;
+    }
+    if (!PyList_CheckExact(readable) && !PyTuple_CheckExact(readable))
+        Py_RETURN_NONE;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(readable);
+    if (count < 1)
+        Py_RETURN_NONE;
+
+    unsigned char raw[HEADER + MAX_ARGS];
+    Py_ssize_t first_len = 0, next_len = 0;
+    /* Strong references: nothing here runs Python code, but the list is the caller's. */
+    PyObject *first = PySequence_Fast_ITEMS(readable)[0];
+    PyObject *next = count > 1 ? PySequence_Fast_ITEMS(readable)[1] : NULL;
+    Py_INCREF(first);
+    Py_XINCREF(next);
+    int have_args = 0;
+    PyObject *layout = NULL;
+    Py_ssize_t size = -1;
+    if (!copy_out(first, 0, HEADER, raw, &first_len)) {
+        Py_DECREF(first);
+        Py_XDECREF(next);
+        Py_RETURN_NONE;
+    }
+    uint32_t opcode = u32(raw + 4);
+    if (opcode < OPCODES) {
+        layout = PyTuple_GET_ITEM(layouts, opcode);
+        size = layout_size(layout);
+    }
+    if (size > 0) {
+        if (first_len > HEADER)
+            have_args = copy_out(first, HEADER, size, raw + HEADER, &first_len);
+        else if (next != NULL)
+            have_args = copy_out(next, 0, size, raw + HEADER, &next_len);
+    }
+    Py_DECREF(first);
+    Py_XDECREF(next);
+
+    /* Every byte is in raw now; no export is held from here on. */
+    PyObject *args;
+    if (have_args) {
+        args = decode_args(PyBytes_AS_STRING(layout) + 1, PyBytes_GET_SIZE(layout) - 1,
+                           raw + HEADER);
+        if (args == NULL)
+            return NULL;
+    } else {
+        args = Py_NewRef(Py_None);
+    }
+    uint16_t extlen;
+    memcpy(&extlen, raw + 36, sizeof extlen);
+    PyObject *out = PyTuple_New(9);
+    if (out == NULL) {
+        Py_DECREF(args);
+        return NULL;
+    }
+    PyObject *fields[8] = {
+        PyLong_FromUnsignedLong(u32(raw)),      PyLong_FromUnsignedLong(opcode),
+        PyLong_FromUnsignedLongLong(u64(raw + 8)), PyLong_FromUnsignedLongLong(u64(raw + 16)),
+        PyLong_FromUnsignedLong(u32(raw + 24)), PyLong_FromUnsignedLong(u32(raw + 28)),
+        PyLong_FromUnsignedLong(u32(raw + 32)), PyLong_FromUnsignedLong(extlen),
+    };
+    int failed = 0;
+    for (int i = 0; i < 8; i++) {
+        if (fields[i] == NULL)
+            failed = 1;
+        PyTuple_SET_ITEM(out, i, fields[i] != NULL ? fields[i] : Py_NewRef(Py_None));
+    }
+    PyTuple_SET_ITEM(out, 8, args);
+    if (failed) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"split", (PyCFunction)(void (*)(void))split, METH_FASTCALL,
+     "split(readable, layouts): (length, opcode, unique, nodeid, uid, gid, pid, total_extlen, "
+     "args or None), or None when the server must decode the request itself."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pyvirtiofsd.fuse._request", NULL, 0, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__request(void)
+{
+    return PyModule_Create(&module);
+}
