@@ -55,7 +55,7 @@ NATIVE: Final = (
     "pyvirtiofsd._mutex",
     "pyvirtiofsd.fuse._request",
     "pyvirtiofsd.virtio._walk",
-    "pyvirtiofsd.virtio._barrier",
+    "pyvirtiofsd.virtio._ring",
     "pyvirtiofsd.backends.passthrough._stat",
 )
 

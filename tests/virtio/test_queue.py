@@ -286,7 +286,7 @@ def test_used_ring_logging_without_data_logging(
 
 
 def test_the_fence_is_the_builds_own_and_waits_for_a_lock_held_elsewhere() -> None:
-    """The compiled build fences with one instruction (``_barrier.c``); the pure one takes a
+    """The compiled build fences with one instruction (``_ring.c``); the pure one takes a
     lock, trying it first without blocking. A try that fails (another queue fencing) orders
     nothing, so that fence waits for the lock rather than returning unordered."""
     if os.environ.get("PYVIRTIOFSD_TEST_BUILD") == "mypyc":
@@ -304,3 +304,33 @@ def test_the_fence_is_the_builds_own_and_waits_for_a_lock_held_elsewhere() -> No
     full_fence()
     assert queue_module._fence_lock.acquire(False)
     queue_module._fence_lock.release()
+
+
+@pytest.mark.skipif(queue_module._native_push is None, reason="pure build: no C push")
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_the_c_push_stores_what_the_casts_store(offset: int) -> None:
+    """``_ring.push`` stores the used entry and index where and as the casts store them, on an
+    aligned ring and on one a driver misplaced, and refuses an entry outside the ring without
+    storing anything."""
+    size = 8
+    backing = bytearray(offset + 6 + 8 * size)
+    used = memoryview(backing)[offset:]
+    for n in range(3 * size):
+        slot = 1 + 2 * (n & (size - 1))
+        queue_module._native_push(used, slot, n + 100, 4096 + n, (n + 1) & 0xFFFF)
+        expect = bytearray(used)
+        expect[4 * slot : 4 * slot + 8] = (n + 100).to_bytes(4, "little") + (4096 + n).to_bytes(
+            4, "little"
+        )
+        expect[2:4] = (n + 1).to_bytes(2, "little")
+        assert bytes(used) == bytes(expect)
+    before = bytes(used)
+    for slot in (0, -1, 2 * size + 1, 1 << 40):
+        with pytest.raises((ValueError, OverflowError)):
+            queue_module._native_push(used, slot, 1, 1, 1)
+    for head, length, idx in ((1 << 32, 0, 0), (0, 1 << 32, 0), (0, 0, 1 << 16), (-1, 0, 0)):
+        with pytest.raises((ValueError, OverflowError)):
+            queue_module._native_push(used, 1, head, length, idx)
+    with pytest.raises(BufferError):
+        queue_module._native_push(bytes(used), 1, 1, 1, 1)
+    assert bytes(used) == before

@@ -16,7 +16,8 @@ Shared fields are read and written as single 16/32-bit loads and stores through
 other side see a torn index). The used ring entry is written before ``used->idx``; x86
 keeps stores in order, so no barrier is needed there. Where a store must be visible
 before a following load (publishing ``avail_event`` then re-reading ``avail->idx``, or
-``used->idx`` then ``used_event``), :func:`full_fence` provides one. The code assumes a
+``used->idx`` then ``used_event``), :func:`full_fence` provides one. The compiled build does
+these stores and the fence in C (``_ring.c``), the same way. The code assumes a
 little-endian host, like the rest of the daemon.
 
 A queue is not thread-safe: pop from one thread; serialise :meth:`push_used` and
@@ -75,17 +76,20 @@ if sys.byteorder != "little":  # pragma: no cover - every supported host is litt
     raise ImportError("pyvirtiofsd's virtqueue code needs a little-endian host")
 
 try:
-    from pyvirtiofsd.virtio._barrier import fence as _c_fence
+    from pyvirtiofsd.virtio._ring import fence as _c_fence
+    from pyvirtiofsd.virtio._ring import push as _c_push
 except ImportError:  # a pure build: no C at all
     _c_fence = None
-#: Final: a compiled build reads it as a C variable, not from the module's dictionary.
+    _c_push = None
+#: Final: a compiled build reads them as C variables, not from the module's dictionary.
 _native_fence: Final = _c_fence
+_native_push: Final = _c_push
 
 _fence_lock: Final = threading.Lock()
 
 
 def full_fence() -> None:
-    """A full memory barrier: one fence instruction in the compiled build (``_barrier.c``);
+    """A full memory barrier: one fence instruction in the compiled build (``_ring.c``);
     otherwise taking a lock, an atomic read-modify-write on x86. The lock is tried first without
     blocking, which spares computing a deadline; a try that fails because another queue holds
     it may not order anything, so that one waits for the lock."""
@@ -281,12 +285,15 @@ class SplitQueue:
         guest-physical ranges of those bytes, for the dirty log."""
         idx = self.next_used
         slot = 1 + 2 * (idx & self._mask)
-        used32 = self._used32
-        used32[slot] = head
-        used32[slot + 1] = length
-        idx = (idx + 1) & 0xFFFF
-        self.next_used = idx
-        self._used[1] = idx
+        new = (idx + 1) & 0xFFFF
+        if _native_push is not None:
+            _native_push(self._used_mv, slot, head, length, new)
+        else:
+            used32 = self._used32
+            used32[slot] = head
+            used32[slot + 1] = length
+            self._used[1] = new
+        self.next_used = new
         if self.logging:
             self._log_push(slot, written)
 
