@@ -258,6 +258,12 @@ def _op(
 
 def _names(raw: bytes, count: int) -> list[bytes]:
     """``count`` NUL-terminated names from the start of ``raw``."""
+    if count == 1:
+        # LOOKUP, UNLINK, MKDIR... one name, and the most frequent requests with one.
+        end = raw.find(b"\0")
+        if end < 0:
+            raise MalformedRequest("name without NUL")
+        return [raw[:end]]
     out = []
     pos = 0
     for _ in range(count):

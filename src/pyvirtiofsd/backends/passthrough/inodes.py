@@ -210,6 +210,9 @@ class PathFd:
 class InodeStore:
     def __init__(self, root_dir: str, mode: FileHandles) -> None:
         self._mode = mode
+        # Asked on every lookup: plain flags rather than an enum member read off its class.
+        self._no_handles = mode is FileHandles.NEVER
+        self._handles_mandatory = mode is FileHandles.MANDATORY
         self._lock: Mutex = new_mutex()
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[object, Inode] = {}
@@ -242,12 +245,12 @@ class InodeStore:
     # --- identity --------------------------------------------------------------------------
 
     def _handle_of(self, fd: int) -> tuple[bytes | None, int]:
-        if self._mode is FileHandles.NEVER:
+        if self._no_handles:
             return None, 0
         try:
             return linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
         except OSError as e:
-            if self._mode is FileHandles.MANDATORY:
+            if self._handles_mandatory:
                 raise
             log.debug("no file handle (%s); keeping an fd", e)
             return None, 0
