@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -461,3 +462,51 @@ def test_truncate_by_path_during_the_last_release(service: Service, work: Path) 
         releaser.value()
         truncater.value()
         assert d.store("a") == b"0123"
+
+
+def next_second() -> None:
+    """Wait into the next second of the wall clock: an object the store writes or copies from
+    now on has a later modification time than one it wrote before, also where it keeps them to
+    the second (S3's Last-Modified)."""
+    start = int(time.time())
+    while int(time.time()) <= start:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("known", ["copy", "attributes"])
+def test_rename_leaves_the_copy_of_an_open_file_current(
+    service: Service, work: Path, known: str
+) -> None:
+    """On S3 a rename is a copy, which gives the object a new Last-Modified: the next open
+    after it took the object for one another client had changed, and a fresh copy replaced the
+    one a read-only handle held. Reads through that handle no longer saw what the file's other
+    handles wrote, and (before SETATTR through a handle went to the current copy) a truncation
+    through it was acknowledged and never stored. The version the rename left behind was
+    either the local copy's (``copy``: the file was open across it) or the inode's cached
+    attributes' (``attributes``: a copy made from them after the rename, within their
+    timeout)."""
+    policy = CachePolicy.NEVER if known == "copy" else CachePolicy.AUTO
+    with serve(service, cache(work), cache=policy) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        if known == "copy":
+            reader = c.open(ino, os.O_RDONLY).fh
+            assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        next_second()
+        c.rename(ROOT, b"a", ROOT, b"b")
+        if known == "attributes":
+            reader = c.open(ino, os.O_RDONLY).fh
+            assert c.read(ino, reader, 0, 100) == b"0123456789A"
+            # The cached attributes expire: the next open asks the store.
+            time.sleep(CachePolicy.AUTO.timeout + 0.1)
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        c.fsync(ino, writer)
+        assert d.store("b") == b"XY23456789A"
+        assert c.read(ino, reader, 0, 100) == b"XY23456789A"
+        c.release(ino, writer)
+        c.setattr(ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=1)
+        assert d.store("b") == b"X"
+        c.release(ino, reader)
+        assert d.view.files() == {"b"} and d.store("b") == b"X"
