@@ -510,3 +510,26 @@ def test_rename_leaves_the_copy_of_an_open_file_current(
         assert d.store("b") == b"X"
         c.release(ino, reader)
         assert d.view.files() == {"b"} and d.store("b") == b"X"
+
+
+def test_directory_rename_leaves_the_copies_of_open_files_current(
+    service: Service, work: Path
+) -> None:
+    """As above, for a file moved with its directory (one copy per object on S3)."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("d/a", b"0123456789A")
+        dino = c.lookup(ROOT, b"d").nodeid
+        ino = c.lookup(dino, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        next_second()
+        c.rename(ROOT, b"d", ROOT, b"e")
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        c.fsync(ino, writer)
+        assert d.store("e/a") == b"XY23456789A"
+        assert c.read(ino, reader, 0, 100) == b"XY23456789A"
+        c.release(ino, writer)
+        c.release(ino, reader)
+        assert d.view.files() == {"e/a"} and d.store("e/a") == b"XY23456789A"
