@@ -533,3 +533,153 @@ def test_directory_rename_leaves_the_copies_of_open_files_current(
         c.release(ino, writer)
         c.release(ino, reader)
         assert d.view.files() == {"e/a"} and d.store("e/a") == b"XY23456789A"
+
+
+# --- commits against revalidations and other changes of the same file -------------------------
+
+
+def copy_of(d: Direct, fh: int) -> Any:
+    """The local copy the file handle ``fh`` holds."""
+    h = d.fs._handles.use(fh)
+    d.fs._handles.done(h)
+    return h.blob
+
+
+def _commit_request(c: Any, commit: str, ino: int, writer: int, reader: int) -> Callable[[], Any]:
+    """A request that uploads the file: through its writer, or a truncate through a read-only
+    handle when no writer is left (it commits at once)."""
+    if commit == "truncate":
+        return lambda: c.setattr(ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=7)
+    return lambda: getattr(c, commit)(ino, writer)
+
+
+COMMITS = ["flush", "fsync", "release", "truncate"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("other", ["open", "getattr", "lookup"])
+@pytest.mark.parametrize("commit", COMMITS)
+def test_revalidation_racing_a_commit_keeps_the_copy(
+    service: Service, work: Path, commit: str, other: str, when: str
+) -> None:
+    """A request that asks the store what the object is (OPEN, GETATTR, LOOKUP with no
+    attribute cache) while a commit of the same file uploads it (held before its write, or
+    after it, before the copy is marked clean) must not take our own upload for another
+    client's change: a fresh copy in place of the one open would leave a read-only handle
+    reading, and truncating, a copy that is no longer the file's."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        if commit == "truncate":
+            c.release(ino, writer)
+        copy = copy_of(d, reader)
+        gate = d.op.gate("write", "a", after=when == "after", limit=1)
+        committer = Racer(_commit_request(d.client_for(), commit, ino, writer, reader))
+        wait_until(lambda: gate.arrivals >= 1, "the commit's upload")
+        c2 = d.client_for()
+        racing: Callable[[], Any] = {
+            "open": lambda: c2.open(ino, os.O_RDONLY).fh,
+            "getattr": lambda: c2.getattr(ino).size,
+            "lookup": lambda: c2.lookup(ROOT, b"a").nodeid,
+        }[other]
+        racer = Racer(racing)
+        wait_until(went_through_or_waits(d, racer, "a"), "the racing request")
+        gate.open()
+        committer.value()
+        result = racer.value()
+        content = b"XY23456" if commit == "truncate" else b"XY23456789A"
+        assert d.store("a") == content
+        if other == "getattr":
+            assert result in (11, len(content))
+        elif other == "lookup":
+            assert result == ino
+        assert d.fs.cache.peek("a") is copy
+        # Asked again once the commit is over: our upload is still not another client's.
+        again = c.open(ino, os.O_RDONLY).fh
+        assert d.fs.cache.peek("a") is copy and copy_of(d, again) is copy
+        assert c.getattr(ino).size == len(content)
+        if commit in ("flush", "fsync"):
+            c.release(ino, writer)
+        c.setattr(ino, valid=abi.FATTR_SIZE, size=1)
+        assert d.store("a") == b"X"
+        for fh in (reader, again) + ((result,) if other == "open" else ()):
+            assert c.read(ino, fh, 0, 100) == b"X"
+            c.release(ino, fh)
+        assert d.store("a") == b"X"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(
+    ("commit", "change"),
+    [
+        (k, ch)
+        for k in COMMITS
+        for ch in ("write", "ftruncate", "truncate")
+        # A truncate commits only with no writer open, and a write needs one.
+        if not (k == "truncate" and ch == "write")
+    ],
+)
+def test_change_racing_a_commit_is_stored(
+    service: Service, work: Path, commit: str, change: str, when: str
+) -> None:
+    """A WRITE through another handle, a truncate through a read-only one or by path, while a
+    commit of the same file is uploading (held before its write or after it): the change is
+    in the store when its request returns if no writer is left to take it up, and at the
+    latest once the last one is released; nothing acknowledged is lost."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        other = c.open(ino, os.O_RDWR).fh if change == "write" else None
+        if commit == "truncate":
+            c.release(ino, writer)
+        gate = d.op.gate("write", "a", after=when == "after", limit=1)
+        committer = Racer(_commit_request(d.client_for(), commit, ino, writer, reader))
+        wait_until(lambda: gate.arrivals >= 1, "the commit's upload")
+        c2 = d.client_for()
+        racing: Callable[[], Any] = {
+            "write": lambda: c2.write(ino, other, 5, b"Q"),
+            "ftruncate": lambda: c2.setattr(
+                ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=4
+            ),
+            "truncate": lambda: c2.setattr(ino, valid=abi.FATTR_SIZE, size=4),
+        }[change]
+        changer = Racer(racing)
+        wait_until(
+            lambda: (
+                not changer.is_alive() or waits_in(changer, "commit") or d.lock_waiters("a") > 0
+            ),
+            "the change",
+        )
+        gate.open()
+        committer.value()
+        changer.value()
+        committed = b"XY23456" if commit == "truncate" else b"XY23456789A"
+        # Either order is a linearization: the commit's content, then the change on it; or
+        # the change first, then the commit (a truncate to 7 then extends with zeros).
+        after_change = {"write": b"XY234Q6789A", "ftruncate": b"XY23", "truncate": b"XY23"}
+        final_options = {b"XY23", b"XY23\0\0\0"} if commit == "truncate" else {after_change[change]}
+        if commit in ("flush", "fsync") or other is not None:
+            # A writer is left: the change goes up with its commits, at the latest its release.
+            assert d.store("a") in {committed} | final_options
+        else:
+            assert d.store("a") in final_options
+        if commit in ("flush", "fsync"):
+            c.release(ino, writer)
+        if other is not None:
+            c.release(ino, other)
+        stored = d.store("a")
+        assert stored in final_options
+        assert c.read(ino, reader, 0, 100) == stored
+        c.release(ino, reader)
+        fresh = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, fresh, 0, 100) == stored
+        c.release(ino, fresh)
