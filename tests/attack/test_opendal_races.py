@@ -22,6 +22,7 @@ import pytest
 
 pytest.importorskip("opendal")
 
+from pyvirtiofsd.backends.opendal.staging import Blob
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
@@ -683,3 +684,88 @@ def test_change_racing_a_commit_is_stored(
         fresh = c.open(ino, os.O_RDONLY).fh
         assert c.read(ino, fresh, 0, 100) == stored
         c.release(ino, fresh)
+
+
+class HeldAfter:
+    """Holds the threads ``holds`` picks right after a method of a class returns, until let go:
+    a request paused between what it read and what it does with it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> None:
+        self.arrived = threading.Event()
+        self.go = threading.Event()
+        self.holds: Callable[[], bool] = lambda: False
+        real = getattr(cls, name)
+
+        def held(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            result = real(obj, *args, **kwargs)
+            if self.holds():
+                self.arrived.set()
+                assert self.go.wait(60), "never let go"
+            return result
+
+        monkeypatch.setattr(cls, name, held)
+
+
+@pytest.mark.parametrize("other", ["lookup", "readdirplus"])
+@pytest.mark.parametrize("commit", ["flush", "fsync", "release", "clean"])
+def test_attributes_of_a_copy_being_committed_keep_no_old_version(
+    service: Service, work: Path, monkeypatch: pytest.MonkeyPatch, commit: str, other: str
+) -> None:
+    """A LOOKUP (or READDIRPLUS entry) of a file open for writing answers with its copy's
+    attributes and caches them in the inode. Taken while a commit uploaded the copy (or while
+    it was still clean, before a write and a flush), and cached once that commit was over,
+    they carried the version of the object from before the commit: the next open within the
+    attribute timeout took our own upload for another client's change and replaced the copy a
+    read-only handle held, which then no longer saw the file."""
+    with serve(service, cache(work), cache=CachePolicy.AUTO) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        writer = c.open(ino, os.O_RDWR).fh
+        copy = copy_of(d, reader)
+        held = HeldAfter(monkeypatch, Blob, "current_meta")
+        committer: Racer | None = None
+        if commit != "clean":
+            c.write(ino, writer, 11, b"Z")
+            gate = d.op.gate("write", "a", after=True, limit=1)
+            committer = Racer(_commit_request(d.client_for(), commit, ino, writer, reader))
+            wait_until(lambda: gate.arrivals >= 1, "the commit's upload")
+        held.holds = lambda: threading.current_thread() not in (threading.main_thread(), committer)
+        c2 = d.client_for()
+        if other == "lookup":
+            racer = Racer(lambda: c2.lookup(ROOT, b"a").nodeid)
+        else:
+
+            def listing() -> list[Any]:
+                dh = c2.opendir(ROOT).fh
+                try:
+                    return c2.readdirplus(ROOT, dh)
+                finally:
+                    c2.releasedir(ROOT, dh)
+
+            racer = Racer(listing)
+        wait_until(lambda: held.arrived.is_set() or not racer.is_alive(), "the racing request")
+        assert held.arrived.is_set(), racer.value()
+        if committer is not None:
+            gate.open()
+            committer.value()
+        else:
+            c.write(ino, writer, 11, b"Z")
+            c.flush(ino, writer)
+        held.go.set()
+        racer.value()
+        assert d.store("a") == b"0123456789AZ"
+        if commit != "release":
+            c.release(ino, writer)
+        # Within the attribute timeout: the inode's cached attributes are trusted.
+        again = c.open(ino, os.O_RDONLY).fh
+        assert d.fs.cache.peek("a") is copy and copy_of(d, again) is copy
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        c.fsync(ino, writer)
+        assert c.read(ino, reader, 0, 100) == b"XY23456789AZ"
+        for fh in (writer, again, reader):
+            c.release(ino, fh)
+        assert d.store("a") == b"XY23456789AZ"

@@ -193,9 +193,12 @@ class Blob:
         return self.path is not None and (self.dirty or self.dax_writable)
 
     def current_meta(self) -> Meta:
-        # The version is the blob's own: ``meta`` keeps the one it was made with, which a
-        # commit makes stale.
-        return self.meta._replace(size=self.size, version=self.version)
+        # No version: ``meta`` keeps the one the blob was made with, which a commit makes
+        # stale, and even the blob's own, cached in an inode with these attributes, may be
+        # older than the one a commit running meanwhile makes (our upload would then pass for
+        # another client's change). Until the attributes expire the blob is trusted; then a
+        # stat tells.
+        return self.meta._replace(size=self.size, version=None)
 
     # --- reading ---------------------------------------------------------------------------
 
