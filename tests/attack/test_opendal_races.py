@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 
 pytest.importorskip("opendal")
 
+from pyvirtiofsd.backends.opendal.staging import Blob
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT, Context
@@ -461,3 +463,309 @@ def test_truncate_by_path_during_the_last_release(service: Service, work: Path) 
         releaser.value()
         truncater.value()
         assert d.store("a") == b"0123"
+
+
+def next_second() -> None:
+    """Wait into the next second of the wall clock: an object the store writes or copies from
+    now on has a later modification time than one it wrote before, also where it keeps them to
+    the second (S3's Last-Modified)."""
+    start = int(time.time())
+    while int(time.time()) <= start:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("known", ["copy", "attributes"])
+def test_rename_leaves_the_copy_of_an_open_file_current(
+    service: Service, work: Path, known: str
+) -> None:
+    """On S3 a rename is a copy, which gives the object a new Last-Modified: the next open
+    after it took the object for one another client had changed, and a fresh copy replaced the
+    one a read-only handle held. Reads through that handle no longer saw what the file's other
+    handles wrote, and (before SETATTR through a handle went to the current copy) a truncation
+    through it was acknowledged and never stored. The version the rename left behind was
+    either the local copy's (``copy``: the file was open across it) or the inode's cached
+    attributes' (``attributes``: a copy made from them after the rename, within their
+    timeout)."""
+    policy = CachePolicy.NEVER if known == "copy" else CachePolicy.AUTO
+    with serve(service, cache(work), cache=policy) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        if known == "copy":
+            reader = c.open(ino, os.O_RDONLY).fh
+            assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        next_second()
+        c.rename(ROOT, b"a", ROOT, b"b")
+        if known == "attributes":
+            reader = c.open(ino, os.O_RDONLY).fh
+            assert c.read(ino, reader, 0, 100) == b"0123456789A"
+            # The cached attributes expire: the next open asks the store.
+            time.sleep(CachePolicy.AUTO.timeout + 0.1)
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        c.fsync(ino, writer)
+        assert d.store("b") == b"XY23456789A"
+        assert c.read(ino, reader, 0, 100) == b"XY23456789A"
+        c.release(ino, writer)
+        c.setattr(ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=1)
+        assert d.store("b") == b"X"
+        c.release(ino, reader)
+        assert d.view.files() == {"b"} and d.store("b") == b"X"
+
+
+def test_directory_rename_leaves_the_copies_of_open_files_current(
+    service: Service, work: Path
+) -> None:
+    """As above, for a file moved with its directory (one copy per object on S3)."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("d/a", b"0123456789A")
+        dino = c.lookup(ROOT, b"d").nodeid
+        ino = c.lookup(dino, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        next_second()
+        c.rename(ROOT, b"d", ROOT, b"e")
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        c.fsync(ino, writer)
+        assert d.store("e/a") == b"XY23456789A"
+        assert c.read(ino, reader, 0, 100) == b"XY23456789A"
+        c.release(ino, writer)
+        c.release(ino, reader)
+        assert d.view.files() == {"e/a"} and d.store("e/a") == b"XY23456789A"
+
+
+# --- commits against revalidations and other changes of the same file -------------------------
+
+
+def copy_of(d: Direct, fh: int) -> Any:
+    """The local copy the file handle ``fh`` holds."""
+    h = d.fs._handles.use(fh)
+    d.fs._handles.done(h)
+    return h.blob
+
+
+def _commit_request(c: Any, commit: str, ino: int, writer: int, reader: int) -> Callable[[], Any]:
+    """A request that uploads the file: through its writer, or a truncate through a read-only
+    handle when no writer is left (it commits at once)."""
+    if commit == "truncate":
+        return lambda: c.setattr(ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=7)
+    return lambda: getattr(c, commit)(ino, writer)
+
+
+COMMITS = ["flush", "fsync", "release", "truncate"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("other", ["open", "getattr", "lookup"])
+@pytest.mark.parametrize("commit", COMMITS)
+def test_revalidation_racing_a_commit_keeps_the_copy(
+    service: Service, work: Path, commit: str, other: str, when: str
+) -> None:
+    """A request that asks the store what the object is (OPEN, GETATTR, LOOKUP with no
+    attribute cache) while a commit of the same file uploads it (held before its write, or
+    after it, before the copy is marked clean) must not take our own upload for another
+    client's change: a fresh copy in place of the one open would leave a read-only handle
+    reading, and truncating, a copy that is no longer the file's."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        if commit == "truncate":
+            c.release(ino, writer)
+        copy = copy_of(d, reader)
+        gate = d.op.gate("write", "a", after=when == "after", limit=1)
+        committer = Racer(_commit_request(d.client_for(), commit, ino, writer, reader))
+        wait_until(lambda: gate.arrivals >= 1, "the commit's upload")
+        c2 = d.client_for()
+        racing: Callable[[], Any] = {
+            "open": lambda: c2.open(ino, os.O_RDONLY).fh,
+            "getattr": lambda: c2.getattr(ino).size,
+            "lookup": lambda: c2.lookup(ROOT, b"a").nodeid,
+        }[other]
+        racer = Racer(racing)
+        wait_until(went_through_or_waits(d, racer, "a"), "the racing request")
+        gate.open()
+        committer.value()
+        result = racer.value()
+        content = b"XY23456" if commit == "truncate" else b"XY23456789A"
+        assert d.store("a") == content
+        if other == "getattr":
+            assert result in (11, len(content))
+        elif other == "lookup":
+            assert result == ino
+        assert d.fs.cache.peek("a") is copy
+        # Asked again once the commit is over: our upload is still not another client's.
+        again = c.open(ino, os.O_RDONLY).fh
+        assert d.fs.cache.peek("a") is copy and copy_of(d, again) is copy
+        assert c.getattr(ino).size == len(content)
+        if commit in ("flush", "fsync"):
+            c.release(ino, writer)
+        c.setattr(ino, valid=abi.FATTR_SIZE, size=1)
+        assert d.store("a") == b"X"
+        for fh in (reader, again) + ((result,) if other == "open" else ()):
+            assert c.read(ino, fh, 0, 100) == b"X"
+            c.release(ino, fh)
+        assert d.store("a") == b"X"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(
+    ("commit", "change"),
+    [
+        (k, ch)
+        for k in COMMITS
+        for ch in ("write", "ftruncate", "truncate")
+        # A truncate commits only with no writer open, and a write needs one.
+        if not (k == "truncate" and ch == "write")
+    ],
+)
+def test_change_racing_a_commit_is_stored(
+    service: Service, work: Path, commit: str, change: str, when: str
+) -> None:
+    """A WRITE through another handle, a truncate through a read-only one or by path, while a
+    commit of the same file is uploading (held before its write or after it): the change is
+    in the store when its request returns if no writer is left to take it up, and at the
+    latest once the last one is released; nothing acknowledged is lost."""
+    with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        other = c.open(ino, os.O_RDWR).fh if change == "write" else None
+        if commit == "truncate":
+            c.release(ino, writer)
+        gate = d.op.gate("write", "a", after=when == "after", limit=1)
+        committer = Racer(_commit_request(d.client_for(), commit, ino, writer, reader))
+        wait_until(lambda: gate.arrivals >= 1, "the commit's upload")
+        c2 = d.client_for()
+        racing: Callable[[], Any] = {
+            "write": lambda: c2.write(ino, other, 5, b"Q"),
+            "ftruncate": lambda: c2.setattr(
+                ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=4
+            ),
+            "truncate": lambda: c2.setattr(ino, valid=abi.FATTR_SIZE, size=4),
+        }[change]
+        changer = Racer(racing)
+        wait_until(
+            lambda: (
+                not changer.is_alive() or waits_in(changer, "commit") or d.lock_waiters("a") > 0
+            ),
+            "the change",
+        )
+        gate.open()
+        committer.value()
+        changer.value()
+        committed = b"XY23456" if commit == "truncate" else b"XY23456789A"
+        # Either order is a linearization: the commit's content, then the change on it; or
+        # the change first, then the commit (a truncate to 7 then extends with zeros).
+        after_change = {"write": b"XY234Q6789A", "ftruncate": b"XY23", "truncate": b"XY23"}
+        final_options = {b"XY23", b"XY23\0\0\0"} if commit == "truncate" else {after_change[change]}
+        if commit in ("flush", "fsync") or other is not None:
+            # A writer is left: the change goes up with its commits, at the latest its release.
+            assert d.store("a") in {committed} | final_options
+        else:
+            assert d.store("a") in final_options
+        if commit in ("flush", "fsync"):
+            c.release(ino, writer)
+        if other is not None:
+            c.release(ino, other)
+        stored = d.store("a")
+        assert stored in final_options
+        assert c.read(ino, reader, 0, 100) == stored
+        c.release(ino, reader)
+        fresh = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, fresh, 0, 100) == stored
+        c.release(ino, fresh)
+
+
+class HeldAfter:
+    """Holds the threads ``holds`` picks right after a method of a class returns, until let go:
+    a request paused between what it read and what it does with it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> None:
+        self.arrived = threading.Event()
+        self.go = threading.Event()
+        self.holds: Callable[[], bool] = lambda: False
+        real = getattr(cls, name)
+
+        def held(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            result = real(obj, *args, **kwargs)
+            if self.holds():
+                self.arrived.set()
+                assert self.go.wait(60), "never let go"
+            return result
+
+        monkeypatch.setattr(cls, name, held)
+
+
+@pytest.mark.parametrize("other", ["lookup", "readdirplus"])
+@pytest.mark.parametrize("commit", ["flush", "fsync", "release", "clean"])
+def test_attributes_of_a_copy_being_committed_keep_no_old_version(
+    service: Service, work: Path, monkeypatch: pytest.MonkeyPatch, commit: str, other: str
+) -> None:
+    """A LOOKUP (or READDIRPLUS entry) of a file open for writing answers with its copy's
+    attributes and caches them in the inode. Taken while a commit uploaded the copy (or while
+    it was still clean, before a write and a flush), and cached once that commit was over,
+    they carried the version of the object from before the commit: the next open within the
+    attribute timeout took our own upload for another client's change and replaced the copy a
+    read-only handle held, which then no longer saw the file."""
+    with serve(service, cache(work), cache=CachePolicy.AUTO) as d:
+        c = d.client
+        d.view.put("a", b"0123456789A")
+        ino = c.lookup(ROOT, b"a").nodeid
+        reader = c.open(ino, os.O_RDONLY).fh
+        assert c.read(ino, reader, 0, 100) == b"0123456789A"
+        writer = c.open(ino, os.O_RDWR).fh
+        copy = copy_of(d, reader)
+        held = HeldAfter(monkeypatch, Blob, "current_meta")
+        committer: Racer | None = None
+        if commit != "clean":
+            c.write(ino, writer, 11, b"Z")
+            gate = d.op.gate("write", "a", after=True, limit=1)
+            committer = Racer(_commit_request(d.client_for(), commit, ino, writer, reader))
+            wait_until(lambda: gate.arrivals >= 1, "the commit's upload")
+        held.holds = lambda: threading.current_thread() not in (threading.main_thread(), committer)
+        c2 = d.client_for()
+        if other == "lookup":
+            racer = Racer(lambda: c2.lookup(ROOT, b"a").nodeid)
+        else:
+
+            def listing() -> list[Any]:
+                dh = c2.opendir(ROOT).fh
+                try:
+                    return c2.readdirplus(ROOT, dh)
+                finally:
+                    c2.releasedir(ROOT, dh)
+
+            racer = Racer(listing)
+        wait_until(lambda: held.arrived.is_set() or not racer.is_alive(), "the racing request")
+        assert held.arrived.is_set(), racer.value()
+        if committer is not None:
+            gate.open()
+            committer.value()
+        else:
+            c.write(ino, writer, 11, b"Z")
+            c.flush(ino, writer)
+        held.go.set()
+        racer.value()
+        assert d.store("a") == b"0123456789AZ"
+        if commit != "release":
+            c.release(ino, writer)
+        # Within the attribute timeout: the inode's cached attributes are trusted.
+        again = c.open(ino, os.O_RDONLY).fh
+        assert d.fs.cache.peek("a") is copy and copy_of(d, again) is copy
+        writer = c.open(ino, os.O_RDWR).fh
+        c.write(ino, writer, 0, b"XY")
+        c.fsync(ino, writer)
+        assert c.read(ino, reader, 0, 100) == b"XY23456789AZ"
+        for fh in (writer, again, reader):
+            c.release(ino, fh)
+        assert d.store("a") == b"XY23456789AZ"

@@ -149,14 +149,14 @@ class InodeTable:
                 target.path = _unlinked(new)
             node = self._by_path.pop(old, None)
             if node is not None:
-                node.path = new
+                _moved(node, new)
                 self._by_path[new] = node
             if old.endswith("/"):
                 moved = [n for p, n in self._by_path.items() if p.startswith(old)]
                 for n in moved:
                     del self._by_path[n.path]
                 for n in moved:
-                    n.path = new + n.path[len(old) :]
+                    _moved(n, new + n.path[len(old) :])
                     stale = self._by_path.get(n.path)
                     if stale is not None:
                         stale.path = _unlinked(stale.path)
@@ -168,6 +168,14 @@ class InodeTable:
     def nodes_under(self, dirpath: str) -> list[Node]:
         with self._lock:
             return [n for p, n in self._by_path.items() if p.startswith(dirpath) and p]
+
+
+def _moved(node: Node, path: str) -> None:
+    node.path = path
+    # The object's version there is another (a rename by copy, as on S3, gives it a new
+    # modification time): one kept would pass for another client's change at the next stat.
+    if node.meta.version is not None:
+        node.meta = node.meta._replace(version=None)
 
 
 def _unlinked(path: str) -> str:

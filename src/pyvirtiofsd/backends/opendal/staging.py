@@ -13,7 +13,10 @@ cache directory as long as the file, and a :class:`Ranges` set of the bytes it h
 Blobs outlive the open file: they stay in :class:`BlobCache`, keyed by object path, so that a
 re-read is local, until the cache is over its size bound and they are the least recently used
 clean ones. A blob remembers the object version it holds (ETag, length, last-modified); when the
-store reports another, the blob is dropped and a fresh one made. The same file is what DAX maps
+store reports another, the blob is dropped and a fresh one made. After a commit or a rename of
+ours the version is unknown until the next stat, whose version is taken if its length is the
+blob's (a rename by copy, as on S3, gives the object a new modification time: the version from
+before it would pass for another client's change). The same file is what DAX maps
 (:meth:`Blob.dax_fd`), so the guest's mapping, READ and WRITE all see one copy of the data.
 
 Locking: ``Blob.lock`` guards the blob's bookkeeping and is held only for local file I/O, never
@@ -190,9 +193,12 @@ class Blob:
         return self.path is not None and (self.dirty or self.dax_writable)
 
     def current_meta(self) -> Meta:
-        # The version is the blob's own: ``meta`` keeps the one it was made with, which a
-        # commit makes stale.
-        return self.meta._replace(size=self.size, version=self.version)
+        # No version: ``meta`` keeps the one the blob was made with, which a commit makes
+        # stale, and even the blob's own, cached in an inode with these attributes, may be
+        # older than the one a commit running meanwhile makes (our upload would then pass for
+        # another client's change). Until the attributes expire the blob is trusted; then a
+        # stat tells.
+        return self.meta._replace(size=self.size, version=None)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -422,7 +428,8 @@ class Blob:
 
     def adopt_version(self, version: tuple[str | None, int, int | None] | None) -> bool:
         """Whether the store's ``version`` of the object is what this blob holds; a blob we
-        committed learns its version here, from the first stat after the upload."""
+        committed (or moved) learns its version here, from the first stat after the upload
+        (the rename)."""
         with self.lock:
             if self.dirty or version is None:
                 return True
@@ -590,6 +597,11 @@ class BlobCache:
                 self._by_path[target] = blob
                 with blob.lock:
                     blob.path = target
+                    # The object there is what the blob holds, in a version it has not seen:
+                    # a rename by copy (S3) gives it a new modification time, a native one
+                    # keeps the old. The next stat tells, whatever time it shows.
+                    blob.version = None
+                    blob.committed_ns = 0
                 self._clear_unstored(p)
                 self._clear_unstored(target)
                 if not blob.stored:
