@@ -539,6 +539,17 @@ def test_directory_rename_leaves_the_copies_of_open_files_current(
 # --- commits against revalidations and other changes of the same file -------------------------
 
 
+def open_twice(d: Direct) -> tuple[int, int, int]:
+    """``a``, stored with 11 bytes, read through a read-only handle, then opened for writing:
+    (its node, the reader, the writer)."""
+    c = d.client
+    d.view.put("a", b"0123456789A")
+    ino = c.lookup(ROOT, b"a").nodeid
+    reader = c.open(ino, os.O_RDONLY).fh
+    assert c.read(ino, reader, 0, 100) == b"0123456789A"
+    return ino, reader, c.open(ino, os.O_RDWR).fh
+
+
 def copy_of(d: Direct, fh: int) -> Any:
     """The local copy the file handle ``fh`` holds."""
     h = d.fs._handles.use(fh)
@@ -570,11 +581,7 @@ def test_revalidation_racing_a_commit_keeps_the_copy(
     reading, and truncating, a copy that is no longer the file's."""
     with serve(service, cache(work), cache=CachePolicy.NEVER) as d:
         c = d.client
-        d.view.put("a", b"0123456789A")
-        ino = c.lookup(ROOT, b"a").nodeid
-        reader = c.open(ino, os.O_RDONLY).fh
-        assert c.read(ino, reader, 0, 100) == b"0123456789A"
-        writer = c.open(ino, os.O_RDWR).fh
+        ino, reader, writer = open_twice(d)
         c.write(ino, writer, 0, b"XY")
         if commit == "truncate":
             c.release(ino, writer)
@@ -719,11 +726,7 @@ def test_attributes_of_a_copy_being_committed_keep_no_old_version(
     read-only handle held, which then no longer saw the file."""
     with serve(service, cache(work), cache=CachePolicy.AUTO) as d:
         c = d.client
-        d.view.put("a", b"0123456789A")
-        ino = c.lookup(ROOT, b"a").nodeid
-        reader = c.open(ino, os.O_RDONLY).fh
-        assert c.read(ino, reader, 0, 100) == b"0123456789A"
-        writer = c.open(ino, os.O_RDWR).fh
+        ino, reader, writer = open_twice(d)
         copy = copy_of(d, reader)
         held = HeldAfter(monkeypatch, Blob, "current_meta")
         committer: Racer | None = None
