@@ -39,6 +39,12 @@ def test_skip_moves_the_cursor_as_reading_does(cuts: list[int]) -> None:
         skipped.skip(first)
         assert skipped.remaining == 100 - first
         assert bytes(skipped.read(100 - first)) == data[first:]
+    # An empty buffer it has not stepped into stays ahead, as after take().
+    stepped = RequestReader(_split(data, [40, 40]))
+    stepped.skip(40)
+    taken = RequestReader(_split(data, [40, 40]))
+    taken.take(40)
+    assert (stepped._index, stepped._offset) == (taken._index, taken._offset)
     r = RequestReader(_split(data, cuts), length=60)
     r.skip(50)
     with pytest.raises(ShortBuffer):

@@ -12,8 +12,9 @@
  * - It decodes; it judges nothing. Lengths, opcodes and whether the arguments are the ones the
  *   request declares are the server's to check, exactly as for what its own decoding gives.
  * - None for what it does not handle (a header not whole in the first buffer, buffers that are
- *   not a list or tuple of contiguous byte buffers, a layout it can't read): the server then
- *   decodes in Python, so a request's outcome never depends on which decoding took it.
+ *   not a list or tuple of contiguous buffers of single bytes, a layout it can't read): the
+ *   server then decodes in Python, so a request's outcome never depends on which decoding took
+ *   it.
  * - Guest memory changes under it: what it decodes is copied out once, behind a compiler
  *   barrier, and every field comes from the copy. It holds no buffer export while it
  *   allocates (what it allocates may start the garbage collector, hence Python code).
@@ -60,8 +61,16 @@ static int
 copy_out(PyObject *obj, Py_ssize_t off, Py_ssize_t n, unsigned char *dst, Py_ssize_t *len)
 {
     Py_buffer b;
-    if (PyObject_GetBuffer(obj, &b, PyBUF_SIMPLE) < 0) {
+    if (PyObject_GetBuffer(obj, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyErr_Clear();
+        return 0;
+    }
+    /* Only plain bytes: the Python decoding counts a buffer's length in items (len()), and
+     * for these alone that is its length in bytes. */
+    const char *f = b.format;
+    if (b.ndim > 1 || b.itemsize != 1 ||
+        (f != NULL && strcmp(f, "B") && strcmp(f, "b") && strcmp(f, "c"))) {
+        PyBuffer_Release(&b);
         return 0;
     }
     *len = b.len;

@@ -113,7 +113,8 @@ class RequestReader:
         views = self._views
         index = self._index
         offset = self._offset + size
-        while index < len(views) and offset >= len(views[index]):
+        # Stops at an empty buffer it has not stepped into, as take() does.
+        while index < len(views) and offset and offset >= len(views[index]):
             offset -= len(views[index])
             index += 1
         self._index = index

@@ -44,10 +44,16 @@ push(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     }
     Py_ssize_t slot = PyLong_AsSsize_t(argv[1]);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
     unsigned long head = PyLong_AsUnsignedLong(argv[2]);
+    if (head == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
     unsigned long length = PyLong_AsUnsignedLong(argv[3]);
+    if (length == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
     unsigned long idx = PyLong_AsUnsignedLong(argv[4]);
-    if (PyErr_Occurred())
+    if (idx == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
     if (head > UINT32_MAX || length > UINT32_MAX || idx > UINT16_MAX) {
         PyErr_SetString(PyExc_ValueError, "push: a field does not fit its width");
