@@ -420,13 +420,19 @@ class _QueueWorker:
     def _complete(self, head: int, used: int, written: list[tuple[int, int]] | None = None) -> None:
         vring = self.vring
         queue = self.queue
-        with vring.lock:
+        # acquire() and release() rather than ``with``: a compiled build calls a ``with``'s
+        # methods the generic way, once per request here.
+        lock = vring.lock
+        lock.acquire()
+        try:
             if self.abandoned:
                 return  # the front-end has the ring back (or is gone): not ours to touch
             queue.push_used(head, used, written)
             self.served[vring.index] += 1
             if queue.needs_notification():
                 vring.signal_call_locked()
+        finally:
+            lock.release()
 
 
 class DeviceRunner:
