@@ -53,6 +53,7 @@ COMPILED: Final = (
 #: Hand-written C modules the compiled build adds (``name.c`` beside the module that uses it).
 NATIVE: Final = (
     "pyvirtiofsd._mutex",
+    "pyvirtiofsd.fuse._buffers",
     "pyvirtiofsd.fuse._request",
     "pyvirtiofsd.virtio._walk",
     "pyvirtiofsd.virtio._ring",

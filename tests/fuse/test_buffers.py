@@ -2,10 +2,12 @@
 
 import ctypes
 import os
+from typing import Any
 
 import pytest
 
 from pyvirtiofsd.fuse import abi
+from pyvirtiofsd.fuse import buffers as buffers_module
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
 from pyvirtiofsd.iovec import IOVEC, Iovecs
 
@@ -63,7 +65,7 @@ def test_writer_scatters_and_finishes_header() -> None:
     w = ReplyWriter(bufs)
     w.write(b"A" * 20)
     w.pack(abi.WRITE_OUT.struct, 5, 0)
-    n = w.finish(abi.OUT_HEADER.struct, 0, 42)
+    n = w.finish(0, 42)
     flat = b"".join(bytes(b) for b in bufs)[:n]
     assert abi.OUT_HEADER.unpack(flat) == (16 + 20 + 8, 0, 42)
     assert flat[16:36] == b"A" * 20
@@ -87,7 +89,7 @@ def test_writer_reads_from_fd(tmp_path) -> None:
         assert w.read_from_fd(fd, 100, 9000) == 9000
     finally:
         os.close(fd)
-    n = w.finish(abi.OUT_HEADER.struct, 0, 1)
+    n = w.finish(0, 1)
     assert b"".join(bytes(b) for b in bufs)[16:n] == payload[100:9100]
 
 
@@ -130,7 +132,7 @@ def test_writer_reads_from_fd_into_an_iovec_array(tmp_path, offset: int, size: i
     finally:
         os.close(fd)
     assert got == len(payload[offset : offset + size])
-    n = w.finish(abi.OUT_HEADER.struct, 0, 1)
+    n = w.finish(0, 1)
     assert n == 16 + got
     assert b"".join(bytes(b) for b in bufs)[16:n] == payload[offset : offset + size]
 
@@ -160,7 +162,7 @@ def _entry_reply(views: list[memoryview]) -> bytes:
     w = ReplyWriter(views)
     w.pack_then(abi.ENTRY_OUT_HEAD.struct, (7, 1, 2, 3, 4, 5), attr)
     w.pack(abi.DIRENT.struct, 9, 10, 3, 4)
-    n = w.finish(abi.OUT_HEADER.struct, 0, 42)
+    n = w.finish(0, 42)
     return b"".join(bytes(v) for v in views)[:n]
 
 
@@ -187,3 +189,65 @@ def test_pack_then_that_does_not_fit_raises_and_writes_nothing_past_the_room() -
         with pytest.raises(ShortBuffer):
             w.pack_then(abi.ENTRY_OUT_HEAD.struct, (7, 1, 2, 3, 4, 5), b"\xff" * abi.ATTR.size)
         assert buf[room:] == bytes(8)
+
+
+def test_the_out_header_is_the_abis() -> None:
+    assert buffers_module.OUT_HEADER.format == abi.OUT_HEADER.struct.format
+
+
+@pytest.mark.parametrize("cut", [None, 16, 10, 3])
+def test_finish_writes_the_out_header_wherever_the_buffers_cut_it(cut: int | None) -> None:
+    room = bytearray(64)
+    views = [memoryview(room)] if cut is None else [memoryview(room)[:cut], memoryview(room)[cut:]]
+    w = ReplyWriter(views)
+    w.write(b"payload")
+    assert w.finish(-2, 1 << 63) == 23
+    assert abi.OUT_HEADER.struct.unpack_from(room) == (23, -2, 1 << 63)
+    assert room[16:23] == b"payload"
+
+
+native_stores = pytest.mark.skipif(
+    buffers_module._native_put is None, reason="pure build: no C stores (they come with mypyc's)"
+)
+
+
+@native_stores
+def test_the_c_stores_store_what_slicing_and_struct_store() -> None:
+    put, put_header = buffers_module._native_put, buffers_module._native_put_header
+    for offset in range(0, 9):
+        for data in (b"", b"x", b"0123456789", bytearray(b"ab"), memoryview(b"abcdef")[1:4]):
+            room, expect = bytearray(16), bytearray(16)
+            if offset + len(data) <= 16:
+                put(memoryview(room), offset, data)
+                expect[offset : offset + len(data)] = data
+                assert room == expect
+            else:
+                with pytest.raises(ValueError):
+                    put(memoryview(room), offset, data)
+                assert room == bytes(16)
+    room = bytearray(20)
+    put_header(memoryview(room), 20, -5, 7)
+    assert abi.OUT_HEADER.struct.unpack_from(room) == (20, -5, 7)
+
+
+@native_stores
+@pytest.mark.parametrize(
+    "target",
+    [
+        lambda: memoryview(bytes(32)),
+        lambda: memoryview(bytearray(32))[::2],
+        lambda: memoryview(bytearray(32)).cast("I"),
+        lambda: memoryview(bytearray(32)).cast("B", (4, 8)),
+        lambda: memoryview(bytearray(8)),
+        lambda: object(),
+    ],
+)
+def test_the_c_stores_refuse_what_slicing_and_struct_refuse(target: Any) -> None:
+    view = target()
+    with pytest.raises((TypeError, BufferError, ValueError)):
+        buffers_module._native_put_header(view, 16, 0, 1)
+    with pytest.raises((TypeError, BufferError, ValueError)):
+        buffers_module._native_put(view, 4, b"0123456789")
+    for length, error, unique in ((1 << 32, 0, 0), (0, 1 << 31, 0), (0, 0, 1 << 64), (-1, 0, 0)):
+        with pytest.raises((OverflowError, ValueError)):
+            buffers_module._native_put_header(memoryview(bytearray(16)), length, error, unique)

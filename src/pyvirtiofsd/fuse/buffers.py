@@ -5,18 +5,21 @@ ones: a single buffer for /dev/fuse, the descriptors of a chain for virtio. Smal
 read and written through these classes; file data moves between the views and a file descriptor
 with ``os.preadv``/``os.pwritev`` so that it is never copied in Python; buffers given as an
 :class:`~pyvirtiofsd.iovec.Iovecs` (a big request's pages) go to the kernel as the iovec array
-they already are.
+they already are. The compiled build stores a reply's bytes and its out header in C
+(``_buffers.c``), the same way.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
 from pyvirtiofsd.iovec import Iovecs
 
 __all__ = [
+    "OUT_HEADER",
     "Buffer",
     "ReplyWriter",
     "RequestReader",
@@ -29,6 +32,18 @@ Buffer = memoryview | bytes | bytearray
 #: A class of a module not compiled, bound Final so that a compiled build keeps it in a C
 #: variable rather than looking it up in this module's dictionary for each READ and WRITE.
 _IOVECS: Final = Iovecs
+#: The out header a reply starts with (``abi.OUT_HEADER``: u32 len, s32 error, u64 unique).
+OUT_HEADER: Final = struct.Struct("<IiQ")
+
+try:
+    from pyvirtiofsd.fuse._buffers import put as _c_put
+    from pyvirtiofsd.fuse._buffers import put_header as _c_put_header
+except ImportError:  # the pure build
+    _c_put = None
+    _c_put_header = None
+#: The compiled build's stores (``_buffers.c``), bound Final: read as C variables.
+_native_put: Final = _c_put
+_native_put_header: Final = _c_put_header
 
 
 class ShortBuffer(Exception):
@@ -225,7 +240,10 @@ class ReplyWriter:
             offset = self._offset
             end = offset + size
             if end <= len(view):
-                view[offset:end] = data
+                if _native_put is not None:
+                    _native_put(view, offset, data)
+                else:
+                    view[offset:end] = data
                 self.length += size
                 if end == len(view):
                     self._index, self._offset = index + 1, 0
@@ -315,13 +333,15 @@ class ReplyWriter:
             done += n
         return done
 
-    def finish(self, header_struct: Any, error: int, unique: int) -> int:
+    def finish(self, error: int, unique: int) -> int:
         """Write the out header for the payload written so far; returns the reply length."""
         first = self._views[0]
-        if len(first) >= self.HEADER:
-            header_struct.pack_into(first, 0, self.length, error, unique)
+        if len(first) < self.HEADER:
+            self._write_at(0, OUT_HEADER.pack(self.length, error, unique))
+        elif _native_put_header is not None:
+            _native_put_header(first, self.length, error, unique)
         else:
-            self._write_at(0, header_struct.pack(self.length, error, unique))
+            OUT_HEADER.pack_into(first, 0, self.length, error, unique)
         return self.length
 
     def reset(self) -> None:

@@ -96,7 +96,6 @@ LOCK_WAITER_IDLE: Final = 30.0
 _IN_HEADER: Final = abi.IN_HEADER.struct
 _IN_SIZE: Final = abi.IN_HEADER.size
 _HEADER: Final = abi.OUT_HEADER.size
-_OUT_HEADER: Final = abi.OUT_HEADER.struct
 _ATTR_OUT_HEAD: Final = abi.ATTR_OUT_HEAD.struct
 _OPEN_OUT: Final = abi.OPEN_OUT.struct
 _U32: Final = abi.GETXATTR_OUT.struct
@@ -633,7 +632,7 @@ class Server:
         if not room:
             return 0
         assert out is not None
-        return out.finish(_OUT_HEADER, 0, unique)
+        return out.finish(0, unique)
 
     def handle_carried(self, request: Carried) -> int | None:
         """:meth:`handle` for a request that carries its buffers and is its own token: a
@@ -714,7 +713,7 @@ class Server:
         if out is None or out.capacity < _HEADER:
             return 0
         out.reset()
-        return out.finish(_OUT_HEADER, -err, unique)
+        return out.finish(-err, unique)
 
     def _extensions(self, ctx: Context, opcode: int, ext: Any) -> None:
         """The request's extensions, into ``ctx``: supplementary groups, and the new file's
@@ -1512,7 +1511,7 @@ class Server:
                 self._inflight.pop(unique, None)
                 self._waiting.pop(unique, None)
             reply = ReplyWriter(completion.writable)
-            completion.complete(reply.finish(_OUT_HEADER, -error, unique))
+            completion.complete(reply.finish(-error, unique))
 
         waiters.run(wait)
         return _LATER

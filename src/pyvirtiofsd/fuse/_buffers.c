@@ -1,0 +1,129 @@
+/*
+ * pyvirtiofsd.fuse._buffers: a reply's bytes stored into the guest's buffer in C.
+ *
+ * An optional accelerator of pyvirtiofsd.fuse.buffers.ReplyWriter, built only with the compiled
+ * variant (setup.py). A store through a memoryview slice (``view[a:b] = data``) makes a slice
+ * object, a view of it and a buffer request of each side before its one memcpy; packing the out
+ * header with struct parses its arguments by format. These do the copy alone:
+ *
+ * - put(view, offset, data): data's bytes into view at offset;
+ * - put_header(view, length, error, unique): the FUSE out header (u32 len, s32 error,
+ *   u64 unique, little-endian) at the start of view.
+ *
+ * Rules: the target is a writable buffer of single bytes and what is stored lies inside it;
+ * anything else is an error (ValueError, TypeError, BufferError, OverflowError) and nothing is
+ * stored, as a store through the slice would refuse it. It holds the GIL and runs no Python
+ * code while it holds a buffer.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "FUSE on virtio is little-endian; this module writes it in place"
+#endif
+
+/* The writable byte buffer of target; 0 with an exception set when it is none. */
+static int
+target_of(PyObject *target, Py_buffer *b)
+{
+    if (PyObject_GetBuffer(target, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return 0;
+    const char *f = b->format;
+    if (b->ndim > 1 || b->itemsize != 1 || (f != NULL && strcmp(f, "B") && strcmp(f, "b") &&
+                                            strcmp(f, "c"))) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_TypeError, "the target must be a buffer of single bytes");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+put(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    (void)module;
+    if (argc != 3) {
+        PyErr_SetString(PyExc_TypeError, "put(view, offset, data) takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(argv[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer src;
+    if (PyObject_GetBuffer(argv[2], &src, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Py_buffer dst;
+    if (!target_of(argv[0], &dst)) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    int fits = offset >= 0 && offset <= dst.len && src.len <= dst.len - offset;
+    if (fits)
+        memmove((char *)dst.buf + offset, src.buf, src.len);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    if (!fits) {
+        PyErr_SetString(PyExc_ValueError, "put: the data does not fit where it goes");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+put_header(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    (void)module;
+    if (argc != 4) {
+        PyErr_SetString(PyExc_TypeError, "put_header(view, length, error, unique) takes 4 arguments");
+        return NULL;
+    }
+    unsigned long length = PyLong_AsUnsignedLong(argv[1]);
+    if (length == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    long error = PyLong_AsLong(argv[2]);
+    if (error == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long unique = PyLong_AsUnsignedLongLong(argv[3]);
+    if (unique == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (length > UINT32_MAX || error < INT32_MIN || error > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "put_header: a field does not fit its width");
+        return NULL;
+    }
+    Py_buffer dst;
+    if (!target_of(argv[0], &dst))
+        return NULL;
+    if (dst.len < 16) {
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "put_header: the buffer is shorter than the header");
+        return NULL;
+    }
+    uint32_t len32 = (uint32_t)length;
+    int32_t err32 = (int32_t)error;
+    uint64_t unique64 = (uint64_t)unique;
+    memcpy((char *)dst.buf, &len32, 4);
+    memcpy((char *)dst.buf + 4, &err32, 4);
+    memcpy((char *)dst.buf + 8, &unique64, 8);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL,
+     "put(view, offset, data): store data's bytes into view at offset."},
+    {"put_header", (PyCFunction)(void (*)(void))put_header, METH_FASTCALL,
+     "put_header(view, length, error, unique): store the FUSE out header at view's start."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pyvirtiofsd.fuse._buffers", NULL, 0, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__buffers(void)
+{
+    return PyModule_Create(&module);
+}
