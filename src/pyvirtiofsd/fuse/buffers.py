@@ -255,21 +255,9 @@ class ReplyWriter:
         self._seek(self.length)
 
     def pack(self, layout_struct: Any, *values: Any) -> None:
-        """Append one structure, packed in place when it fits the current view."""
-        size = layout_struct.size
-        index = self._index
-        if index < len(self._views):
-            view = self._views[index]
-            offset = self._offset
-            end = offset + size
-            if end <= len(view):
-                layout_struct.pack_into(view, offset, *values)
-                self.length += size
-                if end == len(view):
-                    self._index, self._offset = index + 1, 0
-                else:
-                    self._offset = end
-                return
+        """Append one structure. Packed to bytes, then stored as :meth:`write` stores: packing
+        in place would pass ``values`` on through a second call gathering its arguments, which
+        costs a compiled build more than the few bytes' copy."""
         self.write(layout_struct.pack(*values))
 
     def pack_then(self, layout_struct: Any, values: tuple[int, ...], tail: bytes) -> None:
