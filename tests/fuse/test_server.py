@@ -976,3 +976,30 @@ def test_the_c_decoding_leaves_what_it_cannot_read_to_python() -> None:
         assert got is None or readable.__class__ is tuple
     with pytest.raises(TypeError):
         server_module._native_split([memoryview(request)], layouts[:10])
+
+
+def test_setattr_times_are_signed_and_their_nanoseconds_below_a_second(tmp_path: Path) -> None:
+    """SETATTR's seconds come signed in two's complement (a time before 1970 arrives above
+    2**63): they are set as such, the last nanosecond of 1969 included, which is no "now".
+    Nanoseconds of a second or more are EINVAL, as utimensat() answers, and change nothing."""
+    (tmp_path / "f").write_bytes(b"")
+    server = Server(PassthroughFs(PassthroughConfig(shared_dir=str(tmp_path))))
+    client = FuseClient(direct(server))
+    client.init()
+    node = client.lookup(abi.ROOT_ID, b"f").nodeid
+    both = abi.FATTR_ATIME | abi.FATTR_MTIME
+
+    def times(seconds: int, nsec: int) -> dict[str, int]:
+        raw = seconds & (1 << 64) - 1
+        return {"valid": both, "atime": raw, "mtime": raw, "atimensec": nsec, "mtimensec": nsec}
+
+    client.setattr(node, **times(-10, 5))
+    assert os.stat(tmp_path / "f").st_mtime_ns == -10 * 10**9 + 5
+    client.setattr(node, **times(-1, 999_999_999))
+    st = os.stat(tmp_path / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (-1, -1)
+    for nsec in (10**9, 2**32 - 1):
+        with pytest.raises(OSError) as e:
+            client.setattr(node, **times(7, nsec))
+        assert e.value.errno == errno.EINVAL
+        assert os.stat(tmp_path / "f").st_mtime_ns == -1

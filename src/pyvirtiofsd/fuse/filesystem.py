@@ -132,7 +132,9 @@ class SetAttr:
     #: Drop set-user-ID and set-group-ID bits (HANDLE_KILLPRIV_V2).
     kill_suidgid: bool = False
 
-    NOW = -1
+    #: Below any time a SETATTR can carry (seconds are signed 64-bit, nanoseconds below one
+    #: second), so that no time, 1969 ones included, passes for it.
+    NOW = -(1 << 100)
 
 
 class DaxWindow(Protocol):

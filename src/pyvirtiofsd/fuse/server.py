@@ -354,6 +354,17 @@ def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
     out.write(_NODE.pack(entry.ino, entry.generation) + times + entry.attr.raw)
 
 
+def _nanoseconds(seconds: int, nsec: int) -> int:
+    """A SETATTR time in nanoseconds since the epoch. The kernel sends the seconds signed, in
+    two's complement (a time before 1970 arrives above 2**63), and nanoseconds below a second;
+    more is EINVAL, as utimensat() answers it, rather than carried into the seconds."""
+    if nsec >= 1_000_000_000:
+        raise MalformedRequest(f"SETATTR time with {nsec} nanoseconds")
+    if seconds >= 1 << 63:
+        seconds -= 1 << 64
+    return seconds * 1_000_000_000 + nsec
+
+
 def _flag_names(flags: int) -> str:
     if not flags:
         return "none"
@@ -991,13 +1002,13 @@ class Server:
         if valid & abi.FATTR_ATIME_NOW:
             changes.atime = SetAttr.NOW
         elif valid & abi.FATTR_ATIME:
-            changes.atime = atime * 1_000_000_000 + atimensec
+            changes.atime = _nanoseconds(atime, atimensec)
         if valid & abi.FATTR_MTIME_NOW:
             changes.mtime = SetAttr.NOW
         elif valid & abi.FATTR_MTIME:
-            changes.mtime = mtime * 1_000_000_000 + mtimensec
+            changes.mtime = _nanoseconds(mtime, mtimensec)
         if valid & abi.FATTR_CTIME:
-            changes.ctime = ctime * 1_000_000_000 + ctimensec
+            changes.ctime = _nanoseconds(ctime, ctimensec)
         self._pack_attr(out, self.fs.setattr(ctx, nodeid, changes))
 
     @_op(abi.Opcode.STATX, abi.STATX_IN, reply=abi.STATX_OUT)
