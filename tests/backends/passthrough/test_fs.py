@@ -58,6 +58,22 @@ def test_dotdot_of_root_is_root(client: FuseClient) -> None:
     assert client.lookup(ROOT, b"..").nodeid == ROOT
 
 
+@pytest.mark.parametrize("parent", [b"file", b"etc", b"fifo"])
+@pytest.mark.parametrize("name", [b".", b"..", b"x"])
+def test_nothing_is_found_in_what_is_no_directory(
+    client: FuseClient, tree: tuple[Path, Path], parent: bytes, name: bytes
+) -> None:
+    """A LOOKUP whose parent is a file, a symlink or a FIFO is ENOTDIR, "." and ".." as any
+    other name: no entry (and no lookup reference) for the file itself or for the share."""
+    os.mkfifo(tree[0] / "fifo")
+    node = client.lookup(ROOT, parent).nodeid
+    assert errno_of(client.lookup, node, name) == errno.ENOTDIR
+    assert (
+        client.lookup(ROOT, b"dir").nodeid
+        == client.lookup(client.lookup(ROOT, b"dir").nodeid, b".").nodeid
+    )
+
+
 @pytest.mark.parametrize("name", [b"../outside", b"dir/../../outside", b"/etc", b"", b"a/b"])
 def test_names_with_slashes_are_refused(client: FuseClient, name: bytes) -> None:
     assert errno_of(client.lookup, ROOT, name) == errno.EINVAL

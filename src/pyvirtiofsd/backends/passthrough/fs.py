@@ -425,6 +425,10 @@ class PassthroughFs(Backend):
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         pinode = self.inodes.get(parent)
+        if pinode.mode != stat.S_IFDIR:
+            # Nothing is found in what is no directory, "." and ".." included (the openat()
+            # below answers so for other names; these two are answered here).
+            raise oserror(errno.ENOTDIR)
         if name == b"." or (name == b".." and pinode is self.inodes.root):
             self.inodes.ref(pinode)
             with self.inodes.path(pinode) as pfd:
