@@ -605,19 +605,21 @@ class Server:
                 result = handler(ctx, nodeid, out, token, *args)
             elif opcode == _GETATTR:
                 flags, pad, fh = args
-                result = self._getattr(ctx, nodeid, out, token, flags, pad, fh)
+                self._getattr(ctx, nodeid, out, token, flags, pad, fh)
+                result = None
             elif opcode == _READ:
                 fh, offset, size, flags, owner, open_flags, pad = args
-                result = self._read(
-                    ctx, nodeid, out, token, fh, offset, size, flags, owner, open_flags, pad
-                )
+                self._read(ctx, nodeid, out, token, fh, offset, size, flags, owner, open_flags, pad)
+                result = None
             elif opcode == _WRITE:
                 fh, offset, size, flags, owner, open_flags, pad, rest = args
-                result = self._write(
+                self._write(
                     ctx, nodeid, out, token, fh, offset, size, flags, owner, open_flags, pad, rest
                 )
+                result = None
             elif opcode == _LOOKUP:
-                result = self._lookup(ctx, nodeid, out, token, args[0])
+                self._lookup(ctx, nodeid, out, token, args[0])
+                result = None
             else:
                 result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
@@ -944,7 +946,7 @@ class Server:
 
     # --- inodes ----------------------------------------------------------------------------
 
-    @_op(abi.Opcode.LOOKUP, names=1, reply=abi.ENTRY_OUT)
+    # Declared below the class, with the other requests called by name.
     def _lookup(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
         _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
 
@@ -952,7 +954,7 @@ class Server:
         attr, timeout = attr_and_timeout
         out.write(_attr_head(timeout) + attr.raw)
 
-    @_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)
+    # Declared below the class, with the other requests called by name.
     def _getattr(
         self,
         ctx: Context,
@@ -1152,7 +1154,7 @@ class Server:
         _pack_entry(out, entry)
         _pack_open(out, opened)
 
-    @_op(abi.Opcode.READ, abi.READ_IN)
+    # Declared below the class, with the other requests called by name.
     def _read(
         self,
         ctx: Context,
@@ -1175,7 +1177,7 @@ class Server:
             size = self.max_write
         self.fs.read(ctx, nodeid, fh, offset, size, out)
 
-    @_op(abi.Opcode.WRITE, abi.WRITE_IN, tail=True, reply=abi.WRITE_OUT)
+    # Declared below the class, with the other requests called by name.
     def _write(
         self,
         ctx: Context,
@@ -1618,6 +1620,14 @@ class Server:
         out.pack(abi.IOCTL_OUT.struct, result, 0, 0, 0)
         out.write(reply[:out_size])
 
+
+# The handlers Server.handle calls by name, declared here rather than decorated: a compiled
+# build calls a decorated method the generic way (a lookup, then its arguments parsed), an
+# undecorated one as a C function.
+_op(abi.Opcode.LOOKUP, names=1, reply=abi.ENTRY_OUT)(Server._lookup)
+_op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)(Server._getattr)
+_op(abi.Opcode.READ, abi.READ_IN)(Server._read)
+_op(abi.Opcode.WRITE, abi.WRITE_IN, tail=True, reply=abi.WRITE_OUT)(Server._write)
 
 #: The opcodes the server serves, and how each is decoded and answered.
 OPS: dict[int, Op] = {opcode: spec for opcode, (spec, _, _) in sorted(_OPS.items())}
