@@ -501,12 +501,7 @@ def test_rename_leaves_the_copy_of_an_open_file_current(
             assert c.read(ino, reader, 0, 100) == b"0123456789A"
             # The cached attributes expire: the next open asks the store.
             time.sleep(CachePolicy.AUTO.timeout + 0.1)
-        writer = c.open(ino, os.O_RDWR).fh
-        c.write(ino, writer, 0, b"XY")
-        c.fsync(ino, writer)
-        assert d.store("b") == b"XY23456789A"
-        assert c.read(ino, reader, 0, 100) == b"XY23456789A"
-        c.release(ino, writer)
+        write_through_another(d, ino, reader, "b")
         c.setattr(ino, valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=reader, size=1)
         assert d.store("b") == b"X"
         c.release(ino, reader)
@@ -526,17 +521,25 @@ def test_directory_rename_leaves_the_copies_of_open_files_current(
         assert c.read(ino, reader, 0, 100) == b"0123456789A"
         next_second()
         c.rename(ROOT, b"d", ROOT, b"e")
-        writer = c.open(ino, os.O_RDWR).fh
-        c.write(ino, writer, 0, b"XY")
-        c.fsync(ino, writer)
-        assert d.store("e/a") == b"XY23456789A"
-        assert c.read(ino, reader, 0, 100) == b"XY23456789A"
-        c.release(ino, writer)
+        write_through_another(d, ino, reader, "e/a")
         c.release(ino, reader)
         assert d.view.files() == {"e/a"} and d.store("e/a") == b"XY23456789A"
 
 
 # --- commits against revalidations and other changes of the same file -------------------------
+
+
+def write_through_another(d: Direct, ino: int, reader: int, path: str) -> None:
+    """Write "XY" over the start of ``ino`` (stored as ``path``, "0123456789A") through a
+    writer of its own and fsync it: the store holds it, and so does the read-only handle
+    ``reader`` (its copy is the file's, not one left behind)."""
+    c = d.client
+    writer = c.open(ino, os.O_RDWR).fh
+    c.write(ino, writer, 0, b"XY")
+    c.fsync(ino, writer)
+    assert d.store(path) == b"XY23456789A"
+    assert c.read(ino, reader, 0, 100) == b"XY23456789A"
+    c.release(ino, writer)
 
 
 def open_twice(d: Direct) -> tuple[int, int, int]:
