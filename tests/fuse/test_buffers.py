@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import struct
 from typing import Any
 
 import pytest
@@ -251,3 +252,26 @@ def test_the_c_stores_refuse_what_slicing_and_struct_refuse(target: Any) -> None
     for length, error, unique in ((1 << 32, 0, 0), (0, 1 << 31, 0), (0, 0, 1 << 64), (-1, 0, 0)):
         with pytest.raises((OverflowError, ValueError)):
             buffers_module._native_put_header(memoryview(bytearray(16)), length, error, unique)
+
+
+@pytest.mark.parametrize("cuts", [[16], [8, 8], [0, 16], [16, 0], [1] * 16])
+def test_an_empty_payload_fits_however_the_header_is_cut(cuts: list[int]) -> None:
+    """Nothing written at the very end of the buffers (a READ of 0 bytes, an empty xattr list)
+    stores nothing, wherever the views end: it once looked for a view past the last one."""
+    views = [memoryview(bytearray(n)) for n in cuts]
+    w = ReplyWriter(views)
+    w.write(b"")
+    w.pack(struct.Struct("<0s"), b"")
+    assert w.finish(0, 5) == 16
+    assert abi.OUT_HEADER.struct.unpack(b"".join(bytes(v) for v in views)) == (16, 0, 5)
+
+
+@native_stores
+def test_the_c_store_refuses_data_of_wider_items_as_slicing_does() -> None:
+    room = memoryview(bytearray(16))
+    wide = memoryview(b"\1" * 8).cast("I")
+    with pytest.raises(ValueError):
+        room[0:8] = wide
+    with pytest.raises(ValueError):
+        buffers_module._native_put(room, 0, wide)
+    assert bytes(room) == bytes(16)

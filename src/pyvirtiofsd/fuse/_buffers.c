@@ -10,10 +10,12 @@
  * - put_header(view, length, error, unique): the FUSE out header (u32 len, s32 error,
  *   u64 unique, little-endian) at the start of view.
  *
- * Rules: the target is a writable buffer of single bytes and what is stored lies inside it;
- * anything else is an error (ValueError, TypeError, BufferError, OverflowError) and nothing is
- * stored, as a store through the slice would refuse it. It holds the GIL and runs no Python
- * code while it holds a buffer.
+ * Rules: the target is a contiguous writable buffer of single bytes, the data a contiguous
+ * buffer of single bytes, and what is stored lies inside the target; anything else is an error
+ * (ValueError, TypeError, BufferError, OverflowError) and nothing is stored. That is what the
+ * transports give (contiguous byte views) and what the server stores (bytes); a slice store
+ * takes some other buffers too (a strided target), but never data of wider items, which it
+ * refuses as this does. It holds the GIL and runs no Python code while it holds a buffer.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,17 +26,18 @@
 #error "FUSE on virtio is little-endian; this module writes it in place"
 #endif
 
-/* The writable byte buffer of target; 0 with an exception set when it is none. */
+/* The contiguous buffer of single bytes of obj (writable if flags say so); 0 with an exception
+ * set when it is none. */
 static int
-target_of(PyObject *target, Py_buffer *b)
+bytes_of(PyObject *obj, Py_buffer *b, int flags)
 {
-    if (PyObject_GetBuffer(target, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+    if (PyObject_GetBuffer(obj, b, flags | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return 0;
     const char *f = b->format;
     if (b->ndim > 1 || b->itemsize != 1 || (f != NULL && strcmp(f, "B") && strcmp(f, "b") &&
                                             strcmp(f, "c"))) {
         PyBuffer_Release(b);
-        PyErr_SetString(PyExc_TypeError, "the target must be a buffer of single bytes");
+        PyErr_SetString(PyExc_ValueError, "a buffer of single bytes is needed");
         return 0;
     }
     return 1;
@@ -52,10 +55,10 @@ put(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     if (offset == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer src;
-    if (PyObject_GetBuffer(argv[2], &src, PyBUF_C_CONTIGUOUS) < 0)
+    if (!bytes_of(argv[2], &src, 0))
         return NULL;
     Py_buffer dst;
-    if (!target_of(argv[0], &dst)) {
+    if (!bytes_of(argv[0], &dst, PyBUF_WRITABLE)) {
         PyBuffer_Release(&src);
         return NULL;
     }
@@ -93,7 +96,7 @@ put_header(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     }
     Py_buffer dst;
-    if (!target_of(argv[0], &dst))
+    if (!bytes_of(argv[0], &dst, PyBUF_WRITABLE))
         return NULL;
     if (dst.len < 16) {
         PyBuffer_Release(&dst);

@@ -213,6 +213,9 @@ class ReplyWriter:
         size = len(data)
         if pos + size > self.capacity:
             raise ShortBuffer(f"reply of {pos + size} bytes exceeds {self.capacity}")
+        if not size:
+            # Nothing to store: at the end of the buffers there is no view to look for.
+            return
         first = self._views[0]
         if pos + size <= len(first):
             first[pos : pos + size] = data
