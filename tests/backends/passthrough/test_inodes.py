@@ -274,3 +274,16 @@ def test_a_file_from_before_1970_is_looked_up_and_its_reference_kept(tmp_path: P
     assert errno_of(client.getattr, entry.nodeid) == errno.EBADF
     assert stat.S_ISDIR(client.getattr(ROOT).mode)
     fs.shutdown()
+
+
+def test_a_pin_or_unpin_that_fails_leaves_the_store_lock_free(tmp_path: Path) -> None:
+    """The inode store takes its lock with acquire() and release() on the request path; an
+    error between the two still releases it (a later FORGET would wait for ever)."""
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path)))
+    store = fs.inodes
+    for call in (store.pin, store.unpin):
+        with pytest.raises((AttributeError, TypeError)):
+            call(object())  # type: ignore[arg-type]
+        assert store._lock.acquire(timeout=5)
+        store._lock.release()
+    fs.shutdown()

@@ -379,14 +379,18 @@ class InodeStore:
     def pin(self, inode: Inode) -> None:
         """Keep ``inode``'s descriptors open until :meth:`unpin` (EBADF once forgotten)."""
         # acquire() and release() rather than ``with``, here and in unpin(): every request
-        # pins an inode, and a compiled build calls a ``with``'s methods the generic way.
+        # pins an inode, and a compiled build calls a ``with``'s methods the generic way. Only
+        # the exception of the try can come between the two: none of the daemon's signal
+        # handlers raises, so nothing arrives between acquire() and the try.
         lock = self._lock
         lock.acquire()
-        dead = inode.dead
-        if not dead:
-            inode.pins += 1
-            self._pins += 1
-        lock.release()
+        try:
+            dead = inode.dead
+            if not dead:
+                inode.pins += 1
+                self._pins += 1
+        finally:
+            lock.release()
         if dead:
             raise OSError(errno.EBADF, f"inode {inode.nodeid} was forgotten")
 
