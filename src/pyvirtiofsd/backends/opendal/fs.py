@@ -196,7 +196,8 @@ class OpendalFs(Backend):
             raise oserror(errno.EROFS)
 
     def _name(self, name: bytes) -> str:
-        if not name or b"/" in name or name in (b".", b".."):
+        # The slash as a byte value: a bytes operand of "in" costs a raised and cleared error.
+        if not name or ord("/") in name or name in (b".", b".."):
             raise oserror(errno.EINVAL, "invalid name")
         if len(name) > NAME_MAX:
             raise oserror(errno.ENAMETOOLONG)
