@@ -883,7 +883,14 @@ def _requests() -> list[bytes]:
         encode_request(abi.Opcode.WRITE, abi.ROOT_ID, write_in),
         encode_request(abi.Opcode.WRITE, abi.ROOT_ID, write_in[:20]),
         encode_request(abi.Opcode.LOOKUP, abi.ROOT_ID, b"nothing\0"),
+        encode_request(abi.Opcode.LOOKUP, abi.ROOT_ID, b"a\0after the name"),
+        encode_request(abi.Opcode.LOOKUP, abi.ROOT_ID, b"\0"),
+        encode_request(abi.Opcode.LOOKUP, abi.ROOT_ID, b"no terminator"),
+        encode_request(abi.Opcode.LOOKUP, abi.ROOT_ID, b""),
+        encode_request(abi.Opcode.UNLINK, abi.ROOT_ID, b"gone\0"),
         encode_request(abi.Opcode.MKDIR, abi.ROOT_ID, abi.MKDIR_IN.pack(0o755, 0) + b"d\0"),
+        encode_request(abi.Opcode.MKDIR, abi.ROOT_ID, abi.MKDIR_IN.pack(0o755, 0)),
+        encode_request(abi.Opcode.GETXATTR, abi.ROOT_ID, abi.GETXATTR_IN.pack(0, 0) + b"user.x\0"),
         encode_request(abi.Opcode.OPENDIR, abi.ROOT_ID, abi.OPEN_IN.pack(0, 0)),
         encode_request(abi.Opcode.SETATTR, abi.ROOT_ID, bytes(abi.SETATTR_IN.size)),
         encode_request(abi.Opcode.FORGET, 5, abi.FORGET_IN.pack(1)),
@@ -947,12 +954,70 @@ def test_the_c_decoding_answers_only_what_struct_reads(
     if layout is None:
         assert split[8] is None
         return
-    size = struct.calcsize(layout)
     where = raw[abi.IN_HEADER.size : cut] if cut > abi.IN_HEADER.size else pieces[1]
-    if len(where) >= size:
-        assert split[8] == struct.unpack_from(layout, where)
-    else:
-        assert split[8] is None
+    assert split[8] == _reference_args(layout, header, where)
+
+
+def _reference_args(layout: bytes, header: tuple[int, ...], where: bytes) -> tuple[Any, ...] | None:
+    """What the C decoding gives as a request's arguments when they lie in ``where``: its fixed
+    fields, and for a layout ending in "z" the name after them, up to its NUL (the arguments the
+    header declares, at most 1,024 bytes of name, all in ``where``); None when they don't."""
+    if not layout.endswith(b"z"):
+        size = struct.calcsize(layout)
+        return struct.unpack_from(layout, where) if len(where) >= size else None
+    fixed = layout[:-1]
+    size = struct.calcsize(fixed)
+    declared = header[0] - abi.IN_HEADER.size - 8 * header[7]
+    if not size < declared <= size + 1024 or len(where) < declared:
+        return None
+    name, nul, _ = where[size:declared].partition(b"\0")
+    return (*struct.unpack_from(fixed, where), name) if nul else None
+
+
+@native_split
+@settings(max_examples=500, deadline=None)
+@given(
+    opcode=st.sampled_from([o for o, op in OPS.items() if op.names == 1]),
+    fixed=st.binary(min_size=0, max_size=24),
+    name=st.binary(min_size=0, max_size=40),
+    after=st.binary(min_size=0, max_size=8),
+    extlen=st.integers(0, 2),
+    length_delta=st.sampled_from([0, 0, 0, -1, 1, -8, 1024, 2000]),
+    cut=st.integers(0, 120),
+    apart=st.booleans(),
+)
+def test_the_c_decoding_gives_a_name_as_struct_and_find_do(
+    opcode: int,
+    fixed: bytes,
+    name: bytes,
+    after: bytes,
+    extlen: int,
+    length_delta: int,
+    cut: int,
+    apart: bool,
+) -> None:
+    """Requests with one name (LOOKUP, MKDIR, UNLINK...): the name is what the arguments hold up
+    to their first NUL, within the length the header declares, or nothing is decoded."""
+    server = Server(MemFs())
+    layouts = server._layouts
+    layout = layouts[opcode]
+    assert layout is not None and layout.endswith(b"z")
+    args = fixed + name + after
+    request = bytearray(encode_request(opcode, abi.ROOT_ID, args))
+    request[36:38] = extlen.to_bytes(2, "little")
+    request += bytes(8 * extlen)
+    request[0:4] = max(0, len(request) + length_delta).to_bytes(4, "little")
+    raw = bytes(request)
+    header = abi.IN_HEADER.struct.unpack_from(raw)
+    # As Linux sends it (header and arguments apart), or cut anywhere after the header.
+    at = abi.IN_HEADER.size if apart else max(abi.IN_HEADER.size, cut)
+    pieces = [raw[:at], raw[at:]]
+    split = server_module._native_split([memoryview(p) for p in pieces], layouts)
+    assert split is not None
+    where = pieces[0][abi.IN_HEADER.size :] if at > abi.IN_HEADER.size else pieces[1]
+    assert split[8] == _reference_args(layout, header, where)
+    # The server answers the same whichever decoding took the request.
+    assert _answers(raw, [at]) == _answers(raw, [abi.IN_HEADER.size + 1])
 
 
 @native_split

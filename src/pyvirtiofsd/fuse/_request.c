@@ -6,7 +6,12 @@
  * in one call, where the server would otherwise make a reader and two struct calls, and returns
  * (length, opcode, unique, nodeid, uid, gid, pid, total_extlen, args): args is the tuple of the
  * fixed arguments, or None when the opcode has none in ``layouts`` or they don't lie whole in the
- * buffer after the header (or at the start of the next one, as a Linux driver puts them).
+ * buffer after the header (or at the start of the next one, as a Linux driver puts them). A
+ * layout ending in "z" has one NUL-terminated name after its fixed fields (LOOKUP, MKDIR...): the
+ * name, up to its NUL, is then the last item of args, and the arguments the header declares
+ * (its length less the header and the extensions) must all lie in that one buffer and hold a NUL
+ * after the fixed fields; what follows the NUL is not looked at, as the server's own decoding
+ * does not look at it.
  *
  * Rules:
  * - It decodes; it judges nothing. Lengths, opcodes and whether the arguments are the ones the
@@ -19,7 +24,8 @@
  *   barrier, and every field comes from the copy. It holds no buffer export while it
  *   allocates (what it allocates may start the garbage collector, hence Python code).
  * - ``layouts`` is the server's: a tuple of 64 entries, None or a struct format of the
- *   characters I, Q and q after "<"; anything else there is treated as no layout.
+ *   characters I, Q and q after "<", optionally ending in "z"; anything else there is treated as
+ *   no layout.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,16 +40,23 @@
 #define OPCODES 64
 /* Longer than any fixed argument layout (SETATTR's 88 bytes). */
 #define MAX_ARGS 128
+/* The longest name decoded here, with its NUL and whatever the request puts after it: longer
+ * ones (Linux sends none: NAME_MAX and XATTR_NAME_MAX are 255) are left to the server. */
+#define MAX_NAME 1024
 
-/* The size of a layout "<..." of I, Q and q, or -1. */
+/* The size of the fixed fields of a layout "<..." of I, Q and q, maybe ending in z (*named is
+ * then set), or -1. */
 static Py_ssize_t
-layout_size(PyObject *layout)
+layout_size(PyObject *layout, int *named)
 {
     if (!PyBytes_CheckExact(layout))
         return -1;
     const char *f = PyBytes_AS_STRING(layout);
     Py_ssize_t n = PyBytes_GET_SIZE(layout), size = 0;
-    if (n < 2 || f[0] != '<')
+    *named = n > 1 && f[n - 1] == 'z';
+    if (*named)
+        n--;
+    if (n < 1 || f[0] != '<' || (n < 2 && !*named))
         return -1;
     for (Py_ssize_t i = 1; i < n; i++) {
         if (f[i] == 'I')
@@ -100,12 +113,23 @@ u64(const unsigned char *at)
     return v;
 }
 
+/* The fixed fields of format f (count of them) at at, and name (name_len bytes) after them
+ * when name is not NULL. */
 static PyObject *
-decode_args(const char *f, Py_ssize_t count, const unsigned char *at)
+decode_args(const char *f, Py_ssize_t count, const unsigned char *at, const unsigned char *name,
+            Py_ssize_t name_len)
 {
-    PyObject *args = PyTuple_New(count);
+    PyObject *args = PyTuple_New(count + (name != NULL));
     if (args == NULL)
         return NULL;
+    if (name != NULL) {
+        PyObject *v = PyBytes_FromStringAndSize((const char *)name, name_len);
+        if (v == NULL) {
+            Py_DECREF(args);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(args, count, v);
+    }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *v;
         if (f[i] == 'I') {
@@ -146,16 +170,16 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     if (count < 1)
         Py_RETURN_NONE;
 
-    unsigned char raw[HEADER + MAX_ARGS];
+    unsigned char raw[HEADER + MAX_ARGS + MAX_NAME];
     Py_ssize_t first_len = 0, next_len = 0;
     /* Strong references: nothing here runs Python code, but the list is the caller's. */
     PyObject *first = PySequence_Fast_ITEMS(readable)[0];
     PyObject *next = count > 1 ? PySequence_Fast_ITEMS(readable)[1] : NULL;
     Py_INCREF(first);
     Py_XINCREF(next);
-    int have_args = 0;
+    int have_args = 0, named = 0;
     PyObject *layout = NULL;
-    Py_ssize_t size = -1;
+    Py_ssize_t size = -1, fixed = 0;
     if (!copy_out(first, 0, HEADER, raw, &first_len)) {
         Py_DECREF(first);
         Py_XDECREF(next);
@@ -164,7 +188,14 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     uint32_t opcode = u32(raw + 4);
     if (opcode < OPCODES) {
         layout = PyTuple_GET_ITEM(layouts, opcode);
-        size = layout_size(layout);
+        size = fixed = layout_size(layout, &named);
+    }
+    if (named && size >= 0) {
+        /* All the arguments the header declares, from the copy of the header. */
+        uint16_t ext;
+        memcpy(&ext, raw + 36, sizeof ext);
+        int64_t declared = (int64_t)u32(raw) - HEADER - 8 * (int64_t)ext;
+        size = declared > fixed && declared - fixed <= MAX_NAME ? (Py_ssize_t)declared : -1;
     }
     if (size > 0) {
         if (first_len > HEADER)
@@ -176,10 +207,17 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_XDECREF(next);
 
     /* Every byte is in raw now; no export is held from here on. */
+    const unsigned char *name = NULL, *nul = NULL;
+    if (have_args && named) {
+        name = raw + HEADER + fixed;
+        nul = memchr(name, 0, (size_t)(size - fixed));
+        have_args = nul != NULL;
+    }
     PyObject *args;
     if (have_args) {
-        args = decode_args(PyBytes_AS_STRING(layout) + 1, PyBytes_GET_SIZE(layout) - 1,
-                           raw + HEADER);
+        args = decode_args(PyBytes_AS_STRING(layout) + 1,
+                           PyBytes_GET_SIZE(layout) - 1 - named, raw + HEADER, name,
+                           named ? nul - name : 0);
         if (args == NULL)
             return NULL;
     } else {

@@ -222,6 +222,9 @@ _Dispatch = tuple[Op, Callable[..., Any], struct.Struct | None, int, int, int]
 #: What the C decoding gives: the header's fields, then the fixed arguments or None.
 _Split = tuple[int, int, int, int, int, int, int, int, "tuple[Any, ...] | None"]
 _INIT: Final = int(abi.Opcode.INIT)
+#: The fixed size in the dispatch table of requests with one name after their fixed fields:
+#: what the C decoding gives them is whole, whatever their length.
+_NAMED: Final = -2
 
 #: A handler's return value: the reply comes later, through a Completion.
 _LATER: Final = 1
@@ -482,10 +485,11 @@ class Server:
         self.lock_waiters = LockWaiters()
         self._init_lock = threading.Lock()
         #: opcode -> (decoding, bound handler, the layout of requests that are exactly their
-        #: fixed arguments or None, its size or -1, the size of the fixed arguments before the
-        #: rest a handler reads itself or -1, the reply's room); the one table requests
-        #: are dispatched by. The decoding's fields are copied out once here: a request
-        #: then reads plain tuple items rather than a NamedTuple's attributes.
+        #: fixed arguments or None, its size (-1: none; _NAMED: one name after them), the
+        #: size of the fixed arguments before the rest a handler reads itself or -1, the
+        #: reply's room); the one table requests are dispatched by. The decoding's fields are
+        #: copied out once here: a request then reads plain tuple items rather than a
+        #: NamedTuple's attributes.
         self._table: list[_Dispatch | None] = [None] * 64
         layouts: list[bytes | None] = [None] * 64
         for opcode, (op, method, bind) in _OPS.items():
@@ -495,9 +499,14 @@ class Server:
             fixed = op.args if not op.names and not op.tail else None
             size = -1 if fixed is None else fixed.size
             tail = op.args.size if op.tail and op.args is not None else -1
-            self._table[opcode] = (op, handler, fixed, size, tail, op.room)
             if op.args is not None and not op.names and not op.pad:
                 layouts[opcode] = op.args.format.encode()
+            elif op.names == 1 and not op.tail and not op.pad:
+                # Its fixed fields and its one name, which the C decoding gives as the last
+                # argument.
+                layouts[opcode] = (op.args.format if op.args is not None else "<").encode() + b"z"
+                size = _NAMED
+            self._table[opcode] = (op, handler, fixed, size, tail, op.room)
         #: The fixed arguments the C decoding decodes with the header (see _request.c).
         self._layouts = tuple(layouts)
 
@@ -574,8 +583,9 @@ class Server:
         inflight[unique] = ctx
         try:
             args: tuple[Any, ...]
-            if in_place is not None and args_len == fixed_size:
-                # Most requests: exactly their fixed arguments, decoded with the header.
+            if in_place is not None and (args_len == fixed_size or fixed_size == _NAMED):
+                # Most requests: exactly their fixed arguments, or those and one name, decoded
+                # with the header.
                 args = in_place
             elif in_place is not None and 0 <= tail_size <= args_len:
                 # WRITE and the others whose handler reads the rest of the request itself.
