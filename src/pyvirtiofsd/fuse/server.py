@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
+from pyvirtiofsd.carried import Carried
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
 from pyvirtiofsd.fuse.dirents import DirentWriter
@@ -71,7 +72,6 @@ __all__ = [
     "MAX_WRITE",
     "OPS",
     "REPLY_ROOM",
-    "Carried",
     "Completion",
     "LockWaiters",
     "MalformedRequest",
@@ -143,23 +143,6 @@ class Completion(Protocol):
     def writable(self) -> Sequence[memoryview]: ...
 
     def complete(self, length: int) -> None: ...
-
-
-class Carried(Protocol):
-    """A request as a transport carries it (a virtqueue's descriptor chain): its buffers,
-    their sizes, and itself as the request's token (see :meth:`Server.handle_carried`)."""
-
-    @property
-    def readable(self) -> Sequence[memoryview]: ...
-
-    @property
-    def writable(self) -> Sequence[memoryview]: ...
-
-    @property
-    def readable_len(self) -> int: ...
-
-    @property
-    def writable_len(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)

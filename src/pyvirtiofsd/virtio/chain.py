@@ -48,6 +48,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
+from pyvirtiofsd.carried import Carried
 from pyvirtiofsd.iovec import Iovecs
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion
 
@@ -101,14 +102,14 @@ class InvalidChain(Exception):
 _RELEASED: Final[tuple[memoryview, ...]] = ()
 
 
-class Chain:
+class Chain(Carried):
     """One request: its head index and the buffers it carries.
 
     ``owner`` is whoever serves the chain (the transport's queue worker), which a device asks
     to answer it later (:func:`pyvirtiofsd.virtio.device.later`); None outside of that.
     """
 
-    __slots__ = ("gpas", "head", "owner", "readable", "readable_len", "writable", "writable_len")
+    __slots__ = ("gpas", "head", "owner")
 
     def __init__(
         self,
