@@ -42,6 +42,7 @@ COMPILED: Final = (
     "pyvirtiofsd.virtio.memory",
     "pyvirtiofsd.fuse.abi",
     "pyvirtiofsd.fuse.records",
+    "pyvirtiofsd.fuse.filesystem",
     "pyvirtiofsd.fuse.buffers",
     "pyvirtiofsd.fuse.server",
     "pyvirtiofsd.vhost_user.runner",

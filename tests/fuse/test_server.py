@@ -590,20 +590,24 @@ CHANGES_FDS = {
 }
 
 
-class Recorder:
-    """A file system that notes the name of every method the server calls on it."""
+class Recorder(Filesystem):
+    """A file system that notes the name of every method the server calls on it, and has
+    ``fs`` do it. It is a :class:`Filesystem`, as the server asks (the compiled build checks),
+    whose every public attribute is ``fs``'s."""
 
     def __init__(self, fs: Any) -> None:
         self._fs = fs
         self.calls: list[str] = []
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._fs, name)
-        if not callable(attr) or name.startswith("_"):
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name == "calls":
+            return object.__getattribute__(self, name)
+        attr = getattr(object.__getattribute__(self, "_fs"), name)
+        if not callable(attr):
             return attr
 
         def record(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
+            object.__getattribute__(self, "calls").append(name)
             return attr(*args, **kwargs)
 
         return record

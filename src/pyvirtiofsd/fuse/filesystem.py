@@ -39,7 +39,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.records import Attr, Context, Entry, SecurityContext
@@ -47,7 +47,17 @@ from pyvirtiofsd.fuse.records import Attr, Context, Entry, SecurityContext
 if TYPE_CHECKING:
     from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
 
+try:
+    # Read by mypyc when it compiles this module (see pyvirtiofsd.accel); a no-op otherwise.
+    from mypy_extensions import mypyc_attr
+except ImportError:
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
+
 __all__ = [
+    "NOW",
     "ROOT",
     "Attr",
     "ConnectionInfo",
@@ -114,6 +124,11 @@ class Lock(NamedTuple):
     pid: int
 
 
+#: The time a SETATTR sets to "now": below any time one can carry (seconds are signed 64-bit,
+#: nanoseconds below one second), so that no time, 1969 ones included, passes for it.
+NOW: Final = -(1 << 100)
+
+
 @dataclass(slots=True)
 class SetAttr:
     """What a SETATTR asks to change; ``None`` leaves a field alone."""
@@ -131,10 +146,6 @@ class SetAttr:
     lock_owner: int | None = None
     #: Drop set-user-ID and set-group-ID bits (HANDLE_KILLPRIV_V2).
     kill_suidgid: bool = False
-
-    #: Below any time a SETATTR can carry (seconds are signed 64-bit, nanoseconds below one
-    #: second), so that no time, 1969 ones included, passes for it.
-    NOW = -(1 << 100)
 
 
 class DaxWindow(Protocol):
@@ -226,6 +237,7 @@ class DirBuffer(Protocol):
         ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Filesystem:
     """Base class of file systems served over FUSE; every operation defaults to ENOSYS.
 

@@ -52,6 +52,7 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import (
+    NOW,
     Attr,
     ConnectionInfo,
     Context,
@@ -995,11 +996,11 @@ class Server:
             kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
         )
         if valid & abi.FATTR_ATIME_NOW:
-            changes.atime = SetAttr.NOW
+            changes.atime = NOW
         elif valid & abi.FATTR_ATIME:
             changes.atime = _nanoseconds(atime, atimensec)
         if valid & abi.FATTR_MTIME_NOW:
-            changes.mtime = SetAttr.NOW
+            changes.mtime = NOW
         elif valid & abi.FATTR_MTIME:
             changes.mtime = _nanoseconds(mtime, mtimensec)
         if valid & abi.FATTR_CTIME:

@@ -63,6 +63,7 @@ from pyvirtiofsd.backends.opendal.staging import Blob, BlobCache
 from pyvirtiofsd.backends.opendal.store import Listed, Stat, Store, parent_of
 from pyvirtiofsd.fuse import abi, policy
 from pyvirtiofsd.fuse.filesystem import (
+    NOW,
     Attr,
     ConnectionInfo,
     Context,
@@ -1165,10 +1166,10 @@ def _apply(meta: Meta, c: SetAttr) -> Meta:
         gid = c.gid
         changed = True
     if c.atime is not None:
-        atime = t if c.atime == SetAttr.NOW else c.atime
+        atime = t if c.atime == NOW else c.atime
         changed = True
     if c.mtime is not None:
-        mtime = t if c.mtime == SetAttr.NOW else c.mtime
+        mtime = t if c.mtime == NOW else c.mtime
         changed = True
     if not changed:
         return meta

@@ -78,6 +78,7 @@ from pyvirtiofsd.backends.passthrough.xattrmap import Kind
 from pyvirtiofsd.fuse import abi, policy
 from pyvirtiofsd.fuse.buffers import ReplyWriter, WriteData
 from pyvirtiofsd.fuse.filesystem import (
+    NOW,
     Attr,
     ConnectionInfo,
     Context,
@@ -523,10 +524,10 @@ class PassthroughFs(Backend):
                 linux.utimensat(
                     linux.AT_FDCWD,
                     proc.encode(),
-                    None if changes.atime == SetAttr.NOW else changes.atime,
-                    None if changes.mtime == SetAttr.NOW else changes.mtime,
-                    atime_now=changes.atime == SetAttr.NOW,
-                    mtime_now=changes.mtime == SetAttr.NOW,
+                    None if changes.atime == NOW else changes.atime,
+                    None if changes.mtime == NOW else changes.mtime,
+                    atime_now=changes.atime == NOW,
+                    mtime_now=changes.mtime == NOW,
                 )
             if changes.kill_suidgid and changes.mode is None:
                 self._kill_suidgid(pfd, True)
