@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import namedtuple
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "ACCESS_IN",
@@ -149,16 +149,16 @@ __all__ = [
     "direntplus_size",
 ]
 
-KERNEL_VERSION = 7
+KERNEL_VERSION: Final = 7
 #: The minor version this server speaks; a kernel speaking less is answered with its own minor.
-KERNEL_MINOR_VERSION = 45
+KERNEL_MINOR_VERSION: Final = 45
 #: Oldest minor accepted: 7.27 is what virtiofsd requires too (fuse_attr, init_out as today).
-MIN_KERNEL_MINOR_VERSION = 27
-ROOT_ID = 1
+MIN_KERNEL_MINOR_VERSION: Final = 27
+ROOT_ID: Final = 1
 #: ``fh`` the guest sends in SETUPMAPPING once the file was released (mapping by inode).
-INVALID_FH = 0xFFFF_FFFF_FFFF_FFFF
+INVALID_FH: Final = 0xFFFF_FFFF_FFFF_FFFF
 #: Bit set in ``unique`` of a request that the kernel resends after a daemon restart.
-UNIQUE_RESEND = 1 << 63
+UNIQUE_RESEND: Final = 1 << 63
 
 
 class Opcode(enum.IntEnum):
@@ -279,82 +279,82 @@ class InitFlag(enum.IntFlag):
 
 
 # fuse_setattr_in.valid
-FATTR_MODE = 1 << 0
-FATTR_UID = 1 << 1
-FATTR_GID = 1 << 2
-FATTR_SIZE = 1 << 3
-FATTR_ATIME = 1 << 4
-FATTR_MTIME = 1 << 5
-FATTR_FH = 1 << 6
-FATTR_ATIME_NOW = 1 << 7
-FATTR_MTIME_NOW = 1 << 8
-FATTR_LOCKOWNER = 1 << 9
-FATTR_CTIME = 1 << 10
-FATTR_KILL_SUIDGID = 1 << 11
+FATTR_MODE: Final = 1 << 0
+FATTR_UID: Final = 1 << 1
+FATTR_GID: Final = 1 << 2
+FATTR_SIZE: Final = 1 << 3
+FATTR_ATIME: Final = 1 << 4
+FATTR_MTIME: Final = 1 << 5
+FATTR_FH: Final = 1 << 6
+FATTR_ATIME_NOW: Final = 1 << 7
+FATTR_MTIME_NOW: Final = 1 << 8
+FATTR_LOCKOWNER: Final = 1 << 9
+FATTR_CTIME: Final = 1 << 10
+FATTR_KILL_SUIDGID: Final = 1 << 11
 
 # fuse_open_out.open_flags
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_NONSEEKABLE = 1 << 2
-FOPEN_CACHE_DIR = 1 << 3
-FOPEN_STREAM = 1 << 4
-FOPEN_NOFLUSH = 1 << 5
-FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
-FOPEN_PASSTHROUGH = 1 << 7
+FOPEN_DIRECT_IO: Final = 1 << 0
+FOPEN_KEEP_CACHE: Final = 1 << 1
+FOPEN_NONSEEKABLE: Final = 1 << 2
+FOPEN_CACHE_DIR: Final = 1 << 3
+FOPEN_STREAM: Final = 1 << 4
+FOPEN_NOFLUSH: Final = 1 << 5
+FOPEN_PARALLEL_DIRECT_WRITES: Final = 1 << 6
+FOPEN_PASSTHROUGH: Final = 1 << 7
 
 # fuse_open_in.open_flags / fuse_create_in.open_flags
-OPEN_KILL_SUIDGID = 1 << 0
+OPEN_KILL_SUIDGID: Final = 1 << 0
 
 # fuse_release_in.release_flags
-RELEASE_FLUSH = 1 << 0
-RELEASE_FLOCK_UNLOCK = 1 << 1
+RELEASE_FLUSH: Final = 1 << 0
+RELEASE_FLOCK_UNLOCK: Final = 1 << 1
 
 # fuse_getattr_in.getattr_flags
-GETATTR_FH = 1 << 0
+GETATTR_FH: Final = 1 << 0
 
 # fuse_lk_in.lk_flags
-LK_FLOCK = 1 << 0
+LK_FLOCK: Final = 1 << 0
 
 # fuse_write_in.write_flags
-WRITE_CACHE = 1 << 0
-WRITE_LOCKOWNER = 1 << 1
-WRITE_KILL_SUIDGID = 1 << 2
+WRITE_CACHE: Final = 1 << 0
+WRITE_LOCKOWNER: Final = 1 << 1
+WRITE_KILL_SUIDGID: Final = 1 << 2
 
 # fuse_read_in.read_flags
-READ_LOCKOWNER = 1 << 1
+READ_LOCKOWNER: Final = 1 << 1
 
 # fuse_fsync_in.fsync_flags
-FSYNC_FDATASYNC = 1 << 0
+FSYNC_FDATASYNC: Final = 1 << 0
 
 # fuse_attr.flags
-ATTR_SUBMOUNT = 1 << 0
-ATTR_DAX = 1 << 1
+ATTR_SUBMOUNT: Final = 1 << 0
+ATTR_DAX: Final = 1 << 1
 
 # fuse_setxattr_in.setxattr_flags
-SETXATTR_ACL_KILL_SGID = 1 << 0
+SETXATTR_ACL_KILL_SGID: Final = 1 << 0
 
 # fuse_setupmapping_in.flags
-SETUPMAPPING_FLAG_WRITE = 1 << 0
-SETUPMAPPING_FLAG_READ = 1 << 1
+SETUPMAPPING_FLAG_WRITE: Final = 1 << 0
+SETUPMAPPING_FLAG_READ: Final = 1 << 1
 
 # fuse_ext_header.type (0..31 are security-context counts)
-EXT_MAX_NR_SECCTX = 31
-EXT_GROUPS = 32
+EXT_MAX_NR_SECCTX: Final = 31
+EXT_GROUPS: Final = 32
 
 #: ioctl on /dev/fuse registering a backing file for FUSE_PASSTHROUGH (_IOW(229, 1, 16 bytes)).
-DEV_IOC_BACKING_OPEN = 0x4010E501
+DEV_IOC_BACKING_OPEN: Final = 0x4010E501
 #: ioctl on /dev/fuse dropping a backing id (_IOW(229, 2, u32)).
-DEV_IOC_BACKING_CLOSE = 0x4004E502
+DEV_IOC_BACKING_CLOSE: Final = 0x4004E502
 
 # Replies shorter than today's structures, for kernels speaking older minors.
-COMPAT_ENTRY_OUT_SIZE = 120
-COMPAT_ATTR_OUT_SIZE = 96
-COMPAT_MKNOD_IN_SIZE = 8
-COMPAT_WRITE_IN_SIZE = 24
-COMPAT_STATFS_SIZE = 48
-COMPAT_SETXATTR_IN_SIZE = 8
-COMPAT_INIT_OUT_SIZE = 8
-COMPAT_22_INIT_OUT_SIZE = 24
+COMPAT_ENTRY_OUT_SIZE: Final = 120
+COMPAT_ATTR_OUT_SIZE: Final = 96
+COMPAT_MKNOD_IN_SIZE: Final = 8
+COMPAT_WRITE_IN_SIZE: Final = 24
+COMPAT_STATFS_SIZE: Final = 48
+COMPAT_SETXATTR_IN_SIZE: Final = 8
+COMPAT_INIT_OUT_SIZE: Final = 8
+COMPAT_22_INIT_OUT_SIZE: Final = 24
 
 _CODES = {"u8": "B", "u16": "H", "u32": "I", "i32": "i", "u64": "Q", "i64": "q"}
 
@@ -444,128 +444,136 @@ _STATX_FIELDS = (
     + ", u32 rdev_major, u32 rdev_minor, u32 dev_major, u32 dev_minor, u64 spare2[14]"
 )
 
-IN_HEADER = Layout(
+IN_HEADER: Final = Layout(
     "InHeader",
     "u32 len, u32 opcode, u64 unique, u64 nodeid, u32 uid, u32 gid, u32 pid,"
     " u16 total_extlen, u16 padding",
 )
-OUT_HEADER = Layout("OutHeader", "u32 len, i32 error, u64 unique")
-ATTR = Layout("Attr", _ATTR_FIELDS)
-KSTATFS = Layout(
+OUT_HEADER: Final = Layout("OutHeader", "u32 len, i32 error, u64 unique")
+ATTR: Final = Layout("Attr", _ATTR_FIELDS)
+KSTATFS: Final = Layout(
     "Kstatfs",
     "u64 blocks, u64 bfree, u64 bavail, u64 files, u64 ffree, u32 bsize, u32 namelen,"
     " u32 frsize, u32 padding, u32 spare[6]",
 )
-FILE_LOCK = Layout("FileLock", "u64 start, u64 end, u32 type, u32 pid")
-ENTRY_OUT = Layout("EntryOut", _ENTRY_FIELDS)
-FORGET_IN = Layout("ForgetIn", "u64 nlookup")
-FORGET_ONE = Layout("ForgetOne", "u64 nodeid, u64 nlookup")
-BATCH_FORGET_IN = Layout("BatchForgetIn", "u32 count, u32 dummy")
-GETATTR_IN = Layout("GetattrIn", "u32 getattr_flags, u32 dummy, u64 fh")
+FILE_LOCK: Final = Layout("FileLock", "u64 start, u64 end, u32 type, u32 pid")
+ENTRY_OUT: Final = Layout("EntryOut", _ENTRY_FIELDS)
+FORGET_IN: Final = Layout("ForgetIn", "u64 nlookup")
+FORGET_ONE: Final = Layout("ForgetOne", "u64 nodeid, u64 nlookup")
+BATCH_FORGET_IN: Final = Layout("BatchForgetIn", "u32 count, u32 dummy")
+GETATTR_IN: Final = Layout("GetattrIn", "u32 getattr_flags, u32 dummy, u64 fh")
 _ATTR_OUT_HEAD_FIELDS = "u64 attr_valid, u32 attr_valid_nsec, u32 dummy"
-ATTR_OUT = Layout("AttrOut", _ATTR_OUT_HEAD_FIELDS + ", " + _ATTR_FIELDS)
+ATTR_OUT: Final = Layout("AttrOut", _ATTR_OUT_HEAD_FIELDS + ", " + _ATTR_FIELDS)
 #: The parts of fuse_attr_out and fuse_entry_out before their fuse_attr (replies pack these,
 #: then copy the attributes as they are: see :class:`pyvirtiofsd.fuse.records.Attr`).
-ATTR_OUT_HEAD = Layout("AttrOutHead", _ATTR_OUT_HEAD_FIELDS)
-ENTRY_OUT_HEAD = Layout("EntryOutHead", _ENTRY_FIELDS[: -len(_ATTR_FIELDS) - 2])
-SX_TIME = Layout("SxTime", "i64 tv_sec, u32 tv_nsec, i32 reserved")
-STATX = Layout("Statx", _STATX_FIELDS)
-STATX_IN = Layout("StatxIn", "u32 getattr_flags, u32 reserved, u64 fh, u32 sx_flags, u32 sx_mask")
-STATX_OUT = Layout(
+ATTR_OUT_HEAD: Final = Layout("AttrOutHead", _ATTR_OUT_HEAD_FIELDS)
+ENTRY_OUT_HEAD: Final = Layout("EntryOutHead", _ENTRY_FIELDS[: -len(_ATTR_FIELDS) - 2])
+SX_TIME: Final = Layout("SxTime", "i64 tv_sec, u32 tv_nsec, i32 reserved")
+STATX: Final = Layout("Statx", _STATX_FIELDS)
+STATX_IN: Final = Layout(
+    "StatxIn", "u32 getattr_flags, u32 reserved, u64 fh, u32 sx_flags, u32 sx_mask"
+)
+STATX_OUT: Final = Layout(
     "StatxOut", "u64 attr_valid, u32 attr_valid_nsec, u32 flags, u64 spare[2], " + _STATX_FIELDS
 )
-MKNOD_IN = Layout("MknodIn", "u32 mode, u32 rdev, u32 umask, u32 padding")
-MKDIR_IN = Layout("MkdirIn", "u32 mode, u32 umask")
-RENAME_IN = Layout("RenameIn", "u64 newdir")
-RENAME2_IN = Layout("Rename2In", "u64 newdir, u32 flags, u32 padding")
-LINK_IN = Layout("LinkIn", "u64 oldnodeid")
-SETATTR_IN = Layout(
+MKNOD_IN: Final = Layout("MknodIn", "u32 mode, u32 rdev, u32 umask, u32 padding")
+MKDIR_IN: Final = Layout("MkdirIn", "u32 mode, u32 umask")
+RENAME_IN: Final = Layout("RenameIn", "u64 newdir")
+RENAME2_IN: Final = Layout("Rename2In", "u64 newdir, u32 flags, u32 padding")
+LINK_IN: Final = Layout("LinkIn", "u64 oldnodeid")
+SETATTR_IN: Final = Layout(
     "SetattrIn",
     "u32 valid, u32 padding, u64 fh, u64 size, u64 lock_owner, u64 atime, u64 mtime, u64 ctime,"
     " u32 atimensec, u32 mtimensec, u32 ctimensec, u32 mode, u32 unused4, u32 uid, u32 gid,"
     " u32 unused5",
 )
-OPEN_IN = Layout("OpenIn", "u32 flags, u32 open_flags")
-CREATE_IN = Layout("CreateIn", "u32 flags, u32 mode, u32 umask, u32 open_flags")
-OPEN_OUT = Layout("OpenOut", "u64 fh, u32 open_flags, i32 backing_id")
-RELEASE_IN = Layout("ReleaseIn", "u64 fh, u32 flags, u32 release_flags, u64 lock_owner")
-FLUSH_IN = Layout("FlushIn", "u64 fh, u32 unused, u32 padding, u64 lock_owner")
-READ_IN = Layout(
+OPEN_IN: Final = Layout("OpenIn", "u32 flags, u32 open_flags")
+CREATE_IN: Final = Layout("CreateIn", "u32 flags, u32 mode, u32 umask, u32 open_flags")
+OPEN_OUT: Final = Layout("OpenOut", "u64 fh, u32 open_flags, i32 backing_id")
+RELEASE_IN: Final = Layout("ReleaseIn", "u64 fh, u32 flags, u32 release_flags, u64 lock_owner")
+FLUSH_IN: Final = Layout("FlushIn", "u64 fh, u32 unused, u32 padding, u64 lock_owner")
+READ_IN: Final = Layout(
     "ReadIn",
     "u64 fh, u64 offset, u32 size, u32 read_flags, u64 lock_owner, u32 flags, u32 padding",
 )
-WRITE_IN = Layout(
+WRITE_IN: Final = Layout(
     "WriteIn",
     "u64 fh, u64 offset, u32 size, u32 write_flags, u64 lock_owner, u32 flags, u32 padding",
 )
-WRITE_OUT = Layout("WriteOut", "u32 size, u32 padding")
-STATFS_OUT = KSTATFS
-FSYNC_IN = Layout("FsyncIn", "u64 fh, u32 fsync_flags, u32 padding")
-SETXATTR_IN = Layout("SetxattrIn", "u32 size, u32 flags, u32 setxattr_flags, u32 padding")
-GETXATTR_IN = Layout("GetxattrIn", "u32 size, u32 padding")
-GETXATTR_OUT = Layout("GetxattrOut", "u32 size, u32 padding")
-LK_IN = Layout(
+WRITE_OUT: Final = Layout("WriteOut", "u32 size, u32 padding")
+STATFS_OUT: Final = KSTATFS
+FSYNC_IN: Final = Layout("FsyncIn", "u64 fh, u32 fsync_flags, u32 padding")
+SETXATTR_IN: Final = Layout("SetxattrIn", "u32 size, u32 flags, u32 setxattr_flags, u32 padding")
+GETXATTR_IN: Final = Layout("GetxattrIn", "u32 size, u32 padding")
+GETXATTR_OUT: Final = Layout("GetxattrOut", "u32 size, u32 padding")
+LK_IN: Final = Layout(
     "LkIn",
     "u64 fh, u64 owner, u64 start, u64 end, u32 type, u32 pid, u32 lk_flags, u32 padding",
 )
-LK_OUT = Layout("LkOut", "u64 start, u64 end, u32 type, u32 pid")
-ACCESS_IN = Layout("AccessIn", "u32 mask, u32 padding")
-INIT_IN = Layout(
+LK_OUT: Final = Layout("LkOut", "u64 start, u64 end, u32 type, u32 pid")
+ACCESS_IN: Final = Layout("AccessIn", "u32 mask, u32 padding")
+INIT_IN: Final = Layout(
     "InitIn", "u32 major, u32 minor, u32 max_readahead, u32 flags, u32 flags2, u32 unused[11]"
 )
-INIT_OUT = Layout(
+INIT_OUT: Final = Layout(
     "InitOut",
     "u32 major, u32 minor, u32 max_readahead, u32 flags, u16 max_background,"
     " u16 congestion_threshold, u32 max_write, u32 time_gran, u16 max_pages,"
     " u16 map_alignment, u32 flags2, u32 max_stack_depth, u16 request_timeout, u16 unused[11]",
 )
-INTERRUPT_IN = Layout("InterruptIn", "u64 unique")
-BMAP_IN = Layout("BmapIn", "u64 block, u32 blocksize, u32 padding")
-BMAP_OUT = Layout("BmapOut", "u64 block")
-IOCTL_IN = Layout("IoctlIn", "u64 fh, u32 flags, u32 cmd, u64 arg, u32 in_size, u32 out_size")
-IOCTL_IOVEC = Layout("IoctlIovec", "u64 base, u64 len")
-IOCTL_OUT = Layout("IoctlOut", "i32 result, u32 flags, u32 in_iovs, u32 out_iovs")
-POLL_IN = Layout("PollIn", "u64 fh, u64 kh, u32 flags, u32 events")
-POLL_OUT = Layout("PollOut", "u32 revents, u32 padding")
-NOTIFY_POLL_WAKEUP_OUT = Layout("NotifyPollWakeupOut", "u64 kh")
-FALLOCATE_IN = Layout("FallocateIn", "u64 fh, u64 offset, u64 length, u32 mode, u32 padding")
-DIRENT = Layout("Dirent", "u64 ino, u64 off, u32 namelen, u32 type")
-DIRENTPLUS = Layout(
+INTERRUPT_IN: Final = Layout("InterruptIn", "u64 unique")
+BMAP_IN: Final = Layout("BmapIn", "u64 block, u32 blocksize, u32 padding")
+BMAP_OUT: Final = Layout("BmapOut", "u64 block")
+IOCTL_IN: Final = Layout(
+    "IoctlIn", "u64 fh, u32 flags, u32 cmd, u64 arg, u32 in_size, u32 out_size"
+)
+IOCTL_IOVEC: Final = Layout("IoctlIovec", "u64 base, u64 len")
+IOCTL_OUT: Final = Layout("IoctlOut", "i32 result, u32 flags, u32 in_iovs, u32 out_iovs")
+POLL_IN: Final = Layout("PollIn", "u64 fh, u64 kh, u32 flags, u32 events")
+POLL_OUT: Final = Layout("PollOut", "u32 revents, u32 padding")
+NOTIFY_POLL_WAKEUP_OUT: Final = Layout("NotifyPollWakeupOut", "u64 kh")
+FALLOCATE_IN: Final = Layout("FallocateIn", "u64 fh, u64 offset, u64 length, u32 mode, u32 padding")
+DIRENT: Final = Layout("Dirent", "u64 ino, u64 off, u32 namelen, u32 type")
+DIRENTPLUS: Final = Layout(
     "Direntplus", _ENTRY_FIELDS + ", u64 d_ino, u64 d_off, u32 d_namelen, u32 d_type"
 )
-NOTIFY_INVAL_INODE_OUT = Layout("NotifyInvalInodeOut", "u64 ino, i64 off, i64 len")
-NOTIFY_INVAL_ENTRY_OUT = Layout("NotifyInvalEntryOut", "u64 parent, u32 namelen, u32 flags")
-NOTIFY_DELETE_OUT = Layout("NotifyDeleteOut", "u64 parent, u64 child, u32 namelen, u32 padding")
-NOTIFY_STORE_OUT = Layout("NotifyStoreOut", "u64 nodeid, u64 offset, u32 size, u32 padding")
-NOTIFY_RETRIEVE_OUT = Layout(
+NOTIFY_INVAL_INODE_OUT: Final = Layout("NotifyInvalInodeOut", "u64 ino, i64 off, i64 len")
+NOTIFY_INVAL_ENTRY_OUT: Final = Layout("NotifyInvalEntryOut", "u64 parent, u32 namelen, u32 flags")
+NOTIFY_DELETE_OUT: Final = Layout(
+    "NotifyDeleteOut", "u64 parent, u64 child, u32 namelen, u32 padding"
+)
+NOTIFY_STORE_OUT: Final = Layout("NotifyStoreOut", "u64 nodeid, u64 offset, u32 size, u32 padding")
+NOTIFY_RETRIEVE_OUT: Final = Layout(
     "NotifyRetrieveOut", "u64 notify_unique, u64 nodeid, u64 offset, u32 size, u32 padding"
 )
-NOTIFY_RETRIEVE_IN = Layout(
+NOTIFY_RETRIEVE_IN: Final = Layout(
     "NotifyRetrieveIn",
     "u64 dummy1, u64 offset, u32 size, u32 dummy2, u64 dummy3, u64 dummy4",
 )
-LSEEK_IN = Layout("LseekIn", "u64 fh, i64 offset, u32 whence, u32 padding")
-LSEEK_OUT = Layout("LseekOut", "i64 offset")
-COPY_FILE_RANGE_IN = Layout(
+LSEEK_IN: Final = Layout("LseekIn", "u64 fh, i64 offset, u32 whence, u32 padding")
+LSEEK_OUT: Final = Layout("LseekOut", "i64 offset")
+COPY_FILE_RANGE_IN: Final = Layout(
     "CopyFileRangeIn",
     "u64 fh_in, i64 off_in, u64 nodeid_out, u64 fh_out, i64 off_out, u64 len, u64 flags",
 )
-COPY_FILE_RANGE_OUT = Layout("CopyFileRangeOut", "u64 bytes_copied")
-SETUPMAPPING_IN = Layout("SetupmappingIn", "u64 fh, u64 foffset, u64 len, u64 flags, u64 moffset")
-REMOVEMAPPING_IN = Layout("RemovemappingIn", "u32 count")
-REMOVEMAPPING_ONE = Layout("RemovemappingOne", "u64 moffset, u64 len")
-SYNCFS_IN = Layout("SyncfsIn", "u64 padding")
-SECCTX = Layout("Secctx", "u32 size, u32 padding")
-SECCTX_HEADER = Layout("SecctxHeader", "u32 size, u32 nr_secctx")
-EXT_HEADER = Layout("ExtHeader", "u32 size, u32 type")
-SUPP_GROUPS = Layout("SuppGroups", "u32 nr_groups")
-BACKING_MAP = Layout("BackingMap", "i32 fd, u32 flags, u64 padding")
+COPY_FILE_RANGE_OUT: Final = Layout("CopyFileRangeOut", "u64 bytes_copied")
+SETUPMAPPING_IN: Final = Layout(
+    "SetupmappingIn", "u64 fh, u64 foffset, u64 len, u64 flags, u64 moffset"
+)
+REMOVEMAPPING_IN: Final = Layout("RemovemappingIn", "u32 count")
+REMOVEMAPPING_ONE: Final = Layout("RemovemappingOne", "u64 moffset, u64 len")
+SYNCFS_IN: Final = Layout("SyncfsIn", "u64 padding")
+SECCTX: Final = Layout("Secctx", "u32 size, u32 padding")
+SECCTX_HEADER: Final = Layout("SecctxHeader", "u32 size, u32 nr_secctx")
+EXT_HEADER: Final = Layout("ExtHeader", "u32 size, u32 type")
+SUPP_GROUPS: Final = Layout("SuppGroups", "u32 nr_groups")
+BACKING_MAP: Final = Layout("BackingMap", "i32 fd, u32 flags, u64 padding")
 
 #: Every layout above, for tests and documentation.
 LAYOUTS: tuple[Layout, ...] = tuple(v for v in globals().values() if isinstance(v, Layout))
 
 #: Page size the kernel's FUSE client assumes on the hosts we serve (x86-64, arm64 4K pages).
-PAGE_SIZE = 4096
+PAGE_SIZE: Final = 4096
 
 
 def dirent_size(namelen: int) -> int:
