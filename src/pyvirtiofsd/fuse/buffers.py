@@ -32,6 +32,10 @@ Buffer = memoryview | bytes | bytearray
 #: A class of a module not compiled, bound Final so that a compiled build keeps it in a C
 #: variable rather than looking it up in this module's dictionary for each READ and WRITE.
 _IOVECS: Final = Iovecs
+#: The system calls that move file data, bound Final as _IOVECS is: each call would otherwise
+#: look the function up among the os module's attributes.
+_preadv: Final = os.preadv
+_pwritev: Final = os.pwritev
 #: The out header a reply starts with (``abi.OUT_HEADER``: u32 len, s32 error, u64 unique).
 OUT_HEADER: Final = struct.Struct("<IiQ")
 
@@ -317,7 +321,7 @@ class ReplyWriter:
             if type(views) is _IOVECS:
                 n = views.preadv(fd, offset + done)
             else:
-                n = os.preadv(fd, views, offset + done)
+                n = _preadv(fd, views, offset + done)
             if n <= 0:
                 break
             self.advance(n)
@@ -361,7 +365,7 @@ class WriteData:
             if type(views) is _IOVECS:
                 n = views.pwritev(fd, offset + done)
             else:
-                n = os.pwritev(fd, views, offset + done)
+                n = _pwritev(fd, views, offset + done)
             if n <= 0:
                 break
             done += n

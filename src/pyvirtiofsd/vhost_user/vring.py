@@ -25,6 +25,9 @@ __all__ = ["Vring", "check_notifier_fd", "consume", "notify"]
 log = logging.getLogger(__name__)
 
 _ONE: Final = (1).to_bytes(8, "little")
+#: Bound Final, so that a compiled build reads it as a C variable rather than as an attribute
+#: of the os module at each interrupt.
+_write: Final = os.write
 
 
 def check_notifier_fd(fd: int) -> None:
@@ -72,7 +75,7 @@ def notify(fd: int, poller: select.poll | None) -> None:
     every eventfd: the write alone then fails (EAGAIN) where it would block, a system call
     fewer per interrupt."""
     if poller is None or poller.poll(0):
-        os.write(fd, _ONE)
+        _write(fd, _ONE)
 
 
 def _close(fd: int | None) -> None:
