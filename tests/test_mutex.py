@@ -177,3 +177,15 @@ def test_no_arguments_make_it() -> None:
         pytest.skip("pure build: no C lock")
     with pytest.raises(TypeError):
         mutex._CMutex(1)  # type: ignore[call-arg]
+
+
+def test_the_functions_take_and_give_back_any_lock(make: Callable[[], Mutex]) -> None:
+    """``acquire(lock)`` and ``release(lock)`` are the lock's methods as functions, for the
+    build's own lock and for threading's alike."""
+    for lock in (make(), threading.Lock()):
+        assert mutex.acquire(lock) is True and lock.locked()
+        assert lock.acquire(False) is False
+        mutex.release(lock)
+        assert not lock.locked()
+        with pytest.raises(RuntimeError):
+            mutex.release(lock)

@@ -7,6 +7,10 @@
  * every acquisition, a free lock included; this one is a semaphore of one tried with a single
  * atomic operation, and waited for, with the GIL released, only when another thread holds it.
  *
+ * The module's acquire(lock) and release(lock) are lock.acquire() and lock.release() as plain
+ * functions, which a compiled caller calls without looking a method up by name; given any other
+ * lock, they call its methods.
+ *
  * Rules: it behaves as threading.Lock does for everything the project uses (with, acquire with
  * blocking and timeout, release, locked): not reentrant, released by any thread, RuntimeError
  * for releasing a lock that is not held, ValueError or OverflowError for a timeout threading
@@ -178,6 +182,34 @@ static PyMethodDef mutex_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyTypeObject MutexType;
+
+/* acquire(lock): lock.acquire(), waiting as long as it takes; returns True. */
+static PyObject *
+module_acquire(PyObject *module, PyObject *lock)
+{
+    (void)module;
+    if (Py_TYPE(lock) != &MutexType)
+        return PyObject_CallMethod(lock, "acquire", NULL);
+    return taken(take((Mutex *)lock, -1));
+}
+
+/* release(lock): lock.release(). */
+static PyObject *
+module_release(PyObject *module, PyObject *lock)
+{
+    (void)module;
+    if (Py_TYPE(lock) != &MutexType)
+        return PyObject_CallMethod(lock, "release", NULL);
+    return mutex_release((Mutex *)lock, NULL);
+}
+
+static PyMethodDef module_methods[] = {
+    {"acquire", (PyCFunction)module_acquire, METH_O, "acquire(lock): lock.acquire()."},
+    {"release", (PyCFunction)module_release, METH_O, "release(lock): lock.release()."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject MutexType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pyvirtiofsd._mutex.Mutex",
@@ -194,6 +226,7 @@ static struct PyModuleDef module = {
     .m_name = "pyvirtiofsd._mutex",
     .m_doc = "The lock of pyvirtiofsd.mutex, in C.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -37,6 +37,7 @@ __all__ = ["COMPILED", "NATIVE", "build", "compiled"]
 #: The modules a compiled build compiles: the per-request path, from the ring to the backend.
 COMPILED: Final = (
     "pyvirtiofsd.carried",
+    "pyvirtiofsd.mutex",
     "pyvirtiofsd.virtio.chain",
     "pyvirtiofsd.virtio.queue",
     "pyvirtiofsd.virtio.memory",

@@ -12,28 +12,36 @@ Rules: a lock from :func:`new_mutex` is used as ``threading.Lock`` is (``with``,
 reentrant and any thread may release it. A wait lets the main thread's signal handlers run, as
 ``threading.Lock``'s does: a holder may be stuck (a close() on a hung mount), and a signal must
 still reach the daemon. Code annotates such a lock as :class:`Mutex` (a name apart from FUSE's
-POSIX locks).
+POSIX locks). The request path takes and gives back its locks with :func:`acquire` and
+:func:`release`, which are ``lock.acquire()`` and ``lock.release()`` as plain functions: a
+compiled build calls a method the generic way (looked up by name), a function bound ``Final``
+directly.
 """
 
 from __future__ import annotations
 
+import _thread
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 try:
     from pyvirtiofsd._mutex import Mutex as _CMutex
+    from pyvirtiofsd._mutex import acquire as _c_acquire
+    from pyvirtiofsd._mutex import release as _c_release
 except ImportError:  # a pure build: no C at all
     _CMutex = None
+    _c_acquire = None
+    _c_release = None
 
-__all__ = ["Mutex", "new_mutex"]
+__all__ = ["Mutex", "acquire", "new_mutex", "release"]
 
 
 class Mutex(Protocol):
     """What the project asks of a lock (``threading.Lock`` is one)."""
 
-    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -51,3 +59,11 @@ class Mutex(Protocol):
 
 #: A new, free lock: the C one in the compiled build, ``threading.Lock`` otherwise.
 new_mutex: Final[Callable[[], Mutex]] = _CMutex if _CMutex is not None else threading.Lock
+#: ``acquire(lock)``: ``lock.acquire()``, waiting as long as it takes (True).
+acquire: Final = cast(
+    "Callable[[Mutex], bool]", _c_acquire if _c_acquire is not None else _thread.LockType.acquire
+)
+#: ``release(lock)``: ``lock.release()``.
+release: Final = cast(
+    "Callable[[Mutex], None]", _c_release if _c_release is not None else _thread.LockType.release
+)

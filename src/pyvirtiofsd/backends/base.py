@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ConnectionInfo, Context, Filesystem
-from pyvirtiofsd.mutex import Mutex, new_mutex
+from pyvirtiofsd.mutex import Mutex, acquire, new_mutex, release
 
 if TYPE_CHECKING:
     from pyvirtiofsd.fuse.filesystem import DaxWindow
@@ -133,12 +133,14 @@ class HandleTable(Generic[H]):
 
     def use(self, fh: int) -> H:
         """The handle ``fh``, counted as used until :meth:`done`; EBADF when there is none."""
+        # The lock's methods as functions (see pyvirtiofsd.mutex), here and in done(): every
+        # READ and WRITE uses a handle.
         lock = self._lock
-        lock.acquire()
+        acquire(lock)
         h = self._handles.get(fh)
         if h is not None:
             h.users += 1
-        lock.release()
+        release(lock)
         if h is None:
             if fh in self._lost:
                 raise oserror(errno.EIO, f"file handle {fh} was lost in a migration")
@@ -159,10 +161,10 @@ class HandleTable(Generic[H]):
         """The end of one use (or of the count :meth:`remove` handed over); the last one ends
         the handle."""
         lock = self._lock
-        lock.acquire()
+        acquire(lock)
         h.users -= 1
         last = not h.users
-        lock.release()
+        release(lock)
         if last:
             self._last_user_left(h)
 

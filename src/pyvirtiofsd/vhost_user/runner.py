@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from pyvirtiofsd.mutex import acquire, release
 from pyvirtiofsd.vhost_user.channel import BackendChannel
 from pyvirtiofsd.vhost_user.connection import Connection, Listener
 from pyvirtiofsd.vhost_user.session import Session
@@ -420,10 +421,11 @@ class _QueueWorker:
     def _complete(self, head: int, used: int, written: list[tuple[int, int]] | None = None) -> None:
         vring = self.vring
         queue = self.queue
-        # acquire() and release() rather than ``with``: a compiled build calls a ``with``'s
-        # methods the generic way, once per request here.
+        # The lock's methods as functions (see pyvirtiofsd.mutex) rather than ``with``: a
+        # compiled build calls a ``with``'s methods, and any method of the lock, the generic
+        # way, once per request here.
         lock = vring.lock
-        lock.acquire()
+        acquire(lock)
         try:
             if self.abandoned:
                 return  # the front-end has the ring back (or is gone): not ours to touch
@@ -432,7 +434,7 @@ class _QueueWorker:
             if queue.needs_notification():
                 vring.signal_call_locked()
         finally:
-            lock.release()
+            release(lock)
 
 
 class DeviceRunner:

@@ -42,7 +42,7 @@ from pyvirtiofsd import linux
 from pyvirtiofsd.backends.passthrough.config import FileHandles
 from pyvirtiofsd.backends.passthrough.lockranges import LockRanges
 from pyvirtiofsd.fuse.filesystem import Attr
-from pyvirtiofsd.mutex import Mutex, new_mutex
+from pyvirtiofsd.mutex import Mutex, acquire, new_mutex, release
 
 try:
     from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _c_fstat_attr
@@ -379,24 +379,25 @@ class InodeStore:
     def pin(self, inode: Inode) -> None:
         """Keep ``inode``'s descriptors open until :meth:`unpin` (EBADF once forgotten)."""
         # acquire() and release() rather than ``with``, here and in unpin(): every request
-        # pins an inode, and a compiled build calls a ``with``'s methods the generic way. Only
-        # the exception of the try can come between the two: none of the daemon's signal
-        # handlers raises, so nothing arrives between acquire() and the try.
+        # pins an inode, and a compiled build calls a ``with``'s methods (and any method of
+        # the lock) the generic way. Only the exception of the try can come between the two:
+        # none of the daemon's signal handlers raises, so nothing arrives between acquire()
+        # and the try.
         lock = self._lock
-        lock.acquire()
+        acquire(lock)
         try:
             dead = inode.dead
             if not dead:
                 inode.pins += 1
                 self._pins += 1
         finally:
-            lock.release()
+            release(lock)
         if dead:
             raise OSError(errno.EBADF, f"inode {inode.nodeid} was forgotten")
 
     def unpin(self, inode: Inode) -> None:
         lock = self._lock
-        lock.acquire()
+        acquire(lock)
         try:
             inode.pins -= 1
             self._pins -= 1
@@ -410,7 +411,7 @@ class InodeStore:
             if self._closed and self._pins == 0:
                 self._close_mount_fds()
         finally:
-            lock.release()
+            release(lock)
 
     def path(self, inode: Inode) -> PathFd:
         """An O_PATH fd of ``inode`` for a ``with`` block."""
