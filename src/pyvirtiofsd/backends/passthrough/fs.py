@@ -103,6 +103,8 @@ _LOOKUP_FLAGS: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _ACL_XATTRS: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
 _NO_ID: Final = 0xFFFFFFFF
 _SLASH: Final = ord("/")
+#: Bound Final: a compiled build would look it up among the os module's attributes each time.
+_open: Final = os.open
 
 
 #: O_TMPFILE without the O_DIRECTORY it is spelled with (the kernel's __O_TMPFILE).
@@ -393,8 +395,13 @@ class PassthroughFs(Backend):
         return h
 
     def _lookup_inode(self, parent: Inode, name: bytes) -> tuple[Inode, Entry]:
-        with self.inodes.path(parent) as pfd:
-            fd = os.open(name, _LOOKUP_FLAGS, dir_fd=pfd)
+        # path() without its with block, whose methods a compiled build calls the generic way.
+        inodes = self.inodes
+        pfd, owned = inodes.path_fd(parent)
+        try:
+            fd = _open(name, _LOOKUP_FLAGS, dir_fd=pfd)
+        finally:
+            inodes.done_path(parent, pfd, owned)
         return self._entry(parent, fd)
 
     def _lookup(self, parent: Inode, name: bytes) -> Entry:

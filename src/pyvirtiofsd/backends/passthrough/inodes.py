@@ -53,6 +53,8 @@ except ImportError:  # a pure build: no C at all
 #: Final: a compiled build reads them as C variables, not from the module's dictionary.
 _native_fstat_attr: Final = _c_fstat_attr
 _native_fstat_entry: Final = _c_fstat_entry
+#: Bound Final: a compiled build would look it up among the os module's attributes each time.
+_close: Final = os.close
 
 __all__ = [
     "Ident",
@@ -87,8 +89,9 @@ def entry_of_fd(fd: int) -> tuple[Attr, Ident]:
     translated) and the inode's identity; made in C in the compiled build, as
     :func:`attr_of_fd` is."""
     if _native_fstat_entry is not None:
-        raw, dev, ino, mode = _native_fstat_entry(fd)
-        return Attr(raw=raw), (dev, ino, mode)
+        # Typed, so that a compiled build takes the tuple apart by index, not by iterating.
+        found: tuple[bytes, int, int, int] = _native_fstat_entry(fd)
+        return Attr(raw=found[0]), (found[1], found[2], found[3])
     st = os.fstat(fd)
     return Attr.from_stat(st), ident_of(st)
 
@@ -188,23 +191,11 @@ class PathFd:
         self.owned = False
 
     def __enter__(self) -> int:
-        store, inode = self.store, self.inode
-        store.pin(inode)
-        if inode.fd >= 0:
-            self.fd = inode.fd
-            return self.fd
-        try:
-            self.fd = store.open_handle(inode, os.O_PATH | os.O_NOFOLLOW)
-        except BaseException:
-            store.unpin(inode)
-            raise
-        self.owned = True
+        self.fd, self.owned = self.store.path_fd(self.inode)
         return self.fd
 
     def __exit__(self, *exc: object) -> None:
-        if self.owned:
-            os.close(self.fd)
-        self.store.unpin(self.inode)
+        self.store.done_path(self.inode, self.fd, self.owned)
 
 
 class InodeStore:
@@ -290,7 +281,10 @@ class InodeStore:
         """Take one reference on the inode behind ``fd`` (an O_PATH fd this call consumes),
         which fstat() says is ``ident``."""
         handle, mount_id = self._handle_of(fd)
-        with self._lock:
+        # The lock's methods as functions, as in pin(): every LOOKUP adds.
+        lock = self._lock
+        acquire(lock)
+        try:
             if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
                 handle = None
             key = self._key(ident, handle, mount_id)
@@ -307,7 +301,9 @@ class InodeStore:
                     self._on_dev.setdefault(inode.dev, inode)
                 if keep_fd:
                     return inode
-        os.close(fd)
+        finally:
+            release(lock)
+        _close(fd)
         return inode
 
     def ref(self, inode: Inode) -> None:
@@ -416,6 +412,28 @@ class InodeStore:
     def path(self, inode: Inode) -> PathFd:
         """An O_PATH fd of ``inode`` for a ``with`` block."""
         return PathFd(self, inode)
+
+    def path_fd(self, inode: Inode) -> tuple[int, bool]:
+        """:meth:`path` without the ``with`` block (whose methods a compiled build calls the
+        generic way; LOOKUP asks this): an O_PATH fd of ``inode``, pinned, and whether it was
+        opened for the purpose. Give both back to :meth:`done_path`."""
+        self.pin(inode)
+        fd = inode.fd
+        if fd >= 0:
+            return fd, False
+        try:
+            return self.open_handle(inode, os.O_PATH | os.O_NOFOLLOW), True
+        except BaseException:
+            self.unpin(inode)
+            raise
+
+    def done_path(self, inode: Inode, fd: int, owned: bool) -> None:
+        """The end of a :meth:`path_fd`."""
+        try:
+            if owned:
+                _close(fd)
+        finally:
+            self.unpin(inode)
 
     def stat(self, inode: Inode) -> os.stat_result:
         """``inode``'s fstat(), pinned as :meth:`path` pins it (without the ``with`` block's
