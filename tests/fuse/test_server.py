@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse import server as server_module
+from pyvirtiofsd.fuse.buffers import RequestReader
 from pyvirtiofsd.fuse.filesystem import ROOT, Context, Filesystem, Lock, SecurityContext
 from pyvirtiofsd.fuse.records import Attr, Entry, split_timeout
 from pyvirtiofsd.fuse.server import OPS, LockWaiters, Server, ServerConfig, TransportCaps
@@ -960,6 +961,24 @@ def test_the_c_decoding_answers_only_what_struct_reads(
         return
     where = raw[abi.IN_HEADER.size : cut] if cut > abi.IN_HEADER.size else pieces[1]
     assert split[8] == _reference_args(layout, header, where)
+    _check_rest(split, pieces, layout, header)
+
+
+def _check_rest(
+    split: tuple[Any, ...], pieces: list[bytes], layout: bytes, header: tuple[int, ...]
+) -> None:
+    """Where the C decoding says the bytes after the arguments begin is where a reader that
+    skipped the header and the arguments stands (0, 0 when it decoded none)."""
+    if split[8] is None:
+        assert split[9:] == (0, 0)
+        return
+    if layout.endswith(b"z"):
+        size = header[0] - abi.IN_HEADER.size - 8 * header[7]
+    else:
+        size = struct.calcsize(layout)
+    reader = RequestReader([memoryview(p) for p in pieces])
+    reader.skip(abi.IN_HEADER.size + size)
+    assert split[9:] == (reader._index, reader._offset)
 
 
 def _reference_args(layout: bytes, header: tuple[int, ...], where: bytes) -> tuple[Any, ...] | None:
@@ -1020,6 +1039,7 @@ def test_the_c_decoding_gives_a_name_as_struct_and_find_do(
     assert split is not None
     where = pieces[0][abi.IN_HEADER.size :] if at > abi.IN_HEADER.size else pieces[1]
     assert split[8] == _reference_args(layout, header, where)
+    _check_rest(split, pieces, layout, header)
     # The server answers the same whichever decoding took the request.
     assert _answers(raw, [at]) == _answers(raw, [abi.IN_HEADER.size + 1])
 

@@ -4,9 +4,12 @@
  * An optional accelerator of pyvirtiofsd.fuse.server, built only with the compiled variant
  * (setup.py). split(readable, layouts) decodes the in header and the opcode's fixed arguments
  * in one call, where the server would otherwise make a reader and two struct calls, and returns
- * (length, opcode, unique, nodeid, uid, gid, pid, total_extlen, args): args is the tuple of the
- * fixed arguments, or None when the opcode has none in ``layouts`` or they don't lie whole in the
- * buffer after the header (or at the start of the next one, as a Linux driver puts them). A
+ * (length, opcode, unique, nodeid, uid, gid, pid, total_extlen, args, index, offset): args is the
+ * tuple of the fixed arguments, or None when the opcode has none in ``layouts`` or they don't lie
+ * whole in the buffer after the header (or at the start of the next one, as a Linux driver puts
+ * them); index and offset say where the bytes after args begin (the buffer, and the offset in
+ * it: the start of the next buffer when args end their own), as a reader that skipped the header
+ * and args would have them (0, 0 with no args). A
  * layout ending in "z" has one NUL-terminated name after its fixed fields (LOOKUP, MKDIR...): the
  * name, up to its NUL, is then the last item of args, and the arguments the header declares
  * (its length less the header and the extensions) must all lie in that one buffer and hold a NUL
@@ -197,12 +200,28 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         int64_t declared = (int64_t)u32(raw) - HEADER - 8 * (int64_t)ext;
         size = declared > fixed && declared - fixed <= MAX_NAME ? (Py_ssize_t)declared : -1;
     }
+    /* Where the bytes after the arguments begin: buffer index and offset. */
+    Py_ssize_t rest_index = 0, rest_offset = 0;
     if (size > 0) {
-        if (first_len > HEADER)
+        if (first_len > HEADER) {
             have_args = copy_out(first, HEADER, size, raw + HEADER, &first_len);
-        else if (next != NULL)
+            rest_index = 0;
+            rest_offset = HEADER + size;
+            if (rest_offset == first_len) {
+                rest_index = 1;
+                rest_offset = 0;
+            }
+        } else if (next != NULL) {
             have_args = copy_out(next, 0, size, raw + HEADER, &next_len);
+            rest_index = 1;
+            rest_offset = size;
+            if (rest_offset == next_len) {
+                rest_index = 2;
+                rest_offset = 0;
+            }
+        }
     }
+
     Py_DECREF(first);
     Py_XDECREF(next);
 
@@ -213,6 +232,8 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         nul = memchr(name, 0, (size_t)(size - fixed));
         have_args = nul != NULL;
     }
+    if (!have_args)
+        rest_index = rest_offset = 0;
     PyObject *args;
     if (have_args) {
         args = decode_args(PyBytes_AS_STRING(layout) + 1,
@@ -225,7 +246,7 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     }
     uint16_t extlen;
     memcpy(&extlen, raw + 36, sizeof extlen);
-    PyObject *out = PyTuple_New(9);
+    PyObject *out = PyTuple_New(11);
     if (out == NULL) {
         Py_DECREF(args);
         return NULL;
@@ -243,6 +264,12 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         PyTuple_SET_ITEM(out, i, fields[i] != NULL ? fields[i] : Py_NewRef(Py_None));
     }
     PyTuple_SET_ITEM(out, 8, args);
+    PyObject *where[2] = {PyLong_FromSsize_t(rest_index), PyLong_FromSsize_t(rest_offset)};
+    for (int i = 0; i < 2; i++) {
+        if (where[i] == NULL)
+            failed = 1;
+        PyTuple_SET_ITEM(out, 9 + i, where[i] != NULL ? where[i] : Py_NewRef(Py_None));
+    }
     if (failed) {
         Py_DECREF(out);
         return NULL;
@@ -253,7 +280,7 @@ split(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 static PyMethodDef methods[] = {
     {"split", (PyCFunction)(void (*)(void))split, METH_FASTCALL,
      "split(readable, layouts): (length, opcode, unique, nodeid, uid, gid, pid, total_extlen, "
-     "args or None), or None when the server must decode the request itself."},
+     "args or None, index, offset), or None when the server must decode the request itself."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -139,6 +139,16 @@ class RequestReader:
         self._index = index
         self._offset = offset
 
+    def resume(self, index: int, offset: int, size: int) -> None:
+        """:meth:`skip` of ``size`` bytes at the start, told where they end (view ``index``,
+        ``offset`` in it, as :meth:`skip` would leave them) rather than walking to it."""
+        if size > self.remaining:
+            raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
+        self.remaining -= size
+        self._avail -= size
+        self._index = index
+        self._offset = offset
+
     def read(self, size: int) -> Buffer:
         """The next ``size`` bytes: a view when they lie in one buffer, else a copy."""
         if size > self.remaining:

@@ -205,7 +205,7 @@ class Op(NamedTuple):
 #: A row of the server's dispatch table (see :meth:`Server.__init__`).
 _Dispatch = tuple[Op, Callable[..., Any], struct.Struct | None, int, int, int]
 #: What the C decoding gives: the header's fields, then the fixed arguments or None.
-_Split = tuple[int, int, int, int, int, int, int, int, "tuple[Any, ...] | None"]
+_Split = tuple[int, int, int, int, int, int, int, int, "tuple[Any, ...] | None", int, int]
 _INIT: Final = int(abi.Opcode.INIT)
 #: The fixed size in the dispatch table of requests with one name after their fixed fields:
 #: what the C decoding gives them is whole, whatever their length.
@@ -326,6 +326,8 @@ def _attr_head(timeout: float) -> bytes:
 #: and generation, then those fields, which depend on the two timeouts alone and so are packed
 #: once per pair, as :data:`_ATTR_HEADS` are.
 _NODE: Final = struct.Struct("<QQ")
+#: abi.WRITE_OUT's struct, as a module constant of this module.
+_WRITE_OUT: Final = abi.WRITE_OUT.struct
 _TIMES: Final = struct.Struct("<QQII")
 _ENTRY_TIMES: Final[dict[tuple[float, float], bytes]] = {}
 #: The last pair packed, with its bytes (a NaN pair matches none).
@@ -535,9 +537,22 @@ class Server:
         if _native_split is not None:
             split = _native_split(readable, self._layouts)
         if split is not None:
-            length, opcode, unique, nodeid, uid, gid, pid, extlen, in_place = split
+            (
+                length,
+                opcode,
+                unique,
+                nodeid,
+                uid,
+                gid,
+                pid,
+                extlen,
+                in_place,
+                rest_index,
+                rest_offset,
+            ) = split
         else:
             in_place = None
+            rest_index = rest_offset = 0
             reader = RequestReader(readable, None, total)
             try:
                 buf, pos = reader.take(_IN_SIZE)
@@ -586,11 +601,13 @@ class Server:
                 # with the header.
                 args = in_place
             elif in_place is not None and 0 <= tail_size <= args_len:
-                # WRITE and the others whose handler reads the rest of the request itself.
+                # WRITE and the others whose handler reads the rest of the request itself,
+                # from where the C decoding says the fixed arguments end.
                 reader = RequestReader(readable, None, total)
-                reader.skip(_IN_SIZE + tail_size)
+                reader.resume(rest_index, rest_offset, _IN_SIZE + tail_size)
                 reader.remaining = args_len - tail_size
-                args = (*in_place, reader)
+                # Concatenated: a compiled build makes (*in_place, reader) through a list.
+                args = in_place + (reader,)  # noqa: RUF005
             else:
                 if reader is None:
                     reader = RequestReader(readable, None, total)
@@ -1213,7 +1230,9 @@ class Server:
         written = self.fs.write(
             ctx, nodeid, fh, offset, WriteData(data.views(size), size), write_flags
         )
-        out.pack(abi.WRITE_OUT.struct, written, 0)
+        # Packed here rather than through out.pack(), whose arguments a compiled build passes
+        # on the generic way: every WRITE answers this.
+        out.write(_WRITE_OUT.pack(written, 0))
 
     @_op(abi.Opcode.FLUSH, abi.FLUSH_IN)
     def _flush(
