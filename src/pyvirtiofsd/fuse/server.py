@@ -575,7 +575,9 @@ class Server:
         if entry is None:
             log.debug("unsupported opcode %d", opcode)
             return self._error(out, errno.ENOSYS, unique)
-        self.counts[opcode] += 1
+        # Added and stored apart: a compiled build adds "+=" on a list item the generic way.
+        counts = self.counts
+        counts[opcode] = counts[opcode] + 1
         op, handler, fixed, fixed_size, tail_size, room = entry
         if not self.initialized and opcode != _INIT:
             log.warning("opcode %d before INIT", opcode)

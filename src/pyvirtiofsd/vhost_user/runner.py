@@ -260,8 +260,10 @@ class _QueueWorker:
             # A front-end may have queued requests before the ring started and need not
             # kick again, so look once before sleeping.
             self._drain()
+            # Bound once: a compiled build looks a method up by name at each call.
+            poll = poller.poll
             while True:
-                for fd, events in poller.poll():
+                for fd, events in poll():
                     if events & _POLL_ERR:
                         log.error(
                             "vring %d: kick fd %d failed (poll events %#x)",
@@ -430,7 +432,10 @@ class _QueueWorker:
             if self.abandoned:
                 return  # the front-end has the ring back (or is gone): not ours to touch
             queue.push_used(head, used, written)
-            self.served[vring.index] += 1
+            # Added and stored apart: a compiled build adds "+=" on a list item the generic way.
+            served = self.served
+            index = vring.index
+            served[index] = served[index] + 1
             if queue.needs_notification():
                 vring.signal_call_locked()
         finally:

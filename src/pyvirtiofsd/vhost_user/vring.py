@@ -25,9 +25,11 @@ __all__ = ["Vring", "check_notifier_fd", "consume", "notify"]
 log = logging.getLogger(__name__)
 
 _ONE: Final = (1).to_bytes(8, "little")
-#: Bound Final, so that a compiled build reads it as a C variable rather than as an attribute
-#: of the os module at each interrupt.
+#: Bound Final, so that a compiled build reads them as C variables rather than as attributes
+#: of the os module at each interrupt and kick.
 _write: Final = os.write
+_preadv: Final = os.preadv
+_RWF_NOWAIT: Final = os.RWF_NOWAIT
 
 
 def check_notifier_fd(fd: int) -> None:
@@ -56,7 +58,7 @@ def consume(fd: int, scratch: bytearray) -> bool:
     can't read ``fd`` that way (too old); the caller then reads it plainly, and must be able to
     wake itself by notifying ``fd`` should it wait there."""
     try:
-        os.preadv(fd, [scratch], -1, os.RWF_NOWAIT)
+        _preadv(fd, [scratch], -1, _RWF_NOWAIT)
     except BlockingIOError:
         pass
     except OSError as e:
