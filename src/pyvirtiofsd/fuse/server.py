@@ -310,15 +310,22 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 #: The head of an ATTR_OUT reply (validity, padding) per timeout, packed once: a file system
 #: answers with the few timeouts it was configured with. The attributes follow it.
 _ATTR_HEADS: Final[dict[float, bytes]] = {}
+#: The last timeout packed, with its head (NaN matches none): compared as a float, where a
+#: look-up in the table boxes and hashes it. Replaced whole, as _LAST_TIMES is.
+_LAST_HEAD: Final[list[tuple[float, bytes]]] = [(math.nan, b"")]
 
 
 def _attr_head(timeout: float) -> bytes:
+    last = _LAST_HEAD[0]
+    if last[0] == timeout:
+        return last[1]
     head = _ATTR_HEADS.get(timeout)
     if head is None:
         av, avn = split_timeout(timeout)
         head = _ATTR_OUT_HEAD.pack(av, avn, 0)
         if len(_ATTR_HEADS) < 64:
             _ATTR_HEADS[timeout] = head
+    _LAST_HEAD[0] = (timeout, head)
     return head
 
 
