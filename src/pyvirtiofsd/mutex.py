@@ -15,7 +15,8 @@ still reach the daemon. Code annotates such a lock as :class:`Mutex` (a name apa
 POSIX locks). The request path takes and gives back its locks with :func:`acquire` and
 :func:`release`, which are ``lock.acquire()`` and ``lock.release()`` as plain functions: a
 compiled build calls a method the generic way (looked up by name), a function bound ``Final``
-directly.
+directly. They take the locks :func:`new_mutex` makes (the pure build's are
+``threading.Lock``'s own methods, which take nothing else).
 """
 
 from __future__ import annotations
