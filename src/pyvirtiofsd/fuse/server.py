@@ -204,7 +204,8 @@ class Op(NamedTuple):
 
 #: A row of the server's dispatch table (see :meth:`Server.__init__`).
 _Dispatch = tuple[Op, Callable[..., Any], struct.Struct | None, int, int, int]
-#: What the C decoding gives: the header's fields, then the fixed arguments or None.
+#: What the C decoding gives: the header's fields, the fixed arguments (and name) or None, and
+#: the buffer and offset where the bytes after them begin.
 _Split = tuple[int, int, int, int, int, int, int, int, "tuple[Any, ...] | None", int, int]
 _INIT: Final = int(abi.Opcode.INIT)
 #: The fixed size in the dispatch table of requests with one name after their fixed fields:
