@@ -86,6 +86,9 @@ VOLATILE_SCHEMES = frozenset({"memory", "dashmap", "moka", "mini_moka", "mini-mo
 #: What st_blksize says: programs size their I/O by it, and each write() is one FUSE WRITE.
 BLKSIZE = 1 << 20
 NAME_MAX = 255
+#: The slash as a byte value: a bytes operand of "in" is first tried as an integer, and the
+#: error raised and cleared costs more than the search.
+_SLASH = ord("/")
 _NS = 1_000_000_000
 _DT_UNKNOWN, _DT_DIR, _DT_REG, _DT_LNK = 0, 4, 8, 10
 #: CREATE finds the name taken, then gone again when it looks: another client is busy with it.
@@ -197,8 +200,7 @@ class OpendalFs(Backend):
             raise oserror(errno.EROFS)
 
     def _name(self, name: bytes) -> str:
-        # The slash as a byte value: a bytes operand of "in" costs a raised and cleared error.
-        if not name or ord("/") in name or name in (b".", b".."):
+        if not name or _SLASH in name or name in (b".", b".."):
             raise oserror(errno.EINVAL, "invalid name")
         if len(name) > NAME_MAX:
             raise oserror(errno.ENAMETOOLONG)
