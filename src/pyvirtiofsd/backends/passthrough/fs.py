@@ -100,6 +100,17 @@ _DIRENT_HEAD: Final = struct.Struct("=QqHB")
 _GETDENTS_BUFSIZE: Final = 64 * 1024
 #: How a name is looked up: its own O_PATH descriptor, never following a symlink.
 _LOOKUP_FLAGS: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Open flags as Final ints: a compiled build would look each up among the os module's
+#: attributes, and the connection's flags are an enum.IntFlag, whose operators run in Python.
+_O_ACCMODE: Final = os.O_ACCMODE
+_O_WRONLY: Final = os.O_WRONLY
+_O_RDWR: Final = os.O_RDWR
+_O_APPEND: Final = os.O_APPEND
+_O_DIRECT: Final = os.O_DIRECT
+_O_CLOEXEC: Final = os.O_CLOEXEC
+_WRITEBACK_CACHE: Final = int(abi.InitFlag.WRITEBACK_CACHE)
+#: What open_at answers for a name that is not there.
+_NO_SUCH_NAME: Final = -errno.ENOENT
 _ACL_XATTRS: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
 _NO_ID: Final = 0xFFFFFFFF
 _SLASH: Final = ord("/")
@@ -165,6 +176,10 @@ class PassthroughFs(Backend):
         self.inodes = InodeStore(config.shared_dir, config.inode_file_handles)
         self._handles: HandleTable[_Handle] = HandleTable(self._close_handle)
         self._timeout = config.timeout
+        # Looked up once: the cache policy is an enum, whose hash runs in Python.
+        self._file_fopen = policy.file_open_flags(config.cache)
+        self._dir_fopen = policy.dir_open_flags(config.cache)
+        self._allow_direct_io = config.allow_direct_io
         # Read by every attribute reply: taken out of the (frozen) config once.
         self._dax_file_size = config.dax_file_size
         self._readonly = config.readonly
@@ -782,19 +797,20 @@ class PassthroughFs(Backend):
         if flags & _O_TMPFILE_BIT:
             raise oserror(errno.EINVAL, "O_TMPFILE only through FUSE_TMPFILE")
         flags &= ~_DROPPED_FLAGS
-        if self._conn.want & abi.InitFlag.WRITEBACK_CACHE:
+        want: int = self._conn.want
+        if want & _WRITEBACK_CACHE:
             # The guest's page cache may read back pages of a write-only file, and it does
             # O_APPEND itself, at the offsets it sends.
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-            flags &= ~os.O_APPEND
-        if not self.cfg.allow_direct_io:
-            flags &= ~os.O_DIRECT
-        return flags | os.O_CLOEXEC
+            if flags & _O_ACCMODE == _O_WRONLY:
+                flags = (flags & ~_O_ACCMODE) | _O_RDWR
+            flags &= ~_O_APPEND
+        if not self._allow_direct_io:
+            flags &= ~_O_DIRECT
+        return flags | _O_CLOEXEC
 
     def _file_open_flags(self, guest_flags: int) -> int:
-        flags = policy.file_open_flags(self.cfg.cache)
-        if guest_flags & os.O_DIRECT and self.cfg.allow_direct_io:
+        flags = self._file_fopen
+        if guest_flags & _O_DIRECT and self._allow_direct_io:
             flags |= abi.FOPEN_DIRECT_IO
         return flags
 
@@ -1055,7 +1071,7 @@ class PassthroughFs(Backend):
             raise oserror(errno.ENOTDIR)
         fd = self.inodes.open(inode, os.O_RDONLY | os.O_DIRECTORY)
         opened = self._handles.add(_Handle(fd, inode, flags | os.O_DIRECTORY))
-        return Opened(opened, policy.dir_open_flags(self.cfg.cache))
+        return Opened(opened, self._dir_fopen)
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, out: DirBuffer) -> None:
         h = self._handles.use(fh)
