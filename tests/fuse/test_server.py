@@ -94,6 +94,43 @@ def test_init_with_older_minor_keeps_its_minor(server: Server) -> None:
     assert server.proto_minor == 31
 
 
+class _NoneForMissing(MemFs):
+    """Answers a missing name with None, as a file system may instead of raising ENOENT."""
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry | None:
+        if name.startswith(b"gone"):
+            return None
+        return super().lookup(ctx, parent, name)
+
+
+@pytest.mark.parametrize("cut", [None, 42, 44])
+def test_a_lookup_answered_none_is_enoent(cut: int | None) -> None:
+    """None from lookup is ENOENT on the wire, whether the request was decoded in C (whole in
+    one buffer) or in Python (cut inside its header or its name), and the request is over."""
+    server = Server(_NoneForMissing())
+    FuseClient(direct(server)).init()
+    request = encode_request(abi.Opcode.LOOKUP, ROOT, b"gone\0", unique=77)
+    parts = [request] if cut is None else [request[:cut], request[cut:]]
+    out = bytearray(4096)
+    n = server.handle([memoryview(p) for p in parts], [memoryview(out)])
+    err, unique, payload = decode_reply(bytes(out[:n]))
+    assert (err, unique, payload) == (errno.ENOENT, 77, b"")
+    assert server.in_flight() == 0
+
+
+def test_the_passthrough_answers_a_missing_name_with_none(tmp_path: Path) -> None:
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(tmp_path)))
+    ctx = Context(0, 0, 0, 1)
+    assert fs.lookup(ctx, ROOT, b"missing") is None
+    (tmp_path / "here").write_bytes(b"")
+    entry = fs.lookup(ctx, ROOT, b"here")
+    assert entry is not None and entry.ino != ROOT
+    with pytest.raises(OSError) as got:
+        fs.lookup(ctx, ROOT, b"x" * 300)
+    assert got.value.errno == errno.ENAMETOOLONG
+    fs.shutdown()
+
+
 class _Timeouts(MemFs):
     """Answers each LOOKUP and GETATTR with the timeouts it is told to (a file system that
     computes them), for the replies' packing, which keeps what it packed per timeout."""

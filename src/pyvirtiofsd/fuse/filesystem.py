@@ -273,7 +273,10 @@ class Filesystem:
 
     # --- names and inodes ----------------------------------------------------------------
 
-    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry | None:
+        """``name`` in the directory ``parent``, with one more lookup of what it names. None
+        says that no such name is there (ENOENT) without raising: the cheap way for the answer
+        that path walks and searches get most."""
         raise _enosys()
 
     def forget(self, ino: int, nlookup: int) -> None:

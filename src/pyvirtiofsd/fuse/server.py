@@ -216,6 +216,9 @@ _NAMED: Final = -2
 _LATER: Final = 1
 #: A handler's return value: no reply at all (FORGET, an INTERRUPT that found its target).
 _SILENT: Final = 2
+#: A handler's return value: ENOENT, which the file system answered without an exception.
+_NOENT: Final = 3
+_ENOENT: Final = errno.ENOENT
 
 _OPS: dict[int, tuple[Op, str, tuple[Any, ...]]] = {}
 
@@ -653,8 +656,7 @@ class Server:
                 )
                 result = None
             elif opcode == _LOOKUP:
-                self._lookup(ctx, nodeid, out, token, args[0])
-                result = None
+                result = self._lookup(ctx, nodeid, out, token, args[0])
             else:
                 result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
@@ -669,13 +671,17 @@ class Server:
             log.exception("request %d (opcode %d) failed", unique, opcode)
             return self._error(out, errno.EIO, unique)
         if result is not None:
-            # Only the few handlers that answer later or not at all return anything.
+            # Only the few handlers that answer later, not at all, or with ENOENT without an
+            # exception return anything.
             if result == _LATER:
                 # The waiter removes the request from _inflight when it is done.
                 return None
             if result == _SILENT:
                 inflight.pop(unique, None)
                 return 0
+            if result == _NOENT:
+                inflight.pop(unique, None)
+                return self._error(out, _ENOENT, unique)
         # Deleted rather than popped: a compiled build calls a dict's methods the generic way.
         # Two requests a hostile guest gave one unique leave one entry, which the first ends.
         try:
@@ -987,8 +993,14 @@ class Server:
     # --- inodes ----------------------------------------------------------------------------
 
     # Declared below the class, with the other requests called by name.
-    def _lookup(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
-        _pack_entry(out, self.fs.lookup(ctx, nodeid, name))
+    def _lookup(
+        self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes
+    ) -> int | None:
+        entry = self.fs.lookup(ctx, nodeid, name)
+        if entry is None:
+            return _NOENT
+        _pack_entry(out, entry)
+        return None
 
     def _pack_attr(self, out: ReplyWriter, attr_and_timeout: tuple[Attr, float]) -> None:
         attr, timeout = attr_and_timeout

@@ -257,6 +257,78 @@ def test_attr_of_fd_fails_as_fstat_does() -> None:
     assert got.value.errno == errno.EBADF
 
 
+def _open_or_errno(dir_fd: int, name: bytes, flags: int) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        return -e.errno
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        os.O_PATH | os.O_NOFOLLOW,
+        # O_NONBLOCK: a FIFO's open would wait for its other end.
+        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+        os.O_RDONLY | os.O_NONBLOCK,
+        os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK,
+        os.O_WRONLY | os.O_NONBLOCK,
+    ],
+)
+def test_open_at_answers_as_os_open_with_the_errno_for_an_exception(
+    tmp_path: Path, flags: int
+) -> None:
+    """A lookup's open answers a failure with minus its errno, in C on the compiled build:
+    for every kind of file, a missing name, "." and "..", the same fd kind or errno as
+    os.open, close-on-exec as os.open makes its fds."""
+    root = tmp_path / "root"
+    root.mkdir()
+    names = [p.name.encode() for p in _every_kind(root)[:-1]] + [b"missing", b".", b".."]
+    dir_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for name in [*names, b"reg/below"]:
+            want = _open_or_errno(dir_fd, name, flags)
+            got = inodes.open_at(dir_fd, name, flags)
+            try:
+                assert (got >= 0) == (want >= 0), name
+                if got < 0:
+                    assert got == want, (name, os.strerror(-got))
+                else:
+                    assert os.fstat(got).st_ino == os.fstat(want).st_ino, name
+                    assert fcntl.fcntl(got, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, name
+            finally:
+                for fd in (got, want):
+                    if fd >= 0:
+                        os.close(fd)
+        assert inodes.open_at(-1, b"reg", flags) == -errno.EBADF
+    finally:
+        os.close(dir_fd)
+
+
+def test_open_at_never_makes_a_file_and_refuses_what_os_open_refuses(tmp_path: Path) -> None:
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for flags in (os.O_CREAT | os.O_WRONLY, os.O_TMPFILE | os.O_RDWR):
+            with pytest.raises(ValueError):
+                inodes.open_at(dir_fd, b"new", flags)
+        assert not (tmp_path / "new").exists()
+        with pytest.raises(ValueError):
+            inodes.open_at(dir_fd, b"a\0b", os.O_PATH)
+        native = inodes._native_open_at
+        if native is None:
+            assert os.environ.get("PYVIRTIOFSD_TEST_BUILD") != "mypyc", "C module missing"
+            return
+        for bad in ((2**40, b"x", 0), (dir_fd, b"x", 2**40)):
+            with pytest.raises(OverflowError):
+                native(*bad)
+        with pytest.raises(TypeError):
+            native(dir_fd, "x", 0)
+        with pytest.raises(TypeError):
+            native(dir_fd, b"x")
+    finally:
+        os.close(dir_fd)
+
+
 def test_a_file_from_before_1970_is_looked_up_and_its_reference_kept(tmp_path: Path) -> None:
     """Its times once made the reply fail to pack after the lookup had taken its reference:
     EINVAL, and a reference the kernel would never forget."""

@@ -5,14 +5,18 @@
  * compiled variant (setup.py). fstat_attr(fd, flags) is Attr.from_stat(os.fstat(fd), None,
  * flags).raw without the os.stat_result between them: the fuse_attr bytes (88, little-endian,
  * the layout of pyvirtiofsd.fuse.abi.ATTR) made straight from the struct stat. fstat_entry(fd)
- * adds what identifies the inode (st_dev, st_ino, its type), for a lookup.
+ * adds what identifies the inode (st_dev, st_ino, its type), for a lookup. open_at(dir_fd,
+ * name, flags) is os.open(name, flags, dir_fd=dir_fd) that answers a failure with minus its
+ * errno instead of an OSError: a name that is not there is a lookup's everyday answer, and an
+ * exception raised through the compiled frames above costs more than the rest of the lookup.
  *
  * Rules:
  * - Field for field what the Python path gives: times as the kernel's signed seconds in two's
  *   complement with nanoseconds in 0..999,999,999 (a timespec already is that), the link count
  *   and the device number cut to 32 bits; flags must fit 32 bits (else OverflowError, as the
  *   Python path's struct raises an error for it).
- * - It fails as os.fstat fails: OSError with the call's errno.
+ * - It fails as os.fstat fails: OSError with the call's errno (open_at: only for arguments that
+ *   os.open would refuse before the call, with the same exception type).
  * - The GIL is released around the call, as os.fstat releases it: a share on a file system
  *   that blocks (NFS) must not stop the other queues.
  */
@@ -22,6 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <errno.h>
+#include <fcntl.h>
 
 struct fuse_attr_le {
     uint64_t ino;
@@ -129,11 +135,61 @@ fstat_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         (unsigned int)(st.st_mode & S_IFMT));
 }
 
+/* An int argument that must fit a C int, as os.open's are. */
+static int
+int_arg(PyObject *arg, int *out)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "signed integer is out of range for a C int");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static PyObject *
+open_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "open_at(dir_fd, name, flags)");
+        return NULL;
+    }
+    int dir_fd, flags;
+    if (int_arg(args[0], &dir_fd) != 0 || int_arg(args[2], &flags) != 0)
+        return NULL;
+    if (flags & (O_CREAT | (O_TMPFILE & ~O_DIRECTORY))) {
+        PyErr_SetString(PyExc_ValueError, "open_at never makes a file");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "open_at: the name is bytes");
+        return NULL;
+    }
+    const char *name = PyBytes_AS_STRING(args[1]);
+    if (strlen(name) != (size_t)PyBytes_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_ValueError, "embedded null byte");
+        return NULL;
+    }
+    int fd, err = 0;
+    /* Mode 0: nothing is made (refused above). O_CLOEXEC as os.open adds it. */
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        fd = openat(dir_fd, name, flags | O_CLOEXEC, 0);
+    } while (fd < 0 && (err = errno) == EINTR);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(fd >= 0 ? fd : -err);
+}
+
 static PyMethodDef methods[] = {
     {"fstat_attr", (PyCFunction)(void (*)(void))fstat_attr, METH_FASTCALL,
      "fstat_attr(fd, flags) -> bytes: the fuse_attr of fstat(fd), flags included."},
     {"fstat_entry", (PyCFunction)(void (*)(void))fstat_entry, METH_FASTCALL,
      "fstat_entry(fd) -> (fuse_attr bytes with flags 0, st_dev, st_ino, S_IFMT(st_mode))."},
+    {"open_at", (PyCFunction)(void (*)(void))open_at, METH_FASTCALL,
+     "open_at(dir_fd, name, flags) -> int: the new fd, or minus the errno of the failure."},
     {NULL, NULL, 0, NULL},
 };
 

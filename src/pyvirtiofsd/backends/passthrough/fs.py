@@ -73,6 +73,7 @@ from pyvirtiofsd.backends.passthrough.inodes import (
     attr_of_fd,
     entry_of_fd,
     ident_of,
+    open_at,
 )
 from pyvirtiofsd.backends.passthrough.xattrmap import Kind
 from pyvirtiofsd.fuse import abi, policy
@@ -449,7 +450,7 @@ class PassthroughFs(Backend):
 
     # --- names and inodes ------------------------------------------------------------------
 
-    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry | None:
         pinode = self.inodes.get(parent)
         if pinode.mode != stat.S_IFDIR:
             # Nothing is found in what is no directory, "." and ".." included (the openat()
@@ -462,7 +463,19 @@ class PassthroughFs(Backend):
             return Entry(pinode.nodeid, self._attr(st), self._timeout, self._timeout)
         if name != b"..":
             _check_name(name)
-        return self._lookup(pinode, name)
+        # _lookup_inode's steps, with the open answering a failure as a number: a missing
+        # name is answered None, without an exception (see open_at).
+        inodes = self.inodes
+        pfd, owned = inodes.path_fd(pinode)
+        try:
+            fd = open_at(pfd, name, _LOOKUP_FLAGS)
+        finally:
+            inodes.done_path(pinode, pfd, owned)
+        if fd < 0:
+            if fd == _NO_SUCH_NAME:
+                return None
+            raise oserror(-fd)
+        return self._entry(pinode, fd)[1]
 
     def forget(self, ino: int, nlookup: int) -> None:
         self.inodes.forget(ino, nlookup)

@@ -47,14 +47,20 @@ from pyvirtiofsd.mutex import Mutex, acquire, new_mutex, release
 try:
     from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _c_fstat_attr
     from pyvirtiofsd.backends.passthrough._stat import fstat_entry as _c_fstat_entry
+    from pyvirtiofsd.backends.passthrough._stat import open_at as _c_open_at
 except ImportError:  # a pure build: no C at all
     _c_fstat_attr = None
     _c_fstat_entry = None
+    _c_open_at = None
 #: Final: a compiled build reads them as C variables, not from the module's dictionary.
 _native_fstat_attr: Final = _c_fstat_attr
 _native_fstat_entry: Final = _c_fstat_entry
+_native_open_at: Final = _c_open_at
 #: Bound Final: a compiled build would look it up among the os module's attributes each time.
 _close: Final = os.close
+_open: Final = os.open
+#: What open_at never does: make a file.
+_MAKING: Final = os.O_CREAT | (os.O_TMPFILE & ~os.O_DIRECTORY)
 
 __all__ = [
     "Ident",
@@ -65,6 +71,7 @@ __all__ = [
     "check_openable",
     "entry_of_fd",
     "ident_of",
+    "open_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,23 @@ def attr_of_fd(fd: int, flags: int = 0) -> Attr:
     if _native_fstat_attr is not None:
         return Attr(raw=_native_fstat_attr(fd, flags))
     return Attr.from_stat(os.fstat(fd), None, flags)
+
+
+def open_at(dir_fd: int, name: bytes, flags: int) -> int:
+    """``os.open(name, flags, dir_fd=dir_fd)`` that answers a failure with minus its errno
+    rather than an OSError: for a lookup, a name that is not there is an everyday answer, and
+    an exception costs more than the rest of the lookup once it passes through compiled
+    frames. Never makes a file (ValueError for O_CREAT or O_TMPFILE); arguments os.open
+    refuses before the call raise as it does. In C in the compiled build (``_stat.c``)."""
+    if _native_open_at is not None:
+        fd: int = _native_open_at(dir_fd, name, flags)
+        return fd
+    if flags & _MAKING:
+        raise ValueError("open_at never makes a file")
+    try:
+        return _open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        return -(e.errno or errno.EIO)
 
 
 def check_openable(mode: int) -> None:
