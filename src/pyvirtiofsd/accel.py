@@ -51,6 +51,7 @@ COMPILED: Final = (
     "pyvirtiofsd.backends.base",
     "pyvirtiofsd.backends.passthrough.fs",
     "pyvirtiofsd.backends.passthrough.inodes",
+    "pyvirtiofsd.transport.fusedev",
 )
 
 #: Hand-written C modules the compiled build adds (``name.c`` beside the module that uses it).

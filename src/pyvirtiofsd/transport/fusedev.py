@@ -18,7 +18,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.fuse import abi
@@ -35,15 +35,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Errors of write() on /dev/fuse that only mean the request is no longer wanted.
-_STALE_REPLY = (errno.ENOENT, errno.EINTR)
+_STALE_REPLY: Final = (errno.ENOENT, errno.EINTR)
 #: Worker threads a mount has at least: a request waiting in the backend must not hold up the
 #: others, and the kernel sends several at once.
-MIN_WORKERS = 4
+MIN_WORKERS: Final = 4
 #: Seconds :meth:`FuseMount.serve` waits for its workers once unmounted, before leaving behind
 #: those stuck in the backend.
-UNMOUNT_GRACE = 2.0
+UNMOUNT_GRACE: Final = 2.0
 #: How often (seconds) :meth:`FuseMount.serve` looks whether it was asked to stop.
-_STOP_POLL = 0.5
+_STOP_POLL: Final = 0.5
+#: Bound Final: a compiled build would look them up among the os module's attributes each time.
+_readv: Final = os.readv
+_write: Final = os.write
+_ENODEV: Final = errno.ENODEV
+#: Errors of read() on /dev/fuse to read again after.
+_READ_AGAIN: Final = (errno.EINTR, errno.EAGAIN, errno.ENOENT)
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,7 @@ class FuseMount:
         outbuf = bytearray(self.bufsize)
         inview = memoryview(inbuf)
         outview = memoryview(outbuf)
-        handle = self.server.handle
+        server = self.server
         # Made once: the server keeps neither list past handle() (a reply answered later
         # has a buffer of its own), and it is told their sizes rather than left to sum them.
         inbufs = [inbuf]
@@ -240,27 +246,27 @@ class FuseMount:
         outlen = len(outbuf)
         while True:
             try:
-                n = os.readv(fd, inbufs)
+                n = _readv(fd, inbufs)
             except OSError as e:
-                if e.errno == errno.ENODEV:
+                if e.errno == _ENODEV:
                     break
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                if e.errno in _READ_AGAIN:
                     continue
                 log.error("reading /dev/fuse: %s", e)
                 break
             if n == 0:
                 break
             # None: the reply comes later, from its own buffer (_later); this one is free.
-            reply = handle([inview[:n]], outviews, None, n, outlen)
+            reply = server.handle([inview[:n]], outviews, None, n, outlen)
             if reply:
                 self._send(outview[:reply])
         log.debug("worker %s ends", threading.current_thread().name)
 
     def _send(self, reply: Any) -> None:
         try:
-            os.write(self.fd, reply)
+            _write(self.fd, reply)
         except OSError as e:
-            if e.errno not in _STALE_REPLY and e.errno != errno.ENODEV:
+            if e.errno not in _STALE_REPLY and e.errno != _ENODEV:
                 log.warning("writing a reply to /dev/fuse: %s", e)
 
     def _later(self, token: object) -> _Later:
@@ -275,7 +281,7 @@ class _Later:
     __slots__ = ("_buf", "_mount", "writable")
 
     #: Replies answered later are lock replies: a header and nothing more (room to spare).
-    SIZE = 256
+    SIZE: Final = 256
 
     def __init__(self, mount: FuseMount) -> None:
         self._mount = mount
