@@ -81,14 +81,28 @@ def _enosys() -> OSError:
     return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
 
-class Opened(NamedTuple):
-    """What open, opendir and create return besides the entry."""
+class Opened:
+    """What open, opendir and create return besides the entry.
 
-    fh: int
-    #: FOPEN_* flags (direct I/O, keep cache, passthrough, ...).
-    flags: int = 0
-    #: Backing id registered with :attr:`ConnectionInfo.backing_open` (FUSE_PASSTHROUGH).
-    backing_id: int = 0
+    A plain class rather than a named tuple: a compiled build makes a named tuple through its
+    Python ``__new__``, which cost as much as the rest of an OPEN's Python work."""
+
+    __slots__ = ("backing_id", "fh", "flags")
+
+    def __init__(self, fh: int, flags: int = 0, backing_id: int = 0) -> None:
+        self.fh = fh
+        #: FOPEN_* flags (direct I/O, keep cache, passthrough, ...).
+        self.flags = flags
+        #: Backing id registered with :attr:`ConnectionInfo.backing_open` (FUSE_PASSTHROUGH).
+        self.backing_id = backing_id
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Opened):
+            return NotImplemented
+        return (self.fh, self.flags, self.backing_id) == (other.fh, other.flags, other.backing_id)
+
+    def __repr__(self) -> str:
+        return f"Opened(fh={self.fh}, flags={self.flags:#x}, backing_id={self.backing_id})"
 
 
 class StatVfs(NamedTuple):
