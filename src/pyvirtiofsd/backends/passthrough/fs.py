@@ -117,6 +117,8 @@ _NO_ID: Final = 0xFFFFFFFF
 _SLASH: Final = ord("/")
 #: Bound Final: a compiled build would look it up among the os module's attributes each time.
 _open: Final = os.open
+_dup: Final = os.dup
+_close: Final = os.close
 
 
 #: O_TMPFILE without the O_DIRECTORY it is spelled with (the kernel's __O_TMPFILE).
@@ -987,12 +989,19 @@ class PassthroughFs(Backend):
             window = self._conn.dax_window
             if window is not None:
                 dax_flush(window, h.inode.nodeid)
-            locks.release_owner(self.inodes, h.inode, lock_owner)
+            self._release_locks(h.inode, lock_owner)
             # Closing a duplicate is what close() in the guest means to the host: it flushes
             # what network file systems buffer, and ends POSIX locks held through this file.
-            os.close(os.dup(h.fd))
+            _close(_dup(h.fd))
         finally:
             self._handles.done(h)
+
+    def _release_locks(self, inode: Inode, owner: int) -> None:
+        """``owner``'s POSIX locks on ``inode`` dropped, as a close() in the guest drops them.
+        Most files never had one: for them nothing is pinned or looked up. A lock the owner
+        takes on another queue after this look is one taken after the close, as it may be."""
+        if inode.lock_fds or inode.lock_pids or inode.lock_ranges:
+            locks.release_owner(self.inodes, inode, owner)
 
     def release(
         self,
@@ -1015,7 +1024,7 @@ class PassthroughFs(Backend):
             if window is not None:
                 dax_flush(window, h.inode.nodeid)
             if flush:
-                locks.release_owner(self.inodes, h.inode, lock_owner)
+                self._release_locks(h.inode, lock_owner)
         finally:
             self._handles.done(h)
 
