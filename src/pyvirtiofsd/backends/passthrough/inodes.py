@@ -337,22 +337,31 @@ class InodeStore:
             inode.refcount += 1
 
     def forget(self, nodeid: int, count: int) -> None:
-        with self._lock:
-            inode = self._by_id.get(nodeid)
-            if inode is None:
-                lost = self._lost.get(nodeid)
-                if lost is not None:
-                    if lost > count:
-                        self._lost[nodeid] = lost - count
-                    else:
-                        del self._lost[nodeid]
-                return
-            if inode.refcount >= _PINNED:
-                return
-            inode.refcount -= min(count, inode.refcount)
-            if inode.refcount:
-                return
-            self._bury(inode)
+        # The lock's methods as functions, as in pin(): the kernel forgets what it looked up.
+        lock = self._lock
+        acquire(lock)
+        try:
+            self._forget(nodeid, count)
+        finally:
+            release(lock)
+
+    def _forget(self, nodeid: int, count: int) -> None:
+        """forget() with the store's lock held."""
+        inode = self._by_id.get(nodeid)
+        if inode is None:
+            lost = self._lost.get(nodeid)
+            if lost is not None:
+                if lost > count:
+                    self._lost[nodeid] = lost - count
+                else:
+                    del self._lost[nodeid]
+            return
+        if inode.refcount >= _PINNED:
+            return
+        inode.refcount -= min(count, inode.refcount)
+        if inode.refcount:
+            return
+        self._bury(inode)
 
     def _bury(self, inode: Inode) -> None:
         """Take ``inode`` out of the tables; its descriptors go with its last pin (lock held)."""
@@ -368,6 +377,14 @@ class InodeStore:
 
     def _close_fds(self, inode: Inode) -> None:
         """Close what a dead, unpinned inode holds (lock held)."""
+        if not inode.lock_fds and not inode.retired:
+            # Most inodes: their own fd at most, and no list made for it.
+            inode.lock_fds = inode.lock_pids = inode.retired = inode.lock_ranges = None
+            fd = inode.fd
+            if fd >= 0:
+                inode.fd = -1
+                _close(fd)
+            return
         fds = list((inode.lock_fds or {}).values())
         fds += inode.retired or ()
         inode.lock_fds = inode.lock_pids = inode.retired = inode.lock_ranges = None
