@@ -113,6 +113,12 @@ _GETATTR: Final = int(abi.Opcode.GETATTR)
 _LOOKUP: Final = int(abi.Opcode.LOOKUP)
 _READ: Final = int(abi.Opcode.READ)
 _WRITE: Final = int(abi.Opcode.WRITE)
+_FORGET: Final = int(abi.Opcode.FORGET)
+_OPEN: Final = int(abi.Opcode.OPEN)
+_CREATE: Final = int(abi.Opcode.CREATE)
+_FLUSH: Final = int(abi.Opcode.FLUSH)
+_RELEASE: Final = int(abi.Opcode.RELEASE)
+_UNLINK: Final = int(abi.Opcode.UNLINK)
 
 #: Flags the server offers whenever the kernel does; file systems add or remove in init().
 DEFAULT_FLAGS = (
@@ -638,8 +644,13 @@ class Server:
                 reader.remaining = extlen * 8
                 self._extensions(ctx, opcode, reader.read(extlen * 8))
             # The requests a guest sends most are called by name, which a compiled build makes
-            # a direct call: through the table each would pack its arguments into a tuple.
-            if out is None:
+            # a direct call: through the table each would pack its arguments into a tuple and
+            # be called the generic way (about 1,000 instructions). FORGET comes without
+            # room for a reply.
+            if opcode == _FORGET:
+                self._forget(ctx, nodeid, out, token, args[0])
+                result = None
+            elif out is None:
                 result = handler(ctx, nodeid, out, token, *args)
             elif opcode == _GETATTR:
                 flags, pad, fh = args
@@ -657,6 +668,25 @@ class Server:
                 result = None
             elif opcode == _LOOKUP:
                 result = self._lookup(ctx, nodeid, out, token, args[0])
+            elif opcode == _FLUSH:
+                fh, unused, pad, owner = args
+                self._flush(ctx, nodeid, out, token, fh, unused, pad, owner)
+                result = None
+            elif opcode == _RELEASE:
+                fh, flags, release_flags, owner = args
+                self._release(ctx, nodeid, out, token, fh, flags, release_flags, owner)
+                result = None
+            elif opcode == _OPEN:
+                flags, open_flags = args
+                self._open(ctx, nodeid, out, token, flags, open_flags)
+                result = None
+            elif opcode == _CREATE:
+                flags, mode, umask, open_flags, name = args
+                self._create(ctx, nodeid, out, token, flags, mode, umask, open_flags, name)
+                result = None
+            elif opcode == _UNLINK:
+                self._unlink(ctx, nodeid, out, token, args[0])
+                result = None
             else:
                 result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
