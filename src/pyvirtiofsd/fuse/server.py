@@ -997,7 +997,6 @@ class Server:
             return _SILENT
         raise OSError(errno.EAGAIN, "interrupted request not found")
 
-    @_op(abi.Opcode.FORGET, abi.FORGET_IN, reply=None)
     def _forget(
         self, ctx: Context, nodeid: int, out: ReplyWriter | None, token: Any, nlookup: int
     ) -> None:
@@ -1151,7 +1150,6 @@ class Server:
     ) -> None:
         _pack_entry(out, self.fs.mkdir(ctx, nodeid, name, mode, umask))
 
-    @_op(abi.Opcode.UNLINK, names=1)
     def _unlink(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, name: bytes) -> None:
         self.fs.unlink(ctx, nodeid, name)
 
@@ -1195,14 +1193,12 @@ class Server:
 
     # --- files -----------------------------------------------------------------------------
 
-    @_op(abi.Opcode.OPEN, abi.OPEN_IN, reply=abi.OPEN_OUT)
     def _open(
         self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any, flags: int, open_flags: int
     ) -> None:
         opened = self.fs.open(ctx, nodeid, flags, bool(open_flags & abi.OPEN_KILL_SUIDGID))
         _pack_open(out, opened)
 
-    @_op(abi.Opcode.CREATE, abi.CREATE_IN, names=1, reply=abi.ENTRY_OUT.size + abi.OPEN_OUT.size)
     def _create(
         self,
         ctx: Context,
@@ -1286,7 +1282,6 @@ class Server:
         # on the generic way: every WRITE answers this.
         out.write(_WRITE_OUT.pack(written, 0))
 
-    @_op(abi.Opcode.FLUSH, abi.FLUSH_IN)
     def _flush(
         self,
         ctx: Context,
@@ -1300,7 +1295,6 @@ class Server:
     ) -> None:
         self.fs.flush(ctx, nodeid, fh, lock_owner)
 
-    @_op(abi.Opcode.RELEASE, abi.RELEASE_IN)
     def _release(
         self,
         ctx: Context,
@@ -1712,6 +1706,14 @@ _op(abi.Opcode.LOOKUP, names=1, reply=abi.ENTRY_OUT)(Server._lookup)
 _op(abi.Opcode.GETATTR, abi.GETATTR_IN, reply=abi.ATTR_OUT)(Server._getattr)
 _op(abi.Opcode.READ, abi.READ_IN)(Server._read)
 _op(abi.Opcode.WRITE, abi.WRITE_IN, tail=True, reply=abi.WRITE_OUT)(Server._write)
+_op(abi.Opcode.FORGET, abi.FORGET_IN, reply=None)(Server._forget)
+_op(abi.Opcode.UNLINK, names=1)(Server._unlink)
+_op(abi.Opcode.OPEN, abi.OPEN_IN, reply=abi.OPEN_OUT)(Server._open)
+_op(abi.Opcode.CREATE, abi.CREATE_IN, names=1, reply=abi.ENTRY_OUT.size + abi.OPEN_OUT.size)(
+    Server._create
+)
+_op(abi.Opcode.FLUSH, abi.FLUSH_IN)(Server._flush)
+_op(abi.Opcode.RELEASE, abi.RELEASE_IN)(Server._release)
 
 #: The opcodes the server serves, and how each is decoded and answered.
 OPS: dict[int, Op] = {opcode: spec for opcode, (spec, _, _) in sorted(_OPS.items())}
