@@ -329,6 +329,62 @@ def test_open_at_never_makes_a_file_and_refuses_what_os_open_refuses(tmp_path: P
         os.close(dir_fd)
 
 
+def test_dir_entries_are_what_getdents_gives_and_resume_at_their_offsets(tmp_path: Path) -> None:
+    """One getdents64 taken apart (in C on the compiled build): every name, with its inode
+    number and type as lstat and scandir give them, whatever its bytes and length; a small
+    read size splits the directory over several calls, and seeking to an entry's offset goes
+    on after it."""
+    root = tmp_path / "d"
+    root.mkdir()
+    names = {b"x" * 255, b"\xff\xfe name", b"a", b"with\nnewline"}
+    names |= {f"f{i:04d}".encode() for i in range(300)}
+    for name in names:
+        (root / os.fsdecode(name)).write_bytes(b"")
+    os.symlink("a", root / "link")
+    (root / "sub").mkdir()
+    names |= {b"link", b"sub"}
+    kinds = {e.name.encode("utf-8", "surrogateescape"): e for e in os.scandir(root)}
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen: list[inodes.DirEntry] = []
+        while batch := inodes.dir_entries(fd, 4096):
+            assert len(batch) < len(names)  # 4 KiB holds far fewer than all of them
+            seen += batch
+        assert inodes.dir_entries(fd) == []
+        assert sorted(e[3] for e in seen) == sorted([*names, b".", b".."])
+        for d_ino, _, dtype, name in seen:
+            st = os.lstat(root / os.fsdecode(name))
+            assert d_ino == st.st_ino, name
+            if name in kinds:
+                want = 10 if kinds[name].is_symlink() else 4 if kinds[name].is_dir() else 8
+                assert dtype == want, name
+        # The offset an entry carries is where the one after it starts.
+        for i in (0, 1, 150, len(seen) - 2):
+            os.lseek(fd, seen[i][1], os.SEEK_SET)
+            assert inodes.dir_entries(fd)[0] == seen[i + 1]
+        with pytest.raises(OSError) as got:
+            inodes.dir_entries(-1)
+        assert got.value.errno == errno.EBADF
+        native = inodes._native_dir_entries
+        if native is None:
+            assert os.environ.get("PYVIRTIOFSD_TEST_BUILD") != "mypyc", "C module missing"
+            return
+        for size in (0, 1023, 1 << 25):
+            with pytest.raises(ValueError):
+                native(fd, size)
+        with pytest.raises(TypeError):
+            native(fd)
+    finally:
+        os.close(fd)
+    reg = os.open(root / "a", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as got:
+            inodes.dir_entries(reg)
+        assert got.value.errno == errno.ENOTDIR
+    finally:
+        os.close(reg)
+
+
 def test_a_file_from_before_1970_is_looked_up_and_its_reference_kept(tmp_path: Path) -> None:
     """Its times once made the reply fail to pack after the lookup had taken its reference:
     EINVAL, and a reference the kernel would never forget."""

@@ -9,6 +9,8 @@
  * name, flags) is os.open(name, flags, dir_fd=dir_fd) that answers a failure with minus its
  * errno instead of an OSError: a name that is not there is a lookup's everyday answer, and an
  * exception raised through the compiled frames above costs more than the rest of the lookup.
+ * dir_entries(fd, size) is one getdents64(fd) of up to size bytes, its records taken apart:
+ * a list of (d_ino, d_off, d_type, name), empty at the end of the directory.
  *
  * Rules:
  * - Field for field what the Python path gives: times as the kernel's signed seconds in two's
@@ -23,11 +25,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 struct fuse_attr_le {
     uint64_t ino;
@@ -183,6 +189,75 @@ open_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(fd >= 0 ? fd : -err);
 }
 
+/* The head of a linux_dirent64, as getdents64 lays it out. */
+struct dirent64_head {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+static PyObject *
+dir_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "dir_entries(fd, size)");
+        return NULL;
+    }
+    int fd, size;
+    if (int_arg(args[0], &fd) != 0 || int_arg(args[1], &size) != 0)
+        return NULL;
+    if (size < 1024 || size > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "dir_entries: size out of range");
+        return NULL;
+    }
+    char *buf = malloc((size_t)size);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    long n;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        n = syscall(SYS_getdents64, fd, buf, (size_t)size);
+    } while (n < 0 && (err = errno) == EINTR);
+    Py_END_ALLOW_THREADS
+    if (n < 0) {
+        free(buf);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        free(buf);
+        return NULL;
+    }
+    long pos = 0;
+    while (pos < n) {
+        const struct dirent64_head *d = (const struct dirent64_head *)(buf + pos);
+        size_t head = offsetof(struct dirent64_head, d_name);
+        /* The kernel's records are whole and NUL-terminated; a short one would be its bug,
+         * and ends the list rather than reading past it. */
+        if (d->d_reclen <= head || pos + d->d_reclen > n)
+            break;
+        size_t room = d->d_reclen - head;
+        size_t len = strnlen(d->d_name, room);
+        PyObject *item = Py_BuildValue(
+            "(KLBy#)", (unsigned long long)d->d_ino, (long long)d->d_off,
+            (unsigned char)d->d_type, d->d_name, (Py_ssize_t)len);
+        if (item == NULL || PyList_Append(list, item) != 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            free(buf);
+            return NULL;
+        }
+        Py_DECREF(item);
+        pos += d->d_reclen;
+    }
+    free(buf);
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"fstat_attr", (PyCFunction)(void (*)(void))fstat_attr, METH_FASTCALL,
      "fstat_attr(fd, flags) -> bytes: the fuse_attr of fstat(fd), flags included."},
@@ -190,6 +265,8 @@ static PyMethodDef methods[] = {
      "fstat_entry(fd) -> (fuse_attr bytes with flags 0, st_dev, st_ino, S_IFMT(st_mode))."},
     {"open_at", (PyCFunction)(void (*)(void))open_at, METH_FASTCALL,
      "open_at(dir_fd, name, flags) -> int: the new fd, or minus the errno of the failure."},
+    {"dir_entries", (PyCFunction)(void (*)(void))dir_entries, METH_FASTCALL,
+     "dir_entries(fd, size) -> [(d_ino, d_off, d_type, name)]: one getdents64 of fd."},
     {NULL, NULL, 0, NULL},
 };
 

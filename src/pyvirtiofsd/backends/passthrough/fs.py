@@ -50,14 +50,12 @@ Inodes pin their descriptors the same way (:mod:`.inodes`).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import secrets
 import stat
-import struct
 import threading
 from typing import Final
 
@@ -71,6 +69,7 @@ from pyvirtiofsd.backends.passthrough.inodes import (
     Inode,
     InodeStore,
     attr_of_fd,
+    dir_entries,
     entry_of_fd,
     ident_of,
     open_at,
@@ -97,8 +96,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DIRENT_HEAD: Final = struct.Struct("=QqHB")
-_GETDENTS_BUFSIZE: Final = 64 * 1024
 #: How a name is looked up: its own O_PATH descriptor, never following a symlink.
 _LOOKUP_FLAGS: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Open flags as Final ints: a compiled build would look each up among the os module's
@@ -110,8 +107,10 @@ _O_APPEND: Final = os.O_APPEND
 _O_DIRECT: Final = os.O_DIRECT
 _O_CLOEXEC: Final = os.O_CLOEXEC
 _WRITEBACK_CACHE: Final = int(abi.InitFlag.WRITEBACK_CACHE)
-#: What open_at answers for a name that is not there.
+#: What open_at answers for a name that is not there, and for one whose path has a non-directory
+#: where a directory should be.
 _NO_SUCH_NAME: Final = -errno.ENOENT
+_NOT_A_DIR: Final = -errno.ENOTDIR
 _ACL_XATTRS: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
 _NO_ID: Final = 0xFFFFFFFF
 _SLASH: Final = ord("/")
@@ -1103,7 +1102,6 @@ class PassthroughFs(Backend):
             self._handles.done(h)
 
     def _readdir(self, h: _Handle, offset: int, out: DirBuffer) -> None:
-        buf = ctypes.create_string_buffer(_GETDENTS_BUFSIZE)
         plus = out.plus
         # Once an entry of this reply took a lookup, a failure ends the reply with what it
         # has rather than answering an error, which would throw those lookups away unseen
@@ -1114,41 +1112,36 @@ class PassthroughFs(Backend):
             os.lseek(h.fd, offset, os.SEEK_SET)
             while True:
                 try:
-                    n = linux.getdents64(h.fd, buf)
+                    found = dir_entries(h.fd)
                 except OSError:
                     if looked_up:
                         return
                     raise
-                if n == 0:
+                if not found:
                     return
-                raw = buf.raw[:n]
-                pos = 0
-                while pos < n:
-                    d_ino, d_off, reclen, dtype = _DIRENT_HEAD.unpack_from(raw, pos)
-                    name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
-                    pos += reclen
+                for d_ino, d_off, dtype, name in found:
                     if not plus:
                         if not out.add(d_ino, d_off, dtype, name):
                             return
                         continue
-                    if name in (b".", b".."):
+                    if name == b"." or name == b"..":
                         if not out.add_plus(None, d_off, dtype, name, d_ino):
                             return
                         continue
                     if not out.fits(name):
                         return
-                    try:
-                        # Through the open directory itself, which this handle keeps open
-                        # (no pin of the inode's own descriptor for each name).
-                        fd = os.open(name, _LOOKUP_FLAGS, dir_fd=h.fd)
-                        entry = self._entry(h.inode, fd)[1]
-                    except OSError as e:
+                    # Through the open directory itself, which this handle keeps open (no pin
+                    # of the inode's own descriptor for each name), failing without an
+                    # exception (see open_at).
+                    fd = open_at(h.fd, name, _LOOKUP_FLAGS)
+                    if fd < 0:
                         # Gone since getdents saw it: leave it out, like a later readdir would.
-                        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                        if fd in (_NO_SUCH_NAME, _NOT_A_DIR):
                             continue
                         if looked_up:
                             return
-                        raise
+                        raise oserror(-fd)
+                    entry = self._entry(h.inode, fd)[1]
                     out.add_plus(entry, d_off, dtype, name)
                     looked_up = True
 

@@ -30,10 +30,12 @@ Rules:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from typing import Final, TypeVar
@@ -45,6 +47,7 @@ from pyvirtiofsd.fuse.filesystem import Attr
 from pyvirtiofsd.mutex import Mutex, acquire, new_mutex, release
 
 try:
+    from pyvirtiofsd.backends.passthrough._stat import dir_entries as _c_dir_entries
     from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _c_fstat_attr
     from pyvirtiofsd.backends.passthrough._stat import fstat_entry as _c_fstat_entry
     from pyvirtiofsd.backends.passthrough._stat import open_at as _c_open_at
@@ -52,15 +55,23 @@ except ImportError:  # a pure build: no C at all
     _c_fstat_attr = None
     _c_fstat_entry = None
     _c_open_at = None
+    _c_dir_entries = None
 #: Final: a compiled build reads them as C variables, not from the module's dictionary.
 _native_fstat_attr: Final = _c_fstat_attr
 _native_fstat_entry: Final = _c_fstat_entry
 _native_open_at: Final = _c_open_at
+_native_dir_entries: Final = _c_dir_entries
 #: Bound Final: a compiled build would look it up among the os module's attributes each time.
 _close: Final = os.close
 _open: Final = os.open
 #: What open_at never does: make a file.
 _MAKING: Final = os.O_CREAT | (os.O_TMPFILE & ~os.O_DIRECTORY)
+#: A linux_dirent64's fixed head: d_ino, d_off, d_reclen, d_type; the name follows.
+_DIRENT_HEAD: Final = struct.Struct("=QqHB")
+#: Bytes one getdents64 asks for.
+DIR_READ_SIZE: Final = 64 * 1024
+#: One directory entry as getdents64 gives it: (d_ino, d_off, d_type, name).
+DirEntry = tuple[int, int, int, bytes]
 
 __all__ = [
     "Ident",
@@ -69,6 +80,7 @@ __all__ = [
     "PathFd",
     "attr_of_fd",
     "check_openable",
+    "dir_entries",
     "entry_of_fd",
     "ident_of",
     "open_at",
@@ -126,6 +138,29 @@ def open_at(dir_fd: int, name: bytes, flags: int) -> int:
         return _open(name, flags, dir_fd=dir_fd)
     except OSError as e:
         return -(e.errno or errno.EIO)
+
+
+def dir_entries(fd: int, size: int = DIR_READ_SIZE) -> list[DirEntry]:
+    """One getdents64 of the open directory ``fd`` (up to ``size`` bytes), its records taken
+    apart: an empty list at the end. Fails as getdents64 fails (OSError). In C in the
+    compiled build (``_stat.c``), without a ctypes buffer or a copy of it."""
+    if _native_dir_entries is not None:
+        found: list[DirEntry] = _native_dir_entries(fd, size)
+        return found
+    buf = ctypes.create_string_buffer(size)
+    n = linux.getdents64(fd, buf)
+    raw = buf.raw[:n]
+    out: list[DirEntry] = []
+    pos = 0
+    while pos < n:
+        d_ino, d_off, reclen, dtype = _DIRENT_HEAD.unpack_from(raw, pos)
+        if reclen <= _DIRENT_HEAD.size or pos + reclen > n:
+            break  # never from a sound kernel; the C path stops there too
+        out.append(
+            (d_ino, d_off, dtype, raw[pos + _DIRENT_HEAD.size : pos + reclen].split(b"\0", 1)[0])
+        )
+        pos += reclen
+    return out
 
 
 def check_openable(mode: int) -> None:
