@@ -45,6 +45,7 @@ COMPILED: Final = (
     "pyvirtiofsd.fuse.records",
     "pyvirtiofsd.fuse.filesystem",
     "pyvirtiofsd.fuse.buffers",
+    "pyvirtiofsd.fuse.dirents",
     "pyvirtiofsd.fuse.server",
     "pyvirtiofsd.vhost_user.runner",
     "pyvirtiofsd.vhost_user.vring",

@@ -9,17 +9,19 @@ Nothing here subclasses them, and nothing may: a compiled class takes no Python 
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from typing import Final, NamedTuple
 
-__all__ = ["Attr", "Context", "Entry", "SecurityContext", "split_timeout"]
+__all__ = ["Attr", "Context", "Entry", "SecurityContext", "entry_out", "split_timeout"]
 
 #: fuse_attr, as :data:`pyvirtiofsd.fuse.abi.ATTR` lays it out (a test holds them equal; the
 #: compiled build's type check cannot type that Layout's struct from here).
 _ATTR: Final = struct.Struct("<QQQQQQIIIIIIIIII")
 _ATTR_SIZE: Final = 88
 _U32: Final = struct.Struct("<I")
+_U64: Final = struct.Struct("<Q")
 _U64_MASK: Final = (1 << 64) - 1
 _U32_MASK: Final = (1 << 32) - 1
 
@@ -187,7 +189,10 @@ class Attr:
 
     @property
     def ino(self) -> int:
-        return self._field(0)
+        # Alone, not through _field: a READDIRPLUS entry asks it, and the whole unpack makes
+        # sixteen integers.
+        value: int = _U64.unpack_from(self.raw)[0]
+        return value
 
     @property
     def size(self) -> int:
@@ -313,3 +318,37 @@ def split_timeout(seconds: float) -> tuple[int, int]:
         if len(_TIMEOUTS) < _TIMEOUTS_KEPT:
             _TIMEOUTS[seconds] = split
     return split
+
+
+#: fuse_entry_out up to its attributes: the node's id and generation, then the validity fields,
+#: which depend on the two timeouts alone and so are packed once per pair.
+_NODE: Final = struct.Struct("<QQ")
+_TIMES: Final = struct.Struct("<QQII")
+_ENTRY_TIMES: Final[dict[tuple[float, float], bytes]] = {}
+#: The last pair packed, with its bytes (a NaN pair matches none).
+_LAST_TIMES: Final[list[tuple[float, float, bytes]]] = [(math.nan, math.nan, b"")]
+
+
+def entry_out(entry: Entry) -> bytes:
+    """``entry`` as a fuse_entry_out: what LOOKUP and the create family answer, and what
+    each READDIRPLUS entry starts with."""
+    entry_timeout = entry.entry_timeout
+    attr_timeout = entry.attr_timeout
+    # The pair of the last entry first: compared as two floats, where a look-up in the table
+    # hashes a new tuple of them. A file system gives most entries the same pair.
+    last = _LAST_TIMES[0]
+    if last[0] == entry_timeout and last[1] == attr_timeout:
+        times = last[2]
+    else:
+        timeouts = (entry_timeout, attr_timeout)
+        found = _ENTRY_TIMES.get(timeouts)
+        if found is None:
+            ev, evn = split_timeout(entry_timeout)
+            av, avn = split_timeout(attr_timeout)
+            found = _TIMES.pack(ev, av, evn, avn)
+            if len(_ENTRY_TIMES) < _TIMEOUTS_KEPT:
+                _ENTRY_TIMES[timeouts] = found
+        times = found
+        # One tuple replaced whole: another thread reads the old pair or the new, never a mix.
+        _LAST_TIMES[0] = (entry_timeout, attr_timeout, times)
+    return _NODE.pack(entry.ino, entry.generation) + times + entry.attr.raw

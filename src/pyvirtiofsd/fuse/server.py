@@ -65,7 +65,7 @@ from pyvirtiofsd.fuse.filesystem import (
     SecurityContext,
     SetAttr,
 )
-from pyvirtiofsd.fuse.records import split_timeout
+from pyvirtiofsd.fuse.records import entry_out, split_timeout
 from pyvirtiofsd.fuse.state import StateError, StateReader, StateWriter
 
 __all__ = [
@@ -321,7 +321,7 @@ def _secctx(block: Any, count: int) -> SecurityContext | None:
 #: answers with the few timeouts it was configured with. The attributes follow it.
 _ATTR_HEADS: Final[dict[float, bytes]] = {}
 #: The last timeout packed, with its head (NaN matches none): compared as a float, where a
-#: look-up in the table boxes and hashes it. Replaced whole, as _LAST_TIMES is.
+#: look-up in the table boxes and hashes it. Replaced whole, as records._LAST_TIMES is.
 _LAST_HEAD: Final[list[tuple[float, bytes]]] = [(math.nan, b"")]
 
 
@@ -339,39 +339,12 @@ def _attr_head(timeout: float) -> bytes:
     return head
 
 
-#: ENTRY_OUT's head (``abi.ENTRY_OUT_HEAD``) cut where its validity fields begin: the node's id
-#: and generation, then those fields, which depend on the two timeouts alone and so are packed
-#: once per pair, as :data:`_ATTR_HEADS` are.
-_NODE: Final = struct.Struct("<QQ")
 #: abi.WRITE_OUT's struct, as a module constant of this module.
 _WRITE_OUT: Final = abi.WRITE_OUT.struct
-_TIMES: Final = struct.Struct("<QQII")
-_ENTRY_TIMES: Final[dict[tuple[float, float], bytes]] = {}
-#: The last pair packed, with its bytes (a NaN pair matches none).
-_LAST_TIMES: Final[list[tuple[float, float, bytes]]] = [(math.nan, math.nan, b"")]
 
 
 def _pack_entry(out: ReplyWriter, entry: Entry) -> None:
-    entry_timeout = entry.entry_timeout
-    attr_timeout = entry.attr_timeout
-    # The pair of the last entry first: compared as two floats, where a look-up in the table
-    # hashes a new tuple of them. A file system gives most entries the same pair.
-    last = _LAST_TIMES[0]
-    if last[0] == entry_timeout and last[1] == attr_timeout:
-        times = last[2]
-    else:
-        timeouts = (entry_timeout, attr_timeout)
-        found = _ENTRY_TIMES.get(timeouts)
-        if found is None:
-            ev, evn = split_timeout(entry_timeout)
-            av, avn = split_timeout(attr_timeout)
-            found = _TIMES.pack(ev, av, evn, avn)
-            if len(_ENTRY_TIMES) < 64:
-                _ENTRY_TIMES[timeouts] = found
-        times = found
-        # One tuple replaced whole: another thread reads the old pair or the new, never a mix.
-        _LAST_TIMES[0] = (entry_timeout, attr_timeout, times)
-    out.write(_NODE.pack(entry.ino, entry.generation) + times + entry.attr.raw)
+    out.write(entry_out(entry))
 
 
 def _nanoseconds(seconds: int, nsec: int) -> int:
