@@ -143,23 +143,78 @@ class Lock(NamedTuple):
 NOW: Final = -(1 << 100)
 
 
-@dataclass(slots=True)
 class SetAttr:
-    """What a SETATTR asks to change; ``None`` leaves a field alone."""
+    """What a SETATTR asks to change; ``None`` leaves a field alone.
 
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    size: int | None = None
-    #: Nanoseconds since the epoch, or :data:`NOW` for the current time.
-    atime: int | None = None
-    mtime: int | None = None
-    ctime: int | None = None
-    #: The open file the change comes through (ftruncate, fchmod, ...).
-    fh: int | None = None
-    lock_owner: int | None = None
-    #: Drop set-user-ID and set-group-ID bits (HANDLE_KILLPRIV_V2).
-    kill_suidgid: bool = False
+    A plain class rather than a dataclass, as :class:`Opened` is: a compiled build makes a
+    dataclass through its generated Python ``__init__``, and its keyword arguments through a
+    dictionary."""
+
+    __slots__ = (
+        "atime",
+        "ctime",
+        "fh",
+        "gid",
+        "kill_suidgid",
+        "lock_owner",
+        "mode",
+        "mtime",
+        "size",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime: int | None = None,
+        mtime: int | None = None,
+        ctime: int | None = None,
+        fh: int | None = None,
+        lock_owner: int | None = None,
+        kill_suidgid: bool = False,
+    ) -> None:
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.size = size
+        #: Nanoseconds since the epoch, or :data:`NOW` for the current time.
+        self.atime = atime
+        self.mtime = mtime
+        self.ctime = ctime
+        #: The open file the change comes through (ftruncate, fchmod, ...).
+        self.fh = fh
+        self.lock_owner = lock_owner
+        #: Drop set-user-ID and set-group-ID bits (HANDLE_KILLPRIV_V2).
+        self.kill_suidgid = kill_suidgid
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.mode,
+            self.uid,
+            self.gid,
+            self.size,
+            self.atime,
+            self.mtime,
+            self.ctime,
+            self.fh,
+            self.lock_owner,
+            self.kill_suidgid,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SetAttr):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        names = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime", "fh", "lock_owner")
+        shown = [f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=False) if v is not None]
+        if self.kill_suidgid:
+            shown.append("kill_suidgid=True")
+        return f"SetAttr({', '.join(shown)})"
 
 
 class DaxWindow(Protocol):
