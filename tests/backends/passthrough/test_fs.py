@@ -1070,6 +1070,41 @@ def test_requests_on_a_handle_keep_the_dax_window_of_the_handles_file(share: Pat
 # --- READDIRPLUS that fails part way ----------------------------------------------------------
 
 
+@pytest.mark.pure_python
+def test_readdirplus_keeps_its_lookups_when_an_entrys_attributes_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As below, with the failure after the open: the fstat and inode of the fifth name
+    fail, the four before are answered with their references, and the next READDIRPLUS
+    gets the error."""
+    for i in range(8):
+        (tmp_path / f"f{i}").write_bytes(b"")
+    fs = PassthroughFs(PassthroughConfig(str(tmp_path)))
+    c = FuseClient(direct(Server(fs)))
+    c.init(abi.InitFlag.DO_READDIRPLUS)
+    real = fs._entry
+    calls = []
+
+    def failing(parent: Any, fd: int) -> Any:
+        calls.append(fd)
+        if len(calls) >= 5:
+            os.close(fd)
+            raise OSError(errno.EIO, "injected")
+        return real(parent, fd)
+
+    monkeypatch.setattr(fs, "_entry", failing)
+    fh = c.opendir(ROOT).fh
+    before = fs.inodes.count()
+    entries = c.readdirplus(ROOT, fh, 0, 65536)
+    looked = [n for e, n in entries if n not in (b".", b"..")]
+    assert len(looked) == 4
+    assert fs.inodes.count() == before + 4
+    with pytest.raises(OSError) as got:
+        c.readdirplus(ROOT, fh, entries[-1][0].d_off, 65536)
+    assert got.value.errno == errno.EIO
+    fs.shutdown()
+
+
 def _free_fd_numbers_below(limit: int) -> int:
     taken = {int(n) for n in os.listdir("/proc/self/fd")}
     return sum(1 for n in range(limit) if n not in taken)

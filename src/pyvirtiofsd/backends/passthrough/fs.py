@@ -1148,7 +1148,15 @@ class PassthroughFs(Backend):
                         if looked_up:
                             return
                         raise oserror(-fd)
-                    entry = self._entry(h.inode, fd)[1]
+                    try:
+                        entry = self._entry(h.inode, fd)[1]
+                    except OSError as e:
+                        # As for the open: its fstat can find the name gone too.
+                        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                            continue
+                        if looked_up:
+                            return
+                        raise
                     out.add_plus(entry, d_off, dtype, name)
                     looked_up = True
 
