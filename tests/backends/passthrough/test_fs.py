@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import resource
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,14 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.buffers import ReplyWriter
 from pyvirtiofsd.fuse.filesystem import ROOT
 from pyvirtiofsd.fuse.server import Server
-from pyvirtiofsd.testing.fuse_client import FuseClient, direct, groups_extension, secctx_extension
+from pyvirtiofsd.testing.fuse_client import (
+    FuseClient,
+    decode_reply,
+    direct,
+    encode_request,
+    groups_extension,
+    secctx_extension,
+)
 from tests.backends.passthrough.conftest import (
     GUARD,
     SPECIAL,
@@ -1145,3 +1154,93 @@ def test_readdirplus_that_fails_part_way_answers_the_entries_it_looked_up(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         fs.shutdown()
+
+
+# --- FLUSH and RELEASE that skip the lock book; LOOKUP answered None ---------------------------
+
+_HOST_FLOCK = struct.Struct("=hh4xqqi4x")
+
+
+def test_a_flush_or_release_after_a_granted_lock_always_drops_it(tmp_path: Path) -> None:
+    """FLUSH and RELEASE look at the lock book without its lock, to skip files that never had
+    a lock: a lock granted before them is still dropped, while other owners lock, test and
+    close the same files on other threads."""
+    for name in ("f", "g"):
+        (tmp_path / name).write_bytes(b"x" * 4096)
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(tmp_path)))
+    server = Server(fs)
+    client = FuseClient(direct(server))
+    client.init(int(abi.InitFlag.POSIX_LOCKS))
+    f, g = client.lookup(ROOT, b"f").nodeid, client.lookup(ROOT, b"g").nodeid
+    fhf, fhg = client.open(f, os.O_RDWR).fh, client.open(g, os.O_RDWR).fh
+    lock, unique = threading.Lock(), [1000]
+
+    def raw(op: int, nid: int, payload: bytes) -> Any:
+        with lock:
+            unique[0] += 1
+            u = unique[0]
+        out = bytearray(4096)
+        request = [memoryview(encode_request(op, nid, payload, unique=u))]
+        n = server.handle(request, [memoryview(out)])
+        return decode_reply(bytes(out[:n]))
+
+    stop = threading.Event()
+
+    def churn(seed: int) -> None:
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            nid, fh = rnd.choice([(f, fhf), (g, fhg)])
+            owner = 0x100 + rnd.randrange(4)
+            pick = rnd.random()
+            if pick < 0.5:
+                start = rnd.randrange(100)
+                ltype = rnd.choice([fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK])
+                lk = abi.LK_IN.pack(fh, owner, start, start + 50, ltype, 1, 0, 0)
+                raw(abi.Opcode.SETLK, nid, lk)
+            elif pick < 0.7:
+                lk = abi.LK_IN.pack(fh, owner, 0, 200, fcntl.F_WRLCK, 1, 0, 0)
+                raw(abi.Opcode.GETLK, nid, lk)
+            else:
+                raw(abi.Opcode.FLUSH, nid, abi.FLUSH_IN.pack(fh, 0, 0, owner))
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    host = os.open(tmp_path / "f", os.O_RDWR)
+    try:
+        for i in range(600):
+            owner = 0x9000 + i % 7
+            lk = abi.LK_IN.pack(fhf, owner, 1000, 1000, fcntl.F_WRLCK, 1, 0, 0)
+            assert raw(abi.Opcode.SETLK, f, lk).error == 0
+            if i % 2:
+                assert raw(abi.Opcode.FLUSH, f, abi.FLUSH_IN.pack(fhf, 0, 0, owner)).error == 0
+            else:
+                fh = client.open(f, os.O_RDWR).fh
+                release = abi.RELEASE_IN.pack(fh, os.O_RDWR, abi.RELEASE_FLUSH, owner)
+                assert raw(abi.Opcode.RELEASE, f, release).error == 0
+            probe = _HOST_FLOCK.pack(fcntl.F_WRLCK, 0, 1000, 1, 0)
+            held = _HOST_FLOCK.unpack(fcntl.fcntl(host, fcntl.F_OFD_GETLK, probe))
+            assert held[0] == fcntl.F_UNLCK, (i, held)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        os.close(host)
+        fs.shutdown()
+
+
+def test_a_missing_name_takes_no_reference_and_no_descriptor(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(tmp_path)))
+    client = FuseClient(direct(Server(fs)))
+    client.init()
+    d = client.lookup(ROOT, b"d").nodeid
+    before = (fs.inodes.count(), len(os.listdir("/proc/self/fd")))
+    for parent in (ROOT, d):
+        for name in (b"missing", b"\xff", b"a" * 255, b"..."):
+            for _ in range(50):
+                with pytest.raises(OSError) as got:
+                    client.lookup(parent, name)
+                assert got.value.errno == errno.ENOENT
+    assert (fs.inodes.count(), len(os.listdir("/proc/self/fd"))) == before
+    fs.shutdown()

@@ -186,7 +186,13 @@ open_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         fd = openat(dir_fd, name, flags | O_CLOEXEC, 0);
     } while (fd < 0 && (err = errno) == EINTR);
     Py_END_ALLOW_THREADS
-    return PyLong_FromLong(fd >= 0 ? fd : -err);
+    if (fd < 0)
+        /* Never 0: that would read as a descriptor. */
+        return PyLong_FromLong(err ? -err : -EIO);
+    PyObject *result = PyLong_FromLong(fd);
+    if (result == NULL)
+        close(fd);
+    return result;
 }
 
 /* The head of a linux_dirent64, as getdents64 lays it out. */
