@@ -18,10 +18,8 @@ from pyvirtiofsd.fuse.records import entry_out
 __all__ = ["DirentWriter"]
 
 _DIRENT: Final = abi.DIRENT.struct
-_DIRENT_SIZE: Final = abi.DIRENT.size
-#: A fuse_direntplus is a fuse_entry_out, then a fuse_dirent.
-_DIRENTPLUS_SIZE: Final = abi.DIRENTPLUS.size
-#: The fuse_entry_out of an entry without a lookup: all zero.
+#: A fuse_direntplus is a fuse_entry_out, then a fuse_dirent; this one's entry_out is all zero,
+#: as the kernel reads an entry without a lookup.
 _NO_ENTRY: Final = bytes(abi.ENTRY_OUT.size)
 #: NUL bytes that pad a name of each length modulo 8 to the next multiple of 8.
 _PAD: Final = tuple(b"\0" * (-n & 7) for n in range(8))
@@ -46,8 +44,8 @@ class DirentWriter:
         return self._plus
 
     def fits(self, name: bytes) -> bool:
-        head = _DIRENTPLUS_SIZE if self._plus else _DIRENT_SIZE
-        need = (head + len(name) + 7) & ~7
+        # Each size called by name: a compiled build calls either directly.
+        need = abi.direntplus_size(len(name)) if self._plus else abi.dirent_size(len(name))
         return self._out.length - self._start + need <= self._size
 
     def add(self, ino: int, offset: int, dtype: int, name: bytes) -> bool:
