@@ -64,3 +64,28 @@ def test_stop_while_serving(tmp_path: Path) -> None:
         t.join(30)
     assert status == [0]
     assert not is_mounted(tmp_path)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.usefixtures("mountable")
+def test_idle_workers_cost_no_buffer_memory(tmp_path: Path) -> None:
+    # Each reader has two buffers of max_write plus a page; were they written when made, the
+    # mount's readers alone would take 2 x 16 x 1 MiB. Only what requests reach is allocated.
+    (tmp_path / "mnt").mkdir()
+    fs = MemFs()
+    before = _rss_kib()
+    with FuseMount(fs, FuseMountConfig(str(tmp_path / "mnt"))) as mount:
+        buffers_kib = 2 * mount.threads * mount.bufsize // 1024
+        assert buffers_kib >= 2 * MIN_WORKERS * 1024
+        deadline = time.monotonic() + 20
+        while not is_mounted(tmp_path / "mnt"):
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.02)
+        (tmp_path / "mnt" / "f").write_bytes(b"x" * 300_000)
+        assert (tmp_path / "mnt" / "f").read_bytes() == b"x" * 300_000
+        grown = _rss_kib() - before
+    assert grown < buffers_kib // 4, (grown, buffers_kib)

@@ -2,7 +2,12 @@
 
 The mount is made with mount(2) directly, so libfuse is not needed (root only). Each worker
 thread reads one request at a time into its own buffer and writes the reply from its own buffer;
-the kernel hands requests to whichever thread is reading.
+the kernel hands each request to the thread that has waited longest. A mount keeps many
+readers waiting (:data:`MIN_WORKERS`): the one woken has then slept long enough that the
+scheduler may run it on the CPU its caller is about to leave, rather than wake an idle CPU for
+it, which is what a request costs most where waking a CPU is dear (a virtual machine's vCPU).
+Idle readers cost a stack and their buffers' untouched pages: the buffers are anonymous
+mappings, so only the pages a request reaches are ever allocated.
 
 Rules: everything the mount is told is in :class:`FuseMountConfig` (frozen; filled from the
 command line by field name). :meth:`FuseMount.serve` runs the whole life (mount, serve,
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -37,8 +43,9 @@ log = logging.getLogger(__name__)
 #: Errors of write() on /dev/fuse that only mean the request is no longer wanted.
 _STALE_REPLY: Final = (errno.ENOENT, errno.EINTR)
 #: Worker threads a mount has at least: a request waiting in the backend must not hold up the
-#: others, and the kernel sends several at once.
-MIN_WORKERS: Final = 4
+#: others, the kernel sends several at once, and a serial caller is answered sooner with many
+#: readers waiting (see above, and docs/benchmarks.md for what 4, 8 and 16 gave).
+MIN_WORKERS: Final = 16
 #: Seconds :meth:`FuseMount.serve` waits for its workers once unmounted, before leaving behind
 #: those stuck in the backend.
 UNMOUNT_GRACE: Final = 2.0
@@ -234,8 +241,10 @@ class FuseMount:
 
     def _worker(self) -> None:
         fd = self.fd
-        inbuf = bytearray(self.bufsize)
-        outbuf = bytearray(self.bufsize)
+        # Anonymous mappings, not bytearrays: a bytearray's pages are all written (zeroed) when
+        # it is made, a mapping's only when a request reaches them.
+        inbuf = mmap.mmap(-1, self.bufsize)
+        outbuf = mmap.mmap(-1, self.bufsize)
         inview = memoryview(inbuf)
         outview = memoryview(outbuf)
         server = self.server
@@ -243,7 +252,7 @@ class FuseMount:
         # has a buffer of its own), and it is told their sizes rather than left to sum them.
         inbufs = [inbuf]
         outviews = [outview]
-        outlen = len(outbuf)
+        outlen = self.bufsize
         while True:
             try:
                 n = _readv(fd, inbufs)
