@@ -50,6 +50,7 @@ COMPILED: Final = (
     "pyvirtiofsd.vhost_user.runner",
     "pyvirtiofsd.vhost_user.vring",
     "pyvirtiofsd.backends.base",
+    "pyvirtiofsd.backends.passthrough.credentials",
     "pyvirtiofsd.backends.passthrough.fs",
     "pyvirtiofsd.backends.passthrough.inodes",
     "pyvirtiofsd.transport.fusedev",

@@ -17,6 +17,7 @@ import errno
 import functools
 import os
 import threading
+from typing import Final
 
 from pyvirtiofsd import linux
 from pyvirtiofsd.fuse.filesystem import Context
@@ -28,7 +29,7 @@ __all__ = [
 
 _local = threading.local()
 #: (uid_t)-1, which chown and setfsuid read as "leave it alone".
-_NO_ID = 0xFFFFFFFF
+_NO_ID: Final = 0xFFFFFFFF
 
 
 def _thread_fs_unshared() -> None:
@@ -104,7 +105,7 @@ class Credentials:
                     raise PermissionError(errno.EPERM, os.strerror(errno.EPERM)) from e
                 raise
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, typ: object, value: object, tb: object) -> None:
         if self._switch:
             self._restore(_settled())
         self._umask_off()

@@ -137,6 +137,11 @@ _NO_TMPFILE: Final = (errno.EOPNOTSUPP, errno.EISDIR)
 _NO_NOREPLACE: Final = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 #: Flags that make a file; a file made another way is opened without them.
 _MAKING_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
+#: What CREATE adds to the guest's flags: make the name, never follow it.
+_CREATE_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+_O_EXCL: Final = os.O_EXCL
+_O_TRUNC: Final = os.O_TRUNC
+_O_PATH_CLOEXEC: Final = os.O_PATH | os.O_CLOEXEC
 
 
 def _set_label(target: int | str, name: bytes, value: bytes) -> None:
@@ -879,7 +884,7 @@ class PassthroughFs(Backend):
     ) -> tuple[Entry, Opened]:
         self._rofs()
         _check_name(name)
-        oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        oflags = self._open_flags(flags) | _CREATE_FLAGS
         label = self._label(ctx)
         pinode = self.inodes.get(parent)
         creds = self._creds(ctx, umask)
@@ -892,9 +897,9 @@ class PassthroughFs(Backend):
                         )
                     else:
                         with creds:
-                            fd = os.open(name, oflags, mode, dir_fd=pfd)
+                            fd = _open(name, oflags, mode, dir_fd=pfd)
             except FileExistsError:
-                if flags & os.O_EXCL:
+                if flags & _O_EXCL:
                     raise
             else:
                 return self._created(pinode, fd, flags, kill_suidgid)
@@ -918,11 +923,11 @@ class PassthroughFs(Backend):
         self, pinode: Inode, fd: int, flags: int, kill_suidgid: bool
     ) -> tuple[Entry, Opened]:
         try:
-            if kill_suidgid and flags & os.O_TRUNC:
+            if kill_suidgid and flags & _O_TRUNC:
                 self._kill_suidgid(fd, False)
-            inode, entry = self._entry(pinode, os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC))
+            inode, entry = self._entry(pinode, _open(self._proc(fd), _O_PATH_CLOEXEC))
         except BaseException:
-            os.close(fd)
+            _close(fd)
             raise
         return entry, self._opened(fd, inode, flags)
 
