@@ -64,6 +64,7 @@ NATIVE: Final = (
     "pyvirtiofsd.virtio._walk",
     "pyvirtiofsd.virtio._ring",
     "pyvirtiofsd.backends.passthrough._stat",
+    "pyvirtiofsd.transport._fusedev",
 )
 
 

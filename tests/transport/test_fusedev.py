@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import array
+import errno
 import logging
+import mmap
 import os
 import threading
 import time
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.transport import fusedev as fusedev_module
 from pyvirtiofsd.transport.fusedev import MIN_WORKERS, FuseMount, FuseMountConfig
 from tests.conftest import can_mount_fuse, is_mounted
 from tests.memfs import MemFs
@@ -89,3 +93,78 @@ def test_idle_workers_cost_no_buffer_memory(tmp_path: Path) -> None:
         assert (tmp_path / "mnt" / "f").read_bytes() == b"x" * 300_000
         grown = _rss_kib() - before
     assert grown < buffers_kib // 4, (grown, buffers_kib)
+
+
+native_io = pytest.mark.skipif(
+    fusedev_module._native_receive is None,
+    reason="pure build: no C read and write (they come with mypyc's)",
+)
+
+
+@native_io
+def test_the_c_read_and_write_move_what_os_read_and_write_move() -> None:
+    receive, send = fusedev_module._native_receive, fusedev_module._native_send
+    r, w = os.pipe()
+    try:
+        out = mmap.mmap(-1, 1 << 20)
+        out[:11] = b"hello world"
+        assert send(w, out, 5) == 5
+        assert send(w, memoryview(out), 0) == 0
+        room = bytearray(64)
+        assert receive(r, room) == 5
+        assert room[:5] == b"hello"
+        # A reply longer than the pipe holds: written with the GIL released, read meanwhile.
+        out[: 1 << 20] = os.urandom(1 << 20)
+        got = bytearray()
+
+        def drain() -> None:
+            while len(got) < 1 << 20:
+                got.extend(os.read(r, 1 << 16))
+
+        t = threading.Thread(target=drain)
+        t.start()
+        assert send(w, out, 1 << 20) == 1 << 20
+        t.join(30)
+        assert bytes(got) == out[: 1 << 20]
+        os.close(w)
+        w = -1
+        assert receive(r, room) == 0  # end of file
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+@native_io
+def test_the_c_read_and_write_refuse_what_they_cannot_do() -> None:
+    receive, send = fusedev_module._native_receive, fusedev_module._native_send
+    r, w = os.pipe()
+    try:
+        buf = bytearray(8)
+        for length in (-1, 9):
+            with pytest.raises(ValueError):
+                send(w, buf, length)
+        with pytest.raises(ValueError):
+            send(w, array.array("I", [1, 2]), 4)  # not single bytes
+        with pytest.raises((TypeError, BufferError)):
+            receive(r, b"read-only")
+        with pytest.raises(ValueError):
+            receive(-1, buf)
+        with pytest.raises(TypeError):
+            send(w, buf)  # type: ignore[call-arg]
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            receive(r, buf)
+        closed = os.dup(r)
+        os.close(closed)
+        with pytest.raises(OSError) as e:
+            receive(closed, buf)
+        assert e.value.errno == errno.EBADF
+        with pytest.raises(OSError) as e:
+            send(r, buf, 1)  # the pipe's read end
+        assert e.value.errno == errno.EBADF
+        with pytest.raises(BlockingIOError):  # nothing was written by the refusals
+            os.read(r, 16)
+    finally:
+        os.close(r)
+        os.close(w)

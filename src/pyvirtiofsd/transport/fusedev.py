@@ -54,6 +54,17 @@ _STOP_POLL: Final = 0.5
 #: Bound Final: a compiled build would look them up among the os module's attributes each time.
 _readv: Final = os.readv
 _write: Final = os.write
+
+try:
+    from pyvirtiofsd.transport._fusedev import receive as _c_receive
+    from pyvirtiofsd.transport._fusedev import send as _c_send
+except ImportError:  # the pure build
+    _c_receive = None
+    _c_send = None
+#: The compiled build's read of a request and write of a reply (``_fusedev.c``): one system
+#: call each, without os.readv's iovec list or the slice os.write needs. Bound Final.
+_native_receive: Final = _c_receive
+_native_send: Final = _c_send
 _ENODEV: Final = errno.ENODEV
 #: Errors of read() on /dev/fuse to read again after.
 _READ_AGAIN: Final = (errno.EINTR, errno.EAGAIN, errno.ENOENT)
@@ -255,7 +266,10 @@ class FuseMount:
         outlen = self.bufsize
         while True:
             try:
-                n = _readv(fd, inbufs)
+                if _native_receive is not None:
+                    n = _native_receive(fd, inbuf)
+                else:
+                    n = _readv(fd, inbufs)
             except OSError as e:
                 if e.errno == _ENODEV:
                     break
@@ -267,21 +281,32 @@ class FuseMount:
                 break
             # None: the reply comes later, from its own buffer (_later); this one is free.
             reply = server.handle([inview[:n]], outviews, None, n, outlen)
-            if reply:
+            if not reply:
+                continue
+            if _native_send is None:
                 self._send(outview[:reply])
+                continue
+            try:
+                _native_send(fd, outbuf, reply)
+            except OSError as e:
+                _send_failed(e)
         log.debug("worker %s ends", threading.current_thread().name)
 
     def _send(self, reply: Any) -> None:
         try:
             _write(self.fd, reply)
         except OSError as e:
-            if e.errno not in _STALE_REPLY and e.errno != _ENODEV:
-                log.warning("writing a reply to /dev/fuse: %s", e)
+            _send_failed(e)
 
     def _later(self, token: object) -> _Later:
         # A reply written to /dev/fuse names its request by unique: it needs no more than a
         # buffer of its own, since the worker's goes on to the next request.
         return _Later(self)
+
+
+def _send_failed(e: OSError) -> None:
+    if e.errno not in _STALE_REPLY and e.errno != _ENODEV:
+        log.warning("writing a reply to /dev/fuse: %s", e)
 
 
 class _Later:
