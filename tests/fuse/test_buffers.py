@@ -1,6 +1,7 @@
 """Scatter-gather reads and writes across buffer boundaries."""
 
 import ctypes
+import errno
 import os
 import struct
 from typing import Any
@@ -92,6 +93,41 @@ def test_writer_reads_from_fd(tmp_path) -> None:
         os.close(fd)
     n = w.finish(0, 1)
     assert b"".join(bytes(b) for b in bufs)[16:n] == payload[100:9100]
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        [1 << 20],  # /dev/fuse: one buffer for the whole reply
+        [16, 4096, 4096, 4096],  # a guest: the out header, then its pages
+        [20, 4092, 4096, 100],  # a header shared with data, pages cut anywhere
+        [16, 3000],  # less room than asked
+    ],
+)
+@pytest.mark.parametrize(("offset", "size"), [(0, 4096), (100, 9000), (9990, 4096), (20000, 10)])
+def test_writer_reads_from_fd_however_the_buffers_are_cut(
+    tmp_path, cut: list[int], offset: int, size: int
+) -> None:
+    """A READ gets the file's bytes (clipped to the room, short at the end of the file), and
+    the reply goes on after them, whatever views hold it and whichever build reads."""
+    path = tmp_path / "f"
+    payload = os.urandom(10000)
+    path.write_bytes(payload)
+    bufs = [memoryview(bytearray(n)) for n in cut]
+    w = ReplyWriter(bufs)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = w.read_from_fd(fd, offset, size)
+    finally:
+        os.close(fd)
+    want = payload[offset : offset + min(size, sum(cut) - 16)]
+    assert got == len(want)
+    if w.space() >= 3:
+        w.write(b"end")
+        want += b"end"
+    n = w.finish(0, 1)
+    assert n == 16 + len(want)
+    assert b"".join(bytes(b) for b in bufs)[16:n] == want
 
 
 def test_write_data_to_fd(tmp_path) -> None:
@@ -275,3 +311,44 @@ def test_the_c_store_refuses_data_of_wider_items_as_slicing_does() -> None:
     with pytest.raises(ValueError):
         buffers_module._native_put(room, 0, wide)
     assert bytes(room) == bytes(16)
+
+
+@native_stores
+def test_the_c_read_reads_what_pread_reads(tmp_path) -> None:
+    pread_into = buffers_module._native_pread_into
+    path = tmp_path / "f"
+    payload = os.urandom(5000)
+    path.write_bytes(payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, size, offset in [(0, 5000, 0), (16, 100, 4990), (3, 0, 0), (0, 10, 6000)]:
+            room = bytearray(5016)
+            assert pread_into(memoryview(room), start, size, fd, offset) == len(
+                os.pread(fd, size, offset)
+            )
+            assert room[start : start + size].rstrip(b"\0") == os.pread(fd, size, offset).rstrip(
+                b"\0"
+            )
+        room = bytearray(16)
+        for bad in [(-1, 1), (0, 17), (16, 1), (17, 0), (0, -1)]:
+            with pytest.raises(ValueError):
+                pread_into(room, *bad, fd, 0)
+        for bad_fd, bad_offset in [(-1, 0), (fd, -1), (1 << 40, 0)]:
+            with pytest.raises((ValueError, OverflowError)):
+                pread_into(room, 0, 1, bad_fd, bad_offset)
+        with pytest.raises((TypeError, BufferError)):
+            pread_into(b"read-only", 0, 1, fd, 0)
+        with pytest.raises(ValueError):
+            pread_into(memoryview(bytearray(16)).cast("I"), 0, 1, fd, 0)
+        assert room == bytes(16)  # the refusals stored nothing
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as e:
+        pread_into(room, 0, 1, fd, 0)  # closed
+    assert e.value.errno == errno.EBADF
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(IsADirectoryError):
+            pread_into(room, 0, 1, dfd, 0)
+    finally:
+        os.close(dfd)

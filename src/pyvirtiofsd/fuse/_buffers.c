@@ -8,19 +8,27 @@
  *
  * - put(view, offset, data): data's bytes into view at offset;
  * - put_header(view, length, error, unique): the FUSE out header (u32 len, s32 error,
- *   u64 unique, little-endian) at the start of view.
+ *   u64 unique, little-endian) at the start of view;
+ * - pread_into(view, start, size, fd, offset): a READ's data read from the file straight into
+ *   one view, where os.preadv would take a list of views, each a slice made for it, and build
+ *   an iovec array from it. It releases the GIL for the read and makes it again after a
+ *   signal, as os.preadv does (PEP 475), and raises OSError with the read's errno.
  *
  * Rules: the target is a contiguous writable buffer of single bytes, the data a contiguous
  * buffer of single bytes, and what is stored lies inside the target; anything else is an error
  * (ValueError, TypeError, BufferError, OverflowError) and nothing is stored. That is what the
  * transports give (contiguous byte views) and what the server stores (bytes); a slice store
  * takes some other buffers too (a strided target), but never data of wider items, which it
- * refuses as this does. It holds the GIL and runs no Python code while it holds a buffer.
+ * refuses as this does. put and put_header hold the GIL throughout, and none runs Python code
+ * while it holds a buffer.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE on virtio is little-endian; this module writes it in place"
@@ -113,11 +121,64 @@ put_header(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+pread_into(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    (void)module;
+    if (argc != 5) {
+        PyErr_SetString(PyExc_TypeError, "pread_into(view, start, size, fd, offset) takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(argv[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(argv[2]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    long fd = PyLong_AsLong(argv[3]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    long long offset = PyLong_AsLongLong(argv[4]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX || offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "pread_into: a negative descriptor or offset");
+        return NULL;
+    }
+    Py_buffer dst;
+    if (!bytes_of(argv[0], &dst, PyBUF_WRITABLE))
+        return NULL;
+    if (start < 0 || size < 0 || start > dst.len || size > dst.len - start) {
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "pread_into: the range is not inside the buffer");
+        return NULL;
+    }
+    ssize_t n;
+    int err;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        n = pread((int)fd, (char *)dst.buf + start, (size_t)size, (off_t)offset);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    } while (n < 0 && err == EINTR && PyErr_CheckSignals() == 0);
+    PyBuffer_Release(&dst);
+    if (n < 0) {
+        if (PyErr_Occurred())
+            return NULL; /* a signal handler raised */
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(n);
+}
+
 static PyMethodDef methods[] = {
     {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL,
      "put(view, offset, data): store data's bytes into view at offset."},
     {"put_header", (PyCFunction)(void (*)(void))put_header, METH_FASTCALL,
      "put_header(view, length, error, unique): store the FUSE out header at view's start."},
+    {"pread_into", (PyCFunction)(void (*)(void))pread_into, METH_FASTCALL,
+     "pread_into(view, start, size, fd, offset): pread(2) size bytes of fd at offset into view "
+     "at start, the GIL released; the byte count."},
     {NULL, NULL, 0, NULL},
 };
 

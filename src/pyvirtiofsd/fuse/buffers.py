@@ -40,14 +40,17 @@ _pwritev: Final = os.pwritev
 OUT_HEADER: Final = struct.Struct("<IiQ")
 
 try:
+    from pyvirtiofsd.fuse._buffers import pread_into as _c_pread_into
     from pyvirtiofsd.fuse._buffers import put as _c_put
     from pyvirtiofsd.fuse._buffers import put_header as _c_put_header
 except ImportError:  # the pure build
     _c_put = None
     _c_put_header = None
-#: The compiled build's stores (``_buffers.c``), bound Final: read as C variables.
+    _c_pread_into = None
+#: The compiled build's stores and read (``_buffers.c``), bound Final: read as C variables.
 _native_put: Final = _c_put
 _native_put_header: Final = _c_put_header
+_native_pread_into: Final = _c_pread_into
 
 
 class ShortBuffer(Exception):
@@ -325,6 +328,31 @@ class ReplyWriter:
         """Fill up to ``size`` payload bytes straight from ``fd`` at ``offset``."""
         done = 0
         while done < size:
+            if _native_pread_into is not None and type(self._views) is not _IOVECS:
+                # What fits in the view under the cursor (all of it through /dev/fuse, or a
+                # guest's page), read there in C: no list of views, no slice for os.preadv.
+                want = size - done
+                space = self.capacity - self.length
+                if space < want:
+                    want = space
+                index = self._index
+                if want <= 0 or index >= len(self._views):
+                    break
+                view = self._views[index]
+                start = self._offset
+                if start + want <= len(view):
+                    # Typed, so that a compiled build adds and compares it as an integer.
+                    n: int = _native_pread_into(view, start, want, fd, offset + done)
+                    if n <= 0:
+                        break
+                    self.length += n
+                    end = start + n
+                    if end == len(view):
+                        self._index, self._offset = index + 1, 0
+                    else:
+                        self._offset = end
+                    done += n
+                    continue
             views = self.views(size - done)
             if not views:
                 break
