@@ -70,18 +70,19 @@ def test_stop_while_serving(tmp_path: Path) -> None:
     assert not is_mounted(tmp_path)
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 @pytest.mark.usefixtures("mountable")
 def test_idle_workers_cost_no_buffer_memory(tmp_path: Path) -> None:
     # Each reader has two buffers of max_write plus a page; were they written when made, the
-    # mount's readers alone would take 2 x 16 x 1 MiB. Only what requests reach is allocated.
+    # mount's readers alone would take 2 x 16 x 1 MiB. Only what requests reach is allocated,
+    # and as the process's own memory, not as shared memory a child would share.
     (tmp_path / "mnt").mkdir()
     fs = MemFs()
-    before = _rss_kib()
+    before, shared_before = _status_kib("VmRSS"), _status_kib("RssShmem")
     with FuseMount(fs, FuseMountConfig(str(tmp_path / "mnt"))) as mount:
         buffers_kib = 2 * mount.threads * mount.bufsize // 1024
         assert buffers_kib >= 2 * MIN_WORKERS * 1024
@@ -91,8 +92,10 @@ def test_idle_workers_cost_no_buffer_memory(tmp_path: Path) -> None:
             time.sleep(0.02)
         (tmp_path / "mnt" / "f").write_bytes(b"x" * 300_000)
         assert (tmp_path / "mnt" / "f").read_bytes() == b"x" * 300_000
-        grown = _rss_kib() - before
+        grown = _status_kib("VmRSS") - before
+        shared = _status_kib("RssShmem") - shared_before
     assert grown < buffers_kib // 4, (grown, buffers_kib)
+    assert shared < 256, shared  # the 300 kB the requests reached are not shared memory
 
 
 native_io = pytest.mark.skipif(

@@ -66,6 +66,7 @@ except ImportError:  # the pure build
 _native_receive: Final = _c_receive
 _native_send: Final = _c_send
 _ENODEV: Final = errno.ENODEV
+_PRIVATE: Final = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 #: Errors of read() on /dev/fuse to read again after.
 _READ_AGAIN: Final = (errno.EINTR, errno.EAGAIN, errno.ENOENT)
 
@@ -253,9 +254,10 @@ class FuseMount:
     def _worker(self) -> None:
         fd = self.fd
         # Anonymous mappings, not bytearrays: a bytearray's pages are all written (zeroed) when
-        # it is made, a mapping's only when a request reaches them.
-        inbuf = mmap.mmap(-1, self.bufsize)
-        outbuf = mmap.mmap(-1, self.bufsize)
+        # it is made, a mapping's only when a request reaches them. Private ones: mmap's default
+        # (shared) would make them shared memory, handed on to any child process.
+        inbuf = mmap.mmap(-1, self.bufsize, flags=_PRIVATE)
+        outbuf = mmap.mmap(-1, self.bufsize, flags=_PRIVATE)
         inview = memoryview(inbuf)
         outview = memoryview(outbuf)
         server = self.server
