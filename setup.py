@@ -28,7 +28,12 @@ def accel_names(which: str) -> tuple[str, ...]:
 def native_extensions() -> list[Extension]:
     """The hand-written C modules, each one source file beside the module it serves."""
     return [
-        Extension(name, [os.path.join("src", *name.split(".")) + ".c"], extra_compile_args=["-O2"])
+        Extension(
+            name,
+            [os.path.join("src", *name.split(".")) + ".c"],
+            depends=[os.path.join("src", "pyvirtiofsd", "_cio.h")],  # what some include
+            extra_compile_args=["-O2"],
+        )
         for name in accel_names("NATIVE")
     ]
 

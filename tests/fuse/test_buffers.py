@@ -4,6 +4,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -95,6 +96,22 @@ def test_writer_reads_from_fd(tmp_path) -> None:
     assert b"".join(bytes(b) for b in bufs)[16:n] == payload[100:9100]
 
 
+def _read_from_file(
+    tmp_path, bufs: Sequence[memoryview], offset: int, size: int
+) -> tuple[bytes, ReplyWriter, int]:
+    """A 10,000-byte file's ``size`` bytes from ``offset`` read into a reply over ``bufs``:
+    the file's bytes, the writer, and what read_from_fd returned."""
+    path = tmp_path / "f"
+    payload = os.urandom(10000)
+    path.write_bytes(payload)
+    w = ReplyWriter(bufs)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return payload, w, w.read_from_fd(fd, offset, size)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize(
     "cut",
     [
@@ -110,16 +127,8 @@ def test_writer_reads_from_fd_however_the_buffers_are_cut(
 ) -> None:
     """A READ gets the file's bytes (clipped to the room, short at the end of the file), and
     the reply goes on after them, whatever views hold it and whichever build reads."""
-    path = tmp_path / "f"
-    payload = os.urandom(10000)
-    path.write_bytes(payload)
     bufs = [memoryview(bytearray(n)) for n in cut]
-    w = ReplyWriter(bufs)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = w.read_from_fd(fd, offset, size)
-    finally:
-        os.close(fd)
+    payload, w, got = _read_from_file(tmp_path, bufs, offset, size)
     want = payload[offset : offset + min(size, sum(cut) - 16)]
     assert got == len(want)
     if w.space() >= 3:
@@ -158,16 +167,8 @@ def _as_iovecs(sizes: list[int]) -> tuple[bytearray, Iovecs]:
 def test_writer_reads_from_fd_into_an_iovec_array(tmp_path, offset: int, size: int) -> None:
     """A READ's pages held as an Iovecs get the same bytes as views would, short at the end
     of the file too."""
-    path = tmp_path / "f"
-    payload = os.urandom(10000)
-    path.write_bytes(payload)
     _, bufs = _as_iovecs([16, 4096, 4096, 4096])
-    w = ReplyWriter(bufs)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = w.read_from_fd(fd, offset, size)
-    finally:
-        os.close(fd)
+    payload, w, got = _read_from_file(tmp_path, bufs, offset, size)
     assert got == len(payload[offset : offset + size])
     n = w.finish(0, 1)
     assert n == 16 + got

@@ -22,34 +22,12 @@
  * refuses as this does. put and put_header hold the GIL throughout, and none runs Python code
  * while it holds a buffer.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <errno.h>
-#include <limits.h>
+#include "../_cio.h"
 #include <stdint.h>
-#include <string.h>
-#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE on virtio is little-endian; this module writes it in place"
 #endif
-
-/* The contiguous buffer of single bytes of obj (writable if flags say so); 0 with an exception
- * set when it is none. */
-static int
-bytes_of(PyObject *obj, Py_buffer *b, int flags)
-{
-    if (PyObject_GetBuffer(obj, b, flags | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return 0;
-    const char *f = b->format;
-    if (b->ndim > 1 || b->itemsize != 1 || (f != NULL && strcmp(f, "B") && strcmp(f, "b") &&
-                                            strcmp(f, "c"))) {
-        PyBuffer_Release(b);
-        PyErr_SetString(PyExc_ValueError, "a buffer of single bytes is needed");
-        return 0;
-    }
-    return 1;
-}
 
 static PyObject *
 put(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
@@ -135,14 +113,14 @@ pread_into(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_ssize_t size = PyLong_AsSsize_t(argv[2]);
     if (size == -1 && PyErr_Occurred())
         return NULL;
-    long fd = PyLong_AsLong(argv[3]);
-    if (fd == -1 && PyErr_Occurred())
+    int fd;
+    if (!fd_of(argv[3], &fd))
         return NULL;
     long long offset = PyLong_AsLongLong(argv[4]);
     if (offset == -1 && PyErr_Occurred())
         return NULL;
-    if (fd < 0 || fd > INT_MAX || offset < 0) {
-        PyErr_SetString(PyExc_ValueError, "pread_into: a negative descriptor or offset");
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "pread_into: a negative offset");
         return NULL;
     }
     Py_buffer dst;
@@ -153,22 +131,9 @@ pread_into(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         PyErr_SetString(PyExc_ValueError, "pread_into: the range is not inside the buffer");
         return NULL;
     }
-    ssize_t n;
-    int err;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        n = pread((int)fd, (char *)dst.buf + start, (size_t)size, (off_t)offset);
-        err = errno;
-        Py_END_ALLOW_THREADS
-    } while (n < 0 && err == EINTR && PyErr_CheckSignals() == 0);
+    PyObject *n = io_call(pread, fd, (char *)dst.buf + start, (size_t)size, (off_t)offset);
     PyBuffer_Release(&dst);
-    if (n < 0) {
-        if (PyErr_Occurred())
-            return NULL; /* a signal handler raised */
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(n);
+    return n;
 }
 
 static PyMethodDef methods[] = {

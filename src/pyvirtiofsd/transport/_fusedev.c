@@ -20,42 +20,20 @@
  * worker must find the GIL free (held through the write, create/stat/unlink through a mount
  * took about a tenth more CPU and more context switches: that worker waited for it).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <errno.h>
-#include <limits.h>
-#include <string.h>
-#include <unistd.h>
+#include "../_cio.h"
 
-/* The contiguous buffer of single bytes of obj (writable if flags say so); 0 with an exception
- * set when it is none. */
-static int
-bytes_of(PyObject *obj, Py_buffer *b, int flags)
+static ssize_t
+read_at(int fd, void *buf, size_t len, off_t offset)
 {
-    if (PyObject_GetBuffer(obj, b, flags | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return 0;
-    const char *f = b->format;
-    if (b->ndim > 1 || b->itemsize != 1 || (f != NULL && strcmp(f, "B") && strcmp(f, "b") &&
-                                            strcmp(f, "c"))) {
-        PyBuffer_Release(b);
-        PyErr_SetString(PyExc_ValueError, "a buffer of single bytes is needed");
-        return 0;
-    }
-    return 1;
+    (void)offset;
+    return read(fd, buf, len);
 }
 
-static int
-fd_of(PyObject *obj, int *fd)
+static ssize_t
+write_at(int fd, void *buf, size_t len, off_t offset)
 {
-    long v = PyLong_AsLong(obj);
-    if (v == -1 && PyErr_Occurred())
-        return 0;
-    if (v < 0 || v > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
-        return 0;
-    }
-    *fd = (int)v;
-    return 1;
+    (void)offset;
+    return write(fd, buf, len);
 }
 
 static PyObject *
@@ -72,22 +50,9 @@ receive(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_buffer b;
     if (!bytes_of(argv[1], &b, PyBUF_WRITABLE))
         return NULL;
-    ssize_t n;
-    int err;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        n = read(fd, b.buf, (size_t)b.len);
-        err = errno;
-        Py_END_ALLOW_THREADS
-    } while (n < 0 && err == EINTR && PyErr_CheckSignals() == 0);
+    PyObject *n = io_call(read_at, fd, b.buf, (size_t)b.len, 0);
     PyBuffer_Release(&b);
-    if (n < 0 && PyErr_Occurred())
-        return NULL; /* a signal handler raised */
-    if (n < 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(n);
+    return n;
 }
 
 static PyObject *
@@ -112,22 +77,9 @@ send(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         PyErr_SetString(PyExc_ValueError, "length outside the buffer");
         return NULL;
     }
-    ssize_t n;
-    int err;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        n = write(fd, b.buf, (size_t)length);
-        err = errno;
-        Py_END_ALLOW_THREADS
-    } while (n < 0 && err == EINTR && PyErr_CheckSignals() == 0);
+    PyObject *n = io_call(write_at, fd, b.buf, (size_t)length, 0);
     PyBuffer_Release(&b);
-    if (n < 0 && PyErr_Occurred())
-        return NULL; /* a signal handler raised */
-    if (n < 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(n);
+    return n;
 }
 
 static PyMethodDef methods[] = {
