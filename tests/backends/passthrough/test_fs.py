@@ -138,6 +138,39 @@ def test_directory_swapped_for_symlink(client: FuseClient, tree: tuple[Path, Pat
     assert sorted(os.listdir(outside)) == ["secret"]
 
 
+@pytest.mark.parametrize("cut", [[(1 << 20) + 64], [16, 1 << 20], [20, 4092, 4096]])
+def test_read_at_any_offset_into_reply_buffers_cut_any_way(
+    tree: tuple[Path, Path], cut: list[int]
+) -> None:
+    """A guest's READ may name any 64-bit offset and any size, and its reply buffers come one
+    whole (/dev/fuse) or a header then pages: the data is the file's, clipped to the room,
+    empty past the end, EINVAL where the offset and size pass what a file offset holds, in
+    either build (the compiled one reads into a single view in C)."""
+    content = bytes(range(256)) * 40
+    (tree[0] / "data").write_bytes(content)
+    server = Server(PassthroughFs(PassthroughConfig(str(tree[0]))))
+    client = FuseClient(direct(server))
+    client.init()
+    node = client.lookup(ROOT, b"data").nodeid
+    fh = client.open(node, os.O_RDONLY).fh
+    room = sum(cut) - 16
+    for offset in (0, 9990, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+        for size in (0, 1, 4096, 1 << 20):
+            request = encode_request(
+                abi.Opcode.READ, node, abi.READ_IN.pack(fh, offset, size, 0, 0, 0, 0), unique=9
+            )
+            bufs = [memoryview(bytearray(n)) for n in cut]
+            n = server.handle([memoryview(request)], bufs)
+            reply = b"".join(bytes(b) for b in bufs)[:n]
+            length, error, unique = abi.OUT_HEADER.struct.unpack_from(reply)
+            assert (length, unique) == (n, 9)
+            if size and offset >= (1 << 63) - 1:
+                assert (error, n) == (-errno.EINVAL, 16), (offset, size)
+            else:
+                assert error == 0, (offset, size)
+                assert reply[16:] == content[offset : offset + min(size, room)], (offset, size)
+
+
 def test_unknown_inodes_and_handles(client: FuseClient) -> None:
     assert errno_of(client.getattr, 999) == errno.EBADF
     assert errno_of(client.read, ROOT, 12345, 0, 10) == errno.EBADF
