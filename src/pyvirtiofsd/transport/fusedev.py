@@ -266,6 +266,8 @@ class FuseMount:
         inbufs = [inbuf]
         outviews = [outview]
         outlen = self.bufsize
+        # Typed: the C read's count would otherwise stay a Python object for each use below.
+        n: int
         while True:
             try:
                 if _native_receive is not None:
