@@ -187,6 +187,12 @@ class Transport(Protocol):
         """Make :meth:`serve` return soon; safe in a signal handler."""
         ...
 
+    @property
+    def abandoned(self) -> int:
+        """Once :meth:`serve` has returned: what it left behind still running in the backend
+        (workers or rings; none when all ended)."""
+        ...
+
 
 def build_filesystem(config: PassthroughConfig | OpendalConfig) -> Filesystem:
     if isinstance(config, PassthroughConfig):
@@ -371,7 +377,7 @@ def _serve(
     finally:
         signals.ended.set()
         log_counters(server)
-        stuck = server.in_flight()
+        stuck = transport.abandoned + server.in_flight()
         if stuck:
             log.error(
                 "%d request(s) still running in the backend; shutting the file system "

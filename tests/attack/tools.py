@@ -379,7 +379,7 @@ class Guest:
         return self.collect(head, opcode)
 
     def send(self, opcode: int, nodeid: int, payload: bytes = b"") -> None:
-        """A request without a reply (FORGET, BATCH_FORGET, INTERRUPT that found its target)."""
+        """A request without a reply (FORGET, BATCH_FORGET, INTERRUPT)."""
         head, _ = self.submit(opcode, nodeid, payload, 0)
         self.collect(head, opcode)
 

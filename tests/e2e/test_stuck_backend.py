@@ -163,6 +163,8 @@ def test_sigterm_with_a_request_stuck_in_the_backend(workdir: Path, pool: int) -
         s.daemon.proc.send_signal(signal.SIGTERM)
         log = s.exits_cleanly()
     assert "still running in the backend" in log
+    # The daemon knows, and doesn't wait on the file system's shutdown for good.
+    assert "shutting the file system down without them" in log
 
 
 def test_frontend_leaves_while_a_request_is_stuck(workdir: Path) -> None:
@@ -225,6 +227,7 @@ def test_sigterm_with_a_request_stuck_on_a_host_mount(workdir: Path) -> None:
         assert rc == 0, log_text[-4000:]
         assert "Traceback" not in log_text, log_text[-6000:]
         assert "still running in the backend" in log_text
+        assert "shutting the file system down without them" in log_text
     finally:
         if proc.poll() is None and connection is not None:
             with contextlib.suppress(OSError):

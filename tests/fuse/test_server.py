@@ -325,9 +325,56 @@ def test_filesystem_bug_gives_eio(client: FuseClient, caplog: pytest.LogCaptureF
     assert "oops" in caplog.text
 
 
-def test_interrupt_of_unknown_request_asks_for_retry(server: Server, client: FuseClient) -> None:
-    req = encode_request(abi.Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(12345))
-    assert raw(server, req)[0] == errno.EAGAIN
+def test_interrupt_is_never_answered(server: Server, client: FuseClient) -> None:
+    """An INTERRUPT of a request that isn't waiting gets no reply: EAGAIN would have the kernel
+    send it again at once, for as long as the request runs."""
+    for target in (12345, 0, 2**64 - 1):
+        req = encode_request(abi.Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(target))
+        assert raw(server, req) == (None, None, b"")
+
+
+def test_interrupts_kept_for_later_are_bounded(server: Server, client: FuseClient) -> None:
+    """A guest that sends INTERRUPTs for requests that never come grows nothing: the oldest of
+    those kept for a wait that may begin later are dropped."""
+    for target in range(100_000):
+        req = encode_request(abi.Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(target))
+        assert raw(server, req)[0] is None
+    assert len(server._early) == server_module._EARLY_INTERRUPTS
+    assert server.in_flight() == 0
+
+
+@pytest.mark.parametrize("later", [True, False], ids=["later", "inline"])
+def test_interrupt_that_comes_before_the_wait_ends_it_at_once(later: bool) -> None:
+    """The INTERRUPT of a blocking lock may be served (on another queue) before the lock
+    request begins to wait: the wait then ends with EINTR as soon as it begins, whether it
+    runs on a waiter thread or on the transport's own."""
+    seen: list[bool] = []
+
+    class LockFs(Filesystem):
+        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
+            if not sleep:
+                raise OSError(errno.EAGAIN, "held")
+            seen.append(ctx.interrupted)
+            if ctx.interrupted:
+                raise OSError(errno.EINTR, "interrupted")
+
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    caps = TransportCaps(later=lambda token: _Later(replies)) if later else TransportCaps()
+    server = Server(LockFs(), caps=caps)
+    FuseClient(direct(server)).init()
+    interrupt = encode_request(abi.Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(44))
+    assert raw(server, interrupt)[0] is None
+    payload = abi.LK_IN.pack(1, 2, 0, 10, 1, os.getpid(), 0, 0)
+    out = bytearray(64)
+    n = server.handle(
+        [memoryview(encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=44))],
+        [memoryview(out)],
+    )
+    reply = decode_reply(replies.get(timeout=10) if later else bytes(out[:n]))
+    assert reply == (errno.EINTR, 44, b"")
+    assert seen == [True]
+    assert server.in_flight() == 0
+    assert 44 not in server._early
 
 
 class _Later:

@@ -220,10 +220,13 @@ _NAMED: Final = -2
 
 #: A handler's return value: the reply comes later, through a Completion.
 _LATER: Final = 1
-#: A handler's return value: no reply at all (FORGET, an INTERRUPT that found its target).
+#: A handler's return value: no reply at all (FORGET, INTERRUPT).
 _SILENT: Final = 2
 #: A handler's return value: ENOENT, which the file system answered without an exception.
 _NOENT: Final = 3
+#: INTERRUPTs kept for requests that may begin to wait later; a guest that sends more loses
+#: its oldest.
+_EARLY_INTERRUPTS: Final = 256
 _ENOENT: Final = errno.ENOENT
 
 _OPS: dict[int, tuple[Op, str, tuple[Any, ...]]] = {}
@@ -465,10 +468,13 @@ class Server:
         self.flags = 0
         #: What the kernel offered at INIT: (major, minor, max_readahead, flags).
         self._offered = (0, 0, 0, 0)
-        #: Requests being served, by unique, so that INTERRUPT can reach them.
-        self._inflight: dict[int, Context] = {}
-        #: Requests answered later (blocking locks), which a reset or shutdown interrupts.
+        #: Requests that wait (blocking locks), by unique: what INTERRUPT, a reset or a
+        #: shutdown ends. Requests that don't wait are not tracked: they can't be interrupted.
         self._waiting: dict[int, Context] = {}
+        #: INTERRUPTs that found no waiting request, oldest first: the request may not have
+        #: begun to wait yet (it came on another queue), and then it ends as soon as it does.
+        self._early: dict[int, None] = {}
+        self._wait_lock = threading.Lock()
         #: Per-opcode request counts (observability).
         self.counts = [0] * 64
         #: Where requests that wait are served.
@@ -584,8 +590,6 @@ class Server:
             return self._error(out, errno.EINVAL, unique)
 
         ctx = Context(uid, gid, pid, unique)
-        inflight = self._inflight
-        inflight[unique] = ctx
         try:
             args: tuple[Any, ...]
             if in_place is not None and (args_len == fixed_size or fixed_size == _NAMED):
@@ -663,34 +667,22 @@ class Server:
             else:
                 result = handler(ctx, nodeid, out, token, *args)
         except OSError as e:
-            inflight.pop(unique, None)
             return self._error(out, e.errno or errno.EIO, unique)
         except (MalformedRequest, ShortBuffer, struct.error, ValueError, OverflowError) as bad:
-            inflight.pop(unique, None)
             log.warning("malformed request %d (opcode %d): %s", unique, opcode, bad)
             return self._error(out, errno.EINVAL, unique)
         except Exception:
-            inflight.pop(unique, None)
             log.exception("request %d (opcode %d) failed", unique, opcode)
             return self._error(out, errno.EIO, unique)
         if result is not None:
             # Only the few handlers that answer later, not at all, or with ENOENT without an
             # exception return anything.
             if result == _LATER:
-                # The waiter removes the request from _inflight when it is done.
                 return None
             if result == _SILENT:
-                inflight.pop(unique, None)
                 return 0
             if result == _NOENT:
-                inflight.pop(unique, None)
                 return self._error(out, _ENOENT, unique)
-        # Deleted rather than popped: a compiled build calls a dict's methods the generic way.
-        # Two requests a hostile guest gave one unique leave one entry, which the first ends.
-        try:
-            del inflight[unique]
-        except KeyError:
-            pass
         if not room:
             return 0
         assert out is not None
@@ -751,15 +743,15 @@ class Server:
         return self._error(ReplyWriter(writable) if writable else None, err, unique)
 
     def in_flight(self) -> int:
-        """Requests being served now: after the transport has stopped, those still running in
-        the backend (stuck there, or waiting for a lock)."""
-        return len(self._inflight)
+        """Requests waiting for a lock now (the transports know which others still run)."""
+        return len(self._waiting)
 
     def interrupt_waiting(self) -> None:
         """End every wait of a request answered later (they answer EINTR): the queue or
         connection is going."""
-        for ctx in list(self._waiting.values()):
-            ctx.interrupted = True
+        with self._wait_lock:
+            for ctx in self._waiting.values():
+                ctx.interrupted = True
 
     def reset(self) -> None:
         """The session ended without DESTROY (the guest's driver reset the device): forget
@@ -961,14 +953,32 @@ class Server:
     def _interrupt(
         self, ctx: Context, nodeid: int, out: ReplyWriter | None, token: Any, target: int
     ) -> int:
-        victim = self._inflight.get(target)
-        if victim is not None:
-            victim.interrupted = True
-            return _SILENT
-        # Not seen yet (or already answered): EAGAIN makes the kernel send it again.
-        if out is None:
-            return _SILENT
-        raise OSError(errno.EAGAIN, "interrupted request not found")
+        # Never answered. EAGAIN would have the kernel send it again at once, and again, for
+        # as long as the request runs; one that doesn't wait can't be interrupted anyway.
+        with self._wait_lock:
+            victim = self._waiting.get(target)
+            if victim is not None:
+                victim.interrupted = True
+            else:
+                early = self._early
+                early[target] = None
+                if len(early) > _EARLY_INTERRUPTS:
+                    del early[next(iter(early))]
+        return _SILENT
+
+    def _wait_begins(self, ctx: Context) -> None:
+        """``ctx``'s request waits from now on: INTERRUPT, reset and shutdown can end it (at
+        once if its INTERRUPT came first)."""
+        with self._wait_lock:
+            self._waiting[ctx.unique] = ctx
+            if ctx.unique in self._early:
+                del self._early[ctx.unique]
+                ctx.interrupted = True
+
+    def _wait_ends(self, ctx: Context) -> None:
+        with self._wait_lock:
+            if self._waiting.get(ctx.unique) is ctx:
+                del self._waiting[ctx.unique]
 
     def _forget(
         self, ctx: Context, nodeid: int, out: ReplyWriter | None, token: Any, nlookup: int
@@ -1546,7 +1556,11 @@ class Server:
             self.fs.setlk(ctx, nodeid, fh, owner, lock, False, flock)
             return None
         if later is None:
-            self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
+            self._wait_begins(ctx)
+            try:
+                self.fs.setlk(ctx, nodeid, fh, owner, lock, True, flock)
+            finally:
+                self._wait_ends(ctx)
             return None
         try:
             self.fs.setlk(ctx, nodeid, fh, owner, lock, False, flock)
@@ -1566,7 +1580,7 @@ class Server:
         except BaseException:
             waiters.unreserve()
             raise
-        self._waiting[unique] = ctx
+        self._wait_begins(ctx)
 
         def wait() -> None:
             error = 0
@@ -1578,8 +1592,7 @@ class Server:
                 log.exception("blocking lock request %d failed", unique)
                 error = errno.EIO
             finally:
-                self._inflight.pop(unique, None)
-                self._waiting.pop(unique, None)
+                self._wait_ends(ctx)
             reply = ReplyWriter(completion.writable)
             completion.complete(reply.finish(-error, unique))
 

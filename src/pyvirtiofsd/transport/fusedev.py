@@ -126,6 +126,8 @@ class FuseMount:
         self.readonly = config.readonly
         self.fd = -1
         self._workers: list[threading.Thread] = []
+        #: Workers :meth:`close` left behind, stuck in the backend.
+        self.abandoned = 0
         self._mounted = False
         self._stop_asked = False
         self._conn_dev: int | None = None
@@ -226,8 +228,10 @@ class FuseMount:
         self.stop()
         self.server.interrupt_waiting()  # lock waits end with EINTR; nobody is left to tell
         if not self.wait(grace):
-            stuck = sum(t.is_alive() for t in self._workers)
-            log.error("%d worker(s) still running in the backend; leaving them behind", stuck)
+            self.abandoned = sum(t.is_alive() for t in self._workers)
+            log.error(
+                "%d worker(s) still running in the backend; leaving them behind", self.abandoned
+            )
             return
         if self.fd >= 0:
             os.close(self.fd)

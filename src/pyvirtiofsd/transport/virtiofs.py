@@ -255,6 +255,11 @@ class VhostUserTransport:
             log.info("DAX window: %s", " ".join(f"{k}={v}" for k, v in window.stats.items()))
         return 0
 
+    @property
+    def abandoned(self) -> int:
+        """Rings left behind with requests still running in the backend."""
+        return self._loop.abandoned
+
     def stop(self) -> None:
         """Stop accepting, or end the connection; safe in a signal handler."""
         self._stopped = True
