@@ -945,11 +945,19 @@ def _cuts(request: bytes, cuts: list[int]) -> list[memoryview]:
     return [memoryview(request[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
-def _answers(request: bytes, cuts: list[int], reply_size: int = 4096) -> tuple[int, ...]:
+def _answers(
+    request: bytes, cuts: list[int], reply_size: int = 4096, after: bytes | None = None
+) -> tuple[int, ...]:
+    """How the server answers ``request`` cut at ``cuts``, or with ``after``, whole in one
+    buffer followed by those bytes, told its length."""
     server = Server(MemFs())
     FuseClient(direct(server)).init()
     out = bytearray(reply_size)
-    n = server.handle(_cuts(request, cuts), [memoryview(out)])
+    if after is None:
+        n = server.handle(_cuts(request, cuts), [memoryview(out)])
+    else:
+        buffer = [memoryview(request + after)]
+        n = server.handle(buffer, [memoryview(out)], None, len(request), reply_size)
     assert n is not None
     if not n:
         return 0, 0, 0, 0
@@ -1008,6 +1016,26 @@ def test_a_request_is_answered_the_same_however_its_bytes_are_cut(
     assert _answers(bytes(request), cuts) == whole
     assert _answers(bytes(request), [abi.IN_HEADER.size, *cuts]) == whole
     assert _answers(bytes(request), [abi.IN_HEADER.size, abi.IN_HEADER.size, *cuts]) == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    which=st.integers(0, len(_requests()) - 1),
+    keep=st.integers(0, 140),
+    after=st.sampled_from([b"", b"\0", b"x" * 64, b"hello\0" + bytes(200), bytes(4096)]),
+    length_delta=st.sampled_from([0, 0, -1, 1, 8, 4096]),
+)
+def test_what_a_buffer_holds_after_the_request_is_never_read(
+    which: int, keep: int, after: bytes, length_delta: int
+) -> None:
+    """A transport's buffer, reused, holds the request and then whatever came before: the
+    answer is the request's alone, also when its header claims more than arrived (the rest
+    of it then lies in the buffer, after what the transport said it holds)."""
+    request = bytearray(_requests()[which])
+    request[0:4] = max(0, len(request) + length_delta).to_bytes(4, "little")
+    arrived = bytes(request[:keep])
+    rest = bytes(request[keep:]) + after
+    assert _answers(arrived, [], after=rest) == _answers(arrived, [])
 
 
 native_split = pytest.mark.skipif(

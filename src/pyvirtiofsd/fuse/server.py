@@ -519,7 +519,9 @@ class Server:
         """Serve one request. Returns the reply's length in ``writable`` (0: no reply), or
         None when the reply will come later through ``caps.later(token)``. A transport that
         knows how many bytes the buffers hold says so (``readable_len``, ``writable_len``),
-        sparing the server a pass over them."""
+        sparing the server a pass over them. One readable buffer may hold more than
+        ``readable_len`` (a transport's buffer, reused): the request is its first bytes, and
+        nothing after them is read."""
         out: ReplyWriter | None = ReplyWriter(writable, writable_len) if writable else None
         total = readable_len if readable_len is not None else sum(map(len, readable))
         # Typed, so that a compiled build checks and compares them as machine integers.
@@ -530,7 +532,7 @@ class Server:
         nodeid: int
         reader: RequestReader | None = None
         split: _Split | None = None
-        if _native_split is not None:
+        if _native_split is not None and total >= _IN_SIZE:
             split = _native_split(readable, self._layouts)
         if split is not None:
             (

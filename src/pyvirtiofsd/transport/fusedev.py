@@ -267,7 +267,9 @@ class FuseMount:
         server = self.server
         # Made once: the server keeps neither list past handle() (a reply answered later
         # has a buffer of its own), and it is told their sizes rather than left to sum them.
+        # The request is the first n bytes of the whole buffer: no view is cut for each.
         inbufs = [inbuf]
+        inviews = [inview]
         outviews = [outview]
         outlen = self.bufsize
         # Typed: the C read's count would otherwise stay a Python object for each use below.
@@ -288,7 +290,7 @@ class FuseMount:
             if n == 0:
                 break
             # None: the reply comes later, from its own buffer (_later); this one is free.
-            reply = server.handle([inview[:n]], outviews, None, n, outlen)
+            reply = server.handle(inviews, outviews, None, n, outlen)
             if not reply:
                 continue
             if _native_send is None:
