@@ -22,7 +22,8 @@ class Carried:
 
     __slots__ = ("readable", "readable_len", "writable", "writable_len")
 
-    readable: Sequence[memoryview]
+    #: Views of the request, or a copy of it (bytes) when it is small.
+    readable: Sequence[memoryview | bytes]
     writable: Sequence[memoryview]
     readable_len: int
     writable_len: int

@@ -18,6 +18,7 @@ from pyvirtiofsd.iovec import IOVEC, Iovecs
 from pyvirtiofsd.virtio.chain import (
     DESC,
     MAX_INDIRECT,
+    SMALL_REQUEST,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -118,8 +119,8 @@ def test_self_loop_is_caught(g: Guest) -> None:
 
 def test_chain_as_long_as_the_table_is_fine(g: Guest) -> None:
     for i in range(SIZE):
-        g.desc(i, DATA + i, 1, NEXT if i + 1 < SIZE else 0, i + 1)
-    assert len(g.read().readable) == SIZE
+        g.desc(i, DATA + i, 1, WRITE | (NEXT if i + 1 < SIZE else 0), i + 1)
+    assert len(g.read().writable) == SIZE
 
 
 def test_next_outside_table(g: Guest) -> None:
@@ -399,7 +400,7 @@ def test_bulk_decoding_is_used_for_linux_tables(
     )
     c = g.read()
     assert decoded == [c]
-    assert [len(v) for v in c.readable] == [40, 40]
+    assert [len(v) for v in c.readable] == [80]  # header and arguments: one copy
     assert len(c.writable) == 257 and c.writable_len == 16 + 256 * 1024
 
 
@@ -503,8 +504,9 @@ class Memory:
             return e
 
 
-def places(side: Sequence[memoryview]) -> list[tuple[int, int]]:
-    """Where each buffer lies in our address space, as the kernel will be told."""
+def places(side: Sequence[memoryview | bytes]) -> list[tuple[int, int] | bytes]:
+    """Where each buffer lies in our address space, as the kernel will be told; a copy (a small
+    request's, see SMALL_REQUEST) by what it holds."""
     if isinstance(side, Iovecs):
         raw = side._raw
         spans = side._spans
@@ -516,7 +518,7 @@ def places(side: Sequence[memoryview]) -> list[tuple[int, int]]:
         # The views it makes stand exactly where the array says.
         assert [(_address_of(v), len(v)) for v in side] == out
         return out
-    return [(_address_of(v), len(v)) for v in side]
+    return [bytes(v) if isinstance(v, bytes) else (_address_of(v), len(v)) for v in side]
 
 
 def same(fast: Chain | InvalidChain, slow: Chain | InvalidChain, *, reasons: bool = True) -> None:
@@ -1095,7 +1097,9 @@ def test_the_c_walk_serves_the_everyday_chain(layout: str, direct: bool) -> None
         assert fast is not None
         assert places(fast.readable) == places(slow.readable)
         assert places(fast.writable) == places(slow.writable)
-        assert [len(v) for v in fast.readable] == [64, 64]
+        # Header and arguments: a small request, one copy.
+        assert [type(v) for v in fast.readable] == [bytes]
+        assert len(fast.readable[0]) == 128
 
 
 @native
@@ -1116,10 +1120,10 @@ def test_read_chain_takes_the_c_walk_and_its_views_hold_the_mapping(tmp_path) ->
             ring, SHORT_RING, 0, True, 0, MiB, region.view, chain_module._BULK
         )
         chain = read_chain(memory, ring, SHORT_RING, 0, indirect=True)
-        assert [len(v) for v in chain.readable] == [40]
+        assert chain.readable == [bytes(40)]  # a small request: a copy
         assert [len(v) for v in chain.writable] == [16]
         assert not region.close(quiet=True)  # the chain's views still hold it
-        chain.readable[0][:4] = b"abcd"
+        chain.writable[0][:4] = b"abcd"
         chain.release()
         assert region.close(quiet=True)
     finally:
@@ -1153,8 +1157,9 @@ def test_the_c_walks_views_are_the_slices_the_python_walk_cuts(main_view: str) -
     assert main is not None and chain_module._native_walk is not None
     mem.memory.translate(M, 4096)[:] = bytes(range(256)) * 16
     ring = memoryview(bytearray(16 * SHORT_RING))
-    DESC.pack_into(ring, 0, M + 8, 40, NEXT, 1)
-    DESC.pack_into(ring, 16, M + 100, 16, NEXT | WRITE, 2)
+    # More readable bytes than a copy takes: views.
+    DESC.pack_into(ring, 0, M + 8, SMALL_REQUEST + 1, NEXT, 1)
+    DESC.pack_into(ring, 16, M + 1000, 16, NEXT | WRITE, 2)
     DESC.pack_into(ring, 32, M + 4000, 96, WRITE, 0)
     view = main.view if main_view == "the region's own" else main.view.cast("B").cast("H")
     found = chain_module._native_walk(
@@ -1165,8 +1170,9 @@ def test_the_c_walks_views_are_the_slices_the_python_walk_cuts(main_view: str) -
         return
     assert found is not None
     readable, writable, wlen, rlen = found
-    assert (wlen, rlen) == (112, 40)
-    for piece, (off, n) in zip(readable + writable, [(8, 40), (100, 16), (4000, 96)], strict=True):
+    assert (wlen, rlen) == (112, SMALL_REQUEST + 1)
+    cuts = [(8, SMALL_REQUEST + 1), (1000, 16), (4000, 96)]
+    for piece, (off, n) in zip(readable + writable, cuts, strict=True):
         cut = main.view[off : off + n]
         for attr in VIEW_ATTRS:
             assert getattr(piece, attr) == getattr(cut, attr), attr
@@ -1177,6 +1183,47 @@ def test_the_c_walks_views_are_the_slices_the_python_walk_cuts(main_view: str) -
         assert len(piece[1:]) == n - 1 and piece[-1] == cut[-1]
         with pytest.raises(IndexError):
             piece[n]
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 16, 17])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+@pytest.mark.parametrize("indirect", [False, True])
+def test_a_small_request_is_one_copy(pieces: int, extra: int, indirect: bool) -> None:
+    """Readable buffers that add up to SMALL_REQUEST bytes or fewer come as one bytes object
+    holding what the guest had written there, which the guest can no longer change; one byte
+    more and they are views, one per buffer. The same from each walk, in both builds (more
+    pieces than the C walk remembers are left to Python, which copies them all the same)."""
+    mem = Memory(LAYOUTS["adjacent"])
+    total = SMALL_REQUEST + extra
+    sizes = [total // pieces] * pieces
+    sizes[-1] += total - sum(sizes)
+    data = bytes(i * 7 % 251 for i in range(total))
+    mem.memory.translate(M, total)[:] = data
+    entries, at = [], M
+    for i, n in enumerate(sizes):
+        entries.append((at, n, NEXT, i + 1))
+        at += n
+    entries.append((M + 0x8000, 64, WRITE, 0))
+    table = b"".join(DESC.pack(*e) for e in entries)
+    if indirect:
+        mem.memory.translate(M + 0x9000, len(table))[:] = table
+        ring = memoryview(bytearray(16 * SHORT_RING))
+        DESC.pack_into(ring, 0, M + 0x9000, len(table), INDIRECT, 0)
+        size = SHORT_RING
+    else:
+        ring = memoryview(bytearray(table))
+        size = len(entries)
+    chain = read_chain(mem.memory, ring, size, 0, indirect=True)
+    slow = python_walk(mem, ring, size, 0)
+    assert isinstance(slow, Chain) and places(slow.readable) == places(chain.readable)
+    assert chain.readable_len == total and b"".join(chain.readable) == data
+    if total <= SMALL_REQUEST:
+        assert [type(v) for v in chain.readable] == [bytes]
+        mem.memory.translate(M, total)[:] = bytes(total)
+        assert chain.readable[0] == data
+    else:
+        assert [len(v) for v in chain.readable] == sizes
+        assert all(type(v) is memoryview for v in chain.readable)
 
 
 def _either(walk: Callable[[], Chain]) -> Chain | InvalidChain | type[BaseException]:
@@ -1312,7 +1359,7 @@ def test_a_short_chain_rewritten_while_it_is_walked(indirect: bool) -> None:
     n, at = 4, 0x1000
     well = b"".join(
         DESC.pack(
-            base + 0x10000 + 4096 * i, 100 + i, (NEXT if i + 1 < n else 0) | WRITE * (i > 1), i + 1
+            base + 0x10000 + 4096 * i, 300 + i, (NEXT if i + 1 < n else 0) | WRITE * (i > 1), i + 1
         )
         for i in range(n)
     )
@@ -1337,10 +1384,12 @@ def test_a_short_chain_rewritten_while_it_is_walked(indirect: bool) -> None:
             except InvalidChain:
                 continue
             served += 1
-            readable, writable = places(chain.readable), places(chain.writable)
-            assert all(low <= a and a + k <= high for a, k in readable + writable)
-            assert sum(k for _, k in readable) == chain.readable_len
-            assert sum(k for _, k in writable) == chain.writable_len
+            # The well-formed chain's readable buffers are views (too many bytes for a copy);
+            # a mixture with fewer readable bytes comes as a copy.
+            spans = [p for p in places(chain.readable) + places(chain.writable) if type(p) is tuple]
+            assert all(low <= a and a + k <= high for a, k in spans)
+            assert sum(map(len, chain.readable)) == chain.readable_len
+            assert sum(map(len, chain.writable)) == chain.writable_len
             chain.release()
     assert served
     del chain

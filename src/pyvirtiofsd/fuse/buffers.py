@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from pyvirtiofsd.iovec import Iovecs
 
@@ -58,14 +58,14 @@ class ShortBuffer(Exception):
 
 
 def _slice_views(
-    views: Sequence[memoryview], index: int, offset: int, size: int
-) -> tuple[list[memoryview], int, int]:
+    views: Sequence[Buffer], index: int, offset: int, size: int
+) -> tuple[list[Buffer], int, int]:
     """Views covering ``size`` bytes from (index, offset), and the position after them.
 
     Whole buffers are passed on as they are: a 1 MiB request comes as some 260 of them, and
     slicing each would be most of the work.
     """
-    out: list[memoryview] = []
+    out: list[Buffer] = []
     count = len(views)
     while size > 0 and index < count:
         view = views[index]
@@ -93,7 +93,7 @@ class RequestReader:
     __slots__ = ("_avail", "_index", "_offset", "_views", "remaining")
 
     def __init__(
-        self, views: Sequence[memoryview], length: int | None = None, total: int | None = None
+        self, views: Sequence[Buffer], length: int | None = None, total: int | None = None
     ) -> None:
         self._views = views
         self._index = 0
@@ -172,8 +172,9 @@ class RequestReader:
         )
         return b"".join(parts)
 
-    def views(self, size: int) -> Sequence[memoryview]:
-        """The next ``size`` bytes as views into the request (no copy)."""
+    def views(self, size: int) -> Sequence[Buffer]:
+        """The next ``size`` bytes as views into the request (no copy; pieces of it when the
+        request came as a copy)."""
         if size > self.remaining:
             raise ShortBuffer(f"need {size} bytes, {self.remaining} left")
         self.remaining -= size
@@ -314,7 +315,8 @@ class ReplyWriter:
             # Iovecs stays one.
             return self._views[self._index :]
         out, _, _ = _slice_views(self._views, self._index, self._offset, min(size, space))
-        return out
+        # Slices of views: views.
+        return cast("list[memoryview]", out)
 
     def advance(self, size: int) -> None:
         """Account for ``size`` bytes filled in place through :meth:`views`."""
@@ -388,11 +390,11 @@ class WriteData:
 
     __slots__ = ("_views", "size")
 
-    def __init__(self, views: Sequence[memoryview], size: int) -> None:
+    def __init__(self, views: Sequence[Buffer], size: int) -> None:
         self._views = views
         self.size = size
 
-    def views(self) -> Sequence[memoryview]:
+    def views(self) -> Sequence[Buffer]:
         return self._views
 
     def to_fd(self, fd: int, offset: int) -> int:
@@ -415,7 +417,7 @@ class WriteData:
         return b"".join(self._views)
 
 
-def _skip(views: Sequence[memoryview], count: int) -> list[memoryview]:
+def _skip(views: Sequence[Buffer], count: int) -> list[Buffer]:
     out = []
     for view in views:
         if count >= len(view):

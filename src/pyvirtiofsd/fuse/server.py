@@ -50,7 +50,7 @@ from typing import Any, Final, NamedTuple, Protocol
 
 from pyvirtiofsd.carried import Carried
 from pyvirtiofsd.fuse import abi
-from pyvirtiofsd.fuse.buffers import ReplyWriter, RequestReader, ShortBuffer, WriteData
+from pyvirtiofsd.fuse.buffers import Buffer, ReplyWriter, RequestReader, ShortBuffer, WriteData
 from pyvirtiofsd.fuse.dirents import DirentWriter
 from pyvirtiofsd.fuse.filesystem import (
     NOW,
@@ -510,7 +510,7 @@ class Server:
 
     def handle(
         self,
-        readable: Sequence[memoryview],
+        readable: Sequence[Buffer],
         writable: Sequence[memoryview],
         token: Any = None,
         readable_len: int | None = None,
@@ -731,7 +731,7 @@ class Server:
             reader.read(rest)  # arguments newer than ours: ignored
         return tuple(args)
 
-    def fail(self, readable: Sequence[memoryview], writable: Sequence[memoryview], err: int) -> int:
+    def fail(self, readable: Sequence[Buffer], writable: Sequence[memoryview], err: int) -> int:
         """Answer a request that can't be served (some of its buffers are out of reach)
         with ``err``, when its header and room for a reply header are there."""
         try:

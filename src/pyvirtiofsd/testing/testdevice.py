@@ -103,7 +103,10 @@ class UppercaseDevice:
         self.resets += 1
 
     def fault(
-        self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+        self,
+        queue_index: int,
+        readable: Sequence[memoryview | bytes],
+        writable: Sequence[memoryview],
     ) -> int:
         return 0
 

@@ -148,7 +148,10 @@ class VirtioFsDevice:
         return self.server.handle_carried
 
     def fault(
-        self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+        self,
+        queue_index: int,
+        readable: Sequence[memoryview | bytes],
+        writable: Sequence[memoryview],
     ) -> int:
         """A request with buffers outside guest RAM as we see it (a guest buffer inside a
         DAX window, whose guest-physical address we are never told): EFAULT."""

@@ -22,6 +22,9 @@
  *   released before it starts is left to the Python walk.
  * - Its arguments are checked as if they came from the guest: no size they give makes it read
  *   outside the buffers it holds.
+ * - Readable buffers that add up to SMALL bytes or fewer come as one bytes object, copied out
+ *   (SMALL_REQUEST in chain.py, which the module's SMALL must equal), as the Python walk gives
+ *   them; more than READ_PIECES of them are left to the Python walk.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -94,6 +97,10 @@ append_piece(PyObject *list, PyObject *view, uint64_t off, uint64_t len)
 
 /* The longest indirect table walked here (the bulk threshold, _BULK in chain.py, is one more). */
 #define TABLE_MAX 15
+/* Readable bytes copied rather than viewed (chain.SMALL_REQUEST), and the most buffers they
+ * may come in here. */
+#define SMALL 512
+#define READ_PIECES 16
 
 /*
  * walk(table, queue_size, head, indirect, base, size, view, short)
@@ -177,6 +184,10 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (readable == NULL || writable == NULL)
         goto fail;
     uint64_t rlen = 0, wlen = 0, count = 1;
+    /* Readable buffers are remembered while they may still add up to a copy; once they are
+     * more than SMALL bytes they are views, those remembered first. */
+    uint64_t piece_off[READ_PIECES], piece_len[READ_PIECES];
+    int pieces = 0, as_views = 0;
     for (;;) {
         if (d.len == 0 || !inside(d.addr, d.len, base, size, &off))
             goto give_up;
@@ -187,9 +198,23 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         } else {
             if (PyList_GET_SIZE(writable))
                 goto give_up;
-            if (append_piece(readable, view, off, d.len) < 0)
-                goto fail;
             rlen += d.len;
+            if (!as_views && rlen > SMALL) {
+                for (int i = 0; i < pieces; i++)
+                    if (append_piece(readable, view, piece_off[i], piece_len[i]) < 0)
+                        goto fail;
+                as_views = 1;
+            }
+            if (as_views) {
+                if (append_piece(readable, view, off, d.len) < 0)
+                    goto fail;
+            } else {
+                if (pieces == READ_PIECES)
+                    goto give_up;
+                piece_off[pieces] = off;
+                piece_len[pieces] = d.len;
+                pieces++;
+            }
         }
         if (!(d.flags & F_NEXT))
             break;
@@ -200,6 +225,37 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto give_up;
     }
     PyBuffer_Release(&tb);
+    if (pieces && !as_views) {
+        /* Copied while the region's export is held, then made an object once it is not. */
+        unsigned char small[SMALL];
+        if (PyObject_GetBuffer(view, &mb, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            Py_DECREF(readable);
+            Py_DECREF(writable);
+            Py_RETURN_NONE;
+        }
+        if ((uint64_t)mb.len < size) {
+            PyBuffer_Release(&mb);
+            Py_DECREF(readable);
+            Py_DECREF(writable);
+            Py_RETURN_NONE;
+        }
+        uint64_t at = 0;
+        for (int i = 0; i < pieces; i++) {
+            memcpy(small + at, (const unsigned char *)mb.buf + piece_off[i], piece_len[i]);
+            at += piece_len[i];
+        }
+        __asm__ __volatile__("" ::: "memory");
+        PyBuffer_Release(&mb);
+        PyObject *copy = PyBytes_FromStringAndSize((const char *)small, (Py_ssize_t)at);
+        if (copy == NULL || PyList_Append(readable, copy) < 0) {
+            Py_XDECREF(copy);
+            Py_DECREF(readable);
+            Py_DECREF(writable);
+            return NULL;
+        }
+        Py_DECREF(copy);
+    }
     PyObject *w = PyLong_FromUnsignedLongLong(wlen);
     PyObject *r = PyLong_FromUnsignedLongLong(rlen);
     result = w != NULL && r != NULL ? PyTuple_New(4) : NULL;
@@ -248,5 +304,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__walk(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "SMALL", SMALL) < 0)
+        Py_CLEAR(m);
+    return m;
 }

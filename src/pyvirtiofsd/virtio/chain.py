@@ -28,6 +28,11 @@ becomes an :class:`~pyvirtiofsd.iovec.Iovecs`, the pages as a ``struct iovec`` a
 reads directly. Any other table, or one failing a check, goes through the walk, which then
 decides, so a table's outcome never depends on the path it took.
 
+A chain whose readable buffers add up to :data:`SMALL_REQUEST` bytes or fewer (a request's
+headers, arguments and names; never a bulk of file data) gets them as one bytes object, copied
+out of guest memory, whatever path decoded it: a view per buffer costs more to make than the
+copy, and a copy can't change under the reader.
+
 The compiled variant also walks the everyday chain in C (``_walk.c``): a direct chain or a
 table shorter than the bulk threshold, whose buffers all lie in the main region. The C walk
 answers only what this module's walk would answer the same way, and leaves everything else
@@ -53,9 +58,11 @@ from pyvirtiofsd.iovec import Iovecs
 from pyvirtiofsd.virtio.memory import GuestMemory, GuestMemoryError, MappedRegion
 
 try:
+    from pyvirtiofsd.virtio._walk import SMALL as _c_small
     from pyvirtiofsd.virtio._walk import walk as _c_walk
 except ImportError:  # a pure build: no C at all
     _c_walk = None
+    _c_small = None
 #: Final: a compiled build reads it as a C variable rather than looking it up in the module's
 #: dictionary for every chain.
 _native_walk: Final = _c_walk
@@ -70,6 +77,11 @@ __all__ = [
     "InvalidChain",
     "read_chain",
 ]
+
+#: Readable bytes a chain gets as one copy rather than as views (see the module's docstring).
+SMALL_REQUEST: Final = 512
+if _c_small is not None and _c_small != SMALL_REQUEST:  # pragma: no cover - a build mismatch
+    raise ImportError(f"_walk copies up to {_c_small} readable bytes, chain {SMALL_REQUEST}")
 
 VRING_DESC_F_NEXT: Final = 1
 VRING_DESC_F_WRITE: Final = 2
@@ -114,7 +126,7 @@ class Chain(Carried):
     def __init__(
         self,
         head: int,
-        readable: Sequence[memoryview],
+        readable: Sequence[memoryview | bytes],
         writable: Sequence[memoryview],
         writable_len: int | None = None,
         readable_len: int | None = None,
@@ -354,9 +366,12 @@ def _linux_table(
         writable_len = sum(lengths[readable:])
         readable_len = total - writable_len
     split = 16 * readable
+    request: Sequence[memoryview | bytes] = _buffers(iov[:split], layout.spans)
+    if readable and readable_len <= SMALL_REQUEST:
+        request = [b"".join(request)]
     return Chain(
         head,
-        _buffers(iov[:split], layout.spans),
+        request,
         _buffers(iov[split:], layout.spans),
         writable_len,
         readable_len,
@@ -494,6 +509,8 @@ def _read_chain(
         if not flags & VRING_DESC_F_NEXT:
             if fault is not None:
                 raise InvalidChain(head, fault, Chain(head, readable, writable, wlen, rlen, gpas))
+            if readable and rlen <= SMALL_REQUEST:
+                return Chain(head, [b"".join(readable)], writable, wlen, rlen, gpas)
             return Chain(head, readable, writable, wlen, rlen, gpas)
         if nxt >= limit:
             raise InvalidChain(head, f"next index {nxt} outside a table of {limit}")

@@ -131,7 +131,10 @@ class VirtioDevice(Protocol):
         ...
 
     def fault(
-        self, queue_index: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+        self,
+        queue_index: int,
+        readable: Sequence[memoryview | bytes],
+        writable: Sequence[memoryview],
     ) -> int:
         """A chain with buffers outside guest memory as the device sees it: the buffers that
         could be reached (each list cut at its first unreachable buffer). Returns the used
