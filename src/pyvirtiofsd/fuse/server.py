@@ -33,6 +33,12 @@ Rules the server keeps for a hostile guest:
   exactly as the kernel lays it out; anything else is EINVAL and nothing is made.
 * Requests that wait do so on the threads of one bounded pool per connection
   (:data:`MAX_LOCK_WAITERS`); beyond it the request gets ENOLCK at once.
+* INTERRUPT is never answered, and reaches only a request that waits: one whose wait has not
+  begun yet (it came on another queue) ends it as soon as it begins. At most
+  :data:`_EARLY_INTERRUPTS` are kept for that, whatever a guest sends. Only requests that wait
+  are tracked; no request is looked up by its unique otherwise.
+* A request is the first ``readable_len`` bytes of its buffers when the transport says so;
+  nothing after them is read.
 """
 
 from __future__ import annotations
