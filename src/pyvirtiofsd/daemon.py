@@ -377,12 +377,13 @@ def _serve(
     finally:
         signals.ended.set()
         log_counters(server)
-        stuck = transport.abandoned + server.in_flight()
-        if stuck:
+        abandoned, waits = transport.abandoned, server.in_flight()
+        if abandoned or waits:
             log.error(
-                "%d request(s) still running in the backend; shutting the file system "
-                "down without them",
-                stuck,
+                "requests still running in the backend (%d worker(s) or ring(s) left behind, "
+                "%d lock wait(s)); shutting the file system down without them",
+                abandoned,
+                waits,
             )
             _run_for(fs.shutdown, SHUTDOWN_GRACE)
         else:

@@ -389,6 +389,44 @@ class _Later:
         self._done.put(bytes(self._buf[:length]))
 
 
+@pytest.mark.parametrize("end", ["reset", "destroy"])
+def test_interrupts_kept_for_later_end_with_their_session(end: str) -> None:
+    """INTERRUPTs a guest sent for waits that never began don't reach the next session's
+    requests, which a new driver numbers from the start again: its lock wait waits."""
+    started = threading.Event()
+    free = threading.Event()
+
+    class LockFs(Filesystem):
+        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
+            if not sleep:
+                raise OSError(errno.EAGAIN, "held")
+            started.set()
+            while not free.is_set():
+                if ctx.interrupted:
+                    raise OSError(errno.EINTR, "interrupted")
+                time.sleep(0.01)
+
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    server = Server(LockFs(), caps=TransportCaps(later=lambda token: _Later(replies)))
+    FuseClient(direct(server)).init()
+    for target in range(40, 50):
+        interrupt = encode_request(abi.Opcode.INTERRUPT, 0, abi.INTERRUPT_IN.pack(target))
+        assert raw(server, interrupt)[0] is None
+    if end == "reset":
+        server.reset()
+    else:
+        assert raw(server, encode_request(abi.Opcode.DESTROY, 0, b""))[0] == 0
+    FuseClient(direct(server)).init()
+    payload = abi.LK_IN.pack(1, 2, 0, 10, 1, os.getpid(), 0, 0)
+    request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=44)
+    assert server.handle([memoryview(request)], [memoryview(bytearray(64))]) is None
+    assert started.wait(10)
+    time.sleep(0.1)
+    assert replies.empty()  # still waiting: no INTERRUPT of the last session reached it
+    free.set()
+    assert decode_reply(replies.get(timeout=10)) == (0, 44, b"")
+
+
 def test_blocking_lock_is_deferred() -> None:
     class LockFs(Filesystem):
         def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]

@@ -33,10 +33,11 @@ Rules the server keeps for a hostile guest:
   exactly as the kernel lays it out; anything else is EINVAL and nothing is made.
 * Requests that wait do so on the threads of one bounded pool per connection
   (:data:`MAX_LOCK_WAITERS`); beyond it the request gets ENOLCK at once.
-* INTERRUPT is never answered, and reaches only a request that waits: one whose wait has not
-  begun yet (it came on another queue) ends it as soon as it begins. At most
-  :data:`_EARLY_INTERRUPTS` are kept for that, whatever a guest sends. Only requests that wait
-  are tracked; no request is looked up by its unique otherwise.
+* A well-formed INTERRUPT is never answered, and reaches only a request that waits: one whose
+  wait has not begun yet (it came on another queue) ends it as soon as it begins. At most
+  :data:`_EARLY_INTERRUPTS` are kept for that, whatever a guest sends, and none outlives its
+  session. Only requests that wait are tracked; no request is looked up by its unique
+  otherwise.
 * A request is the first ``readable_len`` bytes of its buffers when the transport says so;
   nothing after them is read.
 """
@@ -767,6 +768,7 @@ class Server:
         self.interrupt_waiting()
         # A session taken over (live migration) may have brought its own.
         self.max_write = self.caps.max_write
+        self._forget_early_interrupts()
         if self.initialized:
             self.initialized = False
             self.fs.destroy()
@@ -895,6 +897,7 @@ class Server:
             self.flags = want
             self.proto_minor = conn.minor
             self._offered = (major, minor, max_readahead, capable)
+            self._forget_early_interrupts()
             self.initialized = True
         return conn, want
 
@@ -956,6 +959,13 @@ class Server:
     def _destroy(self, ctx: Context, nodeid: int, out: ReplyWriter, token: Any) -> None:
         self.fs.destroy()
         self.initialized = False
+        self._forget_early_interrupts()
+
+    def _forget_early_interrupts(self) -> None:
+        """A session ends: INTERRUPTs its guest sent for waits to come must not reach the next
+        session's requests, numbered from the start again."""
+        with self._wait_lock:
+            self._early.clear()
 
     @_op(abi.Opcode.INTERRUPT, abi.INTERRUPT_IN, reply=None)
     def _interrupt(
@@ -976,8 +986,11 @@ class Server:
 
     def _wait_begins(self, ctx: Context) -> None:
         """``ctx``'s request waits from now on: INTERRUPT, reset and shutdown can end it (at
-        once if its INTERRUPT came first)."""
+        once if its INTERRUPT came first). A unique that is waiting already (a hostile guest's
+        second request under it) is EINVAL: the first wait must stay where a stop finds it."""
         with self._wait_lock:
+            if ctx.unique in self._waiting:
+                raise OSError(errno.EINVAL, "a request with this unique is waiting already")
             self._waiting[ctx.unique] = ctx
             if ctx.unique in self._early:
                 del self._early[ctx.unique]
@@ -1583,12 +1596,13 @@ class Server:
         if not waiters.reserve():
             log.warning("request %d: %d lock waits already; ENOLCK", unique, waiters.size)
             raise OSError(errno.ENOLCK, "too many lock waits")
+        self._wait_begins(ctx)
         try:
             completion = later(token)
         except BaseException:
+            self._wait_ends(ctx)
             waiters.unreserve()
             raise
-        self._wait_begins(ctx)
 
         def wait() -> None:
             error = 0

@@ -201,9 +201,17 @@ class _QueueWorker:
         running in the backend: the ring is then abandoned."""
         self.begin_stop()
         done = self._wait_for(lambda: self._exited)
-        self.runner.device.interrupt_waits(self.vring.index)
+        device, index = self.runner.device, self.vring.index
+        device.interrupt_waits(index)
+
+        def drained() -> bool:
+            # A request the pool serves after the line above may begin a wait now: it is
+            # ended at the next look, not waited for.
+            device.interrupt_waits(index)
+            return not self._inflight
+
         if done:
-            done = self._wait_for(lambda: not self._inflight)
+            done = self._wait_for(drained)
         with self.vring.lock, self._idle:
             done = self._exited and not self._inflight
             self.abandoned = not done
