@@ -427,6 +427,37 @@ def test_interrupts_kept_for_later_end_with_their_session(end: str) -> None:
     assert decode_reply(replies.get(timeout=10)) == (0, 44, b"")
 
 
+def test_a_second_wait_under_one_unique_takes_no_place() -> None:
+    """A guest that sends SETLKW again under the unique of one that waits gets EINVAL, and the
+    refused requests take none of the pool's places: the waits of others still find one."""
+    free = threading.Event()
+
+    class LockFs(Filesystem):
+        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
+            if not free.is_set() and not sleep:
+                raise OSError(errno.EAGAIN, "held")
+            assert free.wait(30)
+
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    server = Server(LockFs(), caps=TransportCaps(later=lambda token: _Later(replies)))
+    server.lock_waiters = LockWaiters(size=2)
+    FuseClient(direct(server)).init()
+
+    def setlkw(unique: int) -> int | None:
+        payload = abi.LK_IN.pack(1, unique, 0, 10, 1, 0, 0, 0)
+        request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=unique)
+        out = bytearray(64)
+        n = server.handle([memoryview(request)], [memoryview(out)])
+        return None if n is None else decode_reply(bytes(out[:n])).error
+
+    assert setlkw(5) is None
+    assert [setlkw(5) for _ in range(10)] == [errno.EINVAL] * 10
+    assert server.lock_waiters.busy == 1
+    assert setlkw(6) is None  # the second place is still free
+    free.set()
+    assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(2)) == [5, 6]
+
+
 def test_blocking_lock_is_deferred() -> None:
     class LockFs(Filesystem):
         def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]

@@ -1593,10 +1593,12 @@ class Server:
         # will release it can still be served.
         unique = ctx.unique
         waiters = self.lock_waiters
+        # Registered first: a unique already waiting is refused before it takes a place.
+        self._wait_begins(ctx)
         if not waiters.reserve():
+            self._wait_ends(ctx)
             log.warning("request %d: %d lock waits already; ENOLCK", unique, waiters.size)
             raise OSError(errno.ENOLCK, "too many lock waits")
-        self._wait_begins(ctx)
         try:
             completion = later(token)
         except BaseException:
