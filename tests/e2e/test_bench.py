@@ -241,7 +241,10 @@ def test_frontend_tables_take_the_path_of_a_linux_guests_tables(
     )
     chain = read_chain(memory, memoryview(ring), 1, 0, indirect=True)
     assert decoded == [chain]
-    assert [len(v) for v in chain.readable] == [len(d) for d in s.readable]
+    request = [len(d) for d in s.readable]
+    if sum(request) <= chain_module.SMALL_REQUEST:
+        request = [sum(request)]  # headers and arguments: one copy
+    assert [len(v) for v in chain.readable] == request
     assert [len(v) for v in chain.writable] == s.writable
 
 
