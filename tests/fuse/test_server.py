@@ -430,31 +430,13 @@ def test_interrupts_kept_for_later_end_with_their_session(end: str) -> None:
 def test_a_second_wait_under_one_unique_takes_no_place() -> None:
     """A guest that sends SETLKW again under the unique of one that waits gets EINVAL, and the
     refused requests take none of the pool's places: the waits of others still find one."""
-    free = threading.Event()
-
-    class LockFs(Filesystem):
-        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
-            if not free.is_set() and not sleep:
-                raise OSError(errno.EAGAIN, "held")
-            assert free.wait(30)
-
-    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    server = Server(LockFs(), caps=TransportCaps(later=lambda token: _Later(replies)))
-    server.lock_waiters = LockWaiters(size=2)
-    FuseClient(direct(server)).init()
-
-    def setlkw(unique: int) -> int | None:
-        payload = abi.LK_IN.pack(1, unique, 0, 10, 1, 0, 0, 0)
-        request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=unique)
-        out = bytearray(64)
-        n = server.handle([memoryview(request)], [memoryview(out)])
-        return None if n is None else decode_reply(bytes(out[:n])).error
-
-    assert setlkw(5) is None
-    assert [setlkw(5) for _ in range(10)] == [errno.EINVAL] * 10
+    server, fs, replies = _lock_server(places=2)
+    assert _setlkw(server, 5)[0] is None
+    for _ in range(10):
+        assert decode_reply(_setlkw(server, 5)[1]).error == errno.EINVAL
     assert server.lock_waiters.busy == 1
-    assert setlkw(6) is None  # the second place is still free
-    free.set()
+    assert _setlkw(server, 6)[0] is None  # the second place is still free
+    fs.free.set()
     assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(2)) == [5, 6]
 
 
@@ -494,32 +476,47 @@ def test_disabled_flags_are_never_agreed() -> None:
     assert out.flags & abi.InitFlag.POSIX_LOCKS
 
 
+class _HeldLock(Filesystem):
+    """A lock held elsewhere until :attr:`free` is set: SETLK is EAGAIN, SETLKW waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free = threading.Event()
+
+    def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
+        if not self.free.is_set() and not sleep:
+            raise OSError(errno.EAGAIN, "held")
+        assert self.free.wait(30)
+
+
+def _lock_server(places: int) -> tuple[Server, _HeldLock, queue.SimpleQueue[bytes]]:
+    """A server over a :class:`_HeldLock` whose lock waits have ``places``, and where the
+    replies answered later arrive."""
+    fs = _HeldLock()
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    server = Server(fs, caps=TransportCaps(later=lambda token: _Later(replies)))
+    server.lock_waiters = LockWaiters(size=places)
+    FuseClient(direct(server)).init()
+    return server, fs, replies
+
+
+def _setlkw(server: Server, unique: int) -> tuple[int | None, bytes]:
+    """SETLKW of owner ``unique``: what handle() returned, and the reply it wrote."""
+    payload = abi.LK_IN.pack(1, unique, 0, 10, 1, 0, 0, 0)
+    out = bytearray(64)
+    request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=unique)
+    n = server.handle([memoryview(request)], [memoryview(out)])
+    return n, bytes(out[: n or 0])
+
+
 def test_lock_waits_are_bounded() -> None:
     """More blocking lock requests than the pool has places: the rest get ENOLCK at once; the
     waiting ones are answered when the lock frees, and their places serve new waits."""
-    free = threading.Event()
-
-    class LockFs(Filesystem):
-        def setlk(self, ctx: Context, ino, fh, owner, lock: Lock, sleep, flock):  # type: ignore[no-untyped-def]
-            if not free.is_set() and not sleep:
-                raise OSError(errno.EAGAIN, "held")
-            assert free.wait(30)
-
-    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    server = Server(LockFs(), caps=TransportCaps(later=lambda token: _Later(replies)))
-    server.lock_waiters = LockWaiters(size=4)
-    FuseClient(direct(server)).init()
-
-    def setlkw(unique: int) -> tuple[int, bytes]:
-        payload = abi.LK_IN.pack(1, unique, 0, 10, 1, 0, 0, 0)
-        out = bytearray(64)
-        request = encode_request(abi.Opcode.SETLKW, ROOT, payload, unique=unique)
-        n = server.handle([memoryview(request)], [memoryview(out)])
-        return n, bytes(out[: n or 0])
-
-    assert [setlkw(u)[0] for u in range(1, 5)] == [None] * 4
+    server, fs, replies = _lock_server(places=4)
+    free = fs.free
+    assert [_setlkw(server, u)[0] for u in range(1, 5)] == [None] * 4
     for unique in (5, 6):
-        assert decode_reply(setlkw(unique)[1]) == (errno.ENOLCK, unique, b"")
+        assert decode_reply(_setlkw(server, unique)[1]) == (errno.ENOLCK, unique, b"")
     assert server.lock_waiters.threads == 4
     free.set()
     assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [1, 2, 3, 4]
@@ -527,8 +524,8 @@ def test_lock_waits_are_bounded() -> None:
     deadline = time.monotonic() + 30
     while server.lock_waiters.busy and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [setlkw(u)[0] for u in range(7, 11)] == [None] * 4
-    assert decode_reply(setlkw(11)[1]).error == errno.ENOLCK
+    assert [_setlkw(server, u)[0] for u in range(7, 11)] == [None] * 4
+    assert decode_reply(_setlkw(server, 11)[1]).error == errno.ENOLCK
     free.set()
     assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [7, 8, 9, 10]
 
