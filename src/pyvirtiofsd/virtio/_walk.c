@@ -224,21 +224,16 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (d.flags & F_INDIRECT)
             goto give_up;
     }
-    PyBuffer_Release(&tb);
     if (pieces && !as_views) {
         /* Copied while the region's export is held, then made an object once it is not. */
         unsigned char small[SMALL];
         if (PyObject_GetBuffer(view, &mb, PyBUF_SIMPLE) < 0) {
             PyErr_Clear();
-            Py_DECREF(readable);
-            Py_DECREF(writable);
-            Py_RETURN_NONE;
+            goto give_up;
         }
         if ((uint64_t)mb.len < size) {
             PyBuffer_Release(&mb);
-            Py_DECREF(readable);
-            Py_DECREF(writable);
-            Py_RETURN_NONE;
+            goto give_up;
         }
         uint64_t at = 0;
         for (int i = 0; i < pieces; i++) {
@@ -248,14 +243,12 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         __asm__ __volatile__("" ::: "memory");
         PyBuffer_Release(&mb);
         PyObject *copy = PyBytes_FromStringAndSize((const char *)small, (Py_ssize_t)at);
-        if (copy == NULL || PyList_Append(readable, copy) < 0) {
-            Py_XDECREF(copy);
-            Py_DECREF(readable);
-            Py_DECREF(writable);
-            return NULL;
-        }
-        Py_DECREF(copy);
+        int appended = copy == NULL ? -1 : PyList_Append(readable, copy);
+        Py_XDECREF(copy);
+        if (appended < 0)
+            goto fail;
     }
+    PyBuffer_Release(&tb);
     PyObject *w = PyLong_FromUnsignedLongLong(wlen);
     PyObject *r = PyLong_FromUnsignedLongLong(rlen);
     result = w != NULL && r != NULL ? PyTuple_New(4) : NULL;
