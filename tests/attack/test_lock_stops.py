@@ -69,7 +69,9 @@ def test_a_wait_that_begins_during_a_ring_stop_ends(tmp_path: Path, queued: int)
     for _ in range(queued):
         g.submit(abi.Opcode.READDIRPLUS, ROOT, listing, 16384)
     wait, _ = g.submit(abi.Opcode.SETLKW, node, _wants(g, fh, 2), 64)
-    time.sleep(0.01)
+    # The SETLKW must be taken off the ring before the stop: one still on it is not the
+    # daemon's to answer until the ring starts again.
+    g.q.wait_taken()
     d.frontend.get_vring_base(1)  # raises if the front-end gets no answer
     assert g.collect(wait, abi.Opcode.SETLKW).err == errno.EINTR
     d.close()

@@ -792,10 +792,7 @@ def test_pages_written_while_logging_are_marked(daemon: DaemonFactory) -> None:
     )
     # avail_event is set once the reply is pushed, when the worker re-arms notifications; a
     # stop that comes first ends the worker before it re-arms, so wait for it.
-    deadline = time.monotonic() + GUARD
-    while q._used[2 + 4 * q.size] != q.avail_idx:
-        assert time.monotonic() < deadline, "the worker never re-armed notifications"
-        time.sleep(0.001)
+    q.wait_taken(GUARD)
     fe.stop_queue(1)
     assert logged_pages(view) == expected
     view.close()

@@ -385,6 +385,17 @@ class DriverQueue:
         self.avail_idx = value & 0xFFFF
         self._avail[1] = self.avail_idx
 
+    def wait_taken(self, timeout: float = 5.0) -> None:
+        """Wait until the device has taken every chain made available (its ``avail_event``
+        has caught up with ``avail->idx``); needs EVENT_IDX."""
+        if not self.event_idx:
+            raise FrontendError("without EVENT_IDX the device does not say what it took")
+        deadline = time.monotonic() + timeout
+        while self._used[2 + 4 * self.size] != self.avail_idx:
+            if time.monotonic() >= deadline:
+                raise FrontendError("the device did not take the available chains in time")
+            time.sleep(0.001)
+
     # -- notifications ------------------------------------------------------------------------
 
     def kick(self, *, force: bool = False) -> bool:
