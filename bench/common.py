@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -47,6 +48,61 @@ def seq_write(root: Path, size_mib: int) -> float:
     os.fsync(fd)
     os.close(fd)
     return size_mib * BLOCK / 1e6 / (time.perf_counter() - t)
+
+
+#: How big (MiB) the file system of a share is: a sparse image, room for the largest workload
+#: (the /dev/fuse bench's 512 MiB file, the source tree three times over) with a margin.
+SHARE_FS_MIB = 4096
+#: What the shares lie on, as the tables and the JSON say it.
+SHARE_FS = "a fresh ext4 file system for each daemon's session (a loop device over a sparse file)"
+SHARE_DIR = "a new directory on the host's own file system (not root: no fresh ext4)"
+
+
+def fresh_share_possible() -> bool:
+    """Whether :func:`fresh_share` can give a file system of its own (root, e2fsprogs)."""
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("mkfs.ext4", "losetup"))
+
+
+@contextmanager
+def fresh_share(directory: Path, size_mib: int = SHARE_FS_MIB) -> Iterator[Path]:
+    """``directory``, made here, as the root of a new ext4 file system that goes away after.
+
+    A share on the host's own file system inherits what earlier sessions left there: ext4
+    does not reuse an inode freed in the last minutes, so once a benchmark has deleted a few
+    thousand files every create in that block group searches past them, and a create costs
+    whichever daemon runs next many times what it costs on a fresh one (the kernel's work,
+    counted as the daemon's CPU). A fresh file system for each session gives every daemon the
+    same start. It needs root and e2fsprogs (:func:`fresh_share_possible`); without them the
+    share is a plain directory, as :data:`SHARE_DIR` says.
+    """
+    directory.mkdir(parents=True)
+    if not fresh_share_possible():
+        yield directory
+        return
+    image = directory.with_name(directory.name + ".ext4")
+    with image.open("wb") as f:
+        f.truncate(size_mib << 20)
+    # Inode tables and journal written now, not by a kernel thread during the benchmark.
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+        check=True,
+    )
+    # Direct I/O to the image: its pages are not cached twice, once over the loop device and
+    # once in the image file.
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        subprocess.run(["mount", loop, str(directory)], check=True)
+        try:
+            (directory / "lost+found").rmdir()  # not part of any workload
+            yield directory
+        finally:
+            subprocess.run(["umount", str(directory)], check=False)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=False)
+        image.unlink()
 
 
 def rounds_order(daemons: list[str], round_index: int) -> list[str]:

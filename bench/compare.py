@@ -52,7 +52,16 @@ import fusedev
 import guest
 import queues
 import tree
-from common import LoadSampler, Progress, format_seconds, prepare_profile, print_profile
+from common import (
+    SHARE_DIR,
+    SHARE_FS,
+    LoadSampler,
+    Progress,
+    format_seconds,
+    fresh_share_possible,
+    prepare_profile,
+    print_profile,
+)
 from report import PYC, Row, chart_svg, table, write_json
 
 from pyvirtiofsd.vm import assets
@@ -224,6 +233,8 @@ def main() -> None:
         elif why_not is not None:
             errors[PYC] = why_not
     tree_path = built.path if built else None
+    if {"fusedev", "guest", "tree", "queues"} & set(parts):
+        facts["share"] = SHARE_FS if fresh_share_possible() else SHARE_DIR
     if built is None:
         p.fusedev.targets = [t for t in p.fusedev.targets if t != PYC]
         p.guest.daemons = [d for d in p.guest.daemons if d != PYC]
@@ -299,6 +310,8 @@ def main() -> None:
     )
     if "tree" in facts:
         print(f"tree: {facts['tree']}")
+    if "share" in facts:
+        print(f"shares: {facts['share']}")
     if built is not None:
         print(f"compiled build: {built.summary()}")
     if "frontend" in runners:

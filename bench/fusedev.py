@@ -10,8 +10,9 @@ alone on PYTHONPATH, found or built by bench/compiled.py; ``--compiled DIR`` nam
 ``--no-compiled`` leaves it out; measured only once its /proc maps show the compiled modules
 loaded); the source directory itself is measured too, as the ceiling. The targets
 take turns within each round (the order reversed every other round), each on a fresh mount of
-an empty directory; figures are MB/s and operations/s, medians of ``--rounds``, with each
-daemon's CPU seconds per workload in the JSON. Nothing here asserts on speed.
+a new, empty ext4 file system (common.fresh_share); figures are MB/s and operations/s,
+medians of ``--rounds``, with each daemon's CPU seconds per workload in the JSON. Nothing here
+asserts on speed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import compiled
-from common import BLOCK, Progress, cpu_seconds, drop_caches, rounds_order, seq_write
+from common import (
+    BLOCK,
+    SHARE_DIR,
+    SHARE_FS,
+    Progress,
+    cpu_seconds,
+    drop_caches,
+    fresh_share,
+    fresh_share_possible,
+    rounds_order,
+    seq_write,
+)
 from report import LABELS, PY, PYC, THROUGHPUT_TARGET, Row, label, table, write_json_if
 
 CACHE = Path(os.environ.get("PYVIRTIOFSD_CACHE", "/var/cache/pyvirtiofsd"))
@@ -186,9 +198,9 @@ def plan(progress: Progress, opts: Options) -> None:
 
 
 def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row]:
-    """Interleaved rounds: in each, every target in turn, mounted afresh on an empty source
-    directory, runs every workload once. The rows hold the medians. ``tree`` is the compiled
-    tree, needed when the targets have the compiled daemon."""
+    """Interleaved rounds: in each, every target in turn, mounted afresh on a new, empty file
+    system (:func:`common.fresh_share`), runs every workload once. The rows hold the medians.
+    ``tree`` is the compiled tree, needed when the targets have the compiled daemon."""
     if os.geteuid() != 0:
         raise RuntimeError("run as root (mounts FUSE, drops caches)")
     if PYC in opts.targets and tree is None:
@@ -209,23 +221,21 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
                 key = f"fusedev/{r}/{target}"
                 text = f"/dev/fuse bench, round {r + 1}/{opts.rounds}: {label(target)}"
                 progress.start(key, text)
-                src = base / "src"
                 mnt = base / "mnt"
-                shutil.rmtree(src, ignore_errors=True)
-                src.mkdir()
                 mnt.mkdir(exist_ok=True)
-                if target == SOURCE:
-                    for w, fn in fns.items():
-                        rows[w].add(target, fn(src))
-                else:
-                    env = compiled.environ(tree) if target == PYC and tree else None
-                    with mounted(command(target, src, mnt), mnt, env) as proc:
-                        if target == PYC and tree is not None:
-                            compiled.check_running(proc.pid, tree)  # before any figure
+                with fresh_share(base / f"src-{r}-{opts.targets.index(target)}") as src:
+                    if target == SOURCE:
                         for w, fn in fns.items():
-                            before = cpu_seconds(proc.pid)
-                            value = fn(mnt)
-                            rows[w].add(target, value, cpu_s=cpu_seconds(proc.pid) - before)
+                            rows[w].add(target, fn(src))
+                    else:
+                        env = compiled.environ(tree) if target == PYC and tree else None
+                        with mounted(command(target, src, mnt), mnt, env) as proc:
+                            if target == PYC and tree is not None:
+                                compiled.check_running(proc.pid, tree)  # before any figure
+                            for w, fn in fns.items():
+                                before = cpu_seconds(proc.pid)
+                                value = fn(mnt)
+                                rows[w].add(target, value, cpu_s=cpu_seconds(proc.pid) - before)
                 progress.finish(key)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -260,6 +270,7 @@ def main() -> None:
         raise SystemExit(str(exc)) from None
     progress.close()
     print(table(result, {"fusedev": TITLE}))
+    print(f"shares: {SHARE_FS if fresh_share_possible() else SHARE_DIR}")
     write_json_if(args.json, result, "fusedev", vars(args), tree, why_not)
 
 

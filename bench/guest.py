@@ -9,11 +9,12 @@ python3 live. pyvirtiofsd runs as both builds: pure, and compiled (mypyc with it
 compiled tree found or built by bench/compiled.py, as the front-end bench does; ``--compiled
 DIR``, ``--no-compiled``), which counts only once its /proc maps show the tree's modules.
 
-For each daemon and round a fresh directory is shared with default options (cache=auto) and
-one guest runs, in order, each fio job with O_DIRECT (every I/O reaches the
-daemon) and then buffered (through the guest's page cache, as most programs do): sequential
-1 MiB write and read, 4 KiB random read at queue depth 1 (psync) and 16 (libaio); then
-create, stat and unlink of ``--files`` files from Python.
+For each daemon and round a fresh share (a new ext4 file system of its own, as root: see
+common.fresh_share) is shared with default options (cache=auto) and one guest runs, in order,
+each fio job with O_DIRECT (every I/O reaches the daemon) and then buffered (through the
+guest's page cache, as most programs do): sequential 1 MiB write and read, 4 KiB random read
+at queue depth 1 (psync) and 16 (libaio); then create, stat and unlink of ``--files`` files
+from Python.
 
 This module also holds what the other guest benchmarks (bench/tree.py, bench/queues.py) share:
 a driver that runs a list of steps in the guest and a host side that samples the daemon
@@ -46,8 +47,12 @@ from typing import Any
 
 import compiled
 from common import (
+    SHARE_DIR,
+    SHARE_FS,
     Progress,
     cpu_seconds,
+    fresh_share,
+    fresh_share_possible,
     prepare_profile,
     print_profile,
     rounds_order,
@@ -368,7 +373,8 @@ def run_session(
 ) -> dict[str, Phase]:
     """One daemon, one guest running ``steps``; each timed step's Phase, by step name.
 
-    ``prepare`` fills the fresh share before the daemon starts. Progress keys are
+    The share is a file system of its own (:func:`common.fresh_share`), which ``prepare`` fills
+    before the daemon starts. Progress keys are
     ``{prefix}/{step name}`` (see :func:`plan_session`); ``title`` starts the progress text.
     With ``profile`` (a file name), py-spy samples pyvirtiofsd for the whole session and
     writes its stacks there (see :func:`common.profile_summary`). The compiled daemon runs from
@@ -376,70 +382,69 @@ def run_session(
     if kind == PYC and compiled_tree is None:
         raise ValueError("the compiled daemon needs a compiled tree")
     base.mkdir(parents=True)
-    share = base / "share"
-    share.mkdir()
-    if prepare is not None:
-        prepare(share)
-    sock = str(base / "daemon.sock")
-    log = base / "daemon.log"
-    command = daemon_argv(kind, sock, share, queues)
-    if kind == PYC:
-        env = compiled.environ(compiled_tree)  # type: ignore[arg-type]
-    else:
-        env = None if kind == PY else assets.rust_virtiofsd_command().environ()
-    timed = [s for s in steps if s.kind != "setup"]
-    who = display or label(kind)
-
-    def announce(i: int) -> None:
-        if i < len(timed):
-            progress.start(f"{prefix}/{timed[i].name}", f"{title}: {who}, {timed[i].label}")
-
-    def on_end(name: str) -> None:
-        progress.finish(f"{prefix}/{name}")
-        names = [s.name for s in timed]
-        if name in names:
-            announce(names.index(name) + 1)
-
-    announce(0)
-    with log.open("wb") as out:
-        proc = spawn_child(command, env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    phases: dict[str, Phase] = {}
-    spy: subprocess.Popen[bytes] | None = None
-    try:
-        wait_for_socket(sock, proc)
+    with fresh_share(base / "share") as share:
+        if prepare is not None:
+            prepare(share)
+        sock = str(base / "daemon.sock")
+        log = base / "daemon.log"
+        command = daemon_argv(kind, sock, share, queues)
         if kind == PYC:
-            compiled.check_running(proc.pid, compiled_tree)  # type: ignore[arg-type]
-        if profile is not None and kind == PY:
-            spy = start_profiler(proc.pid, profile)
-        sampler = Sampler(proc, share, log if kind in OURS else None, on_end)
-        result = run_guest(
-            guest_script(steps),
-            [FsDevice(sock, TAG, num_request_queues=queues)],
-            qemu="sid",
-            rootfs="sid",
-            timeout=timeout,
-            on_output=sampler,
-        )
-        if result.status != 0 or "DONE" not in result.output:
-            raise GuestError(f"{who}: guest script failed:\n{result.output[-3000:]}")
-        for line in result.output.splitlines():
-            if not line.startswith("RESULT "):
-                continue
-            r = json.loads(line[len("RESULT ") :])
-            begin_cpu, begin_req = sampler.samples[("begin", r["name"])]
-            end_cpu, end_req = sampler.samples[("end", r["name"])]
-            requests = None if begin_req is None or end_req is None else end_req - begin_req
-            t0 = sampler.threads[("begin", r["name"])]
-            t1 = sampler.threads[("end", r["name"])]
-            threads = {tid: cpu - t0.get(tid, 0.0) for tid, cpu in t1.items()}
-            phases[r["name"]] = Phase(end_cpu - begin_cpu, requests, r, threads)
-    finally:
-        if spy is not None:
-            stop_profiler(spy)
-        kill_child(proc, grace=10.0)
-        if keep_logs:
-            print(f"--- {who} log ---\n{log.read_text(errors='replace')[-4000:]}")
-    return phases
+            env = compiled.environ(compiled_tree)  # type: ignore[arg-type]
+        else:
+            env = None if kind == PY else assets.rust_virtiofsd_command().environ()
+        timed = [s for s in steps if s.kind != "setup"]
+        who = display or label(kind)
+
+        def announce(i: int) -> None:
+            if i < len(timed):
+                progress.start(f"{prefix}/{timed[i].name}", f"{title}: {who}, {timed[i].label}")
+
+        def on_end(name: str) -> None:
+            progress.finish(f"{prefix}/{name}")
+            names = [s.name for s in timed]
+            if name in names:
+                announce(names.index(name) + 1)
+
+        announce(0)
+        with log.open("wb") as out:
+            proc = spawn_child(command, env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        phases: dict[str, Phase] = {}
+        spy: subprocess.Popen[bytes] | None = None
+        try:
+            wait_for_socket(sock, proc)
+            if kind == PYC:
+                compiled.check_running(proc.pid, compiled_tree)  # type: ignore[arg-type]
+            if profile is not None and kind == PY:
+                spy = start_profiler(proc.pid, profile)
+            sampler = Sampler(proc, share, log if kind in OURS else None, on_end)
+            result = run_guest(
+                guest_script(steps),
+                [FsDevice(sock, TAG, num_request_queues=queues)],
+                qemu="sid",
+                rootfs="sid",
+                timeout=timeout,
+                on_output=sampler,
+            )
+            if result.status != 0 or "DONE" not in result.output:
+                raise GuestError(f"{who}: guest script failed:\n{result.output[-3000:]}")
+            for line in result.output.splitlines():
+                if not line.startswith("RESULT "):
+                    continue
+                r = json.loads(line[len("RESULT ") :])
+                begin_cpu, begin_req = sampler.samples[("begin", r["name"])]
+                end_cpu, end_req = sampler.samples[("end", r["name"])]
+                requests = None if begin_req is None or end_req is None else end_req - begin_req
+                t0 = sampler.threads[("begin", r["name"])]
+                t1 = sampler.threads[("end", r["name"])]
+                threads = {tid: cpu - t0.get(tid, 0.0) for tid, cpu in t1.items()}
+                phases[r["name"]] = Phase(end_cpu - begin_cpu, requests, r, threads)
+        finally:
+            if spy is not None:
+                stop_profiler(spy)
+            kill_child(proc, grace=10.0)
+            if keep_logs:
+                print(f"--- {who} log ---\n{log.read_text(errors='replace')[-4000:]}")
+        return phases
 
 
 def fio_value(unit: str, phase: Phase) -> float:
@@ -614,6 +619,7 @@ def main() -> None:
         f"fio: {opts.size_mib} MiB file, {opts.runtime} s per job; medians of {opts.rounds} "
         "round(s); daemons with default options (cache=auto)."
     )
+    print(f"shares: {SHARE_FS if fresh_share_possible() else SHARE_DIR}")
     print(f"host load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
     print_profile(opts.profile, "guest-*.txt", "guest")
     write_json_if(args.json, result, "guest", vars(args), tree, why_not)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -192,7 +193,7 @@ def run(opts: Options, progress: Progress) -> tuple[list[Row], Tree]:
 
         def prepare(share: Path) -> None:
             (share / TAR).parent.mkdir()
-            os.link(tree.tar, share / TAR)
+            shutil.copyfile(tree.tar, share / TAR)  # the share is a file system of its own
 
         for n in range(opts.rounds):
             for kind in rounds_order(opts.daemons, n):
