@@ -1,7 +1,8 @@
 """The benchmark machinery in bench/ runs: `compare.py --smoke` end to end on the daemon-alone
 part (every daemon, the compiled build's included, the progress line, the table, the JSON, the
-chart), a run whose compiled build can't be had, where to find a compiled tree, and the report,
-the progress line and the profile summary on recorded samples.
+chart), a run whose compiled build can't be had, where to find a compiled tree, the fresh file
+system each session shares, and the report, the progress line and the profile summary on
+recorded samples.
 
 The compiled column needs a compiled tree of the sources as they are: `build/compiled` when
 `.ci/test` has just built it, else a build cached under $PYVIRTIOFSD_CACHE/bench, made by the
@@ -274,6 +275,20 @@ def recorded_rows() -> list:
     fuse.add("passthrough_ll", 10000.0)
     fuse.add("source dir", 50000.0)
     return [cpu, rate, scaling, fuse]
+
+
+def test_a_share_is_a_file_system_of_its_own_and_goes_away(tmp_path: Path) -> None:
+    common = bench_module("common")
+    if not common.fresh_share_possible():
+        pytest.skip("a fresh share needs root, mkfs.ext4 and losetup")
+    with common.fresh_share(tmp_path / "share", 64) as share:
+        assert os.path.ismount(share)
+        assert os.listdir(share) == []  # no lost+found: the workloads see an empty share
+        (share / "f").write_bytes(b"x")
+        assert os.stat(share).st_dev != os.stat(tmp_path).st_dev
+    assert not os.path.ismount(share)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["share"]  # the image is gone
+    assert os.listdir(share) == []
 
 
 def test_rows_give_medians_ratios_and_targets() -> None:
