@@ -123,6 +123,65 @@ def test_thread_pool_serves_in_parallel(daemon: DaemonFactory) -> None:
     check_serves(q)  # a lone request is served inline
 
 
+def _until_a_kick_is_not_asked(q: DriverQueue, tries: int = 50) -> int:
+    """Requests, each kicked and answered, until one goes without a kick (the worker batches
+    the queue now); that one's head, not yet waited for."""
+    for i in range(tries):
+        head = q.submit([f"r{i}".encode()], [8])
+        if not q.kick():
+            return head
+        q.wait(head)
+        q.result(head)
+    raise AssertionError(f"{tries} requests in a row each asked for a kick")
+
+
+def test_a_queue_served_in_batches_asks_for_a_kick_per_batch(daemon: DaemonFactory) -> None:
+    # A minute's wait: no chain here is served by the worker looking by itself.
+    d = daemon(UppercaseDevice(num_queues=2, kick_batch=(4, 60.0)))
+    q = d.connect().setup(queues=(1,), queue_size=64)[1]
+    # Kicks soon after one another: from then on a kick per four chains.
+    heads = [_until_a_kick_is_not_asked(q)]
+    for name in (b"b", b"c"):
+        heads.append(q.submit([name], [8]))
+        assert q.kick() is False
+    heads.append(q.submit([b"d"], [8]))
+    assert q.kick() is True
+    for head in heads:
+        q.wait(head, timeout=10)
+    assert [q.result(h)[1][:1] for h in heads[1:]] == [b"B", b"C", b"D"]
+    assert not q.stray_used
+
+
+def test_a_chain_left_without_a_kick_is_served_when_the_wait_is_over(
+    daemon: DaemonFactory,
+) -> None:
+    d = daemon(UppercaseDevice(num_queues=2, kick_batch=(4, 0.2)))
+    q = d.connect().setup(queues=(1,), queue_size=64)[1]
+    waiting = _until_a_kick_is_not_asked(q)
+    q.wait(waiting, timeout=10)  # served once the wait is over, without a kick
+    # The look that found the wait over puts the queue back to a kick per chain, so an idle
+    # worker sleeps without a timeout: the next chain asks for its kick.
+    q.wait_taken()
+    head = q.submit([b"next"], [8])
+    assert q.kick() is True
+    q.wait(head)
+    assert q.result(head) == (4, b"NEXT")
+
+
+def test_without_event_idx_a_batched_queue_serves_every_chain_at_once(
+    daemon: DaemonFactory,
+) -> None:
+    # Without EVENT_IDX the driver can't be asked to hold its kicks: none of these waits for
+    # the device's minute.
+    d = daemon(UppercaseDevice(num_queues=2, kick_batch=(4, 60.0)))
+    q = d.connect().setup(queues=(1,), queue_size=64, event_idx=False)[1]
+    for i in range(50):
+        head = q.submit([f"r{i}".encode()], [8])
+        q.kick()
+        q.wait(head, timeout=10)
+        assert q.result(head)[1] == f"R{i}".encode()
+
+
 def test_regions_added_one_by_one_and_buffers_across_them(daemon: DaemonFactory) -> None:
     d = daemon()
     fe = d.connect()

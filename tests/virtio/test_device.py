@@ -101,6 +101,7 @@ def test_the_projects_devices_implement_the_interface() -> None:
         "fault",
         "handler",
         "interrupt_waits",
+        "kick_batch",
         "load_state",
         "reset",
         "save_state",

@@ -124,6 +124,35 @@ def test_event_idx(ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver) 
     assert dq._used[2 + 4 * dq.size] == 4
 
 
+def test_a_kick_asked_for_only_once_several_chains_wait(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram, event_idx=True)
+    q = device_queue(memory, ram, dq)
+    assert q.enable_notification(4) is False
+    assert dq._used[2 + 4 * dq.size] == 3  # avail_event: kick me when the fourth is there
+    for name in (b"a", b"b", b"c"):
+        dq.submit([name], [1])
+        assert dq.kick() is False
+    dq.submit([b"d"], [1])
+    assert dq.kick() is True
+    assert serve_all(q) == 4
+    # The index wraps with the ring's: asked 4 ahead at 0xFFFE, the driver kicks at 0x0002.
+    q.next_avail = 0xFFFE
+    q.enable_notification(4)
+    assert dq._used[2 + 4 * dq.size] == 0x0001
+
+
+def test_without_event_idx_every_chain_may_kick(
+    ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
+) -> None:
+    dq = make_driver(ram)
+    q = device_queue(memory, ram, dq)
+    assert q.enable_notification(4) is False
+    dq.submit([b"a"], [1])
+    assert dq.kick() is True
+
+
 def test_invalid_chain_is_consumed(
     ram: GuestRam, memory: GuestMemory, make_driver: MakeDriver
 ) -> None:

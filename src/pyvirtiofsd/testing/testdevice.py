@@ -44,8 +44,11 @@ class UppercaseDevice:
         delay: float = 0.0,
         barrier: threading.Barrier | None = None,
         migratable: bool = False,
+        kick_batch: tuple[int, float] = (1, 0.0),
     ) -> None:
         self.device_id = device_id
+        #: What kick_batch() says for every queue.
+        self.batch = kick_batch
         self.migratable = migratable
         #: What save_state gives and load_state takes.
         self.state = b""
@@ -112,6 +115,9 @@ class UppercaseDevice:
 
     def interrupt_waits(self, queue_index: int) -> None:
         pass
+
+    def kick_batch(self, queue_index: int) -> tuple[int, float]:
+        return self.batch
 
     def save_state(self) -> bytes:
         if not self.migratable:

@@ -1,11 +1,13 @@
 """The virtio-fs device: the FUSE server behind virtqueues, served over vhost-user.
 
 Queue 0 is the high-priority queue (FORGET, BATCH_FORGET, INTERRUPT); queues 1..N carry
-requests, each with its own worker, so several are served at once. Every queue hands its
-descriptor chains straight to :meth:`Server.handle`: the request is read from, and the reply
-written to, guest memory in place. The device makes its FUSE server and gives it, once, what
-it offers: the DAX window and a way to answer a request later (the chain is the request's
-token, and :func:`~pyvirtiofsd.virtio.device.later` keeps it in flight).
+requests, each with its own worker, so several are served at once. A stream of FORGETs is
+served in batches (:meth:`VirtioFsDevice.kick_batch`): a guest removing a tree would otherwise
+wake the high-priority worker, and have it take the GIL from the request worker, once a file.
+Every queue hands its descriptor chains straight to :meth:`Server.handle`: the request is read
+from, and the reply written to, guest memory in place. The device makes its FUSE server and
+gives it, once, what it offers: the DAX window and a way to answer a request later (the chain
+is the request's token, and :func:`~pyvirtiofsd.virtio.device.later` keeps it in flight).
 
 Live migration: the device is migratable when its file system is and it has no DAX window (the
 window's mappings live in the VMM's memory and no front-end carries them over). Its state is
@@ -60,6 +62,9 @@ MAX_QUEUE_SIZE = 32768
 #: Queues offered beyond what --num-request-queues asks, so that a front-end configured with
 #: a few more request queues than the daemon still starts.
 MIN_OFFERED_REQUEST_QUEUES = 8
+#: While FORGETs keep coming, how many a guest may queue on the high-priority queue before it
+#: kicks, and how long (seconds) one may wait to be served (VirtioDevice.kick_batch).
+HIPRIO_KICK_BATCH = (16, 0.005)
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,11 @@ class VirtioFsDevice:
     def interrupt_waits(self, queue_index: int) -> None:
         """The queue stops: end the waits of requests answered later (they answer EINTR)."""
         self.server.interrupt_waiting()
+
+    def kick_batch(self, queue_index: int) -> tuple[int, float]:
+        """The high-priority queue carries FORGETs, which nobody waits for: a guest removing a
+        tree sends one per file, and a kick each would wake its worker for each."""
+        return HIPRIO_KICK_BATCH if queue_index == 0 else (1, 0.0)
 
     def set_backend_channel(self, channel: SharedMemoryMapper | None) -> None:
         self.channel = channel

@@ -11,6 +11,12 @@ own wake eventfd, then drains the ring:
 * push the used entry and signal the call eventfd when the ring's notification state
   (EVENT_IDX or the NO_INTERRUPT flag) asks for it.
 
+A queue whose device allows it (:meth:`~pyvirtiofsd.virtio.device.VirtioDevice.kick_batch`)
+is served in batches while kicks come close together: with EVENT_IDX the worker asks the
+driver to kick only once that many chains wait, and wakes by itself when the device's wait
+is over, so no chain waits longer; a lone kick, or a wait that ran out, puts it back to a
+kick per chain, and an idle worker sleeps without a timeout.
+
 Stopping a ring (GET_VRING_BASE, memory table changes, reset) wakes the worker, waits for it to
 end and for every request of that ring still running on the pool, so that when
 :meth:`DeviceRunner.stop_queue` returns nothing holds a view into guest memory.
@@ -173,6 +179,13 @@ class _QueueWorker:
         # then reads it plainly, and stop() kicks it to make sure it is not waiting there.
         self._plain_kick_reads = False
         self._inflight = 0
+        #: Chains the driver may make available before it kicks and how long (ms) one may wait
+        #: (kick_batch), and how many the next re-arm asks for: 1 but while kicks come close
+        #: together.
+        count, wait = runner.device.kick_batch(vring.index)
+        self.batch = max(1, min(count, queue.size // 2)) if wait > 0 else 1
+        self.batch_wait_ms = wait * 1000
+        self._ahead = 1
         self._exited = False
         self._idle = threading.Condition(threading.Lock())
         self.thread = threading.Thread(target=self._run, name=f"vq{vring.index}", daemon=True)
@@ -270,8 +283,20 @@ class _QueueWorker:
             self._drain()
             # Bound once: a compiled build looks a method up by name at each call.
             poll = poller.poll
+            batch, wait_ms = self.batch, self.batch_wait_ms
+            last_wake = -1e18  # no kick yet: the first is a lone one
             while True:
-                for fd, events in poll():
+                ready = poll() if self._ahead == 1 else poll(wait_ms)
+                if batch > 1:
+                    # Kicks close together (a stream of FORGETs): ask for one per batch from
+                    # now on, and look by ourselves once the wait is over. A look that found
+                    # the wait over, or a lone kick, goes back to a kick per chain, so an
+                    # idle queue sleeps without a timeout.
+                    now = time.monotonic()
+                    close = (now - last_wake) * 1000 < wait_ms
+                    self._ahead = batch if ready and close else 1
+                    last_wake = now
+                for fd, events in ready:
                     if events & _POLL_ERR:
                         log.error(
                             "vring %d: kick fd %d failed (poll events %#x)",
@@ -337,7 +362,7 @@ class _QueueWorker:
                     self.pool.submit(self._serve_pooled, chain)
                 if self.stopping or not vring.enabled:
                     return
-            if not queue.enable_notification():
+            if not queue.enable_notification(self._ahead):
                 return
 
     def _serve(self, chain: Chain) -> None:

@@ -145,6 +145,13 @@ class VirtioDevice(Protocol):
         """The queue stops: end the waits of chains answered later (:func:`later`)."""
         ...
 
+    def kick_batch(self, queue_index: int) -> tuple[int, float]:
+        """``(count, wait)``: while chains keep coming on the queue, the driver may make up to
+        ``count`` available before it kicks, and a chain may wait up to ``wait`` seconds to be
+        served. ``(1, 0.0)``: every chain is served at once, as usual; more suits a queue whose
+        requests nobody waits for (virtio-fs's FORGETs)."""
+        ...
+
     def save_state(self) -> bytes:
         """The device's state, for a copy of it elsewhere to go on from (every queue is
         stopped; the device keeps its state). Raises with a message saying why it can't."""

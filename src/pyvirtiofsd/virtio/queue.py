@@ -336,14 +336,16 @@ class SplitQueue:
             if self.logging:
                 self._log_used_field(0)
 
-    def enable_notification(self) -> bool:
+    def enable_notification(self, ahead: int = 1) -> bool:
         """Ask for a kick on the next available chain; True if one is already there.
 
         Call it when the ring looks empty; if it returns True, keep popping, since the
-        driver may have added a chain before it could see the request.
+        driver may have added a chain before it could see the request. With EVENT_IDX,
+        ``ahead`` > 1 asks for the kick only once that many chains are available: the caller
+        then looks at the ring by itself for fewer (without EVENT_IDX every chain kicks).
         """
         if self.event_idx:
-            self._used[self._avail_event_i] = self.next_avail
+            self._used[self._avail_event_i] = (self.next_avail + ahead - 1) & 0xFFFF
             if self.logging:
                 self._log_used_field(self._avail_event_i)
         else:
