@@ -396,6 +396,18 @@ class DriverQueue:
                 raise FrontendError("the device did not take the available chains in time")
             time.sleep(0.001)
 
+    def wait_armed(self, timeout: float = 5.0) -> None:
+        """Wait until the device has asked for a kick at a chain not yet made available (its
+        ``avail_event`` is at or past ``avail->idx``, as far ahead as it likes): it has taken
+        every chain so far and re-armed; needs EVENT_IDX."""
+        if not self.event_idx:
+            raise FrontendError("without EVENT_IDX the device does not say what it took")
+        deadline = time.monotonic() + timeout
+        while (self._used[2 + 4 * self.size] - self.avail_idx) & 0xFFFF >= self.size:
+            if time.monotonic() >= deadline:
+                raise FrontendError("the device did not re-arm its notifications in time")
+            time.sleep(0.001)
+
     # -- notifications ------------------------------------------------------------------------
 
     def kick(self, *, force: bool = False) -> bool:

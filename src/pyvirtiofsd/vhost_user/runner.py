@@ -183,7 +183,8 @@ class _QueueWorker:
         #: (kick_batch), and how many the next re-arm asks for: 1 but while kicks come close
         #: together.
         count, wait = runner.device.kick_batch(vring.index)
-        self.batch = max(1, min(count, queue.size // 2)) if wait > 0 else 1
+        # Only EVENT_IDX lets a device ask for fewer kicks.
+        self.batch = max(1, min(count, queue.size // 2)) if wait > 0 and queue.event_idx else 1
         self.batch_wait_ms = wait * 1000
         self._ahead = 1
         self._exited = False
@@ -290,12 +291,15 @@ class _QueueWorker:
                 if batch > 1:
                     # Kicks close together (a stream of FORGETs): ask for one per batch from
                     # now on, and look by ourselves once the wait is over. A look that found
-                    # the wait over, or a lone kick, goes back to a kick per chain, so an
-                    # idle queue sleeps without a timeout.
-                    now = time.monotonic()
-                    close = (now - last_wake) * 1000 < wait_ms
-                    self._ahead = batch if ready and close else 1
-                    last_wake = now
+                    # the wait over, or a kick long after the last, goes back to a kick per
+                    # chain, so an idle queue sleeps without a timeout. Only kicks count:
+                    # chains spaced just over the wait then kick once each, not twice.
+                    if ready:
+                        now = time.monotonic()
+                        self._ahead = batch if (now - last_wake) * 1000 < wait_ms else 1
+                        last_wake = now
+                    else:
+                        self._ahead = 1
                 for fd, events in ready:
                     if events & _POLL_ERR:
                         log.error(
@@ -326,12 +330,28 @@ class _QueueWorker:
                 self.vring.broken = True
                 self.vring.signal_err()
         finally:
+            if self._ahead != 1:
+                self._kick_per_chain()
             with self._idle:
                 self._exited = True
                 close_wake_fd = self.abandoned
                 self._idle.notify_all()
             if close_wake_fd:
                 os.close(wake_fd)
+
+    def _kick_per_chain(self) -> None:
+        """Leave the ring asking for a kick at its next chain, as whoever serves it next (a
+        restarted worker, another back-end after a migration) may expect; not once the ring
+        was abandoned, broken or unmapped."""
+        lock = self.vring.lock
+        acquire(lock)
+        try:
+            if not self.abandoned and not self.vring.broken:
+                self.queue.enable_notification()
+        except Exception:
+            log.exception("vring %d: re-arming notifications on the way out", self.vring.index)
+        finally:
+            release(lock)
 
     def _drain(self) -> None:
         """Serve everything available, then re-arm notifications."""
