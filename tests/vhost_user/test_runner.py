@@ -140,7 +140,8 @@ def _until_a_kick_is_not_asked(q: DriverQueue, tries: int = 50) -> int:
 def test_a_queue_served_in_batches_asks_for_a_kick_per_batch(daemon: DaemonFactory) -> None:
     # A minute's wait: every chain here is served because a kick was asked for.
     d = daemon(UppercaseDevice(num_queues=2, kick_batch=(4, 60.0)))
-    q = d.connect().setup(queues=(1,), queue_size=64)[1]
+    fe = d.connect()
+    q = fe.setup(queues=(1,), queue_size=64)[1]
     heads = [_until_a_kick_is_not_asked(q)]
     # The kick comes within four more chains (three, unless the worker took the first while
     # it re-armed), and then every chain is served.
@@ -154,6 +155,12 @@ def test_a_queue_served_in_batches_asks_for_a_kick_per_batch(daemon: DaemonFacto
         assert q.result(head)[1] == f"MORE {i}".encode()
     q.wait(heads[0], timeout=10)
     assert not q.stray_used
+    # Stopped while batched, the ring is left asking for a kick at its next chain, as whoever
+    # serves it next may expect.
+    q.wait_armed()
+    assert q._used[2 + 4 * q.size] != q.avail_idx
+    fe.stop_queue(1)
+    assert q._used[2 + 4 * q.size] == q.avail_idx
 
 
 def test_a_chain_left_without_a_kick_is_served_when_the_wait_is_over(
