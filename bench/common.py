@@ -80,29 +80,31 @@ def fresh_share(directory: Path, size_mib: int = SHARE_FS_MIB) -> Iterator[Path]
         yield directory
         return
     image = directory.with_name(directory.name + ".ext4")
-    with image.open("wb") as f:
-        f.truncate(size_mib << 20)
-    # Inode tables and journal written now, not by a kernel thread during the benchmark.
-    subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
-        check=True,
-    )
-    # Direct I/O to the image: its pages are not cached twice, once over the loop device and
-    # once in the image file.
-    loop = subprocess.run(
-        ["losetup", "--find", "--show", "--direct-io=on", str(image)],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
     try:
-        subprocess.run(["mount", loop, str(directory)], check=True)
+        with image.open("wb") as f:
+            f.truncate(size_mib << 20)
+        # Inode tables and journal written now, not by a kernel thread during the benchmark.
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+            check=True,
+        )
+        # Direct I/O to the image: its pages are not cached twice, once over the loop device
+        # and once in the image file.
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
         try:
-            (directory / "lost+found").rmdir()  # not part of any workload
-            yield directory
+            subprocess.run(["mount", loop, str(directory)], check=True)
+            try:
+                (directory / "lost+found").rmdir()  # not part of any workload
+                yield directory
+            finally:
+                subprocess.run(["umount", str(directory)], check=False)
         finally:
-            subprocess.run(["umount", str(directory)], check=False)
+            subprocess.run(["losetup", "--detach", loop], check=False)
     finally:
-        subprocess.run(["losetup", "--detach", loop], check=False)
-        image.unlink()
+        image.unlink(missing_ok=True)
 
 
 def rounds_order(daemons: list[str], round_index: int) -> list[str]:

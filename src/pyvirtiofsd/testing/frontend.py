@@ -386,26 +386,25 @@ class DriverQueue:
         self._avail[1] = self.avail_idx
 
     def wait_taken(self, timeout: float = 5.0) -> None:
-        """Wait until the device has taken every chain made available (its ``avail_event``
-        has caught up with ``avail->idx``); needs EVENT_IDX."""
-        if not self.event_idx:
-            raise FrontendError("without EVENT_IDX the device does not say what it took")
-        deadline = time.monotonic() + timeout
-        while self._used[2 + 4 * self.size] != self.avail_idx:
-            if time.monotonic() >= deadline:
-                raise FrontendError("the device did not take the available chains in time")
-            time.sleep(0.001)
+        """Wait until the device has taken every chain made available and asks for a kick at
+        the next one (its ``avail_event`` is ``avail->idx``); needs EVENT_IDX."""
+        self._wait_avail_event(lambda ahead: ahead == 0, timeout)
 
     def wait_armed(self, timeout: float = 5.0) -> None:
-        """Wait until the device has asked for a kick at a chain not yet made available (its
-        ``avail_event`` is at or past ``avail->idx``, as far ahead as it likes): it has taken
-        every chain so far and re-armed; needs EVENT_IDX."""
+        """Wait until the device has taken every chain made available and asks for a kick at
+        a later one, as far ahead as it likes (its ``avail_event`` is at or past
+        ``avail->idx``); needs EVENT_IDX."""
+        self._wait_avail_event(lambda ahead: ahead < self.size, timeout)
+
+    def _wait_avail_event(self, done: Callable[[int], bool], timeout: float) -> None:
+        """Wait until ``done`` holds for how far past ``avail->idx`` the device's
+        ``avail_event`` lies (mod 2**16: one behind is 0xFFFF)."""
         if not self.event_idx:
             raise FrontendError("without EVENT_IDX the device does not say what it took")
         deadline = time.monotonic() + timeout
-        while (self._used[2 + 4 * self.size] - self.avail_idx) & 0xFFFF >= self.size:
+        while not done((self._used[2 + 4 * self.size] - self.avail_idx) & 0xFFFF):
             if time.monotonic() >= deadline:
-                raise FrontendError("the device did not re-arm its notifications in time")
+                raise FrontendError("the device did not take the available chains in time")
             time.sleep(0.001)
 
     # -- notifications ------------------------------------------------------------------------
