@@ -265,6 +265,8 @@ INVALID = {
                                 "--opendal", "memory"], "--opendal and --shared-dir exclude"),
     "passthrough-without-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                                    "--fuse-passthrough"], "--fuse-passthrough only works with"),
+    "allow-other-without-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                   "--allow-other"], "--allow-other only works with --mount"),
     "zero-queues": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                      "--num-request-queues", "0"], "--num-request-queues must be between"),
     "queue-size": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--queue-size", "1000"],
@@ -742,6 +744,18 @@ def test_keep_listening_is_the_transports(shared: Path, work: Path) -> None:
     assert config is not None
     assert config.transport == VhostUserConfig(socket_path=sock, keep_listening=True)
     assert "--keep-listening" in run_cli("--help").stdout
+
+
+def test_allow_other_is_the_mounts(shared: Path, work: Path) -> None:
+    from pyvirtiofsd.cli import parse_args
+    from pyvirtiofsd.transport.fusedev import FuseMountConfig
+
+    base = ["--shared-dir", str(shared), "--mount", str(work)]
+    config = parse_args(base)
+    assert config is not None and config.transport == FuseMountConfig(str(work))
+    config = parse_args([*base, "--allow-other"])
+    assert config is not None
+    assert config.transport == FuseMountConfig(str(work), allow_other=True)
 
 
 # -- --queue-size ------------------------------------------------------------------------------

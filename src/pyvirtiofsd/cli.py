@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MOUNTPOINT",
         help="serve on the host through /dev/fuse at MOUNTPOINT instead of vhost-user",
     )
+    conn.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="with --mount: let every host user use the mount, the kernel checking their "
+        "permissions (allow_other, default_permissions); by default only the daemon's user may",
+    )
     conn.add_argument("--num-request-queues", type=int, metavar="N")
     conn.add_argument(
         "--queue-size",
@@ -553,6 +559,8 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
         p.error("--xattrmap and --security-label serve a --shared-dir, not --opendal")
     if o.get("fuse_passthrough") and mountpoint is None:
         p.error("--fuse-passthrough only works with --mount")
+    if o.get("allow_other") and mountpoint is None:
+        p.error("--allow-other only works with --mount")
     group = o.get("socket_group")
     if group is not None:
         import grp

@@ -375,6 +375,50 @@ def test_shared_mmap_writes(share: Share) -> None:
         mm.close()
 
 
+def test_only_the_daemons_user_may_use_a_mount_without_allow_other(share: Share) -> None:
+    # As libfuse mounts by default: the kernel turns everyone else away at the mount, and the
+    # daemon's user (root here) is served without default_permissions' checks.
+    os.mkdir(share.mnt / "pub", 0o777)
+    os.chmod(share.mnt / "pub", 0o777)
+    f = share.mnt / "pub" / "f"
+    f.write_text("hello")
+    os.chmod(f, 0o644)
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(f)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    # Not even the mount point's own attributes: stat is refused before any request.
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "stat", str(share.mnt)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0, r
+    assert f.read_text() == "hello"
+    with open("/proc/self/mountinfo") as f:
+        line = next(x for x in f if x.split()[4] == os.path.realpath(share.mnt))
+    assert "allow_other" not in line and "default_permissions" not in line, line
+
+
+@pytest.mark.daemon_args("--allow-other")
+def test_allow_other_has_the_kernel_check_permissions(share: Share) -> None:
+    with open("/proc/self/mountinfo") as f:
+        line = next(x for x in f if x.split()[4] == os.path.realpath(share.mnt))
+    assert "allow_other" in line and "default_permissions" in line, line
+    (share.mnt / "secret").write_text("root only")
+    os.chmod(share.mnt / "secret", 0o600)
+    (share.mnt / "open").write_text("anyone")
+    os.chmod(share.mnt / "open", 0o644)
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run([*user, "cat", str(share.mnt / "open")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "anyone", r
+    r = subprocess.run([*user, "cat", str(share.mnt / "secret")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+
+
+@pytest.mark.daemon_args("--allow-other")
 def test_non_root_caller(share: Share) -> None:
     m, src = share.mnt, share.src
     os.mkdir(m / "pub", 0o777)
@@ -406,6 +450,7 @@ def test_non_root_caller(share: Share) -> None:
     assert not (src / "priv" / "new").exists()
 
 
+@pytest.mark.daemon_args("--allow-other")
 def test_setgid_directory_and_supplementary_group(share: Share) -> None:
     m, src = share.mnt, share.src
     os.mkdir(m / "team", 0o2770)
@@ -540,7 +585,7 @@ def test_fuse_passthrough_serves_data_in_the_kernel(share: Share) -> None:
     assert "READ" not in counters and "WRITE" not in counters, counters
 
 
-@pytest.mark.daemon_args("--posix-acl")
+@pytest.mark.daemon_args("--posix-acl", "--allow-other")
 def test_posix_acls(share: Share) -> None:
     if shutil.which("setfacl") is None:
         pytest.skip("setfacl not installed")

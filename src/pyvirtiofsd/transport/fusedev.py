@@ -80,6 +80,10 @@ class FuseMountConfig:
     thread_pool_size: int = 0
     #: Mount read-only (MS_RDONLY), on top of whatever the file system refuses itself.
     readonly: bool = False
+    #: Let every user of the host use the mount (``allow_other``), with the kernel checking
+    #: their permissions from the attributes (``default_permissions``): the server checks none
+    #: itself. Without it, as libfuse mounts by default, only the daemon's own user may.
+    allow_other: bool = False
     fsname: str = "pyvirtiofsd"
     subtype: str = "pyvirtiofsd"
 
@@ -144,9 +148,14 @@ class FuseMount:
             )
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         options = (
-            f"fd={self.fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,"
-            "default_permissions,allow_other"
+            f"fd={self.fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()}"
         )
+        if self.config.allow_other:
+            # Never one without the other: the server does not check permissions, so a mount
+            # other users reach needs the kernel to. Alone, the daemon's user may do anything
+            # through the mount that it may do in the share, and the kernel spares the
+            # GETATTRs default_permissions needs (one of the directory after each change in it).
+            options += ",default_permissions,allow_other"
         flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if self.readonly else 0)
         try:
             linux.mount(self.fsname, self.mountpoint, f"fuse.{self.subtype}", flags, options)
