@@ -125,10 +125,14 @@ class HandleTable(Generic[H]):
     def add(self, h: H) -> int:
         """Put ``h`` in the table (counted once, for the table); returns its number."""
         h.users = 1
-        with self._lock:
-            fh = self._next
-            self._next += 1
-            self._handles[fh] = h
+        # The lock's methods as functions, as in use(): every OPEN adds and every RELEASE
+        # removes. Nothing between acquire() and release() raises.
+        lock = self._lock
+        acquire(lock)
+        fh = self._next
+        self._next += 1
+        self._handles[fh] = h
+        release(lock)
         return fh
 
     def use(self, fh: int) -> H:
@@ -171,12 +175,16 @@ class HandleTable(Generic[H]):
     def remove(self, fh: int, kind: type | None = None) -> H | None:
         """Take ``fh`` out of the table (only if its handle is a ``kind``, when given); the
         caller ends the count it gets with :meth:`done`. None when there is no such handle."""
-        with self._lock:
+        lock = self._lock
+        acquire(lock)
+        try:
             h = self._handles.get(fh)
             if h is None or (kind is not None and not isinstance(h, kind)):
                 self._lost.discard(fh)
                 return None
             del self._handles[fh]
+        finally:
+            release(lock)
         return h
 
     def remove_idle(self, fh: int, kind: type | None = None) -> H | None:

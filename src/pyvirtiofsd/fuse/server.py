@@ -382,7 +382,8 @@ def _flag_names(flags: int) -> str:
 
 
 def _pack_open(out: ReplyWriter, opened: Opened) -> None:
-    out.pack(_OPEN_OUT, opened.fh, opened.flags, opened.backing_id)
+    # Not through out.pack(), as WRITE's reply is not: every OPEN and CREATE answers this.
+    out.write(_OPEN_OUT.pack(opened.fh, opened.flags, opened.backing_id))
 
 
 class LockWaiters:

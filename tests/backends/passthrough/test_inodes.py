@@ -329,6 +329,42 @@ def test_open_at_never_makes_a_file_and_refuses_what_os_open_refuses(tmp_path: P
         os.close(dir_fd)
 
 
+def test_reopen_goes_through_the_fd_link_and_fails_with_the_errno(tmp_path: Path) -> None:
+    """An inode is opened anew through its /proc/self/fd link, by one name in an fd of that
+    directory (in C on the compiled build): a new open file of the same inode, close-on-exec,
+    even for an O_PATH fd of a symlink's target; the errno of a failure as OSError; never a
+    file made."""
+    (tmp_path / "f").write_bytes(b"data")
+    proc_fds = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+    path_fd = os.open(tmp_path / "f", os.O_PATH)
+    try:
+        for flags in (os.O_RDONLY, os.O_RDWR | os.O_NOFOLLOW, os.O_PATH):
+            new = inodes._reopen(proc_fds, path_fd, stat.S_IFREG, flags)
+            try:
+                assert new != path_fd
+                assert os.fstat(new).st_ino == os.fstat(path_fd).st_ino
+                assert fcntl.fcntl(new, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+                if flags != os.O_PATH:
+                    assert os.pread(new, 4, 0) == b"data"
+            finally:
+                os.close(new)
+        with pytest.raises(OSError) as e:
+            inodes._reopen(proc_fds, path_fd, stat.S_IFREG, os.O_RDONLY | os.O_DIRECTORY)
+        assert e.value.errno == errno.ENOTDIR
+        with pytest.raises(OSError) as e:
+            inodes._reopen(proc_fds, 999_999, stat.S_IFREG, os.O_RDONLY)
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(OSError) as e:
+            inodes._reopen(proc_fds, path_fd, stat.S_IFLNK, os.O_RDONLY)
+        assert e.value.errno == errno.ELOOP
+        for making in (os.O_CREAT | os.O_WRONLY, os.O_TMPFILE | os.O_RDWR):
+            with pytest.raises(ValueError):
+                inodes._reopen(proc_fds, path_fd, stat.S_IFREG, making)
+    finally:
+        os.close(path_fd)
+        os.close(proc_fds)
+
+
 def test_dir_entries_are_what_getdents_gives_and_resume_at_their_offsets(tmp_path: Path) -> None:
     """One getdents64 taken apart (in C on the compiled build): every name, with its inode
     number and type as lstat and scandir give them, whatever its bytes and length; a small

@@ -9,6 +9,8 @@
  * name, flags) is os.open(name, flags, dir_fd=dir_fd) that answers a failure with minus its
  * errno instead of an OSError: a name that is not there is a lookup's everyday answer, and an
  * exception raised through the compiled frames above costs more than the rest of the lookup.
+ * reopen(proc_fd_dir, fd, flags) is open_at(proc_fd_dir, b"%d" % fd, flags), the file fd refers
+ * to opened anew through its /proc/self/fd link, without making the name in Python.
  * dir_entries(fd, size) is one getdents64(fd) of up to size bytes, its records taken apart:
  * a list of (d_ino, d_off, d_type, name), empty at the end of the directory.
  *
@@ -27,6 +29,7 @@
 #include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <errno.h>
@@ -156,6 +159,27 @@ int_arg(PyObject *arg, int *out)
     return 0;
 }
 
+/* openat(dir_fd, name, flags | O_CLOEXEC) with the GIL released and EINTR retried: the new fd
+ * as an int, or minus the errno of the failure. Mode 0: nothing is made (the callers refuse
+ * O_CREAT and O_TMPFILE). */
+static PyObject *
+opened(int dir_fd, const char *name, int flags)
+{
+    int fd, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        fd = openat(dir_fd, name, flags | O_CLOEXEC, 0);
+    } while (fd < 0 && (err = errno) == EINTR);
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        /* Never 0: that would read as a descriptor. */
+        return PyLong_FromLong(err ? -err : -EIO);
+    PyObject *result = PyLong_FromLong(fd);
+    if (result == NULL)
+        close(fd);
+    return result;
+}
+
 static PyObject *
 open_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -179,20 +203,32 @@ open_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "embedded null byte");
         return NULL;
     }
-    int fd, err = 0;
-    /* Mode 0: nothing is made (refused above). O_CLOEXEC as os.open adds it. */
-    Py_BEGIN_ALLOW_THREADS
-    do {
-        fd = openat(dir_fd, name, flags | O_CLOEXEC, 0);
-    } while (fd < 0 && (err = errno) == EINTR);
-    Py_END_ALLOW_THREADS
+    return opened(dir_fd, name, flags);
+}
+
+/* reopen(proc_fd_dir, fd, flags): the file the descriptor fd refers to, opened anew through
+ * its magic link in proc_fd_dir (an fd of /proc/self/fd), without formatting its name in
+ * Python: the new fd, or minus the errno. */
+static PyObject *
+reopen(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "reopen(proc_fd_dir, fd, flags)");
+        return NULL;
+    }
+    int dir_fd, fd, flags;
+    if (int_arg(args[0], &dir_fd) != 0 || int_arg(args[1], &fd) != 0 ||
+        int_arg(args[2], &flags) != 0)
+        return NULL;
+    if (flags & (O_CREAT | (O_TMPFILE & ~O_DIRECTORY))) {
+        PyErr_SetString(PyExc_ValueError, "reopen never makes a file");
+        return NULL;
+    }
     if (fd < 0)
-        /* Never 0: that would read as a descriptor. */
-        return PyLong_FromLong(err ? -err : -EIO);
-    PyObject *result = PyLong_FromLong(fd);
-    if (result == NULL)
-        close(fd);
-    return result;
+        return PyLong_FromLong(-EBADF);
+    char name[16];
+    snprintf(name, sizeof name, "%d", fd);
+    return opened(dir_fd, name, flags);
 }
 
 /* The head of a linux_dirent64, as getdents64 lays it out. */
@@ -271,6 +307,8 @@ static PyMethodDef methods[] = {
      "fstat_entry(fd) -> (fuse_attr bytes with flags 0, st_dev, st_ino, S_IFMT(st_mode))."},
     {"open_at", (PyCFunction)(void (*)(void))open_at, METH_FASTCALL,
      "open_at(dir_fd, name, flags) -> int: the new fd, or minus the errno of the failure."},
+    {"reopen", (PyCFunction)(void (*)(void))reopen, METH_FASTCALL,
+     "reopen(proc_fd_dir, fd, flags) -> int: fd opened anew, or minus the errno."},
     {"dir_entries", (PyCFunction)(void (*)(void))dir_entries, METH_FASTCALL,
      "dir_entries(fd, size) -> [(d_ino, d_off, d_type, name)]: one getdents64 of fd."},
     {NULL, NULL, 0, NULL},

@@ -89,6 +89,7 @@ from pyvirtiofsd.fuse.filesystem import (
     SetAttr,
     StatVfs,
 )
+from pyvirtiofsd.mutex import Mutex, new_mutex
 
 __all__ = [
     "PassthroughFs",
@@ -170,8 +171,9 @@ class _Handle(Handle):
         #: The guest's open flags (O_DIRECTORY for OPENDIR's handles).
         self.flags = flags
         self.backing_id = backing_id
-        #: Held while the fd's offset matters (lseek, readdir).
-        self.lock = threading.Lock()
+        #: Held while the fd's offset matters (lseek, readdir). A Mutex: one is made for
+        #: every OPEN, and threading.Lock() is looked up and called the generic way.
+        self.lock: Mutex = new_mutex()
         #: The flock() the guest holds through this handle (LOCK_SH, LOCK_EX; 0: none).
         self.flock = 0
 
@@ -436,7 +438,7 @@ class PassthroughFs(Backend):
                 self._conn.backing_close(h.backing_id)
             except OSError as e:
                 log.debug("closing backing id %d: %s", h.backing_id, e)
-        os.close(h.fd)
+        _close(h.fd)
 
     def _proc(self, fd: int) -> str:
         return f"/proc/self/fd/{fd}"
@@ -862,7 +864,7 @@ class PassthroughFs(Backend):
             raise oserror(errno.EROFS)
         fd = self.inodes.open(inode, oflags)
         try:
-            if flags & os.O_TRUNC:
+            if flags & _O_TRUNC:
                 if kill_suidgid:
                     self._kill_suidgid(fd, False)
                 self._drop_capability(inode, fd)

@@ -51,19 +51,25 @@ try:
     from pyvirtiofsd.backends.passthrough._stat import fstat_attr as _c_fstat_attr
     from pyvirtiofsd.backends.passthrough._stat import fstat_entry as _c_fstat_entry
     from pyvirtiofsd.backends.passthrough._stat import open_at as _c_open_at
+    from pyvirtiofsd.backends.passthrough._stat import reopen as _c_reopen
 except ImportError:  # a pure build: no C at all
     _c_fstat_attr = None
     _c_fstat_entry = None
     _c_open_at = None
+    _c_reopen = None
     _c_dir_entries = None
 #: Final: a compiled build reads them as C variables, not from the module's dictionary.
 _native_fstat_attr: Final = _c_fstat_attr
 _native_fstat_entry: Final = _c_fstat_entry
 _native_open_at: Final = _c_open_at
+_native_reopen: Final = _c_reopen
 _native_dir_entries: Final = _c_dir_entries
 #: Bound Final: a compiled build would look it up among the os module's attributes each time.
 _close: Final = os.close
 _open: Final = os.open
+_O_PATH: Final = os.O_PATH
+_O_NOFOLLOW: Final = os.O_NOFOLLOW
+_O_CLOEXEC: Final = os.O_CLOEXEC
 #: What open_at never does: make a file.
 _MAKING: Final = os.O_CREAT | (os.O_TMPFILE & ~os.O_DIRECTORY)
 #: A linux_dirent64's fixed head: d_ino, d_off, d_reclen, d_type; the name follows.
@@ -170,13 +176,27 @@ def check_openable(mode: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _reopen(fd: int, mode: int, flags: int) -> int:
-    """A new open file of what the O_PATH ``fd`` (of an inode of type ``mode``) refers to."""
-    if not flags & os.O_PATH:
+def _reopen(proc_fds: int, fd: int, mode: int, flags: int) -> int:
+    """A new open file of what the O_PATH ``fd`` (of an inode of type ``mode``) refers to,
+    through its link in ``proc_fds`` (an fd of /proc/self/fd: a name of one component, where a
+    whole path would walk /proc and /proc/self each time). In C in the compiled build."""
+    if not flags & _O_PATH:
         check_openable(mode)
     # The magic link resolves to the inode itself, even for a symlink, and so can never lead
     # out of the shared directory.
-    return os.open(f"/proc/self/fd/{fd}", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+    flags &= ~_O_NOFOLLOW
+    if _native_reopen is not None:
+        new: int = _native_reopen(proc_fds, fd, flags)
+    else:
+        if flags & _MAKING:
+            raise ValueError("reopen never makes a file")
+        try:
+            new = _open(str(fd), flags | _O_CLOEXEC, dir_fd=proc_fds)
+        except OSError as e:
+            new = -(e.errno or errno.EIO)
+    if new < 0:
+        raise OSError(-new, os.strerror(-new))
+    return new
 
 
 class Inode:
@@ -281,7 +301,14 @@ class InodeStore:
         #: (nodeid, owner) -> lock ranges a migration brought that are not taken again yet
         #: (guarded by ``lock_book``).
         self.pending_locks: dict[tuple[int, int], LockRanges] = {}
-        fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        #: /proc/self/fd, which every reopen goes through; closed by close_all() once no
+        #: request uses the store.
+        self._proc_fds = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(self._proc_fds)
+            raise
         ident = ident_of(os.fstat(fd))
         handle, mount_id = self._handle_of(fd)
         if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
@@ -313,7 +340,9 @@ class InodeStore:
         if mode not in _OPENABLE:
             return False
         try:
-            self._mount_fds[mount_id] = _reopen(fd, mode, os.O_RDONLY | os.O_NONBLOCK)
+            self._mount_fds[mount_id] = _reopen(
+                self._proc_fds, fd, mode, os.O_RDONLY | os.O_NONBLOCK
+            )
         except OSError as e:
             log.debug("no fd on mount %d: %s", mount_id, e)
             return False
@@ -481,7 +510,7 @@ class InodeStore:
                         os.close(fd)
                     inode.retired = None
             if self._closed and self._pins == 0:
-                self._close_mount_fds()
+                self._close_own_fds()
         finally:
             release(lock)
 
@@ -556,13 +585,13 @@ class InodeStore:
     def open(self, inode: Inode, flags: int) -> int:
         """A new fd of ``inode`` with ``flags``: only a regular file or a directory, unless
         ``flags`` has O_PATH (never follows: the inode is the file itself)."""
-        if not flags & os.O_PATH:
+        if not flags & _O_PATH:
             check_openable(inode.mode)
         self.pin(inode)
         try:
             if inode.fd >= 0:
-                return _reopen(inode.fd, inode.mode, flags)
-            return self.open_handle(inode, (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+                return _reopen(self._proc_fds, inode.fd, inode.mode, flags)
+            return self.open_handle(inode, (flags & ~_O_NOFOLLOW) | _O_CLOEXEC)
         finally:
             self.unpin(inode)
 
@@ -726,6 +755,13 @@ class InodeStore:
             os.close(fd)
         self._mount_fds.clear()
 
+    def _close_own_fds(self) -> None:
+        """The store's own descriptors closed, once it is closed and no request uses them."""
+        self._close_mount_fds()
+        if self._proc_fds >= 0:
+            os.close(self._proc_fds)
+            self._proc_fds = -1
+
     def close_all(self) -> None:
         """The daemon is exiting: every inode goes, the root too; what requests still use is
         closed when they are done."""
@@ -734,4 +770,4 @@ class InodeStore:
                 self._bury(inode)
             self._closed = True
             if self._pins == 0:
-                self._close_mount_fds()
+                self._close_own_fds()
