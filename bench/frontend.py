@@ -19,7 +19,10 @@ descriptors (in header, getattr_in | out header, attr_out); a 1 MiB READ is in h
 read_in, then the out header and 256 page-sized buffers (259 descriptors); a 1 MiB WRITE is in
 header, write_in and 256 pages, then out header and write_out (260). The pages of a big request
 are scattered through guest RAM, one page apart, as a guest's page cache hands them out, so
-nothing can be gained by merging neighbours.
+nothing can be gained by merging neighbours. ``openclose`` is what a program reading a file
+sends (grep over a tree, say): OPEN, a 4 KiB READ, FLUSH and RELEASE, each sent once the one
+before is answered, the handle the OPEN answers written into the three after it; its figures
+are per request, the four together, and every answer is checked.
 
 The compiled build (mypyc) runs as a third daemon, ``pyvirtiofsd compiled``: the same command
 with a compiled tree alone on PYTHONPATH (bench/compiled.py finds or builds it; ``--compiled
@@ -81,6 +84,7 @@ WORKLOADS = {
     "write4k": "4 KiB WRITE",
     "read1m": "1 MiB READ (259 desc)",
     "write1m": "1 MiB WRITE (260 desc)",
+    "openclose": "OPEN, 4 KiB READ, FLUSH, RELEASE",
 }
 #: The daemons, in their turns' order within a round.
 DAEMONS = {d: LABELS[d] for d in (PY, VIRTIOFSD, PYC)}
@@ -98,6 +102,10 @@ class Shape:
 
     readable: list[bytes]
     writable: list[int]
+    #: The reply carries a file handle: the fh of the OPEN_OUT in the second writable part.
+    fh_out: bool = False
+    #: The request names the file handle: the first field of its second readable part.
+    fh_in: bool = False
 
 
 @dataclass
@@ -145,6 +153,33 @@ def shape(workload: str, files: Files, slot: int, unique: int) -> Shape:
     raise ValueError(workload)
 
 
+def cycle(workload: str, files: Files, slot: int, unique: int) -> list[Shape]:
+    """The requests chain ``slot`` sends in turn, each once the one before is answered: one
+    for most workloads; for ``openclose`` what a program reading a file sends (OPEN, a 4 KiB
+    READ, FLUSH, RELEASE), the handle OPEN answers written into the three after it."""
+    if workload != "openclose":
+        return [shape(workload, files, slot, unique)]
+
+    def request(opcode: int, body: bytes, writable: list[int], **kw: bool) -> Shape:
+        head = abi.IN_HEADER.pack(
+            abi.IN_HEADER.size + len(body), opcode, unique, files.file_ino, 0, 0, 1, 0, 0
+        )
+        return Shape([head, body], writable, **kw)
+
+    offset = (slot * 7919 * PAGE) % FILE_SIZE
+    return [
+        request(abi.Opcode.OPEN, abi.OPEN_IN.struct.pack(os.O_RDONLY, 0), [16, 16], fh_out=True),
+        request(
+            abi.Opcode.READ,
+            abi.READ_IN.struct.pack(0, offset, PAGE, 0, 0, 0, 0),
+            [16, PAGE],
+            fh_in=True,
+        ),
+        request(abi.Opcode.FLUSH, abi.FLUSH_IN.struct.pack(0, 0, 0, slot), [16], fh_in=True),
+        request(abi.Opcode.RELEASE, abi.RELEASE_IN.struct.pack(0, 0, 0, 0), [16], fh_in=True),
+    ]
+
+
 def indirect_table(s: Shape, gpas: list[int]) -> bytearray:
     """The indirect table of request ``s`` whose buffers are at ``gpas``, filled as Linux fills
     one (``virtqueue_add_split`` into a table from ``alloc_indirect_split``): entries in order,
@@ -159,26 +194,51 @@ def indirect_table(s: Shape, gpas: list[int]) -> bytearray:
 
 
 class ChainSet:
-    """Chains built once in guest RAM, each an indirect table, published again and again.
+    """Chains built once in guest RAM, each an indirect table, published again and again: each
+    slot's :func:`cycle` in turn, the next once the last is answered.
 
     Buffers are laid out one page apart (every other page left unused), so no two buffers of a
     chain are adjacent in guest memory."""
 
-    def __init__(self, q: DriverQueue, shapes: list[Shape]) -> None:
+    def __init__(self, q: DriverQueue, cycles: list[list[Shape]]) -> None:
         self.q = q
+        #: The first chain of each slot, published to start.
         self.heads: list[int] = []
         self.blocks: list[int] = []
+        #: head -> the head published when it is answered (itself for a cycle of one).
+        self._next: dict[int, int] = {}
+        #: head -> where its reply starts (the out header, then the file handle), and where
+        #: the slot's next requests take the handle.
+        self._fh: dict[int, tuple[int, int, list[int]]] = {}
+        #: head -> its reply's out header, for the chains of cycles of several requests, whose
+        #: answers are checked: a failed step would have the rest measure error paths.
+        self._checked: dict[int, int] = {}
         ram = q.ram
-        for s in shapes:
-            count = len(s.readable) + len(s.writable)
-            table_gpa = self._alloc(16 * count)
-            gpas = [self._alloc(2 * PAGE) for _ in range(count)]
-            for gpa, data in zip(gpas, s.readable, strict=False):
-                ram.write(gpa, data)
-            ram.write(table_gpa, bytes(indirect_table(s, gpas)))
-            head = q.reserve_descs(1)[0]
-            q.write_desc(head, table_gpa, 16 * count, VRING_DESC_F_INDIRECT, 0)
-            self.heads.append(head)
+        for steps in cycles:
+            heads = []
+            fh_out = None
+            fh_in = []
+            for s in steps:
+                count = len(s.readable) + len(s.writable)
+                table_gpa = self._alloc(16 * count)
+                gpas = [self._alloc(2 * PAGE) for _ in range(count)]
+                for gpa, data in zip(gpas, s.readable, strict=False):
+                    ram.write(gpa, data)
+                ram.write(table_gpa, bytes(indirect_table(s, gpas)))
+                head = q.reserve_descs(1)[0]
+                q.write_desc(head, table_gpa, 16 * count, VRING_DESC_F_INDIRECT, 0)
+                heads.append(head)
+                if len(steps) > 1:
+                    self._checked[head] = gpas[len(s.readable)]
+                if s.fh_out:
+                    fh_out = (head, gpas[len(s.readable)], gpas[len(s.readable) + 1])
+                if s.fh_in:
+                    fh_in.append(gpas[1])
+            for i, head in enumerate(heads):
+                self._next[head] = heads[(i + 1) % len(heads)]
+            if fh_out is not None:
+                self._fh[fh_out[0]] = (fh_out[1], fh_out[2], fh_in)
+            self.heads.append(heads[0])
 
     def _alloc(self, size: int) -> int:
         addr = self.q.arena.alloc(size, PAGE)
@@ -186,8 +246,8 @@ class ChainSet:
         return addr
 
     def run(self, seconds: float, requests: int | None = None) -> int:
-        """Keep every chain in flight for ``seconds``, or until ``requests`` have been sent;
-        the requests completed."""
+        """Keep every slot's chain in flight for ``seconds``, or until ``requests`` have been
+        sent; the requests completed."""
         q = self.q
         poll = select.poll()
         poll.register(q.call_fd, select.POLLIN)
@@ -217,7 +277,18 @@ class ChainSet:
                 outstanding -= len(heads)
                 continue
             for head in heads:
-                q.publish(head, track=False)
+                reply = self._checked.get(head)
+                if reply is not None:
+                    _, error, _ = abi.OUT_HEADER.unpack(q.ram.read(reply, abi.OUT_HEADER.size))
+                    if error:
+                        raise RuntimeError(f"a bench request failed: {os.strerror(-error)}")
+                handle = self._fh.get(head)
+                if handle is not None:
+                    _, out, takers = handle
+                    fh = q.ram.read(out, 8)
+                    for gpa in takers:
+                        q.ram.write(gpa, fh)
+                q.publish(self._next[head], track=False)
             q.kick()
         return done
 
@@ -309,8 +380,8 @@ def measure(d: Daemon, workload: str, depth: int, seconds: float) -> tuple[float
     chains = d.chains.get((workload, depth))
     if chains is None:
         # Built once and kept: every round publishes the same chains again.
-        shapes = [shape(workload, d.files, slot, 1000 + slot) for slot in range(depth)]
-        chains = d.chains[(workload, depth)] = ChainSet(d.queue, shapes)
+        cycles = [cycle(workload, d.files, slot, 1000 + slot) for slot in range(depth)]
+        chains = d.chains[(workload, depth)] = ChainSet(d.queue, cycles)
     cpu0 = cpu_seconds(d.proc.pid)
     t0 = time.perf_counter()
     count = chains.run(seconds)

@@ -46,8 +46,8 @@ def count(name: str, workload: str, depth: int, requests: int, tree: Path | None
         (share / "data").write_bytes(os.urandom(frontend.FILE_SIZE))
         d = frontend.start_daemon(name, share, work, tree, VALGRIND)
         try:
-            shapes = [frontend.shape(workload, d.files, s, 1000 + s) for s in range(depth)]
-            frontend.ChainSet(d.queue, shapes).run(float("inf"), requests)
+            cycles = [frontend.cycle(workload, d.files, s, 1000 + s) for s in range(depth)]
+            frontend.ChainSet(d.queue, cycles).run(float("inf"), requests)
         finally:
             frontend.stop_daemon(d)
         found = _REFS.search((work / f"{name}.log").read_bytes())

@@ -100,8 +100,9 @@ def test_compare_smoke_runs_the_frontend_part_end_to_end(tmp_path: Path) -> None
     if not cannot:
         assert any("pyvirtiofsd (mypyc), LOOKUP at depth 16" in line for line in progress)
 
-    # Issue 10's requests, each at queue depth 1 and 16, with CPU per request and a rate.
-    requests = ("getattr", "lookup", "read4k", "write4k", "read1m", "write1m")
+    # Issue 10's requests, each at queue depth 1 and 16, with CPU per request and a rate, and
+    # a file opened, read, flushed and released (each answer checked: an error stops the run).
+    requests = ("getattr", "lookup", "read4k", "write4k", "read1m", "write1m", "openclose")
     keys = [f"{w}-q{d}-{kind}" for w in requests for d in (1, 16) for kind in ("cpu", "rate")]
     result = json.loads((out / "compare-smoke.json").read_text())
     assert result["schema"] == "pyvirtiofsd-bench/1"
