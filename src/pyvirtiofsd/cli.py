@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument(
         "--allow-other",
         action="store_true",
-        help="with --mount: let every host user use the mount, the kernel checking their "
-        "permissions (allow_other, default_permissions); by default only the daemon's user may",
+        help="with --mount: let every host user use the mount (allow_other); by default only "
+        "the daemon's user may. The kernel checks every caller's permissions either way",
     )
     conn.add_argument("--num-request-queues", type=int, metavar="N")
     conn.add_argument(

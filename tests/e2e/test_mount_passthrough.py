@@ -3,6 +3,7 @@ programs: coreutils, tar, find, Python's os module, several processes, locks, mm
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.fuse import abi
-from tests.conftest import Share
+from tests.conftest import Share, mounted_share
 from tests.e2e.workloads import many_processes
 
 
@@ -375,47 +376,64 @@ def test_shared_mmap_writes(share: Share) -> None:
         mm.close()
 
 
+def _mount_options(mnt: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        line = next(x for x in f if x.split()[4] == os.path.realpath(mnt))
+    return line.split(" - ")[1].split()[2].split(",")
+
+
 def test_only_the_daemons_user_may_use_a_mount_without_allow_other(share: Share) -> None:
-    # As libfuse mounts by default: the kernel turns everyone else away at the mount, and the
-    # daemon's user (root here) is served without default_permissions' checks.
+    # As libfuse mounts by default: the kernel turns everyone else away at the mount.
+    assert "allow_other" not in _mount_options(share.mnt)
     os.mkdir(share.mnt / "pub", 0o777)
     os.chmod(share.mnt / "pub", 0o777)
     f = share.mnt / "pub" / "f"
     f.write_text("hello")
     os.chmod(f, 0o644)
-    r = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(f)],
-        capture_output=True,
-        text=True,
-    )
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run([*user, "cat", str(f)], capture_output=True, text=True)
     assert r.returncode != 0 and "Permission denied" in r.stderr, r
     # Not even the mount point's own attributes: stat is refused before any request.
-    r = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "stat", str(share.mnt)],
-        capture_output=True,
-        text=True,
-    )
+    r = subprocess.run([*user, "stat", str(share.mnt)], capture_output=True, text=True)
     assert r.returncode != 0, r
     assert f.read_text() == "hello"
-    with open("/proc/self/mountinfo") as f:
-        line = next(x for x in f if x.split()[4] == os.path.realpath(share.mnt))
-    assert "allow_other" not in line and "default_permissions" not in line, line
 
 
-@pytest.mark.daemon_args("--allow-other")
-def test_allow_other_has_the_kernel_check_permissions(share: Share) -> None:
-    with open("/proc/self/mountinfo") as f:
-        line = next(x for x in f if x.split()[4] == os.path.realpath(share.mnt))
-    assert "allow_other" in line and "default_permissions" in line, line
-    (share.mnt / "secret").write_text("root only")
-    os.chmod(share.mnt / "secret", 0o600)
-    (share.mnt / "open").write_text("anyone")
-    os.chmod(share.mnt / "open", 0o644)
-    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    r = subprocess.run([*user, "cat", str(share.mnt / "open")], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout == "anyone", r
-    r = subprocess.run([*user, "cat", str(share.mnt / "secret")], capture_output=True, text=True)
-    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+@pytest.mark.parametrize("allow_other", [False, True], ids=["own", "allow-other"])
+def test_the_kernel_checks_permissions_even_for_the_daemons_user(
+    share: Share, tmp_path: Path, allow_other: bool
+) -> None:
+    """The server acts with all of root's rights and checks none itself: the kernel checks
+    every caller's (default_permissions), so root without capabilities, which the mount lets
+    in as the daemon's user, gets no more through it than in the share itself."""
+    if allow_other:
+        # A second daemon on the same source, mounted for everyone.
+        ctx = mounted_share(share.src, tmp_path / "mnt-ao", "--allow-other")
+    else:
+        ctx = contextlib.nullcontext(share)
+    with ctx as s:
+        assert "default_permissions" in _mount_options(s.mnt)
+        assert ("allow_other" in _mount_options(s.mnt)) == allow_other
+        os.mkdir(share.src / "theirs", 0o755)
+        os.chown(share.src / "theirs", 65534, 65534)
+        (share.src / "secret").write_text("nobody's")
+        os.chown(share.src / "secret", 65534, 65534)
+        os.chmod(share.src / "secret", 0o600)
+        no_caps = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+        for where in (share.src, s.mnt):
+            r = subprocess.run([*no_caps, "cat", str(where / "secret")], capture_output=True)
+            assert r.returncode != 0 and b"Permission denied" in r.stderr, (where, r)
+            r = subprocess.run(
+                [*no_caps, "touch", str(where / "theirs" / "x")], capture_output=True
+            )
+            assert r.returncode != 0, (where, r)
+            r = subprocess.run(
+                [*no_caps, "chown", "0:0", str(where / "secret")], capture_output=True
+            )
+            assert r.returncode != 0, (where, r)
+        assert not (share.src / "theirs" / "x").exists()
+        assert os.stat(share.src / "secret").st_uid == 65534
+        assert (s.mnt / "secret").read_text() == "nobody's"  # root with its capabilities
 
 
 @pytest.mark.daemon_args("--allow-other")

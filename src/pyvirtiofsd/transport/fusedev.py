@@ -80,9 +80,8 @@ class FuseMountConfig:
     thread_pool_size: int = 0
     #: Mount read-only (MS_RDONLY), on top of whatever the file system refuses itself.
     readonly: bool = False
-    #: Let every user of the host use the mount (``allow_other``), with the kernel checking
-    #: their permissions from the attributes (``default_permissions``): the server checks none
-    #: itself. Without it, as libfuse mounts by default, only the daemon's own user may.
+    #: Let every user of the host use the mount (``allow_other``). Without it, as libfuse mounts
+    #: by default, only processes of the daemon's own user may.
     allow_other: bool = False
     fsname: str = "pyvirtiofsd"
     subtype: str = "pyvirtiofsd"
@@ -147,15 +146,16 @@ class FuseMount:
                 errno.ENOTDIR, "mount point is not a directory", self.mountpoint
             )
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        # default_permissions always: the server checks no permissions itself (it acts with the
+        # daemon's full rights), so the kernel must check every caller's, the daemon's own user
+        # included: a root process without capabilities, or with another fsuid, gets no more
+        # through the mount than it would in the share.
         options = (
-            f"fd={self.fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()}"
+            f"fd={self.fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},"
+            f"group_id={os.getgid()},default_permissions"
         )
         if self.config.allow_other:
-            # Never one without the other: the server does not check permissions, so a mount
-            # other users reach needs the kernel to. Alone, the daemon's user may do anything
-            # through the mount that it may do in the share, and the kernel spares the
-            # GETATTRs default_permissions needs (one of the directory after each change in it).
-            options += ",default_permissions,allow_other"
+            options += ",allow_other"
         flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if self.readonly else 0)
         try:
             linux.mount(self.fsname, self.mountpoint, f"fuse.{self.subtype}", flags, options)
