@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.backends.passthrough import PassthroughConfig, PassthroughFs, inodes
+from pyvirtiofsd.backends.passthrough.config import FileHandles
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import ROOT, Attr
 from pyvirtiofsd.fuse.server import Server
@@ -363,6 +364,69 @@ def test_reopen_goes_through_the_fd_link_and_fails_with_the_errno(tmp_path: Path
     finally:
         os.close(path_fd)
         os.close(proc_fds)
+
+
+def _fds() -> set[str]:
+    found = set()
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{n}"))
+        except FileNotFoundError:
+            pass  # listdir's own
+    return found
+
+
+def test_stores_share_one_proc_fd_dir_given_back_by_the_last(tmp_path: Path) -> None:
+    before = _fds()
+    a = inodes.InodeStore(str(tmp_path), FileHandles.NEVER)
+    b = inodes.InodeStore(str(tmp_path), FileHandles.NEVER)
+    assert a._proc_fds == b._proc_fds >= 0
+    a.close_all()
+    fd = b.open(b.root, os.O_RDONLY | os.O_DIRECTORY)
+    assert os.fstat(fd).st_ino == os.stat(tmp_path).st_ino
+    os.close(fd)
+    b.close_all()
+    assert _fds() == before
+
+
+def test_a_forked_child_reopens_through_its_own_descriptors(tmp_path: Path) -> None:
+    """/proc/self is resolved when the store opens it: after fork() the child replaces it, or
+    its reopens would go through the parent's descriptors, whatever the parent keeps under
+    the inode's number by then."""
+    share = tmp_path / "share"
+    share.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = inodes.InodeStore(str(share), FileHandles.NEVER)
+    go_r, go_w = os.pipe()
+    ino_r, ino_w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.read(go_r, 1)  # the parent has put another directory under the number
+                fd = store.open(store.root, os.O_RDONLY | os.O_DIRECTORY)
+                os.write(ino_w, struct.pack("=Q", os.fstat(fd).st_ino))
+                code = 0
+            finally:
+                os._exit(code)
+        saved = os.dup(store.root.fd)
+        other = os.open(outside, os.O_PATH | os.O_DIRECTORY)
+        os.dup2(other, store.root.fd)
+        os.close(other)
+        try:
+            os.write(go_w, b"x")
+            got = struct.unpack("=Q", os.read(ino_r, 8))[0]
+            assert os.waitpid(pid, 0)[1] == 0
+        finally:
+            os.dup2(saved, store.root.fd)
+            os.close(saved)
+        assert got == os.stat(share).st_ino != os.stat(outside).st_ino
+    finally:
+        for fd in (go_r, go_w, ino_r, ino_w):
+            os.close(fd)
+        store.close_all()
 
 
 def test_dir_entries_are_what_getdents_gives_and_resume_at_their_offsets(tmp_path: Path) -> None:

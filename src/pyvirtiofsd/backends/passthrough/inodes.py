@@ -176,6 +176,44 @@ def check_openable(mode: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+class _ProcFds:
+    """The process's fd of /proc/self/fd, shared by its open stores: opened by the first,
+    closed with the last. "self" is resolved as it is opened, so a forked child replaces it
+    with its own (under the same number), or its reopens would open the parent's files."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.users = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> int:
+        with self.lock:
+            if self.users == 0:
+                self.fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.users += 1
+            return self.fd
+
+    def give(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def after_fork_in_child(self) -> None:
+        # Only the forking thread runs here: the lock is not taken (another thread may have
+        # held it at the fork, and would never release it in this process).
+        old = self.fd
+        if old >= 0:
+            new = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.dup2(new, old)
+            os.close(new)
+
+
+_PROC_FDS: Final = _ProcFds()
+os.register_at_fork(after_in_child=_PROC_FDS.after_fork_in_child)
+
+
 def _reopen(proc_fds: int, fd: int, mode: int, flags: int) -> int:
     """A new open file of what the O_PATH ``fd`` (of an inode of type ``mode``) refers to,
     through its link in ``proc_fds`` (an fd of /proc/self/fd: a name of one component, where a
@@ -190,10 +228,13 @@ def _reopen(proc_fds: int, fd: int, mode: int, flags: int) -> int:
     else:
         if flags & _MAKING:
             raise ValueError("reopen never makes a file")
-        try:
-            new = _open(str(fd), flags | _O_CLOEXEC, dir_fd=proc_fds)
-        except OSError as e:
-            new = -(e.errno or errno.EIO)
+        if fd < 0:
+            new = -errno.EBADF
+        else:
+            try:
+                new = _open(str(fd), flags | _O_CLOEXEC, dir_fd=proc_fds)
+            except OSError as e:
+                new = -(e.errno or errno.EIO)
     if new < 0:
         raise OSError(-new, os.strerror(-new))
     return new
@@ -301,18 +342,21 @@ class InodeStore:
         #: (nodeid, owner) -> lock ranges a migration brought that are not taken again yet
         #: (guarded by ``lock_book``).
         self.pending_locks: dict[tuple[int, int], LockRanges] = {}
-        #: /proc/self/fd, which every reopen goes through; closed by close_all() once no
-        #: request uses the store.
-        self._proc_fds = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        #: /proc/self/fd, which every reopen goes through (shared, see _ProcFds); given back
+        #: by close_all() once no request uses the store.
+        self._proc_fds = _PROC_FDS.take()
+        fd = -1
         try:
             fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            ident = ident_of(os.fstat(fd))
+            handle, mount_id = self._handle_of(fd)
+            if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
+                handle = None
         except BaseException:
-            os.close(self._proc_fds)
+            self._close_own_fds()
+            if fd >= 0:
+                os.close(fd)
             raise
-        ident = ident_of(os.fstat(fd))
-        handle, mount_id = self._handle_of(fd)
-        if handle is not None and not self._remember_mount(fd, ident[2], mount_id):
-            handle = None
         root = Inode(1, self._key(ident, handle, mount_id), fd, handle, mount_id, ident)
         root.refcount = _PINNED
         self._by_id[1] = root
@@ -759,8 +803,8 @@ class InodeStore:
         """The store's own descriptors closed, once it is closed and no request uses them."""
         self._close_mount_fds()
         if self._proc_fds >= 0:
-            os.close(self._proc_fds)
             self._proc_fds = -1
+            _PROC_FDS.give()
 
     def close_all(self) -> None:
         """The daemon is exiting: every inode goes, the root too; what requests still use is
