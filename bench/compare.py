@@ -236,7 +236,7 @@ def main() -> None:
     if {"fusedev", "guest", "tree", "queues"} & set(parts):
         facts["share"] = SHARE_FS if fresh_share_possible() else SHARE_DIR
     if built is None:
-        p.fusedev.targets = fusedev.without_compiled(p.fusedev.targets)
+        p.fusedev.targets = [t for t in p.fusedev.targets if t != PYC]
         p.guest.daemons = [d for d in p.guest.daemons if d != PYC]
         p.tree.daemons = [d for d in p.tree.daemons if d != PYC]
     p.guest.compiled = p.tree.compiled = tree_path
@@ -302,9 +302,6 @@ def main() -> None:
     print(table(rows, TITLES))
     if any(r.part == "queues" for r in rows):
         print("\n".join(queues.scaling_lines(rows)))
-    note = fusedev.allow_other_note([r for r in rows if r.part == "fusedev"])
-    if note:
-        print(note)
     duration = time.monotonic() - t0
     print(
         f"\n{MODE_TEXT[mode]} of {format_seconds(duration)}; "

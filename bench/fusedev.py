@@ -129,28 +129,19 @@ def passthrough_ll() -> Path:
 
 
 REFERENCE = "passthrough_ll"
+#: passthrough_ll mounted as pyvirtiofsd mounts itself (default_permissions; allow_other only
+#: with --allow-other, which changes no request): the kernel then checks permissions from
+#: cached attributes, and asks a directory's attributes again after each change in it (two
+#: GETATTRs more per created and removed file), so both daemons get the same requests. Shown
+#: beside the others, for context.
+REFERENCE_DP = "passthrough_ll -o default_permissions"
 SOURCE = "source dir"
 PY_PASSTHROUGH = "pyvirtiofsd --fuse-passthrough"
-#: Both mounted so that every host user may use them (allow_other), the kernel checking
-#: permissions from cached attributes (default_permissions): it then asks a directory's
-#: attributes again after each change in it, two GETATTRs more per created and removed file.
-#: pyvirtiofsd's --allow-other sets both; the pair is shown beside the others, for context.
-REFERENCE_AO = "passthrough_ll -o allow_other,default_permissions"
-PY_AO = "pyvirtiofsd --allow-other"
-PYC_AO = "pyvirtiofsd (mypyc) --allow-other"
 LABELS[REFERENCE] = "passthrough_ll (libfuse)"
-LABELS[REFERENCE_AO] = REFERENCE_AO
-LABELS[PY_AO] = PY_AO
-LABELS[PYC_AO] = PYC_AO
+LABELS[REFERENCE_DP] = "passthrough_ll, our mount options"
 TITLE = "host: /dev/fuse mount, beside libfuse's passthrough_ll"
 #: Targets, in the order they take turns within a round; the source directory is no mount.
-TARGETS = [SOURCE, PY, PY_PASSTHROUGH, PYC, REFERENCE, PYC_AO, REFERENCE_AO]
-
-
-def without_compiled(targets: list[str]) -> list[str]:
-    """``targets`` for a run without the compiled build: the pure one mounts with
-    --allow-other in its stead."""
-    return [PY_AO if t == PYC_AO else t for t in targets if t != PYC]
+TARGETS = [SOURCE, PY, PY_PASSTHROUGH, PYC, REFERENCE, REFERENCE_DP]
 
 
 @dataclass
@@ -182,22 +173,20 @@ def workload_fns(opts: Options) -> dict[str, Callable[[Path], float]]:
 def command(target: str, src: Path, mnt: Path) -> list[str]:
     if target == REFERENCE:
         return [str(passthrough_ll()), "-f", "-o", f"source={src}", str(mnt)]
-    if target == REFERENCE_AO:
+    if target == REFERENCE_DP:
         return [
             str(passthrough_ll()),
             "-f",
             "-o",
-            f"source={src},allow_other,default_permissions",
+            f"source={src},default_permissions",
             str(mnt),
         ]
-    if target in (PYC, PYC_AO):
+    if target == PYC:
         argv = [*compiled.command(), "--log-level", "error"]
     else:
         argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
     if target == PY_PASSTHROUGH:
         argv.append("--fuse-passthrough")
-    if target in (PY_AO, PYC_AO):
-        argv.append("--allow-other")
     return [*argv, "--shared-dir", str(src), "--mount", str(mnt)]
 
 
@@ -215,20 +204,13 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
     ``tree`` is the compiled tree, needed when the targets have the compiled daemon."""
     if os.geteuid() != 0:
         raise RuntimeError("run as root (mounts FUSE, drops caches)")
-    if (PYC in opts.targets or PYC_AO in opts.targets) and tree is None:
+    if PYC in opts.targets and tree is None:
         raise ValueError("the compiled daemon needs a compiled tree")
-    if REFERENCE in opts.targets or REFERENCE_AO in opts.targets:
+    if REFERENCE in opts.targets or REFERENCE_DP in opts.targets:
         passthrough_ll()  # compile it before anything is timed
     rows = {
         key: Row(
-            "fusedev",
-            key,
-            text,
-            unit,
-            "higher",
-            REFERENCE,
-            target,
-            context=(PY_AO, PYC_AO, REFERENCE_AO, SOURCE),
+            "fusedev", key, text, unit, "higher", REFERENCE, target, context=(REFERENCE_DP, SOURCE)
         )
         for key, text, unit, target in WORKLOADS
     }
@@ -247,10 +229,9 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
                         for w, fn in fns.items():
                             rows[w].add(target, fn(src))
                     else:
-                        mypyc = target in (PYC, PYC_AO) and tree is not None
-                        env = compiled.environ(tree) if mypyc and tree else None
+                        env = compiled.environ(tree) if target == PYC and tree else None
                         with mounted(command(target, src, mnt), mnt, env) as proc:
-                            if mypyc and tree is not None:
+                            if target == PYC and tree is not None:
                                 compiled.check_running(proc.pid, tree)  # before any figure
                             for w, fn in fns.items():
                                 before = cpu_seconds(proc.pid)
@@ -260,22 +241,6 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return list(rows.values())
-
-
-def allow_other_note(rows: list[Row]) -> str:
-    """The allow_other pair's figures side by side, each workload's ratio between them."""
-    lines = [f"both with allow_other and default_permissions (ratio = value / {REFERENCE_AO}):"]
-    for row in rows:
-        ours = next((t for t in (PYC_AO, PY_AO) if row.value(t) is not None), None)
-        theirs = row.value(REFERENCE_AO)
-        if ours is None or not theirs:
-            continue
-        value = row.value(ours) or 0.0
-        lines.append(
-            f"  {row.label}: {label(ours)} {value:,.0f} {row.unit}, {REFERENCE_AO} "
-            f"{theirs:,.0f} {row.unit}, {value / theirs:.2f}x"
-        )
-    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def main() -> None:
@@ -297,7 +262,7 @@ def main() -> None:
     opts = Options(args.rounds, args.size_mib, args.files)
     tree, why_not = compiled.resolve(args)
     if tree is None:
-        opts.targets = without_compiled(opts.targets)
+        opts.targets.remove(PYC)
     progress = Progress()
     plan(progress, opts)
     try:
@@ -306,7 +271,6 @@ def main() -> None:
         raise SystemExit(str(exc)) from None
     progress.close()
     print(table(result, {"fusedev": TITLE}))
-    print(allow_other_note(result))
     print(f"shares: {SHARE_FS if fresh_share_possible() else SHARE_DIR}")
     write_json_if(args.json, result, "fusedev", vars(args), tree, why_not)
 
