@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import struct
@@ -392,7 +393,7 @@ def test_stores_share_one_proc_fd_dir_given_back_by_the_last(tmp_path: Path) -> 
 def test_a_forked_child_reopens_through_its_own_descriptors(tmp_path: Path) -> None:
     """/proc/self is resolved when the store opens it: after fork() the child replaces it, or
     its reopens would go through the parent's descriptors, whatever the parent keeps under
-    the inode's number by then."""
+    the inode's number by then. The child's is close-on-exec, as the parent's."""
     share = tmp_path / "share"
     share.mkdir()
     outside = tmp_path / "outside"
@@ -407,7 +408,8 @@ def test_a_forked_child_reopens_through_its_own_descriptors(tmp_path: Path) -> N
             try:
                 os.read(go_r, 1)  # the parent has put another directory under the number
                 fd = store.open(store.root, os.O_RDONLY | os.O_DIRECTORY)
-                os.write(ino_w, struct.pack("=Q", os.fstat(fd).st_ino))
+                inheritable = os.get_inheritable(store._proc_fds)
+                os.write(ino_w, struct.pack("=Q?", os.fstat(fd).st_ino, inheritable))
                 code = 0
             finally:
                 os._exit(code)
@@ -417,16 +419,35 @@ def test_a_forked_child_reopens_through_its_own_descriptors(tmp_path: Path) -> N
         os.close(other)
         try:
             os.write(go_w, b"x")
-            got = struct.unpack("=Q", os.read(ino_r, 8))[0]
+            got, inheritable = struct.unpack("=Q?", os.read(ino_r, 9))
             assert os.waitpid(pid, 0)[1] == 0
         finally:
             os.dup2(saved, store.root.fd)
             os.close(saved)
         assert got == os.stat(share).st_ino != os.stat(outside).st_ino
+        assert not inheritable  # the child's own is close-on-exec too
     finally:
         for fd in (go_r, go_w, ino_r, ino_w):
             os.close(fd)
         store.close_all()
+
+
+def test_a_child_forked_while_the_shared_fd_is_locked_still_gives_it_back(
+    tmp_path: Path,
+) -> None:
+    store = inodes.InodeStore(str(tmp_path), FileHandles.NEVER)
+    with inodes._PROC_FDS.lock:  # as another thread in take() or give() would hold it
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                signal.alarm(10)  # a lock the child inherited held would wait for ever
+                store.close_all()
+                code = 0
+            finally:
+                os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    store.close_all()
 
 
 def test_dir_entries_are_what_getdents_gives_and_resume_at_their_offsets(tmp_path: Path) -> None:

@@ -197,16 +197,19 @@ class _ProcFds:
         with self.lock:
             self.users -= 1
             if self.users == 0:
-                os.close(self.fd)
-                self.fd = -1
+                fd, self.fd = self.fd, -1
+                os.close(fd)
 
     def after_fork_in_child(self) -> None:
-        # Only the forking thread runs here: the lock is not taken (another thread may have
-        # held it at the fork, and would never release it in this process).
+        # Only the forking thread runs here. The lock is made anew: another thread may have
+        # held it at the fork, and would never release it in this process. Only a descriptor
+        # some store uses is replaced (users), never a number already given back, which
+        # another thread of the parent may have reused by the time of the fork.
+        self.lock = threading.Lock()
         old = self.fd
-        if old >= 0:
+        if self.users > 0 and old >= 0:
             new = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            os.dup2(new, old)
+            os.dup2(new, old, inheritable=False)
             os.close(new)
 
 
