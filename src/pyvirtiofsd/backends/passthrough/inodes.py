@@ -11,9 +11,10 @@ Rules:
 
 * Opening. :meth:`InodeStore.open` is the one way the passthrough opens an inode (other than
   O_PATH), and it opens only regular files and directories: a symlink gets ELOOP, a FIFO,
-  socket or device ENXIO. It reopens the inode itself (through ``/proc/self/fd/N`` or
-  ``open_by_handle_at``), never a name, and an inode's type is fixed for its lifetime while the
-  O_PATH fd or handle pins it, so the check can't be raced.
+  socket or device ENXIO. It reopens the inode itself (through its O_PATH fd's link, the name
+  ``N`` in the process's one descriptor of ``/proc/self/fd``, or ``open_by_handle_at``), never
+  a name in the share, and an inode's type is fixed for its lifetime while the O_PATH fd or
+  handle pins it, so the check can't be raced.
 * Lifetime. One lock (the store's) governs an inode's lookup count, its O_PATH fd and the open
   files holding its POSIX locks. A request that uses any of those descriptors *pins* the inode
   for the span of the use (:meth:`InodeStore.path`, :meth:`InodeStore.open`,
