@@ -76,7 +76,8 @@ def _host_owner(path: Path) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
-@pytest.mark.daemon_args(*MOUNT_RULES)
+# --allow-other: the guest ids act as host users other than the daemon's.
+@pytest.mark.daemon_args(*MOUNT_RULES, "--allow-other")
 def test_translated_ids_through_dev_fuse(share: Share) -> None:
     src, mnt = share.src, share.mnt
     for name, uid, gid, mode in [("mapped", 5003, 5004, 0o644), ("aliased", 1003, 1003, 0o600),
