@@ -187,10 +187,14 @@ class _ProcFds:
         self.users = 0
         self.lock = threading.Lock()
 
+    @staticmethod
+    def _open() -> int:
+        return os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def take(self) -> int:
         with self.lock:
             if self.users == 0:
-                self.fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                self.fd = self._open()
             self.users += 1
             return self.fd
 
@@ -209,7 +213,7 @@ class _ProcFds:
         self.lock = threading.Lock()
         old = self.fd
         if self.users > 0 and old >= 0:
-            new = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            new = self._open()
             os.dup2(new, old, inheritable=False)
             os.close(new)
 
