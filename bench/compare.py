@@ -236,7 +236,7 @@ def main() -> None:
     if {"fusedev", "guest", "tree", "queues"} & set(parts):
         facts["share"] = SHARE_FS if fresh_share_possible() else SHARE_DIR
     if built is None:
-        p.fusedev.targets = [t for t in p.fusedev.targets if t != PYC]
+        p.fusedev.targets = [t for t in p.fusedev.targets if t not in fusedev.COMPILED_TARGETS]
         p.guest.daemons = [d for d in p.guest.daemons if d != PYC]
         p.tree.daemons = [d for d in p.tree.daemons if d != PYC]
     p.guest.compiled = p.tree.compiled = tree_path

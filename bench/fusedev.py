@@ -137,11 +137,17 @@ REFERENCE = "passthrough_ll"
 REFERENCE_DP = "passthrough_ll -o default_permissions"
 SOURCE = "source dir"
 PY_PASSTHROUGH = "pyvirtiofsd --fuse-passthrough"
+#: The compiled build taking requests through FUSE over io_uring (fuse's enable_uring parameter
+#: is set for the run, and put back after).
+PYC_URING = "pyvirtiofsd compiled --fuse-io-uring"
+COMPILED_TARGETS = (PYC, PYC_URING)
+LABELS[PYC_URING] = "pyvirtiofsd (mypyc) --fuse-io-uring"
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 LABELS[REFERENCE] = "passthrough_ll (libfuse)"
 LABELS[REFERENCE_DP] = "passthrough_ll, our mount options"
 TITLE = "host: /dev/fuse mount, beside libfuse's passthrough_ll"
 #: Targets, in the order they take turns within a round; the source directory is no mount.
-TARGETS = [SOURCE, PY, PY_PASSTHROUGH, PYC, REFERENCE, REFERENCE_DP]
+TARGETS = [SOURCE, PY, PY_PASSTHROUGH, PYC, PYC_URING, REFERENCE, REFERENCE_DP]
 
 
 @dataclass
@@ -181,12 +187,14 @@ def command(target: str, src: Path, mnt: Path) -> list[str]:
             f"source={src},default_permissions",
             str(mnt),
         ]
-    if target == PYC:
+    if target in COMPILED_TARGETS:
         argv = [*compiled.command(), "--log-level", "error"]
     else:
         argv = [sys.executable, "-m", "pyvirtiofsd", "--log-level", "error"]
     if target == PY_PASSTHROUGH:
         argv.append("--fuse-passthrough")
+    if target == PYC_URING:
+        argv.append("--fuse-io-uring")
     return [*argv, "--shared-dir", str(src), "--mount", str(mnt)]
 
 
@@ -204,8 +212,11 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
     ``tree`` is the compiled tree, needed when the targets have the compiled daemon."""
     if os.geteuid() != 0:
         raise RuntimeError("run as root (mounts FUSE, drops caches)")
-    if PYC in opts.targets and tree is None:
+    if any(t in opts.targets for t in COMPILED_TARGETS) and tree is None:
         raise ValueError("the compiled daemon needs a compiled tree")
+    if PYC_URING in opts.targets and not ENABLE_URING.exists():
+        print(f"NOT MEASURED: {label(PYC_URING)}: this kernel has no FUSE over io_uring")
+        opts.targets.remove(PYC_URING)
     if REFERENCE in opts.targets or REFERENCE_DP in opts.targets:
         passthrough_ll()  # compile it before anything is timed
     rows = {
@@ -216,7 +227,11 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
     }
     fns = workload_fns(opts)
     base = Path(tempfile.mkdtemp(prefix="pyvirtiofsd-bench-"))
+    uring_was = ENABLE_URING.read_text().strip() if PYC_URING in opts.targets else None
     try:
+        if uring_was is not None:
+            # Only a daemon that asks at INIT gets io_uring: the other targets are unchanged.
+            ENABLE_URING.write_text("Y")
         for r in range(opts.rounds):
             for target in rounds_order(opts.targets, r):
                 key = f"fusedev/{r}/{target}"
@@ -229,9 +244,10 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
                         for w, fn in fns.items():
                             rows[w].add(target, fn(src))
                     else:
-                        env = compiled.environ(tree) if target == PYC and tree else None
+                        is_compiled = target in COMPILED_TARGETS
+                        env = compiled.environ(tree) if is_compiled and tree else None
                         with mounted(command(target, src, mnt), mnt, env) as proc:
-                            if target == PYC and tree is not None:
+                            if is_compiled and tree is not None:
                                 compiled.check_running(proc.pid, tree)  # before any figure
                             for w, fn in fns.items():
                                 before = cpu_seconds(proc.pid)
@@ -239,6 +255,8 @@ def run(opts: Options, progress: Progress, tree: Path | None = None) -> list[Row
                                 rows[w].add(target, value, cpu_s=cpu_seconds(proc.pid) - before)
                 progress.finish(key)
     finally:
+        if uring_was is not None:
+            ENABLE_URING.write_text(uring_was)
         shutil.rmtree(base, ignore_errors=True)
     return list(rows.values())
 
@@ -262,7 +280,7 @@ def main() -> None:
     opts = Options(args.rounds, args.size_mib, args.files)
     tree, why_not = compiled.resolve(args)
     if tree is None:
-        opts.targets.remove(PYC)
+        opts.targets = [t for t in opts.targets if t not in COMPILED_TARGETS]
     progress = Progress()
     plan(progress, opts)
     try:

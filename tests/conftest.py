@@ -36,6 +36,27 @@ def can_mount_fuse() -> str | None:
     return None
 
 
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+@contextlib.contextmanager
+def fuse_uring_enabled(on: bool = True) -> Iterator[None]:
+    """fuse's ``enable_uring`` parameter set to ``on`` for the block (skips the test where the
+    kernel has no FUSE over io_uring or the parameter can't be written), then put back."""
+    reason = can_mount_fuse()
+    if reason:
+        pytest.skip(reason)
+    try:
+        before = ENABLE_URING.read_text().strip()
+        ENABLE_URING.write_text("Y" if on else "N")
+    except OSError as e:
+        pytest.skip(f"no FUSE over io_uring here ({ENABLE_URING}: {e.strerror})")
+    try:
+        yield
+    finally:
+        ENABLE_URING.write_text(before)
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -121,18 +142,27 @@ def open_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(params=["dev-fuse", "io-uring"])
 def share(open_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Share]:
-    """A mounted share; ``@pytest.mark.daemon_args(...)`` adds daemon options."""
+    """A mounted share, served through /dev/fuse alone and with FUSE over io_uring (then the
+    daemon's log must say its queues started); ``@pytest.mark.daemon_args(...)`` adds daemon
+    options."""
     reason = can_mount_fuse()
     if reason:
         pytest.skip(reason)
     marker = request.node.get_closest_marker("daemon_args")
-    args = marker.args if marker else ()
+    args: tuple[str, ...] = marker.args if marker else ()
     src = open_tmp / "src"
     src.mkdir()
     src.chmod(0o777)
-    with mounted_share(src, open_tmp / "mnt", *args) as s:
+    with contextlib.ExitStack() as stack:
+        if request.param == "io-uring":
+            stack.enter_context(fuse_uring_enabled())
+            args = (*args, "--fuse-io-uring")
+        s = stack.enter_context(mounted_share(src, open_tmp / "mnt", *args))
+        if request.param == "io-uring":
+            os.stat(s.mnt)  # a request: INIT is answered by then, and the queues started
+            assert "FUSE over io_uring: " in s.log.read_text(), "io_uring was not taken up"
         yield s
 
 

@@ -267,6 +267,8 @@ INVALID = {
                                    "--fuse-passthrough"], "--fuse-passthrough only works with"),
     "allow-other-without-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                                    "--allow-other"], "--allow-other only works with --mount"),
+    "io-uring-without-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
+                                "--fuse-io-uring"], "--fuse-io-uring only works with --mount"),
     "zero-queues": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                      "--num-request-queues", "0"], "--num-request-queues must be between"),
     "queue-size": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--queue-size", "1000"],

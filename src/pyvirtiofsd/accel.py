@@ -54,6 +54,8 @@ COMPILED: Final = (
     "pyvirtiofsd.backends.passthrough.fs",
     "pyvirtiofsd.backends.passthrough.inodes",
     "pyvirtiofsd.transport.fusedev",
+    "pyvirtiofsd.transport.fuse_uring",
+    "pyvirtiofsd.uring",
 )
 
 #: Hand-written C modules the compiled build adds (``name.c`` beside the module that uses it).

@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --mount: let every host user use the mount (allow_other); by default only "
         "the daemon's user may. The kernel checks every caller's permissions either way",
     )
+    conn.add_argument(
+        "--fuse-io-uring",
+        dest="io_uring",
+        action="store_true",
+        help="with --mount: take requests through io_uring, a queue per CPU (FUSE over "
+        "io_uring: Linux 6.14+ with fuse's enable_uring parameter set; /dev/fuse otherwise)",
+    )
     conn.add_argument("--num-request-queues", type=int, metavar="N")
     conn.add_argument(
         "--queue-size",
@@ -561,6 +568,8 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
         p.error("--fuse-passthrough only works with --mount")
     if o.get("allow_other") and mountpoint is None:
         p.error("--allow-other only works with --mount")
+    if o.get("io_uring") and mountpoint is None:
+        p.error("--fuse-io-uring only works with --mount")
     group = o.get("socket_group")
     if group is not None:
         import grp

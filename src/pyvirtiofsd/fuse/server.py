@@ -177,6 +177,9 @@ class TransportCaps:
     #: transport passed to :meth:`Server.handle`: a :class:`Completion` for that request.
     #: Without it, requests that wait block the thread that serves them.
     later: Callable[[Any], Completion] | None = None
+    #: FUSE over io_uring (/dev/fuse): offered at INIT when the kernel offers it; the transport
+    #: then looks at :attr:`Server.flags` once INIT is answered.
+    io_uring: bool = False
 
 
 @dataclass(frozen=True)
@@ -890,6 +893,8 @@ class Server:
         )
         if caps.map_alignment is not None:
             conn.want |= capable & abi.InitFlag.MAP_ALIGNMENT
+        if caps.io_uring:
+            conn.want |= capable & abi.InitFlag.OVER_IO_URING
         with self._init_lock:
             self.fs.init(conn)
             want = conn.want & capable & ~self.config.disabled_flags

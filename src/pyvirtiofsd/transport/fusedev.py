@@ -30,6 +30,7 @@ from pyvirtiofsd import linux
 from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.filesystem import Filesystem
 from pyvirtiofsd.fuse.server import Server, ServerConfig, TransportCaps
+from pyvirtiofsd.transport.fuse_uring import FuseUring, possible_cpus
 
 __all__ = [
     "MIN_WORKERS",
@@ -83,6 +84,9 @@ class FuseMountConfig:
     #: Let every user of the host use the mount (``allow_other``). Without it, as libfuse mounts
     #: by default, only processes of the daemon's own user may.
     allow_other: bool = False
+    #: Ask the kernel for FUSE over io_uring (:mod:`.fuse_uring`); where it does not offer it
+    #: (fuse's ``enable_uring`` parameter off, a kernel before 6.14), /dev/fuse serves alone.
+    io_uring: bool = False
     fsname: str = "pyvirtiofsd"
     subtype: str = "pyvirtiofsd"
 
@@ -118,7 +122,10 @@ class FuseMount:
     ) -> None:
         self.config = config
         caps = TransportCaps(
-            backing_open=self.backing_open, backing_close=self.backing_close, later=self._later
+            backing_open=self.backing_open,
+            backing_close=self.backing_close,
+            later=self._later,
+            io_uring=config.io_uring,
         )
         #: The FUSE server behind the mount.
         self.server = server = Server(fs, server_config, caps)
@@ -136,6 +143,11 @@ class FuseMount:
         self._conn_dev: int | None = None
         self._lock = threading.Lock()
         self.bufsize = server.max_write + abi.PAGE_SIZE
+        #: The io_uring queues, made at start() and started once INIT agrees on them.
+        self.uring: FuseUring | None = None
+        #: Whether the reply to INIT has yet to be looked at for io_uring (see _worker).
+        self._uring_pending = False
+        self._uring_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -146,6 +158,13 @@ class FuseMount:
                 errno.ENOTDIR, "mount point is not a directory", self.mountpoint
             )
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        if self.config.io_uring:
+            try:
+                self._prepare_uring()
+            except OSError:
+                os.close(self.fd)
+                self.fd = -1
+                raise
         # default_permissions always: the server checks no permissions itself (it acts with the
         # daemon's full rights), so the kernel must check every caller's, the daemon's own user
         # included: a root process without capabilities, or with another fsuid, gets no more
@@ -170,6 +189,38 @@ class FuseMount:
             t.start()
             self._workers.append(t)
         log.info("mounted on %s with %d worker threads", self.mountpoint, self.threads)
+
+    def _prepare_uring(self) -> None:
+        # Everything that can fail is made before INIT offers io_uring: once offered, the
+        # kernel holds every request back until each of its queues is there.
+        cpus = possible_cpus()
+        if cpus is None:
+            raise OSError(errno.ENOENT, "FUSE over io_uring: the number of CPUs is unknown")
+        self.uring = FuseUring(self.server, self.fd, self.server.max_write, cpus)
+        self._uring_pending = True
+
+    def _init_answered(self) -> None:
+        """INIT is answered (the first request of the connection): start the io_uring queues if
+        it agreed on them, else drop them."""
+        with self._uring_lock:
+            if not self._uring_pending:
+                return
+            self._uring_pending = False
+        uring = self.uring
+        if uring is None:
+            return
+        if not self.server.flags & abi.InitFlag.OVER_IO_URING:
+            log.info(
+                "the kernel does not offer FUSE over io_uring (fuse's enable_uring parameter, "
+                "Linux 6.14+): requests go through /dev/fuse"
+            )
+            uring.discard()
+            self.uring = None
+            return
+        # Said first: the kernel sends nothing more until every queue has registered, so the
+        # line is there by the time anything the mount does has been answered.
+        log.info("FUSE over io_uring: %d queue(s), one per CPU", len(uring.queues))
+        self._workers.extend(uring.start())
 
     def serve(self) -> int:
         """Mount, serve until unmounted or :meth:`stop`, unmount; the exit status."""
@@ -236,6 +287,9 @@ class FuseMount:
         device fd, which they would otherwise write their replies to once reused."""
         self.stop()
         self.server.interrupt_waiting()  # lock waits end with EINTR; nobody is left to tell
+        uring = self.uring
+        if uring is not None:
+            uring.stop()  # the unmount ended its queues; this ends any that did not see it
         if not self.wait(grace):
             self.abandoned = sum(t.is_alive() for t in self._workers)
             log.error(
@@ -304,11 +358,13 @@ class FuseMount:
                 continue
             if _native_send is None:
                 self._send(outview[:reply])
-                continue
-            try:
-                _native_send(fd, outbuf, reply)
-            except OSError as e:
-                _send_failed(e)
+            else:
+                try:
+                    _native_send(fd, outbuf, reply)
+                except OSError as e:
+                    _send_failed(e)
+            if self._uring_pending:
+                self._init_answered()
         log.debug("worker %s ends", threading.current_thread().name)
 
     def _send(self, reply: Any) -> None:
@@ -317,9 +373,12 @@ class FuseMount:
         except OSError as e:
             _send_failed(e)
 
-    def _later(self, token: object) -> _Later:
+    def _later(self, token: object) -> Any:
         # A reply written to /dev/fuse names its request by unique: it needs no more than a
-        # buffer of its own, since the worker's goes on to the next request.
+        # buffer of its own, since the worker's goes on to the next request. One that came
+        # through io_uring (its token is its entry) is answered in its entry.
+        if token is not None and self.uring is not None:
+            return self.uring.later(token)
         return _Later(self)
 
 

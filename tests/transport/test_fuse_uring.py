@@ -1,0 +1,189 @@
+"""FUSE over io_uring as the /dev/fuse mount runs it, through the real kernel: requests reach the
+per-CPU queues, payloads of every size around the copy limit cross intact, a lock wait answered
+later returns its entry (also when interrupted, or still waiting at unmount), and a kernel that
+does not offer io_uring leaves /dev/fuse to serve alone."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.backends.passthrough.config import PassthroughConfig
+from pyvirtiofsd.backends.passthrough.fs import PassthroughFs
+from pyvirtiofsd.transport import fuse_uring
+from pyvirtiofsd.transport.fusedev import FuseMount, FuseMountConfig
+from tests.conftest import fuse_uring_enabled, is_mounted
+
+
+@contextlib.contextmanager
+def mount(tmp_path: Path, uring: bool = True) -> Iterator[tuple[FuseMount, Path, Path]]:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(src), xattr=True))
+    with fuse_uring_enabled(uring):
+        m = FuseMount(fs, FuseMountConfig(str(mnt), io_uring=True))
+        m.start()
+        try:
+            os.stat(mnt)  # INIT answered, queues registered
+            yield m, src, mnt
+        finally:
+            m.close(5.0)
+    assert not is_mounted(mnt)
+
+
+def served(m: FuseMount) -> int:
+    assert m.uring is not None
+    return sum(q.served for q in m.uring.queues)
+
+
+def test_requests_go_through_a_queue_per_cpu(tmp_path: Path) -> None:
+    with mount(tmp_path) as (m, src, mnt):
+        assert m.uring is not None
+        assert len(m.uring.queues) == fuse_uring.possible_cpus()
+        before = served(m)
+        for i in range(50):
+            p = mnt / f"f{i}"
+            p.write_bytes(bytes([i]) * (i * 997))
+            assert p.read_bytes() == bytes([i]) * (i * 997)
+            p.unlink()
+        # A create, a write, an open, a read, a release and an unlink each at least.
+        assert served(m) - before >= 50 * 5
+        assert os.listdir(src) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 4096, 65536, 1 << 20])
+def test_payloads_around_the_copy_limit_cross_intact(tmp_path: Path, size: int) -> None:
+    # Up to _SMALL bytes the payload is copied after the arguments, past it handed on in
+    # place: data, xattr values and names either way.
+    data = os.urandom(size)
+    with mount(tmp_path) as (_, src, mnt):
+        (mnt / "f").write_bytes(data)
+        assert (src / "f").read_bytes() == data
+        assert (mnt / "f").read_bytes() == data
+        value = data[: min(size, 3000)] or b"v"  # ext4 keeps values to a block
+        os.setxattr(mnt / "f", "user.big", value)
+        assert os.getxattr(mnt / "f", "user.big") == value
+        assert os.getxattr(src / "f", "user.big") == value
+        name = "n" * 255
+        target = "t" * min(max(size, 1), 4095)
+        os.symlink(target, mnt / name)
+        assert os.readlink(mnt / name) == target
+        os.rename(mnt / name, mnt / ("m" * 255))
+        assert os.readlink(src / ("m" * 255)) == target
+
+
+LOCKER = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    path, hold, cpu = sys.argv[1:]
+    if cpu:
+        os.sched_setaffinity(0, {int(cpu)})
+    f = open(path, "r+")
+    fcntl.lockf(f, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    if hold:
+        sys.stdin.readline()
+    """
+)
+
+
+def _locker(path: Path, cpu: int | None = None, hold: bool = True) -> subprocess.Popen[str]:
+    """A process that takes a POSIX lock on ``path``, waiting for it; a holder keeps it until
+    told (a line on its stdin), a waiter drops it at once (the order waiters get it in is the
+    kernel's)."""
+    args = [str(path), "1" if hold else "", "" if cpu is None else str(cpu)]
+    p = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return p
+
+
+def test_a_lock_wait_answered_later_returns_its_entry(tmp_path: Path) -> None:
+    with mount(tmp_path) as (_, _, mnt):
+        f = mnt / "lock"
+        f.write_text("x")
+        holder = _locker(f)
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        waiters = [_locker(f, hold=False) for _ in range(3)]
+        time.sleep(0.5)
+        # The waits hold entries; the queues go on serving.
+        for i in range(20):
+            (mnt / f"g{i}").write_text("y")
+            assert os.stat(mnt / f"g{i}").st_size == 1
+        assert all(w.poll() is None for w in waiters)
+        # One waiter is killed while it waits: its INTERRUPT comes through /dev/fuse, and the
+        # wait ends with EINTR, answered in the entry.
+        waiters[0].kill()
+        waiters[0].wait(10)
+        holder.communicate("\n", timeout=10)
+        for w in waiters[1:]:
+            assert w.communicate(timeout=20)[0] == "locked\n"
+        assert (mnt / "lock").read_text() == "x"
+
+
+def test_more_lock_waits_than_entries_on_one_cpu_leave_room_for_the_unlock(
+    tmp_path: Path,
+) -> None:
+    # Every caller on one CPU, so one queue: the waits take more entries than it started with,
+    # and the holder's unlock, from the same CPU, still needs one.
+    cpu = min(os.sched_getaffinity(0))
+    with mount(tmp_path) as (m, _, mnt):
+        f = mnt / "lock"
+        f.write_text("x")
+        holder = _locker(f, cpu)
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        waiters = [_locker(f, cpu, hold=False) for _ in range(fuse_uring.ENTRIES + 4)]
+        deadline = time.monotonic() + 20
+        # Each wait holds an entry of the queue: at least as many as it started with.
+        while len(m.server._waiting) < fuse_uring.ENTRIES:
+            assert time.monotonic() < deadline, f"{len(m.server._waiting)} waits"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # The holder's unlock (at its close) goes to the same queue.
+        holder.communicate("\n", timeout=20)
+        for w in waiters:
+            assert w.communicate(timeout=30)[0] == "locked\n"
+        assert m.uring is not None
+        assert len(m.uring.queues[cpu].entries) >= 2 * fuse_uring.ENTRIES + 4
+
+
+def test_unmount_with_a_lock_wait_pending(tmp_path: Path) -> None:
+    with mount(tmp_path) as (m, _, mnt):
+        f = mnt / "lock"
+        f.write_text("x")
+        holder = _locker(f)
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        waiter = _locker(f)
+        time.sleep(0.5)
+        try:
+            started = time.monotonic()
+            m.close(5.0)
+            assert time.monotonic() - started < 10
+            assert m.abandoned == 0
+        finally:
+            for p in (holder, waiter):
+                p.kill()
+                p.wait(10)
+
+
+def test_without_enable_uring_dev_fuse_serves_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO), mount(tmp_path, uring=False) as (m, src, mnt):
+        (mnt / "f").write_text("through /dev/fuse")
+        assert (src / "f").read_text() == "through /dev/fuse"
+        assert m.uring is None
+    assert "does not offer FUSE over io_uring" in caplog.text
