@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 
@@ -89,3 +90,35 @@ def test_a_uring_command_to_a_file_without_them_fails_in_its_completion() -> Non
     finally:
         ring.close()
         os.close(efd)
+
+
+def test_the_c_enter_answers_as_the_system_call_through_ctypes() -> None:
+    native = pytest.importorskip("pyvirtiofsd._uring")
+    from pyvirtiofsd import uring
+
+    bad = os.open("/dev/null", os.O_RDONLY)
+    os.close(bad)  # a number that names nothing now
+    assert uring._syscall(426, bad, 0, 0, 0, 0, 0) == -1
+    assert ctypes.get_errno() == errno.EBADF
+    with pytest.raises(OSError) as e:
+        native.enter(bad, 0, 0, 0)
+    assert e.value.errno == errno.EBADF
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert uring._syscall(426, null, 0, 0, 0, 0, 0) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
+        with pytest.raises(OSError) as e:
+            native.enter(null, 0, 0, 0)
+        assert e.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(null)
+    ring = Ring(2)
+    try:
+        assert native.enter(ring.fd, 0, 0, 0) == 0
+    finally:
+        ring.close()
+    for args in ((1 << 32, 0, 0, 0), (0, 0, 0, -1)):
+        with pytest.raises((ValueError, OverflowError)):
+            native.enter(*args)
+    with pytest.raises(TypeError):
+        native.enter(0, 0, 0)

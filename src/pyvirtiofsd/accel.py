@@ -67,6 +67,7 @@ NATIVE: Final = (
     "pyvirtiofsd.virtio._ring",
     "pyvirtiofsd.backends.passthrough._stat",
     "pyvirtiofsd.transport._fusedev",
+    "pyvirtiofsd._uring",
 )
 
 

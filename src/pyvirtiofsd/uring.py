@@ -43,6 +43,13 @@ _syscall = ctypes.CFUNCTYPE(ctypes.c_long, *[ctypes.c_long] * 7, use_errno=True)
     ("syscall", _libc)
 )
 
+try:
+    from pyvirtiofsd._uring import enter as _c_enter
+except ImportError:  # the pure build
+    _c_enter = None
+#: The compiled build's io_uring_enter (``_uring.c``): no ctypes call per request. Bound Final.
+_native_enter: Final = _c_enter
+
 # The same numbers on every Linux architecture (the generic system call table).
 _SYS_SETUP: Final = 425
 _SYS_ENTER: Final = 426
@@ -183,9 +190,11 @@ class Ring:
         """Submit everything prepared and wait until ``wait`` completions are there (0: don't
         wait). A signal ends the wait early (the caller looks at the completions, then again)."""
         pending = self._pending
-        result = _syscall(
-            _SYS_ENTER, self.fd, pending, wait, _ENTER_GETEVENTS if wait else 0, 0, 0
-        )
+        flags = _ENTER_GETEVENTS if wait else 0
+        if _native_enter is not None:
+            result: int = _native_enter(self.fd, pending, wait, flags)
+        else:
+            result = _syscall(_SYS_ENTER, self.fd, pending, wait, flags, 0, 0)
         if result < 0:
             e = ctypes.get_errno()
             if e != errno.EINTR:
