@@ -46,6 +46,12 @@ def served(m: FuseMount) -> int:
     return sum(q.served for q in m.uring.queues)
 
 
+def test_entries_per_queue_shrink_as_cpus_grow() -> None:
+    assert [fuse_uring.entries_for(n) for n in (1, 2, 4, 8, 16, 32, 64, 4096)] == [
+        16, 16, 16, 8, 4, 2, 2, 2,
+    ]  # fmt: skip
+
+
 def test_requests_go_through_a_queue_per_cpu(tmp_path: Path) -> None:
     with mount(tmp_path) as (m, src, mnt):
         assert m.uring is not None
@@ -145,10 +151,13 @@ def test_more_lock_waits_than_entries_on_one_cpu_leave_room_for_the_unlock(
         f.write_text("x")
         holder = _locker(f, cpu)
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        waiters = [_locker(f, cpu, hold=False) for _ in range(fuse_uring.ENTRIES + 4)]
+        assert m.uring is not None
+        queue = m.uring.queues[cpu]
+        start = len(queue.entries)
+        waiters = [_locker(f, cpu, hold=False) for _ in range(start + 4)]
         deadline = time.monotonic() + 20
         # Each wait holds an entry of the queue: at least as many as it started with.
-        while len(m.server._waiting) < fuse_uring.ENTRIES:
+        while len(m.server._waiting) < start:
             assert time.monotonic() < deadline, f"{len(m.server._waiting)} waits"
             time.sleep(0.05)
         time.sleep(0.5)
@@ -156,8 +165,7 @@ def test_more_lock_waits_than_entries_on_one_cpu_leave_room_for_the_unlock(
         holder.communicate("\n", timeout=20)
         for w in waiters:
             assert w.communicate(timeout=30)[0] == "locked\n"
-        assert m.uring is not None
-        assert len(m.uring.queues[cpu].entries) >= 2 * fuse_uring.ENTRIES + 4
+        assert len(queue.entries) >= 2 * start + 4
 
 
 def test_unmount_with_a_lock_wait_pending(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ Linux 6.14 and later can pass FUSE requests through io_uring instead of read() a
 /dev/fuse, when fuse's ``enable_uring`` parameter is set and the daemon asks at INIT
 (FUSE_OVER_IO_URING). The kernel then keeps one queue per possible CPU and puts a request on the
 queue of the CPU its caller runs on. Each queue here has a thread of its own, pinned to that CPU
-where the daemon may run there, with a ring of its own and :data:`ENTRIES` entries: buffers the
-kernel fills with a request and reads the reply from, named in one uring command that returns a
-reply and fetches the next request (COMMIT_AND_FETCH). A caller and the thread that answers it
-then share a CPU, and a request costs one system call of the daemon's instead of two; a caller
-that waits is not woken across CPUs (see docs/benchmarks.md).
+where the daemon may run there, with a ring of its own and a few entries (:func:`entries_for`):
+buffers the kernel fills with a request and reads the reply from, named in one uring command
+that returns a reply and fetches the next request (COMMIT_AND_FETCH). A caller and the thread
+that answers it then share a CPU, and a request costs one system call of the daemon's instead
+of two; a caller that waits is not woken across CPUs (see docs/benchmarks.md).
 
 An entry's buffer is one anonymous mapping: the kernel's header (the in or out header at 0, the
 opcode's fixed arguments at 128, the entry's commit id and payload size at 256) in its first
@@ -52,13 +52,23 @@ from pyvirtiofsd.fuse import abi
 from pyvirtiofsd.fuse.server import Server
 from pyvirtiofsd.uring import Ring
 
-__all__ = ["ENTRIES", "FuseUring", "possible_cpus"]
+__all__ = ["ENTRIES", "FuseUring", "entries_for", "possible_cpus"]
 
 log = logging.getLogger(__name__)
 
-#: Entries a queue starts with: requests of one CPU's callers the kernel can hand the daemon at
-#: once (more wait in the kernel). A request answered later takes another (_Queue.lend).
-ENTRIES: Final = 16
+#: Entries a mount starts with, over all its queues, and the most and fewest one queue has: a
+#: queue serves its requests one at a time, so a few are enough to hand it the next while it
+#: serves one (more wait in the kernel), and each can come to hold a payload buffer of
+#: max_write (its pages are only allocated once a request reaches them). A request answered
+#: later takes another (_Queue.lend).
+ENTRIES: Final = 64
+_MOST_PER_QUEUE: Final = 16
+_FEWEST_PER_QUEUE: Final = 2
+
+
+def entries_for(cpus: int) -> int:
+    """Entries each of ``cpus`` queues starts with: 16 up to 4 CPUs, 2 from 32 on."""
+    return max(_FEWEST_PER_QUEUE, min(_MOST_PER_QUEUE, ENTRIES // max(cpus, 1)))
 
 _CMD_REGISTER: Final = 1
 _CMD_COMMIT_AND_FETCH: Final = 2
@@ -136,10 +146,10 @@ class _Later:
 class _Queue:
     """The ring, entries and thread of the queue of one CPU."""
 
-    def __init__(self, uring: FuseUring, qid: int, payload_size: int) -> None:
+    def __init__(self, uring: FuseUring, qid: int, payload_size: int, entries: int) -> None:
         self.uring = uring
         self.qid = qid
-        self.ring = Ring(ENTRIES + 1)
+        self.ring = Ring(entries + 1)
         self.entries: list[_Entry] = []
         self.wake_fd = -1
         self._wake_buf = (ctypes.c_uint64 * 1)()
@@ -153,7 +163,7 @@ class _Queue:
         self._live = 0
         try:
             self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
-            for i in range(ENTRIES):
+            for i in range(entries):
                 self.entries.append(_Entry(self, i, payload_size))
         except BaseException:
             self.close()
@@ -332,8 +342,9 @@ class FuseUring:
         self.allowed_cpus = os.sched_getaffinity(0)
         self.queues: list[_Queue] = []
         try:
+            entries = entries_for(cpus)
             for qid in range(cpus):
-                self.queues.append(_Queue(self, qid, payload_size))
+                self.queues.append(_Queue(self, qid, payload_size, entries))
         except BaseException:
             for q in self.queues:
                 q.close()
