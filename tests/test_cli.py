@@ -269,6 +269,8 @@ INVALID = {
                                    "--allow-other"], "--allow-other only works with --mount"),
     "io-uring-without-mount": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                                 "--fuse-io-uring"], "--fuse-io-uring only works with --mount"),
+    "io-uring-mount-in-share": (["--shared-dir", "{dir}", "--mount", "{dir}", "--fuse-io-uring"],
+                                "the mount point lies inside the shared directory"),
     "zero-queues": (["--socket-path", "{sock}", "--shared-dir", "{dir}",
                      "--num-request-queues", "0"], "--num-request-queues must be between"),
     "queue-size": (["--socket-path", "{sock}", "--shared-dir", "{dir}", "--queue-size", "1000"],

@@ -504,6 +504,16 @@ def _validate(p: argparse.ArgumentParser, o: dict[str, Any], own_fs: bool) -> No
             )
     if mountpoint is not None and not os.path.isdir(mountpoint):
         p.error(f"mount point {mountpoint!r} is not a directory")
+    if o.get("io_uring") and mountpoint is not None and shared_dir is not None:
+        inner = os.path.realpath(mountpoint)
+        outer = os.path.realpath(shared_dir)
+        if os.path.commonpath([inner, outer]) == outer:
+            # A queue's thread looking a name up in the share would send a request to its own
+            # mount, whose delivery waits for that very thread (/dev/fuse has other readers).
+            p.error(
+                "--fuse-io-uring: the mount point lies inside the shared directory, where the "
+                "daemon's own lookups would wait for themselves; mount it elsewhere"
+            )
     tag = o.get("tag")
     if tag is not None and (not tag or len(tag.encode()) > 36):
         p.error("--tag must be 1 to 36 bytes long")

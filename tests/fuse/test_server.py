@@ -530,6 +530,28 @@ def test_lock_waits_are_bounded() -> None:
     assert sorted(decode_reply(replies.get(timeout=30)).unique for _ in range(4)) == [7, 8, 9, 10]
 
 
+def test_a_lock_wait_without_a_thread_is_answered_once_through_its_completion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread can be started for a wait: it is answered ENOLCK through the completion it took
+    (never by a reply returned for a request the transport has moved on from), once, and its
+    place is free again."""
+    server, fs, replies = _lock_server(places=4)
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    assert _setlkw(server, 1)[0] is None
+    assert decode_reply(replies.get(timeout=5)) == (errno.ENOLCK, 1, b"")
+    assert server.lock_waiters.busy == 0 and server.lock_waiters.threads == 0
+    monkeypatch.undo()
+    assert _setlkw(server, 2)[0] is None  # a thread now: the wait is served
+    fs.free.set()
+    assert decode_reply(replies.get(timeout=30)).unique == 2
+    assert replies.empty()
+
+
 # --- extensions: supplementary groups and security contexts --------------------------------
 
 

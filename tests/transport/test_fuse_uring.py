@@ -6,11 +6,13 @@ does not offer io_uring leaves /dev/fuse to serve alone."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +197,111 @@ def test_without_enable_uring_dev_fuse_serves_alone(
         assert (src / "f").read_text() == "through /dev/fuse"
         assert m.uring is None
     assert "does not offer FUSE over io_uring" in caplog.text
+
+
+def test_entries_stay_bounded_over_many_waits(tmp_path: Path) -> None:
+    # One wait at a time, many times over, from one CPU: the entry a wait held comes back
+    # when it ends, so the queue adds none once it has its start plus the one lent.
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with mount(tmp_path) as (m, _, mnt):
+            assert m.uring is not None
+            queue = m.uring.queues[cpu]
+            start = len(queue.entries)
+            (mnt / "f").write_text("x")
+            holder = os.open(mnt / "f", os.O_RDONLY)
+            for _ in range(3 * start):
+                fcntl.flock(holder, fcntl.LOCK_EX)
+                got = threading.Event()
+
+                def wait(got: threading.Event) -> None:
+                    fd = os.open(mnt / "f", os.O_RDONLY)
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # waits, in the daemon, for the holder
+                    got.set()
+                    os.close(fd)
+
+                t = threading.Thread(target=wait, args=(got,))
+                t.start()
+                deadline = time.monotonic() + 10
+                while not m.server._waiting:
+                    assert time.monotonic() < deadline, "the wait never reached the daemon"
+                    time.sleep(0.005)
+                fcntl.flock(holder, fcntl.LOCK_UN)
+                assert got.wait(10)
+                t.join(10)
+            os.close(holder)
+            assert len(queue.entries) <= start + 1
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_an_aborted_connection_ends_the_mount_with_a_wait_pending(tmp_path: Path) -> None:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "lock").write_text("x")
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(src)))
+    with fuse_uring_enabled():
+        m = FuseMount(fs, FuseMountConfig(str(mnt), io_uring=True))
+        status: list[int] = []
+        serving = threading.Thread(target=lambda: status.append(m.serve()), daemon=True)
+        serving.start()
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.02)
+        holder = _locker(mnt / "lock")
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        waiter = _locker(mnt / "lock")
+        while not m.server._waiting:
+            assert time.monotonic() < deadline, "the wait never reached the daemon"
+            time.sleep(0.02)
+        try:
+            m._abort()  # /sys/fs/fuse/connections/N/abort, as an administrator would
+            serving.join(15)
+            assert not serving.is_alive(), "the mount did not end"
+            assert status == [0]
+        finally:
+            for p in (holder, waiter):
+                p.kill()
+                p.wait(10)
+            if is_mounted(mnt):
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.pure_python
+def test_a_queue_that_cannot_serve_ends_the_mount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The kernel holds every request back until each queue registered, and never moves one to
+    # another queue: a queue that fails must end the mount, not leave its callers waiting.
+    arm = fuse_uring._Queue._arm_wake
+
+    def broken(self: fuse_uring._Queue) -> None:
+        if self.qid == len(self.uring.queues) - 1:
+            raise OSError(9, "injected")
+        arm(self)
+
+    monkeypatch.setattr(fuse_uring._Queue, "_arm_wake", broken)
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    fs = PassthroughFs(PassthroughConfig(shared_dir=str(src)))
+    with fuse_uring_enabled(), caplog.at_level(logging.ERROR):
+        m = FuseMount(fs, FuseMountConfig(str(mnt), io_uring=True))
+        status: list[int] = []
+        serving = threading.Thread(target=lambda: status.append(m.serve()), daemon=True)
+        serving.start()
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt) and serving.is_alive():
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            os.stat(mnt)  # INIT, then the queues; the broken one ends the mount
+        serving.join(15)
+        assert not serving.is_alive(), "the mount did not end"
+    assert status == [1]
+    assert not is_mounted(mnt)
+    assert "cannot serve: ending the mount" in caplog.text

@@ -427,16 +427,25 @@ class LockWaiters:
             self._busy -= 1
 
     def run(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on a pool thread, in a place taken with :meth:`reserve`."""
+        """Run ``job`` on a pool thread, in a place taken with :meth:`reserve`. RuntimeError
+        when a thread it needs can't be started: ``job`` then never runs."""
         with self._lock:
-            # Put under the lock: a thread ending for idleness checks the queue under it too,
-            # so no job is left without a thread.
-            self._jobs.put(job)
             start = self._busy > self._threads
             if start:
                 self._threads += 1
         if start:
-            threading.Thread(target=self._serve, name="fuse-lock-wait", daemon=True).start()
+            # Started before the job is put, so that a failure leaves no job behind that some
+            # thread might still run after the caller has answered for it.
+            try:
+                threading.Thread(target=self._serve, name="fuse-lock-wait", daemon=True).start()
+            except RuntimeError:
+                with self._lock:
+                    self._threads -= 1
+                raise
+        with self._lock:
+            # Put under the lock: a thread ending for idleness checks the queue under it too,
+            # so no job is left without a thread.
+            self._jobs.put(job)
 
     def _serve(self) -> None:
         while True:
@@ -1626,7 +1635,15 @@ class Server:
             reply = ReplyWriter(completion.writable)
             completion.complete(reply.finish(-error, unique))
 
-        waiters.run(wait)
+        try:
+            waiters.run(wait)
+        except RuntimeError as no_thread:
+            # The wait never runs: answered here, through its completion (the transport has
+            # moved on from this request; a reply returned now would go nowhere, or elsewhere).
+            log.warning("request %d: no thread for the lock wait (%s); ENOLCK", unique, no_thread)
+            self._wait_ends(ctx)
+            waiters.unreserve()
+            completion.complete(ReplyWriter(completion.writable).finish(-errno.ENOLCK, unique))
         return _LATER
 
     # --- DAX window ------------------------------------------------------------------------

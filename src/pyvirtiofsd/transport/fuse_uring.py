@@ -46,6 +46,8 @@ import mmap
 import os
 import struct
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from pyvirtiofsd.fuse import abi
@@ -91,6 +93,9 @@ _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")
 _OUT: Final = abi.OUT_HEADER.struct
 _ENDED: Final = (errno.ENOTCONN, errno.ECANCELED, errno.ENODEV, errno.ECONNABORTED)
+#: io_uring_enter errors to enter again after (the kernel short of memory for a moment, or
+#: completions to reap first).
+_TRANSIENT: Final = (errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.EINTR)
 
 
 def possible_cpus() -> int | None:
@@ -133,13 +138,20 @@ class _Entry:
 class _Later:
     """A request of an entry answered later: its reply goes into the entry's own buffers."""
 
-    __slots__ = ("_entry", "writable")
+    __slots__ = ("_done", "_entry", "writable")
 
     def __init__(self, entry: _Entry) -> None:
         self._entry = entry
         self.writable = entry.writable
+        self._done = False
 
     def complete(self, length: int) -> None:
+        # Once: a second answer would reach the entry after the kernel gave it another request.
+        with self._entry.queue._lock:
+            if self._done:
+                log.error("FUSE over io_uring: a request answered later was answered twice")
+                return
+            self._done = True
         self._entry.queue.hand_back(self._entry, length)
 
 
@@ -161,6 +173,9 @@ class _Queue:
         self.payload_size = payload_size
         #: Entries the kernel holds or this queue serves (not ended).
         self._live = 0
+        #: Entries it started with, and those held by requests answered later.
+        self.start_entries = entries
+        self.lent = 0
         try:
             self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
             for i in range(entries):
@@ -180,24 +195,35 @@ class _Queue:
     def run(self) -> None:
         cpu = self.qid
         if cpu in self.uring.allowed_cpus:
-            os.sched_setaffinity(0, {cpu})
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError as e:  # the CPU went away, or our set changed: serve from anywhere
+                log.warning("FUSE over io_uring, queue %d: not pinned to its CPU: %s", cpu, e)
         ring = self.ring
-        self._arm_wake()
-        for e in self.entries:
-            self._register(e)
+        failed = True
         try:
-            while self._live:
-                ring.submit_and_wait(1)
+            self._arm_wake()
+            for entry in self.entries:
+                self._register(entry)
+            while self._live and not self.uring.stopping:
+                try:
+                    ring.submit_and_wait(1)
+                except OSError as err:
+                    if err.errno not in _TRANSIENT:
+                        raise
+                    time.sleep(0.001)  # reaped below; then entered again
                 for user_data, res in ring.completions():
                     if user_data == _WAKE:
-                        if self.uring.stopping:
-                            return
                         self._returned()
                         self._arm_wake()
                     elif res < 0:
+                        if -res in _ENDED:
+                            failed = False
+                            return  # the connection is gone, and every entry with it
                         self._ended(user_data, res)
                     else:
                         self._serve_guarded(self.entries[user_data])
+            failed = False
         except Exception:
             log.exception("FUSE over io_uring, queue %d: worker died", self.qid)
         finally:
@@ -205,6 +231,10 @@ class _Queue:
             log.debug(
                 "FUSE over io_uring, queue %d ends after %d requests", self.qid, self.served
             )
+            if failed and not self.uring.stopping:
+                # Its CPU's callers would wait for it for good (the kernel never moves a
+                # request to another queue): end the mount instead, loudly.
+                self.uring.failed(self.qid)
 
     def _arm_wake(self) -> None:
         self.ring.prepare_read(self.wake_fd, ctypes.addressof(self._wake_buf), 8, _WAKE)
@@ -217,8 +247,6 @@ class _Queue:
 
     def _ended(self, index: int, res: int) -> None:
         self._live -= 1
-        if -res in _ENDED:
-            return  # the connection is gone
         if not self.served:
             log.error(
                 "FUSE over io_uring, queue %d: the kernel refused entry %d (%s); requests then "
@@ -237,9 +265,14 @@ class _Queue:
 
     def lend(self) -> None:
         """On the queue's thread, while one of its requests is being served: that request will
-        be answered later (a lock wait), keeping its entry until then. Another entry takes its
-        place, so that waits never leave the queue without one for the request that would end
-        them (an unlock from a caller on this CPU)."""
+        be answered later (a lock wait), keeping its entry until then. While fewer entries than
+        the queue started with are left for other requests, a new one is added, so that waits
+        never leave the queue without one for the request that would end them (an unlock from
+        a caller on this CPU); the entries then number at most those it started with and the
+        server's limit of waits."""
+        self.lent += 1
+        if len(self.entries) - self.lent >= self.start_entries:
+            return
         try:
             entry = _Entry(self, len(self.entries), self.payload_size)
         except OSError as e:
@@ -306,6 +339,7 @@ class _Queue:
         with self._lock:
             back, self._back = self._back, []
         for entry, length in back:
+            self.lent -= 1
             self._commit(entry, length)
 
     def wake(self) -> None:
@@ -335,10 +369,19 @@ class _Queue:
 class FuseUring:
     """The queues of one mount's /dev/fuse connection (``fd``), one per possible CPU."""
 
-    def __init__(self, server: Server, fd: int, payload_size: int, cpus: int) -> None:
+    def __init__(
+        self,
+        server: Server,
+        fd: int,
+        payload_size: int,
+        cpus: int,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         self.server = server
         self.fd = fd
         self.stopping = False
+        #: Called when a queue can no longer serve (the mount then ends).
+        self.on_failure = on_failure
         self.allowed_cpus = os.sched_getaffinity(0)
         self.queues: list[_Queue] = []
         try:
@@ -351,14 +394,31 @@ class FuseUring:
             raise
 
     def start(self) -> list[threading.Thread]:
-        """Start every queue's thread (once INIT agreed on io_uring); the threads."""
+        """Start every queue's thread (once INIT agreed on io_uring); the threads. A thread
+        that can't be started ends the mount (:meth:`failed`): the kernel would hold every
+        request back until its queue registered."""
         threads = []
         for q in self.queues:
             t = threading.Thread(target=q.run, name=f"fuse-uring-{q.qid}", daemon=True)
             q.thread = t
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as e:
+                log.error("FUSE over io_uring, queue %d: no thread: %s", q.qid, e)
+                q.close()
+                self.failed(q.qid)
+                break
             threads.append(t)
         return threads
+
+    def failed(self, qid: int) -> None:
+        log.error(
+            "FUSE over io_uring, queue %d cannot serve: ending the mount, whose callers on its "
+            "CPU would otherwise wait for good",
+            qid,
+        )
+        if self.on_failure is not None:
+            self.on_failure()
 
     def later(self, entry: Any) -> _Later:
         """The request of ``entry`` (its token) is answered later: see :meth:`_Queue.lend`."""

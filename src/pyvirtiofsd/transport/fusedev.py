@@ -145,6 +145,8 @@ class FuseMount:
         self.bufsize = server.max_write + abi.PAGE_SIZE
         #: The io_uring queues, made at start() and started once INIT agrees on them.
         self.uring: FuseUring | None = None
+        #: Set when the mount ended because it could not go on serving (serve() returns 1).
+        self.failed = False
         #: Whether the reply to INIT has yet to be looked at for io_uring (see _worker).
         self._uring_pending = False
         self._uring_lock = threading.Lock()
@@ -196,8 +198,16 @@ class FuseMount:
         cpus = possible_cpus()
         if cpus is None:
             raise OSError(errno.ENOENT, "FUSE over io_uring: the number of CPUs is unknown")
-        self.uring = FuseUring(self.server, self.fd, self.server.max_write, cpus)
+        self.uring = FuseUring(
+            self.server, self.fd, self.server.max_write, cpus, on_failure=self._uring_failed
+        )
         self._uring_pending = True
+
+    def _uring_failed(self) -> None:
+        # A queue that can't serve leaves its CPU's callers waiting for good: the mount ends
+        # (and serve() says it failed) rather than hang them.
+        self.failed = True
+        self.stop()
 
     def _init_answered(self) -> None:
         """INIT is answered (the first request of the connection): start the io_uring queues if
@@ -237,7 +247,7 @@ class FuseMount:
         # Workers stuck in the backend never see the unmount: they get a moment only.
         self.close(UNMOUNT_GRACE)
         log.info("unmounted %s", self.config.mountpoint)
-        return 0
+        return 1 if self.failed else 0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the workers to end; True once they all have."""
