@@ -305,3 +305,57 @@ def test_a_queue_that_cannot_serve_ends_the_mount(
     assert status == [1]
     assert not is_mounted(mnt)
     assert "cannot serve: ending the mount" in caplog.text
+
+
+_PAYLOAD = 8192
+
+
+def _entry_buffer(length: int, payload_len: int) -> bytearray:
+    buf = bytearray(os.urandom(4096 + _PAYLOAD))
+    buf[0:4] = length.to_bytes(4, "little")
+    buf[272:276] = payload_len.to_bytes(4, "little")
+    return buf
+
+
+@pytest.mark.parametrize(
+    ("length", "payload_len"),
+    [
+        (40, 0), (80, 0), (168, 0), (46, 6), (120, 80), (104 + 1024, 1024),
+        (104 + 1025, 1025), (40 + _PAYLOAD, _PAYLOAD),  # whole requests
+        (169, 0), (39, 0), (40, 1), (0xFFFFFFFF, 0), (40 + _PAYLOAD + 1, _PAYLOAD + 1),
+        (30, 0xFFFFFFF0),  # sizes that do not add up
+    ],
+)  # fmt: skip
+def test_the_c_stage_puts_together_what_the_python_does(length: int, payload_len: int) -> None:
+    native = pytest.importorskip("pyvirtiofsd._uring")
+    a = _entry_buffer(length, payload_len)
+    b = bytearray(a)
+    expected = fuse_uring._stage_py(memoryview(a))
+    assert native.stage(memoryview(b)) == expected
+    assert a == b
+    if expected >= 0:
+        assert a[512 : 512 + 40] == a[:40]
+
+
+@pytest.mark.parametrize("reply", [0, 15, 16, 24, 16 + _PAYLOAD])
+def test_the_c_finish_stores_what_the_python_does(reply: int) -> None:
+    native = pytest.importorskip("pyvirtiofsd._uring")
+    a = _entry_buffer(100, 0)
+    b = bytearray(a)
+    commit_id = int.from_bytes(a[264:272], "little")
+    assert fuse_uring._finish_py(memoryview(a), reply) == commit_id
+    assert native.finish(memoryview(b), reply) == commit_id
+    assert a == b
+    assert int.from_bytes(a[272:276], "little") == max(reply, 16) - 16
+
+
+def test_the_c_steps_refuse_what_does_not_fit() -> None:
+    native = pytest.importorskip("pyvirtiofsd._uring")
+    with pytest.raises(ValueError):
+        fuse_uring._finish_py(memoryview(_entry_buffer(100, 0)), 17 + _PAYLOAD)
+    with pytest.raises(ValueError):
+        native.finish(memoryview(_entry_buffer(100, 0)), 17 + _PAYLOAD)
+    with pytest.raises(ValueError):
+        native.stage(bytearray(100))
+    with pytest.raises(BufferError):
+        native.stage(b"read-only" * 1000)

@@ -98,6 +98,50 @@ _ENDED: Final = (errno.ENOTCONN, errno.ECANCELED, errno.ENODEV, errno.ECONNABORT
 _TRANSIENT: Final = (errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.EINTR)
 
 
+try:
+    from pyvirtiofsd._uring import finish as _c_finish
+    from pyvirtiofsd._uring import stage as _c_stage
+except ImportError:  # the pure build
+    _c_stage = None
+    _c_finish = None
+#: The compiled build's two steps around the server (``_uring.c``), as _stage_py and _finish_py
+#: do them. Bound Final.
+_native_stage: Final = _c_stage
+_native_finish: Final = _c_finish
+
+
+def _stage_py(view: memoryview) -> int:
+    """Put the request of an entry's buffer together at _SCRATCH: the in header, the fixed
+    arguments and a payload of up to _SMALL bytes. The bytes put there, or -1 when the sizes
+    the kernel wrote do not add up."""
+    length = _U32.unpack_from(view, 0)[0]
+    payload_len = _U32.unpack_from(view, _PAYLOAD_SZ)[0]
+    args_len = length - _IN_SIZE - payload_len
+    if not 0 <= args_len <= _OP_IN or payload_len > len(view) - _PAGE:
+        return -1
+    start = _SCRATCH + _IN_SIZE
+    view[_SCRATCH:start] = view[:_IN_SIZE]
+    view[start : start + args_len] = view[_OP_IN : _OP_IN + args_len]
+    staged = _IN_SIZE + args_len
+    if payload_len <= _SMALL:
+        end = _SCRATCH + staged
+        view[end : end + payload_len] = view[_PAGE : _PAGE + payload_len]
+        staged += payload_len
+    return staged
+
+
+def _finish_py(view: memoryview, reply: int) -> int:
+    """Store a reply's payload size in an entry's buffer (an EIO header first when the reply is
+    shorter than a header: the kernel needs its entry back with an answer); the commit id."""
+    if reply > len(view) - _PAGE + _OUT_SIZE:
+        raise ValueError("finish: a reply longer than the entry's buffers")
+    if reply < _OUT_SIZE:
+        struct.pack_into("<Ii", view, 0, _OUT_SIZE, -errno.EIO)  # the unique stays
+        reply = _OUT_SIZE
+    _U32.pack_into(view, _PAYLOAD_SZ, reply - _OUT_SIZE)
+    return int(_U64.unpack_from(view, _COMMIT_ID)[0])
+
+
 def possible_cpus() -> int | None:
     """The kernel's number of CPU ids (``nr_cpu_ids``): the FUSE queues it wants. None if it
     can't be read."""
@@ -117,8 +161,8 @@ class _Entry:
     """One request's buffers, registered with the kernel once and reused."""
 
     __slots__ = (
-        "_c", "_iov", "index", "iov_addr", "map", "payload", "queue", "view", "writable",
-        "writable_len",
+        "_c", "_iov", "index", "iov_addr", "map", "payload", "queue", "view", "words",
+        "writable", "writable_len",
     )  # fmt: skip
 
     def __init__(self, queue: _Queue, index: int, payload_size: int) -> None:
@@ -127,6 +171,8 @@ class _Entry:
         self.map = mmap.mmap(-1, _PAGE + payload_size, flags=_PRIVATE)
         self.view = memoryview(self.map)
         self.payload = self.view[_PAGE:]
+        #: The header page as 32-bit words: the request's length is the first.
+        self.words = self.view[:_PAGE].cast("I")
         self.writable = [self.view[:_OUT_SIZE], self.payload]
         self.writable_len = _OUT_SIZE + payload_size
         self._c = ctypes.c_char.from_buffer(self.map)
@@ -298,39 +344,32 @@ class _Queue:
     def _serve(self, entry: _Entry) -> None:
         self.served += 1
         view = entry.view
-        length = _U32.unpack_from(view, 0)[0]
-        payload_len = _U32.unpack_from(view, _PAYLOAD_SZ)[0]
-        args_len = length - _IN_SIZE - payload_len
-        server = self.uring.server
-        if not 0 <= args_len <= _OP_IN or payload_len > len(entry.payload):
+        if _native_stage is not None:
+            staged: int = _native_stage(view)
+        else:
+            staged = _stage_py(view)
+        if staged < 0:
             # Not what the kernel sends: answered EIO rather than read past what it filled.
-            log.warning("FUSE over io_uring: request of %d bytes does not add up", length)
+            log.warning("FUSE over io_uring: a request whose sizes do not add up")
             self._fail(entry, errno.EIO)
             return
-        start = _SCRATCH + _IN_SIZE
-        view[_SCRATCH:start] = view[:_IN_SIZE]
-        view[start : start + args_len] = view[_OP_IN : _OP_IN + args_len]
-        if payload_len <= _SMALL:
-            end = start + args_len
-            view[end : end + payload_len] = entry.payload[:payload_len]
-            readable = [view[_SCRATCH : end + payload_len]]
+        length = entry.words[0]
+        if staged == length:
+            readable = [view[_SCRATCH : _SCRATCH + staged]]
         else:
             # Cut to the request: the server takes a request's last buffer as all of its data.
-            readable = [view[_SCRATCH : start + args_len], entry.payload[:payload_len]]
+            readable = [view[_SCRATCH : _SCRATCH + staged], entry.payload[: length - staged]]
+        server = self.uring.server
         reply = server.handle(readable, entry.writable, entry, length, entry.writable_len)
         if reply is None:
             return  # answered later (_Later), through hand_back
         self._commit(entry, reply)
 
     def _commit(self, entry: _Entry, reply: int) -> None:
-        view = entry.view
-        if reply < _OUT_SIZE:
-            # No reply (only FORGET has none, and it never comes this way): the kernel still
-            # needs the entry back, with an answer.
-            _OUT.pack_into(view, 0, _OUT_SIZE, -errno.EIO, _U64.unpack_from(view, 8)[0])
-            reply = _OUT_SIZE
-        _U32.pack_into(view, _PAYLOAD_SZ, reply - _OUT_SIZE)
-        commit_id = _U64.unpack_from(view, _COMMIT_ID)[0]
+        if _native_finish is not None:
+            commit_id: int = _native_finish(entry.view, reply)
+        else:
+            commit_id = _finish_py(entry.view, reply)
         self.ring.prepare_cmd(
             self.uring.fd, _CMD_COMMIT_AND_FETCH, entry.index, 0, 0, commit_id, self.qid
         )
