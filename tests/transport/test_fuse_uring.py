@@ -119,12 +119,18 @@ def _locker(path: Path, cpu: int | None = None, hold: bool = True) -> subprocess
     return p
 
 
+def _holder(path: Path, cpu: int | None = None) -> subprocess.Popen[str]:
+    """A process holding a POSIX lock on ``path`` (it has said so) until told."""
+    holder = _locker(path, cpu)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
 def test_a_lock_wait_answered_later_returns_its_entry(tmp_path: Path) -> None:
     with mount(tmp_path) as (_, _, mnt):
         f = mnt / "lock"
         f.write_text("x")
-        holder = _locker(f)
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        holder = _holder(f)
         waiters = [_locker(f, hold=False) for _ in range(3)]
         time.sleep(0.5)
         # The waits hold entries; the queues go on serving.
@@ -151,8 +157,7 @@ def test_more_lock_waits_than_entries_on_one_cpu_leave_room_for_the_unlock(
     with mount(tmp_path) as (m, _, mnt):
         f = mnt / "lock"
         f.write_text("x")
-        holder = _locker(f, cpu)
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        holder = _holder(f, cpu)
         assert m.uring is not None
         queue = m.uring.queues[cpu]
         start = len(queue.entries)
@@ -174,8 +179,7 @@ def test_unmount_with_a_lock_wait_pending(tmp_path: Path) -> None:
     with mount(tmp_path) as (m, _, mnt):
         f = mnt / "lock"
         f.write_text("x")
-        holder = _locker(f)
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        holder = _holder(f)
         waiter = _locker(f)
         time.sleep(0.5)
         try:
@@ -252,8 +256,7 @@ def test_an_aborted_connection_ends_the_mount_with_a_wait_pending(tmp_path: Path
         while not is_mounted(mnt):
             assert time.monotonic() < deadline, "never mounted"
             time.sleep(0.02)
-        holder = _locker(mnt / "lock")
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        holder = _holder(mnt / "lock")
         waiter = _locker(mnt / "lock")
         while not m.server._waiting:
             assert time.monotonic() < deadline, "the wait never reached the daemon"
