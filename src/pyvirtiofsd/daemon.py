@@ -350,12 +350,17 @@ class _Signals:
         if self._deadline:
             return
         self._deadline = True
-        threading.Thread(
-            target=_exit_deadline,
-            args=(self.ended, self.listener),
-            name="exit-deadline",
-            daemon=True,
-        ).start()
+        try:
+            threading.Thread(
+                target=_exit_deadline,
+                args=(self.ended, self.listener),
+                name="exit-deadline",
+                daemon=True,
+            ).start()
+        except RuntimeError as e:
+            # Out of threads: raised here, in the signal handler, it would end serve() before
+            # it closes the transport. The stop goes on without the backstop.
+            log.warning("no thread for the exit deadline: %s", e)
 
 
 def _serve(

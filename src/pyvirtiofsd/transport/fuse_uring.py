@@ -204,10 +204,13 @@ class _Later:
 class _Queue:
     """The ring, entries and thread of the queue of one CPU."""
 
-    def __init__(self, uring: FuseUring, qid: int, payload_size: int, entries: int) -> None:
+    def __init__(
+        self, uring: FuseUring, qid: int, payload_size: int, entries: int, most: int
+    ) -> None:
         self.uring = uring
         self.qid = qid
-        self.ring = Ring(entries + 1)
+        # Room for a completion of every entry it may come to have (``most``) and the wake.
+        self.ring = Ring(entries + 1, 2 * (most + 1))
         self.entries: list[_Entry] = []
         self.wake_fd = -1
         self._wake_buf = (ctypes.c_uint64 * 1)()
@@ -269,7 +272,9 @@ class _Queue:
                         self._ended(user_data, res)
                     else:
                         self._serve_guarded(self.entries[user_data])
-            failed = False
+            # Every entry refused before any request: the kernel went back to /dev/fuse. Lost
+            # after serving, to errors: this CPU's callers would wait for good.
+            failed = bool(self.served) and not self._live and not self.uring.stopping
         except Exception:
             log.exception("FUSE over io_uring, queue %d: worker died", self.qid)
         finally:
@@ -425,8 +430,9 @@ class FuseUring:
         self.queues: list[_Queue] = []
         try:
             entries = entries_for(cpus)
+            most = entries + server.lock_waiters.size
             for qid in range(cpus):
-                self.queues.append(_Queue(self, qid, payload_size, entries))
+                self.queues.append(_Queue(self, qid, payload_size, entries, most))
         except BaseException:
             for q in self.queues:
                 q.close()
@@ -444,7 +450,8 @@ class FuseUring:
                 t.start()
             except RuntimeError as e:
                 log.error("FUSE over io_uring, queue %d: no thread: %s", q.qid, e)
-                q.close()
+                for unstarted in self.queues[q.qid :]:
+                    unstarted.close()
                 self.failed(q.qid)
                 break
             threads.append(t)
