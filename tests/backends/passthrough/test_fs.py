@@ -171,6 +171,31 @@ def test_read_at_any_offset_into_reply_buffers_cut_any_way(
                 assert reply[16:] == content[offset : offset + min(size, room)], (offset, size)
 
 
+def test_a_read_of_nothing_is_refused_as_the_host_refuses_it(tree: tuple[Path, Path]) -> None:
+    """A guest may READ 0 bytes through a handle opened write-only (its kernel would not): the
+    host's answer to that is EBADF, and so is ours, not an empty read."""
+    (tree[0] / "data").write_bytes(b"data")
+    client = FuseClient(direct(Server(PassthroughFs(PassthroughConfig(str(tree[0]))))))
+    client.init()
+    node = client.lookup(ROOT, b"data").nodeid
+    for flags, expected in ((os.O_WRONLY, errno.EBADF), (os.O_RDONLY, 0), (os.O_RDWR, 0)):
+        fh = client.open(node, flags).fh
+        fd = os.open(tree[0] / "data", flags)
+        try:
+            host = 0
+            try:
+                os.pread(fd, 0, 0)
+            except OSError as e:
+                host = e.errno or 0
+        finally:
+            os.close(fd)
+        assert host == expected
+        if expected:
+            assert errno_of(client.read, node, fh, 0, 0) == expected
+        else:
+            assert client.read(node, fh, 0, 0) == b""
+
+
 def test_unknown_inodes_and_handles(client: FuseClient) -> None:
     assert errno_of(client.getattr, 999) == errno.EBADF
     assert errno_of(client.read, ROOT, 12345, 0, 10) == errno.EBADF

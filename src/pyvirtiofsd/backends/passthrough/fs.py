@@ -970,6 +970,10 @@ class PassthroughFs(Backend):
             window = self._conn.dax_window
             if window is not None:
                 dax_flush(window, h.inode.nodeid)
+            if not size:
+                # Nothing to read, but the file still says whether it may be read (a handle
+                # opened write-only: EBADF), as a read of 0 bytes on the host does.
+                os.pread(h.fd, 0, offset)
             out.read_from_fd(h.fd, offset, size)
         finally:
             handles.done(h)
