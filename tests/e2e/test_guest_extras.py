@@ -23,7 +23,9 @@ for kind in flock posix; do
     /mnt/probe lock $kind wait /mnt/lockfile 3 | sed "s/^/holder $kind: /" &
     sleep 1
     /mnt/probe lock $kind try /mnt/lockfile 0 | sed "s/^/try $kind: /"
+    t0=$(cut -d' ' -f1 /proc/uptime | tr -d .)
     /mnt/probe lock $kind wait /mnt/lockfile 0 | sed "s/^/waiter $kind: /"
+    echo "waited $kind $(( ($(cut -d' ' -f1 /proc/uptime | tr -d .) - t0) * 10 ))"
     wait
 done
 """
@@ -61,6 +63,10 @@ def test_submounts_and_waiting_locks(tmp_path: Path, guest_probe: Path) -> None:
     assert "on a tmpfs inside the share" in out
     for kind in ("flock", "posix"):
         assert f"try {kind}: refused" in out
-        # the waiter got the lock only once the holder let it go
-        assert out.index(f"holder {kind}: unlocked") < out.index(f"waiter {kind}: locked")
+        assert f"holder {kind}: unlocked" in out and f"waiter {kind}: locked" in out
+        # The waiter got the lock only once the holder let it go: the holder keeps it 3 s
+        # from a second before the waiter starts. (Timed, not by the order of the lines: the
+        # two go to the console through two processes, in either order.)
+        waited = int(next(line for line in out if line.startswith(f"waited {kind}")).split()[2])
+        assert waited >= 1000, f"the {kind} waiter waited {waited} ms"
     assert "Traceback" not in log.read_text()
