@@ -972,8 +972,9 @@ class PassthroughFs(Backend):
                 dax_flush(window, h.inode.nodeid)
             if not size:
                 # Nothing to read, but the file still says whether it may be read (a handle
-                # opened write-only: EBADF), as a read of 0 bytes on the host does.
-                os.pread(h.fd, 0, offset)
+                # opened write-only: EBADF), as a read of 0 bytes on the host does. At offset
+                # 0: any offset, even past what a file offset holds, reads nothing.
+                os.pread(h.fd, 0, 0)
             out.read_from_fd(h.fd, offset, size)
         finally:
             handles.done(h)
