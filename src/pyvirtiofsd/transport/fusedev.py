@@ -181,6 +181,9 @@ class FuseMount:
         try:
             linux.mount(self.fsname, self.mountpoint, f"fuse.{self.subtype}", flags, options)
         except OSError:
+            if self.uring is not None:
+                self.uring.discard()  # its rings, never started
+                self.uring = None
             os.close(self.fd)
             self.fd = -1
             raise
